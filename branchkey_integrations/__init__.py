@@ -1,0 +1,15 @@
+"""Federated learning with BranchKey as a one-line callback for PyTorch Lightning and Keras.
+
+``import branchkey_integrations`` needs neither torch nor tensorflow: the framework
+adapters (``branchkey_integrations.lightning``, ``branchkey_integrations.keras``) are
+imported only when used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .core import *  # noqa: F403,E402 - the core's public names are the package's
+from .core import __all__ as _core_names  # noqa: E402
+
+__all__ = ["__version__", *_core_names]

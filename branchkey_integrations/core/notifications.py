@@ -1,0 +1,343 @@
+"""Notifications from the platform: one interface, two transports.
+
+The platform tells a leaf that an aggregate is ready (``aggregation_status``) or that the
+run changed (``run_status``). A 2.x platform carries these over AMQP (RabbitMQ: vhost =
+tree id, user = leaf id, queue = leaf id, manual ack); a 3.x platform over a WebSocket
+opened with a single-use ticket. Both transports run a daemon thread that reconnects with
+exponential backoff. AMQP acknowledges a message only after the handler has taken it, so
+a message that arrives while the client is away waits in the durable queue; a WebSocket
+keeps nothing while disconnected.
+
+pika and websockets errors are translated into :class:`NotificationError` here.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import ssl as ssl_module
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .errors import NotificationError
+
+logger = logging.getLogger(__name__)
+
+AGGREGATION_STATUS = "aggregation_status"
+RUN_STATUS = "run_status"
+RUN_STATUSES = ("start", "pause", "stop")
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One message from the platform."""
+
+    message_type: str
+    body: dict[str, Any]
+
+    @property
+    def aggregation_id(self) -> str | None:
+        return self.body.get("aggregation_id") if self.message_type == AGGREGATION_STATUS else None
+
+    @property
+    def run_status(self) -> str | None:
+        return self.body.get("run_status") if self.message_type == RUN_STATUS else None
+
+
+def parse_notification(raw: bytes | str) -> Notification:
+    """Parse and check one message; raise :class:`NotificationError` naming what is wrong."""
+    try:
+        message = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NotificationError(f"Notification is not JSON: {exc}") from exc
+    if not isinstance(message, dict) or not isinstance(message.get("body"), dict):
+        raise NotificationError(f"Expected {{'message_type': ..., 'body': {{...}}}}. Received: {str(raw)[:200]!r}")
+    message_type = message.get("message_type")
+    body = message["body"]
+    if message_type == AGGREGATION_STATUS:
+        if not isinstance(body.get("aggregation_id"), str) or not body["aggregation_id"]:
+            raise NotificationError(f"aggregation_status without an aggregation_id: {body!r}")
+    elif message_type == RUN_STATUS:
+        if body.get("run_status") not in RUN_STATUSES:
+            raise NotificationError(f"run_status must be one of {RUN_STATUSES}. Received: {body!r}")
+    else:
+        raise NotificationError(f"Unknown message_type {message_type!r}; expected {AGGREGATION_STATUS!r} or {RUN_STATUS!r}.")
+    return Notification(message_type, body)
+
+
+Handler = Callable[[Notification], None]
+
+
+class Backoff:
+    """Exponential backoff delays: initial, initial*factor, ... capped at maximum."""
+
+    def __init__(self, initial: float = 0.5, factor: float = 2.0, maximum: float = 30.0) -> None:
+        self.initial, self.factor, self.maximum = initial, factor, maximum
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.current * self.factor, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+class NotificationTransport(abc.ABC):
+    """A background consumer that hands each notification to a handler, and reconnects."""
+
+    name: str = "abstract"
+
+    def __init__(self, backoff: Backoff | None = None) -> None:
+        self.backoff = backoff or Backoff()
+        self.connected = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handler: Handler | None = None
+        self.reconnects = 0
+
+    def start(self, handler: Handler) -> None:
+        """Start consuming in a daemon thread; returns at once."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name} transport already started")
+        self._handler = handler
+        self._thread = threading.Thread(target=self._run, name=f"branchkey-{self.name}", daemon=True)
+        self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the connection."""
+        self._closing.set()
+        self._interrupt()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("%s notification thread did not stop within %.1f s", self.name, timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing.is_set()
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                self._consume()
+                self.backoff.reset()
+            except NotificationError as exc:
+                if self._closing.is_set():
+                    break
+                delay = self.backoff.next()
+                logger.warning("%s notifications: %s; reconnecting in %.1f s", self.name, exc, delay)
+                self.reconnects += 1
+                self._closing.wait(delay)
+            finally:
+                self.connected.clear()
+        logger.debug("%s notification thread stopped", self.name)
+
+    def _deliver(self, raw: bytes | str) -> None:
+        try:
+            notification = parse_notification(raw)
+        except NotificationError as exc:
+            logger.error("Dropping a malformed notification: %s", exc)
+            return
+        assert self._handler is not None
+        try:
+            self._handler(notification)
+        except Exception:  # a handler bug must not kill the consumer thread
+            logger.exception("Notification handler failed on %s", notification.message_type)
+
+    @abc.abstractmethod
+    def _consume(self) -> None:
+        """Connect and deliver messages until closed; raise NotificationError on a lost connection."""
+
+    @abc.abstractmethod
+    def _interrupt(self) -> None:
+        """Make a running _consume return soon (called from another thread)."""
+
+
+class AmqpTransport(NotificationTransport):
+    """Consume the leaf's queue on the platform's RabbitMQ, as the official 2.7.1 client does."""
+
+    name = "amqp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        leaf_id: str,
+        session_token: str,
+        tree_id: str,
+        *,
+        heartbeat: int = 30,
+        backoff: Backoff | None = None,
+    ) -> None:
+        super().__init__(backoff)
+        self.host, self.port = host, port
+        self.leaf_id, self.tree_id = leaf_id, tree_id
+        self._token = session_token
+        self.heartbeat = heartbeat
+        self._connection: Any = None
+        self._channel: Any = None
+
+    def __repr__(self) -> str:
+        return f"AmqpTransport(host={self.host!r}, port={self.port}, vhost={self.tree_id!r}, user={self.leaf_id!r})"
+
+    def _consume(self) -> None:
+        import pika
+        import pika.exceptions
+
+        parameters = pika.ConnectionParameters(
+            host=self.host,
+            port=self.port,
+            virtual_host=self.tree_id,
+            credentials=pika.PlainCredentials(self.leaf_id, self._token),
+            heartbeat=self.heartbeat,
+            connection_attempts=1,
+            client_properties={"connection_name": f"leaf-{self.leaf_id}"},
+        )
+        try:
+            self._connection = pika.BlockingConnection(parameters)
+            if self._closing.is_set():
+                return
+            self._channel = channel = self._connection.channel()
+            channel.basic_qos(prefetch_count=16)
+            channel.basic_consume(queue=self.leaf_id, on_message_callback=self._on_message)
+            self.connected.set()
+            logger.info("AMQP notifications: consuming queue %s on %s:%s", self.leaf_id, self.host, self.port)
+            if not self._closing.is_set():
+                channel.start_consuming()
+        except pika.exceptions.ProbableAuthenticationError as exc:
+            raise NotificationError(
+                f"RabbitMQ at {self.host}:{self.port} refused leaf {self.leaf_id} (vhost {self.tree_id}): "
+                "check the credentials and that the broker has provisioned this leaf."
+            ) from exc
+        except pika.exceptions.AMQPError as exc:
+            raise NotificationError(f"AMQP connection to {self.host}:{self.port} failed: {exc!r}") from exc
+        except OSError as exc:
+            raise NotificationError(f"AMQP connection to {self.host}:{self.port} failed: {exc}") from exc
+        finally:
+            self._close_connection()
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._deliver(body)
+        channel.basic_ack(delivery_tag=method.delivery_tag)
+
+    def _interrupt(self) -> None:
+        connection, channel = self._connection, self._channel
+        if connection is None or channel is None:
+            return
+        try:
+            connection.add_callback_threadsafe(channel.stop_consuming)
+        except Exception:  # already closed: nothing to stop
+            logger.debug("AMQP connection already closed", exc_info=True)
+
+    def _close_connection(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:
+                logger.debug("Error closing the AMQP connection", exc_info=True)
+
+
+TicketProvider = Callable[[], "tuple[str, str]"]
+
+
+class WebSocketTransport(NotificationTransport):
+    """Receive notifications on ``/api/v1/ws``, as the official 3.x client does.
+
+    ``ticket_provider`` returns a fresh ``(ticket_id, request_id)`` from
+    ``POST /api/v1/ws/ticket``: every (re)connection needs a new single-use ticket.
+    """
+
+    name = "websocket"
+
+    def __init__(
+        self,
+        host: str,
+        ticket_provider: TicketProvider,
+        *,
+        verify_ssl: bool = True,
+        open_timeout: float = 10.0,
+        poll_interval: float = 0.5,
+        backoff: Backoff | None = None,
+    ) -> None:
+        super().__init__(backoff)
+        self.host = host.rstrip("/")
+        self._ticket_provider = ticket_provider
+        self.verify_ssl = verify_ssl
+        self.open_timeout = open_timeout
+        self.poll_interval = poll_interval
+
+    def __repr__(self) -> str:
+        return f"WebSocketTransport(host={self.host!r})"
+
+    def url(self, ticket_id: str, request_id: str) -> str:
+        parts = urlsplit(self.host)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/api/v1/ws?ticket={ticket_id}&request_id={request_id}"
+
+    def _ssl_context(self) -> ssl_module.SSLContext | None:
+        if not self.host.startswith("https://"):
+            return None
+        context = ssl_module.create_default_context()
+        if not self.verify_ssl:
+            context.check_hostname = False
+            context.verify_mode = ssl_module.CERT_NONE
+        return context
+
+    def _consume(self) -> None:
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+        from websockets.sync.client import connect
+
+        from .errors import BranchKeyError
+
+        try:
+            ticket_id, request_id = self._ticket_provider()
+        except BranchKeyError as exc:
+            raise NotificationError(f"Could not get a WebSocket ticket: {exc}") from exc
+        try:
+            # The server pings every 30 s; the library answers them for us.
+            with connect(
+                self.url(ticket_id, request_id),
+                ssl=self._ssl_context(),
+                open_timeout=self.open_timeout,
+                ping_interval=None,
+                proxy=None,
+                max_size=2**20,
+            ) as websocket:
+                self.connected.set()
+                logger.info("WebSocket notifications: connected to %s", self.host)
+                while not self._closing.is_set():
+                    try:
+                        raw = websocket.recv(timeout=self.poll_interval)
+                    except TimeoutError:
+                        continue
+                    self._deliver(raw)
+        except ConnectionClosed as exc:
+            if not self._closing.is_set():
+                raise NotificationError(f"WebSocket to {self.host} closed: {exc}") from exc
+        except (InvalidHandshake, InvalidURI, OSError) as exc:
+            raise NotificationError(f"WebSocket connection to {self.host} failed: {exc}") from exc
+
+    def _interrupt(self) -> None:
+        """The receive loop polls the closing flag every ``poll_interval`` seconds."""
+
+
+__all__ = [
+    "Notification",
+    "parse_notification",
+    "NotificationTransport",
+    "AmqpTransport",
+    "WebSocketTransport",
+    "Backoff",
+    "AGGREGATION_STATUS",
+    "RUN_STATUS",
+    "RUN_STATUSES",
+]
