@@ -1,0 +1,128 @@
+"""The NPZ archive: compatibility with numpy's own format, numeric order, and refusal of hostile input."""
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from branchkey_integrations.core import wire
+from branchkey_integrations.core.errors import ArchiveError, ArchiveTooLargeError
+
+
+def layers(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((i % 3 + 1, 2)).astype(np.float32) for i in range(n)]
+
+
+@pytest.mark.parametrize("compression", ["deflate", "none"])
+def test_round_trip_is_bit_exact_and_loads_with_numpy(compression):
+    original = layers() + [np.arange(6, dtype=np.int64).reshape(2, 3), np.asfortranarray(np.eye(3)),
+                           np.array([np.nan, np.inf], dtype=np.float16), np.zeros((0, 4), np.float32)]
+    data = wire.encode(original, 7.0, compression=compression)
+    decoded = wire.decode(data)
+    assert decoded.weighting == 7.0
+    assert len(decoded.layers) == len(original)
+    for want, got in zip(original, decoded.layers):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert want.tobytes() == got.tobytes()
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        assert npz["weighting"].dtype == np.float64 and npz["weighting"].shape == (1,)
+        np.testing.assert_array_equal(npz["layer_10"], original[10])
+
+
+def test_reads_what_the_official_client_writes():
+    buffer = io.BytesIO()
+    original = layers(11)
+    np.savez_compressed(buffer, weighting=np.array([3.0]), **{f"layer_{i}": a for i, a in enumerate(original)})
+    decoded = wire.decode(buffer.getvalue())
+    assert decoded.weighting == 3.0
+    # numeric order: layer_10 is the eleventh layer, not the third
+    np.testing.assert_array_equal(decoded.layers[10], original[10])
+    np.testing.assert_array_equal(decoded.layers[2], original[2])
+
+
+def test_aggregate_without_weighting_and_payload_kind_key():
+    buffer = io.BytesIO()
+    np.savez(buffer, layer_0=np.ones(2), __bk_payload_kind__=np.array("federated_learning"))
+    decoded = wire.decode(buffer.getvalue())
+    assert decoded.weighting is None and decoded.kind == "federated_learning"
+
+
+def _npz(**members):
+    buffer = io.BytesIO()
+    np.savez(buffer, **members)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"not a zip at all", "Not a valid NPZ"),
+        (_npz(weighting=np.array([1.0]), layer_0=np.ones(1), layer_2=np.ones(1)), "missing: layer_1"),
+        (_npz(weighting=np.array([1.0])), "no layers"),
+        (_npz(weighting=np.array([1.0]), layer_0=np.ones(1), extra=np.ones(1)), "Unexpected member 'extra.npy'"),
+        (_npz(weighting=np.array([1.0, 2.0]), layer_0=np.ones(1)), "single number"),
+        (_npz(weighting=np.array([1.0]), layer_01=np.ones(1)), "Unexpected member"),
+        (_npz(weighting=np.array([1.0]), layer_0=np.array(["a", "b"])), "numeric dtype"),
+    ],
+)
+def test_malformed_archives_are_refused_with_a_reason(payload, message):
+    with pytest.raises(ArchiveError, match=message):
+        wire.decode(payload)
+
+
+def test_object_arrays_are_refused_without_unpickling():
+    buffer = io.BytesIO()
+    np.savez(buffer, weighting=np.array([1.0]), layer_0=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ArchiveError, match="pickle"):
+        wire.decode(buffer.getvalue())
+
+
+def test_header_claiming_more_data_than_the_member_holds_is_refused_before_allocation():
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    forged = header.getvalue() + b"\0" * 16
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("weighting.npy", _member(np.array([1.0])))
+        zf.writestr("layer_0.npy", forged)
+    with pytest.raises(ArchiveError, match="truncated or corrupt"):
+        wire.decode(archive.getvalue())
+
+
+def _member(array):
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array)
+    return buffer.getvalue()
+
+
+def test_limits_stop_zip_bombs_and_member_floods():
+    bomb = wire.encode([np.zeros(10_000_000, np.uint8)], 1.0)
+    assert len(bomb) < 100_000  # compresses extremely well
+    with pytest.raises(ArchiveTooLargeError, match="limit is 1000000 bytes"):
+        wire.decode(bomb, max_total_bytes=1_000_000)
+    many = wire.encode([np.zeros(1)] * 50, 1.0)
+    with pytest.raises(ArchiveTooLargeError, match="members"):
+        wire.decode(many, max_members=10)
+
+
+@pytest.mark.parametrize("weighting", [0, -1.0, float("nan"), float("inf"), "ten"])
+def test_bad_weighting_is_refused(weighting):
+    with pytest.raises(ArchiveError, match="weighting"):
+        wire.check_weighting(weighting)
+
+
+def test_validate_upload_names_the_mismatching_layer():
+    archive = wire.decode(wire.encode([np.ones((2, 2), np.float32), np.ones(3, np.float32)], 1.0))
+    expected = [wire.LayerSpec((2, 2), np.dtype(np.float32)), wire.LayerSpec((4,), np.dtype(np.float32))]
+    with pytest.raises(ArchiveError, match=r"layer_1: expected float32\[4\], received float32\[3\]"):
+        wire.validate_upload(archive, expected)
+    with pytest.raises(ArchiveError, match="expected 1 layers, received 2"):
+        wire.validate_upload(archive, expected[:1])
+
+
+def test_validate_upload_refuses_non_finite_values_by_layer():
+    archive = wire.decode(wire.encode([np.ones(2), np.array([1.0, np.nan])], 1.0))
+    with pytest.raises(ArchiveError, match="layer_1 holds 1 non-finite"):
+        wire.validate_upload(archive)
