@@ -158,6 +158,7 @@ class Client:
         self._run_check_interval_s = float(run_check_interval_s)
         self._output_dir = Path(output_dir)
         self._timeout = float(timeout)
+        self._max_retries = max_retries
         self._session = self._make_session(max_retries, backoff_factor)
 
         self.queue: queue_module.LifoQueue[str] = queue_module.LifoQueue(maxsize=1)
@@ -239,8 +240,10 @@ class Client:
         except requests.exceptions.RequestException as exc:
             raise TransportError(f"{method} {url} failed: {exc}") from exc
         if response.status_code != expected:
-            raise _error_class(response.status_code)(f"{method} {path}: {self._error_text(response)}",
-                                                     response.status_code)
+            text = self._error_text(response)
+            if response.status_code in RETRY_STATUSES:
+                text += f" (still failing after {self._max_retries} retries)"
+            raise _error_class(response.status_code)(f"{method} {path}: {text}", response.status_code)
         return response
 
     @staticmethod

@@ -67,6 +67,14 @@ _START_SERVER = "start it with: rabbitmq-server -detached"
 # Used only when the AMQP URL sets no heartbeat (see the module docstring).
 _KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": 60_000}
 _MAX_NAME_BYTES = 255  # AMQP short string: the longest exchange or queue name
+_PROPERTIES = pika.BasicProperties(content_type="application/json", delivery_mode=2)  # 2: persistent
+# Failures the broker decided on purpose: a reconnection would end the same way.
+_NOT_RETRIED = (
+    pika.exceptions.ChannelClosedByBroker,
+    pika.exceptions.NackError,
+    pika.exceptions.ProbableAccessDeniedError,
+    pika.exceptions.ProbableAuthenticationError,
+)
 
 
 class BrokerError(BranchKeyError):
@@ -215,15 +223,25 @@ class RabbitMQBroker:
             raise BrokerError(
                 f"{method} {url} failed: HTTP {response.status_code} {self._reason(response)}"
             )
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise BrokerError(
+                f"{method} {url} answered HTTP {response.status_code} with non-JSON text: is "
+                f"{self._api} the RabbitMQ management API? If it is off, {_ENABLE_MANAGEMENT}."
+            ) from exc
 
     @staticmethod
     def _reason(response: requests.Response) -> str:
         try:
             body = response.json()
-            return str(body.get("reason") or body.get("error") or body)
         except ValueError:
             return response.text[:200]
+        if isinstance(body, dict):
+            return str(body.get("reason") or body.get("error") or body)
+        return str(body)[:200]
 
     # -- public API -------------------------------------------------------------------------
 
@@ -234,12 +252,12 @@ class RabbitMQBroker:
             BrokerError: naming the unreachable URL (password masked) and the fix.
         """
         whoami = self._api_call("GET", "/api/whoami", missing_ok=True)
-        if whoami is None:
+        if not isinstance(whoami, dict):
             raise BrokerError(
-                f"{self._api} does not answer like the RabbitMQ management API (HTTP 404 on "
-                f"/api/whoami). Point management_url at it; if it is off, {_ENABLE_MANAGEMENT}."
+                f"{self._api} does not answer like the RabbitMQ management API (GET "
+                f"/api/whoami gave no user). Point management_url at it; if it is off, {_ENABLE_MANAGEMENT}."
             )
-        tags = (whoami or {}).get("tags", [])
+        tags = whoami.get("tags", [])
         tags = tags.split(",") if isinstance(tags, str) else tags
         if "administrator" not in tags:
             raise BrokerError(
@@ -302,35 +320,10 @@ class RabbitMQBroker:
             body = json.dumps(message).encode("utf-8")
         except (TypeError, ValueError) as exc:
             raise BrokerArgumentError(f"Expected message to be JSON-serializable. Received: {message!r}") from exc
-        properties = pika.BasicProperties(content_type="application/json", delivery_mode=2)
         with self._lock:
             if self._closed:
                 raise BrokerError("This RabbitMQBroker is closed; create a new one to publish.")
-            for attempt in (1, 2):
-                try:
-                    channel = self._channel(tree_id)
-                    channel.basic_publish(exchange=branch_id, routing_key="", body=body, properties=properties)
-                    break
-                except pika.exceptions.ChannelClosedByBroker as exc:
-                    self._drop(tree_id)
-                    if exc.reply_code == 404:
-                        raise BrokerError(
-                            f"Exchange {branch_id!r} does not exist in vhost {tree_id!r}: "
-                            "provision a leaf of that branch before publishing to it."
-                        ) from exc
-                    raise self._amqp_error(f"Publishing to branch {branch_id!r} failed", exc) from exc
-                except pika.exceptions.NackError as exc:
-                    raise BrokerError(f"The broker refused (nack) the message to branch {branch_id!r}.") from exc
-                except pika.exceptions.ProbableAccessDeniedError as exc:
-                    raise BrokerError(
-                        f"Cannot open vhost {tree_id!r} as {self._admin_user!r}: it does not exist or the "
-                        "user has no permissions on it. Provision a leaf of that tree first."
-                    ) from exc
-                except (pika.exceptions.AMQPError, OSError) as exc:
-                    self._drop(tree_id)
-                    if attempt == 2 or isinstance(exc, pika.exceptions.ProbableAuthenticationError):
-                        raise self._amqp_error(f"Publishing to branch {branch_id!r} failed", exc) from exc
-                    log.warning("AMQP connection to vhost %s lost (%s); reconnecting once", tree_id, exc)
+            self._send(tree_id, branch_id, body)
         kind = message.get("message_type") if isinstance(message, dict) else type(message).__name__
         log.debug("Published %s to branch %s of tree %s", kind, branch_id, tree_id)
 
@@ -367,6 +360,37 @@ class RabbitMQBroker:
             self._channels[tree_id] = (connection, channel)
         return self._channels[tree_id][1]
 
+    def _send(self, tree_id: str, branch_id: str, body: bytes) -> None:
+        """Publish with confirms, reopening a dropped connection once."""
+        for attempt in (1, 2):
+            try:
+                channel = self._channel(tree_id)
+                channel.basic_publish(exchange=branch_id, routing_key="", body=body, properties=_PROPERTIES)
+                return
+            except _NOT_RETRIED as exc:  # retrying would fail the same way
+                self._drop(tree_id)
+                raise self._publish_error(tree_id, branch_id, exc) from exc
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self._drop(tree_id)
+                if attempt == 2:
+                    raise self._amqp_error(f"Publishing to branch {branch_id!r} failed", exc) from exc
+                log.warning("AMQP connection to vhost %s lost (%s); reconnecting once", tree_id, exc)
+
+    def _publish_error(self, tree_id: str, branch_id: str, exc: BaseException) -> BrokerError:
+        if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 404:
+            return BrokerError(
+                f"Exchange {branch_id!r} does not exist in vhost {tree_id!r}: "
+                "provision a leaf of that branch before publishing to it."
+            )
+        if isinstance(exc, pika.exceptions.NackError):
+            return BrokerError(f"The broker refused (nack) the message to branch {branch_id!r}.")
+        if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+            return BrokerError(
+                f"Cannot open vhost {tree_id!r} as {self._admin_user!r}: it does not exist or the "
+                "user has no permissions on it. Provision a leaf of that tree first."
+            )
+        return self._amqp_error(f"Publishing to branch {branch_id!r} failed", exc)
+
     def _drop(self, tree_id: str) -> None:
         """Forget a vhost's connection, closing it if it is still open."""
         connection, _ = self._channels.pop(tree_id, (None, None))
@@ -384,6 +408,8 @@ class RabbitMQBroker:
                 hint += " (The guest user may only connect from localhost.)"
         elif isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
             hint = f"user {self._admin_user!r} may not open that vhost (or it does not exist)."
+        elif isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+            hint = f"check that user {self._admin_user!r} may write to that exchange."
         else:
             hint = f"is RabbitMQ running and listening there? ({_START_SERVER})"
         return BrokerError(f"{what}: {type(exc).__name__}: {exc}. {hint}")

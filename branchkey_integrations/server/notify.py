@@ -1,0 +1,144 @@
+"""Notifications: fan-out of the two message types to every leaf of a branch.
+
+Two transports, as in PROTOCOL.md: WebSocket clients connected to this server (always),
+and RabbitMQ (when the server was started with an AMQP URL), through
+:mod:`branchkey_integrations.server.rabbitmq`, imported only when used so the server runs
+without a broker. A transport failure is logged, never raised: a notification that could
+not be delivered must not undo an aggregate that was already committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any, Iterable
+
+from aiohttp import web
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .rabbitmq import RabbitMQBroker
+    from .store import Leaf
+
+logger = logging.getLogger(__name__)
+
+AGGREGATION_STATUS = "aggregation_status"
+RUN_STATUS = "run_status"
+
+
+def aggregation_message(aggregation_id: str) -> dict[str, Any]:
+    return {"message_type": AGGREGATION_STATUS, "body": {"aggregation_id": aggregation_id}}
+
+
+def run_status_message(run_status: str) -> dict[str, Any]:
+    return {"message_type": RUN_STATUS, "body": {"run_status": run_status}}
+
+
+class Notifier:
+    """Delivers notification JSON to a branch's WebSocket clients and, optionally, to RabbitMQ.
+
+    Args:
+        executor: where blocking broker calls run (pika is synchronous).
+        amqp_url: ``amqp://user:pass@host:5672/``; None disables the AMQP transport.
+        amqp_management_url: the RabbitMQ management API (for provisioning vhosts, users, queues).
+    """
+
+    def __init__(
+        self, executor: Executor, amqp_url: str | None = None, amqp_management_url: str | None = None
+    ) -> None:
+        self._executor = executor
+        self._amqp_url = amqp_url
+        self._amqp_management_url = amqp_management_url
+        self._broker: RabbitMQBroker | None = None
+        self._sockets: dict[str, dict[str, set[web.WebSocketResponse]]] = {}
+
+    # -- WebSocket registry ---------------------------------------------------------------
+
+    def register(self, leaf: "Leaf", socket: web.WebSocketResponse) -> None:
+        self._sockets.setdefault(leaf.branch_id, {}).setdefault(leaf.id, set()).add(socket)
+        logger.info("leaf %s connected over WebSocket", leaf.id)
+
+    def unregister(self, leaf: "Leaf", socket: web.WebSocketResponse) -> None:
+        leaves = self._sockets.get(leaf.branch_id, {})
+        sockets = leaves.get(leaf.id, set())
+        sockets.discard(socket)
+        if not sockets:
+            leaves.pop(leaf.id, None)
+        if not leaves:
+            self._sockets.pop(leaf.branch_id, None)
+        logger.info("leaf %s disconnected from WebSocket", leaf.id)
+
+    def connected(self, branch_id: str) -> int:
+        """How many sockets of the branch are connected (for tests and status)."""
+        return sum(len(s) for s in self._sockets.get(branch_id, {}).values())
+
+    def all_sockets(self) -> list[web.WebSocketResponse]:
+        return [ws for leaves in self._sockets.values() for group in leaves.values() for ws in group]
+
+    async def send_to_leaf(self, leaf: "Leaf", message: dict[str, Any]) -> None:
+        await self._send_all(self._sockets.get(leaf.branch_id, {}).get(leaf.id, ()), json.dumps(message))
+
+    async def _send_all(self, sockets: Iterable[web.WebSocketResponse], text: str) -> None:
+        sockets = [ws for ws in list(sockets) if not ws.closed]
+        results = await asyncio.gather(*(ws.send_str(text) for ws in sockets), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.debug("a WebSocket send failed (client gone): %s", result)
+
+    # -- AMQP -----------------------------------------------------------------------------
+
+    @property
+    def amqp_enabled(self) -> bool:
+        return self._amqp_url is not None
+
+    async def start(self, leaves: Iterable["Leaf"]) -> None:
+        """Connect to RabbitMQ (if configured) and provision every existing leaf (idempotent)."""
+        if self._amqp_url is None:
+            return
+        from .rabbitmq import RabbitMQBroker  # lazy: only servers with a broker need pika wiring
+
+        loop = asyncio.get_running_loop()
+        self._broker = await loop.run_in_executor(
+            self._executor, RabbitMQBroker, self._amqp_url, self._amqp_management_url
+        )
+        await self.provision(leaves)
+
+    async def provision(self, leaves: Iterable["Leaf"]) -> None:
+        """Create the vhost, user, exchange and queue of each leaf; a failure here is fatal for the caller."""
+        if self._broker is None:
+            return
+        loop = asyncio.get_running_loop()
+        for leaf in leaves:
+            await loop.run_in_executor(
+                self._executor, self._broker.provision_leaf, leaf.tree_id, leaf.branch_id, leaf.id, leaf.session_token
+            )
+            logger.info("provisioned AMQP queue for leaf %s", leaf.id)
+
+    async def _publish_amqp(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
+        if self._broker is None:
+            return
+        from .rabbitmq import BrokerError
+
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._broker.publish, tree_id, branch_id, message)
+        except BrokerError as exc:
+            logger.error("AMQP publish of %s to branch %s failed: %s", message["message_type"], branch_id, exc)
+
+    async def close(self) -> None:
+        if self._broker is not None:
+            broker, self._broker = self._broker, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, broker.close)
+
+    # -- fan-out --------------------------------------------------------------------------
+
+    async def publish(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to every connected leaf of the branch and to its AMQP exchange."""
+        sockets = [ws for group in self._sockets.get(branch_id, {}).values() for ws in group]
+        logger.info("notify branch %s: %s to %d socket(s)%s", branch_id, message["message_type"], len(sockets),
+                    " and AMQP" if self._broker is not None else "")
+        await asyncio.gather(self._send_all(sockets, json.dumps(message)), self._publish_amqp(tree_id, branch_id, message))
+
+
+__all__ = ["Notifier", "aggregation_message", "run_status_message", "AGGREGATION_STATUS", "RUN_STATUS"]

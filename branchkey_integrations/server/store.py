@@ -1,0 +1,649 @@
+"""Durable state of branchkey-local: SQLite metadata beside model files on disk.
+
+Layout of a data directory::
+
+    <data_dir>/store.sqlite3   metadata (WAL journal, synchronous=FULL)
+    <data_dir>/files/<id>.npz  uploads and aggregates, immutable once written
+    <data_dir>/admin_token     the admin API token (mode 0600), read by the CLI
+
+Why this order of writes: a model file is written to a temporary name in ``files/``,
+fsynced, renamed into place with ``os.replace`` and the directory fsynced, and only
+then is its database row committed. A crash (even ``kill -9``) before the commit leaves
+an orphan file that :meth:`Store.cleanup_stray_files` deletes on the next start; a crash
+after it loses nothing. "Accepted" means "row committed", and the HTTP 201 is sent only
+after that.
+
+Run semantics (per branch):
+
+- a new branch starts with ``run_status="start"``, ``run_number=1`` and round 0 open;
+- ``pause``: uploads are refused (409); the open round is kept as it is;
+- ``start`` after ``pause``: same run number, the round continues;
+- ``stop``: the open round is abandoned (its uploads stay on disk but no longer count);
+- ``start`` after ``stop``: ``run_number + 1``, round 0 opens.
+
+Each method is one short transaction; a single connection guarded by a lock serves every
+thread, which is plenty for metadata (the heavy bytes never pass through SQLite).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..core.errors import BranchKeyError
+from ..core.wire import LayerSpec
+
+logger = logging.getLogger(__name__)
+
+RUN_STATUSES = ("start", "pause", "stop")
+DB_NAME = "store.sqlite3"
+FILES_DIR = "files"
+ADMIN_TOKEN_FILE = "admin_token"
+TEMP_PREFIX = ".tmp-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trees (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, owner_id TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS branches (
+    id TEXT PRIMARY KEY, tree_id TEXT NOT NULL REFERENCES trees(id), name TEXT NOT NULL,
+    min_leaves INTEGER, round_deadline_s REAL, algorithm TEXT NOT NULL DEFAULT 'fedavg',
+    run_status TEXT NOT NULL, run_number INTEGER NOT NULL,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leaves (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, session_token TEXT NOT NULL, owner_id TEXT NOT NULL,
+    tree_id TEXT NOT NULL, branch_id TEXT NOT NULL REFERENCES branches(id), created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS leaves_branch ON leaves(branch_id);
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('upload', 'aggregate')),
+    branch_id TEXT NOT NULL, leaf_id TEXT, run_number INTEGER NOT NULL, round_index INTEGER NOT NULL,
+    path TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, specs TEXT NOT NULL,
+    metadata TEXT, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS files_branch ON files(branch_id, kind);
+CREATE TABLE IF NOT EXISTS rounds (
+    branch_id TEXT NOT NULL, run_number INTEGER NOT NULL, round_index INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('open', 'aggregated', 'abandoned')),
+    aggregate_id TEXT, first_upload_at REAL, opened_at TEXT NOT NULL, closed_at TEXT,
+    PRIMARY KEY (branch_id, run_number, round_index));
+CREATE TABLE IF NOT EXISTS uploads (
+    branch_id TEXT NOT NULL, run_number INTEGER NOT NULL, round_index INTEGER NOT NULL,
+    leaf_id TEXT NOT NULL, file_id TEXT NOT NULL, weighting REAL NOT NULL, uploaded_at TEXT NOT NULL,
+    UNIQUE (branch_id, run_number, round_index, leaf_id));
+CREATE TABLE IF NOT EXISTS metrics (
+    id TEXT PRIMARY KEY, mode TEXT NOT NULL, aggregation_id TEXT, leaf_id TEXT NOT NULL,
+    branch_id TEXT NOT NULL, tree_id TEXT NOT NULL, data TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_branch ON metrics(branch_id);
+"""
+
+
+class StoreError(BranchKeyError):
+    """A store operation was refused; the subclass says why."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """No tree, branch, leaf or file with that id."""
+
+
+class InvalidValueError(StoreError, ValueError):
+    """An argument is out of range (min_leaves < 1, an unknown run status, ...)."""
+
+
+class RunNotStartedError(StoreError):
+    """An upload arrived while the branch's run is paused or stopped."""
+
+
+class RoundClosedError(StoreError):
+    """The round changed (aggregated, abandoned) between the checks and the commit."""
+
+
+@dataclass(frozen=True)
+class Branch:
+    id: str
+    tree_id: str
+    name: str
+    min_leaves: int | None
+    round_deadline_s: float | None
+    algorithm: str
+    run_status: str
+    run_number: int
+    created_at: str
+    updated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    id: str
+    name: str
+    session_token: str
+    owner_id: str
+    tree_id: str
+    branch_id: str
+
+    def credentials(self) -> dict[str, str]:
+        """The six credential fields, token included: hand out only to the leaf's owner."""
+        return {k: getattr(self, k) for k in ("id", "name", "session_token", "owner_id", "tree_id", "branch_id")}
+
+    def public(self) -> dict[str, str]:
+        return {k: getattr(self, k) for k in ("id", "name", "owner_id", "tree_id", "branch_id")}
+
+
+@dataclass(frozen=True)
+class Round:
+    branch_id: str
+    run_number: int
+    round_index: int
+    status: str
+    aggregate_id: str | None
+    first_upload_at: float | None
+    opened_at: str
+    closed_at: str | None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    kind: str
+    branch_id: str
+    leaf_id: str | None
+    run_number: int
+    round_index: int
+    path: str
+    size: int
+    sha256: str
+    specs: str
+    metadata: str | None
+    created_at: str
+
+    @property
+    def layer_specs(self) -> list[LayerSpec]:
+        return specs_from_json(self.specs)
+
+
+@dataclass(frozen=True)
+class UploadInput:
+    """One upload counted in a round: what aggregation needs."""
+
+    leaf_id: str
+    file_id: str
+    path: Path
+    weighting: float
+    specs: list[LayerSpec]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def specs_to_json(specs: Sequence[LayerSpec]) -> str:
+    return json.dumps([{"dtype": s.dtype.str, "shape": list(s.shape)} for s in specs])
+
+
+def specs_from_json(text: str) -> list[LayerSpec]:
+    return [LayerSpec(tuple(item["shape"]), np.dtype(item["dtype"])) for item in json.loads(text)]
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (a directory fsync makes a rename durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` atomically to ``path`` with mode 0600 (credentials, tokens)."""
+    path = Path(path)
+    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_path(path.parent)
+
+
+class Store:
+    """SQLite metadata plus model files under one data directory; safe to share between threads.
+
+    Example:
+        >>> import tempfile
+        >>> store = Store(tempfile.mkdtemp())
+        >>> tree = store.create_tree("demo")
+        >>> branch = store.create_branch(tree["id"], "main")
+        >>> [leaf] = store.create_leaves(branch.id, 1)
+        >>> store.get_branch(branch.id).run_status
+        'start'
+        >>> store.close()
+    """
+
+    def __init__(self, data_dir: str | os.PathLike) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.files_dir = self.data_dir / FILES_DIR
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self.data_dir / DB_NAME, check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+        self._secret = bytes.fromhex(self._kv_setdefault("secret", secrets.token_hex(32)))
+        self.admin_token = self._kv_setdefault("admin_token", secrets.token_urlsafe(32))
+        self.owner_id = self._kv_setdefault("owner_id", new_id())
+        token_file = self.data_dir / ADMIN_TOKEN_FILE
+        if not token_file.exists():
+            write_private_file(token_file, self.admin_token + "\n")
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE so a second process waits instead of failing later."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def _kv_setdefault(self, key: str, value: str) -> str:
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO kv (key, value) VALUES (?, ?)", (key, value))
+            return conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0]
+
+    @property
+    def secret(self) -> bytes:
+        """HMAC key for signed download URLs; stable across restarts so issued URLs stay valid."""
+        return self._secret
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- trees, branches, leaves ----------------------------------------------------------
+
+    def create_tree(self, name: str, owner_id: str | None = None) -> dict[str, str]:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidValueError(f"Expected a non-empty tree name. Received: name={name!r}")
+        tree = {"id": new_id(), "name": name, "owner_id": owner_id or self.owner_id, "created_at": now_iso()}
+        with self._tx() as conn:
+            conn.execute("INSERT INTO trees (id, name, owner_id, created_at) VALUES (:id, :name, :owner_id, :created_at)", tree)
+        return tree
+
+    def list_trees(self) -> list[dict[str, str]]:
+        return [dict(row) for row in self._query("SELECT * FROM trees ORDER BY created_at")]
+
+    def create_branch(
+        self, tree_id: str, name: str, *, min_leaves: int | None = None, round_deadline_s: float | None = None
+    ) -> Branch:
+        """Create a branch whose run is ``start``/1 with round 0 open."""
+        _check_branch_settings(name, min_leaves, round_deadline_s)
+        stamp = now_iso()
+        branch = Branch(new_id(), tree_id, name, min_leaves, round_deadline_s, "fedavg", "start", 1, stamp, stamp)
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM trees WHERE id = ?", (tree_id,)).fetchone() is None:
+                raise NotFoundError(f"No tree with id {tree_id!r}; create the tree first.")
+            conn.execute(
+                "INSERT INTO branches VALUES (:id, :tree_id, :name, :min_leaves, :round_deadline_s, :algorithm,"
+                " :run_status, :run_number, :created_at, :updated_at)",
+                branch.to_dict(),
+            )
+            _open_round(conn, branch.id, 1, 0)
+        logger.info("created branch %s in tree %s", branch.id, tree_id)
+        return branch
+
+    def get_branch(self, branch_id: str) -> Branch | None:
+        rows = self._query("SELECT * FROM branches WHERE id = ?", (branch_id,))
+        return Branch(**dict(rows[0])) if rows else None
+
+    def require_branch(self, branch_id: str) -> Branch:
+        branch = self.get_branch(branch_id)
+        if branch is None:
+            raise NotFoundError(f"No branch with id {branch_id!r}.")
+        return branch
+
+    def list_branches(self) -> list[Branch]:
+        return [Branch(**dict(row)) for row in self._query("SELECT * FROM branches ORDER BY created_at")]
+
+    def create_leaves(self, branch_id: str, count: int, *, name_prefix: str = "leaf") -> list[Leaf]:
+        """Create ``count`` leaves; names continue the branch's numbering (leaf_1, leaf_2, ...)."""
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 10_000:
+            raise InvalidValueError(f"Expected a leaf count between 1 and 10000. Received: count={count!r}")
+        with self._tx() as conn:
+            row = conn.execute("SELECT tree_id FROM branches WHERE id = ?", (branch_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"No branch with id {branch_id!r}.")
+            tree = conn.execute("SELECT owner_id FROM trees WHERE id = ?", (row["tree_id"],)).fetchone()
+            existing = conn.execute("SELECT COUNT(*) FROM leaves WHERE branch_id = ?", (branch_id,)).fetchone()[0]
+            leaves = [
+                Leaf(new_id(), f"{name_prefix}_{existing + i}", secrets.token_urlsafe(32), tree["owner_id"],
+                     row["tree_id"], branch_id)
+                for i in range(1, count + 1)
+            ]
+            conn.executemany(
+                "INSERT INTO leaves (id, name, session_token, owner_id, tree_id, branch_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(lf.id, lf.name, lf.session_token, lf.owner_id, lf.tree_id, lf.branch_id, now_iso()) for lf in leaves],
+            )
+        logger.info("created %d leaves in branch %s", count, branch_id)
+        return leaves
+
+    def get_leaf(self, leaf_id: str) -> Leaf | None:
+        rows = self._query(
+            "SELECT id, name, session_token, owner_id, tree_id, branch_id FROM leaves WHERE id = ?", (leaf_id,)
+        )
+        return Leaf(**dict(rows[0])) if rows else None
+
+    def list_leaves(self, branch_id: str | None = None) -> list[Leaf]:
+        sql = "SELECT id, name, session_token, owner_id, tree_id, branch_id FROM leaves"
+        rows = self._query(sql + " WHERE branch_id = ? ORDER BY created_at, name", (branch_id,)) if branch_id \
+            else self._query(sql + " ORDER BY created_at, name")
+        return [Leaf(**dict(row)) for row in rows]
+
+    # -- runs and rounds ------------------------------------------------------------------
+
+    def set_run_status(self, branch_id: str, status: str) -> Branch:
+        """Apply the run semantics of the module docstring; returns the updated branch."""
+        if status not in RUN_STATUSES:
+            raise InvalidValueError(f"Expected run_status in {list(RUN_STATUSES)}. Received: run_status={status!r}")
+        with self._tx() as conn:
+            row = conn.execute("SELECT run_status, run_number FROM branches WHERE id = ?", (branch_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"No branch with id {branch_id!r}.")
+            run_number = row["run_number"]
+            if status == "stop":
+                conn.execute(
+                    "UPDATE rounds SET status = 'abandoned', closed_at = ? WHERE branch_id = ? AND status = 'open'",
+                    (now_iso(), branch_id),
+                )
+            elif status == "start" and row["run_status"] == "stop":
+                run_number += 1
+                _open_round(conn, branch_id, run_number, 0)
+            conn.execute(
+                "UPDATE branches SET run_status = ?, run_number = ?, updated_at = ? WHERE id = ?",
+                (status, run_number, now_iso(), branch_id),
+            )
+        logger.info("branch %s: run_status=%s run_number=%d", branch_id, status, run_number)
+        return self.require_branch(branch_id)
+
+    def open_round(self, branch_id: str) -> Round | None:
+        """The open round of the branch's current run, or None (the run is stopped)."""
+        rows = self._query(
+            "SELECT r.* FROM rounds r JOIN branches b ON b.id = r.branch_id AND b.run_number = r.run_number"
+            " WHERE r.branch_id = ? AND r.status = 'open' ORDER BY r.round_index DESC LIMIT 1",
+            (branch_id,),
+        )
+        return Round(**dict(rows[0])) if rows else None
+
+    def list_rounds(self, branch_id: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT r.*, (SELECT COUNT(*) FROM uploads u WHERE u.branch_id = r.branch_id AND"
+            " u.run_number = r.run_number AND u.round_index = r.round_index) AS upload_count"
+            " FROM rounds r WHERE r.branch_id = ? ORDER BY r.run_number, r.round_index",
+            (branch_id,),
+        )
+        return [dict(row) for row in rows]
+
+    def required_uploads(self, branch: Branch) -> int:
+        """Uploads that complete a round: min_leaves (capped at the leaf count) or every leaf."""
+        count = self._query("SELECT COUNT(*) FROM leaves WHERE branch_id = ?", (branch.id,))[0][0]
+        if branch.min_leaves is None:
+            return max(count, 1)
+        return max(min(branch.min_leaves, count), 1)
+
+    def round_uploads(self, branch_id: str, run_number: int, round_index: int) -> list[UploadInput]:
+        rows = self._query(
+            "SELECT u.leaf_id, u.file_id, u.weighting, f.path, f.specs FROM uploads u JOIN files f ON f.id = u.file_id"
+            " WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ? ORDER BY u.uploaded_at, u.leaf_id",
+            (branch_id, run_number, round_index),
+        )
+        return [
+            UploadInput(r["leaf_id"], r["file_id"], self.data_dir / r["path"], r["weighting"], specs_from_json(r["specs"]))
+            for r in rows
+        ]
+
+    def expected_specs(self, branch_id: str, run_number: int, round_index: int) -> list[LayerSpec] | None:
+        """Layout an upload must match: the round's uploads, else this run's latest aggregate, else any."""
+        rows = self._query(
+            "SELECT f.specs FROM uploads u JOIN files f ON f.id = u.file_id"
+            " WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ? LIMIT 1",
+            (branch_id, run_number, round_index),
+        ) or self._query(
+            "SELECT specs FROM files WHERE branch_id = ? AND run_number = ? AND kind = 'aggregate'"
+            " ORDER BY round_index DESC LIMIT 1",
+            (branch_id, run_number),
+        )
+        return specs_from_json(rows[0][0]) if rows else None
+
+    def rounds_past_deadline(self, now: float | None = None) -> list[str]:
+        """Branch ids whose open round has uploads and a first upload older than the deadline."""
+        now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT b.id FROM branches b JOIN rounds r ON r.branch_id = b.id AND r.run_number = b.run_number"
+            " WHERE r.status = 'open' AND b.run_status = 'start' AND b.round_deadline_s IS NOT NULL"
+            " AND r.first_upload_at IS NOT NULL AND r.first_upload_at + b.round_deadline_s <= ?",
+            (now,),
+        )
+        return [row[0] for row in rows]
+
+    # -- files ----------------------------------------------------------------------------
+
+    def new_temp_path(self) -> Path:
+        """A fresh temporary name in the files directory (same filesystem, so os.replace is atomic)."""
+        return self.files_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+
+    def _install(self, temp_path: Path, file_id: str) -> str:
+        """fsync ``temp_path``, rename it to its final name, fsync the directory; returns the relative path."""
+        fsync_path(temp_path)
+        relative = f"{FILES_DIR}/{file_id}.npz"
+        os.replace(temp_path, self.data_dir / relative)
+        fsync_path(self.files_dir)
+        return relative
+
+    def commit_upload(
+        self, temp_path: Path, *, leaf: Leaf, run_number: int, round_index: int, weighting: float,
+        specs: Sequence[LayerSpec], size: int, sha256: str, metadata: str | None,
+    ) -> str:
+        """Make an upload durable and count it in its round (replacing the leaf's earlier one)."""
+        file_id = new_id()
+        relative = self._install(temp_path, file_id)
+        stamp = now_iso()
+        try:
+            with self._tx() as conn:
+                _check_round_accepts(conn, leaf.branch_id, run_number, round_index)
+                conn.execute(
+                    "INSERT INTO files VALUES (?, 'upload', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (file_id, leaf.branch_id, leaf.id, run_number, round_index, relative, size, sha256,
+                     specs_to_json(specs), metadata, stamp),
+                )
+                conn.execute(
+                    "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (branch_id, run_number, round_index,"
+                    " leaf_id) DO UPDATE SET file_id = excluded.file_id, weighting = excluded.weighting,"
+                    " uploaded_at = excluded.uploaded_at",
+                    (leaf.branch_id, run_number, round_index, leaf.id, file_id, weighting, stamp),
+                )
+                conn.execute(
+                    "UPDATE rounds SET first_upload_at = COALESCE(first_upload_at, ?)"
+                    " WHERE branch_id = ? AND run_number = ? AND round_index = ?",
+                    (time.time(), leaf.branch_id, run_number, round_index),
+                )
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.data_dir / relative)
+            raise
+        return file_id
+
+    def commit_aggregate(
+        self, temp_path: Path, *, branch_id: str, run_number: int, round_index: int, specs: Sequence[LayerSpec]
+    ) -> str:
+        """Store an aggregate, close its round and open the next one, all in one transaction."""
+        size, digest = file_digest(temp_path)
+        file_id = new_id()
+        relative = self._install(temp_path, file_id)
+        stamp = now_iso()
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    "INSERT INTO files VALUES (?, 'aggregate', ?, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                    (file_id, branch_id, run_number, round_index, relative, size, digest, specs_to_json(specs), stamp),
+                )
+                updated = conn.execute(
+                    "UPDATE rounds SET status = 'aggregated', aggregate_id = ?, closed_at = ?"
+                    " WHERE branch_id = ? AND run_number = ? AND round_index = ? AND status = 'open'",
+                    (file_id, stamp, branch_id, run_number, round_index),
+                ).rowcount
+                if updated != 1:
+                    raise RoundClosedError(f"Round {run_number}/{round_index} of branch {branch_id} is no longer open.")
+                _open_round(conn, branch_id, run_number, round_index + 1)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.data_dir / relative)
+            raise
+        logger.info("branch %s run %d round %d aggregated as %s", branch_id, run_number, round_index, file_id)
+        return file_id
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
+        return FileRecord(**dict(rows[0])) if rows else None
+
+    def file_path(self, record: FileRecord) -> Path:
+        return self.data_dir / record.path
+
+    def list_files(self, branch_id: str, kind: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT id, kind, leaf_id, run_number, round_index, size, sha256, metadata, created_at FROM files"
+            " WHERE branch_id = ? AND kind = ? ORDER BY created_at", (branch_id, kind),
+        )
+        return [dict(row) for row in rows]
+
+    def list_uploads(self, branch_id: str) -> list[dict[str, Any]]:
+        """Uploads that count in rounds (the latest per leaf and round)."""
+        rows = self._query(
+            "SELECT u.*, f.size, f.sha256 FROM uploads u JOIN files f ON f.id = u.file_id WHERE u.branch_id = ?"
+            " ORDER BY u.run_number, u.round_index, u.uploaded_at", (branch_id,),
+        )
+        return [dict(row) for row in rows]
+
+    def latest_aggregate_for_leaf(self, leaf: Leaf) -> str | None:
+        """The aggregate a leaf is still waiting for: the one closing the round of its latest upload this run."""
+        rows = self._query(
+            "SELECT r.aggregate_id FROM uploads u JOIN branches b ON b.id = u.branch_id AND b.run_number = u.run_number"
+            " JOIN rounds r ON r.branch_id = u.branch_id AND r.run_number = u.run_number"
+            " AND r.round_index = u.round_index WHERE u.leaf_id = ? ORDER BY u.round_index DESC LIMIT 1",
+            (leaf.id,),
+        )
+        return rows[0][0] if rows else None
+
+    def cleanup_stray_files(self) -> int:
+        """Delete temp files and files without a row (a crash before commit); call only with no server running."""
+        known = {row[0] for row in self._query("SELECT path FROM files")}
+        removed = 0
+        for entry in self.files_dir.iterdir():
+            relative = f"{FILES_DIR}/{entry.name}"
+            if entry.is_file() and (entry.name.startswith(TEMP_PREFIX) or relative not in known):
+                entry.unlink()
+                removed += 1
+        if removed:
+            logger.info("removed %d stray file(s) left by an interrupted write", removed)
+        return removed
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def add_metric(self, *, mode: str, aggregation_id: str | None, leaf: Leaf, data: str) -> str:
+        metric_id = new_id()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (metric_id, mode, aggregation_id, leaf.id, leaf.branch_id, leaf.tree_id, data, now_iso()),
+            )
+        return metric_id
+
+    def list_metrics(self, branch_id: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM metrics WHERE branch_id = ? ORDER BY created_at", (branch_id,))]
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """Size and base64-free hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _open_round(conn: sqlite3.Connection, branch_id: str, run_number: int, round_index: int) -> None:
+    conn.execute(
+        "INSERT INTO rounds (branch_id, run_number, round_index, status, opened_at) VALUES (?, ?, ?, 'open', ?)",
+        (branch_id, run_number, round_index, now_iso()),
+    )
+
+
+def _check_round_accepts(conn: sqlite3.Connection, branch_id: str, run_number: int, round_index: int) -> None:
+    branch = conn.execute("SELECT run_status, run_number FROM branches WHERE id = ?", (branch_id,)).fetchone()
+    if branch is None or branch["run_status"] != "start":
+        status = branch["run_status"] if branch else "missing"
+        raise RunNotStartedError(f"run is {status}; uploads are accepted only while run_status is 'start'.")
+    row = conn.execute(
+        "SELECT status FROM rounds WHERE branch_id = ? AND run_number = ? AND round_index = ?",
+        (branch_id, run_number, round_index),
+    ).fetchone()
+    if branch["run_number"] != run_number or row is None or row["status"] != "open":
+        raise RoundClosedError(f"Round {run_number}/{round_index} closed while the upload was checked; upload again.")
+
+
+def _check_branch_settings(name: str, min_leaves: int | None, round_deadline_s: float | None) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidValueError(f"Expected a non-empty branch name. Received: name={name!r}")
+    if min_leaves is not None and (isinstance(min_leaves, bool) or not isinstance(min_leaves, int) or min_leaves < 1):
+        raise InvalidValueError(f"Expected min_leaves to be an integer >= 1 or null (all leaves). Received: {min_leaves!r}")
+    if round_deadline_s is not None:
+        if isinstance(round_deadline_s, bool) or not isinstance(round_deadline_s, (int, float)) \
+                or not 0 < round_deadline_s < float("inf"):
+            raise InvalidValueError(
+                f"Expected round_deadline_s to be a number of seconds > 0 or null (no deadline). "
+                f"Received: {round_deadline_s!r}"
+            )
+
+
+__all__ = [
+    "Store", "Branch", "Leaf", "Round", "FileRecord", "UploadInput", "StoreError", "NotFoundError",
+    "InvalidValueError", "RunNotStartedError", "RoundClosedError", "RUN_STATUSES", "write_private_file",
+]

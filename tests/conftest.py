@@ -1,0 +1,184 @@
+"""Fixtures shared by the integration tests: a real branchkey-local, a real RabbitMQ,
+and the official clients in virtual environments of their own."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("BRANCHKEY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+MANAGEMENT_URL = os.environ.get("BRANCHKEY_TEST_AMQP_MANAGEMENT_URL", "http://127.0.0.1:15672")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``branchkey-local`` as a user would."""
+    result = subprocess.run([sys.executable, "-m", "branchkey_integrations.server.cli", *args],
+                            capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"branchkey-local {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@dataclass
+class LocalServer:
+    """A ``branchkey-local serve`` subprocess on a free port; can be killed and restarted."""
+
+    data_dir: Path
+    amqp_url: str | None = None
+    process: subprocess.Popen | None = None
+    url: str = ""
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
+
+    def start(self, timeout: float = 30) -> "LocalServer":
+        info = self.data_dir / "server.json"
+        info.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "branchkey_integrations.server.cli", "serve",
+                "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", "0"]
+        if self.amqp_url:
+            args += ["--amqp-url", self.amqp_url, "--amqp-management-url", MANAGEMENT_URL]
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            if not info.exists():
+                return None
+            url = json.loads(info.read_text())["url"]
+            try:
+                requests.get(url + "/api/v1/run/none", timeout=2)
+            except requests.ConnectionError:
+                return None
+            return url
+
+        self.url = wait_until(ready, timeout, "branchkey-local to listen")
+        return self
+
+    def kill(self) -> None:
+        """kill -9: no chance to flush or clean up."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def admin(self, method: str, path: str, **kwargs) -> requests.Response:
+        token = (self.data_dir / "admin_token").read_text().strip()
+        return requests.request(method, self.url + path, headers={"Authorization": f"Bearer {token}"},
+                                timeout=30, **kwargs)
+
+
+def init_branch(data_dir: Path, leaves: int, *extra: str, creds_dir: Path | None = None) -> list[Path]:
+    """``branchkey-local init``: a new tree and branch, one credentials file per leaf."""
+    creds_dir = creds_dir or data_dir.parent / f"{data_dir.name}-credentials"
+    cli("init", "--data-dir", str(data_dir), "--leaves", str(leaves), "--credentials-dir", str(creds_dir), *extra)
+    files = sorted(creds_dir.glob("*.json"))
+    assert len(files) == leaves, files
+    return files
+
+
+@pytest.fixture
+def server_factory(tmp_path) -> Iterator:
+    """Make branchkey-local servers; every one is stopped at the end of the test."""
+    servers: list[LocalServer] = []
+
+    def make(leaves: int = 2, *init_args: str, amqp: bool = False, name: str = "data"):
+        data_dir = tmp_path / name
+        credentials = init_branch(data_dir, leaves, *init_args)
+        server = LocalServer(data_dir, amqp_url=AMQP_URL if amqp else None).start()
+        servers.append(server)
+        return server, credentials
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def _broker_problem() -> str | None:
+    try:
+        response = requests.get(MANAGEMENT_URL + "/api/overview", auth=("guest", "guest"), timeout=3)
+    except requests.RequestException as exc:
+        return f"RabbitMQ management API not reachable at {MANAGEMENT_URL}: {exc}"
+    if response.status_code != 200:
+        return f"RabbitMQ management API at {MANAGEMENT_URL} answered {response.status_code}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> str:
+    """A real RabbitMQ with the management plugin: a failure in CI, a skip elsewhere."""
+    problem = _broker_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"{problem}; CI needs a broker (.ci/setup starts one).")
+        pytest.skip(f"{problem}; run .ci/setup to start one")
+    return AMQP_URL
+
+
+OFFICIAL_VERSIONS = ("2.7.1", "3.0.1")
+
+
+@pytest.fixture(scope="session")
+def official_python() -> "callable":
+    """Path to a Python that has ``branchkey==<version>`` from PyPI, in a venv of its own
+    (2.7.1 pins numpy 1.26.4, which cannot live beside ours). Built once, shared by workers."""
+
+    def build(version: str) -> Path:
+        assert version in OFFICIAL_VERSIONS
+        root = REPO / ".official-venvs"
+        root.mkdir(exist_ok=True)
+        venv = root / f"branchkey-{version}"
+        python = venv / "bin" / "python"
+        with open(root / f"{version}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (venv / "ok").exists():
+                subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+                subprocess.run([str(python), "-m", "pip", "install", "-q", f"branchkey=={version}"],
+                               check=True, timeout=600)
+                (venv / "ok").write_text(version)
+        return python
+
+    return build
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,171 @@
+"""Client behaviour under faults, against a scripted in-process HTTP server (fault injection only:
+the real protocol paths are exercised against branchkey-local in tests/integration)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from branchkey_integrations import Client
+from branchkey_integrations.core import wire
+from branchkey_integrations.core.errors import (
+    ApiError,
+    AuthenticationError,
+    RunBlockedError,
+    ServerError,
+    TransportError,
+)
+
+CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+
+
+class Scripted(ThreadingHTTPServer):
+    """Answers each path from a list of (status, body) in turn; records every request."""
+
+    daemon_threads = True
+
+    def __init__(self, script):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.script = {path: list(answers) for path, answers in script.items()}
+        self.requests = []
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    def _answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.requests.append((self.command, self.path, dict(self.headers), body))
+        answers = self.server.script.get(self.path) or [(404, {"error": "no route"})]
+        status, payload = answers.pop(0) if len(answers) > 1 else answers[0]
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+RUN_OK = (200, {"data": {"run_status": "start", "run_number": 1}})
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def make(script):
+        server = Scripted(script)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.shutdown()
+
+
+def client_for(server, **kwargs):
+    return Client(CREDS, host=server.url, transport="none", backoff_factor=0, **kwargs)
+
+
+def test_retries_transient_5xx_then_succeeds(scripted):
+    server = scripted({"/api/v1/run/b": [(503, {"error": "busy"}), (502, {"error": "bad gw"}), RUN_OK]})
+    client = client_for(server, max_retries=3)
+    assert client.run_status == "start" and client.run_number == 1
+    assert len(server.requests) == 3
+
+
+def test_persistent_5xx_becomes_server_error(scripted):
+    server = scripted({"/api/v1/run/b": [(500, {"error": "down"})]})
+    with pytest.raises(ServerError, match="retries"):
+        client_for(server, max_retries=2)
+    assert len(server.requests) == 3  # one try plus two retries
+
+
+def test_401_is_not_retried_and_is_typed(scripted):
+    server = scripted({"/api/v1/run/b": [(401, {"error": "invalid token"})]})
+    with pytest.raises(AuthenticationError, match="invalid token") as excinfo:
+        client_for(server)
+    assert excinfo.value.status_code == 401 and len(server.requests) == 1
+
+
+def test_unreachable_host_is_a_transport_error_with_the_cause_kept():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TransportError, match=f"127.0.0.1:{port}") as excinfo:
+        Client(CREDS, host=f"http://127.0.0.1:{port}", transport="none", max_retries=0)
+    assert excinfo.value.__cause__ is not None
+
+
+def test_non_json_answer_is_an_api_error(scripted):
+    server = scripted({"/api/v1/run/b": [(200, b"<html>proxy page</html>")]})
+    with pytest.raises(ApiError, match="expected JSON"):
+        client_for(server)
+
+
+def test_upload_sends_the_protocol_exactly(scripted, tmp_path):
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/api/v1/file/upload": [(201, {"data": {"file_id": "f-1"}})]})
+    client = client_for(server)
+    path = client.save_weights(tmp_path / "w", 42, [np.ones((2, 2), np.float32)])
+    assert path.endswith("w.npz") and wire.decode(path).weighting == 42.0
+    assert client.file_upload(path) == "f-1"
+    method, route, headers, body = server.requests[-1]
+    raw = open(path, "rb").read()
+    assert headers["Authorization"] == "Bearer leaf-1:tok" and headers["LEAF"] == "true"
+    assert headers["x-bk-file-size"] == str(len(raw))
+    assert headers["x-bk-file-digest"] == "sha256=" + base64.b64encode(hashlib.sha256(raw).digest()).decode()
+    assert b'name="file"' in body and raw in body
+    data_part = body.split(b'name="data"\r\n\r\n')[1].split(b"\r\n--")[0]
+    data = json.loads(data_part)
+    assert data["leaf_name"] == "site-a"
+    assert json.loads(data["metadata"])["file_digest"] == headers["x-bk-file-digest"]
+
+
+def test_upload_while_paused_is_blocked_before_any_request(scripted):
+    server = scripted({"/api/v1/run/b": [(200, {"data": {"run_status": "pause", "run_number": 1}})]})
+    client = client_for(server)
+    with pytest.raises(RunBlockedError, match="wait_for_run=True"):
+        client.upload_weights(1, [np.ones(1)])
+    assert [r[1] for r in server.requests] == ["/api/v1/run/b"]
+
+
+def test_metrics_failure_returns_false_and_logs(scripted, caplog):
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/api/v1/performance/analysis": [(400, {"error": "bad mode"})]})
+    client = client_for(server)
+    assert client.send_performance_metrics("agg", {"acc": 1}, "train") is False
+    assert "bad mode" in caplog.text
+    with pytest.raises(ValueError, match="mode"):
+        client.send_performance_metrics("agg", "{}", "validation")
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", "a/b", "/etc/passwd", "", "a\\b"])
+def test_traversal_file_ids_never_reach_the_network_or_disk(scripted, tmp_path, bad):
+    server = scripted({"/api/v1/run/b": [RUN_OK]})
+    client = client_for(server, output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="Invalid file_id"):
+        client.file_download(bad)
+    assert len(server.requests) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"transport": "mqtt"}, "transport"), ({"host": "app.branchkey.com"}, "host"),
+    ({"timeout": 0}, "timeout"), ({"rbmq_port": 0}, "rbmq_port"), ({"max_retries": -1}, "max_retries"),
+])
+def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=f"Received: {message}"):
+        Client(CREDS, **{"host": "http://127.0.0.1:9", **kwargs})

@@ -1,0 +1,30 @@
+"""Parsing notifications: both message types, and a clear error for anything else."""
+
+import pytest
+
+from branchkey_integrations.core.errors import NotificationError
+from branchkey_integrations.core.notifications import Backoff, parse_notification
+
+
+def test_both_message_types_parse():
+    agg = parse_notification(b'{"message_type": "aggregation_status", "body": {"aggregation_id": "a-1"}}')
+    assert agg.aggregation_id == "a-1" and agg.run_status is None
+    run = parse_notification('{"message_type": "run_status", "body": {"run_status": "pause"}}')
+    assert run.run_status == "pause" and run.aggregation_id is None
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"\xff\xfe", "not JSON"), ("[]", "Expected"), ('{"message_type": "x", "body": {}}', "Unknown message_type"),
+    ('{"message_type": "run_status", "body": {"run_status": "go"}}', "one of"),
+    ('{"message_type": "aggregation_status", "body": {}}', "without an aggregation_id"),
+])
+def test_malformed_notifications_are_refused(raw, message):
+    with pytest.raises(NotificationError, match=message):
+        parse_notification(raw)
+
+
+def test_backoff_grows_exponentially_to_a_cap_and_resets():
+    backoff = Backoff(initial=0.5, factor=2, maximum=3)
+    assert [backoff.next() for _ in range(5)] == [0.5, 1, 2, 3, 3]
+    backoff.reset()
+    assert backoff.next() == 0.5

@@ -1,0 +1,94 @@
+"""The official clients from PyPI, unchanged, against branchkey-local: the compatibility promise.
+
+2.7.1 gets its notifications over a real RabbitMQ; 3.0.1 over WebSocket. Each leaf is its own
+process, in the official client's own virtual environment.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+LEAF_SCRIPT = HERE.parent / "official_leaf.py"
+
+
+def make_rounds(leaves: int, rounds: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (4,), (2, 2, 2)] + [(1,)] * 9  # 12 layers: layer_10 and layer_11 test numeric order
+    per_leaf = [[[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(rounds)]
+                for _ in range(leaves)]
+    weightings = [[float(rng.integers(10, 500)) for _ in range(rounds)] for _ in range(leaves)]
+    return per_leaf, weightings
+
+
+def weighted_mean(layer_sets, weights):
+    """The FedAvg the platform promises, computed independently: float64 average, uploads' dtype."""
+    out = []
+    for index in range(len(layer_sets[0])):
+        stacked = np.stack([np.asarray(s[index], np.float64) for s in layer_sets])
+        out.append(np.average(stacked, axis=0, weights=np.asarray(weights, np.float64)).astype(np.float32))
+    return out
+
+
+def run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path, timeout=60):
+    processes = []
+    for index, creds in enumerate(credentials):
+        workdir = tmp_path / f"leaf{index}"
+        workdir.mkdir()
+        spec = {"credentials": str(creds), "host": server.url, "output_dir": str(workdir),
+                "rounds": [[a.tolist() for a in r] for r in per_leaf[index]], "weightings": weightings[index],
+                "timeout": timeout, "result": str(workdir / "result.json")}
+        (workdir / "spec.json").write_text(json.dumps(spec))
+        processes.append((subprocess.Popen([str(python), str(LEAF_SCRIPT), str(workdir / "spec.json")], cwd=workdir,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), workdir))
+    results = []
+    for process, workdir in processes:
+        output, _ = process.communicate(timeout=timeout * 3)
+        assert process.returncode == 0, f"official leaf failed:\n{output}\n--- server log ---\n{server.log()}"
+        results.append(json.loads((workdir / "result.json").read_text()))
+    return results
+
+
+def check_rounds(results, per_leaf, weightings):
+    rounds = len(per_leaf[0])
+    for r in range(rounds):
+        expected = weighted_mean([leaf[r] for leaf in per_leaf], [w[r] for w in weightings])
+        aggregation_ids = {res["rounds"][r]["aggregation_id"] for res in results}
+        assert len(aggregation_ids) == 1, f"leaves saw different aggregates in round {r}: {aggregation_ids}"
+        for res in results:
+            got = res["rounds"][r]
+            assert got["keys"] == [f"layer_{i}" for i in range(len(expected))]  # layers only, no weighting
+            assert got["dtypes"] == ["float32"] * len(expected)
+            for want, have in zip(expected, got["aggregate"]):
+                np.testing.assert_allclose(np.asarray(have, np.float32), want, rtol=1e-6, atol=1e-7)
+            assert got["metrics_ok"] is True
+
+
+@pytest.mark.official
+@pytest.mark.amqp
+def test_official_2_7_1_clients_complete_rounds_over_rabbitmq(official_python, rabbitmq, server_factory, tmp_path):
+    python = official_python("2.7.1")
+    server, credentials = server_factory(3, amqp=True)
+    per_leaf, weightings = make_rounds(leaves=3, rounds=2)
+    results = run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path)
+    assert {r["version"] for r in results} == {"2.7.1"}
+    assert {(r["run_status"], r["run_number"]) for r in results} == {("start", 1)}
+    check_rounds(results, per_leaf, weightings)
+    branch = json.loads(credentials[0].read_text())["branch_id"]
+    metrics = server.admin("GET", f"/admin/v1/branches/{branch}/metrics").json()["data"]["metrics"]
+    assert len(metrics) == 6 and {m["mode"] for m in metrics} == {"test"}
+
+
+@pytest.mark.official
+def test_official_3_0_1_clients_complete_rounds_over_websocket(official_python, server_factory, tmp_path):
+    python = official_python("3.0.1")
+    server, credentials = server_factory(2)
+    per_leaf, weightings = make_rounds(leaves=2, rounds=2, seed=1)
+    results = run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path)
+    assert {r["version"] for r in results} == {"3.0.1"}
+    check_rounds(results, per_leaf, weightings)

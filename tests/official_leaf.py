@@ -1,0 +1,62 @@
+"""One leaf driven by the OFFICIAL branchkey client (run with the official client's venv).
+
+Usage: python official_leaf.py SPEC.json   (writes SPEC["result"] as JSON)
+
+It does what a user of the official client does: read run details, save and upload weights,
+wait for the aggregation id on the client's queue (2.7.1: AMQP; 3.0.1: WebSocket), download the
+aggregate, send metrics. It loads the aggregate with numpy (allow_pickle=False) and writes the
+arrays' values to the result so the test can compare them with its own weighted mean.
+"""
+
+import json
+import queue
+import sys
+import time
+from importlib.metadata import version
+
+import numpy as np
+
+spec = json.load(open(sys.argv[1]))
+credentials = json.load(open(spec["credentials"]))
+major = int(version("branchkey").split(".")[0])
+
+from branchkey.client import Client  # noqa: E402
+
+if major >= 3:
+    from branchkey import APIConfig, Credentials
+
+    client = Client(Credentials.from_dict(credentials), api_config=APIConfig(host=spec["host"], ssl=False),
+                    output_dir=spec["output_dir"])
+else:
+    client = Client(credentials, host=spec["host"], ssl=False)
+
+result = {"version": version("branchkey"), "run_status": client.run_status, "run_number": client.run_number,
+          "rounds": []}
+try:
+    for round_layers, weighting in zip(spec["rounds"], spec["weightings"]):
+        layers = [np.asarray(a, dtype=spec.get("dtype", "float32")) for a in round_layers]
+        path = client.save_weights(spec["output_dir"] + "/upload", weighting, layers)
+        file_id = client.file_upload(path)
+        if major >= 3:
+            deadline = time.time() + spec["timeout"]
+            aggregation_id = None
+            while aggregation_id is None and time.time() < deadline:
+                aggregation_id = client.get_latest_aggregation_id()
+                time.sleep(0.05)
+            if aggregation_id is None:
+                raise TimeoutError("no aggregation id")
+            downloaded = client.file_download(aggregation_id)
+        else:
+            aggregation_id = client.queue.get(timeout=spec["timeout"])
+            assert client.file_download(aggregation_id) is True
+            downloaded = f"./aggregated_output/{aggregation_id}.npz"
+        with np.load(downloaded, allow_pickle=False) as npz:
+            keys = sorted(npz.files, key=lambda k: int(k.split("_")[1]))
+            aggregate = [npz[k].tolist() for k in keys]
+            dtypes = [str(npz[k].dtype) for k in keys]
+        metrics_ok = client.send_performance_metrics(aggregation_id, json.dumps({"accuracy": 0.5}), "test")
+        result["rounds"].append({"file_id": file_id, "aggregation_id": aggregation_id, "aggregate": aggregate,
+                                 "dtypes": dtypes, "metrics_ok": metrics_ok, "keys": keys})
+finally:
+    client.close()
+json.dump(result, open(spec["result"], "w"))
