@@ -131,6 +131,18 @@ def server_factory(tmp_path) -> Iterator:
     yield make
     for server in servers:
         server.stop()
+        if server.amqp_url:
+            forget_broker_state(tmp_path.glob("*-credentials/*.json"))
+
+
+def forget_broker_state(credential_files) -> None:
+    """Delete the vhosts and users branchkey-local provisioned, so the shared broker stays clean."""
+    from urllib.parse import quote
+
+    for path in credential_files:
+        creds = json.loads(Path(path).read_text())
+        for resource in (f"vhosts/{quote(creds['tree_id'], safe='')}", f"users/{quote(creds['id'], safe='')}"):
+            requests.delete(f"{MANAGEMENT_URL}/api/{resource}", auth=("guest", "guest"), timeout=10)
 
 
 def _broker_problem() -> str | None:

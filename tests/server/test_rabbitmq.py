@@ -1,14 +1,12 @@
 """RabbitMQBroker against a real RabbitMQ, with leaves that connect exactly like the official 2.7.1 client.
 
-Needs RabbitMQ with the management plugin (default: 127.0.0.1, guest/guest; override with
-BK_TEST_AMQP_URL and BK_TEST_MANAGEMENT_URL). Without one the broker tests skip, or fail when
-the CI environment variable is set, so a CI run cannot pass by skipping them.
+Needs RabbitMQ with the management plugin (the ``rabbitmq`` fixture of tests/conftest.py: a
+skip on a developer machine without one, a failure under CI).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -25,8 +23,8 @@ import requests
 from branchkey_integrations.core.errors import BranchKeyError
 from branchkey_integrations.server.rabbitmq import BrokerArgumentError, BrokerError, RabbitMQBroker, mask_url
 
-AMQP_URL = os.environ.get("BK_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-MANAGEMENT_URL = os.environ.get("BK_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672")
+from ..conftest import AMQP_URL, MANAGEMENT_URL
+
 _AMQP = urlsplit(AMQP_URL)
 HOST, PORT = _AMQP.hostname or "127.0.0.1", _AMQP.port or 5672
 ADMIN = (unquote(_AMQP.username or "guest"), unquote(_AMQP.password or "guest"))
@@ -40,22 +38,6 @@ def _q(name: str) -> str:
 
 def _api(method: str, path: str, auth: tuple[str, str] = ADMIN, **kwargs) -> requests.Response:
     return requests.request(method, f"{MANAGEMENT_URL}{path}", auth=auth, timeout=10, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def rabbitmq() -> None:
-    """Skip (or, under CI, fail) unless AMQP and the management API both answer."""
-    try:
-        socket.create_connection((HOST, PORT), timeout=3).close()
-        _api("GET", "/api/overview").raise_for_status()
-    except (OSError, requests.RequestException) as exc:
-        reason = (
-            f"RabbitMQ with the management plugin is not reachable at {mask_url(AMQP_URL)} / "
-            f"{MANAGEMENT_URL} ({exc}); start it with: rabbitmq-server -detached"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @dataclass
