@@ -53,6 +53,7 @@ class LocalServer:
     amqp_url: str | None = None
     process: subprocess.Popen | None = None
     url: str = ""
+    port: int = 0  # 0 on the first start; a restart reuses the port so clients can reconnect
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,7 +63,7 @@ class LocalServer:
         info = self.data_dir / "server.json"
         info.unlink(missing_ok=True)
         args = [sys.executable, "-m", "branchkey_integrations.server.cli", "serve",
-                "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", "0"]
+                "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.amqp_url:
             args += ["--amqp-url", self.amqp_url, "--amqp-management-url", MANAGEMENT_URL]
         log = open(self.log_path, "ab")
@@ -82,6 +83,7 @@ class LocalServer:
             return url
 
         self.url = wait_until(ready, timeout, "branchkey-local to listen")
+        self.port = int(self.url.rsplit(":", 1)[1])
         return self
 
     def kill(self) -> None:

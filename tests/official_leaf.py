@@ -9,9 +9,7 @@ arrays' values to the result so the test can compare them with its own weighted 
 """
 
 import json
-import queue
 import sys
-import time
 from importlib.metadata import version
 
 import numpy as np
@@ -28,7 +26,8 @@ if major >= 3:
     client = Client(Credentials.from_dict(credentials), api_config=APIConfig(host=spec["host"], ssl=False),
                     output_dir=spec["output_dir"])
 else:
-    client = Client(credentials, host=spec["host"], ssl=False)
+    # 2.7.1 derives the RabbitMQ host from `host` without removing the port: name it explicitly
+    client = Client(credentials, host=spec["host"], rbmq_host="127.0.0.1", ssl=False)
 
 result = {"version": version("branchkey"), "run_status": client.run_status, "run_number": client.run_number,
           "rounds": []}
@@ -37,17 +36,12 @@ try:
         layers = [np.asarray(a, dtype=spec.get("dtype", "float32")) for a in round_layers]
         path = client.save_weights(spec["output_dir"] + "/upload", weighting, layers)
         file_id = client.file_upload(path)
+        # client.queue, not get_latest_aggregation_id(): in 3.0.1 the consumer's blocking put on the
+        # size-1 queue stalls from the second aggregate on unless the queue is read.
+        aggregation_id = client.queue.get(timeout=spec["timeout"])
         if major >= 3:
-            deadline = time.time() + spec["timeout"]
-            aggregation_id = None
-            while aggregation_id is None and time.time() < deadline:
-                aggregation_id = client.get_latest_aggregation_id()
-                time.sleep(0.05)
-            if aggregation_id is None:
-                raise TimeoutError("no aggregation id")
             downloaded = client.file_download(aggregation_id)
         else:
-            aggregation_id = client.queue.get(timeout=spec["timeout"])
             assert client.file_download(aggregation_id) is True
             downloaded = f"./aggregated_output/{aggregation_id}.npz"
         with np.load(downloaded, allow_pickle=False) as npz:

@@ -247,11 +247,12 @@ class Store:
     def __init__(self, data_dir: str | os.PathLike) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.files_dir = self.data_dir / FILES_DIR
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.files_dir.mkdir(exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            self.data_dir / DB_NAME, check_same_thread=False, isolation_level=None, timeout=30
-        )
+        database = self.data_dir / DB_NAME
+        database.touch(mode=0o600)  # it holds session tokens; SQLite gives -wal/-shm the same mode
+        self._conn = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -599,7 +600,7 @@ class Store:
 
 
 def file_digest(path: Path) -> tuple[int, str]:
-    """Size and base64-free hex SHA-256 of a file, read in 1 MiB chunks."""
+    """Size and hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:

@@ -1,0 +1,340 @@
+"""One federated round, framework-free: submit arrays, wait for the aggregate, check it.
+
+The Lightning and Keras callbacks turn a model into a list of NumPy arrays and back;
+everything in between lives here, once: run status (pause waits, stop ends training),
+draining stale notifications, the bounded wait with progress logs, and the complete check
+of the aggregate before a single parameter may change.
+
+Why drain before uploading: the client keeps only the newest aggregation id (as the
+official client does). An id that arrived before this leaf's upload belongs to an earlier
+round; accepting it would load a model that does not contain this leaf's contribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import wire
+from .client import DEFAULT_HOST, METRIC_MODES, Client
+from .credentials import Credentials, CredentialsLike
+from .errors import (
+    AggregationTimeoutError,
+    ApiError,
+    ArchiveError,
+    BranchKeyError,
+    RunBlockedError,
+)
+from .wire import LayerSpec
+
+logger = logging.getLogger(__name__)
+
+ON_TIMEOUT = ("raise", "continue")
+_POLL_S = 0.1  # how often a waiting round looks at the run status the notifications keep current
+_REFRESH_S = 5.0  # how often a paused round re-reads the run status over REST, in case a notification was lost
+
+
+class AggregateMismatchError(ArchiveError):
+    """The aggregate does not fit the local model (layer count, shape, dtype kind, or non-finite values)."""
+
+
+class RunStopped(BranchKeyError):
+    """The run was stopped on the platform; training should end gracefully, not fail."""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """The outcome of one round.
+
+    Attributes:
+        aggregation_id: the aggregate's id, or None when the wait timed out with ``on_timeout="continue"``.
+        layers: the checked aggregate in the dtypes of the upload, or None after such a timeout.
+        wait_s: seconds from the end of the upload until the aggregate's id arrived (or the timeout).
+        upload_mb: size of the uploaded layers in MB (10**6 bytes), before compression.
+        round: rounds completed by this leaf, this one included.
+    """
+
+    aggregation_id: str | None
+    layers: list[np.ndarray] | None
+    wait_s: float
+    upload_mb: float
+    round: int
+
+    @property
+    def timed_out(self) -> bool:
+        return self.layers is None
+
+
+def _checked_timeout(name: str, value: float | None, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        allowed = "a number of seconds > 0" + (" or None (wait forever)" if allow_none else "")
+        raise ValueError(f"Expected {name} to be {allowed}. Received: {name}={value!r}")
+    return float(value)
+
+
+class Federation:
+    """A leaf's side of federated rounds, independent of any deep-learning framework.
+
+    Args:
+        credentials: :class:`Credentials`, a dict, a JSON file path, or None for ``BRANCHKEY_*``
+            environment variables. Checked here; the platform is contacted only by :meth:`connect`.
+        host: the API host (``https://app.branchkey.com`` or a ``branchkey-local`` URL).
+        timeout: seconds a round may wait (run paused plus waiting for the aggregate) before
+            ``on_timeout`` applies. None waits forever, and must be asked for explicitly.
+        on_timeout: ``"raise"`` (:class:`AggregationTimeoutError`) or ``"continue"`` (the round
+            returns without an aggregate and the local model keeps training).
+        log_every_s: while waiting, log which round is awaited and for how long this often.
+        transport: notification transport for :class:`Client` (``"auto"``, ``"websocket"``, ``"amqp"``).
+        connect_timeout: seconds :meth:`connect` waits for the notification channel to open.
+        client_options: further keyword arguments for :class:`Client` (``ssl``, ``rbmq_host``, ...).
+
+    Raises:
+        CredentialsError: a credential field is missing or malformed.
+        ValueError: another argument is out of range.
+
+    Example:
+        >>> import numpy as np
+        >>> federation = Federation("leaf_1.json", host="http://127.0.0.1:8080")  # doctest: +SKIP
+        >>> federation.connect()  # doctest: +SKIP
+        >>> result = federation.run_round([np.zeros((2, 2), np.float32)], weighting=100)  # doctest: +SKIP
+        >>> result.round, result.layers[0].shape  # doctest: +SKIP
+        (1, (2, 2))
+    """
+
+    def __init__(
+        self,
+        credentials: CredentialsLike | None,
+        host: str = DEFAULT_HOST,
+        *,
+        timeout: float | None = 3600.0,
+        on_timeout: str = "raise",
+        log_every_s: float = 60.0,
+        transport: str = "auto",
+        connect_timeout: float = 30.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._credentials = Credentials.load(credentials)
+        self.host = Client._checked_host(host)
+        self.timeout = _checked_timeout("timeout", timeout, allow_none=True)
+        if on_timeout not in ON_TIMEOUT:
+            raise ValueError(f"Expected on_timeout in {ON_TIMEOUT}. Received: on_timeout={on_timeout!r}")
+        self.on_timeout = on_timeout
+        self.log_every_s = _checked_timeout("log_every_s", log_every_s, allow_none=False)
+        self.connect_timeout = _checked_timeout("connect_timeout", connect_timeout, allow_none=False)
+        self.transport = transport
+        self.client_options = dict(client_options or {})
+        for reserved in ("credentials", "host", "transport", "wait_for_run"):
+            if reserved in self.client_options:
+                raise ValueError(f"Expected client_options without {reserved!r} (set it on Federation itself). "
+                                 f"Received: client_options={self.client_options!r}")
+        self.round = 0
+        self.last_aggregation_id: str | None = None
+        self._client: Client | None = None
+
+    # ------------------------------------------------------------ connection
+    def connect(self, client_factory: Callable[..., Client] = Client) -> Client:
+        """Create the client (once) and wait for its notification channel; return it."""
+        if self._client is None:
+            client = client_factory(self._credentials, host=self.host, transport=self.transport,
+                                    wait_for_run=False, **self.client_options)
+            channel = client.notifications
+            if channel is not None and not channel.wait_connected(self.connect_timeout):
+                logger.warning("The %s notification channel is not open after %.0f s; an aggregate published "
+                               "before it opens can be missed.", client.transport, self.connect_timeout)
+            self._client = client
+        return self._client
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("Federation is not connected; call connect() first.")
+        return self._client
+
+    @property
+    def credentials(self) -> Credentials:
+        return self._credentials
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def close(self) -> None:
+        """Close the client (safe to call twice); :meth:`connect` makes a new one."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a client holds sockets and threads: never pickle it (DDP spawn, checkpoints)
+        return {**self.__dict__, "_client": None}
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "last_aggregation_id": self.last_aggregation_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state.get("round", 0))
+        self.last_aggregation_id = state.get("last_aggregation_id")
+
+    # ----------------------------------------------------------------- round
+    def run_round(
+        self,
+        layers: Sequence[np.ndarray],
+        weighting: float,
+        expected: Sequence[LayerSpec] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> RoundResult:
+        """Upload ``layers``, wait for the round's aggregate, check it against ``expected``.
+
+        ``expected`` defaults to the specs of ``layers``; ``names`` (the parameters' real names)
+        make error messages useful. Raises :class:`RunStopped` when the run is stopped,
+        :class:`AggregateMismatchError` when the aggregate does not fit, and
+        :class:`AggregationTimeoutError` on timeout with ``on_timeout="raise"``.
+        """
+        layers = [np.asarray(a) for a in layers]
+        expected = list(expected) if expected is not None else [LayerSpec.of(a) for a in layers]
+        if names is not None and len(names) != len(layers):
+            raise ValueError(f"Expected one name per layer ({len(layers)}). Received: {len(names)} names")
+        wire.check_weighting(weighting)
+        wire.check_finite(layers, names)
+        number = self.round + 1
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self._upload(layers, float(weighting), number, deadline)
+        upload_mb = sum(a.nbytes for a in layers) / 1e6
+        started = time.monotonic()
+        aggregation_id = self._wait_for_aggregate(number, deadline)
+        wait_s = time.monotonic() - started
+        if aggregation_id is None:
+            return RoundResult(None, None, wait_s, upload_mb, self.round)
+        aggregate = self.check_aggregate(self.client.download_aggregate(aggregation_id).layers, expected, names)
+        self.round, self.last_aggregation_id = number, aggregation_id
+        logger.info("Round %d done: aggregate %s after %.1f s", number, aggregation_id, wait_s)
+        return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number)
+
+    def _drain_stale(self) -> None:
+        client = self.client
+        while (stale := client.get_latest_aggregation_id()) is not None:
+            logger.info("Ignoring aggregate %s: it arrived before this leaf's upload", stale)
+
+    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None) -> str:
+        """Upload once the run is in ``start``; a pause (even one that races the upload) is waited out."""
+        while True:
+            self._wait_for_start(number, deadline)
+            self._drain_stale()
+            try:
+                return self.client.upload_weights(weighting, layers)
+            except RunBlockedError:
+                continue  # the status changed between the check and the call
+            except ApiError as exc:
+                if exc.status_code != 409:
+                    raise
+                logger.info("Upload for round %d refused while the run is not started (%s); waiting", number, exc)
+                self._refresh_run_status()
+
+    def _refresh_run_status(self) -> None:
+        try:
+            self.client.get_run_details()
+        except BranchKeyError as exc:
+            logger.warning("Could not re-read the run status: %s", exc)
+
+    def _wait_for_start(self, number: int, deadline: float | None) -> None:
+        client, since = self.client, time.monotonic()
+        next_log = next_refresh = since
+        while (status := client.run_status) != "start":
+            if status == "stop":
+                raise RunStopped(f"The run of branch {client.branch_id} was stopped before round {number}.")
+            now = time.monotonic()
+            if now >= next_log:
+                logger.info("Run is %r: round %d waits for 'start' (waited %.0f s)", status, number, now - since)
+                next_log = now + self.log_every_s
+            if now >= next_refresh:
+                next_refresh = now + _REFRESH_S
+                if now > since:
+                    self._refresh_run_status()
+                    continue
+            self._check_deadline(number, deadline, "the run to start")
+            time.sleep(_POLL_S)
+
+    def _wait_for_aggregate(self, number: int, deadline: float | None) -> str | None:
+        """The id of the first aggregate after the upload; None on timeout with ``on_timeout="continue"``."""
+        client, since = self.client, time.monotonic()
+        next_log = since + self.log_every_s
+        while True:
+            if client.run_status == "stop":
+                raise RunStopped(f"The run of branch {client.branch_id} was stopped during round {number}.")
+            now = time.monotonic()
+            if now >= next_log:
+                logger.info("Waiting for the aggregate of round %d for %.0f s (run %r)", number, now - since,
+                            client.run_status)
+                next_log = now + self.log_every_s
+            try:
+                self._check_deadline(number, deadline, "the aggregate")
+            except AggregationTimeoutError as exc:
+                if self.on_timeout == "raise":
+                    raise
+                logger.warning("%s Continuing with the local model (on_timeout='continue').", exc)
+                return None
+            remaining = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - now))
+            try:
+                return client.queue.get(timeout=remaining)
+            except queue.Empty:  # look at the run status and the deadline again
+                continue
+
+    def _check_deadline(self, number: int, deadline: float | None, what: str) -> None:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise AggregationTimeoutError(
+                f"Round {number} of branch {self.client.branch_id}: no {what} within timeout={self.timeout} s. "
+                "Raise timeout, or pass on_timeout='continue' to keep training locally."
+            )
+
+    # ------------------------------------------------------------ validation
+    @staticmethod
+    def check_aggregate(
+        received: Sequence[np.ndarray], expected: Sequence[LayerSpec], names: Sequence[str] | None = None
+    ) -> list[np.ndarray]:
+        """Check every layer of an aggregate before any is used; return them cast to the expected dtypes."""
+        if len(received) != len(expected):
+            raise AggregateMismatchError(
+                f"The aggregate has {len(received)} layers but the local model has {len(expected)}: "
+                "every leaf of the branch must federate the same parameters."
+            )
+        checked = []
+        for index, (array, spec) in enumerate(zip(received, expected)):
+            name = names[index] if names is not None else wire.layer_key(index)
+            if tuple(array.shape) != spec.shape:
+                raise AggregateMismatchError(
+                    f"{name}: the aggregate has shape {tuple(array.shape)}, the local model {spec.shape}.")
+            if array.dtype.kind != spec.dtype.kind:
+                raise AggregateMismatchError(
+                    f"{name}: the aggregate has dtype {array.dtype}, the local model {spec.dtype}.")
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise AggregateMismatchError(f"{name}: the aggregate holds NaN or infinity.")
+            checked.append(array.astype(spec.dtype, copy=False))
+        return checked
+
+    # --------------------------------------------------------------- metrics
+    def send_metrics(self, data: dict[str, Any] | str, mode: str = "train",
+                     aggregation_id: str | None = None) -> bool:
+        """Send metrics for ``aggregation_id`` (default: the last aggregate); False when refused or none yet."""
+        if mode not in METRIC_MODES:
+            raise ValueError(f"Expected mode in {METRIC_MODES}. Received: mode={mode!r}")
+        aggregation_id = aggregation_id or self.last_aggregation_id
+        if aggregation_id is None:
+            logger.debug("No aggregate yet: metrics not sent")
+            return False
+        return self.client.send_performance_metrics(aggregation_id, data, mode)
+
+    def __repr__(self) -> str:
+        return (f"Federation(leaf={self._credentials.name!r}, host={self.host!r}, round={self.round}, "
+                f"timeout={self.timeout}, on_timeout={self.on_timeout!r})")
+
+
+__all__ = ["Federation", "RoundResult", "RunStopped", "AggregateMismatchError", "ON_TIMEOUT"]

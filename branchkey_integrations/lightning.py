@@ -1,0 +1,309 @@
+"""Federated learning with BranchKey as one PyTorch Lightning callback.
+
+The callback only translates: model tensors to NumPy arrays and back, and Lightning's
+hooks, ranks and checkpoints to :class:`~branchkey_integrations.core.federation.Federation`,
+where the round logic lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+
+try:
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import Callback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "branchkey_integrations.lightning needs PyTorch and Lightning: "
+        "pip install 'branchkey-integrations[lightning]'"
+    ) from exc
+
+from .core.client import DEFAULT_HOST
+from .core.credentials import CredentialsLike
+from .core.errors import BranchKeyError
+from .core.federation import Federation, RoundResult, RunStopped
+from .core.wire import LayerSpec
+
+logger = logging.getLogger(__name__)
+
+BUFFER_POLICIES = ("local", "average")
+#: strategies that shard parameters: rank 0 does not hold the whole model, so it cannot upload it
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_TRAVEL_AS_FLOAT32 = (torch.bfloat16, torch.float16)  # numpy has no bfloat16; one rule for both
+
+NumSamples = Union[int, Callable[[], int], None]
+
+
+def federated_tensors(module: torch.nn.Module, buffers: str = "local") -> list[tuple[str, torch.Tensor]]:
+    """The tensors a round exchanges, in registration order: trainable parameters, then float buffers
+    when ``buffers="average"`` (integer buffers such as ``num_batches_tracked`` are counters, never averaged)."""
+    tensors = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if buffers == "average":
+        tensors += [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
+    return tensors
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU copy for upload; bfloat16 and float16 travel as float32."""
+    tensor = tensor.detach()
+    if tensor.dtype in _TRAVEL_AS_FLOAT32:
+        tensor = tensor.float()
+    return tensor.cpu().numpy().copy()
+
+
+def load_arrays(tensors: list[tuple[str, torch.Tensor]], arrays: list[np.ndarray]) -> None:
+    """Copy checked arrays into the same tensor objects, keeping each tensor's device and dtype
+    (the optimizer holds references to these Parameters, so they must not be replaced)."""
+    with torch.no_grad():
+        for (_, tensor), array in zip(tensors, arrays):
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(tensor.device, tensor.dtype))
+
+
+@dataclass
+class _Outcome:
+    """What rank 0 learned in a round; broadcast so every rank acts identically."""
+
+    kind: str  # "done", "timeout", "stopped" or "error"
+    result: RoundResult | None = None
+    error: BaseException | None = field(default=None, repr=False)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself when it survives pickling (a broadcast), else a BranchKeyError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure means "not portable"
+        return BranchKeyError(f"{type(error).__name__} on global rank 0: {error}")
+
+
+class BranchKeyCallback(Callback):
+    """Federate a LightningModule through BranchKey: every ``every_n_epochs`` epochs, upload the trainable
+    parameters, wait for the branch's aggregate and load it in place.
+
+    Only global rank 0 talks to the platform; the outcome (the aggregate or the error) is broadcast, so
+    every DDP rank loads identical weights or raises the same error.
+
+    Args:
+        credentials: :class:`~branchkey_integrations.Credentials`, a dict, a JSON file path, or None for
+            the ``BRANCHKEY_*`` environment variables.
+        host: the API host, ``https://app.branchkey.com`` or a ``branchkey-local`` URL.
+        every_n_epochs: federate after every n-th training epoch.
+        num_samples: this leaf's weighting in the average: an int, a zero-argument callable, or None
+            for ``len(trainer.train_dataloader.dataset)``.
+        timeout: seconds one round may wait (pause included); None waits forever.
+        on_timeout: ``"raise"`` or ``"continue"`` (keep the local weights and train on).
+        buffers: ``"local"`` (buffers such as BatchNorm statistics stay local, as in FedBN) or
+            ``"average"`` (floating-point buffers are averaged too).
+        reset_optimizer: clear the optimizers' state (momentum, Adam moments) after loading an aggregate.
+        send_metrics: send ``trainer.callback_metrics`` (as training metrics of the last aggregate)
+            before each upload.
+        snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here (named tensors).
+        transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
+        log_every_s: while waiting, log progress this often.
+        client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
+
+    Raises:
+        ValueError: an argument is out of range (at construction); the training data has no length
+            and ``num_samples`` is None, or the model has no trainable parameters (at fit start).
+        RuntimeError: the strategy shards parameters (FSDP, DeepSpeed), at setup.
+        BranchKeyError: the platform failed; :class:`~branchkey_integrations.core.federation.AggregateMismatchError`
+            when an aggregate does not fit the model (the model is then left untouched).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from branchkey_integrations.lightning import BranchKeyCallback
+        >>> callback = BranchKeyCallback("leaf_1.json", host="http://127.0.0.1:8080")  # doctest: +SKIP
+        >>> trainer = Trainer(max_epochs=20, callbacks=[callback])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> trainer.callback_metrics["branchkey/round"]  # doctest: +SKIP
+        tensor(20.)
+    """
+
+    def __init__(
+        self,
+        credentials: CredentialsLike | None,
+        host: str = DEFAULT_HOST,
+        *,
+        every_n_epochs: int = 1,
+        num_samples: NumSamples = None,
+        timeout: float | None = 3600.0,
+        on_timeout: str = "raise",
+        buffers: str = "local",
+        reset_optimizer: bool = False,
+        send_metrics: bool = False,
+        snapshot_dir: str | Path | None = None,
+        transport: str = "auto",
+        log_every_s: float = 60.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"Expected every_n_epochs >= 1. Received: every_n_epochs={every_n_epochs!r}")
+        if not (num_samples is None or callable(num_samples)
+                or (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples > 0)):
+            raise ValueError("Expected num_samples to be an int > 0, a callable returning one, or None. "
+                             f"Received: num_samples={num_samples!r}")
+        if buffers not in BUFFER_POLICIES:
+            raise ValueError(f"Expected buffers in {BUFFER_POLICIES}. Received: buffers={buffers!r}")
+        for name, value in (("reset_optimizer", reset_optimizer), ("send_metrics", send_metrics)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}")
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.buffers = buffers
+        self.reset_optimizer = reset_optimizer
+        self.send_metrics = send_metrics
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.federation = Federation(credentials, host, timeout=timeout, on_timeout=on_timeout,
+                                     log_every_s=log_every_s, transport=transport, client_options=client_options)
+        self._last_epoch = -1  # the epoch whose round finished last: a resumed run never repeats it
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(leaf=self.federation.credentials.id, every_n_epochs=self.every_n_epochs,
+                                        buffers=self.buffers)
+
+    @property
+    def round(self) -> int:
+        """Rounds this leaf has completed."""
+        return self.federation.round
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.federation.state_dict(), "last_epoch": self._last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.federation.load_state_dict(state_dict)
+        self._last_epoch = int(state_dict.get("last_epoch", -1))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Federation drops its client itself; a pending error holds a traceback, which does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_local_error"}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._check_strategy(trainer)
+        self._last_epoch = -1  # a new fit starts counting epochs at 0 (a checkpoint, restored after this, overrides)
+        if trainer.is_global_zero:
+            self.federation.connect()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not federated_tensors(pl_module, self.buffers):
+            raise ValueError(f"{type(pl_module).__name__} has no trainable parameters to federate.")
+        self._weighting(trainer)  # fail now, not after the first epoch
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.every_n_epochs != 0:
+            return
+        if epoch <= self._last_epoch:
+            logger.info("Epoch %d already took part in round %d: not uploading again", epoch, self.round)
+            return
+        tensors = federated_tensors(pl_module, self.buffers)
+        outcome = self._exchange(trainer, tensors) if trainer.is_global_zero else None
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        self._apply(outcome, trainer, pl_module, tensors)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.federation.close()
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _check_strategy(trainer: Trainer) -> None:
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        sharded = names.intersection(UNSUPPORTED_STRATEGIES)
+        if sharded:
+            raise RuntimeError(
+                f"BranchKeyCallback does not support {sorted(sharded)[0]}: it shards parameters, so no rank holds "
+                "the whole model to upload. Use strategy='ddp' (or a single device)."
+            )
+
+    def _weighting(self, trainer: Trainer) -> float:
+        if callable(self.num_samples):
+            value = self.num_samples()
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"Expected num_samples() to return a number > 0. Received: {value!r}")
+            return float(value)
+        if self.num_samples is not None:
+            return float(self.num_samples)
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "BranchKeyCallback weights each leaf by its number of training samples, but the training data "
+                f"({type(dataset).__name__}) has no length. Pass num_samples=<int or callable>."
+            )
+        if len(dataset) == 0:
+            raise ValueError("The training dataset is empty: nothing to federate.")
+        return float(len(dataset))
+
+    def _exchange(self, trainer: Trainer, tensors: list[tuple[str, torch.Tensor]]) -> _Outcome:
+        """Rank 0: one round. Every failure becomes an outcome, so no rank waits on a broadcast forever."""
+        try:
+            if self.send_metrics:
+                self._send_metrics(trainer)
+            arrays = [to_numpy(t) for _, t in tensors]
+            names = [name for name, _ in tensors]
+            result = self.federation.run_round(arrays, self._weighting(trainer),
+                                               [LayerSpec.of(a) for a in arrays], names)
+        except RunStopped as exc:
+            logger.info("%s Stopping training.", exc)
+            return _Outcome("stopped")
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by _apply
+            self._local_error = exc
+            return _Outcome("error", error=_portable(exc))
+        if result.timed_out:
+            return _Outcome("timeout", result)
+        if self.snapshot_dir is not None:
+            self._snapshot(result, names)
+        return _Outcome("done", result)
+
+    def _apply(self, outcome: _Outcome, trainer: Trainer, pl_module: LightningModule,
+               tensors: list[tuple[str, torch.Tensor]]) -> None:
+        if outcome.kind == "error":
+            local = self.__dict__.pop("_local_error", None)
+            raise local if local is not None else outcome.error
+        if outcome.kind == "stopped":
+            trainer.should_stop = True
+            return
+        result = outcome.result
+        if outcome.kind == "done":
+            load_arrays(tensors, result.layers)
+            if self.reset_optimizer:
+                for optimizer in trainer.optimizers:
+                    optimizer.state.clear()
+            self.federation.load_state_dict({"round": result.round, "last_aggregation_id": result.aggregation_id})
+        self._last_epoch = trainer.current_epoch
+        for name, value in (("round", result.round), ("wait_s", result.wait_s), ("upload_mb", result.upload_mb)):
+            pl_module.log(f"branchkey/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)
+
+    def _send_metrics(self, trainer: Trainer) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if not k.startswith("branchkey/") and getattr(v, "numel", lambda: 1)() == 1}
+        if metrics:
+            self.federation.send_metrics(metrics, "train")
+
+    def _snapshot(self, result: RoundResult, names: list[str]) -> None:
+        from safetensors.numpy import save_file
+
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        path = self.snapshot_dir / f"round_{result.round:05d}.safetensors"
+        save_file(dict(zip(names, result.layers)), str(path),
+                  metadata={"aggregation_id": str(result.aggregation_id), "round": str(result.round)})
+
+    def __repr__(self) -> str:
+        return (f"BranchKeyCallback(leaf={self.federation.credentials.name!r}, every_n_epochs={self.every_n_epochs}, "
+                f"buffers={self.buffers!r}, round={self.round})")
+
+
+__all__ = ["BranchKeyCallback", "federated_tensors", "BUFFER_POLICIES"]
