@@ -291,7 +291,7 @@ class Federation:
     def _check_deadline(self, number: int, deadline: float | None, what: str) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             raise AggregationTimeoutError(
-                f"Round {number} of branch {self.client.branch_id}: no {what} within timeout={self.timeout} s. "
+                f"Round {number} of branch {self.client.branch_id}: still waiting for {what} after timeout={self.timeout} s. "
                 "Raise timeout, or pass on_timeout='continue' to keep training locally."
             )
 

@@ -101,10 +101,13 @@ def test_auto_transport_picks_websocket_on_branchkey_local_and_says_so(server_fa
     assert "transport=auto picked WebSocket" in caplog.text
 
 
-def test_pause_and_stop_reach_clients_and_block_uploads(server_factory, tmp_path, clients):
-    server, credentials = server_factory(2)
-    eager = connect(credentials[0], server, tmp_path, "websocket")
-    patient = connect(credentials[1], server, tmp_path, "websocket", wait_for_run=True)
+@pytest.mark.parametrize("transport", ["websocket", pytest.param("amqp", marks=pytest.mark.amqp)])
+def test_pause_and_stop_reach_clients_and_block_uploads(transport, request, server_factory, tmp_path, clients):
+    if transport == "amqp":
+        request.getfixturevalue("rabbitmq")
+    server, credentials = server_factory(2, amqp=transport == "amqp")
+    eager = connect(credentials[0], server, tmp_path, transport)
+    patient = connect(credentials[1], server, tmp_path, transport, wait_for_run=True)
     clients += [eager, patient]
     branch = eager.branch_id
 

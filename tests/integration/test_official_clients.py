@@ -92,3 +92,40 @@ def test_official_3_0_1_clients_complete_rounds_over_websocket(official_python, 
     results = run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path)
     assert {r["version"] for r in results} == {"3.0.1"}
     check_rounds(results, per_leaf, weightings)
+
+
+@pytest.mark.official
+@pytest.mark.amqp
+def test_official_2_7_1_client_follows_run_control_over_rabbitmq(official_python, rabbitmq, server_factory, tmp_path):
+    python = official_python("2.7.1")
+    server, credentials = server_factory(2, amqp=True)
+    branch = json.loads(credentials[0].read_text())["branch_id"]
+    leaf = subprocess.Popen([str(python), str(HERE.parent / "official_run_control.py"), str(credentials[0]),
+                             server.url, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+
+    def step():
+        while True:
+            line = leaf.stdout.readline()
+            assert line, f"official client ended early (rc={leaf.poll()}):\n{server.log()}"
+            if line.startswith("@@ "):
+                return line[3:].strip()
+
+    def set_run(status):
+        response = server.admin("POST", f"/admin/v1/branches/{branch}/run", json={"run_status": status})
+        assert response.status_code == 200, response.text
+
+    try:
+        assert step() == "ready"
+        set_run("pause")
+        leaf.stdin.write("go\n")
+        leaf.stdin.flush()
+        assert json.loads(step()) == {"status": "pause", "blocked": True}
+        set_run("stop")
+        set_run("start")
+        leaf.stdin.write("go\n")
+        leaf.stdin.flush()
+        after = json.loads(step())
+        assert after["status"] == "start" and after["run_number"] == 2 and after["file_id"]
+    finally:
+        leaf.kill()
