@@ -16,6 +16,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Sequence, Union
 
@@ -36,6 +37,10 @@ DEFAULT_MAX_TOTAL_BYTES = 16 * 1024**3
 COMPRESSIONS = {"deflate": zipfile.ZIP_DEFLATED, "none": zipfile.ZIP_STORED}
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+# What zipfile raises on a damaged or unsupported archive: bad structure, a corrupt deflate
+# stream, a truncated member, an unknown compression method, an encrypted member.
+_CORRUPT_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
 
@@ -128,8 +133,8 @@ def decode(
         with zipfile.ZipFile(opened) as zf:
             infos = _checked_members(zf, max_members, max_total_bytes)
             arrays = {key: _read_member(zf, info, key) for key, info in infos.items()}
-    except zipfile.BadZipFile as exc:
-        raise ArchiveError(f"Not a valid NPZ (zip) archive: {exc}.") from exc
+    except _CORRUPT_ZIP_ERRORS as exc:
+        raise ArchiveError(f"Not a valid NPZ (zip) archive: {exc!r}.") from exc
     finally:
         if opened is not source:
             opened.close()
@@ -165,6 +170,22 @@ def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int
             raise ArchiveError(f"Member {key!r} appears twice in the archive.")
         members[key] = info
     return members
+
+
+def read_layer(zf: zipfile.ZipFile, index: int) -> np.ndarray:
+    """Read one ``layer_<index>`` from an open archive with the same checks as :func:`decode`.
+
+    Lets the server aggregate layer by layer without holding whole archives in memory.
+    """
+    key = layer_key(index)
+    try:
+        info = zf.getinfo(key + ".npy")
+    except KeyError:
+        raise ArchiveError(f"Archive has no member {key}.") from None
+    try:
+        return _read_member(zf, info, key)
+    except _CORRUPT_ZIP_ERRORS as exc:
+        raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
@@ -291,4 +312,5 @@ __all__ = [
     "spec_mismatch",
     "validate_upload",
     "layer_key",
+    "read_layer",
 ]

@@ -53,14 +53,8 @@ class NpzLayerReader:
         self._zip = zipfile.ZipFile(self.path)
 
     def read_layer(self, index: int) -> np.ndarray:
-        key = wire.layer_key(index)
         try:
-            info = self._zip.getinfo(key + ".npy")
-        except KeyError:
-            raise AggregationError(f"{self.path.name} has no member {key}; the stored upload is inconsistent.") from None
-        try:
-            # wire has no public single-member reader; _read_member is its checked one.
-            return wire._read_member(self._zip, info, key)  # noqa: SLF001
+            return wire.read_layer(self._zip, index)
         except ArchiveError as exc:
             raise AggregationError(f"{self.path.name}: {exc}") from exc
 

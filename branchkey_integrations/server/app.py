@@ -54,6 +54,7 @@ from .store import (
     RunNotStartedError,
     StoreError,
     Store,
+    UploadInput,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ DEFAULT_TICKET_TTL_S = 60
 METRIC_MODES = ("test", "train", "non-federated")
 FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _UNSAFE_PATH = re.compile(r"(^|/)\.\.?(/|$)|%2f|%5c|%2e|\\", re.IGNORECASE)
-_CHUNK = 1 << 20
+_CHUNK = 4 << 20
 _DRAIN_LIMIT = 256 * 1024**2
 
 
@@ -158,9 +159,10 @@ class Server:
 
     async def authenticate(self, request: web.Request) -> Leaf:
         """The leaf of ``Authorization: Bearer {leaf_id}:{session_token}``, compared timing-safe."""
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
         leaf_id, sep, token = value.strip().partition(":")
-        if scheme.lower() != "bearer" or not sep or not leaf_id or not token:
+        if scheme.lower() != "bearer" or not sep or not leaf_id or not token or not header.isascii():
             raise HttpProblem(401, "Missing or malformed Authorization header; expected 'Bearer <leaf_id>:<session_token>'.")
         leaf = await self.blocking(self.store.get_leaf, leaf_id) if len(leaf_id) <= 128 else None
         expected = leaf.session_token if leaf is not None else self._dummy_token
@@ -169,8 +171,10 @@ class Server:
         return leaf
 
     def authenticate_admin(self, request: web.Request) -> None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.store.admin_token.encode()):
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not header.isascii() \
+                or not hmac.compare_digest(token.strip().encode(), self.store.admin_token.encode()):
             raise HttpProblem(401, "Admin API needs 'Authorization: Bearer <admin token>' (see <data_dir>/admin_token).")
 
     # -- signed download URLs -------------------------------------------------------------
@@ -179,7 +183,7 @@ class Server:
         return hmac.new(self.store.secret, f"{file_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def check_signature(self, file_id: str, expires: str, signature: str) -> None:
-        if not expires.isdigit() or not hmac.compare_digest(self.sign(file_id, int(expires)), signature):
+        if not is_decimal(expires) or not hmac.compare_digest(self.sign(file_id, int(expires)).encode(), signature.encode()):
             raise HttpProblem(403, "Download URL signature is invalid; ask /api/v1/file/download/{file_id} for a new URL.")
         if int(expires) < time.time():
             raise HttpProblem(403, "Download URL has expired; ask /api/v1/file/download/{file_id} for a new one.")
@@ -239,7 +243,7 @@ class Server:
         await self.notifier.publish(branch.tree_id, branch_id, aggregation_message(aggregate_id))
         return aggregate_id
 
-    def _aggregation_plan(self, branch_id: str, deadline: bool) -> tuple[Branch, int, int, list[Any]] | None:
+    def _aggregation_plan(self, branch_id: str, deadline: bool) -> tuple[Branch, int, int, list[UploadInput]] | None:
         """What to aggregate now, or None. Runs in a worker thread (several queries)."""
         branch = self.store.get_branch(branch_id)
         current = self.store.open_round(branch_id) if branch is not None else None
@@ -269,7 +273,11 @@ class Server:
         """Aggregate rounds that were complete when the server stopped; drop stray temp files."""
         await self.blocking(self.store.cleanup_stray_files)
         for branch in await self.blocking(self.store.list_branches):
-            aggregate_id = await self.aggregate_if_ready(branch.id)
+            try:
+                aggregate_id = await self.aggregate_if_ready(branch.id)
+            except Exception:  # one broken branch must not keep the server from starting
+                logger.exception("recovering branch %s failed; it stays as it was", branch.id)
+                continue
             if aggregate_id:
                 logger.info("recovered a complete round of branch %s as aggregate %s", branch.id, aggregate_id)
 
@@ -280,13 +288,14 @@ class Server:
             try:
                 for branch_id in await self.blocking(self.store.rounds_past_deadline):
                     await self.aggregate_if_ready(branch_id, deadline=True)
-            except (StoreError, OSError) as exc:
-                logger.error("round deadline check failed: %s", exc)
+            except Exception:  # the loop must outlive one bad round
+                logger.exception("round deadline check failed")
 
 
 def run_blocked_message(branch: Branch) -> str:
+    state = {"pause": "paused", "stop": "stopped"}.get(branch.run_status, branch.run_status)
     return (
-        f"run is {branch.run_status} (run {branch.run_number}); uploads are accepted only while run_status is "
+        f"run is {state} (run_status {branch.run_status!r}, run {branch.run_number}); uploads are accepted only while run_status is "
         f"'start'. Wait for the run to start (the admin sets it with 'branchkey-local run start')."
     )
 
@@ -296,6 +305,11 @@ SERVER = web.AppKey("server", Server)
 
 def server_of(request: web.Request) -> Server:
     return request.app[SERVER]
+
+
+def is_decimal(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` accepts '²', which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def check_file_id(file_id: str) -> str:
@@ -416,7 +430,7 @@ def parse_integrity_headers(request: web.Request, limit: int) -> tuple[int | Non
     digest: bytes | None = None
     raw_size = request.headers.get("x-bk-file-size")
     if raw_size is not None:
-        if not raw_size.strip().isdigit():
+        if not is_decimal(raw_size.strip()):
             raise HttpProblem(400, f"x-bk-file-size must be a byte count. Received: {raw_size[:40]!r}")
         size = int(raw_size)
         if size > limit:
@@ -437,18 +451,21 @@ async def receive_multipart(request: web.Request, server: Server, temp: Path) ->
     """Stream part ``file`` to ``temp`` (hashing as it goes) and read the small part ``data``."""
     if not request.content_type.startswith("multipart/"):
         raise HttpProblem(400, f"Expected a multipart/form-data body with parts 'file' and 'data'. Received: {request.content_type!r}")
-    reader = await request.multipart()
     received: ReceivedUpload | None = None
     data_text: str | None = None
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader) or part.name not in ("file", "data"):
-            await part.release()
-        elif part.name == "file":
-            if received is not None:
-                raise HttpProblem(400, "The multipart body holds part 'file' twice; expected it once.")
-            received = await stream_part_to_file(request, part, server, temp)
-        else:
-            data_text = await read_small_part(part, 1 << 20)
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or part.name not in ("file", "data"):
+                await part.release()
+            elif part.name == "file":
+                if received is not None:
+                    raise HttpProblem(400, "The multipart body holds part 'file' twice; expected it once.")
+                received = await stream_part_to_file(request, part, server, temp)
+            else:
+                data_text = await read_small_part(part, 1 << 20)
+    except ValueError as exc:  # aiohttp's multipart parser reports a malformed body as ValueError
+        raise HttpProblem(400, f"Malformed multipart body ({exc}); expected multipart/form-data with parts 'file' and 'data'.") from exc
     if received is None:
         raise HttpProblem(400, "The multipart body has no part 'file'; expected the NPZ bytes in part 'file'.")
     received.data_text = data_text
@@ -456,20 +473,28 @@ async def receive_multipart(request: web.Request, server: Server, temp: Path) ->
 
 
 async def stream_part_to_file(request: web.Request, part: BodyPartReader, server: Server, temp: Path) -> ReceivedUpload:
+    """Write while reading: each buffer goes to disk in a worker while the next one arrives."""
     limit = server.config.max_upload_bytes
     digest = hashlib.sha256()
     size = 0
     buffer = bytearray()
+    pending: asyncio.Future[None] | None = None
     with open(temp, "wb") as out:
-        while chunk := await part.read_chunk(_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                await drain(request)
-                raise HttpProblem(413, f"Upload is larger than this server's limit of {limit} bytes.")
-            buffer += chunk
-            if len(buffer) >= _CHUNK:
-                await server.blocking(_write_and_hash, out, digest, bytes(buffer))
-                buffer.clear()
+        try:
+            while chunk := await part.read_chunk(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    await drain(request)
+                    raise HttpProblem(413, f"Upload is larger than this server's limit of {limit} bytes.")
+                buffer += chunk
+                if len(buffer) >= _CHUNK:
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(server.blocking(_write_and_hash, out, digest, bytes(buffer)))
+                    buffer.clear()
+        finally:
+            if pending is not None:
+                await pending
         await server.blocking(_write_and_hash, out, digest, bytes(buffer))
     return ReceivedUpload(temp, size, digest.digest(), None)
 
@@ -611,7 +636,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     server = server_of(request)
     ticket = server.tickets.pop(request.query.get("ticket", ""), None)
     if ticket is None or ticket.expires_at < time.time() or not hmac.compare_digest(
-        request.query.get("request_id", ""), ticket.request_id
+        request.query.get("request_id", "").encode(), ticket.request_id.encode()
     ):
         raise HttpProblem(401, "WebSocket needs a valid, unused, unexpired ticket; get one from POST /api/v1/ws/ticket.")
     socket = web.WebSocketResponse(heartbeat=30)

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Sequence
 
 import requests
 
-from .store import ADMIN_TOKEN_FILE, DB_NAME, RUN_STATUSES, Branch, InvalidValueError, Store, StoreError, write_private_file
+from ..core.errors import BranchKeyError
+from .store import ADMIN_TOKEN_FILE, DB_NAME, RUN_STATUSES, Branch, InvalidValueError, Store, write_private_file
 
 logger = logging.getLogger("branchkey_integrations.server")
 
@@ -100,9 +101,11 @@ def _positive_float(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO
     try:
         return int(args.func(args) or 0)
-    except (CliError, StoreError) as exc:
+    except (CliError, BranchKeyError) as exc:  # BrokerError, StoreError: one line, no traceback
         print(f"branchkey-local {args.command}: {exc}", file=sys.stderr)
         return 2
 
@@ -154,7 +157,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     existing = [str(p) for p in targets if p.exists()]
     if existing and not args.force:
         raise CliError(f"credential file(s) already exist: {', '.join(existing[:3])}; use --force or another --credentials-dir.")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     live = live_server(data_dir)
     branch, leaves = _init_via_server(live, args) if live else _init_in_store(data_dir, args)
@@ -198,7 +201,7 @@ def _init_via_server(live: tuple[str, str], args: argparse.Namespace) -> tuple[d
 
 def cmd_serve(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with exclusive_lock(data_dir / LOCK_FILE):
         asyncio.run(serve(args, data_dir))
     return 0
@@ -220,8 +223,11 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
 
     from .app import DEFAULT_MAX_UPLOAD_BYTES, create_app
 
-    app = create_app(data_dir, amqp_url=args.amqp_url, amqp_management_url=args.amqp_management_url,
-                     public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+    try:
+        app = create_app(data_dir, amqp_url=args.amqp_url, amqp_management_url=args.amqp_management_url,
+                         public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
@@ -229,8 +235,10 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, args.host, args.port)
-        await site.start()
+        try:
+            await web.TCPSite(runner, args.host, args.port).start()
+        except OSError as exc:
+            raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
         url = f"http://{_client_host(args.host)}:{runner.addresses[0][1]}"
         write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         logger.info("branchkey-local serving %s on %s", data_dir, url)

@@ -99,9 +99,9 @@ class Notifier:
         from .rabbitmq import RabbitMQBroker  # lazy: only servers with a broker need pika wiring
 
         loop = asyncio.get_running_loop()
-        self._broker = await loop.run_in_executor(
-            self._executor, RabbitMQBroker, self._amqp_url, self._amqp_management_url
-        )
+        broker = await loop.run_in_executor(self._executor, RabbitMQBroker, self._amqp_url, self._amqp_management_url)
+        await loop.run_in_executor(self._executor, broker.check)  # a misconfigured broker fails the start, not a round
+        self._broker = broker
         await self.provision(leaves)
 
     async def provision(self, leaves: Iterable["Leaf"]) -> None:

@@ -621,7 +621,8 @@ def _check_round_accepts(conn: sqlite3.Connection, branch_id: str, run_number: i
     branch = conn.execute("SELECT run_status, run_number FROM branches WHERE id = ?", (branch_id,)).fetchone()
     if branch is None or branch["run_status"] != "start":
         status = branch["run_status"] if branch else "missing"
-        raise RunNotStartedError(f"run is {status}; uploads are accepted only while run_status is 'start'.")
+        state = {"pause": "paused", "stop": "stopped"}.get(status, status)
+        raise RunNotStartedError(f"run is {state}; uploads are accepted only while run_status is 'start'.")
     row = conn.execute(
         "SELECT status FROM rounds WHERE branch_id = ? AND run_number = ? AND round_index = ?",
         (branch_id, run_number, round_index),

@@ -126,3 +126,19 @@ def test_validate_upload_refuses_non_finite_values_by_layer():
     archive = wire.decode(wire.encode([np.ones(2), np.array([1.0, np.nan])], 1.0))
     with pytest.raises(ArchiveError, match="layer_1 holds 1 non-finite"):
         wire.validate_upload(archive)
+
+
+def test_corrupt_deflate_stream_is_an_archive_error_not_a_zlib_error():
+    data = bytearray(wire.encode([np.random.default_rng(0).standard_normal(5000)], 1.0))
+    middle = len(data) // 2
+    data[middle:middle + 64] = b"\x00" * 64  # damage the compressed bytes, not the zip directory
+    with pytest.raises(ArchiveError):
+        wire.decode(bytes(data))
+
+
+def test_read_layer_reads_one_member_with_the_same_checks():
+    payload = wire.encode([np.arange(3), np.ones((2, 2), np.float32)], 1.0)
+    with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+        np.testing.assert_array_equal(wire.read_layer(zf, 1), np.ones((2, 2), np.float32))
+        with pytest.raises(ArchiveError, match="no member layer_2"):
+            wire.read_layer(zf, 2)

@@ -7,7 +7,6 @@ import hashlib
 import http.client
 import io
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -95,6 +94,9 @@ def test_round_completes_and_leaves_download_the_weighted_mean(live) -> None:
         assert_layers(live.fetch(leaf, aggregate_id), weighted_mean(uploads))
     rounds = live.rounds(branch["id"])
     assert [(r["round_index"], r["status"], r["upload_count"]) for r in rounds] == [(0, "aggregated", 2), (1, "open", 0)]
+    # round 1 has no upload yet: the layout it expects is that of the run's latest aggregate
+    changed = live.upload(leaves[0], wire.encode([np.zeros(4, np.float32)], 1.0))
+    assert changed.status_code == 400 and "expected 2 layers" in changed.json()["error"]
 
 
 def test_official_3x_headers_and_2x_metadata_are_accepted(live) -> None:
@@ -208,6 +210,11 @@ def test_malformed_multipart_is_refused(live) -> None:
     assert bad_data.status_code == 400 and "Part 'data' is not JSON" in bad_data.json()["error"]
     not_multipart = requests.post(live.url + "/api/v1/file/upload", headers=live.auth(leaf), data=b"x", timeout=10)
     assert not_multipart.status_code == 400 and "multipart/form-data" in not_multipart.json()["error"]
+    for content_type, body in (("multipart/form-data", b"x"), ("multipart/form-data; boundary=b", b"junk"),
+                               ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nab')):
+        broken = requests.post(live.url + "/api/v1/file/upload", data=body, timeout=10,
+                               headers={**live.auth(leaf), "Content-Type": content_type})
+        assert broken.status_code == 400 and "Malformed multipart" in broken.json()["error"], broken.text
     assert live.rounds(branch["id"])[0]["upload_count"] == 0
 
 
@@ -234,7 +241,8 @@ def test_authentication_failures_are_401(live) -> None:
     url = f"{live.url}/api/v1/run/{branch['id']}"
     for headers in ({}, {"Authorization": "Bearer " + leaf["id"]}, {"Authorization": f"Basic {leaf['id']}:x"},
                     {"Authorization": f"Bearer {leaf['id']}:wrong"},
-                    {"Authorization": f"Bearer nobody:{leaf['session_token']}"}):
+                    {"Authorization": f"Bearer nobody:{leaf['session_token']}"},
+                    {"Authorization": "Bearer \u00e9:\u00fc".encode().decode("latin-1")}):
         answer = requests.get(url, headers=headers, timeout=10)
         assert answer.status_code == 401 and "error" in answer.json(), headers
     assert requests.post(live.url + "/api/v1/file/upload", timeout=10).status_code == 401
@@ -466,16 +474,21 @@ def test_cli_run_offline_and_through_a_live_server(tmp_path: Path) -> None:
     offline = cli("run", "pause", "--data-dir", str(data_dir))
     assert offline.returncode == 0 and "run_status pause" in offline.stdout and "in the store" in offline.stdout
     leaf = json.loads((tmp_path / "c" / "leaf_1.json").read_text())
+    headers = {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}
     process, url = serve(data_dir)
     try:
         run_url = f"{url}/api/v1/run/{leaf['branch_id']}"
-        headers = {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}
         assert requests.get(run_url, headers=headers, timeout=10).json()["data"]["run_status"] == "pause"
-        live_run = cli("run", "start", "--data-dir", str(data_dir))
-        assert live_run.returncode == 0 and "leaves notified" in live_run.stdout, live_run.stderr
-        assert requests.get(run_url, headers=headers, timeout=10).json()["data"] == {"run_status": "start", "run_number": 1}
+        data = requests.post(url + "/api/v1/ws/ticket", headers=headers, timeout=10).json()["data"]
+        with connect(url.replace("http://", "ws://") +
+                     f"/api/v1/ws?ticket={data['ticket_id']}&request_id={data['request_id']}") as socket:
+            for status in ("start", "pause"):
+                result = cli("run", status, "--data-dir", str(data_dir))
+                assert result.returncode == 0 and "leaves notified" in result.stdout, result.stderr
+                assert receive(socket, "run_status")["body"]["run_status"] == status
+        assert requests.get(run_url, headers=headers, timeout=10).json()["data"] == {"run_status": "pause", "run_number": 1}
         status = cli("status", "--data-dir", str(data_dir))
-        assert url in status.stdout and "run_status start" in status.stdout
+        assert url in status.stdout and "run_status pause" in status.stdout
         second = subprocess.run([sys.executable, "-m", "branchkey_integrations.server.cli", "serve", "--data-dir",
                                  str(data_dir), "--port", "0"], capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "already serves" in second.stderr
