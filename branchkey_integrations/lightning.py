@@ -218,6 +218,9 @@ class BranchKeyCallback(Callback):
         if stage == "fit":
             self.federation.close()
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.federation.close()  # a failed fit may skip teardown; never leave the notification thread behind
+
     # ---------------------------------------------------------------- helpers
     @staticmethod
     def _check_strategy(trainer: Trainer) -> None:

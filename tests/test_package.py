@@ -25,3 +25,13 @@ def test_public_names():
         assert getattr(branchkey_integrations, name) is getattr(branchkey_integrations.core, name)
     assert all(issubclass(getattr(branchkey_integrations, n), branchkey_integrations.BranchKeyError)
                for n in expected if n.endswith("Error") and n != "BranchKeyError")
+
+
+def test_every_error_survives_pickling_with_its_details():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(branchkey_integrations.RequestRejectedError("bad upload", 400)))
+    assert type(error) is branchkey_integrations.RequestRejectedError
+    assert (error.message, error.status_code, str(error)) == ("bad upload", 400, "bad upload (HTTP 400)")
+    plain = pickle.loads(pickle.dumps(branchkey_integrations.RunBlockedError("paused")))
+    assert str(plain) == "paused"

@@ -42,6 +42,10 @@ class ApiError(BranchKeyError):
         self.message = message
         self.status_code = status_code
 
+    def __reduce__(self) -> tuple:
+        # keeps the error picklable (DDP broadcast, multiprocessing) despite the two-argument __init__
+        return (type(self), (self.message, self.status_code))
+
 
 class AuthenticationError(ApiError):
     """401: the leaf id or session token was not accepted."""

@@ -236,8 +236,10 @@ class Federation:
             except ApiError as exc:
                 if exc.status_code != 409:
                     raise
-                logger.info("Upload for round %d refused while the run is not started (%s); waiting", number, exc)
+                logger.info("Upload for round %d refused (%s); trying again once the run is started", number, exc)
                 self._refresh_run_status()
+                self._check_deadline(number, deadline, "the upload to be accepted")
+                time.sleep(_POLL_S)  # a 409 that persists while the run is 'start' must not spin
 
     def _refresh_run_status(self) -> None:
         try:

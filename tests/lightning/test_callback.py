@@ -1,0 +1,141 @@
+"""BranchKeyCallback without rounds: argument checks, strategy and data checks, state, pickling."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.utils.data import DataLoader
+
+from branchkey_integrations.core.errors import CredentialsError
+from branchkey_integrations.core.errors import BranchKeyError, RequestRejectedError
+from branchkey_integrations.core.federation import AggregateMismatchError
+from branchkey_integrations.lightning import BranchKeyCallback, _Outcome, _portable, federated_tensors, to_numpy
+
+from .models import Stream, TinyModel, dataset, trainer
+
+CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
+         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
+         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+HOST = "http://127.0.0.1:1"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"every_n_epochs": 0}, "Expected every_n_epochs >= 1. Received: every_n_epochs=0"),
+    ({"every_n_epochs": True}, "Received: every_n_epochs=True"),
+    ({"num_samples": 0}, "Expected num_samples to be an int > 0, a callable returning one, or None. Received: num_samples=0"),
+    ({"num_samples": 2.5}, "Received: num_samples=2.5"),
+    ({"buffers": "sync"}, "Expected buffers in ('local', 'average'). Received: buffers='sync'"),
+    ({"reset_optimizer": 1}, "Expected reset_optimizer to be True or False. Received: reset_optimizer=1"),
+    ({"timeout": -5}, "Received: timeout=-5"),
+    ({"on_timeout": "skip"}, "Expected on_timeout in ('raise', 'continue'). Received: on_timeout='skip'"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        BranchKeyCallback(CREDS, HOST, **kwargs)
+    assert message in str(info.value)
+
+
+def test_bad_host_and_credentials_fail_at_construction():
+    with pytest.raises(ValueError, match="Expected host like"):
+        BranchKeyCallback(CREDS, "app.branchkey.com")
+    with pytest.raises(CredentialsError, match="session_token"):
+        BranchKeyCallback({k: v for k, v in CREDS.items() if k != "session_token"}, HOST)
+
+
+def test_state_key_names_the_settings_so_two_callbacks_checkpoint_side_by_side():
+    a = BranchKeyCallback(CREDS, HOST)
+    b = BranchKeyCallback(CREDS, HOST, every_n_epochs=2, buffers="average")
+    assert a.state_key != b.state_key and "every_n_epochs': 2" in b.state_key and CREDS["id"] in a.state_key
+
+
+def test_state_round_trips_and_old_state_loads_with_defaults():
+    callback = BranchKeyCallback(CREDS, HOST)
+    callback.load_state_dict({"round": 4, "last_aggregation_id": "x1", "last_epoch": 7})
+    assert callback.state_dict() == {"round": 4, "last_aggregation_id": "x1", "last_epoch": 7}
+    callback.load_state_dict({})
+    assert callback.state_dict() == {"round": 0, "last_aggregation_id": None, "last_epoch": -1}
+
+
+def test_pickles_without_a_client():
+    callback = BranchKeyCallback(CREDS, HOST)
+    callback.federation._client = object()
+    clone = pickle.loads(pickle.dumps(callback))
+    assert not clone.federation.connected and clone.federation.credentials == callback.federation.credentials
+
+
+def test_sharding_strategies_are_refused_at_setup():
+    callback = BranchKeyCallback(CREDS, HOST)
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True)
+    with pytest.raises(RuntimeError, match="does not support FSDPStrategy: it shards parameters"):
+        callback.setup(fake_trainer, TinyModel(), "fit")
+    assert not callback.federation.connected
+
+
+def test_weighting_from_int_callable_or_dataset_and_a_clear_error_without_length():
+    with_len = SimpleNamespace(train_dataloader=DataLoader(dataset(12, 0)))
+    assert BranchKeyCallback(CREDS, HOST)._weighting(with_len) == 12.0
+    assert BranchKeyCallback(CREDS, HOST, num_samples=5)._weighting(with_len) == 5.0
+    assert BranchKeyCallback(CREDS, HOST, num_samples=lambda: 7)._weighting(with_len) == 7.0
+    with pytest.raises(ValueError, match=r"num_samples\(\) to return a number > 0. Received: 0"):
+        BranchKeyCallback(CREDS, HOST, num_samples=lambda: 0)._weighting(with_len)
+    stream = SimpleNamespace(train_dataloader=DataLoader(Stream()))
+    with pytest.raises(ValueError, match="training data \\(Stream\\) has no length. Pass num_samples"):
+        BranchKeyCallback(CREDS, HOST)._weighting(stream)
+    assert BranchKeyCallback(CREDS, HOST, num_samples=8)._weighting(stream) == 8.0
+
+
+def test_iterable_data_without_num_samples_fails_at_fit_start(server_factory):
+    server, credentials = server_factory(1)
+    callback = BranchKeyCallback(credentials[0], server.url, transport="websocket")
+    with pytest.raises(ValueError, match="has no length"):
+        trainer([callback]).fit(TinyModel(), DataLoader(Stream(), batch_size=4))
+    assert not callback.federation.connected  # closed on the failure, no thread left behind
+
+
+def test_an_epoch_that_already_took_part_in_a_round_is_not_uploaded_again(server_factory):
+    """Defensive: a checkpoint that says epoch 0 finished its round must not upload epoch 0 again."""
+    server, credentials = server_factory(1)
+    model = TinyModel()
+
+    class Restored(BranchKeyCallback):
+        def setup(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)
+            self.load_state_dict({"round": 3, "last_aggregation_id": "a", "last_epoch": 0})
+
+    restored = Restored(credentials[0], server.url, transport="websocket")
+    trainer([restored]).fit(model, DataLoader(dataset(8, 0)))
+    assert restored.round == 3 and restored.federation.last_aggregation_id == "a"
+
+
+def test_tensor_selection_and_conversion():
+    model = TinyModel(batchnorm=True, frozen=True).to(torch.float16)
+    assert [n for n, _ in federated_tensors(model)] == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert [n for n, _ in federated_tensors(model, "average")][-2:] == ["norm.running_mean", "norm.running_var"]
+    array = to_numpy(model.head.weight)
+    assert array.dtype == "float32"
+    array[...] = 0  # a copy: the model is not touched
+    assert model.head.weight.abs().sum() > 0
+
+
+def test_an_error_on_rank_0_reaches_the_other_ranks_as_an_error_they_can_raise():
+    """What DDP broadcasts must survive pickling: errors that do not are sent as their text."""
+    rejected = RequestRejectedError("POST /api/v1/file/upload: bad layers", 400)
+    assert _portable(rejected) is rejected
+
+    class Unpicklable(RuntimeError):
+        def __init__(self, text):
+            super().__init__(text)
+            self.callback = lambda: None
+
+    portable = _portable(Unpicklable("broken pipe"))
+    assert type(portable) is BranchKeyError
+    assert str(portable) == "Unpicklable on global rank 0: broken pipe"
+    mismatch = AggregateMismatchError("head.weight: the aggregate holds NaN or infinity.")
+    assert _portable(mismatch) is mismatch
+    other_rank = BranchKeyCallback(CREDS, HOST)  # no local error: it raises what rank 0 broadcast
+    with pytest.raises(AggregateMismatchError, match="head.weight"):
+        other_rank._apply(pickle.loads(pickle.dumps(_Outcome("error", error=mismatch))), None, None, [])
