@@ -210,6 +210,8 @@ class Federation:
         self._upload(layers, float(weighting), number, deadline)
         upload_mb = sum(a.nbytes for a in layers) / 1e6
         started = time.monotonic()
+        logger.info("Round %d: uploaded %.1f MB; waiting for the aggregate (timeout %s)", number, upload_mb,
+                    "none" if self.timeout is None else f"{self.timeout:.0f} s")
         aggregation_id = self._wait_for_aggregate(number, deadline)
         wait_s = time.monotonic() - started
         if aggregation_id is None:
