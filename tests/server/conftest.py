@@ -16,17 +16,12 @@ import requests
 from branchkey_integrations.core import wire
 from branchkey_integrations.server.app import SERVER, Server, create_app
 
+from ..conftest import wait_until
+
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+    return wait_until(condition, timeout, "the condition", interval)
 
 
 def auth(leaf: dict[str, str]) -> dict[str, str]:
