@@ -11,7 +11,7 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 
@@ -25,20 +25,29 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'branchkey-integrations[lightning]'"
     ) from exc
 
+from .core.callback_options import (
+    BUFFER_POLICIES,
+    NumSamples,
+    check_choice,
+    check_every_n_epochs,
+    check_flag,
+    check_num_samples,
+    is_round_epoch,
+    name_refused_layers,
+    resolve_weighting,
+    save_snapshot,
+)
 from .core.client import DEFAULT_HOST
 from .core.credentials import CredentialsLike
-from .core.errors import BranchKeyError
+from .core.errors import BranchKeyError, RequestRejectedError
 from .core.federation import Federation, RoundResult, RunStopped
 from .core.wire import LayerSpec
 
 logger = logging.getLogger(__name__)
 
-BUFFER_POLICIES = ("local", "average")
 #: strategies that shard parameters: rank 0 does not hold the whole model, so it cannot upload it
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 _TRAVEL_AS_FLOAT32 = (torch.bfloat16, torch.float16)  # numpy has no bfloat16; one rule for both
-
-NumSamples = Union[int, Callable[[], int], None]
 
 
 def federated_tensors(module: torch.nn.Module, buffers: str = "local") -> list[tuple[str, torch.Tensor]]:
@@ -145,22 +154,11 @@ class BranchKeyCallback(Callback):
         client_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"Expected every_n_epochs >= 1. Received: every_n_epochs={every_n_epochs!r}")
-        if not (num_samples is None or callable(num_samples)
-                or (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples > 0)):
-            raise ValueError("Expected num_samples to be an int > 0, a callable returning one, or None. "
-                             f"Received: num_samples={num_samples!r}")
-        if buffers not in BUFFER_POLICIES:
-            raise ValueError(f"Expected buffers in {BUFFER_POLICIES}. Received: buffers={buffers!r}")
-        for name, value in (("reset_optimizer", reset_optimizer), ("send_metrics", send_metrics)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}")
-        self.every_n_epochs = every_n_epochs
-        self.num_samples = num_samples
-        self.buffers = buffers
-        self.reset_optimizer = reset_optimizer
-        self.send_metrics = send_metrics
+        self.every_n_epochs = check_every_n_epochs(every_n_epochs)
+        self.num_samples = check_num_samples(num_samples, required=False)
+        self.buffers = check_choice("buffers", buffers, BUFFER_POLICIES)
+        self.reset_optimizer = check_flag("reset_optimizer", reset_optimizer)
+        self.send_metrics = check_flag("send_metrics", send_metrics)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self.federation = Federation(credentials, host, timeout=timeout, on_timeout=on_timeout,
                                      log_every_s=log_every_s, transport=transport, client_options=client_options)
@@ -204,7 +202,7 @@ class BranchKeyCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
-        if (epoch + 1) % self.every_n_epochs != 0:
+        if not is_round_epoch(epoch, self.every_n_epochs):
             return
         if epoch <= self._last_epoch:
             logger.info("Epoch %d already took part in round %d: not uploading again", epoch, self.round)
@@ -233,13 +231,10 @@ class BranchKeyCallback(Callback):
             )
 
     def _weighting(self, trainer: Trainer) -> float:
-        if callable(self.num_samples):
-            value = self.num_samples()
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"Expected num_samples() to return a number > 0. Received: {value!r}")
-            return float(value)
-        if self.num_samples is not None:
-            return float(self.num_samples)
+        return resolve_weighting(self.num_samples, lambda: self._dataset_length(trainer))
+
+    @staticmethod
+    def _dataset_length(trainer: Trainer) -> int:
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise ValueError(
@@ -248,27 +243,30 @@ class BranchKeyCallback(Callback):
             )
         if len(dataset) == 0:
             raise ValueError("The training dataset is empty: nothing to federate.")
-        return float(len(dataset))
+        return len(dataset)
 
     def _exchange(self, trainer: Trainer, tensors: list[tuple[str, torch.Tensor]]) -> _Outcome:
         """Rank 0: one round. Every failure becomes an outcome, so no rank waits on a broadcast forever."""
+        names = [name for name, _ in tensors]
         try:
             if self.send_metrics:
                 self._send_metrics(trainer)
             arrays = [to_numpy(t) for _, t in tensors]
-            names = [name for name, _ in tensors]
             result = self.federation.run_round(arrays, self._weighting(trainer),
                                                [LayerSpec.of(a) for a in arrays], names)
         except RunStopped as exc:
             logger.info("%s Stopping training.", exc)
             return _Outcome("stopped")
+        except RequestRejectedError as exc:
+            self._local_error = name_refused_layers(exc, names)
+            return _Outcome("error", error=_portable(self._local_error))
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank by _apply
             self._local_error = exc
             return _Outcome("error", error=_portable(exc))
         if result.timed_out:
             return _Outcome("timeout", result)
         if self.snapshot_dir is not None:
-            self._snapshot(result, names)
+            save_snapshot(self.snapshot_dir, result, names)
         return _Outcome("done", result)
 
     def _apply(self, outcome: _Outcome, trainer: Trainer, pl_module: LightningModule,
@@ -295,14 +293,6 @@ class BranchKeyCallback(Callback):
                    if not k.startswith("branchkey/") and getattr(v, "numel", lambda: 1)() == 1}
         if metrics:
             self.federation.send_metrics(metrics, "train")
-
-    def _snapshot(self, result: RoundResult, names: list[str]) -> None:
-        from safetensors.numpy import save_file
-
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
-        path = self.snapshot_dir / f"round_{result.round:05d}.safetensors"
-        save_file(dict(zip(names, result.layers)), str(path),
-                  metadata={"aggregation_id": str(result.aggregation_id), "round": str(result.round)})
 
     def __repr__(self) -> str:
         return (f"BranchKeyCallback(leaf={self.federation.credentials.name!r}, every_n_epochs={self.every_n_epochs}, "

@@ -1,0 +1,311 @@
+"""Federated learning with BranchKey as one Keras 3 callback, on any Keras backend.
+
+The callback only translates: Keras variables to NumPy arrays and back, and Keras's hooks and ``logs`` to
+:class:`~branchkey_integrations.core.federation.Federation`, where the round logic lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import keras
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "branchkey_integrations.keras needs Keras 3 and a backend (TensorFlow, PyTorch or JAX): "
+        "pip install 'branchkey-integrations[keras]'"
+    ) from exc
+
+if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
+    raise ImportError(f"branchkey_integrations.keras needs Keras 3; found keras {keras.__version__}: "
+                      "pip install 'branchkey-integrations[keras]'")
+
+from .core.callback_options import (
+    BUFFER_POLICIES,
+    NumSamples,
+    check_choice,
+    check_every_n_epochs,
+    check_flag,
+    check_num_samples,
+    is_round_epoch,
+    name_refused_layers,
+    resolve_weighting,
+    rounds_before,
+    save_snapshot,
+)
+from .core.client import DEFAULT_HOST
+from .core.credentials import CredentialsLike
+from .core.errors import RequestRejectedError
+from .core.federation import Federation, RoundResult, RunStopped
+from .core.wire import LayerSpec
+
+logger = logging.getLogger(__name__)
+
+_TRAVEL_AS_FLOAT32 = ("bfloat16", "float16")  # numpy has no bfloat16; one rule for both, as in Lightning
+LOG_KEYS = ("branchkey_round", "branchkey_wait_s", "branchkey_upload_mb")
+
+
+def federated_variables(model: keras.Model, buffers: str = "local") -> list[keras.Variable]:
+    """The variables a round exchanges, in the model's order: ``model.trainable_weights``, then, with
+    ``buffers="average"``, the floating-point non-trainable weights of layers that are not frozen
+    (BatchNorm moving statistics). A frozen layer's weights are never sent: they are not trained."""
+    variables = list(model.trainable_weights)
+    if buffers == "average":
+        frozen = {id(v) for layer in _nested_layers(model) if not layer.trainable for v in layer.weights}
+        variables += [v for v in model.non_trainable_weights
+                      if id(v) not in frozen and "float" in str(v.dtype)]
+    return variables
+
+
+def _nested_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    # Keras has no public recursive walk; _flatten_layers is what Model.layers itself uses in Keras 3.
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def to_numpy(variable: keras.Variable) -> np.ndarray:
+    """A host copy for upload; bfloat16 and float16 travel as float32."""
+    array = np.array(keras.ops.convert_to_numpy(variable), copy=True)
+    return array.astype(np.float32) if array.dtype.name in _TRAVEL_AS_FLOAT32 else array
+
+
+def load_arrays(variables: list[keras.Variable], arrays: list[np.ndarray]) -> None:
+    """Assign checked arrays to the same variables, each cast back to its own dtype. ``assign`` keeps the
+    variable object (the optimizer tracks it) and, under ``tf.distribute``, reaches every replica."""
+    for variable, array in zip(variables, arrays):
+        variable.assign(keras.ops.cast(array, variable.dtype))
+
+
+class BranchKeyKerasCallback(keras.callbacks.Callback):
+    """Federate a Keras 3 model through BranchKey: every ``every_n_epochs`` epochs, upload the trainable
+    weights, wait for the branch's aggregate and assign it to the model's variables.
+
+    Each round adds ``branchkey_round`` (rounds this leaf has completed), ``branchkey_wait_s`` and
+    ``branchkey_upload_mb`` to the epoch's ``logs`` (every epoch, so ``History`` stays aligned), plus
+    ``branchkey_test_<metric>`` when ``validation_data`` is given.
+
+    Round numbers resume with the epochs: a ``fit`` that starts at epoch ``e`` (``initial_epoch=e``, or
+    restored by ``BackupAndRestore``) counts ``e // every_n_epochs`` rounds as done, so round numbers and
+    snapshot files continue instead of starting over; one instance may serve several ``fit`` calls.
+
+    Other callbacks (their order in ``callbacks=[...]`` matters, since they all see the same epoch end):
+
+    - ``ModelCheckpoint`` / ``BackupAndRestore``: put them *after* this callback so that they save the
+      aggregate; before it they save the local model of that epoch.
+    - ``EarlyStopping``: the ``val_*`` metrics of the epoch's logs were measured on the local model,
+      before the aggregate was loaded. To judge the federated model, give ``validation_data`` and monitor
+      ``branchkey_test_loss``. With ``restore_best_weights=True`` (and this callback first) the weights
+      restored are the best *aggregate*. Stopping early ends this leaf's part in the run: a branch that
+      waits for every leaf then waits for it until its round deadline.
+    - ``tf.distribute.MirroredStrategy``: callbacks run once per process, so one client talks to the
+      platform and ``assign`` updates every replica. ``MultiWorkerMirroredStrategy`` is refused.
+
+    Args:
+        credentials: :class:`~branchkey_integrations.Credentials`, a dict, a JSON file path, or None for
+            the ``BRANCHKEY_*`` environment variables.
+        host: the API host, ``https://app.branchkey.com`` or a ``branchkey-local`` URL.
+        num_samples: this leaf's weighting in the average, required: an int, or a zero-argument callable
+            (called at every round, for data that grows). Keras cannot count the samples honestly (``steps``
+            times ``batch_size`` overcounts a partial last batch, and a dataset may repeat), so pass
+            ``len(x_train)``.
+        every_n_epochs: federate after every n-th training epoch.
+        timeout: seconds one round may wait (pause included); None waits forever.
+        on_timeout: ``"raise"`` or ``"continue"`` (keep the local weights and train on).
+        buffers: ``"local"`` (non-trainable weights such as BatchNorm moving statistics stay local, as
+            in FedBN) or ``"average"`` (their floating-point ones are averaged too; frozen layers never are).
+        reset_optimizer: zero the optimizer's slots (momentum, Adam moments; not ``iterations``, which
+            drives learning-rate schedules) after loading an aggregate.
+        send_metrics: before each upload, send the epoch's logs as ``"train"`` metrics of the last
+            aggregate (they measure local training that started from it); after loading an aggregate,
+            send its evaluation on ``validation_data`` as ``"test"`` metrics of that aggregate.
+        validation_data: what ``model.evaluate`` takes (an ``(x, y)`` tuple or a dataset): the aggregate
+            is evaluated on it right after loading, logged as ``branchkey_test_<metric>``.
+        snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here, named by
+            ``variable.path``.
+        transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
+        log_every_s: while waiting, log progress this often.
+        client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
+
+    Raises:
+        ValueError: an argument is out of range (at construction); the model has no trainable weights
+            (at ``fit`` start).
+        RuntimeError: the model is trained with ``MultiWorkerMirroredStrategy`` (at ``fit`` start).
+        BranchKeyError: the platform failed; ``RequestRejectedError`` names the local variable when this
+            leaf's model differs from the branch's;
+            :class:`~branchkey_integrations.core.federation.AggregateMismatchError` when an aggregate does
+            not fit the model (the model is then left untouched);
+            ``AggregationTimeoutError`` on timeout with ``on_timeout="raise"``.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> from branchkey_integrations.keras import BranchKeyKerasCallback
+        >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        >>> model.compile("sgd", "mse")
+        >>> callback = BranchKeyKerasCallback("leaf_1.json", "http://127.0.0.1:8080",
+        ...                                   num_samples=len(x))  # doctest: +SKIP
+        >>> history = model.fit(x, y, epochs=3, callbacks=[callback], verbose=0)  # doctest: +SKIP
+        >>> history.history["branchkey_round"]  # doctest: +SKIP
+        [1.0, 2.0, 3.0]
+    """
+
+    def __init__(
+        self,
+        credentials: CredentialsLike | None,
+        host: str = DEFAULT_HOST,
+        *,
+        num_samples: NumSamples,
+        every_n_epochs: int = 1,
+        timeout: float | None = 3600.0,
+        on_timeout: str = "raise",
+        buffers: str = "local",
+        reset_optimizer: bool = False,
+        send_metrics: bool = False,
+        validation_data: Any = None,
+        snapshot_dir: str | Path | None = None,
+        transport: str = "auto",
+        log_every_s: float = 60.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_samples = check_num_samples(num_samples, required=True)
+        self.every_n_epochs = check_every_n_epochs(every_n_epochs)
+        self.buffers = check_choice("buffers", buffers, BUFFER_POLICIES)
+        self.reset_optimizer = check_flag("reset_optimizer", reset_optimizer)
+        self.send_metrics = check_flag("send_metrics", send_metrics)
+        if validation_data is not None and isinstance(validation_data, (str, bytes, int, float)):
+            raise ValueError("Expected validation_data to be what model.evaluate takes: an (x, y) tuple or a "
+                             f"dataset. Received: validation_data={validation_data!r}")
+        self.validation_data = validation_data
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.federation = Federation(credentials, host, timeout=timeout, on_timeout=on_timeout,
+                                     log_every_s=log_every_s, transport=transport, client_options=client_options)
+        self._first_epoch: int | None = None
+
+    @property
+    def round(self) -> int:
+        """Rounds this leaf has completed."""
+        return self.federation.round
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._first_epoch = None  # per fit: the first epoch this fit runs tells how many rounds came before
+        self._check_strategy()
+        if not federated_variables(self.model, self.buffers):
+            raise ValueError(f"{type(self.model).__name__} {self.model.name!r} has no trainable weights to federate.")
+        resolve_weighting(self.num_samples)  # a broken callable fails now, not after the first epoch
+        self.federation.connect()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+            self._resume_round_count(epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs if logs is not None else {}
+        if not is_round_epoch(epoch, self.every_n_epochs):
+            logs.update(branchkey_round=float(self.round), branchkey_wait_s=0.0, branchkey_upload_mb=0.0)
+            return
+        try:
+            self._federate(logs)
+        except BaseException:
+            self.federation.close()  # Keras has no on_exception hook: never leave the notification thread behind
+            raise
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.federation.close()
+
+    # ---------------------------------------------------------------- helpers
+    def _check_strategy(self) -> None:
+        if keras.backend.backend() != "tensorflow":
+            return
+        strategy = getattr(self.model, "distribute_strategy", None)
+        in_multi_worker = getattr(getattr(strategy, "extended", None), "_in_multi_worker_mode", lambda: False)
+        if in_multi_worker():
+            raise RuntimeError(
+                f"BranchKeyKerasCallback does not support {type(strategy).__name__}: every worker would upload. "
+                "Use MirroredStrategy (one process, several devices) or a single device.")
+
+    def _resume_round_count(self, epoch: int) -> None:
+        done = rounds_before(epoch, self.every_n_epochs)
+        if self.round < done:
+            logger.info("fit starts at epoch %d: counting %d earlier rounds as done", epoch, done)
+            self.federation.load_state_dict({"round": done,
+                                             "last_aggregation_id": self.federation.last_aggregation_id})
+
+    def _federate(self, logs: dict[str, Any]) -> None:
+        variables = federated_variables(self.model, self.buffers)
+        names = [v.path for v in variables]
+        arrays = [to_numpy(v) for v in variables]
+        if self.send_metrics:
+            self._send(_scalars(logs), "train")
+        started = time.monotonic()
+        try:
+            result = self.federation.run_round(arrays, resolve_weighting(self.num_samples),
+                                               [LayerSpec.of(a) for a in arrays], names)
+        except RunStopped as exc:
+            logger.info("%s Stopping training.", exc)
+            self.model.stop_training = True
+            logs.update(branchkey_round=float(self.round), branchkey_wait_s=time.monotonic() - started,
+                        branchkey_upload_mb=0.0)
+            return
+        except RequestRejectedError as exc:
+            raise name_refused_layers(exc, names) from exc
+        if not result.timed_out:
+            self._load(variables, result, names, logs)
+        logs.update(branchkey_round=float(result.round), branchkey_wait_s=result.wait_s,
+                    branchkey_upload_mb=result.upload_mb)
+
+    def _load(self, variables: list[keras.Variable], result: RoundResult, names: list[str],
+              logs: dict[str, Any]) -> None:
+        load_arrays(variables, result.layers)
+        if self.reset_optimizer:
+            self._reset_optimizer()
+        if self.snapshot_dir is not None:
+            save_snapshot(self.snapshot_dir, result, names)
+        if self.validation_data is not None:
+            scores = self._evaluate()
+            logs.update({f"branchkey_test_{k}": v for k, v in scores.items()})
+            if self.send_metrics:
+                self._send(scores, "test", result.aggregation_id)
+
+    def _evaluate(self) -> dict[str, float]:
+        data = self.validation_data
+        args = data if isinstance(data, tuple) else (data,)
+        return _scalars(self.model.evaluate(*args, verbose=0, return_dict=True))
+
+    def _reset_optimizer(self) -> None:
+        optimizer = self.model.optimizer
+        if optimizer is None:
+            return
+        iterations = id(optimizer.iterations)
+        for variable in optimizer.variables:
+            if id(variable) != iterations:
+                variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
+
+    def _send(self, metrics: dict[str, float], mode: str, aggregation_id: str | None = None) -> None:
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("branchkey_")}
+        if metrics:
+            self.federation.send_metrics(metrics, mode, aggregation_id)
+
+    def __repr__(self) -> str:
+        return (f"BranchKeyKerasCallback(leaf={self.federation.credentials.name!r}, "
+                f"every_n_epochs={self.every_n_epochs}, buffers={self.buffers!r}, round={self.round})")
+
+
+def _scalars(logs: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of Keras logs as plain floats (what the metrics endpoint can carry)."""
+    scalars = {}
+    for key, value in logs.items():
+        try:
+            scalars[key] = float(value)
+        except (TypeError, ValueError):
+            logger.debug("Metric %r is not a scalar: not sent", key)
+    return scalars
+
+
+__all__ = ["BranchKeyKerasCallback", "federated_variables", "BUFFER_POLICIES", "LOG_KEYS"]

@@ -1,0 +1,279 @@
+"""BranchKeyKerasCallback in this process (the default TensorFlow backend) against a real branchkey-local:
+argument checks, variable selection, validation, run control, timeouts, resuming, metrics and snapshots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import keras
+import numpy as np
+import pytest
+
+from branchkey_integrations import Client
+from branchkey_integrations.core.errors import AggregationTimeoutError, RequestRejectedError
+from branchkey_integrations.core.federation import AggregateMismatchError
+from branchkey_integrations.core.wire import Archive
+from branchkey_integrations.keras import BranchKeyKerasCallback, federated_variables, to_numpy
+
+from ..conftest import wait_until
+from .models import Recorder, data, snapshot, tiny_model
+from .test_leaves import PARAMS, weighted_mean
+
+CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
+         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
+         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+HOST = "http://127.0.0.1:1"
+X, Y = data(8, 0)
+NORM = ["tiny/norm/gamma", "tiny/norm/beta"]
+STATS = ["tiny/norm/moving_mean", "tiny/norm/moving_variance"]
+
+
+def callback_for(credentials, server, **kwargs) -> BranchKeyKerasCallback:
+    kwargs.setdefault("timeout", 30)
+    kwargs.setdefault("num_samples", len(X))
+    return BranchKeyKerasCallback(credentials, server.url, transport="websocket", log_every_s=0.2, **kwargs)
+
+
+def fit(model, callbacks, epochs: int = 1, **kwargs):
+    return model.fit(X, Y, batch_size=4, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, **kwargs)
+
+
+def partner_upload(credentials, server, arrays, weighting):
+    """A second leaf that only uploads (the round needs it), through the plain Client."""
+    with Client(credentials, host=server.url, transport="none") as client:
+        client.upload_weights(weighting, arrays)
+
+
+def set_run(server, branch_id, status):
+    response = server.admin("POST", f"/admin/v1/branches/{branch_id}/run", json={"run_status": status})
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """Every upload of this process: (weighting, [arrays])."""
+    seen: list[tuple[float, list[np.ndarray]]] = []
+    original = Client.upload_weights
+
+    def spy(self, weighting, parameters, **kwargs):
+        seen.append((weighting, [np.array(p, copy=True) for p in parameters]))
+        return original(self, weighting, parameters, **kwargs)
+
+    monkeypatch.setattr(Client, "upload_weights", spy)
+    return seen
+
+
+# ------------------------------------------------------------------------ without a server
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": None}, "Expected num_samples to be an int > 0 or a callable returning one. Received: num_samples=None"),
+    ({"num_samples": 0}, "Received: num_samples=0"),
+    ({"num_samples": True}, "Received: num_samples=True"),
+    ({"every_n_epochs": 0}, "Expected every_n_epochs >= 1. Received: every_n_epochs=0"),
+    ({"buffers": "sync"}, "Expected buffers in ('local', 'average'). Received: buffers='sync'"),
+    ({"reset_optimizer": "yes"}, "Expected reset_optimizer to be True or False. Received: reset_optimizer='yes'"),
+    ({"send_metrics": 1}, "Received: send_metrics=1"),
+    ({"validation_data": "val.csv"}, "Expected validation_data to be what model.evaluate takes"),
+    ({"timeout": 0}, "Received: timeout=0"),
+    ({"on_timeout": "skip"}, "Expected on_timeout in ('raise', 'continue'). Received: on_timeout='skip'"),
+])
+def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        BranchKeyKerasCallback(CREDS, HOST, **{"num_samples": 8, **kwargs})
+    assert message in str(info.value)
+
+
+def test_num_samples_is_required_and_construction_never_connects():
+    with pytest.raises(TypeError, match="num_samples"):
+        BranchKeyKerasCallback(CREDS, HOST)
+    callback = BranchKeyKerasCallback(CREDS, HOST, num_samples=lambda: 8)
+    assert not callback.federation.connected and "leaf-a" in repr(callback)
+
+
+def test_variable_selection_frozen_layers_never_travel_and_buffers_follow_the_policy():
+    model = tiny_model(batchnorm=True, dropout=True, frozen=True)
+    head = ["tiny/head/kernel", "tiny/head/bias"]
+    assert [v.path for v in federated_variables(model)] == NORM + head
+    assert [v.path for v in federated_variables(model, "average")] == NORM + head + STATS
+    model.get_layer("norm").trainable = False  # a frozen BatchNorm keeps its statistics out too
+    assert [v.path for v in federated_variables(model, "average")] == head
+
+
+def test_bf16_travels_as_float32_and_the_conversion_copies():
+    model = tiny_model(dtype="bfloat16")
+    kernel = model.get_layer("head").kernel
+    array = to_numpy(kernel)
+    assert array.dtype == np.float32 and str(kernel.dtype) == "bfloat16"
+    array[...] = 0
+    assert np.abs(to_numpy(kernel)).sum() > 0
+
+
+# ---------------------------------------------------------------------- against a server
+@pytest.mark.parametrize("policy", ["local", "average"])
+def test_a_round_with_batchnorm_dropout_and_a_frozen_layer(policy, server_factory, uploads, tmp_path):
+    server, credentials = server_factory(2)
+    model = tiny_model(batchnorm=True, dropout=True, frozen=True)
+    names = [v.path for v in federated_variables(model, policy)]
+    partner = [np.full(v.shape, 2.0, np.float32) for v in federated_variables(model, policy)]
+    partner_upload(credentials[1], server, partner, 24.0)
+    frozen = snapshot(model)
+    before = Recorder("upload")
+    callback = callback_for(credentials[0], server, buffers=policy, reset_optimizer=True, send_metrics=True,
+                            validation_data=(X, Y), snapshot_dir=tmp_path / "snapshots")
+    history = fit(model, [before, callback])
+
+    (_, sent), = [u for u in uploads if u[0] == len(X)]
+    assert [a.shape for a in sent] == [tuple(v.shape) for v in federated_variables(model, policy)]
+    local, after = before.records[0], snapshot(model)
+    for name in ("tiny/stem/kernel", "tiny/stem/bias"):  # frozen: neither sent nor changed
+        np.testing.assert_array_equal(after[name], frozen[name])
+    expected = weighted_mean([local, dict(zip(names, partner))], [len(X), 24.0], names)
+    for name in names:
+        np.testing.assert_allclose(after[name], expected[name], rtol=1e-6, atol=1e-7)
+    for name in STATS:
+        want = expected[name] if policy == "average" else local[name]  # local: FedBN keeps its statistics
+        np.testing.assert_allclose(after[name], want, rtol=1e-6, atol=1e-7)
+        assert not np.array_equal(local[name], frozen[name])  # the statistics did move during the epoch
+
+    optimizer = model.optimizer  # reset_optimizer: momentum slots zero, the step count kept
+    assert all(not np.any(keras.ops.convert_to_numpy(v)) for v in optimizer.variables if v is not optimizer.iterations)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2
+    logs = history.history
+    assert logs["branchkey_round"] == [1.0] and logs["branchkey_wait_s"][0] >= 0 and "branchkey_test_loss" in logs
+    assert logs["branchkey_upload_mb"] == [pytest.approx(sum(a.nbytes for a in sent) / 1e6)]
+
+    from safetensors.numpy import load_file
+    saved = load_file(str(tmp_path / "snapshots" / "round_00001.safetensors"))
+    assert sorted(saved) == sorted(names)
+    np.testing.assert_array_equal(saved["tiny/head/bias"], after["tiny/head/bias"])
+    branch_id = json.loads(credentials[0].read_text())["branch_id"]
+    metrics = server.admin("GET", f"/admin/v1/branches/{branch_id}/metrics").json()["data"]["metrics"]
+    assert [m["mode"] for m in metrics] == ["test"]  # no aggregate before round 1, so no "train" metrics yet
+    assert json.loads(metrics[0]["data"])["loss"] == pytest.approx(logs["branchkey_test_loss"][0], rel=1e-5)
+
+
+def test_a_leaf_whose_architecture_differs_is_told_which_variable(server_factory):
+    server, credentials = server_factory(2)
+    partner_upload(credentials[1], server, [to_numpy(v) for v in federated_variables(tiny_model(hidden=5))], 1.0)
+    model, before = tiny_model(hidden=3), Recorder("upload")
+    callback = callback_for(credentials[0], server)
+    with pytest.raises(RequestRejectedError, match=r"does not match this round's layers: layer_0.*"
+                                                   r"layer_0 is 'tiny/stem/kernel'"):
+        fit(model, [before, callback])
+    assert not callback.federation.connected  # closed on the failure: no notification thread left behind
+    for name, array in before.records[0].items():
+        np.testing.assert_array_equal(snapshot(model)[name], array)
+
+
+@pytest.mark.parametrize("corruption, message", [
+    ("nan", "tiny/head/kernel: the aggregate holds NaN"),
+    ("shape", r"tiny/head/kernel: the aggregate has shape \(2, 3\), the local model \(3, 2\)"),
+    ("missing", "The aggregate has 3 layers but the local model has 4"),
+])
+def test_a_bad_aggregate_raises_and_leaves_every_weight_bit_identical(corruption, message, server_factory,
+                                                                     monkeypatch):
+    server, credentials = server_factory(1)
+    original = Client.download_aggregate
+
+    def corrupted(self, file_id):  # the only fake: the real aggregate, damaged
+        layers = [a.copy() for a in original(self, file_id).layers]
+        if corruption == "nan":
+            layers[2][0, 0] = np.nan
+        elif corruption == "shape":
+            layers[2] = layers[2].T.copy()
+        else:
+            layers.pop()
+        return Archive(layers)
+
+    monkeypatch.setattr(Client, "download_aggregate", corrupted)
+    model, before = tiny_model(), Recorder("upload")
+    with pytest.raises(AggregateMismatchError, match=message):
+        fit(model, [before, callback_for(credentials[0], server)])
+    after = snapshot(model)
+    for name, array in before.records[0].items():
+        np.testing.assert_array_equal(after[name], array)
+
+
+def test_timeout_raise_fails_fit_and_continue_keeps_training(server_factory, uploads):
+    server, credentials = server_factory(2)  # the second leaf never uploads
+    with pytest.raises(AggregationTimeoutError, match="timeout=0.3 s"):
+        fit(tiny_model(), [callback_for(credentials[0], server, timeout=0.3)])
+
+    model, before = tiny_model(), Recorder("upload")
+    callback = callback_for(credentials[0], server, timeout=0.3, on_timeout="continue")
+    history = fit(model, [before, callback], epochs=2)
+    assert len(history.epoch) == 2 and callback.round == 0 and len(uploads) == 3
+    assert history.history["branchkey_round"] == [0.0, 0.0] and min(history.history["branchkey_wait_s"]) > 0.1
+    for name, array in before.records[1].items():  # the local model, untouched
+        np.testing.assert_array_equal(snapshot(model)[name], array)
+
+
+def test_pause_waits_for_start_and_stop_ends_fit_gracefully(server_factory, caplog):
+    server, credentials = server_factory(2)
+    branch_id = json.loads(credentials[0].read_text())["branch_id"]
+
+    def operator():
+        wait_until(lambda: "Run is 'pause': round 1 waits for 'start'" in caplog.text, 60, "the paused round")
+        set_run(server, branch_id, "start")
+        wait_until(lambda: "Round 1: uploaded" in caplog.text, 60, "the upload after start")
+        set_run(server, branch_id, "stop")
+
+    set_run(server, branch_id, "pause")
+    helper = threading.Thread(target=operator, daemon=True)
+    callback = callback_for(credentials[0], server)
+    with caplog.at_level(logging.INFO, logger="branchkey_integrations"):
+        helper.start()
+        history = fit(tiny_model(), [callback], epochs=5)  # returns: stop is an ending, not a failure
+    helper.join(10)
+    assert history.epoch == [0] and callback.round == 0 and history.history["branchkey_round"] == [0.0]
+    assert "stopped during round 1" in caplog.text and not callback.federation.connected
+
+
+def test_rounds_resume_with_initial_epoch_and_backup_and_restore(server_factory, uploads, tmp_path):
+    """Round n belongs to epoch n-1 (every_n_epochs=1): a fit that starts at epoch e has done e rounds,
+    so numbering and snapshot files continue, and an epoch that a backup says is done is not uploaded again."""
+    server, credentials = server_factory(1)
+    model, snapshots = tiny_model(), tmp_path / "snapshots"
+    callback = callback_for(credentials[0], server, snapshot_dir=snapshots)
+    assert fit(model, [callback], epochs=2).history["branchkey_round"] == [1.0, 2.0]
+    again = fit(model, [callback], epochs=4, initial_epoch=2)  # the same instance serves a second fit
+    assert again.history["branchkey_round"] == [3.0, 4.0] and len(uploads) == 4
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("power cut")
+
+    backup = tmp_path / "backup"
+    first = callback_for(credentials[0], server, snapshot_dir=snapshots)  # a new process would start like this
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(tiny_model(), [first, keras.callbacks.BackupAndRestore(backup), Crash()], epochs=4)
+    assert first.round == 2 and len(uploads) == 6
+    resumed = callback_for(credentials[0], server, snapshot_dir=snapshots)
+    history = fit(tiny_model(), [resumed, keras.callbacks.BackupAndRestore(backup)], epochs=4)
+    assert history.epoch == [2, 3] and history.history["branchkey_round"] == [3.0, 4.0] and len(uploads) == 8
+    assert sorted(p.name for p in snapshots.iterdir()) == [f"round_0000{n}.safetensors" for n in (1, 2, 3, 4)]
+
+
+def test_every_n_epochs_keeps_history_aligned_and_bf16_keeps_its_dtype(server_factory, uploads):
+    server, credentials = server_factory(1)
+    model, after = tiny_model(dtype="bfloat16"), Recorder("loaded")
+    history = fit(model, [callback_for(credentials[0], server, every_n_epochs=2), after], epochs=3)
+    assert history.history["branchkey_round"] == [0.0, 1.0, 1.0] and len(uploads) == 1
+    assert {a.dtype for _, arrays in uploads for a in arrays} == {np.dtype(np.float32)}
+    assert {str(v.dtype) for v in model.trainable_weights} == {"bfloat16"}
+    (_, sent), = uploads  # one leaf: the aggregate is its own upload, exact in bf16
+    for index, name in enumerate(PARAMS):
+        np.testing.assert_array_equal(after.records[1][name], sent[index])
+
+
+def test_without_keras_the_import_fails_with_an_install_hint():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['keras'] = None\n"
+            "import branchkey_integrations\n"  # the package itself needs no keras
+            "try:\n    import branchkey_integrations.keras\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'branchkey-integrations[keras]'" in out
