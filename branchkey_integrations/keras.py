@@ -119,9 +119,9 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
             in FedBN) or ``"average"`` (their floating-point ones are averaged too; frozen layers never are).
         reset_optimizer: zero the optimizer's slots (momentum, Adam moments; not ``iterations``, which
             drives learning-rate schedules) after loading an aggregate.
-        send_metrics: before each upload, send the epoch's logs as ``"train"`` metrics of the last
-            aggregate (they measure local training that started from it); after loading an aggregate,
-            send its evaluation on ``validation_data`` as ``"test"`` metrics of that aggregate.
+        send_metrics: after a round, send the epoch's logs (local training, which produced the upload)
+            as ``"train"`` metrics and the aggregate's evaluation on ``validation_data`` as ``"test"``
+            metrics, both for that round's aggregate.
         validation_data: what ``model.evaluate`` takes (an ``(x, y)`` tuple or a dataset): the aggregate
             is evaluated on it right after loading, logged as ``branchkey_test_<metric>``.
         snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here, named by
@@ -164,7 +164,7 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
         on_timeout: str = "raise",
         buffers: str = "local",
         reset_optimizer: bool = False,
-        send_metrics: bool = False,
+        send_metrics: bool = True,
         validation_data: Any = None,
         snapshot_dir: str | Path | None = None,
         transport: str = "auto",
@@ -241,8 +241,6 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
         variables = federated_variables(self.model, self.buffers)
         names = [v.path for v in variables]
         arrays = [to_numpy(v) for v in variables]
-        if self.send_metrics:
-            self._send(_scalars(logs), "train")
         started = time.monotonic()
         try:
             result = self.federation.run_round(arrays, resolve_weighting(self.num_samples),
@@ -256,6 +254,8 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
         except RequestRejectedError as exc:
             raise name_refused_layers(exc, names) from exc
         if not result.timed_out:
+            if self.send_metrics:  # the epoch's training produced this round's upload
+                self._send(_scalars(logs), "train", result.aggregation_id)
             self._load(variables, result, names, logs)
         logs.update(branchkey_round=float(result.round), branchkey_wait_s=result.wait_s,
                     branchkey_upload_mb=result.upload_mb)

@@ -97,6 +97,10 @@ class BranchKeyCallback(Callback):
     """Federate a LightningModule through BranchKey: every ``every_n_epochs`` epochs, upload the trainable
     parameters, wait for the branch's aggregate and load it in place.
 
+    The round runs at the end of the epoch's last training batch (or in ``on_train_epoch_end`` when the
+    data has no length), before validation: validation metrics, ``EarlyStopping`` and ``ModelCheckpoint``
+    therefore judge the aggregated model, and training goes on from it.
+
     Only global rank 0 talks to the platform; the outcome (the aggregate or the error) is broadcast, so
     every DDP rank loads identical weights or raises the same error.
 
@@ -112,8 +116,8 @@ class BranchKeyCallback(Callback):
         buffers: ``"local"`` (buffers such as BatchNorm statistics stay local, as in FedBN) or
             ``"average"`` (floating-point buffers are averaged too).
         reset_optimizer: clear the optimizers' state (momentum, Adam moments) after loading an aggregate.
-        send_metrics: send ``trainer.callback_metrics`` (as training metrics of the last aggregate)
-            before each upload.
+        send_metrics: after a round, send the validation metrics (measured on the aggregated model) as
+            ``"test"`` and the epoch's other metrics as ``"train"``, both for that round's aggregate.
         snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here (named tensors).
         transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
         log_every_s: while waiting, log progress this often.
@@ -147,7 +151,7 @@ class BranchKeyCallback(Callback):
         on_timeout: str = "raise",
         buffers: str = "local",
         reset_optimizer: bool = False,
-        send_metrics: bool = False,
+        send_metrics: bool = True,
         snapshot_dir: str | Path | None = None,
         transport: str = "auto",
         log_every_s: float = 60.0,
@@ -163,6 +167,8 @@ class BranchKeyCallback(Callback):
         self.federation = Federation(credentials, host, timeout=timeout, on_timeout=on_timeout,
                                      log_every_s=log_every_s, transport=transport, client_options=client_options)
         self._last_epoch = -1  # the epoch whose round finished last: a resumed run never repeats it
+        self._round_id: str | None = None  # the aggregate loaded in this epoch, which its metrics describe
+        self._validation_names: set[str] = set()
 
     # ------------------------------------------------------------------ state
     @property
@@ -200,12 +206,35 @@ class BranchKeyCallback(Callback):
             raise ValueError(f"{type(pl_module).__name__} has no trainable parameters to federate.")
         self._weighting(trainer)  # fail now, not after the first epoch
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # The epoch's last optimizer step is done and validation has not run yet: federating here means
+        # validation, EarlyStopping and ModelCheckpoint all see (and measure) the aggregated model.
+        if batch_idx + 1 == trainer.num_training_batches:
+            self._federate(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if not is_round_epoch(epoch, self.every_n_epochs):
+        self._federate(trainer, pl_module)  # data of unknown length: the last batch was not recognisable
+        if self.send_metrics and self._round_id is not None and trainer.is_global_zero:
+            self._send(self._metrics(trainer, exclude=self._validation_names), "train")
+        self._round_id = None
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._before_validation = self._metrics(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
             return
-        if epoch <= self._last_epoch:
-            logger.info("Epoch %d already took part in round %d: not uploading again", epoch, self.round)
+        before, after = getattr(self, "_before_validation", {}), self._metrics(trainer)
+        produced = {k for k, v in after.items() if before.get(k) != v}
+        self._validation_names |= produced  # a metric equal to last epoch's value is still a validation metric
+        if self.send_metrics and self._round_id is not None and trainer.is_global_zero:
+            self._send({k: v for k, v in after.items() if k in self._validation_names}, "test")
+
+    def _federate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One round, at most once per federating epoch."""
+        epoch = trainer.current_epoch
+        if not is_round_epoch(epoch, self.every_n_epochs) or epoch <= self._last_epoch:
             return
         tensors = federated_tensors(pl_module, self.buffers)
         outcome = self._exchange(trainer, tensors) if trainer.is_global_zero else None
@@ -249,8 +278,6 @@ class BranchKeyCallback(Callback):
         """Rank 0: one round. Every failure becomes an outcome, so no rank waits on a broadcast forever."""
         names = [name for name, _ in tensors]
         try:
-            if self.send_metrics:
-                self._send_metrics(trainer)
             arrays = [to_numpy(t) for _, t in tensors]
             result = self.federation.run_round(arrays, self._weighting(trainer),
                                                [LayerSpec.of(a) for a in arrays], names)
@@ -284,15 +311,21 @@ class BranchKeyCallback(Callback):
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
             self.federation.load_state_dict({"round": result.round, "last_aggregation_id": result.aggregation_id})
+            self._round_id = result.aggregation_id
         self._last_epoch = trainer.current_epoch
         for name, value in (("round", result.round), ("wait_s", result.wait_s), ("upload_mb", result.upload_mb)):
             pl_module.log(f"branchkey/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)
 
-    def _send_metrics(self, trainer: Trainer) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if not k.startswith("branchkey/") and getattr(v, "numel", lambda: 1)() == 1}
+    @staticmethod
+    def _metrics(trainer: Trainer, exclude: set[str] = frozenset()) -> dict[str, float]:
+        """The scalar metrics Lightning holds now, as floats, without our own ``branchkey/*``."""
+        return {k: float(v) for k, v in trainer.callback_metrics.items()
+                if not k.startswith("branchkey/") and k not in exclude and getattr(v, "numel", lambda: 1)() == 1}
+
+    def _send(self, metrics: dict[str, float], mode: str) -> None:
+        """Send metrics of the aggregate of this epoch's round (a refusal is logged, never fatal)."""
         if metrics:
-            self.federation.send_metrics(metrics, "train")
+            self.federation.send_metrics(metrics, mode, self._round_id)
 
     def __repr__(self) -> str:
         return (f"BranchKeyCallback(leaf={self.federation.credentials.name!r}, every_n_epochs={self.every_n_epochs}, "

@@ -149,8 +149,11 @@ def test_a_round_with_batchnorm_dropout_and_a_frozen_layer(policy, server_factor
     np.testing.assert_array_equal(saved["tiny/head/bias"], after["tiny/head/bias"])
     branch_id = json.loads(credentials[0].read_text())["branch_id"]
     metrics = server.admin("GET", f"/admin/v1/branches/{branch_id}/metrics").json()["data"]["metrics"]
-    assert [m["mode"] for m in metrics] == ["test"]  # no aggregate before round 1, so no "train" metrics yet
-    assert json.loads(metrics[0]["data"])["loss"] == pytest.approx(logs["branchkey_test_loss"][0], rel=1e-5)
+    by_mode = {m["mode"]: m for m in metrics}
+    assert sorted(by_mode) == ["test", "train"]  # both describe round 1's aggregate
+    assert {m["aggregation_id"] for m in metrics} == {callback.federation.last_aggregation_id}
+    assert json.loads(by_mode["test"]["data"])["loss"] == pytest.approx(logs["branchkey_test_loss"][0], rel=1e-5)
+    assert json.loads(by_mode["train"]["data"])["loss"] == pytest.approx(logs["loss"][0], rel=1e-5)
 
 
 def test_a_leaf_whose_architecture_differs_is_told_which_variable(server_factory):

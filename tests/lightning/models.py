@@ -64,6 +64,11 @@ def snapshot(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return state
 
 
+def last_batch(trainer, batch_idx: int) -> bool:
+    """Where the callback federates: the end of the epoch's last training batch."""
+    return batch_idx + 1 == trainer.num_training_batches
+
+
 class Recorder(Callback):
     """Placed around the BranchKeyCallback: records the model as uploaded (before) and as loaded (after)."""
 
@@ -71,8 +76,9 @@ class Recorder(Callback):
         self.label = label
         self.records: list[dict[str, np.ndarray]] = []
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.records.append(snapshot(pl_module))
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if last_batch(trainer, batch_idx):
+            self.records.append(snapshot(pl_module))
 
 
 class DiskRecorder(Callback):
@@ -81,7 +87,9 @@ class DiskRecorder(Callback):
     def __init__(self, out_dir, label: str) -> None:
         self.out_dir, self.label, self.count = out_dir, label, 0
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not last_batch(trainer, batch_idx):
+            return
         self.count += 1
         self.out_dir.mkdir(parents=True, exist_ok=True)
         connected = [getattr(c, "federation").connected for c in trainer.callbacks if hasattr(c, "federation")]

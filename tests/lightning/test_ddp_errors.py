@@ -21,9 +21,9 @@ class ErrorRecordingCallback(BranchKeyCallback):
         super().__init__(**kwargs)
         self.out_dir = out_dir
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def _federate(self, trainer, pl_module) -> None:
         try:
-            super().on_train_epoch_end(trainer, pl_module)
+            super()._federate(trainer, pl_module)
         except BaseException as exc:
             record = {"type": type(exc).__name__, "message": str(exc), "at": time.time()}
             (self.out_dir / f"error_rank{trainer.global_rank}.json").write_text(json.dumps(record))
