@@ -1,0 +1,80 @@
+"""Federated learning on one machine, in one call: an embedded ``branchkey-local``, a branch of N
+leaves, each leaf a process of its own training with the real framework callback, and a report that
+compares the federated model with local-only training and a centralized baseline.
+
+``branchkey-local simulate`` is this module's :func:`run` with a terminal progress display.
+
+Example:
+    >>> from branchkey_integrations.simulate import run
+    >>> report = run(framework="lightning", leaves=3, rounds=2, epochs_per_round=1)  # doctest: +SKIP
+    >>> print(report.table())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .simulation.config import SimulationConfig
+from .simulation.frameworks import check_installed
+from .simulation.errors import LeafFailedError, ServerError, SimulationError, Terminated
+from .simulation.orchestrator import Simulation
+from .simulation.progress import ProgressHook, RoundProgress, Stage, TerminalProgress
+from .simulation.report import Report, RoundRow, plot_rounds
+from .simulation.supervisor import sigterm_raises
+
+logger = logging.getLogger(__name__)
+
+
+def run(config: SimulationConfig | None = None, *, output: str | Path | None = None,
+        progress: ProgressHook | None = None, **options: Any) -> Report:
+    """Run one simulation to the end and return its :class:`Report`.
+
+    Pass a :class:`SimulationConfig`, or its fields as keywords (``run(leaves=5, partition="dirichlet")``).
+    ``output`` gets ``report.json`` and ``accuracy.png``; ``progress`` receives
+    :class:`~branchkey_integrations.simulation.progress.RoundProgress` and ``Stage`` events (for example
+    :class:`~branchkey_integrations.simulation.progress.TerminalProgress`).
+
+    Raises:
+        ValueError: a setting is out of range.
+        LeafFailedError: a leaf process died (its log's last lines are in the message).
+        SimulationError: the server failed, the run timed out, or SIGTERM arrived. Every process the
+            simulation started is stopped before any of these propagate (KeyboardInterrupt included).
+    """
+    config = dataclasses.replace(config, **options) if config else SimulationConfig(**options)
+    check_installed(config.framework)  # a missing framework fails here, not in N leaf logs
+    emit = progress or _log_event
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="branchkey-simulate-"))
+    try:
+        with sigterm_raises():
+            report = Simulation(config, workdir, emit).run()
+    except (SimulationError, KeyboardInterrupt) as exc:
+        logger.error("Simulation %s; its logs are kept in %s",
+                     "failed" if isinstance(exc, SimulationError) else "interrupted", workdir)
+        raise
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)  # a setting or a bug, not a process: the logs say nothing
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+    report.elapsed_s = time.monotonic() - started
+    if output is not None:
+        report.save(output)
+    return report
+
+
+def _log_event(event: Stage | RoundProgress) -> None:
+    if isinstance(event, Stage):
+        logger.info("%s", event.text)
+    elif event.complete:
+        logger.info("Round %d/%d: global accuracy %.3f (waited %.1f s)", event.round, event.rounds,
+                    event.global_accuracy, event.wait_s)
+
+
+__all__ = ["run", "SimulationConfig", "Report", "RoundRow", "plot_rounds", "TerminalProgress", "SimulationError",
+           "LeafFailedError", "ServerError", "Terminated"]

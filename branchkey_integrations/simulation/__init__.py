@@ -1,0 +1,5 @@
+"""The machinery behind :mod:`branchkey_integrations.simulate`, one concern per module: ``config`` (the
+settings), ``data`` (digits and partitions), ``frameworks`` with ``lightning_model`` and ``keras_model``
+(the model and its training, per framework), ``leaf`` (the leaf process), ``local_server`` (the embedded
+server), ``supervisor`` (child processes and signals), ``orchestrator`` (one run), ``progress``,
+``report`` and ``errors``. Nothing here is imported by ``import branchkey_integrations``."""

@@ -1,0 +1,148 @@
+"""One simulation run: data to leaves, the embedded server and its branch, the leaf processes, the
+polling loop that turns their progress into events, and the numbers that become the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from .config import SimulationConfig
+from .data import Split, load_digits_split, partition
+from .frameworks import FederationTarget
+from .leaf import EventReader, LeafJob
+from .local_server import EmbeddedServer
+from .progress import ProgressHook, RoundTracker, Stage
+from .report import LeafSummary, Report, RoundRow
+from .errors import SimulationError
+from .supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+CENTRALIZED = "centralized"
+_POLL_S = 0.2
+
+#: job name -> event kind ("federated", "local", "centralized") -> round -> test accuracy
+Results = dict[str, dict[str, dict[int, float]]]
+
+
+class Simulation:
+    """Runs ``config`` in ``workdir`` (data, credentials, logs) and reports each step to ``emit``."""
+
+    def __init__(self, config: SimulationConfig, workdir: Path, emit: ProgressHook) -> None:
+        self.config, self.workdir, self.emit = config, workdir, emit
+        self.branch_id = ""
+
+    def run(self) -> Report:
+        config = self.config
+        train, test = load_digits_split(seed=config.seed)
+        parts = partition(train, config.leaves, config.partition, alpha=config.alpha,
+                          min_samples=config.min_samples, seed=config.seed)
+        self.emit(Stage(f"{config.framework}: {config.leaves} leaves x {config.rounds} rounds x "
+                        f"{config.epochs_per_round} epoch(s), {config.partition} partition, samples per leaf "
+                        f"{[len(p) for p in parts]}, common test set {len(test)}"))
+        test_path = test.save(self.workdir / "test.npz")
+        with EmbeddedServer(self.workdir / "server", config.amqp_url) as server, Supervisor() as supervisor:
+            self.branch_id, credentials = server.create_branch(config.leaves)
+            names = [c["name"] for c in credentials]
+            self.emit(Stage(f"branchkey-local at {server.url}; starting {len(names)} leaf processes and the "
+                            "centralized baseline"))
+            readers = self._start(supervisor, server, credentials, parts, train, test_path)
+            tracker = RoundTracker(config.rounds, {c["id"]: c["name"] for c in credentials})
+            try:
+                results = self._watch(server, supervisor, readers, tracker, names)
+            finally:
+                server.forget_broker_leaves(credentials)
+        return self._report(results, names, parts, tracker)
+
+    def _start(self, supervisor: Supervisor, server: EmbeddedServer, credentials: list[dict[str, str]],
+               parts: list[Split], train: Split, test_path: Path) -> dict[str, EventReader]:
+        transport = "amqp" if self.config.amqp_url else "websocket"
+        readers = {}
+        for index, (creds, part) in enumerate(zip(credentials, parts)):
+            creds_path = self.workdir / f"{creds['name']}.credentials.json"
+            creds_path.write_text(json.dumps(creds), encoding="utf-8")
+            creds_path.chmod(0o600)
+            target = FederationTarget(str(creds_path), server.url, transport, self.config.round_timeout_s)
+            readers[creds["name"]] = self._launch(supervisor, creds["name"], "leaf", part, test_path, index + 1,
+                                                  target)
+        readers[CENTRALIZED] = self._launch(supervisor, CENTRALIZED, CENTRALIZED, train, test_path, 0, None)
+        return readers
+
+    def _launch(self, supervisor: Supervisor, name: str, role: str, data: Split, test_path: Path, index: int,
+                federation: FederationTarget | None) -> EventReader:
+        plan = dataclasses.replace(self.config.plan(), data_seed=self.config.seed * 1000 + index)
+        job = LeafJob(role=role, name=name, framework=self.config.framework,
+                      data=str(data.save(self.workdir / f"{name}.npz")), test=str(test_path),
+                      events=str(self.workdir / f"{name}.events.jsonl"), plan=plan, federation=federation,
+                      parent_pid=os.getpid())
+        job_path = job.save(self.workdir / f"{name}.job.json")
+        supervisor.start(name, ["-m", "branchkey_integrations.simulation.leaf", str(job_path)],
+                         self.workdir / f"{name}.log")
+        return EventReader(job.events)
+
+    def _watch(self, server: EmbeddedServer, supervisor: Supervisor, readers: dict[str, EventReader],
+               tracker: RoundTracker, names: list[str]) -> Results:
+        """Poll events, processes and the server until every job is done; raise on the first failure."""
+        results: Results = defaultdict(lambda: defaultdict(dict))
+        finished: set[str] = set()
+        deadline = time.monotonic() + self.config.timeout_s
+        baselines_announced = False
+        while len(finished) < len(readers):
+            for name, reader in readers.items():
+                for event in reader.read():
+                    if event["kind"] == "done":
+                        finished.add(name)
+                    else:
+                        results[name][event["kind"]][event["round"]] = event["accuracy"]
+            supervisor.check(finished)
+            server.check_alive()
+            for number, accuracy in results[names[0]]["federated"].items():
+                tracker.accuracy[number] = accuracy
+            if len(tracker.completed) < self.config.rounds:
+                self._poll_rounds(server, tracker)
+            elif not baselines_announced:
+                baselines_announced = True
+                self.emit(Stage("federated rounds done; waiting for the local-only and centralized baselines"))
+            if time.monotonic() > deadline:
+                raise SimulationError(f"the simulation did not finish within timeout_s={self.config.timeout_s} s "
+                                      f"(finished: {sorted(finished) or 'none'}). Raise timeout_s, or use fewer "
+                                      "leaves, rounds or epochs.")
+            time.sleep(_POLL_S)
+        if len(tracker.completed) < self.config.rounds:
+            self._poll_rounds(server, tracker)  # the last accuracy came in with the leaves' final events
+        supervisor.join(finished)
+        return results
+
+    def _poll_rounds(self, server: EmbeddedServer, tracker: RoundTracker) -> None:
+        rounds = server.admin("GET", f"/admin/v1/branches/{self.branch_id}/rounds")["rounds"]
+        uploads = server.admin("GET", f"/admin/v1/branches/{self.branch_id}/uploads")["uploads"]
+        for progress in tracker.update(rounds, uploads, time.time()):
+            self.emit(progress)
+
+    def _report(self, results: Results, names: list[str], parts: list[Split], tracker: RoundTracker) -> Report:
+        config = self.config
+        _check_leaves_agree(results, names)
+        rows = []
+        for number in range(1, config.rounds + 1):
+            local = statistics.fmean(results[name]["local"][number] for name in names)
+            rows.append(RoundRow(number, results[names[0]]["federated"][number], local,
+                                 results[CENTRALIZED][CENTRALIZED][number], tracker.wait_s.get(number, 0.0)))
+        leaves = [LeafSummary(name, len(part), part.label_counts(), results[name]["local"][config.rounds])
+                  for name, part in zip(names, parts)]
+        return Report(config=dataclasses.asdict(config) | {"amqp_url": bool(config.amqp_url)}, rounds=rows,
+                      leaves=leaves)
+
+
+def _check_leaves_agree(results: Results, names: list[str]) -> None:
+    """Every leaf loaded the same aggregate, so every leaf must score it the same; say so if not."""
+    for name in names[1:]:
+        if results[name]["federated"] != results[names[0]]["federated"]:
+            logger.warning("%s scored the global model differently from %s: %s vs %s", name, names[0],
+                           results[name]["federated"], results[names[0]]["federated"])
+

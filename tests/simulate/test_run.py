@@ -1,0 +1,99 @@
+"""End to end: the embedded server and real leaf processes with the real callbacks; failures and signals
+stop every process the simulation started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from branchkey_integrations.simulate import LeafFailedError, run
+from branchkey_integrations.simulation.progress import RoundProgress
+
+from ..conftest import REPO, wait_until
+
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds child processes through /proc")
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live children of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def test_federated_beats_local_only_on_skewed_data_and_writes_the_report(tmp_path):
+    events = []
+    report = run(framework="lightning", leaves=3, rounds=3, epochs_per_round=2, partition="dirichlet", alpha=0.5,
+                 seed=0, output=tmp_path, progress=events.append)
+    assert [r.round for r in report.rounds] == [1, 2, 3]
+    final = report.final
+    # seed 0 gives about 91% / 65% / 97%; the full 5 x 10 run closes the gap to centralized (see the README)
+    assert final.global_accuracy > final.local_accuracy + 0.15  # each leaf alone never saw some classes
+    assert final.global_accuracy > final.centralized_accuracy - 0.1
+    done = [e for e in events if isinstance(e, RoundProgress) and e.complete]
+    assert [e.round for e in done] == [1, 2, 3] and all(len(e.uploaded) == 3 for e in done)
+    assert sum(leaf.samples for leaf in report.leaves) == 1437
+    assert json.loads((tmp_path / "report.json").read_text())["rounds"][2]["global_accuracy"] == final.global_accuracy
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    assert children_of(os.getpid()) == []
+
+
+def test_a_dead_leaf_fails_the_run_and_every_process_is_stopped():
+    def kill_leaf_2(event):
+        if isinstance(event, RoundProgress):
+            pid, = [p for p, cmd in children_of(os.getpid()) if "leaf_2.job.json" in cmd]
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(LeafFailedError, match="leaf_2 was killed by signal 9"):
+        run(leaves=2, rounds=20, epochs_per_round=1, progress=kill_leaf_2)
+    assert children_of(os.getpid()) == []
+
+
+def simulate_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "branchkey_integrations.server.cli", "simulate", *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli_keras_run_prints_progress_and_the_table(tmp_path):
+    process = simulate_cli("--framework", "keras", "--leaves", "2", "--rounds", "2", "--epochs-per-round", "1",
+                           "--output", str(tmp_path))
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, out
+    assert "round  2/2  uploaded 2/2 [leaf_1, leaf_2]" in out
+    assert "round  federated  local-only  centralized  wait s" in out
+    assert f"report  {tmp_path / 'report.json'}" in out and (tmp_path / "accuracy.png").exists()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_the_server_and_every_leaf(tmp_path, signum, code):
+    process = simulate_cli("--leaves", "2", "--rounds", "50", "--epochs-per-round", "1", "--output", str(tmp_path))
+    started = wait_until(lambda: len(children_of(process.pid)) == 4 and children_of(process.pid), 60,
+                         "the server, two leaves and the baseline")
+    process.send_signal(signum)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == code, out
+    assert "stopped" in out.splitlines()[-1]
+    alive = [pid for pid, _ in started if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == []
+
+
+@pytest.mark.amqp
+def test_amqp_notifications_carry_the_rounds(rabbitmq):
+    report = run(leaves=2, rounds=2, epochs_per_round=1, amqp_url=rabbitmq)
+    assert [r.round for r in report.rounds] == [1, 2] and report.config["amqp_url"] is True
+    assert children_of(os.getpid()) == []
