@@ -128,10 +128,13 @@ class NotificationTransport(abc.ABC):
         while not self._closing.is_set():
             try:
                 self._consume()
-                self.backoff.reset()
             except NotificationError as exc:
+                was_connected = self.connected.is_set()
+                self.connected.clear()
                 if self._closing.is_set():
                     break
+                if was_connected:  # a connection that worked earns a quick first retry
+                    self.backoff.reset()
                 delay = self.backoff.next()
                 logger.warning("%s notifications: %s; reconnecting in %.1f s", self.name, exc, delay)
                 self.reconnects += 1
