@@ -88,6 +88,8 @@ def plot_rounds(report: Report, path: str | Path | None = None, ax: Any = None) 
     Without ``ax`` it draws on a bare ``Figure`` (Agg canvas, no pyplot): no display needed, and the
     caller's pyplot backend and state are left alone. Pass ``ax`` to draw into a notebook's figure.
     """
+    from matplotlib.ticker import MaxNLocator
+
     if ax is None:
         from matplotlib.figure import Figure
 
@@ -102,6 +104,7 @@ def plot_rounds(report: Report, path: str | Path | None = None, ax: Any = None) 
            title=f"{config.get('framework', '')}: {config.get('leaves')} leaves, {config.get('partition')}"
                  + (f" (alpha={config.get('alpha')})" if config.get("partition") == "dirichlet" else ""))
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.legend(loc="best")
     if path is not None:
         ax.figure.tight_layout()
