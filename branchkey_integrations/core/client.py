@@ -14,12 +14,16 @@ errors become :class:`BranchKeyError` subclasses.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import queue as queue_module
 import re
+import secrets
 import tempfile
 import threading
 import time
@@ -27,7 +31,7 @@ import warnings
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -67,6 +71,7 @@ METRIC_MODES = ("test", "train", "non-federated")
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 _SAFE_FILE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CHUNK = 1024 * 1024
+Buffer = Union[bytes, memoryview]
 
 
 def _client_version() -> str:
@@ -85,6 +90,54 @@ def _error_class(status: int) -> type[ApiError]:
     if status >= 500:
         return ServerError
     return RequestRejectedError
+
+
+def _is_local_host(hostname: str) -> bool:
+    """Loopback or private-network hosts: links fast enough that compressing costs more than it saves."""
+    if hostname == "localhost" or hostname.endswith((".localhost", ".local")):
+        return True
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def _file_chunks(path: str | os.PathLike) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            yield chunk
+
+
+class MultipartBody:
+    """The upload's ``multipart/form-data`` body, produced while it is sent.
+
+    It yields the preamble (part ``data``, then the headers of part ``file``), the archive's
+    bytes straight from ``payload()`` (views of the arrays, or a file read in 1 MiB chunks),
+    and the epilogue. ``len()`` is known in advance, so ``requests`` sends a Content-Length
+    rather than chunked encoding; every ``iter()`` starts over, so a retried request sends
+    the whole body again.
+    """
+
+    def __init__(self, data: str, filename: str, payload: Callable[[], Iterable[Buffer]], size: int) -> None:
+        boundary = secrets.token_hex(16)
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        self._preamble = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="data"\r\n\r\n{data}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        self._epilogue = f"\r\n--{boundary}--\r\n".encode()
+        self._payload = payload
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._preamble) + self._size + len(self._epilogue)
+
+    def __iter__(self) -> Iterator[Buffer]:
+        yield self._preamble
+        yield from self._payload()
+        yield self._epilogue
 
 
 class Client:
@@ -400,17 +453,35 @@ class Client:
         with open(file_path, "rb") as f:
             self.validate_weight_shape(f)
             size, digest = self._size_and_digest(f)
-            return self._post_upload(f, Path(file_path).name, size, digest)
+        return self._post_upload(functools.partial(_file_chunks, file_path), Path(file_path).name, size, digest)
 
-    def upload_weights(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "deflate") -> str:
-        """Encode and upload in one step, without a file on disk; return the ``file_id``."""
+    def upload_weights(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
+                       compresslevel: int | None = None) -> str:
+        """Encode and upload in one step, streaming from the arrays themselves; return the ``file_id``.
+
+        ``compression="auto"`` stores members on loopback and private-network hosts, and
+        deflates them at level 1 elsewhere when isal is installed. Deflate saves ~7.5 % of the
+        bytes of float weights; with isal on 2 cores it pays off below ~50 MB/s (~400 Mbit/s)
+        of upload bandwidth, with plain zlib only below ~4 MB/s, so without isal "auto" stores.
+        ``"none"`` or ``"deflate"`` (with ``compresslevel``) force a choice. The arrays must not
+        change until this returns: the body is sent from them directly.
+        """
         self._ensure_run_started()
         wire.check_weighting(weighting)
         wire.check_finite(parameters)
-        payload = wire.encode(parameters, weighting, compression=compression)
-        assert payload is not None
-        digest = base64.b64encode(hashlib.sha256(payload).digest()).decode()
-        return self._post_upload(payload, "weights.npz", len(payload), digest)
+        archive = wire.prepare(parameters, weighting, compression=self._compression_for(compression),
+                               compresslevel=compresslevel)
+        digest = base64.b64encode(archive.sha256()).decode()
+        return self._post_upload(archive.chunks, "weights.npz", archive.size, digest)
+
+    def _compression_for(self, compression: str) -> str:
+        if compression not in ("auto", *wire.COMPRESSIONS):
+            raise ValueError(f"Expected compression in ('auto', 'deflate', 'none'). Received: compression={compression!r}")
+        if compression != "auto":
+            return compression
+        if wire.FAST_DEFLATE and not _is_local_host(urlsplit(self._api_host).hostname or ""):
+            return "deflate"
+        return "none"
 
     @staticmethod
     def _size_and_digest(f: BinaryIO) -> tuple[int, str]:
@@ -421,7 +492,7 @@ class Client:
         f.seek(0)
         return size, base64.b64encode(sha.digest()).decode()
 
-    def _post_upload(self, body: BinaryIO | bytes, filename: str, size: int, digest: str) -> str:
+    def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int, digest: str) -> str:
         metadata = {
             "client_version": f"branchkey-integrations/{_client_version()}",
             "timestamp": datetime.now(timezone.utc).isoformat(),
@@ -429,10 +500,12 @@ class Client:
             "file_digest": f"sha256={digest}",
             "kind": wire.KIND_FEDERATED_LEARNING,
         }
-        data = {"data": json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata)})}
-        headers = {"x-bk-file-size": str(size), "x-bk-file-digest": f"sha256={digest}"}
+        data = json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata)})
+        body = MultipartBody(data, filename, payload, size)
+        headers = {"x-bk-file-size": str(size), "x-bk-file-digest": f"sha256={digest}",
+                   "Content-Type": body.content_type}
         response = self._request("POST", "/api/v1/file/upload", expected=HTTPStatus.CREATED, headers=headers,
-                                 data=data, files={"file": (filename, body, "application/octet-stream")})
+                                 data=body)
         file_id = self._data(response, "upload").get("file_id")
         if not isinstance(file_id, str) or not file_id:
             raise ApiError(f"upload: no file_id in {response.text[:200]!r}", response.status_code)
@@ -455,23 +528,47 @@ class Client:
             raise ApiError(f"download: no download_url in {response.text[:200]!r}", response.status_code)
         return url
 
-    def _stream(self, url: str, sink: BinaryIO) -> int:
-        """GET the signed URL (no auth headers) into ``sink``; return the byte count."""
+    @contextlib.contextmanager
+    def _get_blob(self, url: str) -> Iterator[requests.Response]:
+        """GET the signed URL (no auth headers), streamed; HTTP and transport errors become BranchKeyErrors."""
         try:
             with self._session.get(url, stream=True, verify=self._verify, proxies=self.proxies,
                                    timeout=self._timeout) as response:
                 if response.status_code != HTTPStatus.OK:
                     raise _error_class(response.status_code)(f"GET download_url: {self._error_text(response)}",
                                                              response.status_code)
-                size = 0
-                for chunk in response.iter_content(_CHUNK):
-                    sink.write(chunk)
-                    size += len(chunk)
+                yield response
         except requests.exceptions.RequestException as exc:
             raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}") from exc
+
+    def _stream(self, url: str, sink: BinaryIO) -> int:
+        """GET the signed URL into ``sink`` in 1 MiB chunks; return the byte count."""
+        size = 0
+        with self._get_blob(url) as response:
+            for chunk in response.iter_content(_CHUNK):
+                sink.write(chunk)
+                size += len(chunk)
         if size == 0:
             raise ApiError("download: file not received (empty body)", 200)
         return size
+
+    def _fetch(self, url: str) -> bytearray:
+        """GET the signed URL into one buffer, preallocated from Content-Length, in 1 MiB chunks."""
+        with self._get_blob(url) as response:
+            declared = response.headers.get("Content-Length", "")
+            exact = declared.isdigit() and "Content-Encoding" not in response.headers
+            buffer = bytearray(int(declared) if exact else 0)
+            size = 0
+            for chunk in response.iter_content(_CHUNK):
+                if exact and size + len(chunk) > len(buffer):
+                    raise ApiError(f"download: more bytes than the declared {declared}", response.status_code)
+                buffer[size:size + len(chunk)] = chunk
+                size += len(chunk)
+        if size == 0:
+            raise ApiError("download: file not received (empty body)", 200)
+        if size != len(buffer):
+            raise TransportError(f"download: received {size} of {declared} bytes; the connection was cut")
+        return buffer
 
     def file_download(self, file_id: str) -> str:
         """Download an aggregate to ``{output_dir}/{file_id}.npz``; return that path.
@@ -495,14 +592,12 @@ class Client:
         return str(target)
 
     def download_aggregate(self, file_id: str) -> wire.Archive:
-        """Download and decode an aggregate in memory (no file left behind)."""
-        import io
+        """Download and decode an aggregate in memory (no file left behind).
 
+        The layers of a stored aggregate are views of the one download buffer: no copies.
+        """
         self._checked_file_id(file_id)
-        sink = io.BytesIO()
-        self._stream(self._download_url(file_id), sink)
-        sink.seek(0)
-        return wire.decode(sink)
+        return wire.decode(self._fetch(self._download_url(file_id)))
 
     # ---------------------------------------------------------------- metrics
     def send_performance_metrics(self, aggregation_id: str, data: str | dict[str, Any], mode: str) -> bool:
@@ -607,4 +702,4 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "DEFAULT_HOST", "TRANSPORTS", "METRIC_MODES"]
+__all__ = ["Client", "MultipartBody", "DEFAULT_HOST", "TRANSPORTS", "METRIC_MODES"]

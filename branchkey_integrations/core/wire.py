@@ -11,14 +11,17 @@ terabyte, an object dtype that would need pickle) is refused with
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
 import re
+import struct
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence, Union
+from typing import BinaryIO, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -35,6 +38,26 @@ DEFAULT_MAX_TOTAL_BYTES = 16 * 1024**3
 
 #: How the layers travel: ``"deflate"`` (what the official client writes) or ``"none"`` (stored).
 COMPRESSIONS = {"deflate": zipfile.ZIP_DEFLATED, "none": zipfile.ZIP_STORED}
+
+#: Deflate level when none is given: level 1 compresses float weights as well as level 6 (both save
+#: ~7.5 %) at ~560 MB/s per core with isal (zlib: ~30 MB/s at any level on such data).
+DEFAULT_DEFLATE_LEVEL = 1
+
+try:  # the optional extra [fast]: the same deflate format and CRC, many times faster
+    from isal import isal_zlib as _deflate_engine
+except ImportError:  # pragma: no cover - depends on the environment
+    _deflate_engine = zlib  # type: ignore[assignment]
+#: True when isal is installed: deflate then costs little enough to pay off on WAN links.
+FAST_DEFLATE = _deflate_engine is not zlib
+_crc32 = _deflate_engine.crc32
+
+ZIP_STORED, ZIP_DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+_CHUNK = 4 << 20
+_ALIGN = 64  # numpy pads .npy headers to 64 bytes; aligning each member's start aligns its data
+_ALIGN_EXTRA_ID = 0xD935  # the extra-field id Android's zipalign uses for padding
+_ZIP64_LIMIT = (1 << 31) - 1  # as Python's zipfile: beyond it, sizes and offsets go in zip64 records
+_MAX_HEADER = 1 << 20  # numpy itself refuses .npy headers over 10 000 bytes
+_DOS_DATE = 0x0021  # 1980-01-01 00:00: archives of the same arrays are byte-identical
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -92,27 +115,236 @@ def encode(
     """Write ``layers`` (and ``weighting`` if given) as a BranchKey NPZ.
 
     Returns the bytes when ``destination`` is None, else writes to the path or binary file.
-    The output always loads with ``np.load(..., allow_pickle=False)``.
+    The output always loads with ``np.load(..., allow_pickle=False)``. See :func:`prepare`
+    for the compression options; to send an archive without a copy use :func:`prepare`.
+    """
+    archive = prepare(layers, weighting, compression=compression, compresslevel=compresslevel)
+    if destination is None:
+        return archive.getvalue()
+    if isinstance(destination, (str, os.PathLike)):
+        with open(destination, "wb") as handle:
+            archive.write_to(handle)
+    else:
+        archive.write_to(destination)
+    return None
+
+
+def prepare(
+    layers: Sequence[np.ndarray],
+    weighting: float | None = None,
+    *,
+    compression: str = "deflate",
+    compresslevel: int | None = None,
+) -> "EncodedArchive":
+    """Lay out a BranchKey NPZ without writing it: headers plus the bytes of each member.
+
+    ``compression="none"`` stores members: the archive is headers plus views of the arrays
+    themselves (no copy; the arrays must not change until it is sent). ``"deflate"``
+    compresses members in parallel threads, in 4 MiB pieces (pigz-style sync-flushed
+    blocks, one valid deflate stream per member), with isal when installed (levels 1-3; zlib
+    does 0 and 4-9); ``compresslevel`` defaults to 1, which on float weights saves as much as
+    zlib's default level (~7.5 %) at ~20x its speed.
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"Expected compression in {sorted(COMPRESSIONS)}. Received: compression={compression!r}")
+    level = DEFAULT_DEFLATE_LEVEL if compresslevel is None else compresslevel
+    if not (isinstance(level, int) and 0 <= level <= 9):
+        raise ValueError(f"Expected compresslevel between 0 and 9. Received: compresslevel={compresslevel!r}")
+    members: list[tuple[str, np.ndarray]] = []
     if weighting is not None:
-        check_weighting(weighting)
-    buffer = io.BytesIO() if destination is None else None
-    target = buffer if buffer is not None else destination
-    with zipfile.ZipFile(target, "w", COMPRESSIONS[compression], allowZip64=True, compresslevel=compresslevel) as zf:
-        if weighting is not None:
-            _write_member(zf, WEIGHTING_KEY, np.array([weighting], dtype=np.float64))
-        for index, array in enumerate(layers):
-            _write_member(zf, layer_key(index), np.asarray(array))
-    return buffer.getvalue() if buffer is not None else None
+        members.append((WEIGHTING_KEY, np.array([check_weighting(weighting)], dtype=np.float64)))
+    members += [(layer_key(index), np.asarray(array)) for index, array in enumerate(layers)]
+    raws = [_npy_member(key, array) for key, array in members]
+    layout = _ZipLayout()
+    pieces: list[memoryview] = []
+    if compression == "none":
+        for (key, _), (header, data) in zip(members, raws):
+            crc = _crc32(data, _crc32(header))
+            size = len(header) + data.nbytes
+            pieces += [memoryview(layout.member(key, ZIP_STORED, crc, size, size)), memoryview(header), data]
+    else:
+        for (key, _), (header, data), chunks in zip(members, raws, _deflate_all(raws, level)):
+            crc = _crc32(data, _crc32(header))
+            csize = sum(len(c) for c in chunks)
+            pieces.append(memoryview(layout.member(key, ZIP_DEFLATED, crc, len(header) + data.nbytes, csize)))
+            pieces += [memoryview(c) for c in chunks]
+    pieces.append(memoryview(layout.end()))
+    return EncodedArchive(pieces)
 
 
-def _write_member(zf: zipfile.ZipFile, key: str, array: np.ndarray) -> None:
+class EncodedArchive:
+    """An NPZ as an ordered list of buffers; re-readable, so a retried upload can send it again."""
+
+    def __init__(self, pieces: list[memoryview]) -> None:
+        self._pieces = pieces
+        self.size = sum(piece.nbytes for piece in pieces)
+        self._sha256: bytes | None = None
+
+    def chunks(self, limit: int = _CHUNK) -> Iterator[memoryview]:
+        """The archive's bytes in order, as views of at most ``limit`` bytes (no copies)."""
+        for piece in self._pieces:
+            for start in range(0, piece.nbytes, limit):
+                yield piece[start:start + limit]
+
+    def sha256(self) -> bytes:
+        """SHA-256 of the archive (one pass, ~1.6 GB/s; cached)."""
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            for chunk in self.chunks():
+                digest.update(chunk)
+            self._sha256 = digest.digest()
+        return self._sha256
+
+    def write_to(self, handle: BinaryIO) -> None:
+        for chunk in self.chunks():
+            handle.write(chunk)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+class ArchiveWriter:
+    """Writes stored members to a file one at a time, so a writer needs only one layer in memory.
+
+    Example:
+        >>> with ArchiveWriter(io.BytesIO()) as writer:
+        ...     writer.add(layer_key(0), np.ones(3, np.float32))
+    """
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._layout = _ZipLayout()
+        self._keys: set[str] = set()
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        if key in self._keys:
+            raise ArchiveError(f"Member {key!r} written twice.")
+        self._keys.add(key)
+        header, data = _npy_member(key, np.asarray(array))
+        size = len(header) + data.nbytes
+        self._handle.write(self._layout.member(key, ZIP_STORED, _crc32(data, _crc32(header)), size, size))
+        self._handle.write(header)
+        self._handle.write(data)
+
+    def close(self) -> None:
+        self._handle.write(self._layout.end())
+
+    def __enter__(self) -> "ArchiveWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def _npy_member(key: str, array: np.ndarray) -> tuple[bytes, memoryview]:
+    """The ``.npy`` header (as ``np.save`` writes it) and a byte view of the data, copied only if strided."""
     if array.dtype.hasobject:
         raise ArchiveError(f"{key} has dtype {array.dtype}, which would need pickle; convert it to a numeric dtype.")
-    with zf.open(key + ".npy", "w", force_zip64=True) as member:
-        np.lib.format.write_array(member, array, allow_pickle=False)
+    if array.dtype.fields is not None or array.dtype.kind not in "biufc":
+        raise ArchiveError(f"{key} has dtype {array.dtype}; expected a numeric dtype (bool, int, uint, float, complex).")
+    info = np.lib.format.header_data_from_array_1_0(array)
+    header = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(header, info)
+    except ValueError:  # a header over 64 KiB (a shape with very many dimensions)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, info)
+    if info["fortran_order"]:
+        flat = array.T.reshape(-1)
+    else:
+        flat = np.ascontiguousarray(array).reshape(-1)
+    return header.getvalue(), memoryview(flat.view(np.uint8))
+
+
+def _deflate_all(raws: list[tuple[bytes, memoryview]], level: int) -> list[list[bytes]]:
+    """Compress every member, its pieces spread over one thread per core (zlib and isal release the GIL)."""
+    jobs: list[tuple[int, bytes, memoryview, bool]] = []
+    for index, (header, data) in enumerate(raws):
+        starts = range(0, max(data.nbytes, 1), _CHUNK)
+        for number, start in enumerate(starts):
+            jobs.append((index, header if number == 0 else b"", data[start:start + _CHUNK], number == len(starts) - 1))
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1 or len(jobs) == len(raws) and sum(data.nbytes for _, data in raws) < _CHUNK:
+        results = [_deflate_piece(header, data, last, level) for _, header, data, last in jobs]  # not worth a pool
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda job: _deflate_piece(job[1], job[2], job[3], level), jobs))
+    out: list[list[bytes]] = [[] for _ in raws]
+    for (index, *_), compressed in zip(jobs, results):
+        out[index].append(compressed)
+    return out
+
+
+def _deflate_piece(header: bytes, data: memoryview, last: bool, level: int) -> bytes:
+    """Raw deflate of one piece; a sync flush ends it on a byte boundary so pieces concatenate."""
+    library = _deflate_engine if 1 <= level <= 3 else zlib  # isal's levels are 0-3, and its 0 is not "store"
+    engine = library.compressobj(level, zlib.DEFLATED, -15)
+    out = engine.compress(header) + engine.compress(data)
+    return out + engine.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+class _ZipLayout:
+    """Zip headers for members laid out one after the other; zip64 records only where needed.
+
+    Stored members are padded (an extra field, as Android's zipalign does) so that each
+    member's ``.npy`` data starts 64-byte aligned in the archive: a reader can then view
+    the arrays in the downloaded buffer instead of copying them.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self._central: list[bytes] = []
+
+    def member(self, key: str, method: int, crc: int, size: int, csize: int) -> bytes:
+        """The local header of the next member (whose data is ``csize`` bytes); records its central entry."""
+        name = (key + ".npy").encode("ascii")
+        big = max(size, csize) > _ZIP64_LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, size, csize) if big else b""
+        if method == ZIP_STORED:
+            extra += _padding(self.offset + 30 + len(name) + len(extra))
+        version = 45 if big else 20
+        local = struct.pack(
+            "<4s2B4HL2L2H", b"PK\x03\x04", version, 0, 0, method, 0, _DOS_DATE, crc,
+            0xFFFFFFFF if big else csize, 0xFFFFFFFF if big else size, len(name), len(extra),
+        ) + name + extra
+        self._central.append(self._central_entry(name, method, crc, size, csize))
+        self.offset += len(local) + csize
+        return local
+
+    def _central_entry(self, name: bytes, method: int, crc: int, size: int, csize: int) -> bytes:
+        fields = [size, csize, self.offset]
+        wide = [value for value in fields if value > _ZIP64_LIMIT]
+        size_, csize_, offset_ = (0xFFFFFFFF if value > _ZIP64_LIMIT else value for value in fields)
+        extra = struct.pack(f"<HH{len(wide)}Q", 1, 8 * len(wide), *wide) if wide else b""
+        version = 45 if wide else 20
+        return struct.pack(
+            "<4s4B4HL2L5HLL", b"PK\x01\x02", version, 3, version, 0, 0, method, 0, _DOS_DATE, crc,
+            csize_, size_, len(name), len(extra), 0, 0, 0, 0o644 << 16, offset_,
+        ) + name + extra
+
+    def end(self) -> bytes:
+        """Central directory and end records (zip64 end records when counts or offsets need them)."""
+        directory = b"".join(self._central)
+        count, start, length = len(self._central), self.offset, len(directory)
+        tail = b""
+        if count > 0xFFFF or start > _ZIP64_LIMIT or length > _ZIP64_LIMIT:
+            end64 = start + length
+            tail = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, length, start)
+            tail += struct.pack("<4sLQL", b"PK\x06\x07", 0, end64, 1)
+            count, start, length = min(count, 0xFFFF), min(start, 0xFFFFFFFF), min(length, 0xFFFFFFFF)
+        self.offset += len(directory) + len(tail) + 22
+        return directory + tail + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, length, start, 0)
+
+
+def _padding(data_start: int) -> bytes:
+    """An extra field that moves ``data_start`` to the next multiple of 64 (4 bytes at least, or none)."""
+    pad = -data_start % _ALIGN
+    if pad == 0:
+        return b""
+    if pad < 4:
+        pad += _ALIGN
+    return struct.pack("<HH", _ALIGN_EXTRA_ID, pad - 4) + bytes(pad - 4)
 
 
 def decode(
@@ -127,12 +359,17 @@ def decode(
     uncompressed; only ``weighting``, ``layer_<i>`` and the payload-kind key; layers
     numbered 0..n-1 without gaps; numeric dtypes; each ``.npy`` header consistent with
     its zip entry. Values are not checked here (see :func:`check_finite`).
+
+    From a ``bytearray`` (what the client downloads into), 64-byte-aligned stored members
+    become writable views of it after a CRC check: no copy. Other members are read into
+    fresh arrays.
     """
-    opened = _open_source(source)
+    buffer = memoryview(source).cast("B") if isinstance(source, (bytes, bytearray, memoryview)) else None
+    opened = _BufferFile(buffer) if buffer is not None else _open_source(source)
     try:
         with zipfile.ZipFile(opened) as zf:
             infos = _checked_members(zf, max_members, max_total_bytes)
-            arrays = {key: _read_member(zf, info, key) for key, info in infos.items()}
+            arrays = {key: _load_member(zf, info, key, buffer) for key, info in infos.items()}
     except _CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"Not a valid NPZ (zip) archive: {exc!r}.") from exc
     finally:
@@ -141,12 +378,42 @@ def decode(
     return _assemble(arrays)
 
 
+class _BufferFile(io.RawIOBase):
+    """A seekable read-only file over a buffer, so zipfile can parse it without copying it."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        super().__init__()
+        self._buffer = buffer
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target: "memoryview | bytearray") -> int:  # type: ignore[override]
+        view = self._buffer[self._position:self._position + len(target)]
+        target[:view.nbytes] = view
+        self._position += view.nbytes
+        return view.nbytes
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._buffer.nbytes}[whence]
+        self._position = max(base + offset, 0)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def getbuffer(self) -> memoryview:
+        return self._buffer
+
+
 def _open_source(source: Source) -> BinaryIO:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return io.BytesIO(source)
     if isinstance(source, (str, os.PathLike)):
         return open(source, "rb")
-    return source
+    return source  # type: ignore[return-value]
 
 
 def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int) -> dict[str, zipfile.ZipInfo]:
@@ -183,33 +450,60 @@ def read_layer(zf: zipfile.ZipFile, index: int) -> np.ndarray:
     except KeyError:
         raise ArchiveError(f"Archive has no member {key}.") from None
     try:
-        return _read_member(zf, info, key)
+        return _load_member(zf, info, key, None)
     except _CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
 
 
+def _load_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, buffer: memoryview | None) -> np.ndarray:
+    if info.compress_type == ZIP_STORED:
+        if buffer is not None:
+            return _view_member(buffer, info, key)
+        fd = _file_descriptor(zf.fp)
+        if fd is not None:
+            return _pread_member(fd, info, key)
+    return _read_member(zf, info, key)
+
+
+def _file_descriptor(handle: object) -> int | None:
+    """The OS file behind ``handle`` when positional reads (``os.preadv``) can fill arrays from it."""
+    if not hasattr(os, "preadv"):
+        return None
+    try:
+        return handle.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def _pread_member(fd: int, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """A stored member read from the file straight into its array (zipfile would copy it twice)."""
+    local = os.pread(fd, 30, info.header_offset)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + name_length + extra_length
+    head = _BufferFile(memoryview(os.pread(fd, min(info.file_size, _MAX_HEADER), start)))
+    shape, fortran_order, dtype = _read_header(head, info, key)
+    header_length = head.tell()
+    array = np.empty(math.prod(shape), dtype=dtype)
+    view = memoryview(array.view(np.uint8).reshape(-1)) if array.nbytes else memoryview(b"")
+    read = 0
+    while read < view.nbytes:
+        got = os.preadv(fd, [view[read:]], start + header_length + read)
+        if not got:
+            raise ArchiveError(f"{key} ended after {read} of {view.nbytes} bytes; the archive is truncated.")
+        read += got
+    if _crc32(view, _crc32(head.getbuffer()[:header_length])) != info.CRC:
+        raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
+    return _shaped(array, shape, fortran_order)
+
+
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """Read a member into a fresh array of the size its (checked) header declares."""
     with zf.open(info) as member:
-        try:
-            version = np.lib.format.read_magic(member)
-            if version not in _HEADER_READERS:
-                raise ValueError(f".npy format version {version} is not supported")
-            header = _HEADER_READERS[version](member)
-        except ValueError as exc:
-            raise ArchiveError(f"{key} is not a valid .npy member: {exc}") from exc
-        shape, fortran_order, dtype = header
-        if dtype.hasobject or dtype.fields is not None:
-            raise ArchiveError(f"{key} has dtype {dtype}; only plain numeric dtypes are allowed (no pickle).")
-        if dtype.kind not in "biufcU" or (dtype.kind == "U" and key != KIND_KEY):
-            raise ArchiveError(f"{key} has dtype {dtype}; expected a numeric dtype (bool, int, uint, float, complex).")
+        shape, fortran_order, dtype = _read_header(member, info, key)
         count = math.prod(shape)
         nbytes = count * dtype.itemsize
-        header_len = member.tell()
-        if header_len + nbytes != info.file_size:
-            raise ArchiveError(
-                f"{key}: its header declares {nbytes} bytes of data but the member holds "
-                f"{info.file_size - header_len}; the archive is truncated or corrupt."
-            )
         array = np.empty(count, dtype=dtype)
         view = memoryview(array.view(np.uint8).reshape(-1)) if nbytes else memoryview(b"")
         read = 0
@@ -218,9 +512,56 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.nda
             if not got:
                 raise ArchiveError(f"{key} ended after {read} of {nbytes} bytes; the archive is truncated.")
             read += got
+    return _shaped(array, shape, fortran_order)
+
+
+def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """A stored member as a view of the buffer (a copy only when its data is not aligned)."""
+    local = buffer[info.header_offset:info.header_offset + 30]
+    if local.nbytes < 30 or bytes(local[:4]) != b"PK\x03\x04":
+        raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + name_length + extra_length
+    member = buffer[start:start + info.file_size]
+    if member.nbytes != info.file_size:
+        raise ArchiveError(f"{key} ends after {member.nbytes} of {info.file_size} bytes; the archive is truncated.")
+    if _crc32(member) != info.CRC:
+        raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
+    reader = _BufferFile(member)
+    shape, fortran_order, dtype = _read_header(reader, info, key)
+    array = np.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=start + reader.tell())
+    if not array.flags.aligned:
+        array = array.copy()
+    return _shaped(array, shape, fortran_order)
+
+
+def _read_header(member: BinaryIO, info: zipfile.ZipInfo, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Parse and check a ``.npy`` header: numeric dtype, and data that fills the member exactly."""
+    try:
+        version = np.lib.format.read_magic(member)
+        if version not in _HEADER_READERS:
+            raise ValueError(f".npy format version {version} is not supported")
+        shape, fortran_order, dtype = _HEADER_READERS[version](member)
+    except ValueError as exc:
+        raise ArchiveError(f"{key} is not a valid .npy member: {exc}") from exc
+    if dtype.hasobject or dtype.fields is not None:
+        raise ArchiveError(f"{key} has dtype {dtype}; only plain numeric dtypes are allowed (no pickle).")
+    if dtype.kind not in "biufcU" or (dtype.kind == "U" and key != KIND_KEY):
+        raise ArchiveError(f"{key} has dtype {dtype}; expected a numeric dtype (bool, int, uint, float, complex).")
+    nbytes = math.prod(shape) * dtype.itemsize
+    header_length = member.tell()
+    if header_length + nbytes != info.file_size:
+        raise ArchiveError(
+            f"{key}: its header declares {nbytes} bytes of data but the member holds "
+            f"{info.file_size - header_length}; the archive is truncated or corrupt."
+        )
+    return shape, fortran_order, dtype
+
+
+def _shaped(flat: np.ndarray, shape: tuple[int, ...], fortran_order: bool) -> np.ndarray:
     if fortran_order:
-        return array.reshape(shape[::-1]).transpose()
-    return array.reshape(shape)
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
 
 
 def _assemble(arrays: dict[str, np.ndarray]) -> Archive:
@@ -264,10 +605,19 @@ def check_weighting(weighting: float) -> float:
 def check_finite(layers: Iterable[np.ndarray], names: Sequence[str] | None = None) -> None:
     """Raise naming the first layer that holds NaN or infinity."""
     for index, array in enumerate(layers):
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        if array.dtype.kind in "fc" and not _all_finite(array):
             name = names[index] if names is not None else layer_key(index)
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             raise ArchiveError(f"{name} holds {bad} non-finite value(s) (NaN or infinity).")
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """A NaN or infinity makes the sum non-finite, so a finite sum (one fast pass, no temporary)
+    proves the layer finite; only a non-finite sum (or an overflow) needs the exact check."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(array.sum()):
+            return True
+    return bool(np.isfinite(array).all())
 
 
 def spec_mismatch(
@@ -306,6 +656,9 @@ __all__ = [
     "WEIGHTING_KEY",
     "KIND_KEY",
     "encode",
+    "prepare",
+    "EncodedArchive",
+    "ArchiveWriter",
     "decode",
     "check_weighting",
     "check_finite",

@@ -104,18 +104,21 @@ class FedAvg(Strategy):
         shares = [reader.weighting / total for reader in readers]
         for index, spec in enumerate(specs):
             accumulator_dtype = np.complex128 if spec.dtype.kind == "c" else np.float64
-            accumulator = np.zeros(spec.shape, dtype=accumulator_dtype)
+            accumulator = np.empty(spec.shape, dtype=accumulator_dtype)
             scratch = np.empty(spec.shape, dtype=accumulator_dtype)
-            for reader, share in zip(readers, shares):
+            for number, (reader, share) in enumerate(zip(readers, shares)):
                 layer = reader.read_layer(index)
                 if LayerSpec.of(layer) != spec:
                     raise AggregationError(
                         f"{wire.layer_key(index)}: expected {spec}, an upload holds {LayerSpec.of(layer)}."
                     )
-                np.multiply(layer, share, out=scratch, dtype=accumulator_dtype)
-                accumulator += scratch
+                np.multiply(layer, share, out=accumulator if number == 0 else scratch, dtype=accumulator_dtype)
+                if number:
+                    accumulator += scratch
                 del layer
+            del scratch
             yield cast_like(accumulator, spec.dtype)
+            del accumulator
 
 
 def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -143,18 +146,23 @@ def aggregate_files(
 ) -> None:
     """Aggregate upload archives ``(path, weighting)`` into an uncompressed archive at ``destination``.
 
-    The result holds ``layer_0..n-1`` only (no weighting) and is checked finite before it is written.
+    The result holds ``layer_0..n-1`` only (no weighting). Each layer is checked finite and
+    written as soon as it is done, so memory holds one layer of the result, not all of them;
+    on an error ``destination`` is left incomplete, for the caller to delete.
     """
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(NpzLayerReader(path, weighting)) for path, weighting in uploads]
-        layers = list(strategy.aggregate(readers, specs))
-    try:
-        wire.check_finite(layers)
-    except ArchiveError as exc:
-        raise AggregationError(f"The aggregate is not finite: {exc}") from exc
-    with open(destination, "wb") as handle:
-        wire.encode(layers, None, handle, compression="none")
+        handle = stack.enter_context(open(destination, "wb"))
+        writer = wire.ArchiveWriter(handle)
+        for index, layer in enumerate(strategy.aggregate(readers, specs)):
+            try:
+                wire.check_finite([layer], [wire.layer_key(index)])
+            except ArchiveError as exc:
+                raise AggregationError(f"The aggregate is not finite: {exc}") from exc
+            writer.add(wire.layer_key(index), layer)
+            del layer
+        writer.close()
         handle.flush()
         os.fsync(handle.fileno())
 

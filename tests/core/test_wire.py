@@ -142,3 +142,124 @@ def test_read_layer_reads_one_member_with_the_same_checks():
         np.testing.assert_array_equal(wire.read_layer(zf, 1), np.ones((2, 2), np.float32))
         with pytest.raises(ArchiveError, match="no member layer_2"):
             wire.read_layer(zf, 2)
+
+
+# -- the fast encoder: numpy compatibility, bit-exactness, zero-copy decode, zip64 by structure --------------
+
+ODD_ARRAYS = [
+    pytest.param(np.float32(3.5).reshape(()), id="0-d"),
+    pytest.param(np.zeros((0, 3), np.float64), id="empty"),
+    pytest.param(np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), id="fortran"),
+    pytest.param(np.arange(20, dtype=np.int32).reshape(4, 5)[:, ::2], id="strided"),
+    pytest.param(np.array([True, False, True]), id="bool"),
+    pytest.param(np.arange(5, dtype=np.uint8), id="uint8"),
+    pytest.param(np.array([1 + 2j, np.nan], np.complex128), id="complex"),
+    pytest.param(np.array([1.5, -2.0], np.float16), id="float16"),
+    pytest.param(np.arange(6, dtype=">f8").reshape(2, 3), id="big-endian"),
+]
+
+
+@pytest.mark.parametrize("array", ODD_ARRAYS)
+@pytest.mark.parametrize("compression, level", [("none", None), ("deflate", None), ("deflate", 9)])
+def test_every_layout_round_trips_bit_exactly_and_loads_with_numpy(array, compression, level):
+    data = wire.encode([array, layers(1)[0]], 2.0, compression=compression, compresslevel=level)
+    for source in (data, bytearray(data), io.BytesIO(data)):
+        decoded = wire.decode(source)
+        got = decoded.layers[0]
+        assert got.dtype == array.dtype and got.shape == array.shape and got.tobytes() == array.tobytes()
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        assert npz["layer_0"].dtype == array.dtype and npz["layer_0"].tobytes() == array.tobytes()
+
+
+def test_archives_match_what_numpy_would_write_member_for_member():
+    original = layers(3)
+    buffer = io.BytesIO()
+    np.savez(buffer, weighting=np.array([4.0]), **{f"layer_{i}": a for i, a in enumerate(original)})
+    with zipfile.ZipFile(buffer) as theirs, zipfile.ZipFile(io.BytesIO(wire.encode(original, 4.0))) as ours:
+        assert theirs.namelist() == ours.namelist()
+        for name in theirs.namelist():
+            assert theirs.read(name) == ours.read(name)  # the same .npy bytes, header included
+
+
+def test_stored_layers_decode_as_aligned_writable_views_of_the_download_buffer():
+    original = layers(5)
+    buffer = bytearray(wire.encode(original, 1.0, compression="none"))
+    decoded = wire.decode(buffer)
+    base = np.frombuffer(buffer, np.uint8).ctypes.data
+    for array in decoded.layers:
+        assert not array.flags.owndata and array.flags.aligned and array.flags.writeable
+        assert (array.ctypes.data - base) % 64 == 0
+    decoded.layers[0][0, 0] = 42.0  # a view: writes go to the buffer, nothing else is shared
+    assert original[0][0, 0] != 42.0
+
+
+def test_a_flipped_byte_in_a_stored_member_fails_the_crc_on_every_path(tmp_path):
+    data = bytearray(wire.encode(layers(2), 1.0, compression="none"))
+    data[len(data) // 3] ^= 0xFF
+    path = tmp_path / "bad.npz"
+    path.write_bytes(data)
+    for source in (data, bytes(data), path):
+        with pytest.raises(ArchiveError):
+            wire.decode(source)
+
+
+def test_zip64_records_are_written_where_sizes_and_offsets_need_them(monkeypatch):
+    monkeypatch.setattr(wire, "_ZIP64_LIMIT", 100)  # every member and the directory now "exceed 2 GiB"
+    original = layers(3) + [np.zeros(0, np.float32)]
+    for compression in ("none", "deflate"):
+        data = wire.encode(original, 5.0, compression=compression)
+        assert b"PK\x06\x06" in data and b"PK\x06\x07" in data  # zip64 end record and locator
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            assert zf.testzip() is None
+            assert [info.extract_version for info in zf.infolist()][-2] == 45
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            np.testing.assert_array_equal(npz["layer_2"], original[2])
+        assert [a.tobytes() for a in wire.decode(bytearray(data)).layers] == [a.tobytes() for a in original]
+
+
+def test_large_members_are_deflated_in_pieces_that_form_one_valid_stream(monkeypatch):
+    monkeypatch.setattr(wire, "_CHUNK", 1000)  # many sync-flushed pieces per member
+    original = [np.random.default_rng(1).standard_normal(5000).astype(np.float32)]
+    data = wire.encode(original, 1.0, compression="deflate")
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.getinfo("layer_0.npy").compress_type == zipfile.ZIP_DEFLATED and zf.testzip() is None
+    np.testing.assert_array_equal(wire.decode(data).layers[0], original[0])
+
+
+def test_prepared_archive_is_re_readable_and_its_digest_is_of_its_bytes():
+    archive = wire.prepare(layers(4), 3.0, compression="none")
+    first, second = b"".join(archive.chunks(limit=7)), archive.getvalue()
+    assert first == second and len(first) == archive.size
+    import hashlib
+
+    assert archive.sha256() == hashlib.sha256(first).digest()
+
+
+def test_archive_writer_streams_members_that_decode_like_encode():
+    original = layers(3)
+    handle = io.BytesIO()
+    with wire.ArchiveWriter(handle) as writer:
+        for index, array in enumerate(original):
+            writer.add(wire.layer_key(index), array)
+    assert handle.getvalue() == wire.encode(original, compression="none")
+
+
+@pytest.mark.parametrize("bad", [{"compression": "zstd"}, {"compression": "deflate", "compresslevel": 12}])
+def test_bad_compression_options_are_refused_naming_the_value(bad):
+    with pytest.raises(ValueError, match="Received"):
+        wire.encode(layers(1), 1.0, **bad)
+
+
+def test_non_numeric_dtypes_are_refused_when_encoding():
+    with pytest.raises(ArchiveError, match="numeric"):
+        wire.encode([np.array(["a"])], 1.0)
+
+
+def test_finite_check_finds_nan_and_inf_but_accepts_sums_that_overflow():
+    big = np.full(10, 60000, np.float16)  # the float16 sum overflows; every value is finite
+    wire.check_finite([big])
+    for bad in (np.nan, np.inf):
+        array = np.ones(5, np.float32)
+        array[3] = bad
+        with pytest.raises(ArchiveError, match="1 non-finite"):
+            wire.check_finite([array])

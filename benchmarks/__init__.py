@@ -1,0 +1,1 @@
+"""On-demand performance benchmarks (``python -m benchmarks.run``); not collected by pytest."""
