@@ -481,13 +481,26 @@ class Store:
         self, temp_path: Path, *, leaf: Leaf, run_number: int, round_index: int, weighting: float,
         specs: Sequence[LayerSpec], size: int, sha256: str, metadata: str | None,
     ) -> str:
-        """Make an upload durable and count it in its round (replacing the leaf's earlier one)."""
+        """Make an upload durable and count it in its round (replacing the leaf's earlier one).
+
+        A replaced upload no longer counts, so its row and file go (its file after the commit: a crash
+        in between leaves a file without a row, which start-up cleanup removes).
+        """
         file_id = new_id()
         relative = self._install(temp_path, file_id)
         stamp = now_iso()
+        replaced: list[str] = []
         try:
             with self._tx() as conn:
                 _check_round_accepts(conn, leaf.branch_id, run_number, round_index)
+                replaced = [row[0] for row in conn.execute(
+                    "SELECT f.path FROM uploads u JOIN files f ON f.id = u.file_id WHERE u.branch_id = ?"
+                    " AND u.run_number = ? AND u.round_index = ? AND u.leaf_id = ?",
+                    (leaf.branch_id, run_number, round_index, leaf.id))]
+                conn.execute(
+                    "DELETE FROM files WHERE id IN (SELECT file_id FROM uploads WHERE branch_id = ?"
+                    " AND run_number = ? AND round_index = ? AND leaf_id = ?)",
+                    (leaf.branch_id, run_number, round_index, leaf.id))
                 conn.execute(
                     "INSERT INTO files VALUES (?, 'upload', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (file_id, leaf.branch_id, leaf.id, run_number, round_index, relative, size, sha256,
@@ -508,6 +521,9 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.data_dir / relative)
             raise
+        for path in replaced:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.data_dir / path)
         return file_id
 
     def commit_aggregate(

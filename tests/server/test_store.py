@@ -65,10 +65,13 @@ def test_commit_upload_installs_file_and_leaves_no_temp(store: Store) -> None:
 
 def test_reupload_replaces_earlier_one_in_the_round(store: Store) -> None:
     branch, (leaf, _) = make_branch(store)
-    put_upload(store, leaf, value=1.0)
+    first = put_upload(store, leaf, value=1.0)
     second = put_upload(store, leaf, value=2.0)
     uploads = store.round_uploads(branch.id, 1, 0)
     assert [u.file_id for u in uploads] == [second]
+    # the replaced upload no longer counts, so it does not keep its disk space either
+    assert [p.name for p in store.files_dir.iterdir()] == [f"{second}.npz"]
+    assert first != second
 
 
 def test_commit_upload_refused_when_paused_removes_the_file(store: Store) -> None:
