@@ -92,3 +92,7 @@ def test_three_tensorflow_leaves_one_on_mirrored_strategy_hold_the_weighted_aver
 
 def test_three_torch_leaves_hold_the_weighted_average(server_factory, tmp_path):
     run_three_leaves("torch", server_factory, tmp_path)
+
+
+def test_three_jax_leaves_hold_the_weighted_average(server_factory, tmp_path):
+    run_three_leaves("jax", server_factory, tmp_path)  # the third Keras backend, CPU build
