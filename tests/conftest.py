@@ -108,6 +108,11 @@ class LocalServer:
         return requests.request(method, self.url + path, headers={"Authorization": f"Bearer {token}"},
                                 timeout=30, **kwargs)
 
+    def set_run(self, branch_id: str, status: str) -> None:
+        """Start, pause or stop a branch's run through the admin API (leaves are notified)."""
+        response = self.admin("POST", f"/admin/v1/branches/{branch_id}/run", json={"run_status": status})
+        assert response.status_code == 200, response.text
+
 
 def init_branch(data_dir: Path, leaves: int, *extra: str, creds_dir: Path | None = None) -> list[Path]:
     """``branchkey-local init``: a new tree and branch, one credentials file per leaf."""
@@ -192,6 +197,32 @@ def official_python() -> "callable":
         return python
 
     return build
+
+
+def partner_upload(credentials, server: LocalServer, arrays, weighting: float) -> None:
+    """A leaf that only uploads (the round needs it), through the plain Client."""
+    from branchkey_integrations import Client
+
+    with Client(credentials, host=server.url, transport="none") as client:
+        client.upload_weights(weighting, arrays)
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """Every upload of this process, as (weighting, [arrays])."""
+    import numpy as np
+
+    from branchkey_integrations import Client
+
+    seen: list = []
+    original = Client.upload_weights
+
+    def spy(self, weighting, parameters, **kwargs):
+        seen.append((weighting, [np.array(p, copy=True) for p in parameters]))
+        return original(self, weighting, parameters, **kwargs)
+
+    monkeypatch.setattr(Client, "upload_weights", spy)
+    return seen
 
 
 def unique(prefix: str) -> str:

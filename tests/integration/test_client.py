@@ -111,11 +111,7 @@ def test_pause_and_stop_reach_clients_and_block_uploads(transport, request, serv
     clients += [eager, patient]
     branch = eager.branch_id
 
-    def set_run(status):
-        response = server.admin("POST", f"/admin/v1/branches/{branch}/run", json={"run_status": status})
-        assert response.status_code == 200, response.text
-
-    set_run("pause")
+    server.set_run(branch, "pause")
     wait_until(lambda: eager.run_status == patient.run_status == "pause", 10, "run_status pause on both leaves")
     with pytest.raises(RunBlockedError, match="run is blocked"):
         eager.upload_weights(1.0, layers_for(0))
@@ -130,13 +126,13 @@ def test_pause_and_stop_reach_clients_and_block_uploads(transport, request, serv
     waiter.start()
     waiter.join(1.0)
     assert waiter.is_alive(), "wait_for_run=True must wait while paused"
-    set_run("start")
+    server.set_run(branch, "start")
     waiter.join(15)
     assert "id" in result and eager.run_number == 1
 
-    set_run("stop")
+    server.set_run(branch, "stop")
     wait_until(lambda: eager.run_status == "stop", 10, "run_status stop")
-    set_run("start")
+    server.set_run(branch, "start")
     wait_until(lambda: eager.run_number == 2 and patient.run_number == 2, 10, "run number 2 after stop/start")
 
 

@@ -111,18 +111,14 @@ def test_official_2_7_1_client_follows_run_control_over_rabbitmq(official_python
             if line.startswith("@@ "):
                 return line[3:].strip()
 
-    def set_run(status):
-        response = server.admin("POST", f"/admin/v1/branches/{branch}/run", json={"run_status": status})
-        assert response.status_code == 200, response.text
-
     try:
         assert step() == "ready"
-        set_run("pause")
+        server.set_run(branch, "pause")
         leaf.stdin.write("go\n")
         leaf.stdin.flush()
         assert json.loads(step()) == {"status": "pause", "blocked": True}
-        set_run("stop")
-        set_run("start")
+        server.set_run(branch, "stop")
+        server.set_run(branch, "start")
         leaf.stdin.write("go\n")
         leaf.stdin.flush()
         after = json.loads(step())

@@ -17,7 +17,7 @@ from branchkey_integrations.core.federation import AggregateMismatchError
 from branchkey_integrations.core.wire import Archive
 from branchkey_integrations.keras import BranchKeyKerasCallback, federated_variables, to_numpy
 
-from ..conftest import wait_until
+from ..conftest import partner_upload, wait_until
 from .models import Recorder, data, snapshot, tiny_model
 from .test_leaves import PARAMS, weighted_mean
 
@@ -38,31 +38,6 @@ def callback_for(credentials, server, **kwargs) -> BranchKeyKerasCallback:
 
 def fit(model, callbacks, epochs: int = 1, **kwargs):
     return model.fit(X, Y, batch_size=4, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, **kwargs)
-
-
-def partner_upload(credentials, server, arrays, weighting):
-    """A second leaf that only uploads (the round needs it), through the plain Client."""
-    with Client(credentials, host=server.url, transport="none") as client:
-        client.upload_weights(weighting, arrays)
-
-
-def set_run(server, branch_id, status):
-    response = server.admin("POST", f"/admin/v1/branches/{branch_id}/run", json={"run_status": status})
-    assert response.status_code == 200, response.text
-
-
-@pytest.fixture
-def uploads(monkeypatch):
-    """Every upload of this process: (weighting, [arrays])."""
-    seen: list[tuple[float, list[np.ndarray]]] = []
-    original = Client.upload_weights
-
-    def spy(self, weighting, parameters, **kwargs):
-        seen.append((weighting, [np.array(p, copy=True) for p in parameters]))
-        return original(self, weighting, parameters, **kwargs)
-
-    monkeypatch.setattr(Client, "upload_weights", spy)
-    return seen
 
 
 # ------------------------------------------------------------------------ without a server
@@ -218,11 +193,11 @@ def test_pause_waits_for_start_and_stop_ends_fit_gracefully(server_factory, capl
 
     def operator():
         wait_until(lambda: "Run is 'pause': round 1 waits for 'start'" in caplog.text, 60, "the paused round")
-        set_run(server, branch_id, "start")
+        server.set_run(branch_id, "start")
         wait_until(lambda: "Round 1: uploaded" in caplog.text, 60, "the upload after start")
-        set_run(server, branch_id, "stop")
+        server.set_run(branch_id, "stop")
 
-    set_run(server, branch_id, "pause")
+    server.set_run(branch_id, "pause")
     helper = threading.Thread(target=operator, daemon=True)
     callback = callback_for(credentials[0], server)
     with caplog.at_level(logging.INFO, logger="branchkey_integrations"):

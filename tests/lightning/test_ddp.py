@@ -7,7 +7,8 @@ import numpy as np
 from branchkey_integrations.lightning import BranchKeyCallback, federated_tensors
 
 from .models import DiskRecorder, TinyModel, loader, trainer
-from .test_rounds import PARAMS, partner_upload, weighted_mean
+from ..conftest import partner_upload
+from .test_rounds import PARAMS, weighted_mean
 
 
 def test_ddp_two_ranks_load_identical_aggregates(server_factory, tmp_path):

@@ -12,7 +12,8 @@ from torch import nn
 from branchkey_integrations.lightning import federated_tensors
 
 from .models import TinyModel, loader, trainer
-from .test_rounds import callback_for, partner_upload
+from ..conftest import partner_upload
+from .test_rounds import callback_for
 
 
 class ValidatedModel(TinyModel):

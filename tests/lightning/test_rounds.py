@@ -19,7 +19,7 @@ from branchkey_integrations.core.federation import AggregateMismatchError
 from branchkey_integrations.core.wire import Archive
 from branchkey_integrations.lightning import BranchKeyCallback, federated_tensors
 
-from ..conftest import REPO, wait_until
+from ..conftest import REPO, partner_upload, wait_until
 from .models import Recorder, TinyModel, loader, snapshot, trainer
 
 PARAMS = ["stem.weight", "stem.bias", "head.weight", "head.bias"]
@@ -34,31 +34,6 @@ def weighted_mean(uploads, weights, names):
 def callback_for(credentials, server, **kwargs) -> BranchKeyCallback:
     kwargs.setdefault("timeout", 30)
     return BranchKeyCallback(credentials, host=server.url, transport="websocket", log_every_s=0.2, **kwargs)
-
-
-def partner_upload(credentials, server, arrays, weighting):
-    """A second leaf that only uploads (the round needs it), through the plain Client."""
-    with Client(credentials, host=server.url, transport="none") as client:
-        client.upload_weights(weighting, arrays)
-
-
-def set_run(server, branch_id, status):
-    response = server.admin("POST", f"/admin/v1/branches/{branch_id}/run", json={"run_status": status})
-    assert response.status_code == 200, response.text
-
-
-@pytest.fixture
-def uploads(monkeypatch):
-    """Every upload of this process: (weighting, [arrays])."""
-    seen: list[tuple[float, list[np.ndarray]]] = []
-    original = Client.upload_weights
-
-    def spy(self, weighting, parameters, **kwargs):
-        seen.append((weighting, [np.array(p, copy=True) for p in parameters]))
-        return original(self, weighting, parameters, **kwargs)
-
-    monkeypatch.setattr(Client, "upload_weights", spy)
-    return seen
 
 
 def test_three_leaves_in_separate_processes_hold_the_weighted_average(server_factory, tmp_path):
@@ -169,11 +144,11 @@ def test_pause_waits_for_start_and_stop_ends_fit_gracefully(server_factory, capl
 
     def operator():
         wait_until(lambda: "Run is 'pause': round 1 waits for 'start'" in caplog.text, 30, "the paused round")
-        set_run(server, branch_id, "start")
+        server.set_run(branch_id, "start")
         wait_until(lambda: caplog.text.count("Uploaded") >= 1, 30, "the upload after start")
-        set_run(server, branch_id, "stop")
+        server.set_run(branch_id, "stop")
 
-    set_run(server, branch_id, "pause")
+    server.set_run(branch_id, "pause")
     helper = threading.Thread(target=operator, daemon=True)
     callback = callback_for(credentials[0], server)
     fit = trainer([callback], max_epochs=5)
