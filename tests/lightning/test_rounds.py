@@ -221,3 +221,15 @@ def test_buffers_policy(policy, server_factory, uploads):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert model.norm.num_batches_tracked.item() == local["norm.num_batches_tracked"]
     np.testing.assert_allclose(model.head.bias.detach().numpy(), (local["head.bias"] + 2.0) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("precision, travels_as, dtype", [("bf16-true", np.float32, torch.bfloat16),
+                                                          ("64-true", np.float64, torch.float64)])
+def test_true_precision_models_round_trip_with_their_dtype(precision, travels_as, dtype, server_factory, uploads):
+    server, credentials = server_factory(1)
+    model, before = TinyModel(), Recorder("upload")
+    trainer([before, callback_for(credentials[0], server)], precision=precision).fit(model, loader(8, 0))
+    assert {a.dtype for _, arrays in uploads for a in arrays} == {np.dtype(travels_as)}
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    for name, tensor in model.named_parameters():  # one leaf: the aggregate is its own upload, exactly
+        np.testing.assert_array_equal(tensor.detach().to(torch.float64).numpy(), before.records[0][name])
