@@ -125,8 +125,7 @@ def run_job(job: LeafJob) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m branchkey_integrations.simulation.leaf JOB.json", file=sys.stderr)
-        return 2
+        raise SystemExit("usage: python -m branchkey_integrations.simulation.leaf JOB.json")
     job = LeafJob.load(argv[0])
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job.name} %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", module="lightning")  # framework chatter would bury the errors in the log
