@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import math
 import os
 import zipfile
 from pathlib import Path
-from typing import ClassVar, Iterator, Protocol, Sequence
+from typing import Any, BinaryIO, ClassVar, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -143,8 +144,9 @@ def aggregate_files(
     specs: Sequence[LayerSpec],
     destination: str | os.PathLike,
     strategy: Strategy | str = "fedavg",
-) -> None:
-    """Aggregate upload archives ``(path, weighting)`` into an uncompressed archive at ``destination``.
+) -> tuple[int, str]:
+    """Aggregate upload archives ``(path, weighting)`` into an uncompressed archive at ``destination``;
+    return its size and hex SHA-256, computed while writing (the store records both).
 
     The result holds ``layer_0..n-1`` only (no weighting). Each layer is checked finite and
     written as soon as it is done, so memory holds one layer of the result, not all of them;
@@ -154,7 +156,8 @@ def aggregate_files(
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(NpzLayerReader(path, weighting)) for path, weighting in uploads]
         handle = stack.enter_context(open(destination, "wb"))
-        writer = wire.ArchiveWriter(handle)
+        hashing = _HashingWriter(handle)
+        writer = wire.ArchiveWriter(hashing)
         for index, layer in enumerate(strategy.aggregate(readers, specs)):
             try:
                 wire.check_finite([layer], [wire.layer_key(index)])
@@ -165,6 +168,21 @@ def aggregate_files(
         writer.close()
         handle.flush()
         os.fsync(handle.fileno())
+    return hashing.size, hashing.sha256.hexdigest()
+
+
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it on the way to ``handle``."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self._handle.write(data)
 
 
 __all__ = [

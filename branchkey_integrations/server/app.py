@@ -232,12 +232,12 @@ class Server:
             temp = self.store.new_temp_path()
             specs = uploads[0].specs
             try:
-                await self.blocking(
+                size, digest = await self.blocking(
                     aggregate_files, [(u.path, u.weighting) for u in uploads], specs, temp, branch.algorithm
                 )
                 aggregate_id = await self.blocking(
                     self.store.commit_aggregate, temp, branch_id=branch_id, run_number=run_number,
-                    round_index=round_index, specs=specs,
+                    round_index=round_index, specs=specs, size=size, sha256=digest,
                 )
             except (AggregationError, StoreError, OSError) as exc:
                 logger.error("aggregating branch %s run %d round %d failed: %s", branch_id, run_number, round_index, exc)

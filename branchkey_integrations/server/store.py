@@ -527,10 +527,14 @@ class Store:
         return file_id
 
     def commit_aggregate(
-        self, temp_path: Path, *, branch_id: str, run_number: int, round_index: int, specs: Sequence[LayerSpec]
+        self, temp_path: Path, *, branch_id: str, run_number: int, round_index: int, specs: Sequence[LayerSpec],
+        size: int, sha256: str,
     ) -> str:
-        """Store an aggregate, close its round and open the next one, all in one transaction."""
-        size, digest = file_digest(temp_path)
+        """Store an aggregate, close its round and open the next one, all in one transaction.
+
+        ``size`` and ``sha256`` come from whoever wrote the file (hashed while writing, not read back).
+        """
+        digest = sha256
         file_id = new_id()
         relative = self._install(temp_path, file_id)
         stamp = now_iso()
@@ -613,17 +617,6 @@ class Store:
 
     def list_metrics(self, branch_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM metrics WHERE branch_id = ? ORDER BY created_at", (branch_id,))]
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """Size and hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def _open_round(conn: sqlite3.Connection, branch_id: str, run_number: int, round_index: int) -> None:

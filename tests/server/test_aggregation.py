@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +93,8 @@ def test_streams_one_layer_at_a_time() -> None:
 def test_aggregate_is_stored_uncompressed_without_weighting(tmp_path: Path) -> None:
     layers = [np.arange(6, dtype=np.float32).reshape(2, 3)]
     out = tmp_path / "agg.npz"
-    aggregate_files(write_uploads(tmp_path, [(layers, 2.0)]), specs_of(layers), out)
+    size, digest = aggregate_files(write_uploads(tmp_path, [(layers, 2.0)]), specs_of(layers), out)
+    assert (size, digest) == (out.stat().st_size, hashlib.sha256(out.read_bytes()).hexdigest())
     import zipfile
 
     with zipfile.ZipFile(out) as zf:

@@ -113,7 +113,8 @@ def test_commit_aggregate_closes_round_and_opens_next(store: Store) -> None:
     temp = store.new_temp_path()
     temp.write_bytes(wire.encode([np.zeros(2, np.float32)], compression="none"))
     specs = [wire.LayerSpec((2,), np.dtype(np.float32))]
-    aggregate_id = store.commit_aggregate(temp, branch_id=branch.id, run_number=1, round_index=0, specs=specs)
+    aggregate_id = store.commit_aggregate(temp, branch_id=branch.id, run_number=1, round_index=0, specs=specs,
+                                          size=temp.stat().st_size, sha256="00")
     rounds = store.list_rounds(branch.id)
     assert [(r["round_index"], r["status"], r["aggregate_id"]) for r in rounds] == [
         (0, "aggregated", aggregate_id), (1, "open", None)]
@@ -121,7 +122,8 @@ def test_commit_aggregate_closes_round_and_opens_next(store: Store) -> None:
     temp = store.new_temp_path()
     temp.write_bytes(b"again")
     with pytest.raises(RoundClosedError):
-        store.commit_aggregate(temp, branch_id=branch.id, run_number=1, round_index=0, specs=specs)
+        store.commit_aggregate(temp, branch_id=branch.id, run_number=1, round_index=0, specs=specs,
+                               size=5, sha256="00")
 
 
 def test_cleanup_removes_temp_and_orphan_files_only(store: Store) -> None:
