@@ -28,7 +28,6 @@ thread, which is plenty for metadata (the heavy bytes never pass through SQLite)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
