@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from aiohttp import web
 
+from ..core.notifications import AGGREGATION_STATUS, RUN_STATUS
+
 if TYPE_CHECKING:  # pragma: no cover
     from .rabbitmq import RabbitMQBroker
     from .store import Leaf
 
 logger = logging.getLogger(__name__)
-
-AGGREGATION_STATUS = "aggregation_status"
-RUN_STATUS = "run_status"
 
 
 def aggregation_message(aggregation_id: str) -> dict[str, Any]:
