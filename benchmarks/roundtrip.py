@@ -19,7 +19,6 @@ the server's receive, validation and fsync) + download + decode. Three paths sid
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import json
 import logging

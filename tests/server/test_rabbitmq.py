@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from branchkey_integrations.core.errors import BranchKeyError
-from branchkey_integrations.server.rabbitmq import BrokerArgumentError, BrokerError, RabbitMQBroker, mask_url
+from branchkey_integrations.server.rabbitmq import BrokerArgumentError, BrokerError, RabbitMQBroker
 
 from ..conftest import AMQP_URL, MANAGEMENT_URL
 
