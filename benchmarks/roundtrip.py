@@ -6,13 +6,17 @@ the previous round's aggregate, which has the same layout. The round trip is the
 the client's own share of a round: encode + upload until the server's 201 (which includes
 the server's receive, validation and fsync) + download + decode. Three paths side by side:
 
-- ``ours``: ``Client.upload_weights`` + ``Client.download_aggregate`` (defaults);
+- ``ours``: ``Client.upload_weights`` + ``Client.download_aggregate`` into a ``DownloadBuffer``
+  kept from one repetition to the next, which is what ``Federation`` (so both callbacks) does;
+- ``ours_fresh``: the same, downloading into new memory each time (``download_aggregate``'s
+  default, and every leaf's first round): the page faults, or huge-page compaction, of a fresh
+  model-sized buffer are included;
 - ``official``: what ``branchkey`` 2.7.1 does, in-process with this venv's numpy and requests:
   ``np.savez_compressed`` to a file, ``np.load`` of every member (its validate_weight_shape),
   ``requests.post(files=...)``, GET the download URL, ``requests.get`` of the blob into
   ``resp.content``, write it to a file, ``np.load`` of every layer;
 - ``floor``: the loopback floor: a stored archive and its whole multipart body prepared in
-  advance, one raw ``http.client`` POST, one raw GET into a preallocated buffer, and
+  advance, one raw ``http.client`` POST, one raw GET into a buffer allocated in advance, and
   ``np.frombuffer`` views at offsets known in advance.
 """
 
@@ -33,12 +37,12 @@ import numpy as np
 import requests
 
 from branchkey_integrations.core import wire
-from branchkey_integrations.core.client import Client, MultipartBody
+from branchkey_integrations.core.client import Client, DownloadBuffer, MultipartBody
 
 from .common import Bench, count, local_server, make_layers, median, timed, wait_for_aggregate
 
 logger = logging.getLogger(__name__)
-METHODS = ("ours", "official", "floor")
+METHODS = ("ours", "ours_fresh", "official", "floor")
 
 
 def official_round_trip(client: Client, layers: list[np.ndarray], aggregate_id: str, workdir: Path) -> None:
@@ -77,15 +81,16 @@ class Floor:
         self.url = urlsplit(client._download_url(aggregate_id))
         host = urlsplit(client.host)
         self.address = (host.hostname, host.port)
-        self.members = self._members(client, aggregate_id)
+        self.members, size = self._members(client, aggregate_id)
+        self.buffer = np.zeros(size, dtype=np.uint8)  # allocated and touched in advance
 
     @staticmethod
-    def _members(client: Client, aggregate_id: str) -> list[tuple[np.dtype, tuple[int, ...], int]]:
-        """(dtype, shape, data offset) of each stored member of the aggregate, read once in advance."""
+    def _members(client: Client, aggregate_id: str) -> tuple[list[tuple[np.dtype, tuple[int, ...], int]], int]:
+        """(dtype, shape, data offset) of each stored member of the aggregate, and its size, read in advance."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "a.npz"
             with open(path, "wb") as sink:
-                client._stream(client._download_url(aggregate_id), sink)
+                size = client._stream(client._download_url(aggregate_id), sink)
             raw = path.read_bytes()
             members = []
             with zipfile.ZipFile(path) as zf, np.load(path) as npz:
@@ -94,7 +99,7 @@ class Floor:
                     start = info.header_offset + 30 + int(name_len) + int(extra_len)
                     array = npz[info.filename[:-4]]
                     members.append((array.dtype, array.shape, start + info.file_size - array.nbytes))
-        return members
+        return members, size
 
     def round_trip(self) -> None:
         connection = http.client.HTTPConnection(*self.address)
@@ -105,7 +110,8 @@ class Floor:
             response.read()
             connection.request("GET", f"{self.url.path}?{self.url.query}")
             response = connection.getresponse()
-            buffer = bytearray(int(response.getheader("Content-Length")))
+            buffer = self.buffer
+            assert int(response.getheader("Content-Length")) == buffer.nbytes
             view, got = memoryview(buffer), 0
             while got < len(buffer):
                 got += response.readinto(view[got:got + (1 << 20)])
@@ -133,12 +139,15 @@ def measure_size(params: int, repeat: int, methods: tuple[str, ...] = METHODS) -
         client, aggregate_id = prepare_branch(bench, layers)
         floor = Floor(client, layers, aggregate_id)
 
-        def ours() -> None:
+        kept = DownloadBuffer()
+
+        def ours(buffer: DownloadBuffer | None) -> None:
             client.upload_weights(10.0, layers)
-            client.download_aggregate(aggregate_id)
+            client.download_aggregate(aggregate_id, buffer=buffer)
 
         runs: dict[str, Callable[[], None]] = {
-            "ours": ours,
+            "ours": lambda: ours(kept),
+            "ours_fresh": lambda: ours(None),
             "official": lambda: official_round_trip(client, layers, aggregate_id, bench.workdir),
             "floor": floor.round_trip,
         }
@@ -154,6 +163,8 @@ def measure_size(params: int, repeat: int, methods: tuple[str, ...] = METHODS) -
     seconds = result["seconds"]
     if "official" in seconds:
         result["speedup_vs_official"] = seconds["official"] / seconds["ours"]
+        if "ours_fresh" in seconds:
+            result["fresh_speedup_vs_official"] = seconds["official"] / seconds["ours_fresh"]
     if "floor" in seconds:
         result["ours_over_floor"] = seconds["ours"] / seconds["floor"]
     return result

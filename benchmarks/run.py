@@ -62,7 +62,8 @@ def table(report: dict[str, Any]) -> str:
         s = r["seconds"]
         lines.append(f"round trip {r['params']:>11,} params ({r['model_mb']:7.1f} MB): ours {s['ours']:.3f} s | "
                      f"official {s['official']:.3f} s ({r['speedup_vs_official']:.1f}x) | floor {s['floor']:.3f} s "
-                     f"(ours/floor {r['ours_over_floor']:.2f})")
+                     f"(ours/floor {r['ours_over_floor']:.2f}) | ours, fresh buffer {s['ours_fresh']:.3f} s "
+                     f"({r['fresh_speedup_vs_official']:.1f}x)")
     for m in report.get("memory", []):
         lines.append(f"client peak extra memory {m['params']:>11,} params: " + " | ".join(
             f"{k} {m[k]['tracemalloc_peak_mb']:.1f} MB traced, {m[k]['peak_rss_growth_mb']:.1f} MB RSS "

@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import queue as queue_module
 import re
@@ -108,6 +109,45 @@ def _file_chunks(path: str | os.PathLike) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             yield chunk
+
+
+class DownloadBuffer:
+    """Memory for downloads that is kept from one round to the next.
+
+    Writing into fresh memory is slow: 376 MB cost 0.2 s more here to download into new memory
+    than into memory already written once. Pass one buffer to :meth:`Client.download_aggregate`
+    round after round (:class:`~branchkey_integrations.core.federation.Federation` does): the
+    arrays of each aggregate are views of it, valid until the next download into it, so copy
+    what you keep.
+    """
+
+    def __init__(self) -> None:
+        self._array: np.ndarray | None = None
+
+    def take(self, size: int) -> memoryview:
+        """``size`` writable bytes: the kept memory when it is large enough, else new memory (kept)."""
+        if self._array is None or self._array.nbytes < size:
+            self._array = None  # never hold the old and the new buffer at once
+            self._array = _new_memory(size)
+        return memoryview(self._array)[:size]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._array is None else self._array.nbytes
+
+
+def _new_memory(size: int) -> np.ndarray:
+    """``size`` bytes of anonymous memory, its pages mapped in one call where the OS can (Linux).
+
+    Measured at 376 MB: pages faulted in one by one as a ``bytearray`` is filled cost ~0.3 s;
+    NumPy's huge pages cost 0.05 s or, when memory is fragmented, up to 1 s of compaction;
+    ``MAP_POPULATE`` costs 0.15-0.2 s, every time.
+    """
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if populate is None or size == 0:
+        return np.empty(size, dtype=np.uint8)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(region, dtype=np.uint8)  # the array keeps the mapping alive
 
 
 class MultipartBody:
@@ -557,23 +597,28 @@ class Client:
             raise ApiError("download: file not received (empty body)", 200)
         return size
 
-    def _fetch(self, url: str) -> bytearray:
-        """GET the signed URL into one buffer, preallocated from Content-Length, in 1 MiB chunks."""
+    def _fetch(self, url: str, buffer: DownloadBuffer) -> memoryview:
+        """GET the signed URL into ``buffer``, sized from Content-Length, in 1 MiB chunks."""
         with self._get_blob(url) as response:
             declared = response.headers.get("Content-Length", "")
-            exact = declared.isdigit() and "Content-Encoding" not in response.headers
-            buffer = bytearray(int(declared) if exact else 0)
-            size = 0
-            for chunk in response.iter_content(_CHUNK):
-                if exact and size + len(chunk) > len(buffer):
-                    raise ApiError(f"download: more bytes than the declared {declared}", response.status_code)
-                buffer[size:size + len(chunk)] = chunk
-                size += len(chunk)
+            if not declared.isdigit() or "Content-Encoding" in response.headers:  # size unknown: grow
+                grown = bytearray()
+                for chunk in response.iter_content(_CHUNK):
+                    grown += chunk
+                view, size = memoryview(grown), len(grown)
+            else:
+                view = buffer.take(int(declared))
+                size = 0
+                for chunk in response.iter_content(_CHUNK):
+                    if size + len(chunk) > len(view):
+                        raise ApiError(f"download: more bytes than the declared {declared}", response.status_code)
+                    view[size:size + len(chunk)] = chunk
+                    size += len(chunk)
         if size == 0:
             raise ApiError("download: file not received (empty body)", 200)
-        if size != len(buffer):
+        if size != len(view):
             raise TransportError(f"download: received {size} of {declared} bytes; the connection was cut")
-        return buffer
+        return view
 
     def file_download(self, file_id: str) -> str:
         """Download an aggregate to ``{output_dir}/{file_id}.npz``; return that path.
@@ -596,13 +641,15 @@ class Client:
         logger.info("Downloaded %s (%.2f MB) to %s", file_id, size / 1e6, target)
         return str(target)
 
-    def download_aggregate(self, file_id: str) -> wire.Archive:
+    def download_aggregate(self, file_id: str, *, buffer: DownloadBuffer | None = None) -> wire.Archive:
         """Download and decode an aggregate in memory (no file left behind).
 
-        The layers of a stored aggregate are views of the one download buffer: no copies.
+        The layers of a stored aggregate are views of the one download buffer: no copies. Give a
+        :class:`DownloadBuffer` to reuse its memory (the previous download's layers are then
+        overwritten); without one, each call downloads into new memory.
         """
         self._checked_file_id(file_id)
-        return wire.decode(self._fetch(self._download_url(file_id)))
+        return wire.decode(self._fetch(self._download_url(file_id), buffer or DownloadBuffer()))
 
     # ---------------------------------------------------------------- metrics
     def send_performance_metrics(self, aggregation_id: str, data: str | dict[str, Any], mode: str) -> bool:
@@ -707,4 +754,4 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "MultipartBody", "DEFAULT_HOST", "TRANSPORTS", "METRIC_MODES"]
+__all__ = ["Client", "DownloadBuffer", "MultipartBody", "DEFAULT_HOST", "TRANSPORTS", "METRIC_MODES"]

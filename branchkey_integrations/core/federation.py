@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import wire
-from .client import DEFAULT_HOST, METRIC_MODES, Client
+from .client import DEFAULT_HOST, METRIC_MODES, Client, DownloadBuffer
 from .credentials import Credentials, CredentialsLike
 from .errors import (
     AggregationTimeoutError,
@@ -55,6 +55,7 @@ class RoundResult:
     Attributes:
         aggregation_id: the aggregate's id, or None when the wait timed out with ``on_timeout="continue"``.
         layers: the checked aggregate in the dtypes of the upload, or None after such a timeout.
+            Mostly views of a download buffer that the next round reuses: load them, or copy them.
         wait_s: seconds from the end of the upload until the aggregate's id arrived (or the timeout).
         upload_mb: size of the uploaded layers in MB (10**6 bytes), before compression.
         round: rounds completed by this leaf, this one included.
@@ -138,6 +139,7 @@ class Federation:
         self.round = 0
         self.last_aggregation_id: str | None = None
         self._client: Client | None = None
+        self._download_buffer = DownloadBuffer()  # reused round after round: see DownloadBuffer
 
     # ------------------------------------------------------------ connection
     def connect(self, client_factory: Callable[..., Client] = Client) -> Client:
@@ -173,8 +175,8 @@ class Federation:
             self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # a client holds sockets and threads: never pickle it (DDP spawn, checkpoints)
-        return {**self.__dict__, "_client": None}
+        # a client holds sockets and threads: never pickle it (DDP spawn, checkpoints), nor the buffer
+        return {**self.__dict__, "_client": None, "_download_buffer": DownloadBuffer()}
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -216,7 +218,8 @@ class Federation:
         wait_s = time.monotonic() - started
         if aggregation_id is None:
             return RoundResult(None, None, wait_s, upload_mb, self.round)
-        aggregate = self.check_aggregate(self.client.download_aggregate(aggregation_id).layers, expected, names)
+        archive = self.client.download_aggregate(aggregation_id, buffer=self._download_buffer)
+        aggregate = self.check_aggregate(archive.layers, expected, names)
         self.round, self.last_aggregation_id = number, aggregation_id
         logger.info("Round %d done: aggregate %s after %.1f s", number, aggregation_id, wait_s)
         return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number)

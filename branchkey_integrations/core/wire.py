@@ -360,8 +360,9 @@ def decode(
     numbered 0..n-1 without gaps; numeric dtypes; each ``.npy`` header consistent with
     its zip entry. Values are not checked here (see :func:`check_finite`).
 
-    From a ``bytearray`` (what the client downloads into), 64-byte-aligned stored members
-    become writable views of it after a CRC check: no copy. Other members are read into
+    From a writable buffer (a ``bytearray``, or the NumPy-backed ``memoryview`` the client
+    downloads into), 64-byte-aligned stored members become writable views of it after a CRC
+    check: no copy. Other members are read into
     fresh arrays.
     """
     buffer = memoryview(source).cast("B") if isinstance(source, (bytes, bytearray, memoryview)) else None

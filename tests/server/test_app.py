@@ -115,8 +115,12 @@ def test_official_3x_headers_and_2x_metadata_are_accepted(live) -> None:
 
 def test_reupload_by_the_same_leaf_replaces_the_earlier_one(live) -> None:
     branch, (a, b) = live.make_branch(2)
-    assert live.upload(a, wire.encode(layers(1), 1.0)).status_code == 201
+    first = live.upload(a, wire.encode(layers(1), 1.0))
+    assert first.status_code == 201
     assert live.upload(a, wire.encode(layers(5), 3.0)).status_code == 201
+    # the replaced upload's file is removed after the answer, in the background
+    replaced = live.thread.server.store.files_dir / f"{first.json()['data']['file_id']}.npz"
+    live.wait_for(lambda: not replaced.exists(), 10)
     assert live.upload(b, wire.encode(layers(2), 1.0)).status_code == 201
     aggregate_id = live.wait_aggregate(branch["id"])
     assert_layers(live.fetch(a, aggregate_id), weighted_mean([(layers(5), 3.0), (layers(2), 1.0)]))

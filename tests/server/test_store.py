@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from branchkey_integrations.server.store import (
     RoundClosedError,
     RunNotStartedError,
     Store,
+    start_writeback,
 )
 
 
@@ -38,10 +40,12 @@ def put_upload(store: Store, leaf, value: float = 1.0, weighting: float = 1.0) -
     layers = [np.full((2,), value, np.float32)]
     temp = store.new_temp_path()
     temp.write_bytes(wire.encode(layers, weighting))
-    return store.commit_upload(
+    file_id, replaced = store.commit_upload(
         temp, leaf=leaf, run_number=current.run_number, round_index=current.round_index, weighting=weighting,
         specs=[wire.LayerSpec.of(a) for a in layers], size=temp.stat().st_size, sha256="00", metadata=None,
     )
+    store.remove_files(replaced)
+    return file_id
 
 
 def test_new_branch_starts_run_1_round_0(store: Store) -> None:
@@ -66,12 +70,18 @@ def test_commit_upload_installs_file_and_leaves_no_temp(store: Store) -> None:
 def test_reupload_replaces_earlier_one_in_the_round(store: Store) -> None:
     branch, (leaf, _) = make_branch(store)
     first = put_upload(store, leaf, value=1.0)
-    second = put_upload(store, leaf, value=2.0)
+    temp = store.new_temp_path()
+    temp.write_bytes(wire.encode([np.full((2,), 2.0, np.float32)], 1.0))
+    second, replaced = store.commit_upload(
+        temp, leaf=leaf, run_number=1, round_index=0, weighting=1.0,
+        specs=[wire.LayerSpec((2,), np.dtype(np.float32))], size=1, sha256="00", metadata=None,
+    )
     uploads = store.round_uploads(branch.id, 1, 0)
     assert [u.file_id for u in uploads] == [second]
+    assert replaced == [store.files_dir / f"{first}.npz"]
     # the replaced upload no longer counts, so it does not keep its disk space either
+    store.remove_files(replaced + replaced)  # removing twice is harmless
     assert [p.name for p in store.files_dir.iterdir()] == [f"{second}.npz"]
-    assert first != second
 
 
 def test_commit_upload_refused_when_paused_removes_the_file(store: Store) -> None:
@@ -90,6 +100,18 @@ def test_commit_upload_refused_when_round_closed(store: Store) -> None:
         store.commit_upload(temp, leaf=leaf, run_number=1, round_index=5, weighting=1.0, specs=[], size=1,
                             sha256="00", metadata=None)
     assert list(store.files_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range is Linux-only; elsewhere fsync does it all")
+def test_start_writeback_is_taken_by_the_kernel_and_keeps_the_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "upload"
+    data = os.urandom(1 << 20)
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        assert start_writeback(handle.fileno())
+    assert path.read_bytes() == data
+    assert not start_writeback(-1)  # a bad descriptor is refused, never raised
 
 
 def test_run_semantics_pause_stop_start(store: Store) -> None:
