@@ -22,7 +22,8 @@ _RESNET18_PARAMS = 11_689_512
 
 
 def resnet_like_shapes(params: int) -> list[tuple[int, ...]]:
-    """Layer shapes of a ResNet-18 whose widths are scaled to hold about ``params`` parameters."""
+    """Layer shapes of a ResNet-18 whose widths are scaled to hold at least ``params`` parameters
+    (the classifier takes what the rounded widths leave short)."""
     scale = math.sqrt(params / _RESNET18_PARAMS)
     width = [max(1, round(w * scale)) for w in (64, 128, 256, 512)]
     shapes: list[tuple[int, ...]] = [(width[0], 3, 7, 7), (width[0],), (width[0],)]
@@ -35,7 +36,8 @@ def resnet_like_shapes(params: int) -> list[tuple[int, ...]]:
             if block == 0 and stage > 0:
                 shapes += [(channels, entering, 1, 1), (channels,), (channels,)]
         previous = channels
-    classes = max(10, round(1000 * min(scale, 1.0)))
+    body = sum(math.prod(shape) for shape in shapes)
+    classes = max(10, round(1000 * min(scale, 1.0)), math.ceil((params - body) / (previous + 1)))
     shapes += [(classes, previous), (classes,)]
     return shapes
 
