@@ -16,7 +16,7 @@ def test_import_needs_neither_torch_nor_tensorflow_nor_keras():
 
 def test_public_names():
     assert set(branchkey_integrations.__all__) == {"__version__", *branchkey_integrations.core.__all__}
-    expected = {"Client", "Credentials", "Notification", "BranchKeyError", "CredentialsError", "ArchiveError",
+    expected = {"Client", "Credentials", "DownloadBuffer", "Notification", "BranchKeyError", "CredentialsError", "ArchiveError",
                 "ArchiveTooLargeError", "TransportError", "ApiError", "AuthenticationError", "PermissionDeniedError",
                 "NotFoundError", "RequestRejectedError", "ServerError", "RunBlockedError", "NotificationError",
                 "AggregationTimeoutError"}
