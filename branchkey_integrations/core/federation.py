@@ -322,7 +322,7 @@ class Federation:
             if array.dtype.kind != spec.dtype.kind:
                 raise AggregateMismatchError(
                     f"{name}: the aggregate has dtype {array.dtype}, the local model {spec.dtype}.")
-            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            if not wire.all_finite(array):
                 raise AggregateMismatchError(f"{name}: the aggregate holds NaN or infinity.")
             checked.append(array.astype(spec.dtype, copy=False))
         return checked

@@ -606,15 +606,19 @@ def check_weighting(weighting: float) -> float:
 def check_finite(layers: Iterable[np.ndarray], names: Sequence[str] | None = None) -> None:
     """Raise naming the first layer that holds NaN or infinity."""
     for index, array in enumerate(layers):
-        if array.dtype.kind in "fc" and not _all_finite(array):
+        if not all_finite(array):
             name = names[index] if names is not None else layer_key(index)
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             raise ArchiveError(f"{name} holds {bad} non-finite value(s) (NaN or infinity).")
 
 
-def _all_finite(array: np.ndarray) -> bool:
-    """A NaN or infinity makes the sum non-finite, so a finite sum (one fast pass, no temporary)
+def all_finite(array: np.ndarray) -> bool:
+    """Whether a float or complex array holds no NaN or infinity (other dtypes always do).
+
+    A NaN or infinity makes the sum non-finite, so a finite sum (one fast pass, no temporary)
     proves the layer finite; only a non-finite sum (or an overflow) needs the exact check."""
+    if array.dtype.kind not in "fc":
+        return True
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(array.sum()):
             return True
@@ -663,6 +667,7 @@ __all__ = [
     "decode",
     "check_weighting",
     "check_finite",
+    "all_finite",
     "spec_mismatch",
     "validate_upload",
     "layer_key",

@@ -263,3 +263,5 @@ def test_finite_check_finds_nan_and_inf_but_accepts_sums_that_overflow():
         array[3] = bad
         with pytest.raises(ArchiveError, match="1 non-finite"):
             wire.check_finite([array])
+        assert not wire.all_finite(array) and not wire.all_finite(array.astype(np.complex64))
+    assert wire.all_finite(big) and wire.all_finite(np.arange(3)) and wire.all_finite(np.zeros(0, np.float32))
