@@ -306,6 +306,17 @@ class RabbitMQBroker:
         self._api_call("DELETE", f"/api/users/{_q(leaf_id)}", missing_ok=True)
         log.info("Removed leaf %s from tree %s", leaf_id, tree_id)
 
+    def remove_tree(self, tree_id: str) -> None:
+        """Delete a tree's vhost, and with it its exchanges and queues. A missing one is fine.
+
+        Leaf users are global in RabbitMQ and stay: remove them with :meth:`remove_leaf`.
+        """
+        tree_id = _check_name("tree_id", tree_id)
+        with self._lock:
+            self._drop(tree_id)  # the broker would close our publishing connection anyway
+        self._api_call("DELETE", f"/api/vhosts/{_q(tree_id)}", missing_ok=True)
+        log.info("Removed tree %s (its vhost)", tree_id)
+
     def publish(self, tree_id: str, branch_id: str, message: dict) -> None:
         """Send ``message`` as persistent JSON to every leaf of a branch; return once the broker has it.
 

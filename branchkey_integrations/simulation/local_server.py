@@ -93,8 +93,8 @@ class EmbeddedServer:
         return branch["id"], created["leaves"]
 
     def forget_broker_leaves(self, credentials: list[dict[str, str]]) -> None:
-        """Delete the broker users and queues made for this run's leaves: a simulation is throwaway, and
-        their passwords should not outlive it. (The tree's vhost stays; the server has no call to drop it.)"""
+        """Delete the broker users, queues and vhost made for this run's leaves: a simulation is
+        throwaway, and their passwords should not outlive it."""
         if not self.amqp_url:
             return
         from ..server.rabbitmq import RabbitMQBroker
@@ -103,6 +103,8 @@ class EmbeddedServer:
             broker = RabbitMQBroker(self.amqp_url)
             for leaf in credentials:
                 broker.remove_leaf(leaf["tree_id"], leaf["id"])
+            for tree_id in {leaf["tree_id"] for leaf in credentials}:
+                broker.remove_tree(tree_id)
             broker.close()
         except BranchKeyError as exc:  # cleanup must not hide the run's result
             logger.warning("Could not remove the simulation's leaves from the broker: %s", exc)

@@ -300,6 +300,19 @@ def test_a_leaf_cannot_open_another_trees_vhost(broker, scratch):
 
 
 @needs_rabbitmq
+def test_remove_tree_deletes_its_vhost_and_may_repeat(broker, scratch):
+    tree_id, branch_id = scratch.tree(), str(uuid.uuid4())
+    leaf_id, token = scratch.leaf()
+    broker.provision_leaf(tree_id, branch_id, leaf_id, token)
+    broker.publish(tree_id, branch_id, aggregation("before"))  # opens a publishing connection to the vhost
+    broker.remove_tree(tree_id)
+    broker.remove_tree(tree_id)
+    assert _api("GET", f"/api/vhosts/{_q(tree_id)}").status_code == 404
+    with pytest.raises(BrokerError):
+        broker.publish(tree_id, branch_id, aggregation("after"))  # the branch is gone with its vhost
+
+
+@needs_rabbitmq
 def test_remove_leaf_deletes_its_user_and_queue_and_may_repeat(broker, scratch):
     tree_id, branch_id = scratch.tree(), str(uuid.uuid4())
     leaf_id, token = scratch.leaf()
