@@ -4,7 +4,7 @@ Measured on a 2-leaf branch where only leaf 1 uploads in the measured round (eac
 replaces its previous one), so no aggregation runs in the background; the download is of
 the previous round's aggregate, which has the same layout. The round trip is therefore
 the client's own share of a round: encode + upload until the server's 201 (which includes
-the server's receive, validation and fsync) + download + decode. Three paths side by side:
+the server's receive, validation and fsync) + download + decode. Four paths side by side:
 
 - ``ours``: ``Client.upload_weights`` + ``Client.download_aggregate`` into a ``DownloadBuffer``
   kept from one repetition to the next, which is what ``Federation`` (so both callbacks) does;
@@ -16,7 +16,7 @@ the server's receive, validation and fsync) + download + decode. Three paths sid
   ``requests.post(files=...)``, GET the download URL, ``requests.get`` of the blob into
   ``resp.content``, write it to a file, ``np.load`` of every layer;
 - ``floor``: the loopback floor: a stored archive and its whole multipart body prepared in
-  advance, one raw ``http.client`` POST, one raw GET into a buffer allocated in advance, and
+  advance, one raw ``http.client`` POST, one raw GET into a buffer allocated and written in advance, and
   ``np.frombuffer`` views at offsets known in advance.
 """
 

@@ -362,8 +362,7 @@ def decode(
 
     From a writable buffer (a ``bytearray``, or the NumPy-backed ``memoryview`` the client
     downloads into), 64-byte-aligned stored members become writable views of it after a CRC
-    check: no copy. Other members are read into
-    fresh arrays.
+    check: no copy. Other members are read into fresh arrays.
     """
     buffer = memoryview(source).cast("B") if isinstance(source, (bytes, bytearray, memoryview)) else None
     opened = _BufferFile(buffer) if buffer is not None else _open_source(source)

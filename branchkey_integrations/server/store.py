@@ -215,7 +215,7 @@ def fsync_path(path: Path) -> None:
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux: the final fsync does all the writing
+    except (OSError, AttributeError, TypeError):  # not Linux: the final fsync does all the writing
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
