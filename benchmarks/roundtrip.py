@@ -9,15 +9,14 @@ the server's receive, validation and fsync) + download + decode. Four paths side
 - ``ours``: ``Client.upload_weights`` + ``Client.download_aggregate`` into a ``DownloadBuffer``
   kept from one repetition to the next, which is what ``Federation`` (so both callbacks) does;
 - ``ours_fresh``: the same, downloading into new memory each time (``download_aggregate``'s
-  default, and every leaf's first round): the page faults, or huge-page compaction, of a fresh
-  model-sized buffer are included;
+  default, and every leaf's first round): mapping a fresh model-sized buffer is included;
 - ``official``: what ``branchkey`` 2.7.1 does, in-process with this venv's numpy and requests:
   ``np.savez_compressed`` to a file, ``np.load`` of every member (its validate_weight_shape),
   ``requests.post(files=...)``, GET the download URL, ``requests.get`` of the blob into
   ``resp.content``, write it to a file, ``np.load`` of every layer;
 - ``floor``: the loopback floor: a stored archive and its whole multipart body prepared in
-  advance, one raw ``http.client`` POST, one raw GET into a buffer allocated and written in advance, and
-  ``np.frombuffer`` views at offsets known in advance.
+  advance, one raw ``http.client`` POST, one raw GET into a buffer allocated and written in
+  advance, and ``np.frombuffer`` views at offsets known in advance.
 """
 
 from __future__ import annotations
