@@ -22,7 +22,7 @@ from typing import Any
 
 from .simulation.config import SimulationConfig
 from .simulation.frameworks import check_installed
-from .simulation.errors import LeafFailedError, ServerError, SimulationError, Terminated
+from .core.errors import EmbeddedServerError, LeafFailedError, SimulationError, SimulationTerminated
 from .simulation.orchestrator import Simulation
 from .simulation.progress import ProgressHook, RoundProgress, Stage, TerminalProgress
 from .simulation.report import Report, RoundRow, plot_rounds
@@ -77,4 +77,4 @@ def _log_event(event: Stage | RoundProgress) -> None:
 
 
 __all__ = ["run", "SimulationConfig", "Report", "RoundRow", "plot_rounds", "TerminalProgress", "SimulationError",
-           "LeafFailedError", "ServerError", "Terminated"]
+           "LeafFailedError", "EmbeddedServerError", "SimulationTerminated"]

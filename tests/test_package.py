@@ -16,15 +16,31 @@ def test_import_needs_neither_torch_nor_tensorflow_nor_keras():
 
 def test_public_names():
     assert set(branchkey_integrations.__all__) == {"__version__", *branchkey_integrations.core.__all__}
-    expected = {"Client", "Credentials", "DownloadBuffer", "Notification", "BranchKeyError", "CredentialsError", "ArchiveError",
-                "ArchiveTooLargeError", "TransportError", "ApiError", "AuthenticationError", "PermissionDeniedError",
-                "NotFoundError", "RequestRejectedError", "ServerError", "RunBlockedError", "NotificationError",
-                "AggregationTimeoutError"}
+    expected = {"Client", "Credentials", "DownloadBuffer", "Notification", "BranchKeyError", "CredentialsError",
+                "WeightingError", "ArchiveError", "ArchiveTooLargeError", "AggregateMismatchError", "TransportError",
+                "ProtocolError", "ApiError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
+                "RequestRejectedError", "ServerError", "NotificationError", "RunBlockedError", "RunStopped",
+                "AggregationTimeoutError", "LocalServerError", "RecordNotFoundError", "InvalidValueError",
+                "RunNotStartedError", "RoundClosedError", "AggregationError", "BrokerError", "BrokerArgumentError",
+                "SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
     assert set(branchkey_integrations.core.__all__) == expected
     for name in expected:
         assert getattr(branchkey_integrations, name) is getattr(branchkey_integrations.core, name)
     assert all(issubclass(getattr(branchkey_integrations, n), branchkey_integrations.BranchKeyError)
-               for n in expected if n.endswith("Error") and n != "BranchKeyError")
+               for n in expected if n.endswith(("Error", "Stopped", "Terminated")) and n != "BranchKeyError")
+
+
+def test_every_error_class_has_one_home():
+    """No module defines an exception class of its own: the tree lives in core.errors only."""
+    import pathlib
+    import re
+
+    package = pathlib.Path(branchkey_integrations.__file__).parent
+    defined = {path.relative_to(package).as_posix(): re.findall(r"^class (\w+)\((?:[\w.]*Error|Exception)", path.read_text(), re.M)
+               for path in package.rglob("*.py")}
+    elsewhere = {path: names for path, names in defined.items() if names and path != "core/errors.py"}
+    # two boundary signals that never leave their module: an HTTP answer and a CLI exit
+    assert elsewhere == {"server/app.py": ["HttpProblem"], "server/cli.py": ["CliError"]}
 
 
 def test_every_error_survives_pickling_with_its_details():

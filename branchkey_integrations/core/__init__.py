@@ -4,6 +4,6 @@ from .client import Client, DownloadBuffer
 from .credentials import Credentials
 from .errors import *  # noqa: F403 - the exception classes are part of the public surface
 from .errors import __all__ as _error_names
-from .notifications import Notification
+from .protocol import Notification
 
 __all__ = ["Client", "Credentials", "DownloadBuffer", "Notification", *_error_names]

@@ -23,7 +23,6 @@ import logging
 import mmap
 import os
 import queue as queue_module
-import re
 import secrets
 import tempfile
 import threading
@@ -50,28 +49,28 @@ from .errors import (
     BranchKeyError,
     NotFoundError,
     PermissionDeniedError,
+    ProtocolError,
     RequestRejectedError,
     RunBlockedError,
     ServerError,
     TransportError,
 )
-from .notifications import (
+from .notifications import AmqpTransport, NotificationTransport, WebSocketTransport
+from .protocol import (
     AGGREGATION_STATUS,
+    DEFAULT_HOST,
+    METRIC_MODES,
     RUN_STATUS,
-    AmqpTransport,
+    RUN_STATUSES,
     Notification,
-    NotificationTransport,
-    WebSocketTransport,
+    is_file_id,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "https://app.branchkey.com"
 DEFAULT_OUTPUT_DIR = "./aggregated_output"
 TRANSPORTS = ("auto", "amqp", "websocket", "none")
-METRIC_MODES = ("test", "train", "non-federated")
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
-_SAFE_FILE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CHUNK = 1024 * 1024
 Buffer = Union[bytes, memoryview]
 
@@ -355,18 +354,17 @@ class Client:
         try:
             data = response.json()["data"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ApiError(f"{context}: expected JSON {{'data': {{...}}}}, got {response.text[:200]!r}",
-                           response.status_code) from exc
+            raise ProtocolError(f"{context}: expected JSON {{'data': {{...}}}}, got {response.text[:200]!r}") from exc
         if not isinstance(data, dict):
-            raise ApiError(f"{context}: 'data' is not an object: {data!r}", response.status_code)
+            raise ProtocolError(f"{context}: 'data' is not an object: {data!r}")
         return data
 
     # ------------------------------------------------------------- run status
     def get_run_details(self) -> dict[str, Any]:
         """Read the run status and number of this leaf's branch (and remember them)."""
         data = self._data(self._request("GET", f"/api/v1/run/{self.branch_id}"), "run details")
-        if data.get("run_status") not in ("start", "pause", "stop") or not isinstance(data.get("run_number"), int):
-            raise ApiError(f"run details: unexpected answer {data!r}", 200)
+        if data.get("run_status") not in RUN_STATUSES or not isinstance(data.get("run_number"), int):
+            raise ProtocolError(f"run details: unexpected answer {data!r}")
         self._set_run_status(data["run_status"], data["run_number"])
         return data
 
@@ -459,7 +457,7 @@ class Client:
         try:
             return str(data["ticket_id"]), str(data["request_id"])
         except KeyError as exc:
-            raise ApiError(f"WebSocket ticket: missing {exc} in {sorted(data)}", 200) from None
+            raise ProtocolError(f"WebSocket ticket: missing {exc} in {sorted(data)}") from None
 
     # ------------------------------------------------------------------ files
     def convert_pytorch_numpy(self, model: Iterable[Any], weighting: float = 1) -> tuple[float, list[np.ndarray]]:
@@ -553,13 +551,13 @@ class Client:
                                  data=body)
         file_id = self._data(response, "upload").get("file_id")
         if not isinstance(file_id, str) or not file_id:
-            raise ApiError(f"upload: no file_id in {response.text[:200]!r}", response.status_code)
+            raise ProtocolError(f"upload: no file_id in {response.text[:200]!r}")
         logger.info("Uploaded %s (%.2f MB) as %s", filename, size / 1e6, file_id)
         return file_id
 
     @staticmethod
     def _checked_file_id(file_id: str) -> str:
-        if not isinstance(file_id, str) or not _SAFE_FILE_ID.fullmatch(file_id) or ".." in file_id:
+        if not is_file_id(file_id):
             raise ValueError(
                 f"Invalid file_id {file_id!r}: expected letters, digits, '.', '_' or '-' only "
                 "(no path separators or '..')."
@@ -570,7 +568,7 @@ class Client:
         response = self._request("GET", f"/api/v1/file/download/{file_id}", accept="*/*")
         url = self._data(response, "download").get("download_url")
         if not isinstance(url, str) or not url:
-            raise ApiError(f"download: no download_url in {response.text[:200]!r}", response.status_code)
+            raise ProtocolError(f"download: no download_url in {response.text[:200]!r}")
         return url
 
     @contextlib.contextmanager
@@ -594,7 +592,7 @@ class Client:
                 sink.write(chunk)
                 size += len(chunk)
         if size == 0:
-            raise ApiError("download: file not received (empty body)", 200)
+            raise ProtocolError("download: file not received (empty body)")
         return size
 
     def _fetch(self, url: str, buffer: DownloadBuffer) -> memoryview:
@@ -611,11 +609,11 @@ class Client:
                 size = 0
                 for chunk in response.iter_content(_CHUNK):
                     if size + len(chunk) > len(view):
-                        raise ApiError(f"download: more bytes than the declared {declared}", response.status_code)
+                        raise ProtocolError(f"download: more bytes than the declared {declared}")
                     view[size:size + len(chunk)] = chunk
                     size += len(chunk)
         if size == 0:
-            raise ApiError("download: file not received (empty body)", 200)
+            raise ProtocolError("download: file not received (empty body)")
         if size != len(view):
             raise TransportError(f"download: received {size} of {declared} bytes; the connection was cut")
         return view
@@ -754,4 +752,4 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "DownloadBuffer", "MultipartBody", "DEFAULT_HOST", "TRANSPORTS", "METRIC_MODES"]
+__all__ = ["Client", "DownloadBuffer", "MultipartBody", "TRANSPORTS"]

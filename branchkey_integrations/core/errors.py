@@ -1,9 +1,21 @@
-"""The exception classes of branchkey-integrations.
+"""The exception classes of branchkey-integrations: one tree, one meaning per name.
 
 Every error the package raises on purpose derives from :class:`BranchKeyError`, so
 ``except BranchKeyError`` catches them all. Errors of lower layers (``requests``,
-``pika``, ``websockets``) are translated into these at one boundary each (the REST
-client, the notification transports) and kept as ``__cause__``.
+``pika``, ``websockets``) are translated into these at one boundary each (the HTTP
+layer, the notification transports) and kept as ``__cause__``.
+
+The tree, by who raises what:
+
+- a leaf's own input: :class:`CredentialsError`, :class:`WeightingError`, :class:`ArchiveError`
+  (and :class:`ArchiveTooLargeError`, :class:`AggregateMismatchError`);
+- talking to the platform: :class:`TransportError` (unreachable), :class:`ApiError` and its
+  status classes (an error answer), :class:`ProtocolError` (an answer or message that does not
+  follow PROTOCOL.md), :class:`NotificationError` (the channel failed);
+- the round: :class:`RunBlockedError`, :class:`RunStopped`, :class:`AggregationTimeoutError`;
+- ``branchkey-local`` (:class:`LocalServerError`) and its simulation (:class:`SimulationError`).
+
+The module imports nothing, so every layer (server and simulation included) can use it.
 """
 
 from __future__ import annotations
@@ -13,8 +25,15 @@ class BranchKeyError(Exception):
     """Base class of every error raised by branchkey-integrations."""
 
 
+# -- a leaf's own input ------------------------------------------------------------------------
+
+
 class CredentialsError(BranchKeyError, ValueError):
     """Leaf credentials are missing a field or hold a malformed value."""
+
+
+class WeightingError(BranchKeyError, ValueError):
+    """A leaf's weighting is not a finite number > 0 (it is usually the local sample count)."""
 
 
 class ArchiveError(BranchKeyError, ValueError):
@@ -25,8 +44,19 @@ class ArchiveTooLargeError(ArchiveError):
     """An archive exceeds a size or member-count limit (it may be hostile)."""
 
 
+class AggregateMismatchError(ArchiveError):
+    """The aggregate does not fit the local model (layer count, shape, dtype kind, or non-finite values)."""
+
+
+# -- talking to the platform ---------------------------------------------------------------------
+
+
 class TransportError(BranchKeyError):
-    """The platform could not be reached (connection refused, DNS, TLS, timeout)."""
+    """The platform could not be reached (connection refused, DNS, TLS, timeout, a cut connection)."""
+
+
+class ProtocolError(BranchKeyError):
+    """The platform answered, or sent a notification, that does not follow the protocol (PROTOCOL.md)."""
 
 
 class ApiError(BranchKeyError):
@@ -67,31 +97,113 @@ class ServerError(ApiError):
     """5xx that persisted after every retry."""
 
 
+class NotificationError(BranchKeyError):
+    """The notification channel (AMQP or WebSocket) failed and could not reconnect."""
+
+
+# -- the round -----------------------------------------------------------------------------------
+
+
 class RunBlockedError(BranchKeyError):
     """An upload was attempted while the run is not in ``start`` and ``wait_for_run`` is off."""
 
 
-class NotificationError(BranchKeyError):
-    """The notification channel (AMQP or WebSocket) failed and could not reconnect."""
+class RunStopped(BranchKeyError):
+    """The run was stopped on the platform; training should end gracefully, not fail."""
 
 
 class AggregationTimeoutError(BranchKeyError, TimeoutError):
     """No aggregate arrived within the allowed time."""
 
 
+# -- branchkey-local -----------------------------------------------------------------------------
+
+
+class LocalServerError(BranchKeyError):
+    """Base of what ``branchkey-local`` refuses or fails at, independent of HTTP."""
+
+
+class RecordNotFoundError(LocalServerError, LookupError):
+    """No tree, branch, leaf, round or file with that id in the server's store."""
+
+
+class InvalidValueError(LocalServerError, ValueError):
+    """A value given to the server (a name, a count, a run status, an upload) is out of range."""
+
+
+class RunNotStartedError(LocalServerError):
+    """The branch's run is paused or stopped, so the round accepts no upload."""
+
+
+class RoundClosedError(LocalServerError):
+    """The round the upload was meant for has been aggregated or left in the meantime."""
+
+
+class AggregationError(LocalServerError):
+    """A round's uploads could not be aggregated (missing, unreadable or mismatched files)."""
+
+
+class BrokerError(LocalServerError):
+    """RabbitMQ could not be provisioned or reached by ``branchkey-local``."""
+
+
+class BrokerArgumentError(BrokerError, ValueError):
+    """A RabbitMQ URL or setting given to ``branchkey-local`` is malformed."""
+
+
+# -- the simulation ------------------------------------------------------------------------------
+
+
+class SimulationError(BranchKeyError):
+    """The simulation could not finish; the message says what failed and where its log is."""
+
+
+class EmbeddedServerError(SimulationError):
+    """The simulation's embedded server did not start, died, or refused an admin call."""
+
+
+class PartitionError(SimulationError, ValueError):
+    """The training set cannot be split as asked (too many leaves, or a minimum no draw could meet)."""
+
+
+class LeafFailedError(SimulationError):
+    """A leaf (or the centralized baseline) process exited before finishing its job."""
+
+
+class SimulationTerminated(SimulationError):
+    """The simulation received SIGTERM; raised in the main thread so cleanup runs."""
+
+
 __all__ = [
     "BranchKeyError",
     "CredentialsError",
+    "WeightingError",
     "ArchiveError",
     "ArchiveTooLargeError",
+    "AggregateMismatchError",
     "TransportError",
+    "ProtocolError",
     "ApiError",
     "AuthenticationError",
     "PermissionDeniedError",
     "NotFoundError",
     "RequestRejectedError",
     "ServerError",
-    "RunBlockedError",
     "NotificationError",
+    "RunBlockedError",
+    "RunStopped",
     "AggregationTimeoutError",
+    "LocalServerError",
+    "RecordNotFoundError",
+    "InvalidValueError",
+    "RunNotStartedError",
+    "RoundClosedError",
+    "AggregationError",
+    "BrokerError",
+    "BrokerArgumentError",
+    "SimulationError",
+    "EmbeddedServerError",
+    "PartitionError",
+    "LeafFailedError",
+    "SimulationTerminated",
 ]

@@ -22,14 +22,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import wire
-from .client import DEFAULT_HOST, METRIC_MODES, Client, DownloadBuffer
+from .client import Client, DownloadBuffer
+from .protocol import DEFAULT_HOST, METRIC_MODES
 from .credentials import Credentials, CredentialsLike
 from .errors import (
+    AggregateMismatchError,
     AggregationTimeoutError,
     ApiError,
-    ArchiveError,
     BranchKeyError,
     RunBlockedError,
+    RunStopped,
 )
 from .wire import LayerSpec
 
@@ -38,14 +40,6 @@ logger = logging.getLogger(__name__)
 ON_TIMEOUT = ("raise", "continue")
 _POLL_S = 0.1  # how often a waiting round looks at the run status the notifications keep current
 _REFRESH_S = 5.0  # how often a paused round re-reads the run status over REST, in case a notification was lost
-
-
-class AggregateMismatchError(ArchiveError):
-    """The aggregate does not fit the local model (layer count, shape, dtype kind, or non-finite values)."""
-
-
-class RunStopped(BranchKeyError):
-    """The run was stopped on the platform; training should end gracefully, not fail."""
 
 
 @dataclass(frozen=True)

@@ -14,59 +14,16 @@ pika and websockets errors are translated into :class:`NotificationError` here.
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import ssl as ssl_module
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .errors import NotificationError
+from .errors import NotificationError, ProtocolError
+from .protocol import AGGREGATION_STATUS, RUN_STATUS, RUN_STATUSES, Notification, parse_notification
 
 logger = logging.getLogger(__name__)
-
-AGGREGATION_STATUS = "aggregation_status"
-RUN_STATUS = "run_status"
-RUN_STATUSES = ("start", "pause", "stop")
-
-
-@dataclass(frozen=True)
-class Notification:
-    """One message from the platform."""
-
-    message_type: str
-    body: dict[str, Any]
-
-    @property
-    def aggregation_id(self) -> str | None:
-        return self.body.get("aggregation_id") if self.message_type == AGGREGATION_STATUS else None
-
-    @property
-    def run_status(self) -> str | None:
-        return self.body.get("run_status") if self.message_type == RUN_STATUS else None
-
-
-def parse_notification(raw: bytes | str) -> Notification:
-    """Parse and check one message; raise :class:`NotificationError` naming what is wrong."""
-    try:
-        message = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NotificationError(f"Notification is not JSON: {exc}") from exc
-    if not isinstance(message, dict) or not isinstance(message.get("body"), dict):
-        raise NotificationError(f"Expected {{'message_type': ..., 'body': {{...}}}}. Received: {str(raw)[:200]!r}")
-    message_type = message.get("message_type")
-    body = message["body"]
-    if message_type == AGGREGATION_STATUS:
-        if not isinstance(body.get("aggregation_id"), str) or not body["aggregation_id"]:
-            raise NotificationError(f"aggregation_status without an aggregation_id: {body!r}")
-    elif message_type == RUN_STATUS:
-        if body.get("run_status") not in RUN_STATUSES:
-            raise NotificationError(f"run_status must be one of {RUN_STATUSES}. Received: {body!r}")
-    else:
-        raise NotificationError(f"Unknown message_type {message_type!r}; expected {AGGREGATION_STATUS!r} or {RUN_STATUS!r}.")
-    return Notification(message_type, body)
-
 
 Handler = Callable[[Notification], None]
 
@@ -146,7 +103,7 @@ class NotificationTransport(abc.ABC):
     def _deliver(self, raw: bytes | str) -> None:
         try:
             notification = parse_notification(raw)
-        except NotificationError as exc:
+        except ProtocolError as exc:
             logger.error("Dropping a malformed notification: %s", exc)
             return
         assert self._handler is not None

@@ -25,7 +25,7 @@ from typing import BinaryIO, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
-from .errors import ArchiveError, ArchiveTooLargeError
+from .errors import ArchiveError, ArchiveTooLargeError, WeightingError
 
 WEIGHTING_KEY = "weighting"
 KIND_KEY = "__bk_payload_kind__"
@@ -594,9 +594,9 @@ def check_weighting(weighting: float) -> float:
     try:
         value = float(weighting)
     except (TypeError, ValueError):
-        raise ArchiveError(f"weighting must be a number > 0. Received: weighting={weighting!r}") from None
+        raise WeightingError(f"weighting must be a number > 0. Received: weighting={weighting!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise ArchiveError(
+        raise WeightingError(
             f"weighting must be finite and > 0 (usually the local sample count). Received: weighting={weighting!r}"
         )
     return value
@@ -641,7 +641,10 @@ def validate_upload(archive: Archive, expected: Sequence[LayerSpec] | None = Non
     """Everything an upload must satisfy before it may count in a round."""
     if archive.weighting is None:
         raise ArchiveError("Upload has no 'weighting' member; expected a float64 array of shape (1,).")
-    check_weighting(archive.weighting)
+    try:
+        check_weighting(archive.weighting)
+    except WeightingError as exc:  # inside an archive, a bad weighting is a bad archive
+        raise ArchiveError(f"Member 'weighting': {exc}") from None
     if archive.kind != KIND_FEDERATED_LEARNING:
         raise ArchiveError(
             f"Payload kind {archive.kind!r} is not supported; expected {KIND_FEDERATED_LEARNING!r}."

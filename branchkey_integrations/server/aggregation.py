@@ -24,12 +24,8 @@ from typing import Any, BinaryIO, ClassVar, Iterator, Protocol, Sequence
 import numpy as np
 
 from ..core import wire
-from ..core.errors import ArchiveError, BranchKeyError
+from ..core.errors import AggregationError, ArchiveError
 from ..core.wire import LayerSpec
-
-
-class AggregationError(BranchKeyError):
-    """The uploads of a round could not be aggregated (inconsistent or unreadable files)."""
 
 
 class LayerReader(Protocol):
@@ -186,6 +182,6 @@ class _HashingWriter:
 
 
 __all__ = [
-    "AggregationError", "LayerReader", "NpzLayerReader", "Strategy", "FedAvg", "STRATEGIES",
+    "LayerReader", "NpzLayerReader", "Strategy", "FedAvg", "STRATEGIES",
     "get_strategy", "aggregate_files", "cast_like",
 ]

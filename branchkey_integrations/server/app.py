@@ -43,21 +43,21 @@ from typing import Any, Awaitable, Callable, TypeVar
 from aiohttp import BodyPartReader, WSCloseCode, web
 
 from ..core import wire
-from ..core.errors import ArchiveError, ArchiveTooLargeError
-from .aggregation import AggregationError, aggregate_files
-from .notify import Notifier, aggregation_message, run_status_message
-from .store import (
-    Branch,
+from ..core.errors import (
+    AggregationError,
+    ArchiveError,
+    ArchiveTooLargeError,
     InvalidValueError,
-    Leaf,
-    NotFoundError,
+    LocalServerError,
+    RecordNotFoundError,
     RoundClosedError,
     RunNotStartedError,
-    StoreError,
-    Store,
-    UploadInput,
-    start_writeback,
 )
+from ..core.protocol import METRIC_MODES, is_file_id
+from .aggregation import aggregate_files
+from ..core.protocol import aggregation_message, run_status_message
+from .notify import Notifier
+from .store import Branch, Leaf, Store, UploadInput, start_writeback
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,6 @@ T = TypeVar("T")
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 DEFAULT_DOWNLOAD_TTL_S = 15 * 60
 DEFAULT_TICKET_TTL_S = 60
-METRIC_MODES = ("test", "train", "non-federated")
-FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _UNSAFE_PATH = re.compile(r"(^|/)\.\.?(/|$)|%2f|%5c|%2e|\\", re.IGNORECASE)
 _CHUNK = 4 << 20
 _READ_CHUNK = 1 << 20
@@ -242,7 +240,7 @@ class Server:
                     self.store.commit_aggregate, temp, branch_id=branch_id, run_number=run_number,
                     round_index=round_index, specs=specs, size=size, sha256=digest,
                 )
-            except (AggregationError, StoreError, OSError) as exc:
+            except (AggregationError, LocalServerError, OSError) as exc:
                 logger.error("aggregating branch %s run %d round %d failed: %s", branch_id, run_number, round_index, exc)
                 return None
             finally:
@@ -321,7 +319,7 @@ def is_decimal(text: str) -> bool:
 
 
 def check_file_id(file_id: str) -> str:
-    if not FILE_ID_PATTERN.fullmatch(file_id):
+    if not is_file_id(file_id):
         raise HttpProblem(400, f"Invalid file id {file_id[:80]!r}; expected a plain token such as a UUID.")
     return file_id
 
@@ -693,7 +691,7 @@ def admin(handler: Callable[[web.Request, Server], Awaitable[web.Response]]) -> 
         server.authenticate_admin(request)
         try:
             return await handler(request, server)
-        except NotFoundError as exc:
+        except RecordNotFoundError as exc:
             raise HttpProblem(404, str(exc)) from exc
         except InvalidValueError as exc:
             raise HttpProblem(400, str(exc)) from exc

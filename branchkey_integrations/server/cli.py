@@ -22,7 +22,9 @@ from typing import Any, Iterator, Sequence
 import requests
 
 from ..core.errors import BranchKeyError
-from .store import ADMIN_TOKEN_FILE, DB_NAME, RUN_STATUSES, Branch, InvalidValueError, Store, write_private_file
+from ..core.errors import InvalidValueError
+from ..core.protocol import RUN_STATUSES
+from .store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store, write_private_file
 
 logger = logging.getLogger("branchkey_integrations.server")
 
@@ -337,7 +339,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from ..simulate import SimulationConfig, TerminalProgress, Terminated, run
+    from ..simulate import SimulationConfig, TerminalProgress, SimulationTerminated, run
 
     if args.log_level == "INFO":  # the progress display says what these would
         logging.getLogger("branchkey_integrations.simulation").setLevel(logging.WARNING)
@@ -351,7 +353,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("branchkey-local simulate: interrupted; the server and every leaf were stopped", file=sys.stderr)
         return 130
-    except Terminated as exc:
+    except SimulationTerminated as exc:
         print(f"branchkey-local simulate: {exc}; the server and every leaf were stopped", file=sys.stderr)
         return 143
     final = report.final

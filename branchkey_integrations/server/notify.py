@@ -17,21 +17,13 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from aiohttp import web
 
-from ..core.notifications import AGGREGATION_STATUS, RUN_STATUS
+from ..core.errors import BrokerError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .rabbitmq import RabbitMQBroker
     from .store import Leaf
 
 logger = logging.getLogger(__name__)
-
-
-def aggregation_message(aggregation_id: str) -> dict[str, Any]:
-    return {"message_type": AGGREGATION_STATUS, "body": {"aggregation_id": aggregation_id}}
-
-
-def run_status_message(run_status: str) -> dict[str, Any]:
-    return {"message_type": RUN_STATUS, "body": {"run_status": run_status}}
 
 
 class Notifier:
@@ -117,8 +109,6 @@ class Notifier:
     async def _publish_amqp(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
         if self._broker is None:
             return
-        from .rabbitmq import BrokerError
-
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._broker.publish, tree_id, branch_id, message)
@@ -140,4 +130,4 @@ class Notifier:
         await asyncio.gather(self._send_all(sockets, json.dumps(message)), self._publish_amqp(tree_id, branch_id, message))
 
 
-__all__ = ["Notifier", "aggregation_message", "run_status_message", "AGGREGATION_STATUS", "RUN_STATUS"]
+__all__ = ["Notifier"]

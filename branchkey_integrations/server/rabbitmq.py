@@ -54,9 +54,9 @@ import pika
 import pika.exceptions
 import requests
 
-from ..core.errors import BranchKeyError
+from ..core.errors import BrokerArgumentError, BrokerError
 
-__all__ = ["BrokerError", "BrokerArgumentError", "RabbitMQBroker"]
+__all__ = ["RabbitMQBroker"]
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,6 @@ _NOT_RETRIED = (
     pika.exceptions.ProbableAccessDeniedError,
     pika.exceptions.ProbableAuthenticationError,
 )
-
-
-class BrokerError(BranchKeyError):
-    """RabbitMQ could not be reached, refused the credentials, or refused a request."""
-
-
-class BrokerArgumentError(BrokerError, ValueError):
-    """A URL, a name or a message given to :class:`RabbitMQBroker` is invalid."""
 
 
 def mask_url(url: str) -> str:

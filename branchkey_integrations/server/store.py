@@ -44,12 +44,17 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..core.errors import BranchKeyError
+from ..core.errors import (
+    InvalidValueError,
+    RecordNotFoundError,
+    RoundClosedError,
+    RunNotStartedError,
+)
+from ..core.protocol import RUN_STATUSES
 from ..core.wire import LayerSpec
 
 logger = logging.getLogger(__name__)
 
-RUN_STATUSES = ("start", "pause", "stop")
 DB_NAME = "store.sqlite3"
 FILES_DIR = "files"
 ADMIN_TOKEN_FILE = "admin_token"
@@ -88,26 +93,6 @@ CREATE TABLE IF NOT EXISTS metrics (
     branch_id TEXT NOT NULL, tree_id TEXT NOT NULL, data TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS metrics_branch ON metrics(branch_id);
 """
-
-
-class StoreError(BranchKeyError):
-    """A store operation was refused; the subclass says why."""
-
-
-class NotFoundError(StoreError, LookupError):
-    """No tree, branch, leaf or file with that id."""
-
-
-class InvalidValueError(StoreError, ValueError):
-    """An argument is out of range (min_leaves < 1, an unknown run status, ...)."""
-
-
-class RunNotStartedError(StoreError):
-    """An upload arrived while the branch's run is paused or stopped."""
-
-
-class RoundClosedError(StoreError):
-    """The round changed (aggregated, abandoned) between the checks and the commit."""
 
 
 @dataclass(frozen=True)
@@ -344,7 +329,7 @@ class Store:
         branch = Branch(new_id(), tree_id, name, min_leaves, round_deadline_s, "fedavg", "start", 1, stamp, stamp)
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM trees WHERE id = ?", (tree_id,)).fetchone() is None:
-                raise NotFoundError(f"No tree with id {tree_id!r}; create the tree first.")
+                raise RecordNotFoundError(f"No tree with id {tree_id!r}; create the tree first.")
             conn.execute(
                 "INSERT INTO branches VALUES (:id, :tree_id, :name, :min_leaves, :round_deadline_s, :algorithm,"
                 " :run_status, :run_number, :created_at, :updated_at)",
@@ -361,7 +346,7 @@ class Store:
     def require_branch(self, branch_id: str) -> Branch:
         branch = self.get_branch(branch_id)
         if branch is None:
-            raise NotFoundError(f"No branch with id {branch_id!r}.")
+            raise RecordNotFoundError(f"No branch with id {branch_id!r}.")
         return branch
 
     def list_branches(self) -> list[Branch]:
@@ -374,7 +359,7 @@ class Store:
         with self._tx() as conn:
             row = conn.execute("SELECT tree_id FROM branches WHERE id = ?", (branch_id,)).fetchone()
             if row is None:
-                raise NotFoundError(f"No branch with id {branch_id!r}.")
+                raise RecordNotFoundError(f"No branch with id {branch_id!r}.")
             tree = conn.execute("SELECT owner_id FROM trees WHERE id = ?", (row["tree_id"],)).fetchone()
             existing = conn.execute("SELECT COUNT(*) FROM leaves WHERE branch_id = ?", (branch_id,)).fetchone()[0]
             leaves = [
@@ -411,7 +396,7 @@ class Store:
         with self._tx() as conn:
             row = conn.execute("SELECT run_status, run_number FROM branches WHERE id = ?", (branch_id,)).fetchone()
             if row is None:
-                raise NotFoundError(f"No branch with id {branch_id!r}.")
+                raise RecordNotFoundError(f"No branch with id {branch_id!r}.")
             run_number = row["run_number"]
             if status == "stop":
                 conn.execute(
@@ -686,6 +671,5 @@ def _check_branch_settings(name: str, min_leaves: int | None, round_deadline_s: 
 
 
 __all__ = [
-    "Store", "Branch", "Leaf", "Round", "FileRecord", "UploadInput", "StoreError", "NotFoundError",
-    "InvalidValueError", "RunNotStartedError", "RoundClosedError", "RUN_STATUSES", "write_private_file",
+    "Store", "Branch", "Leaf", "Round", "FileRecord", "UploadInput", "write_private_file",
 ]

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import PartitionError
+
 logger = logging.getLogger(__name__)
 
 PARTITIONS = ("iid", "dirichlet")
 NUM_CLASSES = 10
 NUM_FEATURES = 64
 _MAX_DRAWS = 1000  # Dirichlet redraws before giving up on the minimum per leaf
-
-
-class PartitionError(ValueError):
-    """The training set cannot be split as asked (too many leaves, or a minimum no draw could meet)."""
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from typing import Any
 
 import requests
 
-from ..core.errors import BranchKeyError
-from .errors import ServerError
+from ..core.errors import BranchKeyError, EmbeddedServerError
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +63,11 @@ class EmbeddedServer:
                 except requests.ConnectionError:
                     pass
             time.sleep(_POLL_S)
-        raise ServerError(f"branchkey-local did not listen within {self.start_timeout_s:.0f} s; see {self.log_path}")
+        raise EmbeddedServerError(f"branchkey-local did not listen within {self.start_timeout_s:.0f} s; see {self.log_path}")
 
     def check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise ServerError(f"branchkey-local exited with status {self.process.returncode}:\n{self.log_tail()}")
+            raise EmbeddedServerError(f"branchkey-local exited with status {self.process.returncode}:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 2000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
@@ -80,9 +79,9 @@ class EmbeddedServer:
                                       headers={"Authorization": f"Bearer {token}", "accept": "application/json"})
         except requests.RequestException as exc:
             self.check_alive()
-            raise ServerError(f"{method} {path}: branchkey-local did not answer: {exc}") from exc
+            raise EmbeddedServerError(f"{method} {path}: branchkey-local did not answer: {exc}") from exc
         if answer.status_code >= 300:
-            raise ServerError(f"{method} {path} failed with HTTP {answer.status_code}: {answer.text[:500]}")
+            raise EmbeddedServerError(f"{method} {path} failed with HTTP {answer.status_code}: {answer.text[:500]}")
         return answer.json()["data"]
 
     def create_branch(self, leaves: int) -> tuple[str, list[dict[str, str]]]:

@@ -19,7 +19,7 @@ from .leaf import EventReader, LeafJob
 from .local_server import EmbeddedServer
 from .progress import ProgressHook, RoundTracker, Stage
 from .report import LeafSummary, Report, RoundRow
-from .errors import SimulationError
+from ..core.errors import SimulationError
 from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Iterator
 
-from .errors import LeafFailedError, Terminated
+from ..core.errors import LeafFailedError, SimulationTerminated
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Supervisor:
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while inside, so ``finally`` blocks stop the children.
+    """Turn SIGTERM into :class:`SimulationTerminated` while inside, so ``finally`` blocks stop the children.
 
     Only the main thread can set signal handlers; elsewhere this does nothing.
     """
@@ -101,7 +101,7 @@ def sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated("received SIGTERM")
+        raise SimulationTerminated("received SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

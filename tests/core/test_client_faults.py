@@ -18,6 +18,7 @@ from branchkey_integrations.core import wire
 from branchkey_integrations.core.client import DownloadBuffer
 from branchkey_integrations.core.errors import (
     ApiError,
+    ProtocolError,
     AuthenticationError,
     RunBlockedError,
     ServerError,
@@ -113,10 +114,11 @@ def test_unreachable_host_is_a_transport_error_with_the_cause_kept():
     assert excinfo.value.__cause__ is not None
 
 
-def test_non_json_answer_is_an_api_error(scripted):
+def test_non_json_answer_is_a_protocol_error(scripted):
     server = scripted({"/api/v1/run/b": [(200, b"<html>proxy page</html>")]})
-    with pytest.raises(ApiError, match="expected JSON"):
+    with pytest.raises(ProtocolError, match="expected JSON") as refused:
         client_for(server)
+    assert not isinstance(refused.value, ApiError)  # the answer was 200: not an error status
 
 
 def test_upload_sends_the_protocol_exactly(scripted, tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from branchkey_integrations.core.errors import AggregationTimeoutError, ArchiveError
-from branchkey_integrations.core.federation import AggregateMismatchError, Federation, RunStopped
+from branchkey_integrations.core.errors import AggregateMismatchError, RunStopped
+from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.wire import LayerSpec
 
 from ..conftest import wait_until

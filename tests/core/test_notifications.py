@@ -2,8 +2,9 @@
 
 import pytest
 
-from branchkey_integrations.core.errors import NotificationError
-from branchkey_integrations.core.notifications import Backoff, parse_notification
+from branchkey_integrations.core.errors import ProtocolError
+from branchkey_integrations.core.notifications import Backoff
+from branchkey_integrations.core.protocol import aggregation_message, encode_message, parse_notification, run_status_message
 
 
 def test_both_message_types_parse():
@@ -19,8 +20,15 @@ def test_both_message_types_parse():
     ('{"message_type": "aggregation_status", "body": {}}', "without an aggregation_id"),
 ])
 def test_malformed_notifications_are_refused(raw, message):
-    with pytest.raises(NotificationError, match=message):
+    with pytest.raises(ProtocolError, match=message):
         parse_notification(raw)
+
+
+def test_what_the_server_builds_the_client_parses():
+    assert parse_notification(encode_message(aggregation_message("a-9"))).aggregation_id == "a-9"
+    assert parse_notification(encode_message(run_status_message("stop"))).run_status == "stop"
+    with pytest.raises(ValueError, match="run_status"):
+        run_status_message("halt")
 
 
 def test_backoff_grows_exponentially_to_a_cap_and_resets():

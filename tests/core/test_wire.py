@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from branchkey_integrations.core import wire
-from branchkey_integrations.core.errors import ArchiveError, ArchiveTooLargeError
+from branchkey_integrations.core.errors import ArchiveError, ArchiveTooLargeError, WeightingError
 
 
 def layers(n=12, seed=0):
@@ -109,8 +109,9 @@ def test_limits_stop_zip_bombs_and_member_floods():
 
 @pytest.mark.parametrize("weighting", [0, -1.0, float("nan"), float("inf"), "ten"])
 def test_bad_weighting_is_refused(weighting):
-    with pytest.raises(ArchiveError, match="weighting"):
+    with pytest.raises(WeightingError, match="weighting") as refused:
         wire.check_weighting(weighting)
+    assert not isinstance(refused.value, ArchiveError)  # no archive exists yet: not an archive error
 
 
 def test_validate_upload_names_the_mismatching_layer():

@@ -13,7 +13,7 @@ import pytest
 
 from branchkey_integrations import Client
 from branchkey_integrations.core.errors import AggregationTimeoutError, RequestRejectedError
-from branchkey_integrations.core.federation import AggregateMismatchError
+from branchkey_integrations.core.errors import AggregateMismatchError
 from branchkey_integrations.core.wire import Archive
 from branchkey_integrations.keras import BranchKeyKerasCallback, federated_variables, to_numpy
 

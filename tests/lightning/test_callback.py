@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from branchkey_integrations.core.errors import CredentialsError
 from branchkey_integrations.core.errors import BranchKeyError, RequestRejectedError
-from branchkey_integrations.core.federation import AggregateMismatchError
+from branchkey_integrations.core.errors import AggregateMismatchError
 from branchkey_integrations.lightning import BranchKeyCallback, _Outcome, _portable, federated_tensors, to_numpy
 
 from .models import Stream, TinyModel, dataset, trainer

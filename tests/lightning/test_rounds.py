@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from branchkey_integrations import Client
 from branchkey_integrations.core.errors import AggregationTimeoutError
-from branchkey_integrations.core.federation import AggregateMismatchError
+from branchkey_integrations.core.errors import AggregateMismatchError
 from branchkey_integrations.core.wire import Archive
 from branchkey_integrations.lightning import BranchKeyCallback, federated_tensors
 

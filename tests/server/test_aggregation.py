@@ -11,7 +11,8 @@ import pytest
 
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.wire import LayerSpec
-from branchkey_integrations.server.aggregation import AggregationError, FedAvg, aggregate_files
+from branchkey_integrations.core.errors import AggregationError
+from branchkey_integrations.server.aggregation import FedAvg, aggregate_files
 
 
 class MemoryUpload:

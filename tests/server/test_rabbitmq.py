@@ -21,7 +21,8 @@ import pytest
 import requests
 
 from branchkey_integrations.core.errors import BranchKeyError
-from branchkey_integrations.server.rabbitmq import BrokerArgumentError, BrokerError, RabbitMQBroker
+from branchkey_integrations.core.errors import BrokerArgumentError, BrokerError
+from branchkey_integrations.server.rabbitmq import RabbitMQBroker
 
 from ..conftest import AMQP_URL, MANAGEMENT_URL
 

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 from branchkey_integrations.core import wire
-from branchkey_integrations.server.store import (
+from branchkey_integrations.core.errors import (
     InvalidValueError,
-    NotFoundError,
+    RecordNotFoundError,
     RoundClosedError,
     RunNotStartedError,
-    Store,
-    start_writeback,
 )
+from branchkey_integrations.server.store import Store, start_writeback
 
 
 @pytest.fixture
@@ -181,7 +180,7 @@ def test_invalid_values_and_missing_ids(store: Store) -> None:
         store.create_branch(tree["id"], "b", min_leaves=0)
     with pytest.raises(InvalidValueError, match="round_deadline_s"):
         store.create_branch(tree["id"], "b", round_deadline_s=-1)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(RecordNotFoundError):
         store.create_branch("nope", "b")
     branch = store.create_branch(tree["id"], "b")
     with pytest.raises(InvalidValueError, match="run_status"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from branchkey_integrations.simulation.data import PartitionError, Split, load_digits_split, partition
+from branchkey_integrations.core.errors import PartitionError
+from branchkey_integrations.simulation.data import Split, load_digits_split, partition
 
 
 @pytest.fixture(scope="module")

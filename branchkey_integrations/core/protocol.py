@@ -1,0 +1,129 @@
+"""The wire vocabulary of PROTOCOL.md, shared by the leaf client and ``branchkey-local``.
+
+Both sides import these names, so a message type, a run status, a metric mode, the file-id
+rule or an API path is defined once: what the server builds, the client parses. The module
+needs nothing beyond the standard library.
+
+Example:
+    >>> message = aggregation_message("f00d")
+    >>> parse_notification(encode_message(message)).aggregation_id
+    'f00d'
+    >>> is_file_id("../etc/passwd"), is_file_id("3f2a-9b.npz")
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+
+DEFAULT_HOST = "https://app.branchkey.com"
+
+# -- run status -----------------------------------------------------------------------------------
+START, PAUSE, STOP = "start", "pause", "stop"
+RUN_STATUSES = (START, PAUSE, STOP)
+
+# -- metrics --------------------------------------------------------------------------------------
+METRIC_MODES = ("test", "train", "non-federated")
+
+# -- file ids -------------------------------------------------------------------------------------
+#: A file id is a plain token: letters, digits, '.', '_' and '-', starting with a letter or digit,
+#: at most 128 characters, never '..': it names a file on disk on both sides.
+FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_file_id(text: object) -> bool:
+    """Whether ``text`` is a safe file id (see :data:`FILE_ID_PATTERN`)."""
+    return isinstance(text, str) and FILE_ID_PATTERN.fullmatch(text) is not None and ".." not in text
+
+
+# -- API paths ------------------------------------------------------------------------------------
+API_PREFIX = "/api/v1"
+ADMIN_PREFIX = "/admin/v1"
+RUN_PATH = API_PREFIX + "/run/{branch_id}"
+UPLOAD_PATH = API_PREFIX + "/file/upload"
+DOWNLOAD_PATH = API_PREFIX + "/file/download/{file_id}"
+BLOB_PATH = API_PREFIX + "/file/blob/{file_id}"  # branchkey-local's signed download URL
+METRICS_PATH = API_PREFIX + "/performance/analysis"
+BRANCH_CONFIG_PATH = API_PREFIX + "/config/branch/{branch_id}"
+WS_TICKET_PATH = API_PREFIX + "/ws/ticket"
+WS_PATH = API_PREFIX + "/ws"
+
+#: upload headers of the 3.x client, checked by a server that receives them
+FILE_SIZE_HEADER = "x-bk-file-size"
+FILE_DIGEST_HEADER = "x-bk-file-digest"
+
+# -- notifications --------------------------------------------------------------------------------
+AGGREGATION_STATUS = "aggregation_status"
+RUN_STATUS = "run_status"
+MESSAGE_TYPES = (AGGREGATION_STATUS, RUN_STATUS)
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One message from the platform: ``message_type`` and its ``body``."""
+
+    message_type: str
+    body: dict[str, Any]
+
+    @property
+    def aggregation_id(self) -> str | None:
+        return self.body.get("aggregation_id") if self.message_type == AGGREGATION_STATUS else None
+
+    @property
+    def run_status(self) -> str | None:
+        return self.body.get("run_status") if self.message_type == RUN_STATUS else None
+
+
+def aggregation_message(aggregation_id: str) -> dict[str, Any]:
+    """``aggregation_status``: the aggregate ``aggregation_id`` is ready to download."""
+    return {"message_type": AGGREGATION_STATUS, "body": {"aggregation_id": aggregation_id}}
+
+
+def run_status_message(run_status: str) -> dict[str, Any]:
+    """``run_status``: the branch's run is now ``run_status``."""
+    if run_status not in RUN_STATUSES:
+        raise ValueError(f"Expected run_status in {RUN_STATUSES}. Received: run_status={run_status!r}")
+    return {"message_type": RUN_STATUS, "body": {"run_status": run_status}}
+
+
+def encode_message(message: dict[str, Any]) -> str:
+    """The JSON text a transport carries."""
+    return json.dumps(message)
+
+
+def parse_notification(raw: bytes | str) -> Notification:
+    """Parse and check one message; raise :class:`ProtocolError` naming what is wrong.
+
+    Fields a body carries beyond the ones checked here are kept (the official clients ignore them).
+    """
+    try:
+        message = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"Notification is not JSON: {exc}") from exc
+    if not isinstance(message, dict) or not isinstance(message.get("body"), dict):
+        raise ProtocolError(f"Expected {{'message_type': ..., 'body': {{...}}}}. Received: {str(raw)[:200]!r}")
+    message_type = message.get("message_type")
+    body = message["body"]
+    if message_type == AGGREGATION_STATUS:
+        if not isinstance(body.get("aggregation_id"), str) or not body["aggregation_id"]:
+            raise ProtocolError(f"aggregation_status without an aggregation_id: {body!r}")
+    elif message_type == RUN_STATUS:
+        if body.get("run_status") not in RUN_STATUSES:
+            raise ProtocolError(f"run_status must be one of {RUN_STATUSES}. Received: {body!r}")
+    else:
+        raise ProtocolError(f"Unknown message_type {message_type!r}; expected one of {MESSAGE_TYPES}.")
+    return Notification(message_type, body)
+
+
+__all__ = [
+    "DEFAULT_HOST", "START", "PAUSE", "STOP", "RUN_STATUSES", "METRIC_MODES", "FILE_ID_PATTERN", "is_file_id",
+    "API_PREFIX", "ADMIN_PREFIX", "RUN_PATH", "UPLOAD_PATH", "DOWNLOAD_PATH", "BLOB_PATH", "METRICS_PATH",
+    "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
+    "AGGREGATION_STATUS", "RUN_STATUS", "MESSAGE_TYPES", "Notification", "aggregation_message",
+    "run_status_message", "encode_message", "parse_notification",
+]
