@@ -38,7 +38,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``branchkey-local`` as a user would."""
-    result = subprocess.run([sys.executable, "-m", "branchkey_integrations.server.cli", *args],
+    result = subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", *args],
                             capture_output=True, text=True, timeout=120)
     if check and result.returncode != 0:
         raise AssertionError(f"branchkey-local {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -62,7 +62,7 @@ class LocalServer:
     def start(self, timeout: float = 30) -> "LocalServer":
         info = self.data_dir / "server.json"
         info.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "branchkey_integrations.server.cli", "serve",
+        args = [sys.executable, "-m", "branchkey_integrations.cli", "serve",
                 "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.amqp_url:
             args += ["--amqp-url", self.amqp_url, "--amqp-management-url", MANAGEMENT_URL]

@@ -106,6 +106,21 @@ class Notifier:
             )
             logger.info("provisioned AMQP queue for leaf %s", leaf.id)
 
+    async def forget_tree(self, tree_id: str, leaves: Iterable["Leaf"]) -> bool:
+        """Delete the tree's broker state: each leaf's user and queue, then the tree's vhost.
+
+        Returns False when the server has no broker (nothing to delete). Raises BrokerError when
+        RabbitMQ refuses; missing pieces are fine, so a repeat succeeds.
+        """
+        if self._broker is None:
+            return False
+        loop = asyncio.get_running_loop()
+        for leaf in leaves:
+            await loop.run_in_executor(self._executor, self._broker.remove_leaf, tree_id, leaf.id)
+        await loop.run_in_executor(self._executor, self._broker.remove_tree, tree_id)
+        logger.info("removed tree %s from RabbitMQ", tree_id)
+        return True
+
     async def _publish_amqp(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
         if self._broker is None:
             return

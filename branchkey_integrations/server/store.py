@@ -23,13 +23,17 @@ Run semantics (per branch):
 
 Each method is one short transaction; a single connection guarded by a lock serves every
 thread, which is plenty for metadata (the heavy bytes never pass through SQLite).
+
+The module owns the SQL and the data directory's layout; the row types live in
+:mod:`~branchkey_integrations.server.records` and the fsync/rename primitives in
+:mod:`~branchkey_integrations.server.durable`. It stays one module on purpose: every query
+shares the schema, the lock and the write order above, and splitting it by table would spread
+one transaction (an upload touches files, uploads and rounds) across modules.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
 import logging
 import os
 import secrets
@@ -37,12 +41,9 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
-
-import numpy as np
+from typing import Any, Iterator, Sequence
 
 from ..core.errors import (
     InvalidValueError,
@@ -52,13 +53,14 @@ from ..core.errors import (
 )
 from ..core.protocol import RUN_STATUSES
 from ..core.wire import LayerSpec
+from .durable import TEMP_PREFIX, fsync_path, write_private_file
+from .records import Branch, FileRecord, Leaf, Round, UploadInput, specs_from_json, specs_to_json
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "store.sqlite3"
 FILES_DIR = "files"
 ADMIN_TOKEN_FILE = "admin_token"
-TEMP_PREFIX = ".tmp-"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,149 +97,12 @@ CREATE INDEX IF NOT EXISTS metrics_branch ON metrics(branch_id);
 """
 
 
-@dataclass(frozen=True)
-class Branch:
-    id: str
-    tree_id: str
-    name: str
-    min_leaves: int | None
-    round_deadline_s: float | None
-    algorithm: str
-    run_status: str
-    run_number: int
-    created_at: str
-    updated_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Leaf:
-    id: str
-    name: str
-    session_token: str
-    owner_id: str
-    tree_id: str
-    branch_id: str
-
-    def credentials(self) -> dict[str, str]:
-        """The six credential fields, token included: hand out only to the leaf's owner."""
-        return {k: getattr(self, k) for k in ("id", "name", "session_token", "owner_id", "tree_id", "branch_id")}
-
-    def public(self) -> dict[str, str]:
-        return {k: getattr(self, k) for k in ("id", "name", "owner_id", "tree_id", "branch_id")}
-
-
-@dataclass(frozen=True)
-class Round:
-    branch_id: str
-    run_number: int
-    round_index: int
-    status: str
-    aggregate_id: str | None
-    first_upload_at: float | None
-    opened_at: str
-    closed_at: str | None
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    id: str
-    kind: str
-    branch_id: str
-    leaf_id: str | None
-    run_number: int
-    round_index: int
-    path: str
-    size: int
-    sha256: str
-    specs: str
-    metadata: str | None
-    created_at: str
-
-    @property
-    def layer_specs(self) -> list[LayerSpec]:
-        return specs_from_json(self.specs)
-
-
-@dataclass(frozen=True)
-class UploadInput:
-    """One upload counted in a round: what aggregation needs."""
-
-    leaf_id: str
-    file_id: str
-    path: Path
-    weighting: float
-    specs: list[LayerSpec]
-
-
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-def specs_to_json(specs: Sequence[LayerSpec]) -> str:
-    return json.dumps([{"dtype": s.dtype.str, "shape": list(s.shape)} for s in specs])
-
-
-def specs_from_json(text: str) -> list[LayerSpec]:
-    return [LayerSpec(tuple(item["shape"]), np.dtype(item["dtype"])) for item in json.loads(text)]
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path (a directory fsync makes a rename durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError, TypeError):  # not Linux: the final fsync does all the writing
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int) -> bool:
-    """Have the kernel start writing ``fd``'s dirty pages to disk now, without waiting for them.
-
-    Called while a large upload is still arriving, so the disk works in parallel with the
-    network and the fsync that makes the file durable finds little left to write (0.12 s less
-    per 376 MB upload here). Linux only; elsewhere the fsync does it all. Purely a hint: it
-    returns whether the kernel took it, and a refusal changes nothing but speed.
-    """
-    return _sync_file_range is not None and _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Write ``text`` atomically to ``path`` with mode 0600 (credentials, tokens)."""
-    path = Path(path)
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fsync_path(path.parent)
 
 
 class Store:
@@ -320,6 +185,12 @@ class Store:
     def list_trees(self) -> list[dict[str, str]]:
         return [dict(row) for row in self._query("SELECT * FROM trees ORDER BY created_at")]
 
+    def require_tree(self, tree_id: str) -> dict[str, str]:
+        rows = self._query("SELECT * FROM trees WHERE id = ?", (tree_id,))
+        if not rows:
+            raise RecordNotFoundError(f"No tree with id {tree_id!r}.")
+        return dict(rows[0])
+
     def create_branch(
         self, tree_id: str, name: str, *, min_leaves: int | None = None, round_deadline_s: float | None = None
     ) -> Branch:
@@ -381,10 +252,15 @@ class Store:
         )
         return Leaf(**dict(rows[0])) if rows else None
 
-    def list_leaves(self, branch_id: str | None = None) -> list[Leaf]:
+    def list_leaves(self, branch_id: str | None = None, *, tree_id: str | None = None) -> list[Leaf]:
+        """Leaves of one branch, of one tree, or (neither given) all of them."""
         sql = "SELECT id, name, session_token, owner_id, tree_id, branch_id FROM leaves"
-        rows = self._query(sql + " WHERE branch_id = ? ORDER BY created_at, name", (branch_id,)) if branch_id \
-            else self._query(sql + " ORDER BY created_at, name")
+        if branch_id:
+            rows = self._query(sql + " WHERE branch_id = ? ORDER BY created_at, name", (branch_id,))
+        elif tree_id:
+            rows = self._query(sql + " WHERE tree_id = ? ORDER BY created_at, name", (tree_id,))
+        else:
+            rows = self._query(sql + " ORDER BY created_at, name")
         return [Leaf(**dict(row)) for row in rows]
 
     # -- runs and rounds ------------------------------------------------------------------
@@ -671,5 +547,5 @@ def _check_branch_settings(name: str, min_leaves: int | None, round_deadline_s: 
 
 
 __all__ = [
-    "Store", "Branch", "Leaf", "Round", "FileRecord", "UploadInput", "write_private_file",
+    "Store", "Branch", "Leaf", "Round", "FileRecord", "UploadInput", "DB_NAME", "FILES_DIR", "ADMIN_TOKEN_FILE",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 import requests
 
 from ..core.errors import BranchKeyError, EmbeddedServerError
+from ..core.protocol import ADMIN_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class EmbeddedServer:
 
     def start(self) -> "EmbeddedServer":
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        command = [sys.executable, "-m", "branchkey_integrations.server.cli", "--log-level", "WARNING", "serve",
+        command = [sys.executable, "-m", "branchkey_integrations.cli", "--log-level", "WARNING", "serve",
                    "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", "0"]
         if self.amqp_url:
             command += ["--amqp-url", self.amqp_url]
@@ -92,21 +93,15 @@ class EmbeddedServer:
         return branch["id"], created["leaves"]
 
     def forget_broker_leaves(self, credentials: list[dict[str, str]]) -> None:
-        """Delete the broker users, queues and vhost made for this run's leaves: a simulation is
-        throwaway, and their passwords should not outlive it."""
+        """Have the server delete the broker users, queues and vhost it made for this run's leaves:
+        a simulation is throwaway, and their passwords should not outlive it."""
         if not self.amqp_url:
             return
-        from ..server.rabbitmq import RabbitMQBroker
-
-        try:
-            broker = RabbitMQBroker(self.amqp_url)
-            for leaf in credentials:
-                broker.remove_leaf(leaf["tree_id"], leaf["id"])
-            for tree_id in {leaf["tree_id"] for leaf in credentials}:
-                broker.remove_tree(tree_id)
-            broker.close()
-        except BranchKeyError as exc:  # cleanup must not hide the run's result
-            logger.warning("Could not remove the simulation's leaves from the broker: %s", exc)
+        for tree_id in sorted({leaf["tree_id"] for leaf in credentials}):
+            try:
+                self.admin("DELETE", f"{ADMIN_PREFIX}/trees/{tree_id}/broker")
+            except BranchKeyError as exc:  # cleanup must not hide the run's result
+                logger.warning("Could not remove the simulation's leaves from the broker: %s", exc)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (the server finishes what it holds and removes server.json), SIGKILL if it lingers."""

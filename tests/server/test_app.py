@@ -302,7 +302,7 @@ def test_signed_urls_expire_and_resist_tampering(live) -> None:
     assert requests.get(url, timeout=10).content == content
     server = live.thread.server
     past = int(time.time()) - 1
-    expired = f"{live.url}/api/v1/file/blob/{file_id}?expires={past}&signature={server.sign(file_id, past)}"
+    expired = f"{live.url}/api/v1/file/blob/{file_id}?expires={past}&signature={server.auth.sign(file_id, past)}"
     tampered = url[:-1] + ("0" if url[-1] != "0" else "1")
     later = int(time.time()) + 10_000
     moved = url.split("?")[0] + f"?expires={later}&signature={url.rsplit('=', 1)[1]}"
@@ -432,12 +432,12 @@ def test_rounds_complete_when_the_server_died_before_aggregating(tmp_path: Path,
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "branchkey_integrations.server.cli", *args],
+    return subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", *args],
                           capture_output=True, text=True, timeout=60)
 
 
 def serve(data_dir: Path, wait: bool = True) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "branchkey_integrations.server.cli", "--log-level", "WARNING",
+    process = subprocess.Popen([sys.executable, "-m", "branchkey_integrations.cli", "--log-level", "WARNING",
                                 "serve", "--data-dir", str(data_dir), "--port", "0"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     info = data_dir / "server.json"
@@ -493,7 +493,7 @@ def test_cli_run_offline_and_through_a_live_server(tmp_path: Path) -> None:
         assert requests.get(run_url, headers=headers, timeout=10).json()["data"] == {"run_status": "pause", "run_number": 1}
         status = cli("status", "--data-dir", str(data_dir))
         assert url in status.stdout and "run_status pause" in status.stdout
-        second = subprocess.run([sys.executable, "-m", "branchkey_integrations.server.cli", "serve", "--data-dir",
+        second = subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", "serve", "--data-dir",
                                  str(data_dir), "--port", "0"], capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "already serves" in second.stderr
     finally:

@@ -17,7 +17,8 @@ from branchkey_integrations.core.errors import (
     RoundClosedError,
     RunNotStartedError,
 )
-from branchkey_integrations.server.store import Store, start_writeback
+from branchkey_integrations.server.durable import start_writeback
+from branchkey_integrations.server.store import Store
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_a_dead_leaf_fails_the_run_and_every_process_is_stopped():
 
 
 def simulate_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "branchkey_integrations.server.cli", "simulate", *args],
+    return subprocess.Popen([sys.executable, "-m", "branchkey_integrations.cli", "simulate", *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

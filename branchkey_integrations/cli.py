@@ -1,0 +1,373 @@
+"""``branchkey-local``: set up, serve and steer a local BranchKey-compatible server, or simulate.
+
+Commands: ``init`` (tree, branch and leaf credential files), ``serve`` (run the server),
+``run start|pause|stop`` (through the live server's admin API when one serves the data
+directory, so leaves are notified; else directly in the store), ``status``, and ``simulate``
+(an embedded server and N leaf processes, see :mod:`branchkey_integrations.simulate`).
+
+The module sits above both :mod:`branchkey_integrations.server` and the simulation: it imports
+them, never the other way round. aiohttp and the simulation's dependencies are imported only by
+the commands that need them, so ``init``, ``run`` and ``status`` work without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import requests
+
+from .core.errors import BranchKeyError, InvalidValueError
+from .core.protocol import ADMIN_PREFIX, RUN_STATUSES
+from .server.durable import write_private_file
+from .server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
+
+logger = logging.getLogger("branchkey_integrations.server")
+
+SERVER_FILE = "server.json"
+LOCK_FILE = "server.lock"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="branchkey-local", description="A local BranchKey-compatible server for federated learning.",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{init,serve,run,status,simulate}")
+
+    init = commands.add_parser("init", help="create a tree, a branch and N leaves; write credential files")
+    init.add_argument("--data-dir", required=True, help="the server's data directory (created if missing)")
+    init.add_argument("--leaves", type=_positive_int, required=True, help="number of leaves to create")
+    init.add_argument("--credentials-dir", required=True, help="where leaf_1.json, leaf_2.json, ... are written")
+    init.add_argument("--min-leaves", type=_positive_int, help="uploads that complete a round (default: all leaves)")
+    init.add_argument("--round-deadline", type=_positive_float, metavar="S",
+                      help="aggregate what is there S seconds after a round's first upload")
+    init.add_argument("--branch-name", default="main")
+    init.add_argument("--host-url", help="the URL leaves will use (printed in the summary)")
+    init.add_argument("--force", action="store_true", help="overwrite existing leaf_*.json files")
+    init.set_defaults(func=cmd_init)
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--data-dir", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (see <data-dir>/server.json)")
+    serve.add_argument("--amqp-url", help="publish notifications to RabbitMQ too, e.g. amqp://guest:guest@127.0.0.1:5672/")
+    serve.add_argument("--amqp-management-url", help="RabbitMQ management API (default http://<amqp host>:15672)")
+    serve.add_argument("--public-url", help="base URL put in download links (default: the Host the client used)")
+    serve.add_argument("--max-upload-bytes", type=_positive_int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    run = commands.add_parser("run", help="start, pause or stop a branch's run")
+    run.add_argument("status", choices=RUN_STATUSES)
+    run.add_argument("--data-dir", required=True)
+    run.add_argument("--branch-id", help="needed only when the store holds several branches")
+    run.set_defaults(func=cmd_run)
+
+    status = commands.add_parser("status", help="show branches, run status and rounds")
+    status.add_argument("--data-dir", required=True)
+    status.set_defaults(func=cmd_status)
+    add_simulate_parser(commands)
+    return parser
+
+
+def add_simulate_parser(commands: Any) -> None:
+    simulate = commands.add_parser(
+        "simulate", help="federated training on this machine: an embedded server, N leaf processes, a report",
+        description="Start an embedded branchkey-local, create a branch of N leaves, train each leaf in its own "
+                    "process with the real callback on a share of the digits data set, and compare the federated "
+                    "model with local-only training and a centralized baseline.")
+    simulate.add_argument("--framework", choices=["lightning", "keras"], default="lightning")
+    simulate.add_argument("--leaves", type=_positive_int, default=3)
+    simulate.add_argument("--rounds", type=_positive_int, default=5)
+    simulate.add_argument("--epochs-per-round", type=_positive_int, default=5)
+    simulate.add_argument("--partition", choices=["iid", "dirichlet"], default="iid",
+                          help="how the training data is split across leaves (dirichlet: label skew)")
+    simulate.add_argument("--alpha", type=_positive_float, default=0.5,
+                          help="Dirichlet concentration: small = few classes per leaf (default 0.5)")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--amqp-url", help="notify leaves over RabbitMQ instead of WebSocket")
+    simulate.add_argument("--output", default="branchkey-simulation", metavar="DIR",
+                          help="where report.json and accuracy.png are written (default ./branchkey-simulation)")
+    simulate.set_defaults(func=cmd_simulate)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, received {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, received {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, BranchKeyError) as exc:  # BrokerError, StoreError: one line, no traceback
+        print(f"branchkey-local {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+# -- live server ----------------------------------------------------------------------------
+
+
+def live_server(data_dir: Path) -> tuple[str, str] | None:
+    """(url, admin token) of the server that serves ``data_dir``, if one answers."""
+    try:
+        info = json.loads((data_dir / SERVER_FILE).read_text(encoding="utf-8"))
+        token = (data_dir / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
+        os.kill(int(info["pid"]), 0)
+        answer = requests.get(info["url"] + ADMIN_PREFIX + "/branches", headers=_admin_headers(token), timeout=3)
+    except (OSError, ValueError, KeyError, TypeError, requests.RequestException):
+        return None
+    return (info["url"], token) if answer.status_code == 200 else None
+
+
+def _admin_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "accept": "application/json"}
+
+
+def admin_call(live: tuple[str, str], method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    url, token = live
+    try:
+        answer = requests.request(method, url + path, json=body, headers=_admin_headers(token), timeout=30)
+    except requests.RequestException as exc:
+        raise CliError(f"the server at {url} did not answer {method} {path}: {exc}") from exc
+    payload = answer.json() if answer.content else {}
+    if answer.status_code >= 300:
+        raise CliError(f"{method} {path} failed with HTTP {answer.status_code}: {payload.get('error', answer.text)}")
+    return payload["data"]
+
+
+def open_existing_store(data_dir: Path) -> Store:
+    if not (data_dir / DB_NAME).exists():
+        raise CliError(f"{data_dir} holds no branchkey-local store; create one with 'branchkey-local init'.")
+    return Store(data_dir)
+
+
+# -- init -----------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    out = Path(args.credentials_dir)
+    targets = [out / f"leaf_{i}.json" for i in range(1, args.leaves + 1)]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not args.force:
+        raise CliError(f"credential file(s) already exist: {', '.join(existing[:3])}; use --force or another --credentials-dir.")
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    live = live_server(data_dir)
+    branch, leaves = _init_via_server(live, args) if live else _init_in_store(data_dir, args)
+    for path, credentials in zip(targets, leaves):
+        write_private_file(path, json.dumps(credentials, indent=2) + "\n")
+    print(f"branch  {branch['id']} ({branch['name']}, tree {branch['tree_id']}), run_status {branch['run_status']}")
+    print(f"rounds  complete with {branch['min_leaves'] or 'all'} of {args.leaves} leaves"
+          + (f", deadline {branch['round_deadline_s']} s" if branch["round_deadline_s"] else ""))
+    for path in targets:
+        print(f"leaf    {path}")
+    if args.host_url:
+        print(f"host    leaves connect to {args.host_url}")
+    if not live:
+        print(f"serve   branchkey-local serve --data-dir {data_dir}")
+    return 0
+
+
+def _init_in_store(data_dir: Path, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    store = Store(data_dir)
+    try:
+        tree = store.create_tree("local")
+        branch = store.create_branch(tree["id"], args.branch_name, min_leaves=args.min_leaves,
+                                     round_deadline_s=args.round_deadline)
+        leaves = store.create_leaves(branch.id, args.leaves)
+    finally:
+        store.close()
+    return branch.to_dict(), [leaf.credentials() for leaf in leaves]
+
+
+def _init_via_server(live: tuple[str, str], args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Create through the admin API so a server with a broker provisions the new leaves."""
+    tree = admin_call(live, "POST", f"{ADMIN_PREFIX}/trees", {"name": "local"})
+    branch = admin_call(live, "POST", f"{ADMIN_PREFIX}/trees/{tree['id']}/branches", {
+        "name": args.branch_name, "min_leaves": args.min_leaves, "round_deadline_s": args.round_deadline})
+    leaves = admin_call(live, "POST", f"{ADMIN_PREFIX}/branches/{branch['id']}/leaves", {"count": args.leaves})
+    return branch, leaves["leaves"]
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with exclusive_lock(data_dir / LOCK_FILE):
+        asyncio.run(serve(args, data_dir))
+    return 0
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """One server per data directory: two would both aggregate and clean up each other's files."""
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CliError(f"another branchkey-local server already serves {path.parent}.") from None
+        yield
+
+
+async def serve(args: argparse.Namespace, data_dir: Path) -> None:
+    from aiohttp import web
+
+    from .server.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+
+    try:
+        app = create_app(data_dir, amqp_url=args.amqp_url, amqp_management_url=args.amqp_management_url,
+                         public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        try:
+            await web.TCPSite(runner, args.host, args.port).start()
+        except OSError as exc:
+            raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+        url = f"http://{_client_host(args.host)}:{runner.addresses[0][1]}"
+        write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        logger.info("branchkey-local serving %s on %s", data_dir, url)
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / SERVER_FILE).unlink()
+        await runner.cleanup()
+
+
+def _client_host(host: str) -> str:
+    """The host a local client should dial for a bind address (a wildcard is not dialable)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# -- run, status ----------------------------------------------------------------------------
+
+
+def resolve_branch(store: Store, branch_id: str | None) -> Branch:
+    if branch_id:
+        return store.require_branch(branch_id)
+    branches = store.list_branches()
+    if len(branches) != 1:
+        listed = ", ".join(f"{b.id} ({b.name})" for b in branches) or "none"
+        raise CliError(f"the store holds {len(branches)} branches ({listed}); pass --branch-id.")
+    return branches[0]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    store = open_existing_store(data_dir)
+    try:
+        branch = resolve_branch(store, args.branch_id)
+        live = live_server(data_dir)
+        if live is None:
+            branch = store.set_run_status(branch.id, args.status)
+            result = {"run_status": branch.run_status, "run_number": branch.run_number}
+            how = "in the store (no live server; leaves learn it when they next ask)"
+        else:
+            result = admin_call(live, "POST", f"{ADMIN_PREFIX}/branches/{branch.id}/run", {"run_status": args.status})
+            how = f"through {live[0]} (leaves notified)"
+    except InvalidValueError as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        store.close()
+    print(f"branch {branch.id}: run_status {result['run_status']}, run_number {result['run_number']}, set {how}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    store = open_existing_store(data_dir)
+    try:
+        live = live_server(data_dir)
+        print(f"server  {live[0] if live else 'not running'}")
+        for branch in store.list_branches():
+            leaves = store.list_leaves(branch.id)
+            print(f"branch  {branch.id} ({branch.name}): run_status {branch.run_status}, run {branch.run_number}, "
+                  f"{len(leaves)} leaves, round needs {store.required_uploads(branch)}")
+            for item in store.list_rounds(branch.id)[-5:]:
+                print(f"  run {item['run_number']} round {item['round_index']}: {item['status']}, "
+                      f"{item['upload_count']} upload(s), aggregate {item['aggregate_id'] or '-'}")
+    finally:
+        store.close()
+    return 0
+
+
+# -- simulate -------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import SimulationConfig, TerminalProgress, SimulationTerminated, run
+
+    if args.log_level == "INFO":  # the progress display says what these would
+        logging.getLogger("branchkey_integrations.simulation").setLevel(logging.WARNING)
+    try:
+        config = SimulationConfig(framework=args.framework, leaves=args.leaves, rounds=args.rounds,
+                                  epochs_per_round=args.epochs_per_round, partition=args.partition,
+                                  alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url)
+        report = run(config, output=args.output, progress=TerminalProgress())
+    except (ValueError, ImportError) as exc:
+        raise CliError(str(exc)) from exc
+    except KeyboardInterrupt:
+        print("branchkey-local simulate: interrupted; the server and every leaf were stopped", file=sys.stderr)
+        return 130
+    except SimulationTerminated as exc:
+        print(f"branchkey-local simulate: {exc}; the server and every leaf were stopped", file=sys.stderr)
+        return 143
+    final = report.final
+    print(f"\n{report.table()}\n")
+    print(f"after {config.rounds} rounds: federated {final.global_accuracy:.1%}, local-only (mean) "
+          f"{final.local_accuracy:.1%}, centralized {final.centralized_accuracy:.1%}; took {report.elapsed_s:.0f} s")
+    print(f"report  {report.files['report']}\nplot    {report.files['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

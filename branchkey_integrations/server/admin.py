@@ -1,0 +1,141 @@
+"""The admin API of branchkey-local (``/admin/v1``, ``Authorization: Bearer {admin_token}``).
+
+Trees, branches and leaves are created here; runs are started, paused and stopped here (the
+CLI's ``run`` goes through it when a server is live, so leaves are notified); rounds, uploads,
+aggregates and metrics can be read. ``DELETE /admin/v1/trees/{tree_id}/broker`` removes what
+the server made for a tree in RabbitMQ (leaf users and queues, the tree's vhost), so a
+throwaway tree (a demo run's, say) leaves nothing behind on a shared broker.
+
+Handlers only translate between HTTP and the store or the round state machine; store errors
+(:class:`RecordNotFoundError`, :class:`InvalidValueError`) become 404 and 400 in the one table
+of :mod:`~branchkey_integrations.server.httpio`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ..core.errors import BrokerError
+from ..core.protocol import ADMIN_PREFIX
+from .httpio import HttpProblem, ok, read_json_object
+from .state import Server, server_of
+from .store import Store
+
+AdminHandler = Callable[[web.Request, Server], Awaitable[web.Response]]
+
+
+def admin(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Wrap an admin handler: check the admin token, then hand it the server."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.Response:
+        server = server_of(request)
+        server.auth.authenticate_admin(request)
+        return await handler(request, server)
+
+    return wrapped
+
+
+@admin
+async def create_tree(request: web.Request, server: Server) -> web.Response:
+    body = await read_json_object(request)
+    tree = await server.blocking(server.store.create_tree, body.get("name", "local"), body.get("owner_id"))
+    return ok(tree, status=201)
+
+
+@admin
+async def list_trees(request: web.Request, server: Server) -> web.Response:
+    return ok({"trees": await server.blocking(server.store.list_trees)})
+
+
+@admin
+async def remove_tree_broker(request: web.Request, server: Server) -> web.Response:
+    """Delete the tree's broker state; the tree stays in the store (a restart provisions it again)."""
+    tree = await server.blocking(server.store.require_tree, request.match_info["tree_id"])
+    leaves = await server.blocking(server.store.list_leaves, tree_id=tree["id"])
+    try:
+        removed = await server.notifier.forget_tree(tree["id"], leaves)
+    except BrokerError as exc:
+        raise HttpProblem(502, f"RabbitMQ refused to remove tree {tree['id']}: {exc}") from exc
+    return ok({"tree_id": tree["id"], "amqp": removed, "leaves": len(leaves) if removed else 0})
+
+
+@admin
+async def create_branch(request: web.Request, server: Server) -> web.Response:
+    body = await read_json_object(request)
+    branch = await server.blocking(
+        server.store.create_branch, request.match_info["tree_id"], body.get("name", "main"),
+        min_leaves=body.get("min_leaves"), round_deadline_s=body.get("round_deadline_s"),
+    )
+    return ok(branch.to_dict(), status=201)
+
+
+@admin
+async def list_branches(request: web.Request, server: Server) -> web.Response:
+    branches = await server.blocking(server.store.list_branches)
+    return ok({"branches": [b.to_dict() for b in branches]})
+
+
+@admin
+async def get_branch(request: web.Request, server: Server) -> web.Response:
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    leaves = await server.blocking(server.store.list_leaves, branch.id)
+    return ok({**branch.to_dict(), "leaves": [leaf.public() for leaf in leaves],
+               "connected_websockets": server.notifier.connected(branch.id)})
+
+
+@admin
+async def create_leaves(request: web.Request, server: Server) -> web.Response:
+    body = await read_json_object(request)
+    leaves = await server.blocking(
+        server.store.create_leaves, request.match_info["branch_id"], body.get("count", 1),
+        name_prefix=str(body.get("name_prefix", "leaf")),
+    )
+    await server.notifier.provision(leaves)
+    return ok({"leaves": [leaf.credentials() for leaf in leaves]}, status=201)
+
+
+@admin
+async def list_leaves(request: web.Request, server: Server) -> web.Response:
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    return ok({"leaves": [leaf.public() for leaf in await server.blocking(server.store.list_leaves, branch.id)]})
+
+
+@admin
+async def set_run(request: web.Request, server: Server) -> web.Response:
+    body = await read_json_object(request)
+    branch = await server.rounds.set_run_status(request.match_info["branch_id"], body.get("run_status"))
+    return ok({"branch_id": branch.id, "run_status": branch.run_status, "run_number": branch.run_number})
+
+
+def _listing(name: str, fetch: Callable[[Store, str], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    @admin
+    async def handler(request: web.Request, server: Server) -> web.Response:
+        branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+        return ok({name: await server.blocking(fetch, server.store, branch.id)})
+
+    handler.__name__ = f"list_{name}"
+    return handler
+
+
+def add_admin_routes(app: web.Application) -> None:
+    trees, branches = ADMIN_PREFIX + "/trees", ADMIN_PREFIX + "/branches"
+    app.router.add_post(trees, create_tree)
+    app.router.add_get(trees, list_trees)
+    app.router.add_delete(trees + "/{tree_id}/broker", remove_tree_broker)
+    app.router.add_post(trees + "/{tree_id}/branches", create_branch)
+    app.router.add_get(branches, list_branches)
+    app.router.add_get(branches + "/{branch_id}", get_branch)
+    app.router.add_post(branches + "/{branch_id}/leaves", create_leaves)
+    app.router.add_get(branches + "/{branch_id}/leaves", list_leaves)
+    app.router.add_post(branches + "/{branch_id}/run", set_run)
+    app.router.add_get(branches + "/{branch_id}/rounds", _listing("rounds", Store.list_rounds))
+    app.router.add_get(branches + "/{branch_id}/uploads", _listing("uploads", Store.list_uploads))
+    app.router.add_get(branches + "/{branch_id}/aggregates", _listing("aggregates", lambda s, b: s.list_files(b, "aggregate")))
+    app.router.add_get(branches + "/{branch_id}/metrics", _listing("metrics", Store.list_metrics))
+
+
+__all__ = ["add_admin_routes"]

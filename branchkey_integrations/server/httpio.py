@@ -1,0 +1,128 @@
+"""How branchkey-local answers over HTTP: the bodies, the error signal, and the one error middleware.
+
+Every answer is ``{"data": ...}`` or, on failure, ``{"error": text}`` with a status
+(PROTOCOL.md). Handlers raise :class:`HttpProblem` for what is HTTP's own business
+(authentication, access, malformed requests); the round logic, the upload receiver and the
+store raise the domain errors of :mod:`branchkey_integrations.core.errors`, and
+:data:`DOMAIN_STATUSES` is the single table that turns those into statuses. Leaf routes and
+admin routes both rely on it, which is why it lives here rather than in either of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ..core.errors import (
+    ArchiveError,
+    ArchiveTooLargeError,
+    InvalidValueError,
+    RecordNotFoundError,
+    RoundClosedError,
+    RunNotStartedError,
+)
+from ..core.protocol import is_file_id
+
+logger = logging.getLogger(__name__)
+
+_UNSAFE_PATH = re.compile(r"(^|/)\.\.?(/|$)|%2f|%5c|%2e|\\", re.IGNORECASE)
+
+#: domain error -> HTTP status, most specific class first; the error's text becomes ``{"error": ...}``.
+#: Anything not listed (a BrokerError, a bug) is logged and answered 500.
+DOMAIN_STATUSES: tuple[tuple[type[Exception], int], ...] = (
+    (RecordNotFoundError, 404),
+    (ArchiveTooLargeError, 413),
+    (ArchiveError, 400),
+    (InvalidValueError, 400),
+    (RunNotStartedError, 409),
+    (RoundClosedError, 409),
+)
+_DOMAIN_ERRORS = tuple(cls for cls, _ in DOMAIN_STATUSES)
+
+
+class HttpProblem(Exception):
+    """An error answer: the status and the text for ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response({"data": data}, status=status)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def domain_status(exc: Exception) -> int:
+    """The status :data:`DOMAIN_STATUSES` gives ``exc`` (which must be one of its classes)."""
+    return next(status for cls, status in DOMAIN_STATUSES if isinstance(exc, cls))
+
+
+def is_decimal(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` accepts '²', which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
+def check_file_id(file_id: str) -> str:
+    if not is_file_id(file_id):
+        raise HttpProblem(400, f"Invalid file id {file_id[:80]!r}; expected a plain token such as a UUID.")
+    return file_id
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The raw body as a JSON object, whatever the Content-Type (the metrics call sends none)."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw.decode("utf-8")) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HttpProblem(400, f"Body is not JSON ({exc}); expected a JSON object.") from exc
+    if not isinstance(body, dict):
+        raise HttpProblem(400, f"Body is JSON {type(body).__name__}; expected a JSON object.")
+    return body
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every failure becomes ``{"error": text}`` with its status; unexpected ones are logged as 500."""
+    try:
+        if _UNSAFE_PATH.search(request.raw_path.split("?", 1)[0]):
+            raise HttpProblem(400, "Request path holds '.', '..' or an encoded separator; ids are plain tokens.")
+        return await handler(request)
+    except HttpProblem as exc:
+        return error_response(exc.status, exc.message)
+    except _DOMAIN_ERRORS as exc:
+        return error_response(domain_status(exc), str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}. {_route_hint(exc.status)}")
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "Internal server error; the server log has the details.")
+
+
+def _route_hint(status: int) -> str:
+    if status == 404:
+        return "Expected a route of PROTOCOL.md under /api/v1 or the admin API under /admin/v1."
+    if status == 405:
+        return "The route exists but not for this method."
+    if status == 413:
+        return "The body is larger than the server accepts."
+    return ""
+
+
+__all__ = [
+    "HttpProblem", "DOMAIN_STATUSES", "ok", "error_response", "domain_status", "is_decimal", "check_file_id",
+    "read_json_object", "error_middleware",
+]

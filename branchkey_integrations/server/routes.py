@@ -1,0 +1,174 @@
+"""The leaf API of PROTOCOL.md over HTTP: run details, upload, download, metrics, config, WebSocket.
+
+Every call but the signed blob download and the WebSocket itself carries
+``Authorization: Bearer {leaf_id}:{session_token}`` (:mod:`~branchkey_integrations.server.auth`).
+The handlers only translate: a request becomes calls on the store, the upload receiver and the
+round state machine; their results become ``{"data": ...}``. Refusals of those layers are
+domain errors that :mod:`~branchkey_integrations.server.httpio` maps to statuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+from aiohttp import web
+
+from ..core.protocol import (
+    BLOB_PATH,
+    BRANCH_CONFIG_PATH,
+    DOWNLOAD_PATH,
+    METRIC_MODES,
+    METRICS_PATH,
+    RUN_PATH,
+    UPLOAD_PATH,
+    WS_PATH,
+    WS_TICKET_PATH,
+)
+from .httpio import HttpProblem, check_file_id, ok, read_json_object
+from .records import Leaf
+from .state import server_of
+from .uploads import decode_upload, receive_upload
+
+
+def require_own_branch(leaf: Leaf, branch_id: str) -> None:
+    if branch_id != leaf.branch_id:
+        raise HttpProblem(403, f"Leaf {leaf.id} belongs to branch {leaf.branch_id}, not {branch_id[:80]!r}.")
+
+
+async def run_details(request: web.Request) -> web.Response:
+    server = server_of(request)
+    leaf = await server.auth.authenticate(request)
+    require_own_branch(leaf, request.match_info["branch_id"])
+    branch = await server.blocking(server.store.require_branch, leaf.branch_id)
+    return ok({"run_status": branch.run_status, "run_number": branch.run_number})
+
+
+async def branch_config(request: web.Request) -> web.Response:
+    server = server_of(request)
+    leaf = await server.auth.authenticate(request)
+    require_own_branch(leaf, request.match_info["branch_id"])
+    branch = await server.blocking(server.store.require_branch, leaf.branch_id)
+    return ok({
+        "branch": {"id": branch.id, "name": branch.name, "tree_id": branch.tree_id},
+        "service": {
+            "algorithm": branch.algorithm,
+            "config": {"min_leaves": branch.min_leaves, "round_deadline_s": branch.round_deadline_s},
+        },
+        "model_config": {},
+        "created_at": branch.created_at,
+        "updated_at": branch.updated_at,
+    })
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    server = server_of(request)
+    leaf = await server.auth.authenticate(request)
+    branch = await server.blocking(server.store.require_branch, leaf.branch_id)
+    server.rounds.check_accepting(branch)  # refuse before reading a body of hundreds of MB
+    limits = server.config.upload_limits
+    temp = server.store.new_temp_path()
+    try:
+        upload = await receive_upload(request, temp, limits, server.workers)
+        archive = await decode_upload(upload.path, limits, server.workers)
+        try:
+            file_id = await server.rounds.accept_upload(
+                leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
+            )
+        finally:
+            archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    return ok({"file_id": file_id}, status=201)
+
+
+async def download_file(request: web.Request) -> web.Response:
+    server = server_of(request)
+    leaf = await server.auth.authenticate(request)
+    file_id = check_file_id(request.match_info["file_id"])
+    record = await server.blocking(server.store.get_file, file_id)
+    if record is None or record.branch_id != leaf.branch_id:
+        raise HttpProblem(404, f"No file {file_id} in branch {leaf.branch_id}; expected an aggregation id or your own upload id.")
+    if record.kind == "upload" and record.leaf_id != leaf.id:
+        raise HttpProblem(403, f"File {file_id} is another leaf's upload; a leaf may download aggregates and its own uploads.")
+    expires = int(time.time()) + server.config.download_ttl_s
+    base = (server.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
+    url = f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
+    return ok({"download_url": url})
+
+
+async def download_blob(request: web.Request) -> web.StreamResponse:
+    server = server_of(request)
+    file_id = check_file_id(request.match_info["file_id"])
+    server.auth.check_signature(file_id, request.query.get("expires", ""), request.query.get("signature", ""))
+    record = await server.blocking(server.store.get_file, file_id)
+    if record is None:
+        raise HttpProblem(404, f"No file {file_id}.")
+    return web.FileResponse(
+        server.store.file_path(record),
+        headers={"Content-Type": "application/octet-stream",
+                 "Content-Disposition": f'attachment; filename="{file_id}.npz"'},
+    )
+
+
+async def performance_analysis(request: web.Request) -> web.Response:
+    server = server_of(request)
+    leaf = await server.auth.authenticate(request)
+    body = await read_json_object(request)
+    mode = body.get("mode")
+    if mode not in METRIC_MODES:
+        raise HttpProblem(400, f"Expected mode in {list(METRIC_MODES)}. Received: mode={mode!r}")
+    for key, own in (("leaf_id", leaf.id), ("branch_id", leaf.branch_id), ("tree_id", leaf.tree_id)):
+        if body.get(key) != own:
+            raise HttpProblem(403, f"{key} {str(body.get(key))[:80]!r} does not match the authenticated leaf ({own}).")
+    data = body.get("data")
+    if isinstance(data, str):
+        try:
+            json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise HttpProblem(400, f"'data' is not JSON text ({exc}); expected e.g. '{{\"accuracy\": 0.9}}'.") from exc
+    elif isinstance(data, (dict, list)):
+        data = json.dumps(data)
+    else:
+        raise HttpProblem(400, f"Expected 'data' to be JSON text of the metrics. Received: {type(data).__name__}")
+    aggregation_id = body.get("aggregation_id")
+    aggregation_id = None if aggregation_id is None else str(aggregation_id)
+    metric_id = await server.blocking(server.store.add_metric, mode=mode, aggregation_id=aggregation_id, leaf=leaf, data=data)
+    return ok({"id": metric_id}, status=201)
+
+
+async def ws_ticket(request: web.Request) -> web.Response:
+    server = server_of(request)
+    ticket = server.auth.issue_ticket(await server.auth.authenticate(request))
+    expires_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ticket.expires_at))
+    return ok({"ticket_id": ticket.id, "request_id": ticket.request_id, "expires_at": expires_iso})
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    server = server_of(request)
+    leaf = server.auth.redeem_ticket(request.query.get("ticket", ""), request.query.get("request_id", ""))
+    socket = web.WebSocketResponse(heartbeat=30)
+    await socket.prepare(request)
+    server.notifier.register(leaf, socket)
+    try:
+        async for _ in socket:
+            pass  # clients only listen; anything they send is ignored
+    finally:
+        server.notifier.unregister(leaf, socket)
+    return socket
+
+
+def add_leaf_routes(app: web.Application) -> None:
+    app.router.add_get(RUN_PATH, run_details)
+    app.router.add_post(UPLOAD_PATH, upload_file)
+    app.router.add_get(DOWNLOAD_PATH, download_file)
+    app.router.add_get(BLOB_PATH, download_blob)
+    app.router.add_post(METRICS_PATH, performance_analysis)
+    app.router.add_get(BRANCH_CONFIG_PATH, branch_config)
+    app.router.add_post(WS_TICKET_PATH, ws_ticket)
+    app.router.add_get(WS_PATH, websocket)
+
+
+__all__ = ["add_leaf_routes"]

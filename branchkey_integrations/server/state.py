@@ -1,0 +1,88 @@
+"""What every handler of one branchkey-local app shares: its settings and its services.
+
+:class:`ServerConfig` holds the limits, checked once when the app is created.
+:class:`Server` builds one of each service over one store (worker threads, authentication,
+the round state machine, notifications) and is stored in the app under :data:`SERVER`,
+where the leaf routes, the admin routes and the lifecycle find it.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from aiohttp import web
+
+from ..core import wire
+from .auth import Auth
+from .notify import Notifier
+from .rounds import Rounds
+from .store import Store
+from .uploads import UploadLimits
+from .workers import Workers
+
+T = TypeVar("T")
+
+DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
+DEFAULT_DOWNLOAD_TTL_S = 15 * 60
+DEFAULT_TICKET_TTL_S = 60
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and settings of one server; checked once, when the app is created."""
+
+    public_url: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_members: int = wire.DEFAULT_MAX_MEMBERS
+    max_total_bytes: int = wire.DEFAULT_MAX_TOTAL_BYTES
+    download_ttl_s: int = DEFAULT_DOWNLOAD_TTL_S
+    ticket_ttl_s: int = DEFAULT_TICKET_TTL_S
+    deadline_check_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_members", "max_total_bytes", "download_ttl_s", "ticket_ttl_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected {name} to be an integer >= 1. Received: {name}={value!r}")
+        if not 0 < self.deadline_check_interval_s <= 60:
+            raise ValueError(
+                f"Expected deadline_check_interval_s in (0, 60]. Received: {self.deadline_check_interval_s!r}"
+            )
+        if self.public_url is not None and not re.match(r"https?://[^/]+", self.public_url):
+            raise ValueError(f"Expected public_url like 'http://host:port'. Received: public_url={self.public_url!r}")
+
+    @property
+    def upload_limits(self) -> UploadLimits:
+        return UploadLimits(self.max_upload_bytes, self.max_members, self.max_total_bytes)
+
+
+class Server:
+    """The services of one app: store, notifier, worker threads, authentication and rounds."""
+
+    def __init__(self, store: Store, notifier: Notifier, executor: ThreadPoolExecutor, config: ServerConfig) -> None:
+        self.store = store
+        self.notifier = notifier
+        self.config = config
+        self.workers = Workers(executor)
+        self.auth = Auth(store, self.workers, ticket_ttl_s=config.ticket_ttl_s)
+        self.rounds = Rounds(store, notifier, self.workers, deadline_check_interval_s=config.deadline_check_interval_s)
+
+    async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work (SQLite, archives, aggregation) in a worker thread."""
+        return await self.workers.blocking(fn, *args, **kwargs)
+
+
+SERVER = web.AppKey("server", Server)
+
+
+def server_of(request: web.Request) -> Server:
+    return request.app[SERVER]
+
+
+__all__ = [
+    "ServerConfig", "Server", "SERVER", "server_of", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_DOWNLOAD_TTL_S",
+    "DEFAULT_TICKET_TTL_S",
+]

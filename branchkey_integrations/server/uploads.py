@@ -1,0 +1,253 @@
+"""Receipt of an upload body: stream it to disk, check its integrity, decode and validate it.
+
+The upload call is multipart (PROTOCOL.md): part ``file`` holds the NPZ bytes (tens to hundreds
+of MB), part ``data`` a small JSON text. Part ``file`` is streamed to a temporary file in the
+store's files directory, hashed on the way and written by a worker thread while the next chunk
+arrives; the 3.x client's ``x-bk-file-size`` and ``x-bk-file-digest`` headers are checked
+against what arrived; the archive is then decoded from a memory map, off the event loop, within
+the server's member and size limits.
+
+A refusal is a domain error, like everywhere below the HTTP handlers: a malformed body is an
+:class:`InvalidValueError` (400), one over a limit an :class:`ArchiveTooLargeError` (413). The
+texts name what was received and what was expected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import mmap
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from ..core import wire
+from ..core.errors import ArchiveError, ArchiveTooLargeError, InvalidValueError
+from ..core.protocol import FILE_DIGEST_HEADER, FILE_SIZE_HEADER
+from .durable import start_writeback
+from .httpio import is_decimal
+from .workers import Workers
+
+_CHUNK = 4 << 20
+_READ_CHUNK = 1 << 20
+_DRAIN_LIMIT = 256 * 1024**2
+_DATA_PART_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """How large an upload may be: bytes on the wire, archive members, and decoded bytes."""
+
+    max_upload_bytes: int
+    max_members: int
+    max_total_bytes: int
+
+
+@dataclass
+class ReceivedUpload:
+    """An upload body on disk: the file, its size and SHA-256, and the metadata of part ``data``."""
+
+    path: Path
+    size: int
+    sha256: bytes
+    metadata: str | None = None
+
+
+async def receive_upload(request: web.Request, temp: Path, limits: UploadLimits, workers: Workers) -> ReceivedUpload:
+    """Stream the multipart body's part ``file`` to ``temp`` and check it against the integrity headers.
+
+    Raises:
+        InvalidValueError: the body is malformed or does not match its headers.
+        ArchiveTooLargeError: the body is larger than ``limits.max_upload_bytes``.
+    """
+    declared_size, declared_digest = parse_integrity_headers(request, limits.max_upload_bytes)
+    upload, data_text = await receive_multipart(request, temp, limits.max_upload_bytes, workers)
+    check_integrity(upload, declared_size, declared_digest)
+    upload.metadata = parse_data_part(data_text)
+    return upload
+
+
+def parse_integrity_headers(request: web.Request, limit: int) -> tuple[int | None, bytes | None]:
+    """``x-bk-file-size`` and ``x-bk-file-digest: sha256=<base64>`` (3.x sends them; both optional)."""
+    size: int | None = None
+    digest: bytes | None = None
+    raw_size = request.headers.get(FILE_SIZE_HEADER)
+    if raw_size is not None:
+        if not is_decimal(raw_size.strip()):
+            raise InvalidValueError(f"x-bk-file-size must be a byte count. Received: {raw_size[:40]!r}")
+        size = int(raw_size)
+        if size > limit:
+            raise ArchiveTooLargeError(f"Upload of {size} bytes is larger than this server's limit of {limit} bytes.")
+    raw_digest = request.headers.get(FILE_DIGEST_HEADER)
+    if raw_digest is not None:
+        algorithm, _, encoded = raw_digest.strip().partition("=")
+        try:
+            digest = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            digest = b""
+        if algorithm.lower() != "sha256" or len(digest) != 32:
+            raise InvalidValueError(f"x-bk-file-digest must be 'sha256=<base64 of the SHA-256>'. Received: {raw_digest[:80]!r}")
+    return size, digest
+
+
+async def receive_multipart(request: web.Request, temp: Path, limit: int, workers: Workers) -> tuple[ReceivedUpload, str | None]:
+    """Stream part ``file`` to ``temp`` (hashing as it goes); return it with the text of part ``data``."""
+    if not request.content_type.startswith("multipart/"):
+        raise InvalidValueError(
+            f"Expected a multipart/form-data body with parts 'file' and 'data'. Received: {request.content_type!r}"
+        )
+    received: ReceivedUpload | None = None
+    data_text: str | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or part.name not in ("file", "data"):
+                await part.release()
+            elif part.name == "file":
+                if received is not None:
+                    raise InvalidValueError("The multipart body holds part 'file' twice; expected it once.")
+                received = await stream_part_to_file(request, part, temp, limit, workers)
+            else:
+                data_text = await read_small_part(part, _DATA_PART_LIMIT)
+    except (InvalidValueError, ArchiveError):
+        raise  # ours, and ValueErrors too: not to be mistaken for the parser's below
+    except ValueError as exc:  # aiohttp's multipart parser reports a malformed body as ValueError
+        raise InvalidValueError(
+            f"Malformed multipart body ({exc}); expected multipart/form-data with parts 'file' and 'data'."
+        ) from exc
+    if received is None:
+        raise InvalidValueError("The multipart body has no part 'file'; expected the NPZ bytes in part 'file'.")
+    return received, data_text
+
+
+async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: Path, limit: int,
+                              workers: Workers) -> ReceivedUpload:
+    """Write while reading: each batch of chunks goes to disk in a worker while the next one arrives.
+
+    Chunks are read at 1 MiB (aiohttp copies each into a window with the previous one to find
+    the boundary: small chunks keep those copies in cache) and handed over as a list, not joined.
+    """
+    digest = hashlib.sha256()
+    size = batched = 0
+    batch: list[bytes] = []
+    pending: asyncio.Future[None] | None = None
+    with open(temp, "wb") as out:
+        try:
+            while chunk := await part.read_chunk(_READ_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    await drain(request)
+                    raise ArchiveTooLargeError(f"Upload is larger than this server's limit of {limit} bytes.")
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _CHUNK:
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(workers.blocking(_write_and_hash, out, digest, batch))
+                    batch, batched = [], 0
+        finally:
+            if pending is not None:
+                await pending
+        await workers.blocking(_write_and_hash, out, digest, batch)
+    return ReceivedUpload(temp, size, digest.digest())
+
+
+def _write_and_hash(out: Any, digest: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        digest.update(chunk)
+    out.writelines(chunks)
+    out.flush()
+    start_writeback(out.fileno())
+
+
+async def drain(request: web.Request) -> None:
+    """Read and drop the rest of a refused body so the client sees our answer, not a reset."""
+    dropped = 0
+    while dropped < _DRAIN_LIMIT and (chunk := await request.content.readany()):
+        dropped += len(chunk)
+
+
+async def read_small_part(part: BodyPartReader, limit: int) -> str:
+    data = bytearray()
+    while chunk := await part.read_chunk(65536):
+        data += chunk
+        if len(data) > limit:
+            raise InvalidValueError(f"Part {part.name!r} is larger than {limit} bytes; expected a small JSON text.")
+    try:
+        return data.decode(part.get_charset(default="utf-8"))
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise InvalidValueError(f"Part {part.name!r} is not UTF-8 text: {exc}") from exc
+
+
+def check_integrity(upload: ReceivedUpload, size: int | None, digest: bytes | None) -> None:
+    if size is not None and size != upload.size:
+        raise InvalidValueError(
+            f"x-bk-file-size says {size} bytes but part 'file' holds {upload.size}; the upload is incomplete or altered."
+        )
+    if digest is not None and not hmac.compare_digest(digest, upload.sha256):
+        raise InvalidValueError(
+            f"x-bk-file-digest does not match part 'file' (received sha256={base64.b64encode(upload.sha256).decode()}); "
+            "the upload was altered in transit."
+        )
+
+
+def parse_data_part(text: str | None) -> str | None:
+    """The upload's metadata as text: a string as sent (2.7.1 sends non-JSON), anything else as JSON."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidValueError(
+            f"Part 'data' is not JSON ({exc}); expected {{\"leaf_name\": ..., \"metadata\": ...}}."
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidValueError("Part 'data' must be a JSON object {\"leaf_name\": ..., \"metadata\": ...}.")
+    metadata = data.get("metadata")
+    if metadata is None or isinstance(metadata, str):
+        return metadata
+    return json.dumps(metadata)
+
+
+async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> wire.Archive:
+    """Decode the archive at ``path`` within ``limits``, in a worker thread.
+
+    Raises:
+        ArchiveTooLargeError: too many members or too many decoded bytes.
+        InvalidValueError: not a readable, safe NPZ archive.
+    """
+    try:
+        return await workers.blocking(
+            _decode_mapped, path, max_members=limits.max_members, max_total_bytes=limits.max_total_bytes
+        )
+    except ArchiveTooLargeError as exc:
+        raise ArchiveTooLargeError(f"Upload rejected: {exc}") from exc
+    except ArchiveError as exc:
+        raise InvalidValueError(f"Upload rejected: {exc}") from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, OSError) as exc:
+        # wire.decode translates only BadZipFile; a corrupt deflate stream or an encrypted member lands here.
+        raise InvalidValueError(
+            f"Upload rejected: not a readable NPZ archive ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def _decode_mapped(path: Path, **limits: int) -> wire.Archive:
+    """Decode from a read-only memory map: stored layers are views of the page cache, not copies.
+
+    Validation reads each layer once anyway; copying a 400 MB upload into fresh memory first
+    cost more than the validation itself. The round logic drops the views before the file is
+    renamed, which unmaps it.
+    """
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # an empty file: ValueError
+    return wire.decode(memoryview(mapping), **limits)
+
+
+__all__ = ["UploadLimits", "ReceivedUpload", "receive_upload", "decode_upload"]
