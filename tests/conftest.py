@@ -1,5 +1,9 @@
-"""Fixtures shared by the integration tests: a real branchkey-local, a real RabbitMQ,
-and the official clients in virtual environments of their own."""
+"""Fixtures shared by the integration tests: a real branchkey-local (a subprocess, or in-process where
+no process needs killing), a real RabbitMQ, and the official clients in virtual environments of their own.
+
+Also owns the ``slow`` marker's rule (one place, so test modules need no marker lines): the fast lane
+``pytest -m "not slow"`` keeps the unit and in-process tests; the plain ``pytest`` of CI runs everything.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,53 @@ REPO = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("BRANCHKEY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MANAGEMENT_URL = os.environ.get("BRANCHKEY_TEST_AMQP_MANAGEMENT_URL", "http://127.0.0.1:15672")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# What makes a test slow, measured on a 2-core machine: each of these costs seconds to minutes.
+SLOW_DIRECTORIES = {
+    "lightning": "trains Lightning models, some in ddp_spawn subprocesses",
+    "keras": "trains Keras models on three backends, some in leaf subprocesses",
+    "notebooks": "executes the tutorials end to end",
+}
+SLOW_MODULES = {"simulate/test_run.py": "runs whole simulations: a server and N training leaf processes"}
+SLOW_MARKERS = {"official": "builds and runs the official clients in virtual environments of their own"}
+# Broker tests (marker ``amqp``) that run in-process take milliseconds and stay in the fast lane; the
+# ones that start subprocess servers are caught here.
+SLOW_FIXTURES = {"server_factory": "starts branchkey-local init + serve subprocesses"}
+
+
+def slow_reason(item: pytest.Item) -> str | None:
+    """Why ``item`` belongs to the slow lane, or None. Test modules may also mark single tests."""
+    path = Path(str(item.path)).resolve()
+    if path.is_relative_to(REPO / "tests"):
+        relative = path.relative_to(REPO / "tests").as_posix()
+        if relative.split("/", 1)[0] in SLOW_DIRECTORIES:
+            return SLOW_DIRECTORIES[relative.split("/", 1)[0]]
+        if relative in SLOW_MODULES:
+            return SLOW_MODULES[relative]
+    for name, reason in SLOW_MARKERS.items():
+        if item.get_closest_marker(name):
+            return reason
+    for name, reason in SLOW_FIXTURES.items():
+        if name in getattr(item, "fixturenames", ()):
+            return reason
+    return None
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under the fast lane's exact ``-m "not slow"``, skip importing the framework test directories
+    (torch, lightning, tensorflow: ~6 s in every xdist worker) whose tests would all be deselected.
+    Any other mark expression collects everything and lets the per-test marks decide."""
+    if config.getoption("markexpr", "").strip() != "not slow":
+        return None
+    if collection_path.is_dir() and collection_path.parent.resolve() == REPO / "tests":
+        return True if collection_path.name in SLOW_DIRECTORIES else None
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.get_closest_marker("slow") and slow_reason(item):
+            item.add_marker(pytest.mark.slow)
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -140,6 +191,25 @@ def server_factory(tmp_path) -> Iterator:
         server.stop()
         if server.amqp_url:
             forget_broker_state(tmp_path.glob("*-credentials/*.json"))
+
+
+@pytest.fixture
+def inprocess_server(tmp_path) -> Iterator:
+    """Make in-process branchkey-local servers (``InProcessServer``: the real app, real HTTP and
+    WebSocket, no subprocess): ``make(leaves)`` returns ``(server, [credentials dict, ...])`` like
+    ``server_factory``; every server is stopped at the end of the test."""
+    from .inprocess import InProcessServer
+
+    servers: list[InProcessServer] = []
+
+    def make(leaves: int = 2, name: str = "data"):
+        server = InProcessServer(tmp_path / name)
+        servers.append(server)
+        return server, server.create_branch(leaves)
+
+    yield make
+    for server in servers:
+        server.stop()
 
 
 def forget_broker_state(credential_files) -> None:

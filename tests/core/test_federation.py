@@ -1,4 +1,5 @@
-"""Federation, the framework-free round logic: checks without a server, rounds against a real branchkey-local."""
+"""Federation, the framework-free round logic: checks without a server, rounds against a real branchkey-local
+running in-process (real HTTP and WebSocket, no subprocess, so these tests stay in the fast lane)."""
 
 from __future__ import annotations
 
@@ -123,8 +124,8 @@ def set_run(server, federation, status):
     assert response.status_code == 200, response.text
 
 
-def test_two_leaves_get_the_weighted_average_and_count_rounds(server_factory, federations):
-    server, credentials = server_factory(2)
+def test_two_leaves_get_the_weighted_average_and_count_rounds(inprocess_server, federations):
+    server, credentials = inprocess_server(2)
     a, b = (connect(c, server, federations) for c in credentials)
     for number in (1, 2):
         uploads = [layers_for(10 * number), layers_for(10 * number + 1)]
@@ -142,9 +143,9 @@ def test_two_leaves_get_the_weighted_average_and_count_rounds(server_factory, fe
     assert a.send_metrics({"loss": 0.5}) is True
 
 
-def test_a_stale_aggregate_is_drained_before_the_upload(server_factory, federations, caplog):
+def test_a_stale_aggregate_is_drained_before_the_upload(inprocess_server, federations, caplog):
     """An aggregate that reached the leaf before its upload is never taken as this round's."""
-    server, credentials = server_factory(2)
+    server, credentials = inprocess_server(2)
     a, b = (connect(c, server, federations) for c in credentials)
     a.client.upload_weights(1.0, layers_for(0))  # a round outside run_round: its id waits, unread, in a's queue
     b.client.upload_weights(1.0, layers_for(1))
@@ -164,8 +165,8 @@ def test_a_stale_aggregate_is_drained_before_the_upload(server_factory, federati
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_aggregate_that_does_not_fit_raises_and_keeps_the_round(server_factory, federations):
-    server, credentials = server_factory(1)
+def test_aggregate_that_does_not_fit_raises_and_keeps_the_round(inprocess_server, federations):
+    server, credentials = inprocess_server(1)
     (leaf,) = [connect(c, server, federations) for c in credentials]
     expected = [LayerSpec((3, 4), np.dtype(np.float32)), LayerSpec((5,), np.dtype(np.float32))]
     with pytest.raises(AggregateMismatchError, match=r"encoder.bias: the aggregate has shape \(4,\), the local model \(5,\)"):
@@ -173,8 +174,8 @@ def test_aggregate_that_does_not_fit_raises_and_keeps_the_round(server_factory, 
     assert leaf.state_dict() == {"round": 0, "last_aggregation_id": None}
 
 
-def test_non_finite_local_layers_are_refused_before_upload(server_factory, federations):
-    server, credentials = server_factory(1)
+def test_non_finite_local_layers_are_refused_before_upload(inprocess_server, federations):
+    server, credentials = inprocess_server(1)
     (leaf,) = [connect(c, server, federations) for c in credentials]
     layers = layers_for(0)
     layers[1][2] = np.nan
@@ -182,8 +183,8 @@ def test_non_finite_local_layers_are_refused_before_upload(server_factory, feder
         leaf.run_round(layers, 1.0, names=NAMES)
 
 
-def test_timeout_raises_or_continues(server_factory, federations):
-    server, credentials = server_factory(2)  # the second leaf never uploads
+def test_timeout_raises_or_continues(inprocess_server, federations):
+    server, credentials = inprocess_server(2)  # the second leaf never uploads
     strict = connect(credentials[0], server, federations, timeout=0.5)
     with pytest.raises(AggregationTimeoutError, match="Round 1 of branch .*: still waiting for the aggregate after timeout=0.5 s"):
         strict.run_round(layers_for(0), 1.0)
@@ -193,8 +194,8 @@ def test_timeout_raises_or_continues(server_factory, federations):
     assert lenient.state_dict()["round"] == 0
 
 
-def test_pause_waits_then_start_completes_the_round(server_factory, federations, caplog):
-    server, credentials = server_factory(1)
+def test_pause_waits_then_start_completes_the_round(inprocess_server, federations, caplog):
+    server, credentials = inprocess_server(1)
     (leaf,) = [connect(c, server, federations) for c in credentials]
     set_run(server, leaf, "pause")
     wait_until(lambda: leaf.client.run_status == "pause", 10, "the leaf to see the pause")
@@ -207,8 +208,8 @@ def test_pause_waits_then_start_completes_the_round(server_factory, federations,
     assert box["result"].round == 1
 
 
-def test_stop_while_waiting_for_the_aggregate_raises_run_stopped(server_factory, federations, caplog):
-    server, credentials = server_factory(2)
+def test_stop_while_waiting_for_the_aggregate_raises_run_stopped(inprocess_server, federations, caplog):
+    server, credentials = inprocess_server(2)
     leaf = connect(credentials[0], server, federations)
     with caplog.at_level(logging.INFO, logger="branchkey_integrations"):
         box = in_thread(leaf.run_round, layers_for(0), 1.0)

@@ -153,6 +153,7 @@ def test_pause_and_stop_reach_clients_and_block_uploads(transport, request, serv
     wait_until(lambda: eager.run_number == 2 and patient.run_number == 2, 10, "run number 2 after stop/start")
 
 
+@pytest.mark.slow
 def test_auth_and_path_safety(tmp_path, clients):
     data_dir = tmp_path / "data"
     credentials = init_branch(data_dir, 2)
@@ -190,6 +191,7 @@ def test_auth_and_path_safety(tmp_path, clients):
         server.stop()
 
 
+@pytest.mark.slow
 def test_server_restart_mid_round_loses_nothing(tmp_path, clients, request):
     """kill -9 between the uploads of a round: the accepted upload survives, the round completes,
     and the notification reaches a WebSocket client that had to reconnect."""

@@ -30,6 +30,7 @@ def test_aggregation_reports_time_and_memory_per_k():
     assert all(math.isfinite(r["seconds"]) and "peak_rss_growth_mb" in r for r in result["runs"].values())
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_a_table(tmp_path, capsys):
     pytest.importorskip("lightning")
     report = run.main(["--sizes", "2000", "--repeat", "1", "--leaves", "2", "--quick", "--json", str(tmp_path / "r.json")])

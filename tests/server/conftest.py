@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -13,9 +11,9 @@ import pytest
 import requests
 
 from branchkey_integrations.core import wire
-from branchkey_integrations.server.app import SERVER, Server, create_app
 
 from ..conftest import wait_until
+from ..inprocess import ServerThread
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -25,39 +23,6 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 def auth(leaf: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}", "accept": "application/json"}
-
-
-class ServerThread:
-    """Runs the aiohttp app on 127.0.0.1:<free port> in its own event loop thread."""
-
-    def __init__(self, data_dir: Path, **options: Any) -> None:
-        self.app = create_app(data_dir, **options)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.runner = self._call(self._start())
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    async def _start(self) -> Any:
-        from aiohttp import web
-
-        runner = web.AppRunner(self.app, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    def _call(self, coro: Any, timeout: float = 30) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    @property
-    def server(self) -> Server:
-        return self.app[SERVER]
-
-    def stop(self) -> None:
-        self._call(self.runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 @dataclass

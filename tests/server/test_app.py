@@ -455,6 +455,7 @@ def serve(data_dir: Path, wait: bool = True) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
+@pytest.mark.slow
 def test_cli_init_writes_credentials(tmp_path: Path) -> None:
     result = cli("init", "--data-dir", str(tmp_path / "data"), "--leaves", "3", "--credentials-dir",
                  str(tmp_path / "creds"), "--min-leaves", "2", "--round-deadline", "60")
@@ -472,6 +473,7 @@ def test_cli_init_writes_credentials(tmp_path: Path) -> None:
         assert cli(command, "--help").returncode == 0
 
 
+@pytest.mark.slow
 def test_cli_run_offline_and_through_a_live_server(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     assert cli("init", "--data-dir", str(data_dir), "--leaves", "2", "--credentials-dir", str(tmp_path / "c")).returncode == 0
@@ -502,6 +504,7 @@ def test_cli_run_offline_and_through_a_live_server(tmp_path: Path) -> None:
     assert not (data_dir / "server.json").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_loses_nothing_and_the_round_completes_after_restart(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     assert cli("init", "--data-dir", str(data_dir), "--leaves", "2", "--credentials-dir", str(tmp_path / "c")).returncode == 0
