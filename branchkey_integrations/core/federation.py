@@ -3,7 +3,8 @@
 The Lightning and Keras callbacks turn a model into a list of NumPy arrays and back;
 everything in between lives here, once: run status (pause waits, stop ends training),
 draining stale notifications, the bounded wait with progress logs, and the complete check
-of the aggregate before a single parameter may change.
+of the aggregate before a single parameter may change. The waits themselves are the
+client's :class:`~.waiter.RoundWaiter`: they wake on the notification, not on a poll.
 
 Why drain before uploading: the client keeps only the newest aggregation id (as the
 official client does). An id that arrived before this leaf's upload belongs to an earlier
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -23,6 +23,8 @@ import numpy as np
 
 from . import wire
 from .client import Client, DownloadBuffer
+from .client_options import check_client_options
+from .notifications import Backoff
 from .protocol import DEFAULT_HOST, METRIC_MODES
 from .credentials import Credentials, CredentialsLike
 from .errors import (
@@ -33,13 +35,14 @@ from .errors import (
     RunBlockedError,
     RunStopped,
 )
+from .waiter import Every
 from .wire import LayerSpec
 
 logger = logging.getLogger(__name__)
 
 ON_TIMEOUT = ("raise", "continue")
-_POLL_S = 0.1  # how often a waiting round looks at the run status the notifications keep current
 _REFRESH_S = 5.0  # how often a paused round re-reads the run status over REST, in case a notification was lost
+_CONFLICT_BACKOFF = (0.1, 2.0, 2.0)  # initial, factor, maximum seconds between retries of an upload refused with 409
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,13 @@ class Federation:
         log_every_s: while waiting, log which round is awaited and for how long this often.
         transport: notification transport for :class:`Client` (``"auto"``, ``"websocket"``, ``"amqp"``).
         connect_timeout: seconds :meth:`connect` waits for the notification channel to open.
-        client_options: further keyword arguments for :class:`Client` (``ssl``, ``rbmq_host``, ...).
+        client_options: further keyword arguments for :class:`Client` (``ssl``, ``rbmq_host``, ...),
+            checked here with :func:`~.client_options.check_client_options`.
 
     Raises:
         CredentialsError: a credential field is missing or malformed.
-        ValueError: another argument is out of range.
+        ValueError: another argument (``transport`` and ``client_options`` included) is out of range,
+            or a client option is unknown.
 
     Example:
         >>> import numpy as np
@@ -117,7 +122,7 @@ class Federation:
         client_options: dict[str, Any] | None = None,
     ) -> None:
         self._credentials = Credentials.load(credentials)
-        self.host = Client._checked_host(host)
+        self.host = check_client_options({"host": host, "transport": transport})["host"]
         self.timeout = _checked_timeout("timeout", timeout, allow_none=True)
         if on_timeout not in ON_TIMEOUT:
             raise ValueError(f"Expected on_timeout in {ON_TIMEOUT}. Received: on_timeout={on_timeout!r}")
@@ -130,6 +135,7 @@ class Federation:
             if reserved in self.client_options:
                 raise ValueError(f"Expected client_options without {reserved!r} (set it on Federation itself). "
                                  f"Received: client_options={self.client_options!r}")
+        check_client_options(self.client_options)  # a bad option fails here, not when the first round connects
         self.round = 0
         self.last_aggregation_id: str | None = None
         self._client: Client | None = None
@@ -203,12 +209,12 @@ class Federation:
         wire.check_finite(layers, names)
         number = self.round + 1
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        self._upload(layers, float(weighting), number, deadline)
+        mark = self._upload(layers, float(weighting), number, deadline)
         upload_mb = sum(a.nbytes for a in layers) / 1e6
         started = time.monotonic()
         logger.info("Round %d: uploaded %.1f MB; waiting for the aggregate (timeout %s)", number, upload_mb,
                     "none" if self.timeout is None else f"{self.timeout:.0f} s")
-        aggregation_id = self._wait_for_aggregate(number, deadline)
+        aggregation_id = self._wait_for_aggregate(number, deadline, mark)
         wait_s = time.monotonic() - started
         if aggregation_id is None:
             return RoundResult(None, None, wait_s, upload_mb, self.round)
@@ -218,18 +224,26 @@ class Federation:
         logger.info("Round %d done: aggregate %s after %.1f s", number, aggregation_id, wait_s)
         return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number)
 
-    def _drain_stale(self) -> None:
-        client = self.client
-        while (stale := client.get_latest_aggregation_id()) is not None:
+    def _drain_stale(self) -> int:
+        """Drop the unread aggregation id (an earlier round's); return the mark the round's aggregate must pass."""
+        mark, stale = self.client.waiter.drain()
+        if stale is not None:
             logger.info("Ignoring aggregate %s: it arrived before this leaf's upload", stale)
+        return mark
 
-    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None) -> str:
-        """Upload once the run is in ``start``; a pause (even one that races the upload) is waited out."""
+    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None) -> int:
+        """Upload once the run is in ``start``; a pause (even one that races the upload) is waited out.
+
+        Returns the mark taken just before the upload (see :meth:`RoundWaiter.drain`).
+        """
+        conflicts = Backoff(*_CONFLICT_BACKOFF)
         while True:
             self._wait_for_start(number, deadline)
-            self._drain_stale()
+            mark = self._drain_stale()
             try:
-                return self.client.upload_weights(weighting, layers)
+                # run_round checked the weighting and every value already: the client does not check again
+                self.client._upload_arrays(weighting, layers, finite_checked=True)
+                return mark
             except RunBlockedError:
                 continue  # the status changed between the check and the call
             except ApiError as exc:
@@ -238,7 +252,8 @@ class Federation:
                 logger.info("Upload for round %d refused (%s); trying again once the run is started", number, exc)
                 self._refresh_run_status()
                 self._check_deadline(number, deadline, "the upload to be accepted")
-                time.sleep(_POLL_S)  # a 409 that persists while the run is 'start' must not spin
+                delay = conflicts.next()  # a 409 that persists while the run is 'start' must not spin
+                time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
 
     def _refresh_run_status(self) -> None:
         try:
@@ -247,54 +262,42 @@ class Federation:
             logger.warning("Could not re-read the run status: %s", exc)
 
     def _wait_for_start(self, number: int, deadline: float | None) -> None:
-        client, since = self.client, time.monotonic()
-        next_log = next_refresh = since
-        while (status := client.run_status) != "start":
-            if status == "stop":
-                raise RunStopped(f"The run of branch {client.branch_id} was stopped before round {number}.")
-            now = time.monotonic()
-            if now >= next_log:
-                logger.info("Run is %r: round %d waits for 'start' (waited %.0f s)", status, number, now - since)
-                next_log = now + self.log_every_s
-            if now >= next_refresh:
-                next_refresh = now + _REFRESH_S
-                if now > since:
-                    self._refresh_run_status()
-                    continue
-            self._check_deadline(number, deadline, "the run to start")
-            time.sleep(_POLL_S)
+        """Return once the run is in ``start``; re-read it every few seconds, in case a notification was lost."""
+        client = self.client
 
-    def _wait_for_aggregate(self, number: int, deadline: float | None) -> str | None:
+        def log(waited: float) -> None:
+            logger.info("Run is %r: round %d waits for 'start' (waited %.0f s)", client.run_status, number, waited)
+
+        periodic = [Every(self.log_every_s, log, first=0.0), Every(_REFRESH_S, lambda _: self._refresh_run_status())]
+        if not client.waiter.wait_for_start(deadline, periodic, stopped=f"before round {number}"):
+            raise self._timeout_error(number, "the run to start")
+
+    def _wait_for_aggregate(self, number: int, deadline: float | None, mark: int) -> str | None:
         """The id of the first aggregate after the upload; None on timeout with ``on_timeout="continue"``."""
-        client, since = self.client, time.monotonic()
-        next_log = since + self.log_every_s
-        while True:
-            if client.run_status == "stop":
-                raise RunStopped(f"The run of branch {client.branch_id} was stopped during round {number}.")
-            now = time.monotonic()
-            if now >= next_log:
-                logger.info("Waiting for the aggregate of round %d for %.0f s (run %r)", number, now - since,
-                            client.run_status)
-                next_log = now + self.log_every_s
-            try:
-                self._check_deadline(number, deadline, "the aggregate")
-            except AggregationTimeoutError as exc:
-                if self.on_timeout == "raise":
-                    raise
-                logger.warning("%s Continuing with the local model (on_timeout='continue').", exc)
-                return None
-            remaining = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - now))
-            try:
-                return client.queue.get(timeout=remaining)
-            except queue.Empty:  # look at the run status and the deadline again
-                continue
+        client = self.client
+
+        def log(waited: float) -> None:
+            logger.info("Waiting for the aggregate of round %d for %.0f s (run %r)", number, waited, client.run_status)
+
+        aggregation_id = client.waiter.wait_for_aggregate_after(mark, deadline, [Every(self.log_every_s, log)],
+                                                                stopped=f"during round {number}")
+        if aggregation_id is not None:
+            return aggregation_id
+        error = self._timeout_error(number, "the aggregate")
+        if self.on_timeout == "raise":
+            raise error
+        logger.warning("%s Continuing with the local model (on_timeout='continue').", error)
+        return None
 
     def _check_deadline(self, number: int, deadline: float | None, what: str) -> None:
         if deadline is not None and time.monotonic() >= deadline:
-            raise AggregationTimeoutError(
-                f"Round {number} of branch {self.client.branch_id}: still waiting for {what} after timeout={self.timeout} s. "
-                "Raise timeout, or pass on_timeout='continue' to keep training locally."
-            )
+            raise self._timeout_error(number, what)
+
+    def _timeout_error(self, number: int, what: str) -> AggregationTimeoutError:
+        return AggregationTimeoutError(
+            f"Round {number} of branch {self.client.branch_id}: still waiting for {what} after timeout={self.timeout} s. "
+            "Raise timeout, or pass on_timeout='continue' to keep training locally."
+        )
 
     # ------------------------------------------------------------ validation
     @staticmethod

@@ -17,6 +17,7 @@ from branchkey_integrations import Client
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.client import DownloadBuffer
 from branchkey_integrations.core.errors import (
+    AggregationTimeoutError,
     ApiError,
     ProtocolError,
     AuthenticationError,
@@ -24,6 +25,10 @@ from branchkey_integrations.core.errors import (
     ServerError,
     TransportError,
 )
+from branchkey_integrations.core.federation import Federation
+from branchkey_integrations.core.protocol import AGGREGATION_STATUS, RUN_STATUS, Notification
+
+from ..conftest import wait_until
 
 CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
 
@@ -71,7 +76,7 @@ def scripted():
 
     def make(script):
         server = Scripted(script)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # quick shutdown
         servers.append(server)
         return server
 
@@ -186,3 +191,63 @@ def test_a_download_buffer_grows_for_a_larger_aggregate_and_is_reused_for_a_smal
     again = client.download_aggregate("a", buffer=buffer).layers[0]
     np.testing.assert_array_equal(again, small[0])
     assert np.shares_memory(again, grown)  # refilled in place: the larger memory was kept
+
+
+def test_wait_for_run_start_rechecks_over_rest_and_wakes_on_a_notification(scripted):
+    paused, started = (200, {"data": {"run_status": "pause", "run_number": 1}}), (200, {"data": {"run_status": "start",
+                                                                                                  "run_number": 2}})
+    server = scripted({"/api/v1/run/b": [paused, paused, started]})
+    client = client_for(server, run_check_interval_s=0.1)
+    client.wait_for_run_start(timeout=10)  # two REST re-reads later
+    assert (client.run_status, client.run_number) == ("start", 2) and len(server.requests) == 3
+
+    client._on_notification(Notification(RUN_STATUS, {"run_status": "pause"}))
+    notifier = threading.Timer(0.2, client._on_notification, [Notification(RUN_STATUS, {"run_status": "start"})])
+    notifier.start()
+    client.wait_for_run_start(timeout=10)
+    assert client.run_status == "start"
+    notifier.join(10)  # it re-reads the run details after 'start': let that finish before pausing again
+    client._on_notification(Notification(RUN_STATUS, {"run_status": "pause"}))
+    client._run_check_interval_s = 30.0
+    with pytest.raises(RunBlockedError, match="still 'pause' after 0.2 s"):
+        client.wait_for_run_start(timeout=0.2)
+
+
+def test_the_queue_holds_the_newest_aggregation_id_as_in_2_7_1(scripted):
+    client = client_for(scripted({"/api/v1/run/b": [RUN_OK]}))
+    for aggregation_id in ("a-1", "a-2"):
+        client._on_notification(Notification(AGGREGATION_STATUS, {"aggregation_id": aggregation_id}))
+    assert client.queue.qsize() == 1 and client.get_latest_aggregation_id() == "a-2"
+    assert client.get_latest_aggregation_id() is None
+    with pytest.raises(AggregationTimeoutError, match="within 0.1 s"):
+        client.wait_for_aggregation(0.1)
+    threading.Timer(0.1, client._on_notification, [Notification(AGGREGATION_STATUS, {"aggregation_id": "a-3"})]).start()
+    assert client.wait_for_aggregation(10) == "a-3"
+
+
+def test_each_path_checks_the_values_once(scripted, monkeypatch):
+    """upload_weights checks finiteness itself; a Federation round checks up front, and the client not again."""
+    layers = [np.ones((2, 2), np.float32)]
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/api/v1/file/upload": [(201, {"data": {"file_id": "f-1"}})],
+                       "/blob": [(200, wire.encode(layers, compression="none"))]})
+    server.script["/api/v1/file/download/agg-1"] = [(200, {"data": {"download_url": server.url + "/blob"}})]
+    calls = []
+    check_finite = wire.check_finite
+    monkeypatch.setattr(wire, "check_finite", lambda *args: (calls.append(args), check_finite(*args))[1])
+
+    client_for(server).upload_weights(1, layers)
+    assert len(calls) == 1
+
+    calls.clear()
+    federation = Federation(CREDS, server.url, transport="none", timeout=30, client_options={"backoff_factor": 0})
+    federation.connect()
+    uploads = len([r for r in server.requests if r[1] == "/api/v1/file/upload"])
+    uploaded = lambda: len([r for r in server.requests if r[1] == "/api/v1/file/upload"]) > uploads  # noqa: E731
+    feeder = threading.Thread(target=lambda: (wait_until(uploaded, 10, "the upload"),
+                                              federation.client.waiter.add_aggregation("agg-1")), daemon=True)
+    feeder.start()
+    try:
+        result = federation.run_round(layers, 3.0, names=["w"])
+    finally:
+        federation.close()
+    assert result.aggregation_id == "agg-1" and len(calls) == 1 and calls[0][1] == ["w"]

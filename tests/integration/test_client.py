@@ -175,7 +175,7 @@ def test_auth_and_path_safety(tmp_path, clients):
         with pytest.raises((NotFoundError, PermissionDeniedError)):
             stranger.download_aggregate(aggregation_id)
         with pytest.raises((NotFoundError, PermissionDeniedError)):
-            stranger._request("GET", f"/api/v1/run/{a.branch_id}")  # another branch's run details
+            stranger._http.request("GET", f"/api/v1/run/{a.branch_id}")  # another branch's run details
 
         output = Path(a.output_dir)
         for bad in ["../victim", "..", "a/../../victim", "/etc/passwd", "x/y", ""]:

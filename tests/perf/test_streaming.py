@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from branchkey_integrations.core import wire
-from branchkey_integrations.core.client import MultipartBody, _is_local_host
+from branchkey_integrations.core.client import MultipartBody
+from branchkey_integrations.core.transfer import is_local_host
 
 
 def test_multipart_body_has_its_declared_length_and_replays_identically():
@@ -19,5 +20,5 @@ def test_multipart_body_has_its_declared_length_and_replays_identically():
 
 
 def test_auto_compression_stores_on_local_links_only():
-    assert all(_is_local_host(h) for h in ("127.0.0.1", "localhost", "::1", "10.1.2.3", "192.168.0.7"))
-    assert not any(_is_local_host(h) for h in ("app.branchkey.com", "8.8.8.8"))
+    assert all(is_local_host(h) for h in ("127.0.0.1", "localhost", "::1", "10.1.2.3", "192.168.0.7"))
+    assert not any(is_local_host(h) for h in ("app.branchkey.com", "8.8.8.8"))

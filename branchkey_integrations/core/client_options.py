@@ -1,0 +1,137 @@
+"""The settings of :class:`~.client.Client`: their names and the rule each value must follow.
+
+This module owns the one validator of client settings, :func:`check_client_options`. ``Client``
+runs it on its own arguments, and :class:`~.federation.Federation` (and so both callbacks) runs
+it on ``transport`` and ``client_options`` at construction, so a misspelt option or a negative
+timeout fails when it is written, not when the first round connects, an epoch later. The API
+host rule is public here too (:func:`check_host`), for every layer that takes a host.
+
+Example:
+    >>> check_client_options({"host": "http://127.0.0.1:8080/", "timeout": 5})
+    {'host': 'http://127.0.0.1:8080', 'timeout': 5.0}
+    >>> check_client_options({"timeout": -5})
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected timeout > 0 seconds. Received: timeout=-5
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+DEFAULT_OUTPUT_DIR = "./aggregated_output"
+TRANSPORTS = ("auto", "amqp", "websocket", "none")
+
+
+def check_host(host: str) -> str:
+    """An API host is an http(s) URL with a host part; returned without a trailing slash."""
+    parts = urlsplit(host or "") if isinstance(host, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"Expected host like 'https://app.branchkey.com' or 'http://127.0.0.1:8080'. Received: host={host!r}")
+    return host.rstrip("/")
+
+
+def _host(name: str, value: Any) -> str:
+    return check_host(value)
+
+
+def _transport(name: str, value: Any) -> str:
+    if value not in TRANSPORTS:
+        raise ValueError(f"Expected transport in {TRANSPORTS}. Received: transport={value!r}")
+    return value
+
+
+def _port(name: str, value: Any) -> int:
+    if not (isinstance(value, int) and 0 < value < 65536):
+        raise ValueError(f"Expected {name} between 1 and 65535. Received: {name}={value!r}")
+    return value
+
+
+def _seconds(name: str, value: Any) -> float:
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"Expected {name} > 0 seconds. Received: {name}={value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any) -> int:
+    if not (isinstance(value, int) and value >= 0):
+        raise ValueError(f"Expected {name} >= 0. Received: {name}={value!r}")
+    return value
+
+
+def _factor(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
+        raise ValueError(f"Expected {name} to be a number >= 0 (seconds of backoff). Received: {name}={value!r}")
+    return float(value)
+
+
+def _optional_hostname(name: str, value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError(f"Expected {name} to be a hostname or None (the API host's). Received: {name}={value!r}")
+    return value
+
+
+def _verify(name: str, value: Any) -> bool | str:
+    # requests takes verify=<path of a CA bundle> as well as a bool, and the client passes ssl through
+    if not isinstance(value, (bool, str)):
+        raise ValueError(f"Expected {name} to be True, False or the path of a CA bundle. Received: {name}={value!r}")
+    return value
+
+
+def _flag(name: str, value: Any) -> Any:
+    return value  # any truth value, as the official client takes it
+
+
+def _proxies(name: str, value: Any) -> dict[str, str] | None:
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"Expected {name} to be a dict like {{'https': 'http://proxy:3128'}} or None. "
+                         f"Received: {name}={value!r}")
+    return value if value is None else dict(value)
+
+
+def _directory(name: str, value: Any) -> str | os.PathLike:
+    if not isinstance(value, (str, os.PathLike)) or value == "":
+        raise ValueError(f"Expected {name} to be a directory path. Received: {name}={value!r}")
+    return value
+
+
+#: every keyword argument of ``Client`` after ``credentials``, in signature order, with its rule
+#: (a test checks this table against the signature, so a new argument cannot miss its rule)
+_RULES: dict[str, Callable[[str, Any], Any]] = {
+    "host": _host,
+    "rbmq_host": _optional_hostname,
+    "rbmq_port": _port,
+    "ssl": _verify,
+    "wait_for_run": _flag,
+    "run_check_interval_s": _seconds,
+    "proxies": _proxies,
+    "transport": _transport,
+    "output_dir": _directory,
+    "timeout": _seconds,
+    "max_retries": _count,
+    "backoff_factor": _factor,
+}
+CLIENT_OPTIONS = tuple(_RULES)
+
+
+def check_client_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check keyword arguments for ``Client`` without creating one; return them normalized.
+
+    Names come first (one not in :data:`CLIENT_OPTIONS` raises, listing the allowed ones), then
+    each value against the rule ``Client`` applies. Normalized means: the host without its
+    trailing slash, seconds as floats, proxies as a plain dict.
+
+    Raises:
+        ValueError: naming the option and the value received, and what is expected.
+    """
+    unknown = [name for name in options if name not in _RULES]
+    if unknown:
+        received = ", ".join(f"{name}={options[name]!r}" for name in unknown)
+        raise ValueError(f"Expected client options among {CLIENT_OPTIONS}. Received: {received}")
+    return {name: _RULES[name](name, value) for name, value in options.items()}
+
+
+__all__ = ["CLIENT_OPTIONS", "DEFAULT_OUTPUT_DIR", "TRANSPORTS", "check_client_options", "check_host"]

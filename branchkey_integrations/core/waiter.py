@@ -1,0 +1,214 @@
+"""What a leaf waits on during a round, and the waits themselves, event-driven.
+
+This module owns one leaf's view of its branch: the run status, the run number and the
+aggregation ids received, all under one ``threading.Condition``. Notification callbacks and
+REST refreshes update it through :meth:`RoundWaiter.set_run` and
+:meth:`RoundWaiter.add_aggregation`, which wake every waiter at once. A wait sleeps until the
+next thing that must happen (a state change, its deadline, or a periodic action such as a
+progress log or a REST re-read of the run status) and never polls on a fixed tick.
+
+It also feeds ``queue``, the official 2.7.1 client's ``LifoQueue(maxsize=1)`` that holds only
+the newest unread aggregation id, from the same event, so :class:`~.client.Client` keeps that
+interface while :class:`~.federation.Federation` waits on the same state.
+
+Why a count of aggregation ids: a round must accept only an aggregate that arrived after its
+own upload. Taking :meth:`RoundWaiter.drain` before the upload and waiting for
+:meth:`RoundWaiter.wait_for_aggregate_after` that mark cannot mistake an earlier id for this
+round's, whoever else reads the queue.
+
+Example:
+    >>> waiter = RoundWaiter("branch-1")
+    >>> waiter.set_run("start", 1)
+    True
+    >>> mark, stale = waiter.drain()
+    >>> waiter.add_aggregation("agg-1")
+    >>> waiter.wait_for_aggregate_after(mark, deadline=None, stopped="during round 1")
+    'agg-1'
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as queue_module
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+from .errors import RunStopped
+from .protocol import START, STOP
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Every:
+    """An action a wait runs periodically: ``action(waited_s)`` every ``interval`` s.
+
+    The first run is ``first`` seconds into the wait (default: ``interval``). Actions run with
+    the lock released, so one may call back into the platform (a REST refresh that ends in
+    :meth:`RoundWaiter.set_run`); an exception from one ends the wait.
+    """
+
+    interval: float
+    action: Callable[[float], None]
+    first: float | None = None
+
+
+class RoundWaiter:
+    """Run status, run number and newest aggregation id of one leaf, and event-driven waits on them.
+
+    Args:
+        branch_id: names the branch in :class:`RunStopped` messages.
+
+    Attributes:
+        queue: ``LifoQueue(maxsize=1)`` holding the newest aggregation id not yet taken (2.7.1's
+            ``client.queue``); readers may take from it directly.
+    """
+
+    def __init__(self, branch_id: str = "") -> None:
+        self.branch_id = branch_id
+        self.queue: queue_module.LifoQueue[str] = queue_module.LifoQueue(maxsize=1)
+        self._condition = threading.Condition()
+        self._run_status: str | None = None
+        self._run_number: int | None = None
+        self._received = 0
+        self._latest: str | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def run_status(self) -> str | None:
+        return self._run_status
+
+    @property
+    def run_number(self) -> int | None:
+        return self._run_number
+
+    @property
+    def latest_aggregation_id(self) -> str | None:
+        """The newest aggregation id received, read or not."""
+        return self._latest
+
+    @property
+    def received(self) -> int:
+        """How many aggregation ids have arrived so far."""
+        return self._received
+
+    # ---------------------------------------------------------------- updates
+    def set_run(self, status: str, number: int | None = None) -> bool:
+        """Record the run status (and number, when known) and wake waiters; return whether the status changed."""
+        with self._condition:
+            changed = status != self._run_status
+            self._run_status = status
+            if number is not None:
+                self._run_number = number
+            self._condition.notify_all()
+        return changed
+
+    def add_aggregation(self, aggregation_id: str) -> None:
+        """Record a new aggregate, keep it as the only unread id (LIFO of size 1) and wake waiters."""
+        with self._condition:
+            self._received += 1
+            self._latest = aggregation_id
+            dropped = self._take_unread()
+            self.queue.put_nowait(aggregation_id)  # cannot be full: emptied under the same lock just now
+            self._condition.notify_all()
+        if dropped is not None:
+            logger.debug("Replacing unread aggregation %s with %s", dropped, aggregation_id)
+
+    # ------------------------------------------------------------------ takes
+    def take_latest(self) -> str | None:
+        """The unread aggregation id, now marked read, or None (never blocks)."""
+        with self._condition:
+            return self._take_unread()
+
+    def drain(self) -> tuple[int, str | None]:
+        """Before an upload: take the unread id (it belongs to an earlier round) and return a mark.
+
+        Returns ``(mark, stale)``: pass ``mark`` to :meth:`wait_for_aggregate_after`; ``stale``
+        is the id taken, or None.
+        """
+        with self._condition:
+            return self._received, self._take_unread()
+
+    def _take_unread(self) -> str | None:
+        try:
+            return self.queue.get_nowait()
+        except queue_module.Empty:
+            return None
+
+    # ------------------------------------------------------------------ waits
+    def wait_for_start(self, deadline: float | None, periodic: Sequence[Every] = (), *,
+                       stopped: str | None = None) -> bool:
+        """Wait until the run is in ``start``; False when ``deadline`` (``time.monotonic()``) passes first.
+
+        With ``stopped`` (such as ``"before round 3"``), a ``stop`` raises :class:`RunStopped`
+        saying when; without it, a stopped run is waited out like a paused one (2.7.1's
+        ``wait_for_run``).
+        """
+        def ready() -> bool | None:
+            if self._run_status == START:
+                return True
+            if stopped is not None and self._run_status == STOP:
+                raise RunStopped(f"The run of branch {self.branch_id} was stopped {stopped}.")
+            return None
+
+        return self._wait(ready, deadline, periodic) is not None
+
+    def wait_for_unread(self, deadline: float | None, periodic: Sequence[Every] = ()) -> str | None:
+        """Take the unread aggregation id as soon as there is one; None when ``deadline`` passes first."""
+        return self._wait(self._take_unread, deadline, periodic)
+
+    def wait_for_aggregate_after(self, mark: int, deadline: float | None, periodic: Sequence[Every] = (), *,
+                                 stopped: str) -> str | None:
+        """The newest aggregation id received after ``mark`` (from :meth:`drain`), marked read.
+
+        None when ``deadline`` passes first; a ``stop`` of the run raises :class:`RunStopped`
+        (``stopped`` says when, such as ``"during round 3"``), and wins over an aggregate that
+        arrived in the same instant.
+        """
+        def ready() -> str | None:
+            if self._run_status == STOP:
+                raise RunStopped(f"The run of branch {self.branch_id} was stopped {stopped}.")
+            if self._received <= mark:
+                return None
+            self._take_unread()  # read now, whether or not someone else took it from the queue first
+            return self._latest
+
+        return self._wait(ready, deadline, periodic)
+
+    def _wait(self, ready: Callable[[], T | None], deadline: float | None, periodic: Sequence[Every]) -> T | None:
+        """Wait until ``ready()`` (called under the lock) returns a value; None once ``deadline`` passes.
+
+        The Condition is waited on for exactly as long as the next deadline or periodic action is
+        away, so a notification wakes the waiter at once and an idle wait costs nothing.
+        """
+        since = time.monotonic()
+        due = [since + (every.interval if every.first is None else every.first) for every in periodic]
+        with self._condition:
+            while True:
+                result = ready()
+                if result is not None:
+                    return result
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return None
+                ran = False
+                for index, every in enumerate(periodic):
+                    if now >= due[index]:
+                        due[index] = now + every.interval
+                        ran = True
+                        self._condition.release()
+                        try:
+                            every.action(now - since)
+                        finally:
+                            self._condition.acquire()
+                if ran:
+                    continue  # the state may have changed while the lock was released
+                wake = min([t for t in (deadline, *due) if t is not None], default=None)
+                self._condition.wait(None if wake is None else max(0.0, wake - now))
+
+
+__all__ = ["Every", "RoundWaiter"]

@@ -1,0 +1,73 @@
+"""Client settings are checked once, by one validator, when they are written: by Client and by Federation."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from branchkey_integrations import Client
+from branchkey_integrations.core.client import check_client_options, check_host
+from branchkey_integrations.core.client_options import CLIENT_OPTIONS, TRANSPORTS
+from branchkey_integrations.core.federation import Federation
+
+CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+HOST = "http://127.0.0.1:9"  # nothing listens: a check that let a bad value through would fail on the network instead
+
+BAD_VALUES = [
+    ("host", "app.branchkey.com"), ("host", "ftp://x"), ("host", None), ("rbmq_host", 5), ("rbmq_port", 0),
+    ("rbmq_port", "5672"), ("ssl", 3), ("run_check_interval_s", 0), ("proxies", "http://proxy"),
+    ("transport", "mqtt"), ("output_dir", 7), ("timeout", -5), ("timeout", "30"), ("max_retries", -1),
+    ("max_retries", 1.5), ("backoff_factor", -1), ("backoff_factor", True),
+]
+
+
+def test_every_client_argument_has_a_rule():
+    parameters = list(inspect.signature(Client.__init__).parameters)
+    assert parameters[:2] == ["self", "credentials"] and tuple(parameters[2:]) == CLIENT_OPTIONS
+
+
+def test_good_options_come_back_normalized():
+    checked = check_client_options({"host": HOST + "/", "timeout": 5, "proxies": None, "output_dir": Path("out"),
+                                    "ssl": "ca.pem", "transport": "websocket", "backoff_factor": 0})
+    assert checked == {"host": HOST, "timeout": 5.0, "proxies": None, "output_dir": Path("out"), "ssl": "ca.pem",
+                       "transport": "websocket", "backoff_factor": 0.0}
+    assert check_host("https://app.branchkey.com/") == "https://app.branchkey.com"
+
+
+@pytest.mark.parametrize("name, value", BAD_VALUES)
+def test_a_bad_value_fails_the_same_way_in_client_and_federation(name, value):
+    message = f"Received: {name}={value!r}"
+    with pytest.raises(ValueError, match="Expected") as by_validator:
+        check_client_options({name: value})
+    assert message in str(by_validator.value)
+    with pytest.raises(ValueError) as by_client:
+        Client(CREDS, **{"host": HOST, "transport": "none", name: value})
+    assert message in str(by_client.value)
+    if name in ("host", "transport"):
+        federation_kwargs = {"host": value} if name == "host" else {"transport": value}
+    else:
+        federation_kwargs = {"client_options": {name: value}}
+    with pytest.raises(ValueError) as by_federation:
+        Federation(CREDS, **{"host": HOST, **federation_kwargs})
+    assert message in str(by_federation.value)
+
+
+def test_federation_refuses_a_bogus_transport_at_construction_listing_the_allowed_ones():
+    with pytest.raises(ValueError) as info:
+        Federation(CREDS, HOST, transport="bogus")
+    assert "Received: transport='bogus'" in str(info.value) and str(TRANSPORTS) in str(info.value)
+
+
+def test_federation_refuses_an_unknown_client_option_at_construction_listing_the_allowed_ones():
+    with pytest.raises(ValueError) as info:
+        Federation(CREDS, HOST, client_options={"timeout": -5, "nonsense": 1})
+    assert "Received: nonsense=1" in str(info.value) and "'rbmq_host'" in str(info.value)
+    with pytest.raises(ValueError, match=r"Expected timeout > 0 seconds. Received: timeout=-5"):
+        Federation(CREDS, HOST, client_options={"timeout": -5})
+
+
+def test_federation_still_keeps_its_own_settings_out_of_client_options():
+    with pytest.raises(ValueError, match="without 'wait_for_run'"):
+        Federation(CREDS, HOST, client_options={"wait_for_run": True})
