@@ -8,7 +8,9 @@ exponential backoff. AMQP acknowledges a message only after the handler has take
 a message that arrives while the client is away waits in the durable queue; a WebSocket
 keeps nothing while disconnected.
 
-pika and websockets errors are translated into :class:`NotificationError` here.
+pika and websockets errors are translated into :class:`NotificationError` here, the one
+boundary for them; what a message means (parsing, the run status and aggregation ids it
+updates) is :mod:`.protocol`'s and :class:`~.waiter.RoundWaiter`'s.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import threading
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .errors import NotificationError, ProtocolError
-from .protocol import AGGREGATION_STATUS, RUN_STATUS, RUN_STATUSES, Notification, parse_notification
+from .errors import BranchKeyError, NotificationError, ProtocolError
+from .protocol import AGGREGATION_STATUS, RUN_STATUS, RUN_STATUSES, WS_PATH, Notification, parse_notification
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +243,7 @@ class WebSocketTransport(NotificationTransport):
     def url(self, ticket_id: str, request_id: str) -> str:
         parts = urlsplit(self.host)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        return f"{scheme}://{parts.netloc}{parts.path}/api/v1/ws?ticket={ticket_id}&request_id={request_id}"
+        return f"{scheme}://{parts.netloc}{parts.path}{WS_PATH}?ticket={ticket_id}&request_id={request_id}"
 
     def _ssl_context(self) -> ssl_module.SSLContext | None:
         if not self.host.startswith("https://"):
@@ -255,8 +257,6 @@ class WebSocketTransport(NotificationTransport):
     def _consume(self) -> None:
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
         from websockets.sync.client import connect
-
-        from .errors import BranchKeyError
 
         try:
             ticket_id, request_id = self._ticket_provider()
