@@ -8,45 +8,26 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-try:
-    import keras
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "branchkey_integrations.keras needs Keras 3 and a backend (TensorFlow, PyTorch or JAX): "
-        "pip install 'branchkey-integrations[keras]'"
-    ) from exc
+from .core.callback_kit import BUFFER_POLICIES, FederatedCallbackMixin, NumSamples, is_round_epoch
+from .core.callback_kit import require_framework, resolve_weighting, rounds_before, travels_as_float32
+from .core.credentials import CredentialsLike
+from .core.federation import RoundResult
+from .core.protocol import DEFAULT_HOST
+
+require_framework("keras", "Keras 3 and a backend (TensorFlow, PyTorch or JAX)", ("keras",))
+
+import keras  # noqa: E402 - after the check that gives an install hint
 
 if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
     raise ImportError(f"branchkey_integrations.keras needs Keras 3; found keras {keras.__version__}: "
                       "pip install 'branchkey-integrations[keras]'")
 
-from .core.callback_options import (
-    BUFFER_POLICIES,
-    NumSamples,
-    check_choice,
-    check_every_n_epochs,
-    check_flag,
-    check_num_samples,
-    is_round_epoch,
-    name_refused_layers,
-    resolve_weighting,
-    rounds_before,
-    save_snapshot,
-)
-from .core.client import DEFAULT_HOST
-from .core.credentials import CredentialsLike
-from .core.errors import RequestRejectedError
-from .core.federation import Federation, RoundResult, RunStopped
-from .core.wire import LayerSpec
-
 logger = logging.getLogger(__name__)
 
-_TRAVEL_AS_FLOAT32 = ("bfloat16", "float16")  # numpy has no bfloat16; one rule for both, as in Lightning
 LOG_KEYS = ("branchkey_round", "branchkey_wait_s", "branchkey_upload_mb")
 
 
@@ -70,7 +51,7 @@ def _nested_layers(model: keras.Model) -> list[keras.layers.Layer]:
 def to_numpy(variable: keras.Variable) -> np.ndarray:
     """A host copy for upload; bfloat16 and float16 travel as float32."""
     array = np.array(keras.ops.convert_to_numpy(variable), copy=True)
-    return array.astype(np.float32) if array.dtype.name in _TRAVEL_AS_FLOAT32 else array
+    return array.astype(np.float32) if travels_as_float32(array.dtype) else array
 
 
 def load_arrays(variables: list[keras.Variable], arrays: list[np.ndarray]) -> None:
@@ -80,7 +61,7 @@ def load_arrays(variables: list[keras.Variable], arrays: list[np.ndarray]) -> No
         variable.assign(keras.ops.cast(array, variable.dtype))
 
 
-class BranchKeyKerasCallback(keras.callbacks.Callback):
+class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     """Federate a Keras 3 model through BranchKey: every ``every_n_epochs`` epochs, upload the trainable
     weights, wait for the branch's aggregate and assign it to the model's variables.
 
@@ -133,6 +114,7 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
     Raises:
         ValueError: an argument is out of range (at construction); the model has no trainable weights
             (at ``fit`` start).
+        ImportError: ``snapshot_dir`` is given and safetensors is not installed (at construction).
         RuntimeError: the model is trained with ``MultiWorkerMirroredStrategy`` (at ``fit`` start).
         BranchKeyError: the platform failed; ``RequestRejectedError`` names the local variable when this
             leaf's model differs from the branch's;
@@ -153,43 +135,18 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
         [1.0, 2.0, 3.0]
     """
 
-    def __init__(
-        self,
-        credentials: CredentialsLike | None,
-        host: str = DEFAULT_HOST,
-        *,
-        num_samples: NumSamples,
-        every_n_epochs: int = 1,
-        timeout: float | None = 3600.0,
-        on_timeout: str = "raise",
-        buffers: str = "local",
-        reset_optimizer: bool = False,
-        send_metrics: bool = True,
-        validation_data: Any = None,
-        snapshot_dir: str | Path | None = None,
-        transport: str = "auto",
-        log_every_s: float = 60.0,
-        client_options: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_samples = check_num_samples(num_samples, required=True)
-        self.every_n_epochs = check_every_n_epochs(every_n_epochs)
-        self.buffers = check_choice("buffers", buffers, BUFFER_POLICIES)
-        self.reset_optimizer = check_flag("reset_optimizer", reset_optimizer)
-        self.send_metrics = check_flag("send_metrics", send_metrics)
+    _num_samples_required = True  # Keras cannot count samples honestly: see num_samples above
+    _install_extra = "keras"
+
+    def __init__(self, credentials: CredentialsLike | None, host: str = DEFAULT_HOST, *, num_samples: NumSamples,
+                 validation_data: Any = None, **options: Any) -> None:
+        # the options both callbacks share (every_n_epochs, timeout, ...) are FederatedCallbackMixin's
+        super().__init__(credentials, host, num_samples=num_samples, **options)
         if validation_data is not None and isinstance(validation_data, (str, bytes, int, float)):
             raise ValueError("Expected validation_data to be what model.evaluate takes: an (x, y) tuple or a "
                              f"dataset. Received: validation_data={validation_data!r}")
         self.validation_data = validation_data
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
-        self.federation = Federation(credentials, host, timeout=timeout, on_timeout=on_timeout,
-                                     log_every_s=log_every_s, transport=transport, client_options=client_options)
-        self._first_epoch: int | None = None
-
-    @property
-    def round(self) -> int:
-        """Rounds this leaf has completed."""
-        return self.federation.round
+        self._first_epoch: int | None = None  # the first epoch of the current fit, once it started
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -234,39 +191,33 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
         done = rounds_before(epoch, self.every_n_epochs)
         if self.round < done:
             logger.info("fit starts at epoch %d: counting %d earlier rounds as done", epoch, done)
-            self.federation.load_state_dict({"round": done,
-                                             "last_aggregation_id": self.federation.last_aggregation_id})
+            self.federation.record_round(done)
 
     def _federate(self, logs: dict[str, Any]) -> None:
         variables = federated_variables(self.model, self.buffers)
-        names = [v.path for v in variables]
         arrays = [to_numpy(v) for v in variables]
         started = time.monotonic()
-        try:
-            result = self.federation.run_round(arrays, resolve_weighting(self.num_samples),
-                                               [LayerSpec.of(a) for a in arrays], names)
-        except RunStopped as exc:
-            logger.info("%s Stopping training.", exc)
+        outcome = self._exchange(arrays, [v.path for v in variables])
+        if outcome.kind == "error":
+            raise outcome.error
+        if outcome.kind == "stopped":
             self.model.stop_training = True
             logs.update(branchkey_round=float(self.round), branchkey_wait_s=time.monotonic() - started,
                         branchkey_upload_mb=0.0)
             return
-        except RequestRejectedError as exc:
-            raise name_refused_layers(exc, names) from exc
-        if not result.timed_out:
+        result = outcome.result
+        if outcome.kind == "done":
             if self.send_metrics:  # the epoch's training produced this round's upload
                 self._send(_scalars(logs), "train", result.aggregation_id)
-            self._load(variables, result, names, logs)
+            self._load(variables, result, logs)
         logs.update(branchkey_round=float(result.round), branchkey_wait_s=result.wait_s,
                     branchkey_upload_mb=result.upload_mb)
 
-    def _load(self, variables: list[keras.Variable], result: RoundResult, names: list[str],
-              logs: dict[str, Any]) -> None:
+    def _load(self, variables: list[keras.Variable], result: RoundResult, logs: dict[str, Any]) -> None:
+        """Assign the aggregate (already saved as a snapshot when asked) and evaluate it on validation_data."""
         load_arrays(variables, result.layers)
         if self.reset_optimizer:
             self._reset_optimizer()
-        if self.snapshot_dir is not None:
-            save_snapshot(self.snapshot_dir, result, names)
         if self.validation_data is not None:
             scores = self._evaluate()
             logs.update({f"branchkey_test_{k}": v for k, v in scores.items()})
@@ -291,10 +242,6 @@ class BranchKeyKerasCallback(keras.callbacks.Callback):
         metrics = {k: v for k, v in metrics.items() if not k.startswith("branchkey_")}
         if metrics:
             self.federation.send_metrics(metrics, mode, aggregation_id)
-
-    def __repr__(self) -> str:
-        return (f"BranchKeyKerasCallback(leaf={self.federation.credentials.name!r}, "
-                f"every_n_epochs={self.every_n_epochs}, buffers={self.buffers!r}, round={self.round})")
 
 
 def _scalars(logs: dict[str, Any]) -> dict[str, float]:

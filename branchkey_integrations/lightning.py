@@ -8,46 +8,24 @@ where the round logic lives.
 from __future__ import annotations
 
 import logging
-import pickle
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-try:
-    import torch
-    from lightning.pytorch import LightningModule, Trainer
-    from lightning.pytorch.callbacks import Callback
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "branchkey_integrations.lightning needs PyTorch and Lightning: "
-        "pip install 'branchkey-integrations[lightning]'"
-    ) from exc
+from .core.callback_kit import BUFFER_POLICIES, FederatedCallbackMixin, is_round_epoch, require_framework
+from .core.callback_kit import resolve_weighting, travels_as_float32
+from .core.outcome import Outcome
 
-from .core.callback_options import (
-    BUFFER_POLICIES,
-    NumSamples,
-    check_choice,
-    check_every_n_epochs,
-    check_flag,
-    check_num_samples,
-    is_round_epoch,
-    name_refused_layers,
-    resolve_weighting,
-    save_snapshot,
-)
-from .core.client import DEFAULT_HOST
-from .core.credentials import CredentialsLike
-from .core.errors import BranchKeyError, RequestRejectedError
-from .core.federation import Federation, RoundResult, RunStopped
-from .core.wire import LayerSpec
+require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pytorch"))
+
+import torch  # noqa: E402 - after the check that gives an install hint
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 #: strategies that shard parameters: rank 0 does not hold the whole model, so it cannot upload it
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-_TRAVEL_AS_FLOAT32 = (torch.bfloat16, torch.float16)  # numpy has no bfloat16; one rule for both
 
 
 def federated_tensors(module: torch.nn.Module, buffers: str = "local") -> list[tuple[str, torch.Tensor]]:
@@ -62,7 +40,7 @@ def federated_tensors(module: torch.nn.Module, buffers: str = "local") -> list[t
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A CPU copy for upload; bfloat16 and float16 travel as float32."""
     tensor = tensor.detach()
-    if tensor.dtype in _TRAVEL_AS_FLOAT32:
+    if travels_as_float32(tensor.dtype):
         tensor = tensor.float()
     return tensor.cpu().numpy().copy()
 
@@ -75,25 +53,7 @@ def load_arrays(tensors: list[tuple[str, torch.Tensor]], arrays: list[np.ndarray
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(tensor.device, tensor.dtype))
 
 
-@dataclass
-class _Outcome:
-    """What rank 0 learned in a round; broadcast so every rank acts identically."""
-
-    kind: str  # "done", "timeout", "stopped" or "error"
-    result: RoundResult | None = None
-    error: BaseException | None = field(default=None, repr=False)
-
-
-def _portable(error: BaseException) -> BaseException:
-    """The error itself when it survives pickling (a broadcast), else a BranchKeyError with its text."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001 - any failure means "not portable"
-        return BranchKeyError(f"{type(error).__name__} on global rank 0: {error}")
-
-
-class BranchKeyCallback(Callback):
+class BranchKeyCallback(FederatedCallbackMixin, Callback):
     """Federate a LightningModule through BranchKey: every ``every_n_epochs`` epochs, upload the trainable
     parameters, wait for the branch's aggregate and load it in place.
 
@@ -126,6 +86,7 @@ class BranchKeyCallback(Callback):
     Raises:
         ValueError: an argument is out of range (at construction); the training data has no length
             and ``num_samples`` is None, or the model has no trainable parameters (at fit start).
+        ImportError: ``snapshot_dir`` is given and safetensors is not installed (at construction).
         RuntimeError: the strategy shards parameters (FSDP, DeepSpeed), at setup.
         BranchKeyError: the platform failed; :class:`~branchkey_integrations.core.federation.AggregateMismatchError`
             when an aggregate does not fit the model (the model is then left untouched).
@@ -140,46 +101,17 @@ class BranchKeyCallback(Callback):
         tensor(20.)
     """
 
-    def __init__(
-        self,
-        credentials: CredentialsLike | None,
-        host: str = DEFAULT_HOST,
-        *,
-        every_n_epochs: int = 1,
-        num_samples: NumSamples = None,
-        timeout: float | None = 3600.0,
-        on_timeout: str = "raise",
-        buffers: str = "local",
-        reset_optimizer: bool = False,
-        send_metrics: bool = True,
-        snapshot_dir: str | Path | None = None,
-        transport: str = "auto",
-        log_every_s: float = 60.0,
-        client_options: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.every_n_epochs = check_every_n_epochs(every_n_epochs)
-        self.num_samples = check_num_samples(num_samples, required=False)
-        self.buffers = check_choice("buffers", buffers, BUFFER_POLICIES)
-        self.reset_optimizer = check_flag("reset_optimizer", reset_optimizer)
-        self.send_metrics = check_flag("send_metrics", send_metrics)
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
-        self.federation = Federation(credentials, host, timeout=timeout, on_timeout=on_timeout,
-                                     log_every_s=log_every_s, transport=transport, client_options=client_options)
-        self._last_epoch = -1  # the epoch whose round finished last: a resumed run never repeats it
-        self._round_id: str | None = None  # the aggregate loaded in this epoch, which its metrics describe
-        self._validation_names: set[str] = set()
+    _install_extra = "lightning"
+    # round state of this instance; FederatedCallbackMixin.__init__ takes the options
+    _last_epoch = -1  # the epoch whose round finished last: a resumed run never repeats it
+    _round_id: str | None = None  # the aggregate loaded in this epoch, which its metrics describe
+    _validation_names: frozenset[str] = frozenset()  # the metrics validation produced (replaced, never mutated)
 
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
         return self._generate_state_key(leaf=self.federation.credentials.id, every_n_epochs=self.every_n_epochs,
                                         buffers=self.buffers)
-
-    @property
-    def round(self) -> int:
-        """Rounds this leaf has completed."""
-        return self.federation.round
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.federation.state_dict(), "last_epoch": self._last_epoch}
@@ -227,7 +159,7 @@ class BranchKeyCallback(Callback):
             return
         before, after = getattr(self, "_before_validation", {}), self._metrics(trainer)
         produced = {k for k, v in after.items() if before.get(k) != v}
-        self._validation_names |= produced  # a metric equal to last epoch's value is still a validation metric
+        self._validation_names = self._validation_names | produced  # a repeated value is still a validation metric
         if self.send_metrics and self._round_id is not None and trainer.is_global_zero:
             self._send({k: v for k, v in after.items() if k in self._validation_names}, "test")
 
@@ -237,7 +169,7 @@ class BranchKeyCallback(Callback):
         if not is_round_epoch(epoch, self.every_n_epochs) or epoch <= self._last_epoch:
             return
         tensors = federated_tensors(pl_module, self.buffers)
-        outcome = self._exchange(trainer, tensors) if trainer.is_global_zero else None
+        outcome = self._round_on_rank_zero(trainer, tensors) if trainer.is_global_zero else None
         outcome = trainer.strategy.broadcast(outcome, src=0)
         self._apply(outcome, trainer, pl_module, tensors)
 
@@ -274,29 +206,15 @@ class BranchKeyCallback(Callback):
             raise ValueError("The training dataset is empty: nothing to federate.")
         return len(dataset)
 
-    def _exchange(self, trainer: Trainer, tensors: list[tuple[str, torch.Tensor]]) -> _Outcome:
-        """Rank 0: one round. Every failure becomes an outcome, so no rank waits on a broadcast forever."""
-        names = [name for name, _ in tensors]
-        try:
-            arrays = [to_numpy(t) for _, t in tensors]
-            result = self.federation.run_round(arrays, self._weighting(trainer),
-                                               [LayerSpec.of(a) for a in arrays], names)
-        except RunStopped as exc:
-            logger.info("%s Stopping training.", exc)
-            return _Outcome("stopped")
-        except RequestRejectedError as exc:
-            self._local_error = name_refused_layers(exc, names)
-            return _Outcome("error", error=_portable(self._local_error))
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by _apply
-            self._local_error = exc
-            return _Outcome("error", error=_portable(exc))
-        if result.timed_out:
-            return _Outcome("timeout", result)
-        if self.snapshot_dir is not None:
-            save_snapshot(self.snapshot_dir, result, names)
-        return _Outcome("done", result)
+    def _round_on_rank_zero(self, trainer: Trainer, tensors: list[tuple[str, torch.Tensor]]) -> Outcome:
+        """Rank 0: one round, as an outcome the other ranks can receive (every failure included)."""
+        outcome = self._exchange(lambda: [to_numpy(t) for _, t in tensors], [name for name, _ in tensors],
+                                 lambda: self._weighting(trainer))
+        if outcome.kind == "error":
+            self._local_error = outcome.error  # raised here with its traceback; other ranks get a portable copy
+        return outcome.portable()
 
-    def _apply(self, outcome: _Outcome, trainer: Trainer, pl_module: LightningModule,
+    def _apply(self, outcome: Outcome, trainer: Trainer, pl_module: LightningModule,
                tensors: list[tuple[str, torch.Tensor]]) -> None:
         if outcome.kind == "error":
             local = self.__dict__.pop("_local_error", None)
@@ -310,14 +228,14 @@ class BranchKeyCallback(Callback):
             if self.reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
-            self.federation.load_state_dict({"round": result.round, "last_aggregation_id": result.aggregation_id})
+            self.federation.record_round(result.round, result.aggregation_id)  # rank 0 ran it; the others adopt it
             self._round_id = result.aggregation_id
         self._last_epoch = trainer.current_epoch
         for name, value in (("round", result.round), ("wait_s", result.wait_s), ("upload_mb", result.upload_mb)):
             pl_module.log(f"branchkey/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)
 
     @staticmethod
-    def _metrics(trainer: Trainer, exclude: set[str] = frozenset()) -> dict[str, float]:
+    def _metrics(trainer: Trainer, exclude: frozenset[str] = frozenset()) -> dict[str, float]:
         """The scalar metrics Lightning holds now, as floats, without our own ``branchkey/*``."""
         return {k: float(v) for k, v in trainer.callback_metrics.items()
                 if not k.startswith("branchkey/") and k not in exclude and getattr(v, "numel", lambda: 1)() == 1}
@@ -326,10 +244,6 @@ class BranchKeyCallback(Callback):
         """Send metrics of the aggregate of this epoch's round (a refusal is logged, never fatal)."""
         if metrics:
             self.federation.send_metrics(metrics, mode, self._round_id)
-
-    def __repr__(self) -> str:
-        return (f"BranchKeyCallback(leaf={self.federation.credentials.name!r}, every_n_epochs={self.every_n_epochs}, "
-                f"buffers={self.buffers!r}, round={self.round})")
 
 
 __all__ = ["BranchKeyCallback", "federated_tensors", "BUFFER_POLICIES"]

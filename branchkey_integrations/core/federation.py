@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -35,6 +36,7 @@ from .errors import (
     RunBlockedError,
     RunStopped,
 )
+from .outcome import Layers, Outcome, Weighting, exchange as _exchange
 from .waiter import Every
 from .wire import LayerSpec
 
@@ -335,6 +337,29 @@ class Federation:
             logger.debug("No aggregate yet: metrics not sent")
             return False
         return self.client.send_performance_metrics(aggregation_id, data, mode)
+
+    # -------------------------------------------------------- for callbacks
+    def exchange(self, layers: Layers, weighting: Weighting, names: Sequence[str] | None = None, *,
+                 snapshot_dir: Path | None = None) -> Outcome:
+        """One :meth:`run_round` that never raises an ``Exception``: what happened comes back as an :class:`Outcome`.
+
+        ``kind`` is ``"done"`` (the aggregate, saved to ``snapshot_dir`` when given), ``"timeout"`` (with
+        ``on_timeout="continue"``), ``"stopped"`` (the run was stopped) or ``"error"``: a refusal naming
+        ``layer_<i>`` comes back naming the local parameter too. ``layers`` and ``weighting`` may be functions,
+        called inside, so that a failure to produce them is an outcome as well (a DDP rank 0 must reach its
+        broadcast whatever happens).
+        """
+        return _exchange(self, layers, weighting, names, snapshot_dir)
+
+    def record_round(self, number: int, aggregation_id: str | None = None) -> None:
+        """Count ``number`` rounds as done, and ``aggregation_id`` (when given) as the latest aggregate.
+
+        For rounds this object did not run itself: a DDP rank that received rank 0's outcome, or a fit that
+        resumes at a later epoch.
+        """
+        self.round = int(number)
+        if aggregation_id is not None:
+            self.last_aggregation_id = aggregation_id
 
     def __repr__(self) -> str:
         return (f"Federation(leaf={self._credentials.name!r}, host={self.host!r}, round={self.round}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 
 import keras
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from branchkey_integrations import Client
-from branchkey_integrations.core.errors import AggregationTimeoutError, RequestRejectedError
+from branchkey_integrations.core.errors import AggregationTimeoutError, CredentialsError, RequestRejectedError
 from branchkey_integrations.core.errors import AggregateMismatchError
 from branchkey_integrations.core.wire import Archive
 from branchkey_integrations.keras import BranchKeyKerasCallback, federated_variables, to_numpy
@@ -52,11 +53,28 @@ def fit(model, callbacks, epochs: int = 1, **kwargs):
     ({"validation_data": "val.csv"}, "Expected validation_data to be what model.evaluate takes"),
     ({"timeout": 0}, "Received: timeout=0"),
     ({"on_timeout": "skip"}, "Expected on_timeout in ('raise', 'continue'). Received: on_timeout='skip'"),
+    ({"log_every_s": -1}, "Received: log_every_s=-1"),
+    ({"transport": "pigeon"}, "Received: transport='pigeon'"),
+    ({"client_options": {"transport": "amqp"}}, "client_options"),
 ])
 def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
     with pytest.raises(ValueError) as info:
         BranchKeyKerasCallback(CREDS, HOST, **{"num_samples": 8, **kwargs})
     assert message in str(info.value)
+
+
+def test_bad_host_credentials_and_snapshot_dir_fail_at_construction(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="Expected host like"):
+        BranchKeyKerasCallback(CREDS, "app.branchkey.com", num_samples=8)
+    with pytest.raises(CredentialsError, match="session_token"):
+        BranchKeyKerasCallback({k: v for k, v in CREDS.items() if k != "session_token"}, HOST, num_samples=8)
+    with pytest.raises(TypeError, match="Expected snapshot_dir to be a directory path or None. Received: snapshot_dir=3"):
+        BranchKeyKerasCallback(CREDS, HOST, num_samples=8, snapshot_dir=3)
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # as if safetensors were not installed
+    with pytest.raises(ImportError, match=r"pip install 'branchkey-integrations\[keras\]'"):
+        BranchKeyKerasCallback(CREDS, HOST, num_samples=8, snapshot_dir=tmp_path)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'every_n_epoch'"):  # a typo is not swallowed
+        BranchKeyKerasCallback(CREDS, HOST, num_samples=8, every_n_epoch=2)
 
 
 def test_num_samples_is_required_and_construction_never_connects():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,8 @@ from torch.utils.data import DataLoader
 from branchkey_integrations.core.errors import CredentialsError
 from branchkey_integrations.core.errors import BranchKeyError, RequestRejectedError
 from branchkey_integrations.core.errors import AggregateMismatchError
-from branchkey_integrations.lightning import BranchKeyCallback, _Outcome, _portable, federated_tensors, to_numpy
+from branchkey_integrations.core.outcome import Outcome
+from branchkey_integrations.lightning import BranchKeyCallback, federated_tensors, to_numpy
 
 from .models import Stream, TinyModel, dataset, trainer
 
@@ -32,6 +34,10 @@ HOST = "http://127.0.0.1:1"
     ({"reset_optimizer": 1}, "Expected reset_optimizer to be True or False. Received: reset_optimizer=1"),
     ({"timeout": -5}, "Received: timeout=-5"),
     ({"on_timeout": "skip"}, "Expected on_timeout in ('raise', 'continue'). Received: on_timeout='skip'"),
+    ({"send_metrics": "yes"}, "Expected send_metrics to be True or False. Received: send_metrics='yes'"),
+    ({"log_every_s": 0}, "Received: log_every_s=0"),
+    ({"transport": "pigeon"}, "Received: transport='pigeon'"),
+    ({"client_options": {"host": HOST}}, "client_options"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError) as info:
@@ -44,6 +50,14 @@ def test_bad_host_and_credentials_fail_at_construction():
         BranchKeyCallback(CREDS, "app.branchkey.com")
     with pytest.raises(CredentialsError, match="session_token"):
         BranchKeyCallback({k: v for k, v in CREDS.items() if k != "session_token"}, HOST)
+
+
+def test_a_snapshot_dir_fails_at_construction_when_it_is_no_path_or_safetensors_is_missing(monkeypatch, tmp_path):
+    with pytest.raises(TypeError, match="Expected snapshot_dir to be a directory path or None. Received: snapshot_dir=3"):
+        BranchKeyCallback(CREDS, HOST, snapshot_dir=3)
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # as if safetensors were not installed
+    with pytest.raises(ImportError, match=r"pip install 'branchkey-integrations\[lightning\]'"):
+        BranchKeyCallback(CREDS, HOST, snapshot_dir=tmp_path)
 
 
 def test_state_key_names_the_settings_so_two_callbacks_checkpoint_side_by_side():
@@ -124,18 +138,29 @@ def test_tensor_selection_and_conversion():
 def test_an_error_on_rank_0_reaches_the_other_ranks_as_an_error_they_can_raise():
     """What DDP broadcasts must survive pickling: errors that do not are sent as their text."""
     rejected = RequestRejectedError("POST /api/v1/file/upload: bad layers", 400)
-    assert _portable(rejected) is rejected
+    assert Outcome("error", error=rejected).portable().error is rejected
 
     class Unpicklable(RuntimeError):
         def __init__(self, text):
             super().__init__(text)
             self.callback = lambda: None
 
-    portable = _portable(Unpicklable("broken pipe"))
+    portable = Outcome("error", error=Unpicklable("broken pipe")).portable().error
     assert type(portable) is BranchKeyError
     assert str(portable) == "Unpicklable on global rank 0: broken pipe"
     mismatch = AggregateMismatchError("head.weight: the aggregate holds NaN or infinity.")
-    assert _portable(mismatch) is mismatch
+    assert Outcome("error", error=mismatch).portable().error is mismatch
     other_rank = BranchKeyCallback(CREDS, HOST)  # no local error: it raises what rank 0 broadcast
     with pytest.raises(AggregateMismatchError, match="head.weight"):
-        other_rank._apply(pickle.loads(pickle.dumps(_Outcome("error", error=mismatch))), None, None, [])
+        other_rank._apply(pickle.loads(pickle.dumps(Outcome("error", error=mismatch))), None, None, [])
+
+
+def test_without_lightning_the_import_fails_with_an_install_hint():
+    import subprocess
+
+    code = ("import sys; sys.modules['lightning'] = None\n"
+            "import branchkey_integrations\n"  # the package itself needs no lightning
+            "try:\n    import branchkey_integrations.lightning\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("branchkey_integrations.lightning needs PyTorch and Lightning: "
+                           "pip install 'branchkey-integrations[lightning]'")

@@ -1,0 +1,240 @@
+"""What the framework callbacks share, framework-free: their settings, their round rules, their common surface.
+
+The Lightning and the Keras callback take the same options with the same meaning (``every_n_epochs``,
+``num_samples``, ``buffers``, ``snapshot_dir``, ...). This module owns them once: :class:`CallbackSettings`
+checks every option when the callback is constructed (with the same messages for both callbacks) and builds the
+:class:`~branchkey_integrations.core.federation.Federation`; :class:`FederatedCallbackMixin` gives both callbacks
+the same read-only options, ``round`` and ``repr``; the functions below fix the weighting, the round epochs and
+the dtypes that travel as float32. What remains in ``lightning.py`` and ``keras.py`` is translation only: tensors
+or variables to arrays and back, and each framework's hooks to
+:meth:`~branchkey_integrations.core.federation.Federation.exchange`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence, Union
+
+from .credentials import CredentialsLike
+from .federation import Federation
+from .outcome import Layers, Outcome, Weighting
+from .protocol import DEFAULT_HOST
+from .snapshots import require_safetensors
+
+logger = logging.getLogger(__name__)
+
+#: ``"local"``: state that is not trained (BatchNorm statistics) stays on the leaf, as in FedBN;
+#: ``"average"``: its floating-point part is averaged like the parameters.
+BUFFER_POLICIES = ("local", "average")
+
+#: dtype names NumPy cannot carry (bfloat16) or that would lose precision in the average (float16): the
+#: upload sends them as float32, and the aggregate is cast back to each parameter's own dtype. Matched by
+#: name, so that one rule serves ``torch.bfloat16``, a Keras ``"bfloat16"`` and an ``ml_dtypes`` array alike.
+TRAVEL_AS_FLOAT32 = ("bfloat16", "float16")
+
+NumSamples = Union[int, Callable[[], int], None]
+
+
+def require_framework(extra: str, needs: str, modules: Sequence[str]) -> None:
+    """Import ``modules``, or raise ImportError saying that ``branchkey_integrations.<extra>`` needs ``needs``
+    and which extra installs it: a callback module calls this before its framework imports."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(
+                f"branchkey_integrations.{extra} needs {needs}: pip install 'branchkey-integrations[{extra}]'"
+            ) from exc
+
+
+def travels_as_float32(dtype: Any) -> bool:
+    """Whether values of ``dtype`` (a torch, Keras or NumPy dtype, or its name) are uploaded as float32."""
+    name = getattr(dtype, "name", None) or str(dtype)
+    return name.rsplit(".", 1)[-1] in TRAVEL_AS_FLOAT32  # "torch.bfloat16" -> "bfloat16"
+
+
+def check_every_n_epochs(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected every_n_epochs >= 1. Received: every_n_epochs={value!r}")
+    return value
+
+
+def check_num_samples(value: Any, *, required: bool) -> NumSamples:
+    """An int > 0 or a zero-argument callable; None only where the framework can count the samples itself."""
+    ok = callable(value) or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+    if ok or (value is None and not required):
+        return value
+    allowed = "an int > 0 or a callable returning one" if required else \
+        "an int > 0, a callable returning one, or None"
+    raise ValueError(f"Expected num_samples to be {allowed}. Received: num_samples={value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"Expected {name} in {tuple(allowed)}. Received: {name}={value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}")
+    return value
+
+
+def resolve_weighting(num_samples: NumSamples, fallback: Callable[[], float] | None = None) -> float:
+    """This leaf's weighting in the average: ``num_samples`` (called if callable), else ``fallback()``.
+
+    A callable is checked on every call: it may count data that grows between rounds.
+    """
+    if callable(num_samples):
+        value = num_samples()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"Expected num_samples() to return a number > 0. Received: {value!r}")
+        return float(value)
+    if num_samples is not None:
+        return float(num_samples)
+    if fallback is None:
+        raise ValueError("Expected num_samples to be an int > 0 or a callable returning one. Received: num_samples=None")
+    return float(fallback())
+
+
+def is_round_epoch(epoch: int, every_n_epochs: int) -> bool:
+    """Whether the 0-based ``epoch`` ends with a round: epochs n-1, 2n-1, ..."""
+    return (epoch + 1) % every_n_epochs == 0
+
+
+def rounds_before(epoch: int, every_n_epochs: int) -> int:
+    """Rounds that the epochs before the 0-based ``epoch`` took part in: what a run resumed at ``epoch`` has done."""
+    return epoch // every_n_epochs
+
+
+@dataclass(frozen=True, eq=False)
+class CallbackSettings:
+    """Every option the callbacks share, checked in the constructor, and the :class:`Federation` they build.
+
+    The arguments mean what the callbacks' docstrings say; ``num_samples_required`` says whether the framework
+    cannot count samples itself (Keras), so that None is refused; ``install_extra`` names the pip extra of the
+    callback, for the install hint when ``snapshot_dir`` is given without safetensors.
+
+    Raises:
+        ValueError: an option is out of range; the message names the value received and what is allowed.
+        CredentialsError: a credential field is missing or malformed.
+        ImportError: ``snapshot_dir`` is given and safetensors is not installed.
+
+    Example:
+        >>> settings = CallbackSettings("leaf_1.json", "http://127.0.0.1:8080", every_n_epochs=2)  # doctest: +SKIP
+        >>> settings.federation.round  # doctest: +SKIP
+        0
+    """
+
+    credentials: CredentialsLike | None = field(repr=False)
+    host: str = DEFAULT_HOST
+    every_n_epochs: int = 1
+    num_samples: NumSamples = None
+    num_samples_required: bool = False
+    timeout: float | None = 3600.0
+    on_timeout: str = "raise"
+    buffers: str = "local"
+    reset_optimizer: bool = False
+    send_metrics: bool = True
+    snapshot_dir: str | Path | None = None
+    transport: str = "auto"
+    log_every_s: float = 60.0
+    client_options: dict[str, Any] | None = field(default=None, repr=False)
+    install_extra: str | None = None
+    federation: Federation = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_every_n_epochs(self.every_n_epochs)
+        check_num_samples(self.num_samples, required=self.num_samples_required)
+        check_choice("buffers", self.buffers, BUFFER_POLICIES)
+        check_flag("reset_optimizer", self.reset_optimizer)
+        check_flag("send_metrics", self.send_metrics)
+        if self.snapshot_dir is not None:
+            if not isinstance(self.snapshot_dir, (str, os.PathLike)):
+                raise TypeError("Expected snapshot_dir to be a directory path or None. "
+                                f"Received: snapshot_dir={self.snapshot_dir!r}")
+            snapshot_dir = Path(self.snapshot_dir)
+            require_safetensors(snapshot_dir, self.install_extra)
+            object.__setattr__(self, "snapshot_dir", snapshot_dir)  # frozen: settled once, here
+        # credentials, host, timeout, on_timeout, log_every_s, transport and client_options: Federation checks them
+        federation = Federation(self.credentials, self.host, timeout=self.timeout, on_timeout=self.on_timeout,
+                                log_every_s=self.log_every_s, transport=self.transport,
+                                client_options=self.client_options)
+        object.__setattr__(self, "federation", federation)
+
+
+def _setting(name: str) -> property:
+    return property(lambda self: getattr(self.settings, name), doc=f"The callback's ``{name}`` (read-only).")
+
+
+class FederatedCallbackMixin:
+    """What both callbacks share: the one constructor signature, the options as read-only attributes, ``round``,
+    ``repr`` and one round as an :class:`~branchkey_integrations.core.outcome.Outcome`.
+
+    The constructor takes the options of :class:`CallbackSettings` (documented on each callback) and keeps the
+    checked settings in ``settings``, and their :class:`~branchkey_integrations.core.federation.Federation`,
+    which holds the round state, in ``federation``. A callback that adds options of its own overrides
+    ``__init__`` with those, and passes the rest on. Class attributes say what differs between frameworks:
+    ``_num_samples_required`` (the framework cannot count samples itself) and ``_install_extra`` (the pip
+    extra named in install hints).
+    """
+
+    _num_samples_required: ClassVar[bool] = False
+    _install_extra: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        credentials: CredentialsLike | None,
+        host: str = DEFAULT_HOST,
+        *,
+        every_n_epochs: int = 1,
+        num_samples: NumSamples = None,
+        timeout: float | None = 3600.0,
+        on_timeout: str = "raise",
+        buffers: str = "local",
+        reset_optimizer: bool = False,
+        send_metrics: bool = True,
+        snapshot_dir: str | Path | None = None,
+        transport: str = "auto",
+        log_every_s: float = 60.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()  # the framework's Callback
+        self.settings = CallbackSettings(
+            credentials, host, every_n_epochs=every_n_epochs, num_samples=num_samples, timeout=timeout,
+            on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
+            snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
+            num_samples_required=self._num_samples_required, install_extra=self._install_extra)
+        self.federation: Federation = self.settings.federation
+
+    every_n_epochs = _setting("every_n_epochs")
+    num_samples = _setting("num_samples")
+    buffers = _setting("buffers")
+    reset_optimizer = _setting("reset_optimizer")
+    send_metrics = _setting("send_metrics")
+    snapshot_dir = _setting("snapshot_dir")
+
+    @property
+    def round(self) -> int:
+        """Rounds this leaf has completed."""
+        return self.federation.round
+
+    def _exchange(self, layers: Layers, names: Sequence[str], weighting: Weighting | None = None) -> Outcome:
+        """One round of ``layers`` (snapshot included), weighted by ``weighting``, by default ``num_samples``."""
+        if weighting is None:
+            weighting = lambda: resolve_weighting(self.num_samples)  # noqa: E731 - called inside the round
+        return self.federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(leaf={self.federation.credentials.name!r}, "
+                f"every_n_epochs={self.every_n_epochs}, buffers={self.buffers!r}, round={self.round})")
+
+
+__all__ = ["BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+           "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag",
+           "resolve_weighting", "is_round_epoch", "rounds_before"]

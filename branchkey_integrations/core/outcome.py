@@ -1,0 +1,115 @@
+"""How one round ends for a training callback: the :class:`Outcome` of :meth:`Federation.exchange`.
+
+This module owns the four ways a round can end for a leaf that is training (``"done"``, ``"timeout"``,
+``"stopped"``, ``"error"``), the mapping of :meth:`Federation.run_round`'s exceptions onto them, and making an
+outcome portable between processes. Why an outcome instead of exceptions: under DDP only global rank 0 runs the
+round, and every rank must then act identically. An exception raised on rank 0 before the broadcast would leave
+the other ranks waiting for it forever; an outcome is a value that can always be broadcast, and every rank then
+stops, loads or raises alike. The Keras callback, with one process, uses the same value so that both callbacks
+draw the same line between "the run ended" and "the round failed".
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence, Union
+
+import numpy as np
+
+from . import wire
+from .errors import BranchKeyError, RequestRejectedError, RunStopped
+from .snapshots import save_snapshot
+
+if TYPE_CHECKING:  # run-time import would be circular: Federation.exchange delegates to this module
+    from .federation import Federation, RoundResult
+
+logger = logging.getLogger(__name__)
+
+OUTCOME_KINDS = ("done", "timeout", "stopped", "error")
+
+#: the arrays of a round, or a function that makes them: a failure to make them is then an outcome too
+Layers = Union[Sequence[np.ndarray], Callable[[], Sequence[np.ndarray]]]
+#: a weighting, or a function that returns one (called once, inside the round)
+Weighting = Union[float, Callable[[], float]]
+
+_LAYER_KEY = re.compile(r"\blayer_(0|[1-9][0-9]*)\b")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one round came to.
+
+    Attributes:
+        kind: ``"done"`` (``result`` holds the checked aggregate), ``"timeout"`` (``result`` holds no layers:
+            the wait ran out with ``on_timeout="continue"``), ``"stopped"`` (the run was stopped; ``error`` is
+            the :class:`RunStopped` that says when) or ``"error"`` (``error`` is what went wrong).
+        result: the round's :class:`RoundResult` for ``"done"`` and ``"timeout"``, else None.
+        error: the exception for ``"stopped"`` and ``"error"``, else None.
+    """
+
+    kind: str
+    result: RoundResult | None = None
+    error: BaseException | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in OUTCOME_KINDS:
+            raise ValueError(f"Expected kind in {OUTCOME_KINDS}. Received: kind={self.kind!r}")
+
+    def portable(self) -> Outcome:
+        """This outcome with an error that survives pickling (a DDP broadcast pickles it).
+
+        An error that does not pickle (it holds a socket, a lambda, ...) travels as a :class:`BranchKeyError`
+        with its type and text, so the receiving rank can still raise something that says what happened.
+        """
+        if self.error is None:
+            return self
+        try:
+            pickle.loads(pickle.dumps(self.error))
+            return self
+        except Exception:  # noqa: BLE001 - any failure means "not portable"
+            return replace(self, error=BranchKeyError(f"{type(self.error).__name__} on global rank 0: {self.error}"))
+
+
+def exchange(federation: Federation, layers: Layers, weighting: Weighting, names: Sequence[str] | None = None,
+             snapshot_dir: Path | None = None) -> Outcome:
+    """One round as an :class:`Outcome`; see :meth:`Federation.exchange`, which is the way to call it."""
+    try:
+        arrays = list(layers() if callable(layers) else layers)
+        result = federation.run_round(arrays, weighting() if callable(weighting) else weighting, names=names)
+        if result.timed_out:
+            return Outcome("timeout", result)
+        if snapshot_dir is not None:
+            save_snapshot(snapshot_dir, result, names if names is not None else
+                          [wire.layer_key(i) for i in range(len(arrays))])
+        return Outcome("done", result)
+    except RunStopped as exc:
+        logger.info("%s Stopping training.", exc)
+        return Outcome("stopped", error=exc)
+    except RequestRejectedError as exc:
+        named = name_refused_layers(exc, names or [])
+        if named is not exc:
+            named.__cause__ = exc
+        return Outcome("error", error=named)
+    except Exception as exc:  # noqa: BLE001 - the caller raises it (on every rank, under DDP)
+        return Outcome("error", error=exc)
+
+
+def name_refused_layers(error: RequestRejectedError, names: Sequence[str]) -> RequestRejectedError:
+    """The platform's refusal with the local names of the ``layer_<i>`` it mentions.
+
+    The platform only knows positions; the leaf knows that ``layer_4`` is ``head/kernel``, which is what
+    a user needs to find the layer whose architecture differs.
+    """
+    mentioned = sorted({int(i) for i in _LAYER_KEY.findall(error.message) if int(i) < len(names)})
+    if not mentioned:
+        return error
+    local = ", ".join(f"layer_{i} is {names[i]!r}" for i in mentioned)
+    return RequestRejectedError(f"{error.message} (on this leaf {local}; every leaf of the branch must federate "
+                                "the same parameters)", error.status_code)
+
+
+__all__ = ["OUTCOME_KINDS", "Outcome", "Layers", "Weighting", "exchange", "name_refused_layers"]
