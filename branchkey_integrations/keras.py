@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .core.callback_kit import BUFFER_POLICIES, FederatedCallbackMixin, NumSamples, is_round_epoch
-from .core.callback_kit import require_framework, resolve_weighting, rounds_before, travels_as_float32
+from .core.callback_kit import require_framework, resolve_weighting, rounds_before, shared_options, travels_as_float32
 from .core.credentials import CredentialsLike
 from .core.federation import RoundResult
 from .core.protocol import DEFAULT_HOST
@@ -138,10 +139,26 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     _num_samples_required = True  # Keras cannot count samples honestly: see num_samples above
     _install_extra = "keras"
 
-    def __init__(self, credentials: CredentialsLike | None, host: str = DEFAULT_HOST, *, num_samples: NumSamples,
-                 validation_data: Any = None, **options: Any) -> None:
-        # the options both callbacks share (every_n_epochs, timeout, ...) are FederatedCallbackMixin's
-        super().__init__(credentials, host, num_samples=num_samples, **options)
+    def __init__(
+        self,
+        credentials: CredentialsLike | None,
+        host: str = DEFAULT_HOST,
+        *,
+        num_samples: NumSamples,
+        every_n_epochs: int = 1,
+        timeout: float | None = 3600.0,
+        on_timeout: str = "raise",
+        buffers: str = "local",
+        reset_optimizer: bool = False,
+        send_metrics: bool = True,
+        validation_data: Any = None,
+        snapshot_dir: str | Path | None = None,
+        transport: str = "auto",
+        log_every_s: float = 60.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        # every argument spelled out, for IDEs and inspect.signature; the shared ones are the mixin's to check
+        super().__init__(**shared_options(locals()))
         if validation_data is not None and isinstance(validation_data, (str, bytes, int, float)):
             raise ValueError("Expected validation_data to be what model.evaluate takes: an (x, y) tuple or a "
                              f"dataset. Received: validation_data={validation_data!r}")

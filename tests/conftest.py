@@ -279,19 +279,19 @@ def partner_upload(credentials, server: LocalServer, arrays, weighting: float) -
 
 @pytest.fixture
 def uploads(monkeypatch):
-    """Every upload of this process, as (weighting, [arrays])."""
+    """Every upload of arrays in this process (``upload_weights`` and Federation's rounds), as (weighting, [arrays])."""
     import numpy as np
 
     from branchkey_integrations import Client
 
     seen: list = []
-    original = Client.upload_weights
+    original = Client._upload_arrays  # the one path both upload_weights and Federation take
 
     def spy(self, weighting, parameters, **kwargs):
         seen.append((weighting, [np.array(p, copy=True) for p in parameters]))
         return original(self, weighting, parameters, **kwargs)
 
-    monkeypatch.setattr(Client, "upload_weights", spy)
+    monkeypatch.setattr(Client, "_upload_arrays", spy)
     return seen
 
 

@@ -13,6 +13,7 @@ or variables to arrays and back, and each framework's hooks to
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -168,6 +169,12 @@ class CallbackSettings:
         object.__setattr__(self, "federation", federation)
 
 
+def shared_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of :class:`FederatedCallbackMixin` among a callback's own ``locals()``: a callback that
+    spells out its full signature (as Keras does, to add ``validation_data``) passes these on unchanged."""
+    return {name: arguments[name] for name in _MIXIN_ARGUMENTS if name in arguments}
+
+
 def _setting(name: str) -> property:
     return property(lambda self: getattr(self.settings, name), doc=f"The callback's ``{name}`` (read-only).")
 
@@ -235,6 +242,8 @@ class FederatedCallbackMixin:
                 f"every_n_epochs={self.every_n_epochs}, buffers={self.buffers!r}, round={self.round})")
 
 
-__all__ = ["BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+_MIXIN_ARGUMENTS = tuple(inspect.signature(FederatedCallbackMixin.__init__).parameters)[1:]  # without self
+
+__all__ = ["shared_options", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

@@ -7,6 +7,10 @@ Decoding reads each member's ``.npy`` header itself and checks it against the zi
 before allocating anything, so a hostile archive (a zip bomb, a header that claims a
 terabyte, an object dtype that would need pickle) is refused with
 :class:`ArchiveTooLargeError` or :class:`ArchiveError` instead of exhausting memory.
+
+Why one module of this size: it is one format, read and written. The encoder's zip layout, the
+decoder's header checks and the validation share the member naming, the ``.npy`` header rules and
+the limits; splitting encode from decode would put the two halves of one byte layout in two places.
 """
 
 from __future__ import annotations

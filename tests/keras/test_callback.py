@@ -77,6 +77,19 @@ def test_bad_host_credentials_and_snapshot_dir_fail_at_construction(monkeypatch,
         BranchKeyKerasCallback(CREDS, HOST, num_samples=8, every_n_epoch=2)
 
 
+def test_signature_spells_out_every_option_with_the_shared_defaults():
+    """IDEs and inspect.signature see every argument; the shared ones keep the Lightning callback's defaults."""
+    import inspect
+
+    from branchkey_integrations.core.callback_kit import FederatedCallbackMixin
+
+    keras_params = inspect.signature(BranchKeyKerasCallback.__init__).parameters
+    shared = inspect.signature(FederatedCallbackMixin.__init__).parameters
+    assert set(keras_params) == set(shared) | {"validation_data"}
+    assert keras_params["num_samples"].default is inspect.Parameter.empty  # required on Keras
+    assert all(keras_params[name].default == shared[name].default for name in shared if name != "num_samples")
+
+
 def test_num_samples_is_required_and_construction_never_connects():
     with pytest.raises(TypeError, match="num_samples"):
         BranchKeyKerasCallback(CREDS, HOST)
