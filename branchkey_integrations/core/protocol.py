@@ -4,6 +4,14 @@ Both sides import these names, so a message type, a run status, a metric mode, t
 rule or an API path is defined once: what the server builds, the client parses. The module
 needs nothing beyond the standard library.
 
+``branchkey-local`` extensions, which the official clients never see or ignore (they read only the fields
+PROTOCOL.md names): an ``aggregation_status`` body also carries the ``run_number`` and ``round_index`` of
+the round it closes, so a leaf never takes a late aggregate of an earlier round for the one it waits on;
+the upload's 201 answer carries the ``run_number`` and ``round_index`` the upload was accepted into; and
+``GET`` :data:`ROUND_PATH` tells a leaf of the branch the open round's progress and the branch's latest
+aggregate, which is how a leaf that missed a notification still finds its result. ``round_index`` counts
+from 0 within a run, as the admin API does.
+
 Example:
     >>> message = aggregation_message("f00d")
     >>> parse_notification(encode_message(message)).aggregation_id
@@ -52,6 +60,7 @@ METRICS_PATH = API_PREFIX + "/performance/analysis"
 BRANCH_CONFIG_PATH = API_PREFIX + "/config/branch/{branch_id}"
 WS_TICKET_PATH = API_PREFIX + "/ws/ticket"
 WS_PATH = API_PREFIX + "/ws"
+ROUND_PATH = API_PREFIX + "/round/{branch_id}"  # branchkey-local: open round's progress + latest aggregate
 
 #: upload headers of the 3.x client, checked by a server that receives them
 FILE_SIZE_HEADER = "x-bk-file-size"
@@ -78,10 +87,26 @@ class Notification:
     def run_status(self) -> str | None:
         return self.body.get("run_status") if self.message_type == RUN_STATUS else None
 
+    @property
+    def run_number(self) -> int | None:
+        """The run of the round an aggregate closes (branchkey-local), or None when the platform did not say."""
+        return self.body.get("run_number") if self.message_type == AGGREGATION_STATUS else None
 
-def aggregation_message(aggregation_id: str) -> dict[str, Any]:
-    """``aggregation_status``: the aggregate ``aggregation_id`` is ready to download."""
-    return {"message_type": AGGREGATION_STATUS, "body": {"aggregation_id": aggregation_id}}
+    @property
+    def round_index(self) -> int | None:
+        """The round (from 0 within its run) an aggregate closes (branchkey-local), or None when not said."""
+        return self.body.get("round_index") if self.message_type == AGGREGATION_STATUS else None
+
+
+def aggregation_message(aggregation_id: str, run_number: int | None = None,
+                        round_index: int | None = None) -> dict[str, Any]:
+    """``aggregation_status``: the aggregate ``aggregation_id`` (of that run and round, when given) is ready."""
+    body: dict[str, Any] = {"aggregation_id": aggregation_id}
+    if run_number is not None:
+        body["run_number"] = run_number
+    if round_index is not None:
+        body["round_index"] = round_index
+    return {"message_type": AGGREGATION_STATUS, "body": body}
 
 
 def run_status_message(run_status: str) -> dict[str, Any]:
@@ -112,6 +137,10 @@ def parse_notification(raw: bytes | str) -> Notification:
     if message_type == AGGREGATION_STATUS:
         if not isinstance(body.get("aggregation_id"), str) or not body["aggregation_id"]:
             raise ProtocolError(f"aggregation_status without an aggregation_id: {body!r}")
+        for name in ("run_number", "round_index"):
+            value = body.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ProtocolError(f"aggregation_status with {name}={value!r}; expected an integer >= 0.")
     elif message_type == RUN_STATUS:
         if body.get("run_status") not in RUN_STATUSES:
             raise ProtocolError(f"run_status must be one of {RUN_STATUSES}. Received: {body!r}")
@@ -123,7 +152,7 @@ def parse_notification(raw: bytes | str) -> Notification:
 __all__ = [
     "DEFAULT_HOST", "START", "PAUSE", "STOP", "RUN_STATUSES", "METRIC_MODES", "FILE_ID_PATTERN", "is_file_id",
     "API_PREFIX", "ADMIN_PREFIX", "RUN_PATH", "UPLOAD_PATH", "DOWNLOAD_PATH", "BLOB_PATH", "METRICS_PATH",
-    "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
+    "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "ROUND_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
     "AGGREGATION_STATUS", "RUN_STATUS", "MESSAGE_TYPES", "Notification", "aggregation_message",
     "run_status_message", "encode_message", "parse_notification",
 ]

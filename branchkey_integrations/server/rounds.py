@@ -138,7 +138,7 @@ class Rounds:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     temp.unlink()
-        await self.notifier.publish(branch.tree_id, branch_id, aggregation_message(aggregate_id))
+        await self.notifier.publish(branch.tree_id, branch_id, aggregation_message(aggregate_id, run_number, round_index))
         return aggregate_id
 
     def _aggregation_plan(self, branch_id: str, deadline: bool) -> tuple[Branch, int, int, list[UploadInput]] | None:

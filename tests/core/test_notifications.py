@@ -26,6 +26,10 @@ def test_malformed_notifications_are_refused(raw, message):
 
 def test_what_the_server_builds_the_client_parses():
     assert parse_notification(encode_message(aggregation_message("a-9"))).aggregation_id == "a-9"
+    closing = parse_notification(encode_message(aggregation_message("a-9", run_number=2, round_index=0)))
+    assert (closing.aggregation_id, closing.run_number, closing.round_index) == ("a-9", 2, 0)
+    with pytest.raises(ProtocolError, match="round_index=-1"):
+        parse_notification(encode_message(aggregation_message("a-9", run_number=2, round_index=-1)))
     assert parse_notification(encode_message(run_status_message("stop"))).run_status == "stop"
     with pytest.raises(ValueError, match="run_status"):
         run_status_message("halt")
