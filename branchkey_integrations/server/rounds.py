@@ -23,6 +23,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from ..core import wire
 from ..core.errors import (
@@ -48,6 +49,14 @@ def run_blocked_message(branch: Branch) -> str:
         f"run is {state} (run_status {branch.run_status!r}, run {branch.run_number}); uploads are accepted only while run_status is "
         f"'start'. Wait for the run to start (the admin sets it with 'branchkey-local run start')."
     )
+
+
+class AcceptedUpload(NamedTuple):
+    """An upload counted in a round: its file id and the run and round it was accepted into."""
+
+    file_id: str
+    run_number: int
+    round_index: int
 
 
 class Rounds:
@@ -78,8 +87,8 @@ class Rounds:
 
     async def accept_upload(
         self, leaf: Leaf, archive: wire.Archive, path: Path, *, size: int, sha256: str, metadata: str | None,
-    ) -> str:
-        """Check a decoded upload against its round and commit the file at ``path``; returns its id.
+    ) -> AcceptedUpload:
+        """Check a decoded upload against its round and commit the file at ``path``; returns its id and round.
 
         Aggregation, if the round is now complete, follows in the background.
 
@@ -107,12 +116,19 @@ class Rounds:
                 round_index=current.round_index, weighting=weighting, specs=specs,
                 size=size, sha256=sha256, metadata=metadata,
             )
-        logger.info("leaf %s uploaded %s to branch %s run %d round %d", leaf.id, file_id, branch.id,
+        logger.info("leaf %s (%s) uploaded %s to branch %s run %d round %d", leaf.name, leaf.id, file_id, branch.id,
                     current.run_number, current.round_index)
         if replaced:
             self.workers.spawn(blocking(self.store.remove_files, replaced))
         self.workers.spawn(self.aggregate_if_ready(branch.id))
-        return file_id
+        return AcceptedUpload(file_id, current.run_number, current.round_index)
+
+    async def record_refusal(self, leaf: Leaf, reason: str) -> None:
+        """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress."""
+        where = await self.workers.blocking(self.store.record_refusal, leaf, reason)
+        at = f"run {where[0]} round {where[1]}" if where else "no open round"
+        logger.warning("upload of leaf %s (%s) to branch %s refused (%s): %s", leaf.name, leaf.id, leaf.branch_id,
+                       at, reason)
 
     async def aggregate_if_ready(self, branch_id: str, *, deadline: bool = False) -> str | None:
         """Aggregate the branch's open round if it is complete (or past its deadline); returns the id."""
@@ -196,4 +212,4 @@ class Rounds:
                 logger.exception("round deadline check failed")
 
 
-__all__ = ["Rounds", "run_blocked_message"]
+__all__ = ["Rounds", "AcceptedUpload", "run_blocked_message"]

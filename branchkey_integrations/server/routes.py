@@ -15,18 +15,21 @@ import time
 
 from aiohttp import web
 
+from ..core.errors import ArchiveError, InvalidValueError
 from ..core.protocol import (
     BLOB_PATH,
     BRANCH_CONFIG_PATH,
     DOWNLOAD_PATH,
     METRIC_MODES,
     METRICS_PATH,
+    ROUND_PATH,
     RUN_PATH,
     UPLOAD_PATH,
     WS_PATH,
     WS_TICKET_PATH,
 )
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
+from .progress import round_progress
 from .records import Leaf
 from .state import server_of
 from .uploads import decode_upload, receive_upload
@@ -73,15 +76,43 @@ async def upload_file(request: web.Request) -> web.Response:
         upload = await receive_upload(request, temp, limits, server.workers)
         archive = await decode_upload(upload.path, limits, server.workers)
         try:
-            file_id = await server.rounds.accept_upload(
+            accepted = await server.rounds.accept_upload(
                 leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
             )
         finally:
             archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
+    except (InvalidValueError, ArchiveError) as exc:  # a refused body (400/413): the round's progress shows it
+        await server.rounds.record_refusal(leaf, str(exc))
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    return ok({"file_id": file_id}, status=201)
+    # the official clients read file_id only; run_number and round_index are branchkey-local's
+    return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index},
+              status=201)
+
+
+async def round_status(request: web.Request) -> web.Response:
+    """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate.
+
+    Only a leaf of the branch may ask (403 otherwise). The answer's ``data``:
+
+    - ``run_status``, ``run_number``: the branch's run; ``round_index``: the open round (from 0 within the
+      run), null while no round is open (run stopped);
+    - ``uploaded``, ``missing``: leaf names whose upload counts in the open round, and those without one;
+      ``required``: how many uploads complete the round (``min_leaves``, else every leaf);
+    - ``refused``: ``[{"leaf", "reason", "at"}]``, uploads refused in the open round (the latest per leaf,
+      gone once that leaf's later upload is accepted);
+    - ``opened_at``: when the round opened; ``deadline_at``: when a round deadline aggregates it (null without
+      a deadline or before its first upload), both ISO 8601 UTC;
+    - ``latest_aggregate``: ``{"aggregation_id", "run_number", "round_index"}`` of the branch's latest
+      aggregate, or null: a leaf that missed a notification finds its result here.
+    """
+    server = server_of(request)
+    leaf = await server.auth.authenticate(request)
+    require_own_branch(leaf, request.match_info["branch_id"])
+    progress = await server.blocking(round_progress, server.store, leaf.branch_id)
+    return ok(progress.to_dict())
 
 
 async def download_file(request: web.Request) -> web.Response:
@@ -169,6 +200,7 @@ def add_leaf_routes(app: web.Application) -> None:
     app.router.add_get(BRANCH_CONFIG_PATH, branch_config)
     app.router.add_post(WS_TICKET_PATH, ws_ticket)
     app.router.add_get(WS_PATH, websocket)
+    app.router.add_get(ROUND_PATH, round_status)
 
 
 __all__ = ["add_leaf_routes"]

@@ -94,6 +94,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     id TEXT PRIMARY KEY, mode TEXT NOT NULL, aggregation_id TEXT, leaf_id TEXT NOT NULL,
     branch_id TEXT NOT NULL, tree_id TEXT NOT NULL, data TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS metrics_branch ON metrics(branch_id);
+CREATE TABLE IF NOT EXISTS refusals (
+    branch_id TEXT NOT NULL, run_number INTEGER NOT NULL, round_index INTEGER NOT NULL,
+    leaf_id TEXT NOT NULL, reason TEXT NOT NULL, refused_at TEXT NOT NULL,
+    PRIMARY KEY (branch_id, run_number, round_index, leaf_id));
 """
 
 
@@ -349,6 +353,43 @@ class Store:
         )
         return [row[0] for row in rows]
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the connection so several reads see one state (no write of this process in between)."""
+        with self._lock:
+            yield
+
+    def record_refusal(self, leaf: Leaf, reason: str) -> tuple[int, int] | None:
+        """Remember why ``leaf``'s upload was refused in its branch's open round (the latest per leaf);
+        returns that round's (run_number, round_index), or None when no round is open."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT r.run_number, r.round_index FROM rounds r JOIN branches b ON b.id = r.branch_id"
+                " AND b.run_number = r.run_number WHERE r.branch_id = ? AND r.status = 'open'"
+                " ORDER BY r.round_index DESC LIMIT 1", (leaf.branch_id,)).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "INSERT OR REPLACE INTO refusals VALUES (?, ?, ?, ?, ?, ?)",
+                (leaf.branch_id, row[0], row[1], leaf.id, reason[:2000], now_iso()))
+        return row[0], row[1]
+
+    def round_refusals(self, branch_id: str, run_number: int, round_index: int) -> list[dict[str, Any]]:
+        """Refused uploads of one round not since replaced by an accepted one: leaf id and name, reason, time."""
+        rows = self._query(
+            "SELECT x.leaf_id, l.name AS leaf_name, x.reason, x.refused_at FROM refusals x"
+            " JOIN leaves l ON l.id = x.leaf_id WHERE x.branch_id = ? AND x.run_number = ? AND x.round_index = ?"
+            " ORDER BY x.refused_at, l.name", (branch_id, run_number, round_index))
+        return [dict(row) for row in rows]
+
+    def latest_aggregate(self, branch_id: str) -> dict[str, Any] | None:
+        """The branch's latest aggregate: ``{"aggregation_id", "run_number", "round_index"}``, or None."""
+        rows = self._query(
+            "SELECT aggregate_id AS aggregation_id, run_number, round_index FROM rounds WHERE branch_id = ?"
+            " AND status = 'aggregated' AND aggregate_id IS NOT NULL"
+            " ORDER BY run_number DESC, round_index DESC LIMIT 1", (branch_id,))
+        return dict(rows[0]) if rows else None
+
     # -- files ----------------------------------------------------------------------------
 
     def new_temp_path(self) -> Path:
@@ -405,6 +446,9 @@ class Store:
                     " WHERE branch_id = ? AND run_number = ? AND round_index = ?",
                     (time.time(), leaf.branch_id, run_number, round_index),
                 )
+                conn.execute(  # an accepted upload clears the leaf's earlier refusal in this round
+                    "DELETE FROM refusals WHERE branch_id = ? AND run_number = ? AND round_index = ? AND leaf_id = ?",
+                    (leaf.branch_id, run_number, round_index, leaf.id))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.data_dir / relative)

@@ -88,7 +88,8 @@ def test_round_completes_and_leaves_download_the_weighted_mean(live) -> None:
     for leaf, (arrays, weighting) in zip(leaves, uploads):
         answer = live.upload(leaf, wire.encode(arrays, weighting))
         assert answer.status_code == 201, answer.text
-        assert set(answer.json()["data"]) == {"file_id"}
+        assert answer.json()["data"]["run_number"] == 1 and answer.json()["data"]["round_index"] == 0
+        assert set(answer.json()["data"]) == {"file_id", "run_number", "round_index"}
     aggregate_id = live.wait_aggregate(branch["id"])
     for leaf in leaves:
         assert_layers(live.fetch(leaf, aggregate_id), weighted_mean(uploads))

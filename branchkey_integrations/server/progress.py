@@ -1,0 +1,104 @@
+"""What a branch's open round looks like: who has uploaded, who is missing, whose upload was refused.
+
+:func:`round_progress` reads one consistent picture of a branch from the store: its run, the open
+round (uploaded and missing leaves, by name; the uploads refused in that round with their reasons;
+when it opened and, with a round deadline, when it will be aggregated), and the branch's latest
+aggregate. The leaf route ``GET`` :data:`~branchkey_integrations.core.protocol.ROUND_PATH`, the
+server log and ``branchkey-local status`` all show this same picture, so a waiting leaf and the
+operator see why a round is not complete.
+
+Leaves are named by their names, never by their tokens. The module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An upload the server refused in the open round (the latest per leaf)."""
+
+    leaf: str
+    reason: str
+    at: str
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """The open round of one branch and its latest aggregate; :meth:`to_dict` is the wire form.
+
+    ``round_index`` and ``opened_at`` are None while no round is open (the run is stopped);
+    ``deadline_at`` is None unless the branch has a round deadline and the round an upload.
+    """
+
+    branch_id: str
+    run_status: str
+    run_number: int
+    round_index: int | None
+    required: int
+    uploaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    opened_at: str | None = None
+    deadline_at: str | None = None
+    latest_aggregate: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``data`` of the ROUND_PATH answer (without ``branch_id``, which the path names)."""
+        data = asdict(self)
+        del data["branch_id"]
+        return data
+
+    def summary(self) -> str:
+        """One line for a log or a terminal, e.g. ``run 1 round 3: 1/2 uploaded; missing leaf_2``."""
+        if self.round_index is None:
+            return f"run {self.run_number} {self.run_status}: no open round"
+        text = f"run {self.run_number} round {self.round_index}: {len(self.uploaded)}/{self.required} uploaded"
+        if self.missing:
+            text += "; missing " + ", ".join(self.missing)
+        if self.refused:
+            text += "; refused " + "; ".join(f"{r.leaf} ({r.reason})" for r in self.refused)
+        return text
+
+
+def round_progress(store: Store, branch_id: str) -> RoundProgress:
+    """The progress of ``branch_id``'s open round; blocking (call from a worker thread).
+
+    Raises:
+        RecordNotFoundError: no such branch.
+    """
+    with store.reading():
+        branch = store.require_branch(branch_id)
+        current = store.open_round(branch_id)
+        required = store.required_uploads(branch)
+        latest = store.latest_aggregate(branch_id)
+        if current is None:
+            return RoundProgress(branch.id, branch.run_status, branch.run_number, None, required,
+                                 latest_aggregate=latest)
+        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
+        uploaded_ids = [u.leaf_id for u in store.round_uploads(branch_id, current.run_number, current.round_index)]
+        refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
+    uploaded = [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids]
+    done = set(uploaded_ids)
+    missing = [name for leaf_id, name in names.items() if leaf_id not in done]
+    deadline_at = None
+    if branch.round_deadline_s is not None and current.first_upload_at is not None:
+        deadline_at = iso_time(current.first_upload_at + branch.round_deadline_s)
+    return RoundProgress(
+        branch.id, branch.run_status, current.run_number, current.round_index, required, uploaded, missing,
+        [Refusal(r["leaf_name"], r["reason"], r["refused_at"]) for r in refusals],
+        current.opened_at, deadline_at, latest,
+    )
+
+
+def iso_time(epoch_s: float) -> str:
+    """UTC ISO 8601 with milliseconds, as the store writes its times."""
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds")
+
+
+__all__ = ["Refusal", "RoundProgress", "round_progress", "iso_time"]
