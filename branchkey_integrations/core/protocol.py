@@ -12,6 +12,15 @@ the upload's 201 answer carries the ``run_number`` and ``round_index`` the uploa
 aggregate, which is how a leaf that missed a notification still finds its result. ``round_index`` counts
 from 0 within a run, as the admin API does.
 
+The :data:`ROUND_PATH` answer (a leaf of that branch only; 403 for any other) is ``{"data": {...}}`` with
+``run_status`` and ``run_number`` of the branch; ``round_index`` of the open round (null while the run is
+stopped); ``uploaded`` and ``missing``, lists of leaf names (never tokens) with and without an upload that
+counts in the open round; ``required``, the uploads that complete it; ``refused``, a list of
+``{"leaf", "reason", "at"}`` for uploads refused in the open round (the latest per leaf, gone once that
+leaf's later upload is accepted); ``opened_at`` and ``deadline_at`` (ISO 8601 UTC; ``deadline_at`` is null
+without a round deadline or before the round's first upload); and ``latest_aggregate``,
+``{"aggregation_id", "run_number", "round_index"}`` of the branch's latest aggregate, or null.
+
 Example:
     >>> message = aggregation_message("f00d")
     >>> parse_notification(encode_message(message)).aggregation_id
