@@ -7,7 +7,13 @@ directory, so leaves are notified; else directly in the store), ``status``, and 
 
 The module sits above both :mod:`branchkey_integrations.server` and the simulation: it imports
 them, never the other way round. aiohttp and the simulation's dependencies are imported only by
-the commands that need them, so ``init``, ``run`` and ``status`` work without them.
+the commands that need them, so ``init``, ``run`` and ``status`` work without them; ``serve`` and
+``simulate`` name the extra to install when one is missing.
+
+Conventions: options work before or after the subcommand; ``--data-dir`` defaults to
+``$BRANCHKEY_DATA_DIR``; ``--help`` shows every default; exit status 0 on success, 2 for a usage
+error (argparse), 1 for a runtime failure (one line on stderr, no traceback); a closed stdout
+(``branchkey-local status | head -1``) is not an error.
 """
 
 from __future__ import annotations
@@ -15,72 +21,126 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import requests
 
+from . import __version__
 from .core.errors import BranchKeyError, InvalidValueError
 from .core.protocol import ADMIN_PREFIX, RUN_STATUSES
 from .server.durable import write_private_file
+from .server.lock import FileLock
 from .server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
 
 logger = logging.getLogger("branchkey_integrations.server")
 
 SERVER_FILE = "server.json"
 LOCK_FILE = "server.lock"
+DATA_DIR_ENV = "BRANCHKEY_DATA_DIR"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_FAILURE = 1  # a runtime failure; argparse's usage errors exit with 2
+# Which extra brings a module that ``serve`` or ``simulate`` imports on demand.
+EXTRA_OF_MODULE = {"aiohttp": "server", "sklearn": "simulate", "matplotlib": "simulate", "torch": "lightning",
+                   "lightning": "lightning", "keras": "keras", "tensorflow": "tensorflow", "safetensors": "lightning"}
 
 
 class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def missing_dependency(command: str, exc: ModuleNotFoundError) -> CliError:
+    """A :class:`CliError` that names the missing module and the extra that installs it."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return CliError(f"'{command}' needs the Python module {module or exc}, which is not installed.")
+    return CliError(f"'{command}' needs {module}, which is not installed; install the extra: "
+                    f"pip install \"branchkey-integrations[{extra}]\"")
 
 
 # -- parser ---------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every option that has a real default (not None, not a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name (the later one wins)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default="INFO" if defaults else argparse.SUPPRESS,
+                        help="how much the server and clients log (default: INFO)")
+    return common
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: the common options and the defaults-showing help, whoever adds it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs["parents"] = [*kwargs.get("parents", ()), _common_options(defaults=False)]
+        super().__init__(*args, **kwargs)
+
+
+def add_data_dir(parser: argparse.ArgumentParser, help: str = "the server's data directory") -> None:
+    """``--data-dir``, defaulting to ``$BRANCHKEY_DATA_DIR`` (required when that is unset)."""
+    default = os.environ.get(DATA_DIR_ENV) or None
+    parser.add_argument("--data-dir", default=default, required=default is None, metavar="DIR",
+                        help=f"{help} (default: ${DATA_DIR_ENV}" + (f" = {default})" if default else ", unset)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="branchkey-local", description="A local BranchKey-compatible server for federated learning.",
+        formatter_class=HelpFormatter, parents=[_common_options(defaults=True)],
+        epilog="Exit status: 0 success, 1 runtime failure, 2 usage error.",
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{init,serve,run,status,simulate}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     init = commands.add_parser("init", help="create a tree, a branch and N leaves; write credential files")
-    init.add_argument("--data-dir", required=True, help="the server's data directory (created if missing)")
+    add_data_dir(init, "the server's data directory, created if missing")
     init.add_argument("--leaves", type=_positive_int, required=True, help="number of leaves to create")
     init.add_argument("--credentials-dir", required=True, help="where leaf_1.json, leaf_2.json, ... are written")
     init.add_argument("--min-leaves", type=_positive_int, help="uploads that complete a round (default: all leaves)")
     init.add_argument("--round-deadline", type=_positive_float, metavar="S",
                       help="aggregate what is there S seconds after a round's first upload")
-    init.add_argument("--branch-name", default="main")
+    init.add_argument("--branch-name", default="main", help="the new branch's name")
     init.add_argument("--host-url", help="the URL leaves will use (printed in the summary)")
     init.add_argument("--force", action="store_true", help="overwrite existing leaf_*.json files")
     init.set_defaults(func=cmd_init)
 
     serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--data-dir", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (see <data-dir>/server.json)")
+    add_data_dir(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (see DIR/server.json)")
     serve.add_argument("--amqp-url", help="publish notifications to RabbitMQ too, e.g. amqp://guest:guest@127.0.0.1:5672/")
     serve.add_argument("--amqp-management-url", help="RabbitMQ management API (default http://<amqp host>:15672)")
     serve.add_argument("--public-url", help="base URL put in download links (default: the Host the client used)")
-    serve.add_argument("--max-upload-bytes", type=_positive_int, default=None)
+    serve.add_argument("--max-upload-bytes", type=_positive_int, default=None,
+                       help="refuse larger uploads (default: the server's built-in limit)")
     serve.set_defaults(func=cmd_serve)
 
     run = commands.add_parser("run", help="start, pause or stop a branch's run")
-    run.add_argument("status", choices=RUN_STATUSES)
-    run.add_argument("--data-dir", required=True)
+    run.add_argument("status", choices=RUN_STATUSES, help="the run status to set")
+    add_data_dir(run)
     run.add_argument("--branch-id", help="needed only when the store holds several branches")
     run.set_defaults(func=cmd_run)
 
     status = commands.add_parser("status", help="show branches, run status and rounds")
-    status.add_argument("--data-dir", required=True)
+    add_data_dir(status)
+    status.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     status.set_defaults(func=cmd_status)
     add_simulate_parser(commands)
     return parser
@@ -92,18 +152,20 @@ def add_simulate_parser(commands: Any) -> None:
         description="Start an embedded branchkey-local, create a branch of N leaves, train each leaf in its own "
                     "process with the real callback on a share of the digits data set, and compare the federated "
                     "model with local-only training and a centralized baseline.")
-    simulate.add_argument("--framework", choices=["lightning", "keras"], default="lightning")
-    simulate.add_argument("--leaves", type=_positive_int, default=3)
-    simulate.add_argument("--rounds", type=_positive_int, default=5)
-    simulate.add_argument("--epochs-per-round", type=_positive_int, default=5)
+    simulate.add_argument("--framework", choices=["lightning", "keras"], default="lightning",
+                          help="which callback the leaves train with")
+    simulate.add_argument("--leaves", type=_positive_int, default=3, help="leaf processes")
+    simulate.add_argument("--rounds", type=_positive_int, default=5, help="federated rounds")
+    simulate.add_argument("--epochs-per-round", type=_positive_int, default=5,
+                          help="local epochs between aggregations")
     simulate.add_argument("--partition", choices=["iid", "dirichlet"], default="iid",
                           help="how the training data is split across leaves (dirichlet: label skew)")
     simulate.add_argument("--alpha", type=_positive_float, default=0.5,
-                          help="Dirichlet concentration: small = few classes per leaf (default 0.5)")
-    simulate.add_argument("--seed", type=int, default=0)
+                          help="Dirichlet concentration: small = few classes per leaf")
+    simulate.add_argument("--seed", type=int, default=0, help="test split, partition and initial model")
     simulate.add_argument("--amqp-url", help="notify leaves over RabbitMQ instead of WebSocket")
     simulate.add_argument("--output", default="branchkey-simulation", metavar="DIR",
-                          help="where report.json and accuracy.png are written (default ./branchkey-simulation)")
+                          help="where report.json and accuracy.png are written")
     simulate.set_defaults(func=cmd_simulate)
 
 
@@ -128,15 +190,29 @@ def _positive_float(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (argparse exits with 2 itself on a usage error)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so a closed pipe surfaces inside this try
+        return code
+    except BrokenPipeError:  # the reader went away (| head): not our failure
+        _silence_stdout()
+        return 0
     except (CliError, BranchKeyError) as exc:  # BrokerError, StoreError: one line, no traceback
         print(f"branchkey-local {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILURE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # -- live server ----------------------------------------------------------------------------
@@ -229,22 +305,19 @@ def _init_via_server(live: tuple[str, str], args: argparse.Namespace) -> tuple[d
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import aiohttp  # noqa: F401 - checked first, so a missing extra is one clear line
+    except ModuleNotFoundError as exc:
+        raise missing_dependency("serve", exc) from None
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with exclusive_lock(data_dir / LOCK_FILE):
+    lock = FileLock(data_dir / LOCK_FILE)
+    if not lock.acquire():
+        raise CliError(f"another branchkey-local server already serves {data_dir}; stop it first, or pass another "
+                       f"--data-dir.")
+    with lock:
         asyncio.run(serve(args, data_dir))
     return 0
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """One server per data directory: two would both aggregate and clean up each other's files."""
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CliError(f"another branchkey-local server already serves {path.parent}.") from None
-        yield
 
 
 async def serve(args: argparse.Namespace, data_dir: Path) -> None:
@@ -262,7 +335,10 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except NotImplementedError:  # Windows' event loops: Ctrl-C arrives as KeyboardInterrupt instead
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
     try:
         try:
             await web.TCPSite(runner, args.host, args.port).start()
@@ -327,6 +403,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = open_existing_store(data_dir)
     try:
         live = live_server(data_dir)
+        if args.json:
+            print(json.dumps(status_document(store, live), indent=2, default=str))
+            return 0
         print(f"server  {live[0] if live else 'not running'}")
         for branch in store.list_branches():
             leaves = store.list_leaves(branch.id)
@@ -340,11 +419,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any]:
+    """What ``status --json`` prints: the server's URL (or null) and every branch with all its rounds."""
+    branches = [{
+        "id": branch.id, "name": branch.name, "run_status": branch.run_status, "run_number": branch.run_number,
+        "leaves": len(store.list_leaves(branch.id)), "required_uploads": store.required_uploads(branch),
+        "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id")}
+                   for item in store.list_rounds(branch.id)],
+    } for branch in store.list_branches()]
+    return {"server": live[0] if live else None, "branches": branches}
+
+
 # -- simulate -------------------------------------------------------------------------------
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import SimulationConfig, TerminalProgress, SimulationTerminated, run
+    try:
+        from .simulate import SimulationConfig, TerminalProgress, SimulationTerminated, run
+    except ModuleNotFoundError as exc:
+        raise missing_dependency("simulate", exc) from None
 
     if args.log_level == "INFO":  # the progress display says what these would
         logging.getLogger("branchkey_integrations.simulation").setLevel(logging.WARNING)
@@ -353,6 +446,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                   epochs_per_round=args.epochs_per_round, partition=args.partition,
                                   alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url)
         report = run(config, output=args.output, progress=TerminalProgress())
+    except ModuleNotFoundError as exc:
+        raise missing_dependency("simulate", exc) from None
     except (ValueError, ImportError) as exc:
         raise CliError(str(exc)) from exc
     except KeyboardInterrupt:

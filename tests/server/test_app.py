@@ -468,7 +468,7 @@ def test_cli_init_writes_credentials(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(files[0].read_text())["branch_id"] in result.stdout
     again = cli("init", "--data-dir", str(tmp_path / "data"), "--leaves", "1", "--credentials-dir", str(tmp_path / "creds"))
-    assert again.returncode == 2 and "already exist" in again.stderr
+    assert again.returncode == 1 and "already exist" in again.stderr
     assert cli("init", "--data-dir", str(tmp_path / "d"), "--leaves", "0", "--credentials-dir", "x").returncode == 2
     for command in ("init", "serve", "run", "status"):
         assert cli(command, "--help").returncode == 0
@@ -498,7 +498,7 @@ def test_cli_run_offline_and_through_a_live_server(tmp_path: Path) -> None:
         assert url in status.stdout and "run_status pause" in status.stdout
         second = subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", "serve", "--data-dir",
                                  str(data_dir), "--port", "0"], capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and "already serves" in second.stderr
+        assert second.returncode == 1 and "already serves" in second.stderr
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
