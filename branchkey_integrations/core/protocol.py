@@ -70,6 +70,7 @@ BRANCH_CONFIG_PATH = API_PREFIX + "/config/branch/{branch_id}"
 WS_TICKET_PATH = API_PREFIX + "/ws/ticket"
 WS_PATH = API_PREFIX + "/ws"
 ROUND_PATH = API_PREFIX + "/round/{branch_id}"  # branchkey-local: open round's progress + latest aggregate
+OPENAPI_PATH = API_PREFIX + "/openapi.json"  # branchkey-local: the OpenAPI document of every route (no auth)
 
 #: upload headers of the 3.x client, checked by a server that receives them
 FILE_SIZE_HEADER = "x-bk-file-size"
@@ -161,7 +162,7 @@ def parse_notification(raw: bytes | str) -> Notification:
 __all__ = [
     "DEFAULT_HOST", "START", "PAUSE", "STOP", "RUN_STATUSES", "METRIC_MODES", "FILE_ID_PATTERN", "is_file_id",
     "API_PREFIX", "ADMIN_PREFIX", "RUN_PATH", "UPLOAD_PATH", "DOWNLOAD_PATH", "BLOB_PATH", "METRICS_PATH",
-    "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "ROUND_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
+    "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "ROUND_PATH", "OPENAPI_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
     "AGGREGATION_STATUS", "RUN_STATUS", "MESSAGE_TYPES", "Notification", "aggregation_message",
     "run_status_message", "encode_message", "parse_notification",
 ]

@@ -29,6 +29,7 @@ from ..core.protocol import (
     WS_TICKET_PATH,
 )
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
+from .openapi import add_openapi_route
 from .progress import round_progress
 from .records import Leaf
 from .state import server_of
@@ -201,6 +202,7 @@ def add_leaf_routes(app: web.Application) -> None:
     app.router.add_post(WS_TICKET_PATH, ws_ticket)
     app.router.add_get(WS_PATH, websocket)
     app.router.add_get(ROUND_PATH, round_status)
+    add_openapi_route(app)
 
 
 __all__ = ["add_leaf_routes"]

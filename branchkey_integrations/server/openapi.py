@@ -1,0 +1,271 @@
+"""The OpenAPI 3.1 description of branchkey-local's HTTP API: every leaf route and every admin route.
+
+:func:`openapi_document` builds the document from the path constants of
+:mod:`branchkey_integrations.core.protocol`, so a path is spelled once; the server serves it without
+authentication at ``GET`` :data:`~branchkey_integrations.core.protocol.OPENAPI_PATH`. A test checks it
+against the app's router (every route documented, every documented route served, same methods) and a
+property-based fuzzer draws requests from it, so the document cannot drift from the handlers unnoticed.
+
+Conventions the document spells out: every answer is ``{"data": ...}`` or ``{"error": text}``; leaf
+routes take ``Authorization: Bearer {leaf_id}:{session_token}``, admin routes
+``Bearer {admin_token}``; the signed blob URL and the WebSocket need no header (a signature or a
+one-use ticket instead).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..core.protocol import (
+    ADMIN_PREFIX,
+    BLOB_PATH,
+    BRANCH_CONFIG_PATH,
+    DOWNLOAD_PATH,
+    FILE_DIGEST_HEADER,
+    FILE_SIZE_HEADER,
+    METRIC_MODES,
+    METRICS_PATH,
+    OPENAPI_PATH,
+    ROUND_PATH,
+    RUN_PATH,
+    RUN_STATUSES,
+    UPLOAD_PATH,
+    WS_PATH,
+    WS_TICKET_PATH,
+)
+
+Schema = dict[str, Any]
+
+# -- schemas ------------------------------------------------------------------------------------
+
+_STR: Schema = {"type": "string"}
+_INT: Schema = {"type": "integer", "minimum": 0}
+_TIME: Schema = {"type": "string", "format": "date-time"}
+
+
+def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, *, extra: bool = True) -> Schema:
+    schema: Schema = {"type": "object", "properties": {**required, **(optional or {})}, "required": list(required)}
+    if not extra:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _null(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": _obj({"error": _STR}),
+    "RunDetails": _obj({"run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
+    "UploadAccepted": _obj({"file_id": _STR, "run_number": _INT, "round_index": _INT}),
+    "LatestAggregate": _obj({"aggregation_id": _STR, "run_number": _INT, "round_index": _INT}),
+    "Refusal": _obj({"leaf": _STR, "reason": _STR, "at": _TIME}),
+    "RoundProgress": _obj({
+        "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "round_index": _null(_INT),
+        "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
+        "refused": {"type": "array", "items": _ref("Refusal")}, "opened_at": _null(_TIME),
+        "deadline_at": _null(_TIME), "latest_aggregate": _null(_ref("LatestAggregate")),
+    }),
+    "DownloadUrl": _obj({"download_url": {"type": "string", "format": "uri"}}),
+    "MetricsRequest": _obj(
+        {"mode": {"enum": list(METRIC_MODES)}, "leaf_id": _STR, "branch_id": _STR, "tree_id": _STR,
+         "data": {"description": "the metrics as JSON text (or a JSON object or array)",
+                  "anyOf": [_STR, {"type": "object"}, {"type": "array"}]}},
+        {"aggregation_id": _null(_STR)},
+    ),
+    "Created": _obj({"id": _STR}),
+    "BranchConfig": _obj({
+        "branch": _obj({"id": _STR, "name": _STR, "tree_id": _STR}),
+        "service": _obj({"algorithm": _STR, "config": _obj({
+            "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})})}),
+        "model_config": {"type": "object"}, "created_at": _TIME, "updated_at": _TIME,
+    }),
+    "Ticket": _obj({"ticket_id": _STR, "request_id": _STR, "expires_at": _TIME}),
+    "Tree": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "created_at": _TIME}),
+    "Branch": _obj({
+        "id": _STR, "tree_id": _STR, "name": _STR, "min_leaves": _null(_INT),
+        "round_deadline_s": _null({"type": "number"}), "algorithm": _STR,
+        "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "created_at": _TIME, "updated_at": _TIME,
+    }),
+    "Leaf": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "tree_id": _STR, "branch_id": _STR}),
+    "LeafCredentials": _obj({"id": _STR, "name": _STR, "session_token": _STR, "owner_id": _STR, "tree_id": _STR,
+                             "branch_id": _STR}),
+    "TreeRequest": _obj({}, {"name": {"type": "string", "minLength": 1}, "owner_id": _STR}),
+    "BranchRequest": _obj({}, {
+        "name": {"type": "string", "minLength": 1},
+        "min_leaves": _null({"type": "integer", "minimum": 1, "description": "null: every leaf"}),
+        "round_deadline_s": _null({"type": "number", "exclusiveMinimum": 0, "description": "null: no deadline"}),
+    }),
+    "LeavesRequest": _obj({}, {"count": {"type": "integer", "minimum": 1, "maximum": 10000},
+                               "name_prefix": {"type": "string", "minLength": 1}}),
+    "RunRequest": _obj({"run_status": {"enum": list(RUN_STATUSES)}}),
+    "RunState": _obj({"branch_id": _STR, "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
+}
+
+
+def _list_of(key: str, item: Schema) -> Schema:
+    return _obj({key: {"type": "array", "items": item}})
+
+
+# -- operations -------------------------------------------------------------------------------
+
+_ERRORS = {
+    400: "malformed request (the text names the problem and the fix)", 401: "missing or wrong credentials",
+    403: "not this caller's branch or file", 404: "no such record", 409: "the run or round does not take it now",
+    413: "larger than the server accepts",
+}
+
+
+def _operation(summary: str, *, tag: str, ok: tuple[int, Schema | None], security: str | None,
+               errors: tuple[int, ...] = (400, 401), body: Schema | None = None, multipart: bool = False,
+               params: tuple[str, ...] = (), query: tuple[str, ...] = (), headers: tuple[str, ...] = (),
+               description: str | None = None, content_type: str = "application/json", wrapped: bool = True) -> Schema:
+    status, data = ok
+    answer: Schema = {"description": "success"}
+    if data is not None:
+        schema = _obj({"data": data}) if wrapped else data
+        answer["content"] = {content_type: {"schema": schema}}
+    operation: Schema = {
+        "summary": summary, "tags": [tag], "operationId": _operation_id(summary),
+        "responses": {str(status): answer, **{str(code): {"$ref": f"#/components/responses/E{code}"} for code in errors}},
+        "security": [{security: []}] if security else [],
+    }
+    if description:
+        operation["description"] = description
+    parameters = [{"name": name, "in": "path", "required": True, "schema": _STR} for name in params]
+    parameters += [{"name": name, "in": "query", "required": True, "schema": _STR} for name in query]
+    parameters += [{"name": name, "in": "header", "required": False, "schema": _STR} for name in headers]
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {
+            "multipart/form-data" if multipart else "application/json": {"schema": body}}}
+    return operation
+
+
+def _operation_id(summary: str) -> str:
+    words = "".join(c if c.isalnum() else " " for c in summary).split()
+    return words[0].lower() + "".join(w.capitalize() for w in words[1:])
+
+
+def _leaf_paths() -> dict[str, dict[str, Schema]]:
+    leaf = functools.partial(_operation, tag="leaf", security="leafBearer")
+    upload_body = _obj(
+        {"file": {"type": "string", "format": "binary", "description": "NPZ archive: layer_0..n-1 and weighting"}},
+        {"data": {"type": "string", "description": 'JSON text {"leaf_name": ..., "metadata": ...}'}},
+    )
+    return {
+        RUN_PATH: {"get": leaf("Run details", ok=(200, _ref("RunDetails")), errors=(400, 401, 403, 404),
+                               params=("branch_id",))},
+        UPLOAD_PATH: {"post": leaf(
+            "Upload weights", ok=(201, _ref("UploadAccepted")), errors=(400, 401, 404, 409, 413),
+            body=upload_body, multipart=True, headers=(FILE_SIZE_HEADER, FILE_DIGEST_HEADER),
+            description="Counted in the branch's open round; run_number and round_index (branchkey-local) name it. "
+                        "A refused body (400, 413) is shown to the branch's leaves by the round route.")},
+        DOWNLOAD_PATH: {"get": leaf("Download URL", ok=(200, _ref("DownloadUrl")), errors=(400, 401, 403, 404),
+                                    params=("file_id",))},
+        BLOB_PATH: {"get": _operation(
+            "Download blob", tag="leaf", security=None, ok=(200, {"type": "string", "format": "binary"}), wrapped=False,
+            errors=(400, 403, 404), params=("file_id",), query=("expires", "signature"),
+            content_type="application/octet-stream", description="The signed, expiring URL a download answers.")},
+        METRICS_PATH: {"post": leaf("Send metrics", ok=(201, _ref("Created")), errors=(400, 401, 403),
+                                    body=_ref("MetricsRequest"))},
+        BRANCH_CONFIG_PATH: {"get": leaf("Branch config", ok=(200, _ref("BranchConfig")), errors=(400, 401, 403, 404),
+                                         params=("branch_id",))},
+        WS_TICKET_PATH: {"post": leaf("WebSocket ticket", ok=(200, _ref("Ticket")))},
+        WS_PATH: {"get": _operation(
+            "WebSocket", tag="leaf", security=None, ok=(101, None), errors=(400, 401), query=("ticket", "request_id"),
+            description="Upgrades to a WebSocket that carries aggregation_status and run_status messages.")},
+        ROUND_PATH: {"get": leaf(
+            "Round progress", ok=(200, _ref("RoundProgress")), errors=(400, 401, 403, 404), params=("branch_id",),
+            description="branchkey-local: the open round's uploaded, missing and refused leaves (by name) and the "
+                        "branch's latest aggregate; a leaf of the branch only.")},
+        OPENAPI_PATH: {"get": _operation("OpenAPI document", tag="meta", security=None, ok=(200, {"type": "object"}),
+                                         errors=(), wrapped=False, description="This document.")},
+    }
+
+
+def _admin_paths() -> dict[str, dict[str, Schema]]:
+    admin = functools.partial(_operation, tag="admin", security="adminBearer")
+    trees, branches = ADMIN_PREFIX + "/trees", ADMIN_PREFIX + "/branches"
+    branch = branches + "/{branch_id}"
+    found = (400, 401, 404)
+
+    def listing(key: str, what: str) -> Schema:
+        return admin(f"List {what}", ok=(200, _list_of(key, {"type": "object"})), errors=found, params=("branch_id",))
+
+    return {
+        trees: {"post": admin("Create tree", ok=(201, _ref("Tree")), body=_ref("TreeRequest")),
+                "get": admin("List trees", ok=(200, _list_of("trees", _ref("Tree"))), errors=(401,))},
+        trees + "/{tree_id}/broker": {"delete": admin(
+            "Remove tree broker", ok=(200, _obj({"tree_id": _STR, "amqp": {"type": "boolean"}, "leaves": _INT})),
+            errors=(401, 404, 502), params=("tree_id",),
+            description="Deletes what the server made for the tree in RabbitMQ; the tree stays.")},
+        trees + "/{tree_id}/branches": {"post": admin("Create branch", ok=(201, _ref("Branch")), errors=found,
+                                                      params=("tree_id",), body=_ref("BranchRequest"))},
+        branches: {"get": admin("List branches", ok=(200, _list_of("branches", _ref("Branch"))), errors=(401,))},
+        branch: {"get": admin("Get branch", ok=(200, {"allOf": [_ref("Branch"), _obj({
+            "leaves": {"type": "array", "items": _ref("Leaf")}, "connected_websockets": _INT})]}),
+            errors=found, params=("branch_id",))},
+        branch + "/leaves": {
+            "post": admin("Create leaves", ok=(201, _list_of("leaves", _ref("LeafCredentials"))), errors=found,
+                          params=("branch_id",), body=_ref("LeavesRequest")),
+            "get": admin("List leaves", ok=(200, _list_of("leaves", _ref("Leaf"))), errors=found, params=("branch_id",)),
+        },
+        branch + "/run": {"post": admin("Set run status", ok=(200, _ref("RunState")), errors=found,
+                                        params=("branch_id",), body=_ref("RunRequest"))},
+        branch + "/rounds": {"get": listing("rounds", "rounds")},
+        branch + "/uploads": {"get": listing("uploads", "uploads")},
+        branch + "/aggregates": {"get": listing("aggregates", "aggregates")},
+        branch + "/metrics": {"get": listing("metrics", "metrics")},
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _document() -> Schema:
+    responses = {f"E{code}": {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
+                 for code, text in {**_ERRORS, 502: "RabbitMQ refused the change"}.items()}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "branchkey-local", "version": __version__,
+            "description": "The leaf API of the BranchKey protocol (PROTOCOL.md), branchkey-local's extensions, and "
+                           "its admin API. Answers are {\"data\": ...} or {\"error\": text}.",
+        },
+        "paths": {**_leaf_paths(), **_admin_paths()},
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": responses,
+            "securitySchemes": {
+                "leafBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "{leaf_id}:{session_token}"},
+                "adminBearer": {"type": "http", "scheme": "bearer",
+                                "description": "the token in <data_dir>/admin_token"},
+            },
+        },
+    }
+
+
+def openapi_document() -> Schema:
+    """The OpenAPI 3.1 document of every route (a fresh copy: callers may change it)."""
+    return copy.deepcopy(_document())
+
+
+async def serve_openapi(request: web.Request) -> web.Response:
+    """``GET`` OPENAPI_PATH: the document itself (no authentication; it holds no secret)."""
+    return web.json_response(_document())
+
+
+def add_openapi_route(app: web.Application) -> None:
+    app.router.add_get(OPENAPI_PATH, serve_openapi)
+
+
+__all__ = ["openapi_document", "serve_openapi", "add_openapi_route", "SCHEMAS"]
