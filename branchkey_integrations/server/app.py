@@ -31,6 +31,7 @@ from aiohttp import WSCloseCode, web
 
 from ..core import wire
 from .admin import add_admin_routes
+from .dashboard import add_dashboard_routes
 from .httpio import HttpProblem, error_middleware
 from .notify import Notifier
 from .routes import add_leaf_routes
@@ -78,6 +79,7 @@ def create_app(
     app[SERVER] = server
     add_leaf_routes(app)
     add_admin_routes(app)
+    add_dashboard_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_websockets)
     return app

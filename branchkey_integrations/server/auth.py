@@ -18,6 +18,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from aiohttp import web
 
@@ -44,6 +45,7 @@ class Auth:
         self.ticket_ttl_s = ticket_ttl_s
         self.tickets: dict[str, Ticket] = {}
         self._dummy_token = secrets.token_urlsafe(32)
+        self.on_leaf: Callable[[Leaf], None] | None = None  # the dashboard's last-seen hook
 
     # -- bearer tokens --------------------------------------------------------------------
 
@@ -58,6 +60,8 @@ class Auth:
         expected = leaf.session_token if leaf is not None else self._dummy_token
         if not hmac.compare_digest(token.encode(), expected.encode()) or leaf is None:
             raise HttpProblem(401, "Unknown leaf id or wrong session token; use the leaf's credentials file.")
+        if self.on_leaf is not None:
+            self.on_leaf(leaf)
         return leaf
 
     def authenticate_admin(self, request: web.Request) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from aiohttp import web
 
@@ -43,6 +43,8 @@ class Notifier:
         self._amqp_management_url = amqp_management_url
         self._broker: RabbitMQBroker | None = None
         self._sockets: dict[str, dict[str, set[web.WebSocketResponse]]] = {}
+        #: called with (branch_id, message) for every publish (the dashboard's live feed)
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- WebSocket registry ---------------------------------------------------------------
 
@@ -121,6 +123,12 @@ class Notifier:
         logger.info("removed tree %s from RabbitMQ", tree_id)
         return True
 
+    async def amqp_consumers(self, tree_id: str) -> dict[str, int]:
+        """Consumers per leaf queue of a tree ({} without a broker); raises BrokerError when RabbitMQ fails."""
+        if self._broker is None:
+            return {}
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._broker.queue_consumers, tree_id)
+
     async def _publish_amqp(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
         if self._broker is None:
             return
@@ -142,6 +150,8 @@ class Notifier:
         sockets = [ws for group in self._sockets.get(branch_id, {}).values() for ws in group]
         logger.info("notify branch %s: %s to %d socket(s)%s", branch_id, message["message_type"], len(sockets),
                     " and AMQP" if self._broker is not None else "")
+        for listen in self.listeners:
+            listen(branch_id, message)
         await asyncio.gather(self._send_all(sockets, json.dumps(message)), self._publish_amqp(tree_id, branch_id, message))
 
 

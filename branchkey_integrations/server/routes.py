@@ -28,7 +28,9 @@ from ..core.protocol import (
     WS_PATH,
     WS_TICKET_PATH,
 )
+from .events import events_of
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
+from .presence import presence_of
 from .openapi import add_openapi_route
 from .progress import round_progress
 from .records import Leaf
@@ -84,10 +86,13 @@ async def upload_file(request: web.Request) -> web.Response:
             archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
     except (InvalidValueError, ArchiveError) as exc:  # a refused body (400/413): the round's progress shows it
         await server.rounds.record_refusal(leaf, str(exc))
+        events_of(request).emit("refused", leaf.branch_id, leaf=leaf.name, reason=str(exc)[:500])
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+    events_of(request).emit("upload", leaf.branch_id, leaf=leaf.name, run_number=accepted.run_number,
+                            round_index=accepted.round_index)
     # the official clients read file_id only; run_number and round_index are branchkey-local's
     return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index},
               status=201)
@@ -168,6 +173,7 @@ async def performance_analysis(request: web.Request) -> web.Response:
     aggregation_id = body.get("aggregation_id")
     aggregation_id = None if aggregation_id is None else str(aggregation_id)
     metric_id = await server.blocking(server.store.add_metric, mode=mode, aggregation_id=aggregation_id, leaf=leaf, data=data)
+    events_of(request).emit("metrics", leaf.branch_id, leaf=leaf.name, mode=mode, aggregation_id=aggregation_id)
     return ok({"id": metric_id}, status=201)
 
 
@@ -184,11 +190,13 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
     server.notifier.register(leaf, socket)
+    presence_of(request).websocket_opened(leaf)
     try:
         async for _ in socket:
             pass  # clients only listen; anything they send is ignored
     finally:
         server.notifier.unregister(leaf, socket)
+        presence_of(request).websocket_closed(leaf)
     return socket
 
 

@@ -1,0 +1,311 @@
+"""The dashboard of branchkey-local: a static page at ``/`` and the admin JSON it reads.
+
+The page (``static/index.html``, ``dashboard.js``, ``dashboard.css`` and the vendored uPlot
+charting library, all shipped in the package: no build step, no CDN) holds no data of its own.
+Everything it shows comes from admin routes, which need the admin token like the rest of
+``/admin/v1`` (401 without it), so scripts can read the same JSON:
+
+- ``GET /admin/v1/overview``: trees, branches, run status and number, each open round in brief;
+- ``GET /admin/v1/branches/{id}/live``: the open round (:func:`~.progress.round_progress`) with
+  every leaf's state (uploaded, missing, refused and why) and connection (WebSocket, AMQP, last seen);
+- ``GET /admin/v1/branches/{id}/history[?run=N]`` and ``.../metrics/summary[?run=N]``: the rounds
+  table and the metrics across rounds (:mod:`~.history`);
+- ``GET /admin/v1/aggregates/{id}/download``: a signed, expiring URL of a stored aggregate;
+- ``GET /admin/v1/events``: a server-sent event stream of what changed (:mod:`~.events`), so the page
+  refreshes one part when something happens instead of polling.
+
+Access: the page asks for the admin token once and keeps it in ``sessionStorage``; or
+``branchkey-local serve`` prints a one-time login link (``/#login=<code>``; the code sits in the
+URL fragment, which browsers never send) that the page trades for the token through
+``POST /admin/v1/dashboard/login``. Codes are single-use and expire; ``POST
+/admin/v1/dashboard/links`` (admin) issues new ones, which is how ``simulate --dashboard`` prints
+its link. Leaf tokens never leave the store through these routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..core.protocol import ADMIN_PREFIX, BLOB_PATH
+from .admin import admin
+from .events import EVENTS, EventHub
+from .history import metric_summary, round_history
+from .httpio import HttpProblem, check_file_id, is_decimal, ok, read_json_object
+from .presence import PRESENCE, Presence
+from .progress import round_progress
+from .state import SERVER, Server, server_of
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_PREFIX = "/dashboard/static"
+LOGIN_CODE_TTL_S = 15 * 60
+HEARTBEAT_S = 15.0
+AMQP_POLL_S = 5.0
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+class LoginCodes:
+    """One-time login codes: each trades once, within its lifetime, for the admin token."""
+
+    def __init__(self, ttl_s: float = LOGIN_CODE_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._codes: dict[str, float] = {}
+
+    def issue(self) -> str:
+        now = time.time()
+        self._codes = {c: t for c, t in self._codes.items() if t > now}
+        code = secrets.token_urlsafe(24)
+        self._codes[code] = now + self.ttl_s
+        return code
+
+    def redeem(self, code: str) -> bool:
+        match = next((c for c in self._codes if hmac.compare_digest(c.encode(), code.encode())), None)
+        if match is None:
+            return False
+        return self._codes.pop(match) > time.time()
+
+
+LOGIN_CODES = web.AppKey("login_codes", LoginCodes)
+
+
+def login_url(app: web.Application, base_url: str) -> str:
+    """A fresh one-time login link to the dashboard of ``app`` served at ``base_url``."""
+    return f"{base_url.rstrip('/')}/#login={app[LOGIN_CODES].issue()}"
+
+
+# -- the page -------------------------------------------------------------------------------
+
+
+#: the files the page may load, by their path under ``static/`` (nothing else is served from there)
+_STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+STATIC_FILES = {path.relative_to(STATIC_DIR).as_posix(): path for path in STATIC_DIR.rglob("*")
+                if path.suffix in _STATIC_TYPES}
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    path = STATIC_FILES.get(request.match_info["name"])
+    if path is None:
+        raise HttpProblem(404, f"No dashboard file {request.match_info['name'][:80]!r}.")
+    return web.FileResponse(path, headers={"Content-Type": _STATIC_TYPES[path.suffix] + "; charset=utf-8",
+                                           "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
+# -- JSON -----------------------------------------------------------------------------------
+
+
+def _overview(store: Store) -> dict[str, Any]:
+    with store.reading():
+        trees = store.list_trees()
+        branches = []
+        for branch in store.list_branches():
+            progress = round_progress(store, branch.id)
+            branches.append({
+                **branch.to_dict(), "leaves": len(store.list_leaves(branch.id)), "required": progress.required,
+                "round_index": progress.round_index, "uploaded": len(progress.uploaded),
+                "refused": len(progress.refused), "latest_aggregate": progress.latest_aggregate,
+            })
+    return {"trees": [{k: t[k] for k in ("id", "name", "created_at") if k in t} for t in trees],
+            "branches": branches}
+
+
+@admin
+async def overview(request: web.Request, server: Server) -> web.Response:
+    return ok({**await server.blocking(_overview, server.store), "server_time": time.time(),
+               "amqp": server.notifier.amqp_enabled})
+
+
+def _live(store: Store, presence: Presence, branch_id: str) -> dict[str, Any]:
+    with store.reading():
+        progress = round_progress(store, branch_id)
+        leaves = store.list_leaves(branch_id)
+    uploaded, refused = set(progress.uploaded), {r.leaf: r for r in progress.refused}
+    rows = []
+    for leaf in leaves:
+        state = "uploaded" if leaf.name in uploaded else "refused" if leaf.name in refused else "missing"
+        rows.append({"id": leaf.id, "name": leaf.name, "state": state,
+                     "reason": refused[leaf.name].reason if state == "refused" else None, **presence.of(leaf.id)})
+    return {**progress.to_dict(), "branch_id": branch_id, "leaves": rows}
+
+
+@admin
+async def live(request: web.Request, server: Server) -> web.Response:
+    data = await server.blocking(_live, server.store, request.app[PRESENCE], request.match_info["branch_id"])
+    return ok({**data, "server_time": time.time(), "amqp": server.notifier.amqp_enabled})
+
+
+def _run_query(request: web.Request) -> int | None:
+    text = request.query.get("run")
+    if text is None:
+        return None
+    if not is_decimal(text):
+        raise HttpProblem(400, f"Expected ?run=<run number>, e.g. ?run=1. Received: run={text[:40]!r}")
+    return int(text)
+
+
+@admin
+async def history(request: web.Request, server: Server) -> web.Response:
+    return ok(await server.blocking(round_history, server.store, request.match_info["branch_id"], _run_query(request)))
+
+
+@admin
+async def metrics(request: web.Request, server: Server) -> web.Response:
+    return ok(await server.blocking(metric_summary, server.store, request.match_info["branch_id"], _run_query(request)))
+
+
+@admin
+async def aggregate_download(request: web.Request, server: Server) -> web.Response:
+    """A signed URL of a stored aggregate (the blob route serves it without credentials, until it expires)."""
+    file_id = check_file_id(request.match_info["file_id"])
+    record = await server.blocking(server.store.get_file, file_id)
+    if record is None or record.kind != "aggregate":
+        raise HttpProblem(404, f"No stored aggregate {file_id}; older aggregates may have been removed by retention.")
+    expires = int(time.time()) + server.config.download_ttl_s
+    base = (server.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
+    url = f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
+    return ok({"download_url": url, "size": record.size, "sha256": record.sha256})
+
+
+@admin
+async def create_login_link(request: web.Request, server: Server) -> web.Response:
+    base = server.config.public_url or f"{request.scheme}://{request.host}"
+    return ok({"url": login_url(request.app, base), "expires_in_s": request.app[LOGIN_CODES].ttl_s}, status=201)
+
+
+async def login(request: web.Request) -> web.Response:
+    """Trade a one-time login code for the admin token (the only admin route without the token)."""
+    body = await read_json_object(request)
+    code = body.get("code")
+    if not isinstance(code, str) or not code.isascii() or not request.app[LOGIN_CODES].redeem(code):
+        raise HttpProblem(401, "This login link was already used or has expired; enter the admin token "
+                               "(<data_dir>/admin_token) or ask the server for a new link.")
+    return ok({"token": server_of(request).store.admin_token})
+
+
+# -- live stream ----------------------------------------------------------------------------
+
+
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one ``event: <kind>`` / ``data: <json>`` per server event, comments as heartbeat."""
+    server = server_of(request)
+    server.auth.authenticate_admin(request)
+    hub = request.app[EVENTS]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+    await response.prepare(request)
+    queue = hub.subscribe()
+    watcher = _AmqpWatcher.ensure(request.app)
+    try:
+        await response.write(b"event: hello\ndata: {\"kind\": \"hello\"}\n\n")
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+            except asyncio.TimeoutError:
+                await response.write(b": ping\n\n")
+                continue
+            if hub.is_closed(event):
+                break
+            await response.write(f"event: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode())
+    except (ConnectionResetError, RuntimeError):  # the page went away
+        pass
+    finally:
+        hub.unsubscribe(queue)
+        if watcher is not None and hub.subscribers == 0:
+            watcher.stop()
+    return response
+
+
+class _AmqpWatcher:
+    """While a dashboard watches a server with a broker, read each leaf queue's consumers every few seconds."""
+
+    KEY = web.AppKey("amqp_watcher", dict)
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def ensure(cls, app: web.Application) -> "_AmqpWatcher | None":
+        server = app[SERVER]
+        if not server.notifier.amqp_enabled:
+            return None
+        holder = app[cls.KEY]
+        watcher = holder.setdefault("watcher", cls(app))
+        if watcher.task is None or watcher.task.done():
+            watcher.task = asyncio.ensure_future(watcher.run())
+        return watcher
+
+    async def run(self) -> None:
+        server, presence = self.app[SERVER], self.app[PRESENCE]
+        while True:
+            try:
+                for tree in await server.blocking(server.store.list_trees):
+                    leaves = await server.blocking(server.store.list_leaves, tree_id=tree["id"])
+                    presence.set_amqp_consumers(leaves, await server.notifier.amqp_consumers(tree["id"]))
+            except Exception as exc:  # a broker hiccup must not end the watch
+                logger.warning("could not read AMQP consumers from the broker: %s", exc)
+            await asyncio.sleep(AMQP_POLL_S)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+# -- wiring ---------------------------------------------------------------------------------
+
+
+async def _close_streams(app: web.Application) -> None:
+    app[EVENTS].close()
+    watcher = app[_AmqpWatcher.KEY].get("watcher")
+    if watcher is not None:
+        watcher.stop()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            if watcher.task is not None:
+                await watcher.task
+
+
+def add_dashboard_routes(app: web.Application) -> None:
+    """The page, its static files, its JSON and its event stream; and the hooks that feed the stream."""
+    server = app[SERVER]
+    hub = EventHub()
+    app[EVENTS] = hub
+    app[PRESENCE] = presence = Presence(hub)
+    app[LOGIN_CODES] = LoginCodes()
+    app[_AmqpWatcher.KEY] = {}
+    server.notifier.listeners.append(hub.notification)
+    server.auth.on_leaf = presence.seen
+    app.on_shutdown.append(_close_streams)
+    branches = ADMIN_PREFIX + "/branches/{branch_id}"
+    app.router.add_get("/", page)
+    app.router.add_get(STATIC_PREFIX + "/{name:.+}", static_file)
+    app.router.add_get(ADMIN_PREFIX + "/overview", overview)
+    app.router.add_get(branches + "/live", live)
+    app.router.add_get(branches + "/history", history)
+    app.router.add_get(branches + "/metrics/summary", metrics)
+    app.router.add_get(ADMIN_PREFIX + "/aggregates/{file_id}/download", aggregate_download)
+    app.router.add_get(ADMIN_PREFIX + "/events", event_stream)
+    app.router.add_post(ADMIN_PREFIX + "/dashboard/links", create_login_link)
+    app.router.add_post(ADMIN_PREFIX + "/dashboard/login", login)
+
+
+__all__ = ["add_dashboard_routes", "login_url", "LoginCodes", "LOGIN_CODES", "STATIC_DIR"]

@@ -1,0 +1,350 @@
+// The branchkey-local dashboard: reads the admin JSON routes, listens to /admin/v1/events and
+// refreshes only the part an event concerns. No framework, no build step; uPlot draws the plots.
+// Every value from the server is put in the page as text (textContent), never as markup.
+"use strict";
+
+const TOKEN_KEY = "branchkey-local-admin-token";
+const state = { branch: null, run: null, overview: null, live: null, timers: {}, stream: null, plots: [] };
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+class Unauthorized extends Error {}
+
+async function api(path, options) {
+  const opts = Object.assign({ headers: {} }, options || {});
+  opts.headers = Object.assign({ Authorization: "Bearer " + token(), Accept: "application/json" }, opts.headers);
+  const answer = await fetch(path, opts);
+  let body = {};
+  try { body = await answer.json(); } catch (e) { /* empty body */ }
+  if (answer.status === 401 || answer.status === 403) throw new Unauthorized(body.error || answer.statusText);
+  if (!answer.ok) throw new Error(body.error || (answer.status + " " + answer.statusText));
+  return body.data;
+}
+
+// -- formatting -----------------------------------------------------------------------------
+
+function bytes(n) {
+  if (n === null || n === undefined) return "removed";
+  const units = ["B", "KB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
+
+function seconds(s) {
+  if (s === null || s === undefined) return "-";
+  if (s < 60) return s.toFixed(s < 10 ? 2 : 1) + " s";
+  return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+}
+
+function ago(epochS) {
+  if (!epochS) return "never";
+  const s = Math.max(0, Date.now() / 1000 - epochS);
+  return s < 1 ? "just now" : seconds(s).replace(/\.\d+ s$/, " s") + " ago";
+}
+
+function number(v) { return Number.isInteger(v) ? String(v) : v.toFixed(4).replace(/0+$/, "").replace(/\.$/, ""); }
+
+// -- access ---------------------------------------------------------------------------------
+
+function showLogin(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  if (state.stream) state.stream.abort();
+  state.stream = null;
+  $("app").hidden = true;
+  $("logout").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  $("live-state").textContent = "offline";
+  clearTables();
+}
+
+function clearTables() {
+  for (const id of ["branches", "leaves", "rounds"]) $(id).querySelector("tbody").replaceChildren();
+  $("plots").replaceChildren();
+  $("branch").hidden = true;
+  state.branch = null;
+}
+
+async function redeemLoginLink() {
+  const match = /^#login=([A-Za-z0-9_-]+)$/.exec(location.hash);
+  if (!match) return;
+  history.replaceState(null, "", location.pathname);  // the code is single-use: drop it from the address bar
+  const answer = await fetch("/admin/v1/dashboard/login", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ code: match[1] }),
+  });
+  const body = await answer.json().catch(() => ({}));
+  if (answer.ok) sessionStorage.setItem(TOKEN_KEY, body.data.token);
+  else $("login-error").textContent = body.error || "The login link was refused.";
+}
+
+async function guarded(work) {
+  try {
+    await work();
+  } catch (err) {
+    if (err instanceof Unauthorized) showLogin("The server refused the token: " + err.message);
+    else console.error(err);
+  }
+}
+
+async function start() {
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("logout").hidden = false;
+  await guarded(async () => {
+    await loadOverview();
+    if (state.branch) await Promise.all([loadLive(), loadHistory()]);
+    document.body.dataset.ready = "1";
+  });
+  if (token()) openStream();
+}
+
+// -- trees, branches, runs ------------------------------------------------------------------
+
+async function loadOverview() {
+  const data = await api("/admin/v1/overview");
+  state.overview = data;
+  const trees = Object.fromEntries(data.trees.map((t) => [t.id, t.name]));
+  const body = $("branches").querySelector("tbody");
+  body.replaceChildren();
+  if (!state.branch && data.branches.length) state.branch = data.branches[data.branches.length - 1].id;
+  for (const b of data.branches) {
+    const row = el("tr", null, { "data-branch": b.id, "data-testid": "branch-row" });
+    if (b.id === state.branch) row.classList.add("selected");
+    row.append(el("td", trees[b.tree_id] || b.tree_id), el("td", b.name, { title: b.id }), el("td", b.run_number),
+      el("td", b.run_status, { class: "status-" + b.run_status, "data-testid": "run-status" }), el("td", b.leaves),
+      el("td", b.round_index === null ? "none (stopped)" : "round " + b.round_index + ": " + b.uploaded + "/" + b.required));
+    const control = el("td");
+    for (const [status, label] of [["start", "Start"], ["pause", "Pause"], ["stop", "Stop"]]) {
+      const button = el("button", label, { type: "button", "data-testid": status + "-button" });
+      button.disabled = b.run_status === status;
+      button.addEventListener("click", (ev) => { ev.stopPropagation(); setRun(b.id, status); });
+      control.append(button);
+    }
+    row.append(control);
+    row.addEventListener("click", () => selectBranch(b.id));
+    body.append(row);
+  }
+}
+
+async function setRun(branchId, status) {
+  $("control-error").textContent = "";
+  try {
+    await api("/admin/v1/branches/" + branchId + "/run", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ run_status: status }),
+    });
+  } catch (err) {
+    if (err instanceof Unauthorized) return showLogin("The server refused the token: " + err.message);
+    $("control-error").textContent = "Could not " + status + " the run: " + err.message;
+    return;
+  }
+  await guarded(() => Promise.all([loadOverview(), branchId === state.branch ? loadLive() : null]));
+}
+
+async function selectBranch(id) {
+  if (id === state.branch) return;
+  state.branch = id;
+  state.run = null;
+  await guarded(() => Promise.all([loadOverview(), loadLive(), loadHistory()]));
+}
+
+// -- the open round -------------------------------------------------------------------------
+
+async function loadLive() {
+  const data = await api("/admin/v1/branches/" + state.branch + "/live");
+  state.live = data;
+  $("branch").hidden = false;
+  $("round-title").textContent = data.round_index === null
+    ? "(run " + data.run_number + " " + data.run_status + ": no open round)"
+    : "run " + data.run_number + ", round " + data.round_index + " (" + data.run_status + ")";
+  renderFacts();
+  const body = $("leaves").querySelector("tbody");
+  body.replaceChildren();
+  for (const leaf of data.leaves) {
+    const row = el("tr", null, { "data-leaf": leaf.name, "data-testid": "leaf-row" });
+    const what = el("td", leaf.state, { class: "state-" + leaf.state, "data-testid": "leaf-state" });
+    if (leaf.reason) what.append(el("div", leaf.reason, { class: "reason" }));
+    row.append(el("td", leaf.name), what,
+      el("td", leaf.websocket ? "connected" : "not connected", { class: leaf.websocket ? "on" : "off" }),
+      el("td", leaf.amqp === null ? "-" : leaf.amqp ? "connected" : "not connected",
+        { class: leaf.amqp ? "on" : "off" }),
+      el("td", ago(leaf.last_seen), { "data-seen": leaf.last_seen || "" }));
+    body.append(row);
+  }
+}
+
+function renderFacts() {
+  const data = state.live;
+  if (!data) return;
+  const facts = [];
+  facts.push(data.uploaded.length + " of " + data.required + " uploads needed");
+  if (data.missing.length) facts.push("missing: " + data.missing.join(", "));
+  if (data.refused.length) facts.push(data.refused.length + " refused");
+  if (data.opened_at) facts.push("opened " + ago(Date.parse(data.opened_at) / 1000));
+  facts.push(data.deadline_at ? "deadline " + new Date(data.deadline_at).toLocaleTimeString() : "no deadline");
+  if (data.latest_aggregate) facts.push("latest aggregate: round " + data.latest_aggregate.round_index);
+  $("round-facts").textContent = facts.join(" · ");
+}
+
+function tick() {  // seconds since the round opened and "last seen" move on without asking the server
+  renderFacts();
+  for (const cell of document.querySelectorAll("[data-seen]")) {
+    const seen = parseFloat(cell.dataset.seen);
+    cell.textContent = ago(Number.isFinite(seen) ? seen : null);
+  }
+}
+
+// -- history --------------------------------------------------------------------------------
+
+async function loadHistory() {
+  const query = state.run === null ? "" : "?run=" + state.run;
+  const base = "/admin/v1/branches/" + state.branch;
+  const [hist, metrics] = await Promise.all([api(base + "/history" + query), api(base + "/metrics/summary" + query)]);
+  const select = $("run-select");
+  select.replaceChildren(...hist.runs.map((r) => el("option", "run " + r, { value: r })));
+  select.value = String(hist.run_number);
+  const body = $("rounds").querySelector("tbody");
+  body.replaceChildren();
+  for (const r of hist.rounds.slice().reverse()) {
+    const row = el("tr", null, { "data-testid": "round-row" });
+    const link = el("td");
+    if (r.aggregate_size !== null) {
+      const button = el("button", "download", { type: "button", class: "link", "data-testid": "download" });
+      button.addEventListener("click", () => download(r.aggregate_id));
+      link.append(button);
+    } else {
+      link.textContent = "removed";
+    }
+    row.append(el("td", r.round_index), el("td", r.leaves), el("td", number(r.total_weighting)),
+      el("td", bytes(r.aggregate_size)), el("td", seconds(r.round_s)), el("td", seconds(r.aggregation_s)), link);
+    body.append(row);
+  }
+  drawPlots(metrics);
+}
+
+async function download(aggregateId) {
+  await guarded(async () => {
+    const data = await api("/admin/v1/aggregates/" + aggregateId + "/download");
+    location.assign(data.download_url);  // a signed, expiring URL: the token never goes into an address
+  });
+}
+
+function drawPlots(summary) {
+  for (const plot of state.plots) plot.destroy();
+  state.plots = [];
+  const box = $("plots");
+  box.replaceChildren();
+  if (!summary.series.length) {
+    box.append(el("p", "No metrics yet: leaves send them after each aggregate.", { class: "muted" }));
+    return;
+  }
+  const manyLeaves = summary.leaves.length > 12;
+  for (const s of summary.series) {
+    const figure = el("figure", null, { "data-testid": "plot", "data-metric": s.mode + "/" + s.metric });
+    figure.append(el("figcaption", s.mode + " " + s.metric + ": sample-weighted mean over leaves"
+      + (manyLeaves ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
+    box.append(figure);
+    const leaves = Object.keys(s.per_leaf);
+    const series = [{ label: "round" }, { label: "mean", stroke: "#1f4e9e", width: 2.5, points: { show: true } }];
+    for (const [i, name] of leaves.entries()) {
+      series.push({ label: name, stroke: "hsla(" + ((i * 47) % 360) + ",55%,50%,0.55)", width: 1,
+        points: { show: true, size: 4 }, spanGaps: true });
+    }
+    const data = [s.rounds, s.mean, ...leaves.map((name) => s.per_leaf[name])];
+    const opts = { width: 440, height: 220, series, legend: { show: !manyLeaves },
+      scales: { x: { time: false } }, axes: [{ label: "round" }, {}] };
+    state.plots.push(new uPlot(opts, data, figure));
+  }
+}
+
+// -- the live stream ------------------------------------------------------------------------
+
+function soon(name, work, delayMs) {  // coalesce bursts of events into one refresh per part
+  if (state.timers[name]) return;
+  state.timers[name] = setTimeout(() => { state.timers[name] = null; guarded(work); }, delayMs);
+}
+
+function onEvent(kind, event) {
+  soon("overview", loadOverview, 150);
+  if (!state.branch || (event.branch_id && event.branch_id !== state.branch)) return;
+  if (["upload", "refused", "presence", "run_status", "aggregation_status", "overflow"].includes(kind)) {
+    soon("live", loadLive, 100);
+  }
+  if (["aggregation_status", "metrics", "overflow"].includes(kind)) soon("history", loadHistory, 300);
+}
+
+async function openStream() {
+  const controller = new AbortController();
+  state.stream = controller;
+  let delay = 1000;
+  while (state.stream === controller) {
+    try {
+      const answer = await fetch("/admin/v1/events", {
+        headers: { Authorization: "Bearer " + token(), Accept: "text/event-stream" }, signal: controller.signal,
+      });
+      if (answer.status === 401 || answer.status === 403) return showLogin("The server refused the token.");
+      if (!answer.ok) throw new Error("HTTP " + answer.status);
+      $("live-state").textContent = "live";
+      $("live-state").className = "pill on";
+      delay = 1000;
+      await readEvents(answer.body.getReader());
+    } catch (err) {
+      if (controller.signal.aborted) return;
+    }
+    $("live-state").textContent = "reconnecting";
+    $("live-state").className = "pill off";
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    delay = Math.min(delay * 2, 10000);
+    if (state.stream === controller) guarded(() => Promise.all([loadOverview(), state.branch ? loadLive() : null]));
+  }
+}
+
+async function readEvents(reader) {
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let kind = "message";
+      let data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) kind = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      if (data && kind !== "hello") onEvent(kind, JSON.parse(data));
+    }
+  }
+}
+
+// -- start ----------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("login-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    $("token").value = "";
+    start();
+  });
+  $("logout").addEventListener("click", () => showLogin("Logged out."));
+  $("run-select").addEventListener("change", () => {
+    state.run = parseInt($("run-select").value, 10);
+    guarded(loadHistory);
+  });
+  setInterval(tick, 1000);
+  await redeemLoginLink();
+  if (token()) start(); else showLogin($("login-error").textContent);
+});
