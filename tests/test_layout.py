@@ -71,9 +71,10 @@ CORE_LAYERS = {
     # the transport layer: knows the protocol, nothing of rounds or frameworks
     "errors": set(), "protocol": {"errors"}, "wire": {"errors"}, "credentials": {"errors"},
     "http": {"errors"}, "transfer": {"errors", "wire"}, "client_options": {"errors", "protocol"},
-    "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol"},
+    "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol"}, "progress": {"errors"},
+    "watch": {"errors", "progress", "waiter"},
     "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
-               "notifications"},
+               "notifications", "progress", "watch"},
 }
 
 

@@ -38,17 +38,19 @@ from .credentials import Credentials, CredentialsLike
 from .errors import (AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RequestRejectedError,
                      RunBlockedError)
 from .http import HttpSession
-from .notifications import AmqpTransport, NotificationTransport, WebSocketTransport
+from .notifications import NotificationTransport, start_transport
 from .protocol import (
     AGGREGATION_STATUS, BRANCH_CONFIG_PATH, DEFAULT_HOST, DOWNLOAD_PATH, FILE_DIGEST_HEADER, FILE_SIZE_HEADER,
-    METRIC_MODES, METRICS_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START, UPLOAD_PATH, WS_TICKET_PATH,
-    Notification, is_file_id,
+    METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START, UPLOAD_PATH,
+    WS_TICKET_PATH, Notification, is_file_id,
 )
+from .progress import RoundView, parse_round_view
 from .transfer import (
     Buffer, DownloadBuffer, MultipartBody, file_chunks, read_to_buffer, read_to_file, size_and_digest,
     upload_compression,
 )
 from .waiter import Every, RoundWaiter
+from .watch import find_missed_aggregate
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,9 @@ class Client:
         self.queue = self._waiter.queue  # 2.7.1's LifoQueue(maxsize=1): the newest unread aggregation id
         self._authenticated = False
         self._transport: NotificationTransport | None = None
+        self._round_endpoint = True  # False once the platform answered 404: it has no round view
+        self._upload_mark = 0  # aggregation ids received before the last upload
+        self._upload_round: tuple[int, int] | None = None  # (run_number, round_index) it went into, if said
 
         self.get_run_details()
         self._authenticated = True
@@ -138,27 +143,12 @@ class Client:
 
     # ----------------------------------------------------------------- set-up
     def _start_notifications(self, transport: str) -> None:
-        if transport == "auto":
-            transport = self._detect_transport()
-        if transport == "none":
-            return
-        if transport == "websocket":
-            self._transport = WebSocketTransport(self._api_host, self.request_ws_ticket, verify_ssl=bool(self.ssl))
-        else:
-            c = self._credentials
-            self._transport = AmqpTransport(self._rbmq_host, self._rbmq_port, c.id, c.session_token, c.tree_id)
-        self._transport.start(self._on_notification)
-
-    def _detect_transport(self) -> str:
-        """WebSocket where the platform issues tickets (3.x, branchkey-local), else AMQP (2.x)."""
-        try:
-            self.request_ws_ticket()
-        except (NotFoundError, RequestRejectedError) as exc:
-            logger.info("transport=auto picked AMQP (%s:%s): the platform offers no WebSocket tickets (%s)",
-                        self._rbmq_host, self._rbmq_port, exc.status_code)
-            return "amqp"
-        logger.info("transport=auto picked WebSocket: %s issues WebSocket tickets", self._api_host)
-        return "websocket"
+        c = self._credentials
+        self._transport = start_transport(
+            transport, self._api_host, self.request_ws_ticket, verify_ssl=bool(self.ssl), rbmq=(self._rbmq_host,
+            self._rbmq_port), amqp_login=(c.id, c.session_token, c.tree_id), handler=self._on_notification,
+            # after a (re)connect, waits ask the server at once: a notification sent while away may be lost
+            on_connect=self._waiter.request_refresh)
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
         """The headers of an API call (the benchmarks replay them on raw connections)."""
@@ -205,8 +195,8 @@ class Client:
     def _on_notification(self, notification: Notification) -> None:
         if notification.message_type == AGGREGATION_STATUS:
             aggregation_id = notification.body["aggregation_id"]
-            self._waiter.add_aggregation(aggregation_id)
-            logger.info("Aggregation %s is ready", aggregation_id)
+            if self._waiter.add_aggregation(aggregation_id, notification.run_number, notification.round_index):
+                logger.info("Aggregation %s is ready", aggregation_id)
         elif notification.message_type == RUN_STATUS:
             status = notification.body["run_status"]
             self._set_run_status(status)
@@ -220,16 +210,43 @@ class Client:
         """The newest aggregation id received and not yet taken, or None (does not block)."""
         return self._waiter.take_latest()
 
-    def wait_for_aggregation(self, timeout: float | None = None) -> str:
-        """Block until an aggregation id arrives; :class:`AggregationTimeoutError` after ``timeout`` s."""
+    def wait_for_aggregation(self, timeout: float | None = None, *, check_every_s: float = 5.0) -> str:
+        """Block until an aggregation id arrives; :class:`AggregationTimeoutError` after ``timeout`` s.
+
+        After an upload into a round the platform named (branchkey-local): that round's aggregate (an earlier
+        round's is ignored), also asked of the platform every ``check_every_s`` s and after a reconnect of the
+        notifications; else the newest unread id, as the official client does. ``waiter.interrupt`` ends it.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        aggregation_id = self._waiter.wait_for_unread(deadline)
+        target, self._upload_round = self._upload_round, None
+        if target is None:
+            aggregation_id = self._waiter.wait_for_unread(deadline)
+        else:
+            safety_net = Every(check_every_s, lambda waited: find_missed_aggregate(self, target),
+                               first=check_every_s, on_refresh=True)
+            aggregation_id = self._waiter.wait_for_aggregate_after(self._upload_mark, deadline, [safety_net],
+                                                                   stopped=None, target=target)
         if aggregation_id is None:
             raise AggregationTimeoutError(
                 f"No aggregate for branch {self.branch_id} within {timeout} s "
                 f"(notifications: {self.transport or 'none'})."
             )
         return aggregation_id
+
+    def get_round(self) -> RoundView | None:
+        """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate.
+
+        None on a platform without that call (it answered 404 once; it is not asked again).
+        """
+        if not self._round_endpoint:
+            return None
+        try:
+            data = self._http.request_data("GET", ROUND_PATH.format(branch_id=self.branch_id), "round progress")
+        except NotFoundError as exc:
+            self._round_endpoint = False
+            logger.info("%s offers no round progress (%s); relying on notifications alone", self._api_host, exc)
+            return None
+        return parse_round_view(data)
 
     def request_ws_ticket(self) -> tuple[str, str]:
         """``POST /api/v1/ws/ticket``: a fresh single-use ticket for the WebSocket."""
@@ -316,11 +333,15 @@ class Client:
         body = MultipartBody(data, filename, payload, size)
         headers = {FILE_SIZE_HEADER: str(size), FILE_DIGEST_HEADER: f"sha256={digest}",
                    "Content-Type": body.content_type}
+        mark = self._waiter.received
         answer = self._http.request_data("POST", UPLOAD_PATH, "upload", expected=HTTPStatus.CREATED, headers=headers,
                                          data=body)
         file_id = answer.get("file_id")
         if not isinstance(file_id, str) or not file_id:
             raise ProtocolError(f"upload: no file_id in {answer!r}")
+        run_number, round_index = answer.get("run_number"), answer.get("round_index")
+        tagged = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (run_number, round_index))
+        self._upload_mark, self._upload_round = mark, (run_number, round_index) if tagged else None
         logger.info("Uploaded %s (%.2f MB) as %s", filename, size / 1e6, file_id)
         return file_id
 

@@ -97,6 +97,10 @@ class ServerError(ApiError):
     """5xx that persisted after every retry."""
 
 
+class InsufficientStorageError(ServerError):
+    """507: the server is out of space; never retried (the body would be sent again for nothing)."""
+
+
 class NotificationError(BranchKeyError):
     """The notification channel (AMQP or WebSocket) failed and could not reconnect."""
 
@@ -114,6 +118,14 @@ class RunStopped(BranchKeyError):
 
 class AggregationTimeoutError(BranchKeyError, TimeoutError):
     """No aggregate arrived within the allowed time."""
+
+
+class RoundInterrupted(BranchKeyError):
+    """A wait of the round was interrupted (:meth:`RoundWaiter.interrupt`: SIGTERM, Ctrl-C, another thread).
+
+    An upload in flight when the interrupt came has completed (it counts) or never reached the server;
+    the leaf should stop as it would on a stopped run.
+    """
 
 
 # -- branchkey-local -----------------------------------------------------------------------------
@@ -141,6 +153,14 @@ class RoundClosedError(LocalServerError):
 
 class AggregationError(LocalServerError):
     """A round's uploads could not be aggregated (missing, unreadable or mismatched files)."""
+
+
+class StorageFullError(LocalServerError):
+    """The server's disk is full (or over quota): it cannot store an upload or an aggregate now."""
+
+
+class UploadInterruptedError(LocalServerError):
+    """An upload body stopped arriving: the client disconnected or sent nothing for the idle timeout."""
 
 
 class BrokerError(LocalServerError):
@@ -189,16 +209,20 @@ __all__ = [
     "NotFoundError",
     "RequestRejectedError",
     "ServerError",
+    "InsufficientStorageError",
     "NotificationError",
     "RunBlockedError",
     "RunStopped",
     "AggregationTimeoutError",
+    "RoundInterrupted",
     "LocalServerError",
     "RecordNotFoundError",
     "InvalidValueError",
     "RunNotStartedError",
     "RoundClosedError",
     "AggregationError",
+    "StorageFullError",
+    "UploadInterruptedError",
     "BrokerError",
     "BrokerArgumentError",
     "SimulationError",

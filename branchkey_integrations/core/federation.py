@@ -2,9 +2,17 @@
 
 The Lightning and Keras callbacks turn a model into a list of NumPy arrays and back;
 everything in between lives here, once: run status (pause waits, stop ends training),
-draining stale notifications, the bounded wait with progress logs, and the complete check
+draining stale notifications, the bounded wait with progress reports, and the complete check
 of the aggregate before a single parameter may change. The waits themselves are the
-client's :class:`~.waiter.RoundWaiter`: they wake on the notification, not on a poll.
+client's :class:`~.waiter.RoundWaiter`: they wake on the notification, not on a poll; what
+runs during a wait (progress listeners, the REST safety net under the notifications) is
+:class:`~.watch.WaitWatch`.
+
+Faults a round rides out: a leaf more than one round behind its branch (resumed from an older
+checkpoint) loads the branch's latest aggregate instead of uploading into a round long closed
+(``RoundResult.caught_up``); with ``on_timeout="continue"`` an unreachable platform (or a 5xx)
+skips the round, said once at WARNING, and the next round tries again; :meth:`Federation.interrupt`
+(SIGTERM, Ctrl-C) ends a wait at once with :class:`RoundInterrupted`.
 
 Why drain before uploading: the client keeps only the newest aggregation id (as the
 official client does). An id that arrived before this leaf's upload belongs to an earlier
@@ -16,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,18 +33,23 @@ from . import wire
 from .client import Client, DownloadBuffer
 from .client_options import check_client_options
 from .notifications import Backoff
-from .protocol import DEFAULT_HOST, METRIC_MODES
+from .protocol import DEFAULT_HOST, METRIC_MODES, START
 from .credentials import Credentials, CredentialsLike
 from .errors import (
     AggregateMismatchError,
     AggregationTimeoutError,
     ApiError,
     BranchKeyError,
+    RoundInterrupted,
     RunBlockedError,
     RunStopped,
+    ServerError,
+    TransportError,
 )
-from .outcome import Layers, Outcome, Weighting, exchange as _exchange
+from .outcome import Layers, Outcome, RoundResult, Weighting, exchange as _exchange
+from .progress import AGGREGATE, RUN_START, AggregateRef, ProgressListener, WaitProgress, rounds_behind
 from .waiter import Every
+from .watch import RoundNotes, WaitWatch
 from .wire import LayerSpec
 
 logger = logging.getLogger(__name__)
@@ -45,30 +57,6 @@ logger = logging.getLogger(__name__)
 ON_TIMEOUT = ("raise", "continue")
 _REFRESH_S = 5.0  # how often a paused round re-reads the run status over REST, in case a notification was lost
 _CONFLICT_BACKOFF = (0.1, 2.0, 2.0)  # initial, factor, maximum seconds between retries of an upload refused with 409
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    """The outcome of one round.
-
-    Attributes:
-        aggregation_id: the aggregate's id, or None when the wait timed out with ``on_timeout="continue"``.
-        layers: the checked aggregate in the dtypes of the upload, or None after such a timeout.
-            Mostly views of a download buffer that the next round reuses: load them, or copy them.
-        wait_s: seconds from the end of the upload until the aggregate's id arrived (or the timeout).
-        upload_mb: size of the uploaded layers in MB (10**6 bytes), before compression.
-        round: rounds completed by this leaf, this one included.
-    """
-
-    aggregation_id: str | None
-    layers: list[np.ndarray] | None
-    wait_s: float
-    upload_mb: float
-    round: int
-
-    @property
-    def timed_out(self) -> bool:
-        return self.layers is None
 
 
 def _checked_timeout(name: str, value: float | None, allow_none: bool) -> float | None:
@@ -90,8 +78,13 @@ class Federation:
         timeout: seconds a round may wait (run paused plus waiting for the aggregate) before
             ``on_timeout`` applies. None waits forever, and must be asked for explicitly.
         on_timeout: ``"raise"`` (:class:`AggregationTimeoutError`) or ``"continue"`` (the round
-            returns without an aggregate and the local model keeps training).
-        log_every_s: while waiting, log which round is awaited and for how long this often.
+            returns without an aggregate and the local model keeps training; so does a round whose
+            platform cannot be reached or answers 5xx).
+        log_every_s: while waiting, report progress (log at INFO, call the progress listeners) at least
+            this often.
+        on_progress: a progress listener (see :meth:`add_progress_listener`).
+        check_every_s: while waiting, ask the platform for the round's progress and a missed aggregate
+            this often (and at once after the notification channel reconnects).
         transport: notification transport for :class:`Client` (``"auto"``, ``"websocket"``, ``"amqp"``).
         connect_timeout: seconds :meth:`connect` waits for the notification channel to open.
         client_options: further keyword arguments for :class:`Client` (``ssl``, ``rbmq_host``, ...),
@@ -122,6 +115,8 @@ class Federation:
         transport: str = "auto",
         connect_timeout: float = 30.0,
         client_options: dict[str, Any] | None = None,
+        on_progress: ProgressListener | None = None,
+        check_every_s: float = 5.0,
     ) -> None:
         self._credentials = Credentials.load(credentials)
         self.host = check_client_options({"host": host, "transport": transport})["host"]
@@ -131,6 +126,11 @@ class Federation:
         self.on_timeout = on_timeout
         self.log_every_s = _checked_timeout("log_every_s", log_every_s, allow_none=False)
         self.connect_timeout = _checked_timeout("connect_timeout", connect_timeout, allow_none=False)
+        self.check_every_s = _checked_timeout("check_every_s", check_every_s, allow_none=False)
+        if on_progress is not None and not callable(on_progress):
+            raise ValueError(f"Expected on_progress to be a function of one WaitProgress. Received: {on_progress!r}")
+        self._listeners: list[ProgressListener] = [on_progress] if on_progress is not None else []
+        self._interrupted: str | None = None
         self.transport = transport
         self.client_options = dict(client_options or {})
         for reserved in ("credentials", "host", "transport", "wait_for_run"):
@@ -140,6 +140,8 @@ class Federation:
         check_client_options(self.client_options)  # a bad option fails here, not when the first round connects
         self.round = 0
         self.last_aggregation_id: str | None = None
+        self.last_run_number: int | None = None  # run and round of last_aggregation_id, when the platform said
+        self.last_round_index: int | None = None
         self._client: Client | None = None
         self._download_buffer = DownloadBuffer()  # reused round after round: see DownloadBuffer
 
@@ -153,6 +155,8 @@ class Federation:
             if channel is not None and not channel.wait_connected(self.connect_timeout):
                 logger.warning("The %s notification channel is not open after %.0f s; an aggregate published "
                                "before it opens can be missed.", client.transport, self.connect_timeout)
+            if self._interrupted is not None:
+                client.waiter.interrupt(self._interrupted)
             self._client = client
         return self._client
 
@@ -176,17 +180,62 @@ class Federation:
             self._client.close()
             self._client = None
 
+    # ------------------------------------------------------- progress, interrupt
+    def add_progress_listener(self, listener: ProgressListener) -> None:
+        """Call ``listener(progress)`` with a :class:`WaitProgress` while a round waits.
+
+        On the thread that runs the round: at the start of each wait, when its progress changes, at least
+        every ``log_every_s`` s, and once more when the wait ends (``progress.final``). An exception from a
+        listener is logged and ignored.
+        """
+        if not callable(listener):
+            raise ValueError(f"Expected a function of one WaitProgress. Received: {listener!r}")
+        self._listeners.append(listener)
+
+    def remove_progress_listener(self, listener: ProgressListener) -> None:
+        """Stop calling ``listener`` (no error when it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """End the current wait at once (and every later one, until :meth:`clear_interrupt`).
+
+        The round then raises :class:`RoundInterrupted` (:meth:`exchange`: an outcome ``"stopped"``). Safe to
+        call from a signal handler in the main thread and from any other thread. An upload in flight
+        completes (and counts) or never reached the server: it is never half-counted.
+        """
+        self._interrupted = reason
+        if self._client is not None:
+            self._client.waiter.interrupt(reason)
+
+    def clear_interrupt(self) -> None:
+        """Let rounds run again after :meth:`interrupt`."""
+        self._interrupted = None
+        if self._client is not None:
+            self._client.waiter.clear_interrupt()
+
+    @property
+    def interrupted(self) -> str | None:
+        """The reason given to :meth:`interrupt`, or None."""
+        return self._interrupted
+
     def __getstate__(self) -> dict[str, Any]:
         # a client holds sockets and threads: never pickle it (DDP spawn, checkpoints), nor the buffer
         return {**self.__dict__, "_client": None, "_download_buffer": DownloadBuffer()}
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "last_aggregation_id": self.last_aggregation_id}
+        """``round`` and ``last_aggregation_id``; with the run and round of that aggregate when the platform said."""
+        state: dict[str, Any] = {"round": self.round, "last_aggregation_id": self.last_aggregation_id}
+        if self.last_run_number is not None and self.last_round_index is not None:
+            state.update(last_run_number=self.last_run_number, last_round_index=self.last_round_index)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = int(state.get("round", 0))
         self.last_aggregation_id = state.get("last_aggregation_id")
+        self.last_run_number = state.get("last_run_number")
+        self.last_round_index = state.get("last_round_index")
 
     # ----------------------------------------------------------------- round
     def run_round(
@@ -199,9 +248,12 @@ class Federation:
         """Upload ``layers``, wait for the round's aggregate, check it against ``expected``.
 
         ``expected`` defaults to the specs of ``layers``; ``names`` (the parameters' real names)
-        make error messages useful. Raises :class:`RunStopped` when the run is stopped,
-        :class:`AggregateMismatchError` when the aggregate does not fit, and
-        :class:`AggregationTimeoutError` on timeout with ``on_timeout="raise"``.
+        make error messages useful. A leaf more than one round behind its branch loads the branch's
+        latest aggregate instead of uploading (``caught_up``). Raises :class:`RunStopped` when the run is
+        stopped, :class:`RoundInterrupted` after :meth:`interrupt`, :class:`AggregateMismatchError` when
+        the aggregate does not fit, and :class:`AggregationTimeoutError` on timeout with
+        ``on_timeout="raise"`` (with ``"continue"``, a timeout, an unreachable platform or a 5xx end the
+        round without an aggregate: ``skipped``).
         """
         layers = [np.asarray(a) for a in layers]
         expected = list(expected) if expected is not None else [LayerSpec.of(a) for a in layers]
@@ -210,22 +262,84 @@ class Federation:
         wire.check_weighting(weighting)
         wire.check_finite(layers, names)
         number = self.round + 1
+        self._check_interrupt()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        mark = self._upload(layers, float(weighting), number, deadline)
         upload_mb = sum(a.nbytes for a in layers) / 1e6
+        notes = RoundNotes()
         started = time.monotonic()
-        logger.info("Round %d: uploaded %.1f MB; waiting for the aggregate (timeout %s)", number, upload_mb,
-                    "none" if self.timeout is None else f"{self.timeout:.0f} s")
-        aggregation_id = self._wait_for_aggregate(number, deadline, mark)
-        wait_s = time.monotonic() - started
-        if aggregation_id is None:
-            return RoundResult(None, None, wait_s, upload_mb, self.round)
-        archive = self.client.download_aggregate(aggregation_id, buffer=self._download_buffer)
+        target: tuple[int, int] | None = None
+        try:
+            mark, target, behind = self._upload(layers, float(weighting), number, deadline, notes)
+            if behind is not None:
+                return self._catch_up(number, behind, expected, names)
+            started = time.monotonic()
+            logger.info("Round %d: uploaded %.1f MB%s; waiting for the aggregate (timeout %s)", number, upload_mb,
+                        "" if target is None else f" into run {target[0]} round {target[1]}",
+                        "none" if self.timeout is None else f"{self.timeout:.0f} s")
+            aggregation_id = self._wait_for_aggregate(number, deadline, mark, target, notes)
+            wait_s = time.monotonic() - started
+            if aggregation_id is None:
+                return RoundResult(None, None, wait_s, upload_mb, self.round, *(target or (None, None)),
+                                   skipped="timeout")
+            archive = self.client.download_aggregate(aggregation_id, buffer=self._download_buffer)
+        except (TransportError, ServerError) as exc:
+            if self.on_timeout != "continue":
+                raise
+            logger.warning("Round %d skipped: %s. Training goes on with the local model; the next round tries "
+                           "again (on_timeout='continue').", number, exc)
+            return RoundResult(None, None, time.monotonic() - started, upload_mb, self.round,
+                               *(target or (None, None)), skipped="unreachable")
         aggregate = self.check_aggregate(archive.layers, expected, names)
-        self.round, self.last_aggregation_id = number, aggregation_id
+        run_number, round_index = self.client.waiter.round_of(aggregation_id)
+        self._record(number, AggregateRef(aggregation_id, run_number, round_index))
         logger.info("Round %d done: aggregate %s after %.1f s", number, aggregation_id, wait_s)
-        return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number)
+        return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number, run_number, round_index)
 
+    def _record(self, number: int, aggregate: AggregateRef) -> None:
+        self.round, self.last_aggregation_id = number, aggregate.aggregation_id
+        self.last_run_number, self.last_round_index = aggregate.run_number, aggregate.round_index
+
+    def _check_interrupt(self) -> None:
+        if self._client is not None:
+            self._client.waiter.check_interrupt()
+        elif self._interrupted is not None:
+            raise RoundInterrupted(f"The round was interrupted: {self._interrupted}")
+
+    # ------------------------------------------------------------- catching up
+    def _catch_up(self, number: int, latest: AggregateRef, expected: Sequence[LayerSpec],
+                  names: Sequence[str] | None) -> RoundResult:
+        """Load the branch's latest aggregate instead of uploading (the leaf is more than a round behind)."""
+        archive = self.client.download_aggregate(latest.aggregation_id, buffer=self._download_buffer)
+        aggregate = self.check_aggregate(archive.layers, expected, names)
+        self._record(number, latest)
+        logger.info("Round %d: caught up with aggregate %s", number, latest.aggregation_id)
+        return RoundResult(latest.aggregation_id, aggregate, 0.0, 0.0, number, latest.run_number, latest.round_index,
+                           caught_up=True)
+
+    def _behind(self, number: int, notes: RoundNotes) -> AggregateRef | None:
+        """The branch's latest aggregate when this leaf is more than one round behind it (said at WARNING)."""
+        try:
+            view = self.client.get_round()
+        except BranchKeyError as exc:
+            logger.debug("Round %d: round view unreadable before the upload: %s", number, exc)
+            return None
+        last = None if self.last_aggregation_id is None else AggregateRef(
+            self.last_aggregation_id, self.last_run_number, self.last_round_index)
+        behind = 0 if view is None else rounds_behind(view, last, self.round)
+        if view is None or behind < 2:
+            return None
+        latest = view.latest_aggregate
+        assert latest is not None
+        logger.warning(
+            "Round %d: leaf %s is %d rounds behind branch %s (its last aggregate %s is of run %s round %s; the "
+            "branch's latest, %s, of run %s round %s): was it resumed from an older checkpoint? Loading the "
+            "branch's latest aggregate instead of uploading into a round that closed long ago.",
+            number, self.credentials.name, behind, self.client.branch_id,
+            self.last_aggregation_id, self.last_run_number, self.last_round_index, latest.aggregation_id,
+            latest.run_number, latest.round_index)
+        return latest
+
+    # ----------------------------------------------------------------- upload
     def _drain_stale(self) -> int:
         """Drop the unread aggregation id (an earlier round's); return the mark the round's aggregate must pass."""
         mark, stale = self.client.waiter.drain()
@@ -233,56 +347,77 @@ class Federation:
             logger.info("Ignoring aggregate %s: it arrived before this leaf's upload", stale)
         return mark
 
-    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None) -> int:
+    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None,
+                notes: RoundNotes) -> tuple[int, tuple[int, int] | None, AggregateRef | None]:
         """Upload once the run is in ``start``; a pause (even one that races the upload) is waited out.
 
-        Returns the mark taken just before the upload (see :meth:`RoundWaiter.drain`).
+        Returns the mark taken just before the upload (see :meth:`RoundWaiter.drain`) and the
+        ``(run_number, round_index)`` the upload went into (when the platform said); or, without an upload,
+        the branch's latest aggregate when this leaf is more than one round behind.
         """
         conflicts = Backoff(*_CONFLICT_BACKOFF)
         while True:
-            self._wait_for_start(number, deadline)
+            self._wait_for_start(number, deadline, notes)
+            behind = self._behind(number, notes)
+            if behind is not None:
+                return 0, None, behind
             mark = self._drain_stale()
             try:
                 # run_round checked the weighting and every value already: the client does not check again
                 self.client._upload_arrays(weighting, layers, finite_checked=True)
-                return mark
+                return mark, self.client._upload_round, None  # where the platform said the upload went
             except RunBlockedError:
                 continue  # the status changed between the check and the call
             except ApiError as exc:
                 if exc.status_code != 409:
                     raise
                 logger.info("Upload for round %d refused (%s); trying again once the run is started", number, exc)
-                self._refresh_run_status()
+                self._refresh_run_status(notes)
                 self._check_deadline(number, deadline, "the upload to be accepted")
                 delay = conflicts.next()  # a 409 that persists while the run is 'start' must not spin
-                time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+                self.client.waiter.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
 
-    def _refresh_run_status(self) -> None:
+    def _refresh_run_status(self, notes: RoundNotes) -> None:
         try:
             self.client.get_run_details()
         except BranchKeyError as exc:
-            logger.warning("Could not re-read the run status: %s", exc)
+            if notes.unreachable:
+                logger.debug("Could not re-read the run status: %s", exc)
+            else:
+                notes.unreachable = True
+                logger.warning("Could not re-read the run status: %s", exc)
 
-    def _wait_for_start(self, number: int, deadline: float | None) -> None:
+    # ------------------------------------------------------------------ waits
+    def _watch(self, number: int, waiting_for: str, notes: RoundNotes,
+               target: tuple[int, int] | None = None) -> WaitWatch:
+        return WaitWatch(self.client, number, waiting_for, self._listeners, log_every_s=self.log_every_s,
+                         check_every_s=self.check_every_s, target=target, notes=notes)
+
+    def _wait_for_start(self, number: int, deadline: float | None, notes: RoundNotes) -> None:
         """Return once the run is in ``start``; re-read it every few seconds, in case a notification was lost."""
         client = self.client
-
-        def log(waited: float) -> None:
-            logger.info("Run is %r: round %d waits for 'start' (waited %.0f s)", client.run_status, number, waited)
-
-        periodic = [Every(self.log_every_s, log, first=0.0), Every(_REFRESH_S, lambda _: self._refresh_run_status())]
-        if not client.waiter.wait_for_start(deadline, periodic, stopped=f"before round {number}"):
+        if client.run_status == START:
+            client.waiter.check_interrupt()
+            return
+        watch = self._watch(number, RUN_START, notes)
+        periodic = [*watch.periodic(), Every(_REFRESH_S, lambda _: self._refresh_run_status(notes), on_refresh=True)]
+        try:
+            started = client.waiter.wait_for_start(deadline, periodic, stopped=f"before round {number}")
+        finally:
+            if watch.last is not None:
+                watch.report(final=True)
+        if not started:
             raise self._timeout_error(number, "the run to start")
 
-    def _wait_for_aggregate(self, number: int, deadline: float | None, mark: int) -> str | None:
-        """The id of the first aggregate after the upload; None on timeout with ``on_timeout="continue"``."""
-        client = self.client
-
-        def log(waited: float) -> None:
-            logger.info("Waiting for the aggregate of round %d for %.0f s (run %r)", number, waited, client.run_status)
-
-        aggregation_id = client.waiter.wait_for_aggregate_after(mark, deadline, [Every(self.log_every_s, log)],
-                                                                stopped=f"during round {number}")
+    def _wait_for_aggregate(self, number: int, deadline: float | None, mark: int, target: tuple[int, int] | None,
+                            notes: RoundNotes) -> str | None:
+        """The id of this round's aggregate; None on timeout with ``on_timeout="continue"``."""
+        watch = self._watch(number, AGGREGATE, notes, target)
+        try:
+            aggregation_id = self.client.waiter.wait_for_aggregate_after(
+                mark, deadline, watch.periodic(), stopped=f"during round {number}", target=target)
+        finally:
+            watch.report(final=True)
         if aggregation_id is not None:
             return aggregation_id
         error = self._timeout_error(number, "the aggregate")
@@ -351,19 +486,22 @@ class Federation:
         """
         return _exchange(self, layers, weighting, names, snapshot_dir)
 
-    def record_round(self, number: int, aggregation_id: str | None = None) -> None:
-        """Count ``number`` rounds as done, and ``aggregation_id`` (when given) as the latest aggregate.
+    def record_round(self, number: int, aggregation_id: str | None = None, run_number: int | None = None,
+                     round_index: int | None = None) -> None:
+        """Count ``number`` rounds as done, and ``aggregation_id`` (when given, of that run and round) as the
+        latest aggregate.
 
         For rounds this object did not run itself: a DDP rank that received rank 0's outcome, or a fit that
         resumes at a later epoch.
         """
         self.round = int(number)
         if aggregation_id is not None:
-            self.last_aggregation_id = aggregation_id
+            self._record(self.round, AggregateRef(aggregation_id, run_number, round_index))
 
     def __repr__(self) -> str:
         return (f"Federation(leaf={self._credentials.name!r}, host={self.host!r}, round={self.round}, "
                 f"timeout={self.timeout}, on_timeout={self.on_timeout!r})")
 
 
-__all__ = ["Federation", "RoundResult", "RunStopped", "AggregateMismatchError", "ON_TIMEOUT"]
+__all__ = ["Federation", "RoundResult", "RunStopped", "RoundInterrupted", "AggregateMismatchError", "ON_TIMEOUT",
+           "WaitProgress", "ProgressListener"]

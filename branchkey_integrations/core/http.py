@@ -1,7 +1,8 @@
 """HTTP for the leaf client: one session with retries, and the one boundary where ``requests`` errors end.
 
 This module owns the ``requests.Session`` (its connection pool and urllib3 ``Retry`` on 408, 429,
-5xx and connection errors, with exponential backoff), timeouts, TLS verification and proxies;
+500, 502-504 and connection errors, with exponential backoff; never 507, out of space, whose body
+would be sent again for nothing), timeouts, TLS verification and proxies;
 the translation of every ``requests`` failure and every error status into the core error tree
 (:mod:`.errors`); the ``{"data": ...}`` envelope every JSON answer wears (a malformed one is a
 :class:`ProtocolError`); and the streamed GET of a signed download URL, which carries no
@@ -12,8 +13,8 @@ Why one boundary: a caller (the client, a callback, a user) can then rely on ``e
 BranchKeyError`` alone, and the lower-level error is always kept as ``__cause__``.
 
 Example:
-    >>> error_class(404).__name__, error_class(503).__name__, error_class(422).__name__
-    ('NotFoundError', 'ServerError', 'RequestRejectedError')
+    >>> error_class(404).__name__, error_class(503).__name__, error_class(422).__name__, error_class(507).__name__
+    ('NotFoundError', 'ServerError', 'RequestRejectedError', 'InsufficientStorageError')
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from urllib3.util.retry import Retry
 from .errors import (
     ApiError,
     AuthenticationError,
+    InsufficientStorageError,
     NotFoundError,
     PermissionDeniedError,
     ProtocolError,
@@ -53,6 +55,8 @@ def error_class(status: int) -> type[ApiError]:
         return PermissionDeniedError
     if status == HTTPStatus.NOT_FOUND:
         return NotFoundError
+    if status == HTTPStatus.INSUFFICIENT_STORAGE:
+        return InsufficientStorageError
     if status >= 500:
         return ServerError
     return RequestRejectedError

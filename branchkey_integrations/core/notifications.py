@@ -22,7 +22,7 @@ import threading
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .errors import BranchKeyError, NotificationError, ProtocolError
+from .errors import BranchKeyError, NotFoundError, NotificationError, ProtocolError, RequestRejectedError
 from .protocol import AGGREGATION_STATUS, RUN_STATUS, RUN_STATUSES, WS_PATH, Notification, parse_notification
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,24 @@ class NotificationTransport(abc.ABC):
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._handler: Handler | None = None
+        self._connect_listeners: list[Callable[[], None]] = []
         self.reconnects = 0
+
+    def add_connect_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (on the transport's thread) each time the channel opens, reconnects included.
+
+        Why: a WebSocket keeps nothing while it is away, so a waiting leaf asks the platform for what it
+        may have missed as soon as it is back (see :meth:`~.waiter.RoundWaiter.request_refresh`).
+        """
+        self._connect_listeners.append(listener)
+
+    def _set_connected(self) -> None:
+        self.connected.set()
+        for listener in self._connect_listeners:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not kill the consumer thread
+                logger.exception("%s notifications: a connect listener failed", self.name)
 
     def start(self, handler: Handler) -> None:
         """Start consuming in a daemon thread; returns at once."""
@@ -170,7 +187,7 @@ class AmqpTransport(NotificationTransport):
             self._channel = channel = self._connection.channel()
             channel.basic_qos(prefetch_count=16)
             channel.basic_consume(queue=self.leaf_id, on_message_callback=self._on_message)
-            self.connected.set()
+            self._set_connected()
             logger.info("AMQP notifications: consuming queue %s on %s:%s", self.leaf_id, self.host, self.port)
             if not self._closing.is_set():
                 channel.start_consuming()
@@ -272,7 +289,7 @@ class WebSocketTransport(NotificationTransport):
                 proxy=None,
                 max_size=2**20,
             ) as websocket:
-                self.connected.set()
+                self._set_connected()
                 logger.info("WebSocket notifications: connected to %s", self.host)
                 while not self._closing.is_set():
                     try:
@@ -290,7 +307,38 @@ class WebSocketTransport(NotificationTransport):
         """The receive loop polls the closing flag every ``poll_interval`` seconds."""
 
 
+def start_transport(kind: str, api_host: str, ticket_provider: TicketProvider, *, verify_ssl: bool,
+                    rbmq: tuple[str, int], amqp_login: tuple[str, str, str], handler: Handler,
+                    on_connect: Callable[[], None]) -> NotificationTransport | None:
+    """Start the notification consumer of a leaf: ``kind`` is ``"websocket"``, ``"amqp"``, ``"none"`` or
+    ``"auto"`` (WebSocket where the platform issues tickets, as 3.x and branchkey-local do; else AMQP, as 2.x).
+
+    ``rbmq`` is the broker's ``(host, port)``, ``amqp_login`` the leaf's ``(id, session token, tree id)``;
+    ``on_connect`` runs on every (re)connect. Returns the started transport, or None for ``"none"``.
+    """
+    if kind == "auto":
+        try:
+            ticket_provider()
+            kind = "websocket"
+            logger.info("transport=auto picked WebSocket: %s issues WebSocket tickets", api_host)
+        except (NotFoundError, RequestRejectedError) as exc:
+            kind = "amqp"
+            logger.info("transport=auto picked AMQP (%s:%s): the platform offers no WebSocket tickets (%s)",
+                        *rbmq, exc.status_code)
+    if kind == "none":
+        return None
+    transport: NotificationTransport
+    if kind == "websocket":
+        transport = WebSocketTransport(api_host, ticket_provider, verify_ssl=verify_ssl)
+    else:
+        transport = AmqpTransport(*rbmq, *amqp_login)
+    transport.add_connect_listener(on_connect)
+    transport.start(handler)
+    return transport
+
+
 __all__ = [
+    "start_transport",
     "Notification",
     "parse_notification",
     "NotificationTransport",

@@ -1,6 +1,6 @@
 """How one round ends for a training callback: the :class:`Outcome` of :meth:`Federation.exchange`.
 
-This module owns the four ways a round can end for a leaf that is training (``"done"``, ``"timeout"``,
+This module owns :class:`RoundResult` (what :meth:`Federation.run_round` returns), the four ways a round can end for a leaf that is training (``"done"``, ``"timeout"``,
 ``"stopped"``, ``"error"``), the mapping of :meth:`Federation.run_round`'s exceptions onto them, and making an
 outcome portable between processes. Why an outcome instead of exceptions: under DDP only global rank 0 runs the
 round, and every rank must then act identically. An exception raised on rank 0 before the broadcast would leave
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Callable, Sequence, Union
 import numpy as np
 
 from . import wire
-from .errors import BranchKeyError, RequestRejectedError, RunStopped
+from .errors import BranchKeyError, RequestRejectedError, RoundInterrupted, RunStopped
 from .snapshots import save_snapshot
 
 if TYPE_CHECKING:  # run-time import would be circular: Federation.exchange delegates to this module
-    from .federation import Federation, RoundResult
+    from .federation import Federation
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,48 @@ _LAYER_KEY = re.compile(r"\blayer_(0|[1-9][0-9]*)\b")
 
 
 @dataclass(frozen=True)
+class RoundResult:
+    """The outcome of one round.
+
+    Attributes:
+        aggregation_id: the aggregate's id, or None when the wait timed out with ``on_timeout="continue"``.
+        layers: the checked aggregate in the dtypes of the upload, or None after such a timeout.
+            Mostly views of a download buffer that the next round reuses: load them, or copy them.
+        wait_s: seconds from the end of the upload until the aggregate's id arrived (or the timeout).
+        upload_mb: size of the uploaded layers in MB (10**6 bytes), before compression.
+        round: rounds completed by this leaf, this one included.
+        run_number, round_index: the server's run and round of the aggregate (or of the upload, after a
+            timeout), when the platform says.
+        caught_up: the leaf was more than one round behind its branch and loaded the branch's latest
+            aggregate instead of uploading (``upload_mb`` is 0).
+        skipped: why a round without an aggregate ended: ``"timeout"`` or ``"unreachable"`` (the platform
+            could not be reached or failed, with ``on_timeout="continue"``); None when it has an aggregate.
+    """
+
+    aggregation_id: str | None
+    layers: list[np.ndarray] | None
+    wait_s: float
+    upload_mb: float
+    round: int
+    run_number: int | None = None
+    round_index: int | None = None
+    caught_up: bool = False
+    skipped: str | None = None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.layers is None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What one round came to.
 
     Attributes:
         kind: ``"done"`` (``result`` holds the checked aggregate), ``"timeout"`` (``result`` holds no layers:
-            the wait ran out with ``on_timeout="continue"``), ``"stopped"`` (the run was stopped; ``error`` is
-            the :class:`RunStopped` that says when) or ``"error"`` (``error`` is what went wrong).
+            the wait ran out, or the platform could not be reached, with ``on_timeout="continue"``),
+            ``"stopped"`` (the run was stopped, or the wait interrupted; ``error`` is the :class:`RunStopped` or
+            :class:`RoundInterrupted` that says when) or ``"error"`` (``error`` is what went wrong).
         result: the round's :class:`RoundResult` for ``"done"`` and ``"timeout"``, else None.
         error: the exception for ``"stopped"`` and ``"error"``, else None.
     """
@@ -86,7 +121,7 @@ def exchange(federation: Federation, layers: Layers, weighting: Weighting, names
             save_snapshot(snapshot_dir, result, names if names is not None else
                           [wire.layer_key(i) for i in range(len(arrays))])
         return Outcome("done", result)
-    except RunStopped as exc:
+    except (RunStopped, RoundInterrupted) as exc:
         logger.info("%s Stopping training.", exc)
         return Outcome("stopped", error=exc)
     except RequestRejectedError as exc:
@@ -112,4 +147,4 @@ def name_refused_layers(error: RequestRejectedError, names: Sequence[str]) -> Re
                                 "the same parameters)", error.status_code)
 
 
-__all__ = ["OUTCOME_KINDS", "Outcome", "Layers", "Weighting", "exchange", "name_refused_layers"]
+__all__ = ["OUTCOME_KINDS", "RoundResult", "Outcome", "Layers", "Weighting", "exchange", "name_refused_layers"]

@@ -11,6 +11,15 @@ It also feeds ``queue``, the official 2.7.1 client's ``LifoQueue(maxsize=1)`` th
 the newest unread aggregation id, from the same event, so :class:`~.client.Client` keeps that
 interface while :class:`~.federation.Federation` waits on the same state.
 
+Every aggregate is kept with the run and round it closes when the platform names them
+(branchkey-local does): a round that knows where its upload went accepts only that round's aggregate
+(or a later one, when its own was missed), never an earlier round's late one.
+
+:meth:`RoundWaiter.interrupt` (safe from a signal handler and from any thread) wakes every wait at
+once; each then raises :class:`RoundInterrupted`, and so does every later wait until
+:meth:`RoundWaiter.clear_interrupt`. :meth:`RoundWaiter.request_refresh` (a notification channel that
+reconnected) makes the waits run their ``on_refresh`` actions now instead of at their next interval.
+
 Why a count of aggregation ids: a round must accept only an aggregate that arrived after its
 own upload. Taking :meth:`RoundWaiter.drain` before the upload and waiting for
 :meth:`RoundWaiter.wait_for_aggregate_after` that mark cannot mistake an earlier id for this
@@ -35,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-from .errors import RunStopped
+from .errors import RoundInterrupted, RunStopped
 from .protocol import START, STOP
 
 logger = logging.getLogger(__name__)
@@ -49,12 +58,14 @@ class Every:
 
     The first run is ``first`` seconds into the wait (default: ``interval``). Actions run with
     the lock released, so one may call back into the platform (a REST refresh that ends in
-    :meth:`RoundWaiter.set_run`); an exception from one ends the wait.
+    :meth:`RoundWaiter.set_run`); an exception from one ends the wait. With ``on_refresh``, a
+    :meth:`RoundWaiter.request_refresh` (the notification channel reconnected) runs it at once.
     """
 
     interval: float
     action: Callable[[float], None]
     first: float | None = None
+    on_refresh: bool = False
 
 
 class RoundWaiter:
@@ -76,6 +87,10 @@ class RoundWaiter:
         self._run_number: int | None = None
         self._received = 0
         self._latest: str | None = None
+        self._rounds: dict[str, tuple[int | None, int | None]] = {}  # aggregation id -> (run, round index)
+        self._history: list[str] = []  # aggregation ids in arrival order; index i is the (i+1)-th received
+        self._interrupted: str | None = None
+        self._refreshes = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -107,9 +122,25 @@ class RoundWaiter:
             self._condition.notify_all()
         return changed
 
-    def add_aggregation(self, aggregation_id: str) -> None:
-        """Record a new aggregate, keep it as the only unread id (LIFO of size 1) and wake waiters."""
+    def round_of(self, aggregation_id: str) -> tuple[int | None, int | None]:
+        """``(run_number, round_index)`` of a received aggregate, as the platform named them (or Nones)."""
+        return self._rounds.get(aggregation_id, (None, None))
+
+    def add_aggregation(self, aggregation_id: str, run_number: int | None = None,
+                        round_index: int | None = None) -> bool:
+        """Record a new aggregate (of that run and round, when known), keep it as the only unread id (LIFO of
+        size 1) and wake waiters. An id already received (a notification and a REST look-up both found it)
+        is not counted twice; returns whether it was new.
+        """
         with self._condition:
+            if aggregation_id in self._rounds:
+                known = self._rounds[aggregation_id]
+                if known == (None, None) and (run_number, round_index) != (None, None):
+                    self._rounds[aggregation_id] = (run_number, round_index)
+                    self._condition.notify_all()
+                return False
+            self._rounds[aggregation_id] = (run_number, round_index)
+            self._history.append(aggregation_id)
             self._received += 1
             self._latest = aggregation_id
             dropped = self._take_unread()
@@ -117,6 +148,37 @@ class RoundWaiter:
             self._condition.notify_all()
         if dropped is not None:
             logger.debug("Replacing unread aggregation %s with %s", dropped, aggregation_id)
+        return True
+
+    # -------------------------------------------------------------- interrupt
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Wake every wait at once; each raises :class:`RoundInterrupted` with ``reason``, as does every later
+        wait until :meth:`clear_interrupt`. Safe from a signal handler (main thread) and from any thread."""
+        self._interrupted = reason  # seen by a wait even before the lock below is taken
+        with self._condition:  # an RLock: a signal handler in the thread that holds it re-enters it
+            self._condition.notify_all()
+
+    def clear_interrupt(self) -> None:
+        """Let waits run again after :meth:`interrupt`."""
+        with self._condition:
+            self._interrupted = None
+
+    @property
+    def interrupted(self) -> str | None:
+        """The reason given to :meth:`interrupt`, or None."""
+        return self._interrupted
+
+    def check_interrupt(self) -> None:
+        """Raise :class:`RoundInterrupted` when :meth:`interrupt` was called (and not cleared)."""
+        reason = self._interrupted
+        if reason is not None:
+            raise RoundInterrupted(f"The round of branch {self.branch_id} was interrupted: {reason}")
+
+    def request_refresh(self) -> None:
+        """Run the ``on_refresh`` actions of every wait now (the notification channel (re)connected)."""
+        with self._condition:
+            self._refreshes += 1
+            self._condition.notify_all()
 
     # ------------------------------------------------------------------ takes
     def take_latest(self) -> str | None:
@@ -161,23 +223,49 @@ class RoundWaiter:
         """Take the unread aggregation id as soon as there is one; None when ``deadline`` passes first."""
         return self._wait(self._take_unread, deadline, periodic)
 
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds`` unless :meth:`interrupt` comes first (then :class:`RoundInterrupted`)."""
+        self._wait(lambda: None, time.monotonic() + seconds, ())
+
     def wait_for_aggregate_after(self, mark: int, deadline: float | None, periodic: Sequence[Every] = (), *,
-                                 stopped: str) -> str | None:
-        """The newest aggregation id received after ``mark`` (from :meth:`drain`), marked read.
+                                 stopped: str | None, target: tuple[int, int] | None = None) -> str | None:
+        """The aggregation id that ends a round whose upload took ``mark`` (from :meth:`drain`), marked read.
+
+        With ``target`` (the ``(run_number, round_index)`` the upload went into): the aggregate of that
+        round; or, when only later rounds' aggregates arrive (this one's was missed), the newest of those;
+        an earlier round's aggregate is ignored, whenever it arrives. An aggregate whose round the platform
+        did not name, and every aggregate when ``target`` is None, counts when it arrived after ``mark``.
 
         None when ``deadline`` passes first; a ``stop`` of the run raises :class:`RunStopped`
         (``stopped`` says when, such as ``"during round 3"``), and wins over an aggregate that
-        arrived in the same instant.
+        arrived in the same instant; with ``stopped=None`` the run status is not looked at.
         """
+        ignored: set[str] = set()
+
         def ready() -> str | None:
-            if self._run_status == STOP:
+            if stopped is not None and self._run_status == STOP:
                 raise RunStopped(f"The run of branch {self.branch_id} was stopped {stopped}.")
-            if self._received <= mark:
-                return None
-            self._take_unread()  # read now, whether or not someone else took it from the queue first
-            return self._latest
+            found = self._aggregate_for(mark, target, ignored)
+            if found is not None:
+                self._take_unread()  # read now, whether or not someone else took it from the queue first
+            return found
 
         return self._wait(ready, deadline, periodic)
+
+    def _aggregate_for(self, mark: int, target: tuple[int, int] | None, ignored: set[str]) -> str | None:
+        """Under the lock: the aggregate among those received after ``mark`` that ends the round (see above)."""
+        later: str | None = None
+        for aggregation_id in self._history[mark:]:
+            run, index = self._rounds[aggregation_id]
+            if target is None or run is None or index is None or (run, index) > target:
+                later = aggregation_id  # the newest that counts, unless the exact round turns up
+            elif (run, index) == target:
+                return aggregation_id
+            elif aggregation_id not in ignored:
+                ignored.add(aggregation_id)
+                logger.info("Ignoring aggregate %s of run %d round %d: this leaf's upload went into run %d "
+                            "round %d", aggregation_id, run, index, *target)
+        return later
 
     def _wait(self, ready: Callable[[], T | None], deadline: float | None, periodic: Sequence[Every]) -> T | None:
         """Wait until ``ready()`` (called under the lock) returns a value; None once ``deadline`` passes.
@@ -188,13 +276,18 @@ class RoundWaiter:
         since = time.monotonic()
         due = [since + (every.interval if every.first is None else every.first) for every in periodic]
         with self._condition:
+            refreshes = self._refreshes
             while True:
+                self.check_interrupt()
                 result = ready()
                 if result is not None:
                     return result
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     return None
+                if refreshes != self._refreshes:
+                    refreshes = self._refreshes
+                    due = [now if every.on_refresh else due[i] for i, every in enumerate(periodic)]
                 ran = False
                 for index, every in enumerate(periodic):
                     if now >= due[index]:

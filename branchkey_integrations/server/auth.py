@@ -22,6 +22,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from .connections import claim_connection
 from .httpio import HttpProblem, is_decimal
 from .records import Leaf
 from .store import Store
@@ -60,6 +61,7 @@ class Auth:
         expected = leaf.session_token if leaf is not None else self._dummy_token
         if not hmac.compare_digest(token.encode(), expected.encode()) or leaf is None:
             raise HttpProblem(401, "Unknown leaf id or wrong session token; use the leaf's credentials file.")
+        claim_connection(request, leaf.id)  # 429 past the per-leaf connection cap
         if self.on_leaf is not None:
             self.on_leaf(leaf)
         return leaf
@@ -94,12 +96,18 @@ class Auth:
         return ticket
 
     def redeem_ticket(self, ticket_id: str, request_id: str) -> Leaf:
-        """The leaf of a valid, unused, unexpired ticket; the ticket is spent either way."""
-        ticket = self.tickets.pop(ticket_id, None)
-        if ticket is None or ticket.expires_at < time.time() or not hmac.compare_digest(
-            request_id.encode(), ticket.request_id.encode()
-        ):
+        """The leaf of a valid, unused, unexpired ticket, which is spent.
+
+        An attempt with the wrong ``request_id`` leaves the ticket to its holder: whoever saw only the
+        ticket id (in a log, a proxy) cannot use up the real holder's ticket.
+        """
+        ticket = self.tickets.get(ticket_id)
+        if ticket is not None and ticket.expires_at < time.time():
+            del self.tickets[ticket_id]
+            ticket = None
+        if ticket is None or not hmac.compare_digest(request_id.encode(), ticket.request_id.encode()):
             raise HttpProblem(401, "WebSocket needs a valid, unused, unexpired ticket; get one from POST /api/v1/ws/ticket.")
+        del self.tickets[ticket_id]
         return ticket.leaf
 
 

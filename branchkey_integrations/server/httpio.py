@@ -25,6 +25,8 @@ from ..core.errors import (
     RecordNotFoundError,
     RoundClosedError,
     RunNotStartedError,
+    StorageFullError,
+    UploadInterruptedError,
 )
 from ..core.protocol import is_file_id
 
@@ -41,6 +43,8 @@ DOMAIN_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (InvalidValueError, 400),
     (RunNotStartedError, 409),
     (RoundClosedError, 409),
+    (StorageFullError, 507),
+    (UploadInterruptedError, 408),
 )
 _DOMAIN_ERRORS = tuple(cls for cls, _ in DOMAIN_STATUSES)
 

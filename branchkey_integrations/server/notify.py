@@ -5,6 +5,11 @@ and RabbitMQ (when the server was started with an AMQP URL), through
 :mod:`branchkey_integrations.server.rabbitmq`, imported only when used so the server runs
 without a broker. A transport failure is logged, never raised: a notification that could
 not be delivered must not undo an aggregate that was already committed.
+
+WebSocket fan-out is immediate and reaches whoever is connected; a leaf that connects later is
+sent what it missed by the WebSocket route (catch-up). AMQP messages go through the durable
+:class:`~branchkey_integrations.server.outbox.Outbox` (when the notifier has a store), so one
+published while RabbitMQ is down is retried until the broker confirms it, across restarts.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -20,8 +26,9 @@ from aiohttp import web
 from ..core.errors import BrokerError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .outbox import Outbox
     from .rabbitmq import RabbitMQBroker
-    from .store import Leaf
+    from .store import Leaf, Store
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +40,15 @@ class Notifier:
         executor: where blocking broker calls run (pika is synchronous).
         amqp_url: ``amqp://user:pass@host:5672/``; None disables the AMQP transport.
         amqp_management_url: the RabbitMQ management API (for provisioning vhosts, users, queues).
+        store: where the AMQP outbox lives; None publishes directly, once (no retry).
     """
 
     def __init__(
-        self, executor: Executor, amqp_url: str | None = None, amqp_management_url: str | None = None
+        self, executor: Executor, amqp_url: str | None = None, amqp_management_url: str | None = None,
+        store: "Store | None" = None,
     ) -> None:
+        self._store = store
+        self._outbox: Outbox | None = None
         self._executor = executor
         self._amqp_url = amqp_url
         self._amqp_management_url = amqp_management_url
@@ -96,6 +107,12 @@ class Notifier:
         await loop.run_in_executor(self._executor, broker.check)  # a misconfigured broker fails the start, not a round
         self._broker = broker
         await self.provision(leaves)
+        if self._store is not None:
+            from .outbox import Outbox
+            from .workers import Workers
+
+            self._outbox = Outbox(self._store, Workers(self._executor), broker.publish)  # type: ignore[arg-type]
+            self._outbox.start()  # rows left by the last run go out now
 
     async def provision(self, leaves: Iterable["Leaf"]) -> None:
         """Create the vhost, user, exchange and queue of each leaf; a failure here is fatal for the caller."""
@@ -132,6 +149,13 @@ class Notifier:
     async def _publish_amqp(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
         if self._broker is None:
             return
+        if self._outbox is not None:
+            try:
+                await self._outbox.add(tree_id, branch_id, message)
+                return
+            except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: still try the broker once, directly
+                logger.error("could not store the AMQP %s for branch %s in the outbox (%s); publishing once",
+                             message["message_type"], branch_id, exc)
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._broker.publish, tree_id, branch_id, message)
@@ -139,6 +163,9 @@ class Notifier:
             logger.error("AMQP publish of %s to branch %s failed: %s", message["message_type"], branch_id, exc)
 
     async def close(self) -> None:
+        if self._outbox is not None:
+            outbox, self._outbox = self._outbox, None
+            await outbox.close()
         if self._broker is not None:
             broker, self._broker = self._broker, None
             await asyncio.get_running_loop().run_in_executor(self._executor, broker.close)

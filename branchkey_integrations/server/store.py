@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS refusals (
     branch_id TEXT NOT NULL, run_number INTEGER NOT NULL, round_index INTEGER NOT NULL,
     leaf_id TEXT NOT NULL, reason TEXT NOT NULL, refused_at TEXT NOT NULL,
     PRIMARY KEY (branch_id, run_number, round_index, leaf_id));
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tree_id TEXT NOT NULL, branch_id TEXT NOT NULL, message TEXT NOT NULL,
+    created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL, last_error TEXT);
+CREATE TABLE IF NOT EXISTS acknowledgments (
+    leaf_id TEXT NOT NULL, file_id TEXT NOT NULL, acknowledged_at TEXT NOT NULL, PRIMARY KEY (leaf_id, file_id));
 """
 
 
@@ -539,6 +544,62 @@ class Store:
         if removed:
             logger.info("removed %d stray file(s) left by an interrupted write", removed)
         return removed
+
+    # -- delivery: the AMQP outbox and what each leaf has fetched ----------------------------
+
+    def add_outbox(self, tree_id: str, branch_id: str, message: str) -> int:
+        """Queue a notification (JSON text) for the broker; returns the row id. Rows live until confirmed."""
+        now = time.time()
+        with self._tx() as conn:
+            return conn.execute(
+                "INSERT INTO outbox (tree_id, branch_id, message, created, next_try) VALUES (?, ?, ?, ?, ?)",
+                (tree_id, branch_id, message, now, now),
+            ).lastrowid
+
+    def due_outbox(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Outbox rows whose next try is due, oldest first."""
+        rows = self._query("SELECT * FROM outbox WHERE next_try <= ? ORDER BY id LIMIT ?",
+                           (time.time() if now is None else now, limit))
+        return [dict(row) for row in rows]
+
+    def next_outbox_try(self) -> float | None:
+        """When the earliest outbox row is due (a time.time() stamp), or None when the outbox is empty."""
+        return self._query("SELECT MIN(next_try) FROM outbox")[0][0]
+
+    def outbox_sent(self, row_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+
+    def outbox_failed(self, row_id: int, next_try: float, error: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE outbox SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE id = ?",
+                         (next_try, error[:500], row_id))
+
+    def acknowledge(self, leaf_id: str, file_id: str) -> None:
+        """Record that the leaf fetched aggregate ``file_id`` (it has its result: no catch-up needed)."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO acknowledgments VALUES (?, ?, ?)", (leaf_id, file_id, now_iso()))
+
+    def unacknowledged_aggregate(self, leaf: Leaf) -> tuple[str, int, int] | None:
+        """(aggregate id, run, round) the leaf took part in and has not fetched, or None.
+
+        Only the round of the leaf's latest upload of the current run counts: an aggregate of a round
+        the leaf left out, or of an earlier one, would be mistaken for the current result by a client
+        that reads only the aggregation id (the official 3.0.1 client does).
+        """
+        rows = self._query(
+            "SELECT r.aggregate_id, r.run_number, r.round_index FROM uploads u"
+            " JOIN branches b ON b.id = u.branch_id AND b.run_number = u.run_number"
+            " JOIN rounds r ON r.branch_id = u.branch_id AND r.run_number = u.run_number"
+            " AND r.round_index = u.round_index WHERE u.leaf_id = ? ORDER BY u.round_index DESC LIMIT 1",
+            (leaf.id,),
+        )
+        if not rows or rows[0][0] is None:
+            return None
+        aggregate_id, run_number, round_index = rows[0]
+        if self._query("SELECT 1 FROM acknowledgments WHERE leaf_id = ? AND file_id = ?", (leaf.id, aggregate_id)):
+            return None
+        return aggregate_id, run_number, round_index
 
     # -- metrics --------------------------------------------------------------------------
 

@@ -9,27 +9,39 @@ the server's member and size limits.
 
 A refusal is a domain error, like everywhere below the HTTP handlers: a malformed body is an
 :class:`InvalidValueError` (400), one over a limit an :class:`ArchiveTooLargeError` (413). The
-texts name what was received and what was expected.
+texts name what was received and what was expected. A full disk is a :class:`StorageFullError`
+(507, which the client does not retry); a body that stops arriving (the client went away, or
+sent nothing for ``idle_timeout_s``) is an :class:`UploadInterruptedError`, logged at INFO: it
+is the client's network, not a server error. Either way the caller removes the temporary file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
+import logging
 import mmap
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientPayloadError, web
 
 from ..core import wire
-from ..core.errors import ArchiveError, ArchiveTooLargeError, InvalidValueError
+from ..core.errors import (
+    ArchiveError,
+    ArchiveTooLargeError,
+    InvalidValueError,
+    StorageFullError,
+    UploadInterruptedError,
+)
 from ..core.protocol import FILE_DIGEST_HEADER, FILE_SIZE_HEADER
 from .durable import start_writeback
 from .httpio import is_decimal
@@ -39,6 +51,10 @@ _CHUNK = 4 << 20
 _READ_CHUNK = 1 << 20
 _DRAIN_LIMIT = 256 * 1024**2
 _DATA_PART_LIMIT = 1 << 20
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,15 +76,24 @@ class ReceivedUpload:
     metadata: str | None = None
 
 
-async def receive_upload(request: web.Request, temp: Path, limits: UploadLimits, workers: Workers) -> ReceivedUpload:
+async def receive_upload(request: web.Request, temp: Path, limits: UploadLimits, workers: Workers, *,
+                         idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S) -> ReceivedUpload:
     """Stream the multipart body's part ``file`` to ``temp`` and check it against the integrity headers.
 
     Raises:
         InvalidValueError: the body is malformed or does not match its headers.
         ArchiveTooLargeError: the body is larger than ``limits.max_upload_bytes``.
+        StorageFullError: the disk is full.
+        UploadInterruptedError: the client went away, or sent nothing for ``idle_timeout_s``.
     """
     declared_size, declared_digest = parse_integrity_headers(request, limits.max_upload_bytes)
-    upload, data_text = await receive_multipart(request, temp, limits.max_upload_bytes, workers)
+    try:
+        upload, data_text = await receive_multipart(request, temp, limits.max_upload_bytes, workers, idle_timeout_s)
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        await drain(request)  # the client reads our 507 instead of a reset
+        raise _storage_full(exc) from exc
     check_integrity(upload, declared_size, declared_digest)
     upload.metadata = parse_data_part(data_text)
     return upload
@@ -97,7 +122,26 @@ def parse_integrity_headers(request: web.Request, limit: int) -> tuple[int | Non
     return size, digest
 
 
-async def receive_multipart(request: web.Request, temp: Path, limit: int, workers: Workers) -> tuple[ReceivedUpload, str | None]:
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) met while storing an upload into :class:`StorageFullError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        raise _storage_full(exc) from exc
+
+
+def _storage_full(exc: OSError) -> StorageFullError:
+    return StorageFullError(
+        f"The server is out of disk space ({exc.strerror}); the upload was not stored. "
+        "Retry once the server's administrator has freed space."
+    )
+
+
+async def receive_multipart(request: web.Request, temp: Path, limit: int, workers: Workers,
+                            idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S) -> tuple[ReceivedUpload, str | None]:
     """Stream part ``file`` to ``temp`` (hashing as it goes); return it with the text of part ``data``."""
     if not request.content_type.startswith("multipart/"):
         raise InvalidValueError(
@@ -113,9 +157,12 @@ async def receive_multipart(request: web.Request, temp: Path, limit: int, worker
             elif part.name == "file":
                 if received is not None:
                     raise InvalidValueError("The multipart body holds part 'file' twice; expected it once.")
-                received = await stream_part_to_file(request, part, temp, limit, workers)
+                received = await stream_part_to_file(request, part, temp, limit, workers, idle_timeout_s)
             else:
                 data_text = await read_small_part(part, _DATA_PART_LIMIT)
+    except (ConnectionError, ClientPayloadError, asyncio.IncompleteReadError) as exc:
+        logger.info("upload from %s ended early (the client disconnected): %s", request.remote, exc)
+        raise UploadInterruptedError(f"The upload body ended early ({type(exc).__name__}); send it again.") from exc
     except (InvalidValueError, ArchiveError):
         raise  # ours, and ValueErrors too: not to be mistaken for the parser's below
     except ValueError as exc:  # aiohttp's multipart parser reports a malformed body as ValueError
@@ -128,11 +175,12 @@ async def receive_multipart(request: web.Request, temp: Path, limit: int, worker
 
 
 async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: Path, limit: int,
-                              workers: Workers) -> ReceivedUpload:
+                              workers: Workers, idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S) -> ReceivedUpload:
     """Write while reading: each batch of chunks goes to disk in a worker while the next one arrives.
 
     Chunks are read at 1 MiB (aiohttp copies each into a window with the previous one to find
     the boundary: small chunks keep those copies in cache) and handed over as a list, not joined.
+    A body that sends nothing for ``idle_timeout_s`` is dropped (:class:`UploadInterruptedError`).
     """
     digest = hashlib.sha256()
     size = batched = 0
@@ -140,7 +188,7 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
     pending: asyncio.Future[None] | None = None
     with open(temp, "wb") as out:
         try:
-            while chunk := await part.read_chunk(_READ_CHUNK):
+            while chunk := await _read_or_stall(request, part, idle_timeout_s):
                 size += len(chunk)
                 if size > limit:
                     await drain(request)
@@ -157,6 +205,18 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
                 await pending
         await workers.blocking(_write_and_hash, out, digest, batch)
     return ReceivedUpload(temp, size, digest.digest())
+
+
+async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeout_s: float) -> bytes:
+    try:
+        return await asyncio.wait_for(part.read_chunk(_READ_CHUNK), idle_timeout_s)
+    except asyncio.TimeoutError:
+        logger.info("upload from %s stalled: nothing arrived for %g s; dropped", request.remote, idle_timeout_s)
+        if request.transport is not None:
+            request.transport.close()
+        raise UploadInterruptedError(
+            f"The upload body stalled (nothing for {idle_timeout_s:g} s) and was dropped; send it again."
+        ) from None
 
 
 def _write_and_hash(out: Any, digest: Any, chunks: list[bytes]) -> None:
@@ -250,4 +310,7 @@ def _decode_mapped(path: Path, **limits: int) -> wire.Archive:
     return wire.decode(memoryview(mapping), **limits)
 
 
-__all__ = ["UploadLimits", "ReceivedUpload", "receive_upload", "decode_upload"]
+__all__ = [
+    "UploadLimits", "ReceivedUpload", "receive_upload", "decode_upload", "storage_errors",
+    "DEFAULT_UPLOAD_IDLE_TIMEOUT_S",
+]

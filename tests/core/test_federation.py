@@ -139,7 +139,9 @@ def test_two_leaves_get_the_weighted_average_and_count_rounds(inprocess_server, 
             for got, want in zip(result.layers, weighted_mean(uploads, [30, 10])):
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
         assert result_a.upload_mb == pytest.approx(16 * 4 / 1e6) and result_a.wait_s >= 0
-    assert a.state_dict() == {"round": 2, "last_aggregation_id": result_a.aggregation_id}
+    assert a.state_dict() == {"round": 2, "last_aggregation_id": result_a.aggregation_id, "last_run_number": 1,
+                              "last_round_index": 1}
+    assert (result_a.run_number, result_a.round_index) == (1, 1)
     assert a.send_metrics({"loss": 0.5}) is True
 
 
@@ -199,9 +201,10 @@ def test_pause_waits_then_start_completes_the_round(inprocess_server, federation
     (leaf,) = [connect(c, server, federations) for c in credentials]
     set_run(server, leaf, "pause")
     wait_until(lambda: leaf.client.run_status == "pause", 10, "the leaf to see the pause")
-    with caplog.at_level(logging.INFO, logger="branchkey_integrations.core.federation"):
+    with caplog.at_level(logging.INFO, logger="branchkey_integrations"):
         box = in_thread(leaf.run_round, layers_for(0), 1.0)
-        wait_until(lambda: "Run is 'pause': round 1 waits for 'start'" in caplog.text, 10, "the pause to be logged")
+        wait_until(lambda: "waiting for the run to start for 0 s (run is 'pause'); 0 of 1 uploads" in caplog.text, 10,
+                   "the pause to be logged")
         assert box["thread"].is_alive()
         set_run(server, leaf, "start")
         box["thread"].join(30)

@@ -1,0 +1,228 @@
+"""What a waiting leaf knows about its round, as values: the server's view and the progress of a wait.
+
+This module owns two read-only values and nothing that talks to the platform:
+
+- :class:`RoundView`: one answer of ``GET`` :data:`~.protocol.ROUND_PATH` (branchkey-local): the branch's
+  run, its open round (who has uploaded, who is missing, whose upload was refused and why) and its latest
+  aggregate. :func:`parse_round_view` checks the answer; a malformed one is a :class:`ProtocolError`.
+- :class:`WaitProgress`: what :class:`~.federation.Federation` hands to its progress listeners while a round
+  waits (at the start of a wait, whenever the progress changes, and at least every ``log_every_s``). The
+  Lightning and Keras callbacks print it in the framework's own output; :attr:`WaitProgress.message` is
+  the one line they show.
+
+Why values: a listener runs on the training thread between two waits, and may keep or print what it was
+given; nothing in it changes behind its back.
+
+Example:
+    >>> progress = WaitProgress(round=3, waiting_for="aggregate", waited_s=12.4, run_number=1, round_index=2,
+    ...                         uploaded=("leaf_1",), missing=("leaf_2",), required=2)
+    >>> progress.message
+    'Round 3 (run 1, round index 2): waiting for the aggregate for 12 s; 1 of 2 uploads; missing: leaf_2'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import ProtocolError
+
+#: what a wait waits for
+RUN_START, AGGREGATE = "run start", "aggregate"
+WAITING_FOR = (RUN_START, AGGREGATE)
+
+
+@dataclass(frozen=True)
+class RefusedUpload:
+    """An upload the server refused in the open round: which leaf (by name), why, and when (ISO 8601 UTC)."""
+
+    leaf: str
+    reason: str
+    at: str | None = None
+
+
+@dataclass(frozen=True)
+class AggregateRef:
+    """An aggregate and the round it closed: ``run_number`` and ``round_index`` (from 0 within the run).
+
+    Either number is None when the platform did not say (the hosted platform's notifications).
+    """
+
+    aggregation_id: str
+    run_number: int | None = None
+    round_index: int | None = None
+
+    @property
+    def tagged(self) -> bool:
+        """Whether the platform named the round this aggregate closes."""
+        return self.run_number is not None and self.round_index is not None
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """The branch as ``GET /api/v1/round/{branch_id}`` shows it to one of its leaves.
+
+    Attributes:
+        run_status, run_number: the branch's run.
+        round_index: the open round (from 0 within the run), or None while none is open (run stopped).
+        uploaded, missing: names of the leaves whose upload counts in the open round, and of those without one.
+        required: how many uploads complete the round.
+        refused: uploads refused in the open round (the latest per leaf).
+        opened_at, deadline_at: ISO 8601 UTC, or None.
+        latest_aggregate: the branch's latest aggregate, or None before the first.
+    """
+
+    run_status: str
+    run_number: int
+    round_index: int | None
+    uploaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    required: int | None = None
+    refused: tuple[RefusedUpload, ...] = ()
+    opened_at: str | None = None
+    deadline_at: str | None = None
+    latest_aggregate: AggregateRef | None = None
+
+
+def _int_or_none(data: dict[str, Any], name: str, context: str) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"{context}: {name}={value!r}; expected an integer >= 0 or null.")
+    return value
+
+
+def _names(data: dict[str, Any], name: str, context: str) -> tuple[str, ...]:
+    value = data.get(name) or []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ProtocolError(f"{context}: {name}={value!r}; expected a list of leaf names.")
+    return tuple(value)
+
+
+def parse_round_view(data: dict[str, Any], context: str = "round progress") -> RoundView:
+    """Check the ``data`` of a ROUND_PATH answer and return it as a :class:`RoundView`."""
+    run_status, run_number = data.get("run_status"), _int_or_none(data, "run_number", context)
+    if not isinstance(run_status, str) or run_number is None:
+        raise ProtocolError(f"{context}: expected run_status and run_number in {sorted(data)}.")
+    refused = []
+    for item in data.get("refused") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("leaf"), str):
+            raise ProtocolError(f"{context}: a refused upload without a leaf name: {item!r}")
+        refused.append(RefusedUpload(item["leaf"], str(item.get("reason", "")), item.get("at")))
+    latest = data.get("latest_aggregate")
+    ref = None
+    if latest is not None:
+        if not isinstance(latest, dict) or not isinstance(latest.get("aggregation_id"), str):
+            raise ProtocolError(f"{context}: latest_aggregate={latest!r}; expected an object with aggregation_id.")
+        ref = AggregateRef(latest["aggregation_id"], _int_or_none(latest, "run_number", context),
+                           _int_or_none(latest, "round_index", context))
+    return RoundView(run_status, run_number, _int_or_none(data, "round_index", context),
+                     _names(data, "uploaded", context), _names(data, "missing", context),
+                     _int_or_none(data, "required", context), tuple(refused), data.get("opened_at"),
+                     data.get("deadline_at"), ref)
+
+
+def rounds_behind(view: RoundView, last: AggregateRef | None, rounds_done: int) -> int:
+    """How many of the branch's aggregates a leaf has missed: 0 when it holds the latest or cannot tell.
+
+    ``last`` is the leaf's last aggregate, ``rounds_done`` its round count. By the run and round of ``last``
+    where both it and the branch's latest are tagged (an aggregate of a later run counts as 2: far
+    behind); else by ``rounds_done`` against the open round's index. A leaf that never received an
+    aggregate (``last`` None) is a newcomer, not behind.
+
+    Example:
+        >>> view = RoundView("start", 1, 5, latest_aggregate=AggregateRef("a5", 1, 4))
+        >>> rounds_behind(view, AggregateRef("a2", 1, 2), 3), rounds_behind(view, AggregateRef("a5", 1, 4), 5)
+        (2, 0)
+    """
+    latest = view.latest_aggregate
+    if latest is None or last is None or latest.aggregation_id == last.aggregation_id:
+        return 0
+    if latest.tagged and last.tagged:
+        assert latest.run_number is not None and latest.round_index is not None
+        assert last.run_number is not None and last.round_index is not None
+        if latest.run_number != last.run_number:
+            return 2 if latest.run_number > last.run_number else 0
+        return max(0, latest.round_index - last.round_index)
+    if view.round_index is None:
+        return 0
+    return max(0, view.round_index - rounds_done)
+
+
+@dataclass(frozen=True)
+class WaitProgress:
+    """One report on a round that waits; what a progress listener of :class:`~.federation.Federation` receives.
+
+    A listener is called on the thread that runs the round: at the start of each wait, whenever what the
+    leaf knows changes (a leaf uploaded, an upload was refused, the run status changed), and at least
+    every ``log_every_s`` seconds. It must return quickly; an exception from it is logged and ignored.
+
+    Attributes:
+        round: the leaf's round number (rounds this leaf completed so far, plus one).
+        waiting_for: ``"run start"`` (the run is paused; the upload waits) or ``"aggregate"`` (uploaded;
+            the round's aggregate is awaited).
+        waited_s: seconds this wait has lasted.
+        run_number, round_index: the server's run and round this wait is about (the round the upload went
+            into, else the open round), or None when the platform does not say.
+        uploaded, missing: names of the leaves whose upload counts in the open round, and of those without
+            one; empty when the platform does not say (``known`` is then False).
+        required: how many uploads complete the round, or None when not known.
+        refused: uploads the server refused in the open round (another leaf's, say: a different model), each
+            with the leaf's name and the server's reason.
+        run_status: the run status as the leaf last heard it (``"start"``, ``"pause"``, ``"stop"``) or None.
+        known: whether the server's round progress (``uploaded``, ``missing``, ``required``, ``refused``)
+            is known: False on a platform without branchkey-local's round endpoint, or while it is unreachable.
+        final: True for the last report of a wait (it ended: aggregate, timeout, stop or interrupt).
+    """
+
+    round: int
+    waiting_for: str
+    waited_s: float
+    run_number: int | None = None
+    round_index: int | None = None
+    uploaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    required: int | None = None
+    refused: tuple[RefusedUpload, ...] = ()
+    run_status: str | None = None
+    known: bool = False
+    final: bool = False
+
+    def __post_init__(self) -> None:
+        if self.waiting_for not in WAITING_FOR:
+            raise ValueError(f"Expected waiting_for in {WAITING_FOR}. Received: waiting_for={self.waiting_for!r}")
+
+    @property
+    def message(self) -> str:
+        """One line for the user, e.g. ``Round 3 (run 1, round index 2): waiting for the aggregate for 12 s;
+        1 of 2 uploads; missing: leaf_2``; refused uploads are named with their reason."""
+        where = ""
+        if self.run_number is not None and self.round_index is not None:
+            where = f" (run {self.run_number}, round index {self.round_index})"
+        what = "the run to start" if self.waiting_for == RUN_START else "the aggregate"
+        text = f"Round {self.round}{where}: waiting for {what} for {self.waited_s:.0f} s"
+        if self.waiting_for == RUN_START and self.run_status is not None:
+            text += f" (run is {self.run_status!r})"
+        if self.known and self.required is not None:
+            text += f"; {len(self.uploaded)} of {self.required} uploads"
+        if self.missing:
+            text += "; missing: " + ", ".join(self.missing)
+        for refusal in self.refused:
+            text += f"; upload of {refusal.leaf} refused: {refusal.reason}"
+        return text
+
+    def same_progress(self, other: WaitProgress | None) -> bool:
+        """Whether ``other`` reports the same state (everything but ``waited_s`` and ``final``)."""
+        if other is None:
+            return False
+        fields = ("round", "waiting_for", "run_number", "round_index", "uploaded", "missing", "required",
+                  "refused", "run_status", "known")
+        return all(getattr(self, name) == getattr(other, name) for name in fields)
+
+
+#: what :meth:`Federation.add_progress_listener` accepts
+ProgressListener = Callable[[WaitProgress], None]
+
+__all__ = ["RUN_START", "AGGREGATE", "WAITING_FOR", "RefusedUpload", "AggregateRef", "RoundView",
+           "parse_round_view", "rounds_behind", "WaitProgress", "ProgressListener"]

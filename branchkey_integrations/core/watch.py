@@ -1,0 +1,163 @@
+"""One wait of a round, watched: progress reports to listeners and the REST safety net under the notifications.
+
+:class:`WaitWatch` owns what happens while :class:`~.federation.Federation` waits (for the run to start, or
+for the aggregate): it builds the :class:`~.progress.WaitProgress` reports and hands them to the progress
+listeners (at the start of the wait, when the progress changes, at least every ``log_every_s``, and once
+at the end), logs them at INFO, and reads the branch's round view (``GET`` :data:`~.protocol.ROUND_PATH`)
+every ``check_every_s`` and right after the notification channel reconnects. When that view shows that
+the round this leaf uploaded into has been aggregated, the aggregate is handed to the client's
+:class:`~.waiter.RoundWaiter` as if its notification had come: a missed notification costs seconds, not
+the timeout. A refused upload in the open round is said once at WARNING, naming the leaf and the reason.
+
+The watch never raises for a platform that cannot be reached or lacks the round endpoint: the wait goes
+on, on notifications alone, and the first failure of a round is said once at WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Sequence
+
+from .errors import BranchKeyError
+from .progress import AGGREGATE, ProgressListener, RefusedUpload, RoundView, WaitProgress
+from .waiter import Every
+
+if TYPE_CHECKING:
+    from .client import Client
+
+logger = logging.getLogger(__name__)
+
+
+def hand_over_latest(client: Client, view: RoundView | None, target: tuple[int, int]) -> str | None:
+    """Give the waiter the branch's latest aggregate when it closes ``target`` (run, round index) or a later
+    round, and it was not received yet; return its id then, else None."""
+    latest = view.latest_aggregate if view is not None else None
+    if latest is None or latest.run_number is None or latest.round_index is None:
+        return None
+    if (latest.run_number, latest.round_index) < target:
+        return None
+    if client.waiter.add_aggregation(latest.aggregation_id, latest.run_number, latest.round_index):
+        return latest.aggregation_id
+    return None
+
+
+def find_missed_aggregate(client: Client, target: tuple[int, int]) -> None:
+    """Ask the platform for the aggregate of ``target`` (see :func:`hand_over_latest`); errors are only logged."""
+    try:
+        view = client.get_round()
+    except BranchKeyError as exc:
+        logger.debug("Round view unreadable: %s", exc)
+        return
+    if hand_over_latest(client, view, target) is not None:
+        logger.info("Aggregate of run %d round %d found by asking the server (its notification did not arrive)",
+                    *target)
+
+
+class RoundNotes:
+    """What a round has already said once (refusals warned about, an unreachable platform), across its waits."""
+
+    def __init__(self) -> None:
+        self.refusals: set[RefusedUpload] = set()
+        self.unreachable = False
+
+
+class WaitWatch:
+    """The periodic actions of one wait; pass :meth:`periodic` to a :class:`~.waiter.RoundWaiter` wait.
+
+    Args:
+        client: the leaf's client (its waiter, its round view).
+        number: the leaf's round number (for reports and logs).
+        waiting_for: ``"run start"`` or ``"aggregate"``.
+        listeners: called with each :class:`WaitProgress`; an exception from one is logged and ignored.
+        log_every_s: a report at least this often.
+        check_every_s: how often the round view is read (and at once after a reconnect).
+        target: ``(run_number, round_index)`` the upload went into, when the platform said.
+        notes: the round's :class:`RoundNotes`, shared by its waits.
+    """
+
+    def __init__(self, client: Client, number: int, waiting_for: str, listeners: Sequence[ProgressListener], *,
+                 log_every_s: float, check_every_s: float, target: tuple[int, int] | None = None,
+                 notes: RoundNotes | None = None) -> None:
+        self.client = client
+        self.number = number
+        self.waiting_for = waiting_for
+        self.listeners = list(listeners)
+        self.log_every_s = log_every_s
+        self.check_every_s = check_every_s
+        self.target = target
+        self.notes = notes or RoundNotes()
+        self.view: RoundView | None = None
+        self.last: WaitProgress | None = None
+        self.since = time.monotonic()
+
+    # ------------------------------------------------------------- the wait
+    def periodic(self) -> list[Every]:
+        """The report (first at once) and the round-view check (first at once, again after a reconnect)."""
+        return [Every(self.check_every_s, self.check, first=0.0, on_refresh=True),
+                Every(self.log_every_s, lambda waited: self.report(), first=0.0)]
+
+    def check(self, waited: float = 0.0) -> None:
+        """Read the round view; hand a missed aggregate to the waiter; report what changed."""
+        view = self.read_view()
+        if view is None:
+            return
+        self.view = view
+        for refusal in view.refused:
+            if refusal not in self.notes.refusals:
+                self.notes.refusals.add(refusal)
+                logger.warning("Round %d of branch %s cannot complete as it is: the server refused the upload of "
+                               "leaf %s: %s", self.number, self.client.branch_id, refusal.leaf, refusal.reason)
+        if self.waiting_for == AGGREGATE and self.target is not None:
+            found = hand_over_latest(self.client, view, self.target)
+            if found is not None:
+                logger.info("Round %d: aggregate %s found by asking the server (its notification did not arrive)",
+                            self.number, found)
+        if self.last is not None and not self.progress().same_progress(self.last):
+            self.report()
+
+    def read_view(self) -> RoundView | None:
+        """The round view, or None (no such endpoint, or unreachable: said once per round, at WARNING)."""
+        try:
+            return self.client.get_round()
+        except BranchKeyError as exc:
+            if not self.notes.unreachable:
+                self.notes.unreachable = True
+                logger.warning("Round %d: could not read the round's progress from the server (%s); waiting on "
+                               "notifications and trying again every %.0f s", self.number, exc, self.check_every_s)
+            else:
+                logger.debug("Round %d: round progress still unreadable: %s", self.number, exc)
+            return None
+
+    # ------------------------------------------------------------- reports
+    def progress(self, final: bool = False) -> WaitProgress:
+        """The wait as it stands."""
+        view, target = self.view, self.target
+        run_number = target[0] if target is not None else (view.run_number if view is not None else
+                                                           self.client.run_number)
+        round_index = target[1] if target is not None else (view.round_index if view is not None else None)
+        same_round = view is not None and (target is None or (view.run_number, view.round_index) == target)
+        return WaitProgress(
+            round=self.number, waiting_for=self.waiting_for, waited_s=time.monotonic() - self.since,
+            run_number=run_number, round_index=round_index,
+            uploaded=view.uploaded if same_round and view is not None else (),
+            missing=view.missing if same_round and view is not None else (),
+            required=view.required if view is not None else None,
+            refused=view.refused if view is not None else (),
+            run_status=self.client.run_status, known=same_round, final=final,
+        )
+
+    def report(self, final: bool = False) -> WaitProgress:
+        """Log the progress at INFO and hand it to every listener."""
+        progress = self.progress(final)
+        self.last = progress
+        logger.log(logging.DEBUG if final else logging.INFO, "%s", progress.message)
+        for listener in self.listeners:
+            try:
+                listener(progress)
+            except Exception:  # noqa: BLE001 - a listener's bug must not end the round
+                logger.exception("A progress listener failed on round %d", self.number)
+        return progress
+
+
+__all__ = ["RoundNotes", "WaitWatch", "hand_over_latest", "find_missed_aggregate"]
