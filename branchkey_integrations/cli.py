@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-url", help="base URL put in download links (default: the Host the client used)")
     serve.add_argument("--max-upload-bytes", type=_positive_int, default=None,
                        help="refuse larger uploads (default: the server's built-in limit)")
+    serve.add_argument("--header-timeout", type=_positive_float, metavar="S",
+                       help="close a connection that has not sent its request headers within S seconds (default 10)")
+    serve.add_argument("--upload-idle-timeout", type=_positive_float, metavar="S",
+                       help="drop an upload whose body sends nothing for S seconds (default 60)")
+    serve.add_argument("--max-connections", type=_positive_int, metavar="N",
+                       help="open connections at most (default 1000, lowered to fit the open-files limit)")
+    serve.add_argument("--max-connections-per-leaf", type=_positive_int, metavar="N",
+                       help="connections one leaf may hold (default 32; more are answered 429)")
+    serve.add_argument("--reserved-connections", type=int, metavar="N",
+                       help="slots new, not yet identified clients may not fill (default 32): kept for the admin "
+                            "and for clients that have sent their request")
     serve.set_defaults(func=cmd_serve)
 
     run = commands.add_parser("run", help="start, pause or stop a branch's run")
@@ -320,17 +331,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The connection limits given on the command line (the others keep create_app's defaults)."""
+    names = {"header_timeout": "header_timeout_s", "upload_idle_timeout": "upload_idle_timeout_s",
+             "max_connections": "max_connections", "max_connections_per_leaf": "max_connections_per_leaf",
+             "reserved_connections": "reserved_connections"}
+    return {option: getattr(args, arg) for arg, option in names.items() if getattr(args, arg, None) is not None}
+
+
 async def serve(args: argparse.Namespace, data_dir: Path) -> None:
     from aiohttp import web
 
-    from .server.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+    from .server.app import DEFAULT_MAX_UPLOAD_BYTES, GuardedAppRunner, create_app
 
     try:
         app = create_app(data_dir, amqp_url=args.amqp_url, amqp_management_url=args.amqp_management_url,
-                         public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES)
+                         public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
+                         **_connection_options(args))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = GuardedAppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,11 +12,17 @@ The app is assembled from modules with one concern each:
 - :mod:`~branchkey_integrations.server.store`, :mod:`~branchkey_integrations.server.aggregation`,
   :mod:`~branchkey_integrations.server.notify`: durable state, FedAvg, notifications;
 - :mod:`~branchkey_integrations.server.state`: :class:`ServerConfig` and the :class:`Server`
-  that holds one of each service (re-exported here).
+  that holds one of each service (re-exported here);
+- :mod:`~branchkey_integrations.server.connections`: connection caps and timeouts
+  (:class:`GuardedAppRunner` serves an app through them);
+- :mod:`~branchkey_integrations.server.outbox`: AMQP notifications kept until the broker confirms.
 
-Start-up connects the broker (if any), aggregates rounds that were complete when the server
-died, and starts the round-deadline loop, all before the server listens. Shutdown waits for
-aggregations in flight, then releases the broker, the worker threads and the store.
+Start-up raises the open-files limit and fits the connection cap below it, connects the broker
+(if any; notifications left in the outbox go out), aggregates rounds that were complete when the
+server died, and starts the round-deadline loop, all before the server listens. Such a recovered
+round reaches AMQP leaves through the outbox and WebSocket leaves when they connect (catch-up in
+:mod:`~branchkey_integrations.server.routes`). Shutdown waits for aggregations in flight, then
+releases the broker, the worker threads and the store.
 """
 
 from __future__ import annotations
@@ -31,6 +37,18 @@ from aiohttp import WSCloseCode, web
 
 from ..core import wire
 from .admin import add_admin_routes
+from .connections import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_LEAF,
+    DEFAULT_RESERVED_CONNECTIONS,
+    DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+    GUARD,
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedAppRunner,
+    guard_middleware,
+)
 from .dashboard import add_dashboard_routes
 from .httpio import HttpProblem, error_middleware
 from .notify import Notifier
@@ -59,8 +77,17 @@ def create_app(
     ticket_ttl_s: int = DEFAULT_TICKET_TTL_S,
     deadline_check_interval_s: float = 1.0,
     workers: int = 8,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_connections_per_leaf: int = DEFAULT_MAX_CONNECTIONS_PER_LEAF,
+    reserved_connections: int = DEFAULT_RESERVED_CONNECTIONS,
 ) -> web.Application:
     """Build the branchkey-local application over the store in ``data_dir`` (created if missing).
+
+    The connection limits (``header_timeout_s`` to ``reserved_connections``, see
+    :mod:`~branchkey_integrations.server.connections`) hold when the app is served through
+    :class:`GuardedAppRunner` (as ``branchkey-local serve`` does); ``upload_idle_timeout_s`` always.
 
     Example:
         >>> import tempfile
@@ -72,11 +99,14 @@ def create_app(
                           ticket_ttl_s, deadline_check_interval_s)
     if amqp_url is not None and not amqp_url.startswith(("amqp://", "amqps://")):
         raise ValueError(f"Expected amqp_url like 'amqp://user:pass@host:5672/'. Received a value starting {amqp_url[:8]!r}")
+    limits = ConnectionLimits(header_timeout_s, upload_idle_timeout_s, max_connections, max_connections_per_leaf,
+                              reserved_connections)
     store = Store(data_dir)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="branchkey-local")
-    server = Server(store, Notifier(executor, amqp_url, amqp_management_url), executor, config)
-    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024**2)
+    server = Server(store, Notifier(executor, amqp_url, amqp_management_url, store=store), executor, config)
+    app = web.Application(middlewares=[guard_middleware, error_middleware], client_max_size=16 * 1024**2)
     app[SERVER] = server
+    app[GUARD] = ConnectionGuard(limits)
     add_leaf_routes(app)
     add_admin_routes(app)
     add_dashboard_routes(app)
@@ -88,6 +118,7 @@ def create_app(
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Startup: broker, recovery, deadline loop. Cleanup: wait for aggregations, release everything."""
     server = app[SERVER]
+    app[GUARD].fit_to_fd_limit()
     try:
         await server.notifier.start(await server.blocking(server.store.list_leaves))
         await server.rounds.recover()
@@ -99,8 +130,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     deadlines.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await deadlines
+    server.rounds.cancel_retries()
     await server.workers.wait_for_tasks()
     await _release(server)
+    app[GUARD].close()
 
 
 async def _release(server: Server) -> None:
@@ -114,4 +147,6 @@ async def _close_websockets(app: web.Application) -> None:
         await socket.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
-__all__ = ["create_app", "ServerConfig", "Server", "HttpProblem", "SERVER", "DEFAULT_MAX_UPLOAD_BYTES"]
+__all__ = [
+    "create_app", "ServerConfig", "Server", "HttpProblem", "SERVER", "DEFAULT_MAX_UPLOAD_BYTES", "GuardedAppRunner",
+]

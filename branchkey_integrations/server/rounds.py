@@ -7,7 +7,8 @@ every leaf), or its round deadline passes with at least one upload, it is aggreg
 worker thread, the next round opens, and every leaf of the branch is notified. A run status
 change (start, pause, stop; semantics in :mod:`~branchkey_integrations.server.store`) is
 applied under the same lock and announced. On start, rounds that were complete when the server
-died are aggregated before the server listens.
+died are aggregated before the server listens. An aggregation that fails (disk full, I/O error)
+leaves its round open and is tried again with a backoff (0.5 s doubling to 8 s) until it succeeds.
 
 This module knows nothing of HTTP: a refusal is a domain error of
 :mod:`branchkey_integrations.core.errors` (:class:`RunNotStartedError`,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -41,6 +43,10 @@ from .store import Store
 from .workers import Workers
 
 logger = logging.getLogger(__name__)
+
+#: a failed aggregation is tried again after 0.5 s, 1 s, 2 s, ... and then every 8 s until it succeeds
+AGGREGATION_RETRY_BASE_S = 0.5
+AGGREGATION_RETRY_MAX_S = 8.0
 
 
 def run_blocked_message(branch: Branch) -> str:
@@ -75,6 +81,7 @@ class Rounds:
         self.workers = workers
         self.deadline_check_interval_s = deadline_check_interval_s
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # branch -> failed attempts, next try
 
     def lock(self, branch_id: str) -> asyncio.Lock:
         return self._locks[branch_id]
@@ -148,14 +155,39 @@ class Rounds:
                     self.store.commit_aggregate, temp, branch_id=branch_id, run_number=run_number,
                     round_index=round_index, specs=specs, size=size, sha256=digest,
                 )
-            except (AggregationError, LocalServerError, OSError) as exc:
-                logger.error("aggregating branch %s run %d round %d failed: %s", branch_id, run_number, round_index, exc)
+            except (AggregationError, LocalServerError, OSError, sqlite3.Error) as exc:
+                self._retry_aggregation(branch_id, deadline, f"run {run_number} round {round_index}: {exc}")
                 return None
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     temp.unlink()
+            failed, retry = self._retries.pop(branch_id, (0, None))
+            if retry is not None:
+                retry.cancel()
+                logger.info("branch %s run %d round %d aggregated after %d failed attempt(s)", branch_id, run_number,
+                            round_index, failed)
         await self.notifier.publish(branch.tree_id, branch_id, aggregation_message(aggregate_id, run_number, round_index))
         return aggregate_id
+
+    def _retry_aggregation(self, branch_id: str, deadline: bool, problem: str) -> None:
+        """Try the failed aggregation again after a backoff (disk full, I/O error: the cause may go away)."""
+        failed, retry = self._retries.get(branch_id, (0, None))
+        if retry is not None:
+            retry.cancel()
+        failed += 1
+        delay = min(AGGREGATION_RETRY_BASE_S * 2 ** (failed - 1), AGGREGATION_RETRY_MAX_S)
+        log = logger.error if failed == 1 else logger.warning if failed % 10 == 0 else logger.debug
+        log("aggregating branch %s %s failed (attempt %d); the round stays open, next try in %.1f s",
+            branch_id, problem, failed, delay)
+        handle = asyncio.get_running_loop().call_later(
+            delay, lambda: self.workers.spawn(self.aggregate_if_ready(branch_id, deadline=deadline)))
+        self._retries[branch_id] = (failed, handle)
+
+    def cancel_retries(self) -> None:
+        """Drop the pending aggregation retries (shutdown: the next start recovers those rounds)."""
+        for _, handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
 
     def _aggregation_plan(self, branch_id: str, deadline: bool) -> tuple[Branch, int, int, list[UploadInput]] | None:
         """What to aggregate now, or None. Runs in a worker thread (several queries)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 
 from aiohttp import web
@@ -27,15 +28,21 @@ from ..core.protocol import (
     UPLOAD_PATH,
     WS_PATH,
     WS_TICKET_PATH,
+    aggregation_message,
+    encode_message,
+    is_file_id,
 )
+from .connections import GUARD, claim_connection
 from .events import events_of
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
 from .presence import presence_of
 from .openapi import add_openapi_route
 from .progress import round_progress
 from .records import Leaf
-from .state import server_of
-from .uploads import decode_upload, receive_upload
+from .state import Server, server_of
+from .uploads import decode_upload, receive_upload, storage_errors
+
+logger = logging.getLogger(__name__)
 
 
 def require_own_branch(leaf: Leaf, branch_id: str) -> None:
@@ -76,12 +83,14 @@ async def upload_file(request: web.Request) -> web.Response:
     limits = server.config.upload_limits
     temp = server.store.new_temp_path()
     try:
-        upload = await receive_upload(request, temp, limits, server.workers)
+        upload = await receive_upload(request, temp, limits, server.workers,
+                                      idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
         archive = await decode_upload(upload.path, limits, server.workers)
         try:
-            accepted = await server.rounds.accept_upload(
-                leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
-            )
+            with storage_errors():  # the commit's fsync and rename may meet a full disk too
+                accepted = await server.rounds.accept_upload(
+                    leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
+                )
         finally:
             archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
     except (InvalidValueError, ArchiveError) as exc:  # a refused body (400/413): the round's progress shows it
@@ -130,6 +139,8 @@ async def download_file(request: web.Request) -> web.Response:
         raise HttpProblem(404, f"No file {file_id} in branch {leaf.branch_id}; expected an aggregation id or your own upload id.")
     if record.kind == "upload" and record.leaf_id != leaf.id:
         raise HttpProblem(403, f"File {file_id} is another leaf's upload; a leaf may download aggregates and its own uploads.")
+    if record.kind == "aggregate":  # the leaf has this result: no catch-up will send it again
+        await server.blocking(server.store.acknowledge, leaf.id, file_id)
     expires = int(time.time()) + server.config.download_ttl_s
     base = (server.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
     url = f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
@@ -171,10 +182,23 @@ async def performance_analysis(request: web.Request) -> web.Response:
     else:
         raise HttpProblem(400, f"Expected 'data' to be JSON text of the metrics. Received: {type(data).__name__}")
     aggregation_id = body.get("aggregation_id")
-    aggregation_id = None if aggregation_id is None else str(aggregation_id)
+    aggregation_id = None if aggregation_id in (None, "") else str(aggregation_id)
+    if aggregation_id is not None:
+        await check_own_aggregate(server, leaf, aggregation_id)
     metric_id = await server.blocking(server.store.add_metric, mode=mode, aggregation_id=aggregation_id, leaf=leaf, data=data)
     events_of(request).emit("metrics", leaf.branch_id, leaf=leaf.name, mode=mode, aggregation_id=aggregation_id)
     return ok({"id": metric_id}, status=201)
+
+
+async def check_own_aggregate(server: Server, leaf: Leaf, aggregation_id: str) -> None:
+    """Metrics name an aggregate of the leaf's branch: 404 for an unknown id, 403 for another branch's."""
+    record = await server.blocking(server.store.get_file, aggregation_id) if is_file_id(aggregation_id) else None
+    if record is None or record.kind != "aggregate":
+        raise HttpProblem(404, f"No aggregate with id {aggregation_id[:80]!r}; metrics name the aggregation id "
+                               "the leaf was sent (aggregation_status), or none.")
+    if record.branch_id != leaf.branch_id:
+        raise HttpProblem(403, f"Aggregate {aggregation_id} belongs to another branch, not to leaf {leaf.id}'s "
+                               f"branch {leaf.branch_id}.")
 
 
 async def ws_ticket(request: web.Request) -> web.Response:
@@ -187,9 +211,11 @@ async def ws_ticket(request: web.Request) -> web.Response:
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     server = server_of(request)
     leaf = server.auth.redeem_ticket(request.query.get("ticket", ""), request.query.get("request_id", ""))
+    claim_connection(request, leaf.id)
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
     server.notifier.register(leaf, socket)
+    await catch_up(server, leaf, socket)
     presence_of(request).websocket_opened(leaf)
     try:
         async for _ in socket:
@@ -198,6 +224,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         server.notifier.unregister(leaf, socket)
         presence_of(request).websocket_closed(leaf)
     return socket
+
+
+async def catch_up(server: Server, leaf: Leaf, socket: web.WebSocketResponse) -> None:
+    """Send a (re)connected leaf the aggregate of the round it took part in and has not downloaded.
+
+    Registered first, then looked up: an aggregate committed in between reaches the leaf twice at
+    worst, never not at all (a repeat is harmless; the official clients keep the newest id).
+    """
+    missed = await server.blocking(server.store.unacknowledged_aggregate, leaf)
+    if missed is not None:
+        logger.info("leaf %s connected after aggregate %s of run %d round %d: sending it (catch-up)",
+                    leaf.id, *missed)
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the leaf went away again
+            await socket.send_str(encode_message(aggregation_message(*missed)))
 
 
 def add_leaf_routes(app: web.Application) -> None:
