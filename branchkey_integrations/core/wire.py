@@ -39,6 +39,11 @@ LAYER_PATTERN = re.compile(r"layer_(0|[1-9][0-9]*)")
 #: Default limits, generous for real models and small next to this machine's memory.
 DEFAULT_MAX_MEMBERS = 100_000
 DEFAULT_MAX_TOTAL_BYTES = 16 * 1024**3
+#: Compression-bomb guard (``decode(max_compression_ratio=...)``): float weights deflate to ~0.9 of their
+#: size and a deflate stream inflates at most ~1032:1, so an archive that inflates beyond this many bytes
+#: *and* beyond ``max_compression_ratio`` times its compressed size is refused before anything is inflated.
+#: Below the floor a high ratio (a small all-zero bias) costs nothing worth refusing.
+COMPRESSION_RATIO_FLOOR_BYTES = 64 * 1024**2
 
 #: How the layers travel: ``"deflate"`` (what the official client writes) or ``"none"`` (stored).
 COMPRESSIONS = {"deflate": zipfile.ZIP_DEFLATED, "none": zipfile.ZIP_STORED}
@@ -356,11 +361,13 @@ def decode(
     *,
     max_members: int = DEFAULT_MAX_MEMBERS,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_compression_ratio: float | None = None,
 ) -> Archive:
     """Read and structurally validate an archive; never uses pickle.
 
     Checks: a readable zip; at most ``max_members`` members and ``max_total_bytes``
-    uncompressed; only ``weighting``, ``layer_<i>`` and the payload-kind key; layers
+    uncompressed; no more than ``max_compression_ratio`` times the compressed size once over
+    :data:`COMPRESSION_RATIO_FLOOR_BYTES` (None: no ratio check); only ``weighting``, ``layer_<i>`` and the payload-kind key; layers
     numbered 0..n-1 without gaps; numeric dtypes; each ``.npy`` header consistent with
     its zip entry. Values are not checked here (see :func:`check_finite`).
 
@@ -373,6 +380,8 @@ def decode(
     try:
         with zipfile.ZipFile(opened) as zf:
             infos = _checked_members(zf, max_members, max_total_bytes)
+            if max_compression_ratio is not None:
+                check_compression_ratio(list(infos.values()), max_compression_ratio)
             arrays = {key: _load_member(zf, info, key, buffer) for key, info in infos.items()}
     except _CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"Not a valid NPZ (zip) archive: {exc!r}.") from exc
@@ -443,6 +452,26 @@ def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int
     return members
 
 
+def check_compression_ratio(infos: Sequence[zipfile.ZipInfo], max_ratio: float) -> None:
+    """Refuse a compression bomb (see :data:`COMPRESSION_RATIO_FLOOR_BYTES`), naming its worst member.
+
+    Compares what the zip directory declares, so nothing is inflated to find out; a member that
+    inflates to more than it declares fails its own size check when read.
+    """
+    inflated = sum(info.file_size for info in infos)
+    compressed = sum(info.compress_size for info in infos)
+    if inflated <= COMPRESSION_RATIO_FLOOR_BYTES or inflated <= max_ratio * compressed:
+        return
+    worst = max(infos, key=lambda info: info.file_size / max(info.compress_size, 1))
+    raise ArchiveTooLargeError(
+        f"Archive inflates to {inflated} bytes from {compressed} compressed ({inflated / max(compressed, 1):.0f}:1); "
+        f"member {worst.filename!r} alone inflates {worst.file_size} bytes from {worst.compress_size} "
+        f"({worst.file_size / max(worst.compress_size, 1):.0f}:1). The limit is {max_ratio:g}:1 (float weights "
+        f"deflate to about 0.9 of their size); this looks like a compression bomb. Send real weights, or store "
+        f"the members uncompressed, or raise the server's --max-compression-ratio."
+    )
+
+
 def read_layer(zf: zipfile.ZipFile, index: int) -> np.ndarray:
     """Read one ``layer_<index>`` from an open archive with the same checks as :func:`decode`.
 
@@ -457,6 +486,74 @@ def read_layer(zf: zipfile.ZipFile, index: int) -> np.ndarray:
         return _load_member(zf, info, key, None)
     except _CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
+
+
+def layer_pieces(
+    zf: zipfile.ZipFile, index: int, piece_bytes: int = _CHUNK
+) -> tuple[LayerSpec, bool, Iterator[np.ndarray]]:
+    """Stream one ``layer_<index>``: its spec, whether its data is in Fortran order, and its values.
+
+    The values come as flat pieces of at most ``piece_bytes`` in file order (C order, or Fortran
+    order when the second value is True), each a view of one reused buffer that the next piece
+    overwrites: a consumer (the server's running FedAvg) needs one piece of memory, not one layer.
+    The header gets the same checks as :func:`decode`; the CRC is checked after the last piece,
+    so a consumer that cannot undo what it did with the pieces must treat an :class:`ArchiveError`
+    from the iterator as spoiling it.
+    """
+    key = layer_key(index)
+    try:
+        info = zf.getinfo(key + ".npy")
+    except KeyError:
+        raise ArchiveError(f"Archive has no member {key}.") from None
+    fd = _file_descriptor(zf.fp) if info.compress_type == ZIP_STORED else None
+    try:
+        if fd is not None:
+            local = os.pread(fd, 30, info.header_offset)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            head = _BufferFile(memoryview(os.pread(fd, min(info.file_size, _MAX_HEADER), start)))
+            shape, fortran_order, dtype = _read_header(head, info, key)
+            crc = _crc32(head.getbuffer()[:head.tell()])
+            source: BinaryIO | int = fd
+            offset = start + head.tell()
+        else:
+            source = zf.open(info)
+            shape, fortran_order, dtype = _read_header(source, info, key)
+            crc, offset = 0, 0
+    except _CORRUPT_ZIP_ERRORS as exc:
+        raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
+    count = math.prod(shape)
+    step = max(1, piece_bytes // max(dtype.itemsize, 1))
+
+    def pieces() -> Iterator[np.ndarray]:
+        checksum, position = crc, offset
+        buffer = np.empty(min(step, count), dtype=dtype)
+        try:
+            for first in range(0, count, step):
+                piece = buffer[:min(step, count - first)]
+                view, got = memoryview(piece.view(np.uint8).reshape(-1)), 0
+                while got < view.nbytes:
+                    read = (os.preadv(source, [view[got:]], position + got) if isinstance(source, int)
+                            else source.readinto(view[got:]))
+                    if not read:
+                        raise ArchiveError(f"{key} ended early; the archive is truncated.")
+                    got += read
+                if isinstance(source, int):
+                    checksum, position = _crc32(view, checksum), position + got
+                yield piece
+            if isinstance(source, int) and checksum != info.CRC:
+                raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
+            if not isinstance(source, int) and source.read(1):
+                raise ArchiveError(f"{key} holds more data than its header declares; the archive is corrupt.")
+        except _CORRUPT_ZIP_ERRORS as exc:  # zipfile checks a deflated member's CRC when it ends
+            raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
+        finally:
+            if not isinstance(source, int):
+                source.close()
+
+    return LayerSpec(tuple(int(n) for n in shape), np.dtype(dtype)), bool(fortran_order), pieces()
 
 
 def _load_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, buffer: memoryview | None) -> np.ndarray:
@@ -672,10 +769,13 @@ __all__ = [
     "ArchiveWriter",
     "decode",
     "check_weighting",
+    "check_compression_ratio",
+    "COMPRESSION_RATIO_FLOOR_BYTES",
     "check_finite",
     "all_finite",
     "spec_mismatch",
     "validate_upload",
     "layer_key",
     "read_layer",
+    "layer_pieces",
 ]

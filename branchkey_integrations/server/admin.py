@@ -2,8 +2,11 @@
 
 Trees, branches and leaves are created here; runs are started, paused and stopped here (the
 CLI's ``run`` goes through it when a server is live, so leaves are notified); rounds, uploads,
-aggregates and metrics can be read. ``DELETE /admin/v1/trees/{tree_id}/broker`` removes what
-the server made for a tree in RabbitMQ (leaf users and queues, the tree's vhost), so a
+aggregates and metrics can be read. An operator unlocks a round with
+``DELETE .../branches/{branch_id}/rounds/open/uploads/{leaf id or name}`` (drop one upload) or
+``POST .../branches/{branch_id}/rounds/open/reset`` (drop them all; the round keeps its number),
+each with an optional ``{"note": ...}`` that the leaves see in the round's progress.
+``DELETE /admin/v1/trees/{tree_id}/broker`` removes what the server made for a tree in RabbitMQ (leaf users and queues, the tree's vhost), so a
 throwaway tree (a demo run's, say) leaves nothing behind on a shared broker.
 
 Handlers only translate between HTTP and the store or the round state machine; store errors
@@ -111,6 +114,24 @@ async def set_run(request: web.Request, server: Server) -> web.Response:
     return ok({"branch_id": branch.id, "run_status": branch.run_status, "run_number": branch.run_number})
 
 
+@admin
+async def drop_upload(request: web.Request, server: Server) -> web.Response:
+    """Drop one leaf's upload (by leaf id or name) from the branch's open round; the leaf may upload again."""
+    body = await read_json_object(request)
+    result = await server.rounds.drop_uploads(request.match_info["branch_id"], request.match_info["leaf"],
+                                              note=str(body.get("note") or "")[:500])
+    return ok(result)
+
+
+@admin
+async def reset_round(request: web.Request, server: Server) -> web.Response:
+    """Drop every upload of the branch's open round (same round number); every leaf may upload again."""
+    body = await read_json_object(request)
+    result = await server.rounds.drop_uploads(request.match_info["branch_id"], None,
+                                              note=str(body.get("note") or "")[:500])
+    return ok(result)
+
+
 def _listing(name: str, fetch: Callable[[Store, str], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
     @admin
     async def handler(request: web.Request, server: Server) -> web.Response:
@@ -133,6 +154,8 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get(branches + "/{branch_id}/leaves", list_leaves)
     app.router.add_post(branches + "/{branch_id}/run", set_run)
     app.router.add_get(branches + "/{branch_id}/rounds", _listing("rounds", Store.list_rounds))
+    app.router.add_delete(branches + "/{branch_id}/rounds/open/uploads/{leaf}", drop_upload)
+    app.router.add_post(branches + "/{branch_id}/rounds/open/reset", reset_round)
     app.router.add_get(branches + "/{branch_id}/uploads", _listing("uploads", Store.list_uploads))
     app.router.add_get(branches + "/{branch_id}/aggregates", _listing("aggregates", lambda s, b: s.list_files(b, "aggregate")))
     app.router.add_get(branches + "/{branch_id}/metrics", _listing("metrics", Store.list_metrics))

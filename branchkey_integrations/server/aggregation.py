@@ -1,4 +1,15 @@
-"""Aggregation strategies: turn the uploads of a round into one aggregate archive.
+"""Aggregation: the running FedAvg of an open round, and strategies over stored uploads.
+
+Why a running sum (:class:`RunningSum`): the server folds each accepted upload into the open
+round's float64 sum as it arrives, so what is left after the round's last upload is that upload's
+fold and one pass to write the mean: O(model), however many leaves the round has. A round of one
+upload is that upload (its layers are copied, exactly). The sum is derived state, kept in memory
+and never trusted across a crash: the committed upload rows are the truth, and :meth:`RunningSum.sync`
+makes the sum hold exactly the uploads it is given, folding the missing ones, or, when an upload
+it holds was replaced or dropped, starting again from the stored files (a re-upload is rare, and
+subtracting the old contribution in floating point would not be exact). After a restart the first
+sync refolds the round from its files. Writing the mean does not change the sum, so running the
+aggregation again after a failure writes the same bytes.
 
 Why streaming: a round can hold many leaves of a model of hundreds of MB. Strategies read
 one layer of every upload at a time (``LayerReader.read_layer``), so memory stays
@@ -26,6 +37,7 @@ import numpy as np
 from ..core import wire
 from ..core.errors import AggregationError, ArchiveError
 from ..core.wire import LayerSpec
+from .durable import start_writeback
 
 
 class LayerReader(Protocol):
@@ -135,6 +147,168 @@ def get_strategy(name: str) -> Strategy:
         raise AggregationError(f"Unknown aggregation algorithm {name!r}; expected one of {sorted(STRATEGIES)}.") from None
 
 
+#: bytes of an upload read per fold step (float64 scratch: twice that for float32 layers)
+FOLD_PIECE_BYTES = 4 << 20
+
+
+class RunningSum:
+    """``sum_k (w_k / 2^e) x_k`` per layer in float64 (complex128 for complex layers) over the uploads it holds.
+
+    ``2^e`` is the power of two nearest below the first upload's weighting: dividing by it is exact,
+    so the sum is NumPy's ``sum_k w_k x_k`` scaled (the same roundings, integer layers round the same
+    halves) while a huge weighting cannot overflow float64. The mean is the sum over ``sum_k w_k / 2^e``. Not thread-safe: the round logic calls
+    :meth:`sync` and :meth:`write` one at a time per round.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> uploads = []
+        >>> for name, weighting, value in (("a", 1.0, 0.0), ("b", 3.0, 4.0)):
+        ...     wire.encode([np.full(2, value, np.float32)], weighting, folder / name)
+        ...     uploads.append((name, name, folder / name, weighting))
+        >>> running = RunningSum()
+        >>> running.sync(uploads)
+        >>> _ = running.write(folder / "mean.npz")
+        >>> wire.decode(folder / "mean.npz").layers[0].tolist()
+        [3.0, 3.0]
+    """
+
+    def __init__(self) -> None:
+        self.members: dict[str, str] = {}  # leaf id -> file id, in fold order
+        self.specs: list[LayerSpec] | None = None
+        self._paths: dict[str, Path] = {}
+        self._shares: list[float] = []
+        self._reference: int | None = None  # e of the 2^e the weightings are divided by
+        self._layers: list[np.ndarray] | None = None  # None while it holds at most one upload
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def sync(self, uploads: Sequence[tuple[str, str, str | os.PathLike, float]]) -> None:
+        """Hold exactly ``uploads`` ``(leaf_id, file_id, path, weighting)`` (a round's, in commit order).
+
+        Raises:
+            AggregationError: an upload cannot be read or does not match the others' layers; the
+                sum is then empty, and the next call starts from the files again.
+        """
+        wanted = {leaf: file_id for leaf, file_id, _, _ in uploads}
+        if any(wanted.get(leaf) != file_id for leaf, file_id in self.members.items()):
+            self.reset()  # a held upload was replaced or dropped: start again from the files
+        try:
+            for leaf, file_id, path, weighting in uploads:
+                if leaf not in self.members:
+                    self._add(leaf, file_id, Path(path), wire.check_weighting(weighting))
+        except BaseException:
+            self.reset()
+            raise
+
+    def _add(self, leaf: str, file_id: str, path: Path, weighting: float) -> None:
+        if self._reference is None:
+            self._reference = math.frexp(weighting)[1]
+            self.specs = _archive_specs(path)
+        elif self._layers is None:  # the second upload: the first is folded now, not before
+            self._layers = [np.zeros(spec.shape, _accumulator_dtype(spec)) for spec in self.specs or ()]
+            first_leaf = next(iter(self.members))
+            self._fold(self._paths[first_leaf], self._shares[0])
+        share = math.ldexp(weighting, -self._reference)
+        if self._layers is not None:
+            self._fold(path, share)
+        self.members[leaf] = file_id
+        self._paths[leaf] = path
+        self._shares.append(share)
+
+    def _fold(self, path: Path, share: float) -> None:
+        assert self._layers is not None and self.specs is not None
+        with zipfile.ZipFile(path) as zf:
+            for index, (spec, total) in enumerate(zip(self.specs, self._layers)):
+                try:
+                    got, fortran_order, pieces = wire.layer_pieces(zf, index, FOLD_PIECE_BYTES)
+                    if got != spec:
+                        raise AggregationError(f"{path.name}: {wire.layer_key(index)}: expected {spec}, holds {got}.")
+                    if fortran_order:  # rare (a transposed array): read it whole, numpy handles the layout
+                        pieces.close()
+                        total += np.multiply(wire.read_layer(zf, index), share, dtype=total.dtype)
+                        continue
+                    flat = total.reshape(-1)
+                    scratch = np.empty(min(flat.size, FOLD_PIECE_BYTES // max(spec.dtype.itemsize, 1)), total.dtype)
+                    start = 0
+                    for piece in pieces:
+                        step = scratch[:piece.size]
+                        np.multiply(piece, share, out=step, dtype=total.dtype)
+                        flat[start:start + piece.size] += step
+                        start += piece.size
+                except ArchiveError as exc:
+                    raise AggregationError(f"{path.name}: {exc}") from exc
+
+    def write(self, destination: str | os.PathLike) -> tuple[int, str]:
+        """Write the mean as an uncompressed archive (the uploads' dtypes); return its size and SHA-256.
+
+        Each layer is checked finite. The sum is left as it was, so a second call writes the same bytes.
+
+        Raises:
+            AggregationError: nothing to write, or a layer of the mean is not finite.
+        """
+        if self._reference is None or self.specs is None:
+            raise AggregationError("A round with no uploads cannot be aggregated.")
+        with open(destination, "wb") as handle:
+            hashing = _HashingWriter(handle)
+            writer = wire.ArchiveWriter(hashing)
+            for index, layer in enumerate(self._mean_layers()):
+                try:
+                    wire.check_finite([layer], [wire.layer_key(index)])
+                except ArchiveError as exc:
+                    raise AggregationError(f"The aggregate is not finite: {exc}") from exc
+                writer.add(wire.layer_key(index), layer)
+                start_writeback(handle.fileno())
+                del layer
+            writer.close()
+            handle.flush()
+            os.fsync(handle.fileno())
+        return hashing.size, hashing.sha256.hexdigest()
+
+    def _mean_layers(self) -> Iterator[np.ndarray]:
+        if self._layers is None:  # one upload: the mean is that upload, exactly
+            [path] = self._paths.values()
+            with zipfile.ZipFile(path) as zf:
+                for index in range(len(self.specs or ())):
+                    try:
+                        yield np.ascontiguousarray(wire.read_layer(zf, index))  # C order, as a mean's layers
+                    except ArchiveError as exc:
+                        raise AggregationError(f"{path.name}: {exc}") from exc
+            return
+        divisor = math.fsum(self._shares)
+        for spec, total in zip(self.specs or (), self._layers):
+            out = np.empty(spec.shape, spec.dtype)
+            flat, target = total.reshape(-1), out.reshape(-1)
+            step = max(1, FOLD_PIECE_BYTES // 8)
+            scratch = np.empty(min(step, flat.size), total.dtype)
+            for start in range(0, flat.size, step):
+                piece = scratch[:min(step, flat.size - start)]
+                np.divide(flat[start:start + piece.size], divisor, out=piece)
+                if spec.dtype.kind in "biu":
+                    np.rint(piece, out=piece)
+                target[start:start + piece.size] = piece.real if spec.dtype.kind in "biuf" else piece
+            yield out
+
+
+def _accumulator_dtype(spec: LayerSpec) -> type:
+    return np.complex128 if spec.dtype.kind == "c" else np.float64
+
+
+def _archive_specs(path: Path) -> list[LayerSpec]:
+    """The layer specs of a stored upload, from its headers only."""
+    specs = []
+    with zipfile.ZipFile(path) as zf:
+        for index in range(sum(1 for name in zf.namelist() if name.startswith("layer_"))):
+            try:
+                spec, _, pieces = wire.layer_pieces(zf, index, 1)
+            except ArchiveError as exc:
+                raise AggregationError(f"{path.name}: {exc}") from exc
+            pieces.close()
+            specs.append(spec)
+    return specs
+
+
 def aggregate_files(
     uploads: Sequence[tuple[str | os.PathLike, float]],
     specs: Sequence[LayerSpec],
@@ -183,5 +357,5 @@ class _HashingWriter:
 
 __all__ = [
     "LayerReader", "NpzLayerReader", "Strategy", "FedAvg", "STRATEGIES",
-    "get_strategy", "aggregate_files", "cast_like",
+    "get_strategy", "aggregate_files", "cast_like", "RunningSum", "FOLD_PIECE_BYTES",
 ]

@@ -55,6 +55,8 @@ from .notify import Notifier
 from .routes import add_leaf_routes
 from .state import (
     DEFAULT_DOWNLOAD_TTL_S,
+    DEFAULT_KEEP_ROUNDS,
+    DEFAULT_MAX_COMPRESSION_RATIO,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_TICKET_TTL_S,
     SERVER,
@@ -77,6 +79,9 @@ def create_app(
     ticket_ttl_s: int = DEFAULT_TICKET_TTL_S,
     deadline_check_interval_s: float = 1.0,
     workers: int = 8,
+    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO,
+    keep_uploads: bool = False,
+    keep_rounds: int = DEFAULT_KEEP_ROUNDS,
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     upload_idle_timeout_s: float = DEFAULT_UPLOAD_IDLE_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -96,7 +101,8 @@ def create_app(
         ['/admin/v1/branches', '/admin/v1/branches/{branch_id}']
     """
     config = ServerConfig(public_url, max_upload_bytes, max_members, max_total_bytes, download_ttl_s,
-                          ticket_ttl_s, deadline_check_interval_s)
+                          ticket_ttl_s, deadline_check_interval_s, max_compression_ratio=max_compression_ratio,
+                          keep_uploads=keep_uploads, keep_rounds=keep_rounds)
     if amqp_url is not None and not amqp_url.startswith(("amqp://", "amqps://")):
         raise ValueError(f"Expected amqp_url like 'amqp://user:pass@host:5672/'. Received a value starting {amqp_url[:8]!r}")
     limits = ConnectionLimits(header_timeout_s, upload_idle_timeout_s, max_connections, max_connections_per_leaf,

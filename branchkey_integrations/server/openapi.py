@@ -109,6 +109,7 @@ SCHEMAS: dict[str, Schema] = {
                                "name_prefix": {"type": "string", "minLength": 1}}),
     "RunRequest": _obj({"run_status": {"enum": list(RUN_STATUSES)}}),
     "RunState": _obj({"branch_id": _STR, "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
+    "DroppedUploads": _obj({"run_number": _INT, "round_index": _INT, "dropped": {"type": "array", "items": _STR}}),
 }
 
 
@@ -121,7 +122,7 @@ def _list_of(key: str, item: Schema) -> Schema:
 _ERRORS = {
     400: "malformed request (the text names the problem and the fix)", 401: "missing or wrong credentials",
     403: "not this caller's branch or file", 404: "no such record", 409: "the run or round does not take it now",
-    413: "larger than the server accepts",
+    410: "removed by the server's retention (serve --keep-rounds, --keep-uploads)", 413: "larger than the server accepts",
 }
 
 
@@ -171,11 +172,11 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
             body=upload_body, multipart=True, headers=(FILE_SIZE_HEADER, FILE_DIGEST_HEADER),
             description="Counted in the branch's open round; run_number and round_index (branchkey-local) name it. "
                         "A refused body (400, 413) is shown to the branch's leaves by the round route.")},
-        DOWNLOAD_PATH: {"get": leaf("Download URL", ok=(200, _ref("DownloadUrl")), errors=(400, 401, 403, 404),
+        DOWNLOAD_PATH: {"get": leaf("Download URL", ok=(200, _ref("DownloadUrl")), errors=(400, 401, 403, 404, 410),
                                     params=("file_id",))},
         BLOB_PATH: {"get": _operation(
             "Download blob", tag="leaf", security=None, ok=(200, {"type": "string", "format": "binary"}), wrapped=False,
-            errors=(400, 403, 404), params=("file_id",), query=("expires", "signature"),
+            errors=(400, 403, 404, 410), params=("file_id",), query=("expires", "signature"),
             content_type="application/octet-stream", description="The signed, expiring URL a download answers.")},
         METRICS_PATH: {"post": leaf("Send metrics", ok=(201, _ref("Created")), errors=(400, 401, 403),
                                     body=_ref("MetricsRequest"))},
@@ -224,6 +225,16 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
         branch + "/run": {"post": admin("Set run status", ok=(200, _ref("RunState")), errors=found,
                                         params=("branch_id",), body=_ref("RunRequest"))},
         branch + "/rounds": {"get": listing("rounds", "rounds")},
+        branch + "/rounds/open/uploads/{leaf}": {"delete": admin(
+            "Drop upload", ok=(200, _ref("DroppedUploads")), errors=found, params=("branch_id", "leaf"),
+            body=_obj({}, {"note": _STR}),
+            description="Drops one leaf's upload (leaf id or name) from the open round; the leaf sees the note in "
+                        "the round's progress and may upload again, with another layout if it is the only one.")},
+        branch + "/rounds/open/reset": {"post": admin(
+            "Reset open round", ok=(200, _ref("DroppedUploads")), errors=found, params=("branch_id",),
+            body=_obj({}, {"note": _STR}),
+            description="Drops every upload of the open round (same round number); the leaves see the note in "
+                        "the round's progress.")},
         branch + "/uploads": {"get": listing("uploads", "uploads")},
         branch + "/aggregates": {"get": listing("aggregates", "aggregates")},
         branch + "/metrics": {"get": listing("metrics", "metrics")},

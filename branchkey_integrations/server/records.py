@@ -77,6 +77,7 @@ class FileRecord:
     specs: str
     metadata: str | None
     created_at: str
+    removed_at: str | None = None  # set when retention deleted the file (the row stays)
 
     @property
     def layer_specs(self) -> list[LayerSpec]:

@@ -1,10 +1,20 @@
 """The round state machine of branchkey-local: accept uploads, aggregate, move the run along.
 
-An upload that passed :mod:`~branchkey_integrations.server.uploads` is, under its branch's
-``asyncio.Lock``, checked against the round's layer layout and committed to the store (the
-caller answers 201 after that). When the open round holds ``min_leaves`` uploads (default:
-every leaf), or its round deadline passes with at least one upload, it is aggregated in a
-worker thread, the next round opens, and every leaf of the branch is notified. A run status
+An upload that passed :mod:`~branchkey_integrations.server.uploads` is checked (values finite,
+weighting) and its memory map released *before* it waits for its branch's ``asyncio.Lock``; under
+the lock it is checked against the round's layer layout (:meth:`Store.expected_layout`: from the
+second round of a run the previous aggregate's; in the first round the other leaves'; a leaf
+whose upload is the only one may replace it with another) and committed to the store (the caller
+answers 201 after that). It is then folded into the round's running FedAvg
+(:class:`~branchkey_integrations.server.aggregation.RunningSum`) outside the branch lock, one fold at
+a time per branch. When the open round holds ``min_leaves`` uploads (default: every leaf), or its
+round deadline passes with at least one upload, the running sum is brought up to the committed
+uploads and written as the aggregate (O(model) however many leaves), the next round opens, every
+leaf of the branch is notified, and retention removes the round's uploads (``keep_uploads``) and
+aggregates beyond the latest ``keep_rounds``. An operator may drop one leaf's upload or reset the
+open round (:meth:`Rounds.drop_uploads`); the leaves concerned see why in the round's progress
+(``GET`` ROUND_PATH: their entry in ``refused``), as no notification of the official protocol
+can say it. A run status
 change (start, pause, stop; semantics in :mod:`~branchkey_integrations.server.store`) is
 applied under the same lock and announced. On start, rounds that were complete when the server
 died are aggregated before the server listens. An aggregation that fails (disk full, I/O error)
@@ -35,8 +45,8 @@ from ..core.errors import (
     LocalServerError,
     RunNotStartedError,
 )
-from ..core.protocol import START, aggregation_message, run_status_message
-from .aggregation import aggregate_files
+from ..core.protocol import START, STOP, aggregation_message, run_status_message
+from .aggregation import RunningSum, aggregate_files
 from .notify import Notifier
 from .records import Branch, Leaf, UploadInput
 from .store import Store
@@ -75,12 +85,17 @@ class Rounds:
         deadline_check_interval_s: how often :meth:`deadline_loop` looks for overdue rounds.
     """
 
-    def __init__(self, store: Store, notifier: Notifier, workers: Workers, *, deadline_check_interval_s: float) -> None:
+    def __init__(self, store: Store, notifier: Notifier, workers: Workers, *, deadline_check_interval_s: float,
+                 keep_uploads: bool = False, keep_rounds: int = 0) -> None:
         self.store = store
         self.notifier = notifier
         self.workers = workers
         self.deadline_check_interval_s = deadline_check_interval_s
+        self.keep_uploads = keep_uploads
+        self.keep_rounds = keep_rounds
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._fold_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._sums: dict[str, tuple[tuple[int, int], RunningSum]] = {}  # branch -> (run, round), its running sum
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # branch -> failed attempts, next try
 
     def lock(self, branch_id: str) -> asyncio.Lock:
@@ -105,19 +120,26 @@ class Rounds:
             InvalidValueError: the archive does not fit the round's layer layout.
         """
         blocking = self.workers.blocking
+        specs, weighting = archive.specs, float(archive.weighting or 0)
+        try:
+            await blocking(wire.validate_upload, archive, None)  # values and weighting: before waiting
+        except ArchiveError as exc:
+            raise InvalidValueError(f"Upload rejected: {exc}") from exc
+        finally:
+            archive.layers.clear()  # they view a memory map of the upload: unmap it before waiting for the lock
         async with self.lock(leaf.branch_id):
             branch = await blocking(self.store.require_branch, leaf.branch_id)
             current = await blocking(self.store.open_round, branch.id)
             if branch.run_status != START or current is None:
                 raise RunNotStartedError(run_blocked_message(branch))
-            expected = await blocking(self.store.expected_specs, branch.id, current.run_number, current.round_index)
-            specs, weighting = archive.specs, float(archive.weighting or 0)
-            try:
-                await blocking(wire.validate_upload, archive, expected)
-            except ArchiveError as exc:
-                raise InvalidValueError(f"Upload rejected: {exc}") from exc
-            finally:
-                archive.layers.clear()  # they may view a memory map of the upload: unmap it before the rename
+            layout = await blocking(self.store.expected_layout, branch.id, current.run_number, current.round_index,
+                                    leaf.id)
+            problem = wire.spec_mismatch(layout[0], specs) if layout else None
+            if layout and problem:
+                raise InvalidValueError(
+                    f"Upload rejected: its layers do not match this round's ({problem}); run {current.run_number} "
+                    f"round {current.round_index} takes the layers of {layout[1]}. Every leaf of a branch must "
+                    f"send the same model (architecture, frozen layers, buffers option).")
             file_id, replaced = await blocking(
                 self.store.commit_upload, path, leaf=leaf, run_number=current.run_number,
                 round_index=current.round_index, weighting=weighting, specs=specs,
@@ -127,7 +149,7 @@ class Rounds:
                     current.run_number, current.round_index)
         if replaced:
             self.workers.spawn(blocking(self.store.remove_files, replaced))
-        self.workers.spawn(self.aggregate_if_ready(branch.id))
+        self.workers.spawn(self._fold_then_aggregate(branch.id))
         return AcceptedUpload(file_id, current.run_number, current.round_index)
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
@@ -148,9 +170,15 @@ class Rounds:
             temp = self.store.new_temp_path()
             specs = uploads[0].specs
             try:
-                size, digest = await blocking(
-                    aggregate_files, [(u.path, u.weighting) for u in uploads], specs, temp, branch.algorithm
-                )
+                if branch.algorithm == "fedavg":  # the running sum: what is left is O(model)
+                    async with self._fold_locks[branch_id]:
+                        running = self._running_sum(branch_id, run_number, round_index)
+                        await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads])
+                        size, digest = await blocking(running.write, temp)
+                else:
+                    size, digest = await blocking(
+                        aggregate_files, [(u.path, u.weighting) for u in uploads], specs, temp, branch.algorithm
+                    )
                 aggregate_id = await blocking(
                     self.store.commit_aggregate, temp, branch_id=branch_id, run_number=run_number,
                     round_index=round_index, specs=specs, size=size, sha256=digest,
@@ -161,12 +189,14 @@ class Rounds:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     temp.unlink()
+            self._sums.pop(branch_id, None)
             failed, retry = self._retries.pop(branch_id, (0, None))
             if retry is not None:
                 retry.cancel()
                 logger.info("branch %s run %d round %d aggregated after %d failed attempt(s)", branch_id, run_number,
                             round_index, failed)
         await self.notifier.publish(branch.tree_id, branch_id, aggregation_message(aggregate_id, run_number, round_index))
+        await self.apply_retention(branch_id)
         return aggregate_id
 
     def _retry_aggregation(self, branch_id: str, deadline: bool, problem: str) -> None:
@@ -188,6 +218,70 @@ class Rounds:
         for _, handle in self._retries.values():
             handle.cancel()
         self._retries.clear()
+
+    def _running_sum(self, branch_id: str, run_number: int, round_index: int) -> RunningSum:
+        """The running sum of the branch's round (run_number, round_index); a new one when the round changed."""
+        key, running = self._sums.get(branch_id, ((-1, -1), None))
+        if running is None or key != (run_number, round_index):
+            running = RunningSum()
+            self._sums[branch_id] = ((run_number, round_index), running)
+        return running
+
+    async def _fold_then_aggregate(self, branch_id: str) -> None:
+        """Fold the open round's new uploads into its running sum (outside the branch lock, so
+        receipt goes on), then aggregate if the round is complete."""
+        await self.fold(branch_id)
+        await self.aggregate_if_ready(branch_id)
+
+    async def fold(self, branch_id: str) -> None:
+        """Bring the running sum of the branch's open round up to its committed uploads.
+
+        A failure (an upload replaced and removed while it was read) only empties the sum: the
+        aggregation syncs again from the committed uploads, so it is logged at INFO.
+        """
+        blocking = self.workers.blocking
+        async with self._fold_locks[branch_id]:
+            current = await blocking(self.store.open_round, branch_id)
+            if current is None:
+                self._sums.pop(branch_id, None)
+                return
+            uploads = await blocking(self.store.round_uploads, branch_id, current.run_number, current.round_index)
+            running = self._running_sum(branch_id, current.run_number, current.round_index)
+            try:
+                await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads])
+            except (AggregationError, OSError) as exc:
+                logger.info("folding branch %s run %d round %d deferred to its aggregation: %s", branch_id,
+                            current.run_number, current.round_index, exc)
+
+    async def apply_retention(self, branch_id: str) -> None:
+        """Remove what retention drops (uploads of closed rounds, aggregates beyond ``keep_rounds``)."""
+        try:
+            paths = await self.workers.blocking(self.store.prune, branch_id, keep_uploads=self.keep_uploads,
+                                                keep_rounds=self.keep_rounds)
+            await self.workers.blocking(self.store.remove_files, paths)
+        except (LocalServerError, OSError) as exc:  # retention must never fail a round; next time it tries again
+            logger.error("retention for branch %s failed: %s", branch_id, exc)
+
+    async def drop_uploads(self, branch_id: str, leaf_ref: str | None, *, note: str = "") -> dict[str, object]:
+        """Drop one leaf's upload (``leaf_ref``: id or name) or, with None, reset the open round (drop all).
+
+        The leaves concerned find the reason in the round's progress (``refused``). Returns
+        ``{"run_number", "round_index", "dropped": [leaf names]}``.
+
+        Raises:
+            RecordNotFoundError: no such branch, no open round, or the leaf has no upload in it.
+        """
+        what = "reset the open round" if leaf_ref is None else "dropped this upload"
+        reason = f"The server's operator {what}{': ' + note if note else ''}; upload again."
+        async with self.lock(branch_id):
+            async with self._fold_locks[branch_id]:
+                run_number, round_index, names, paths = await self.workers.blocking(
+                    self.store.drop_uploads, branch_id, leaf_ref, reason)
+                self._sums.pop(branch_id, None)
+        await self.workers.blocking(self.store.remove_files, paths)
+        logger.warning("branch %s run %d round %d: the operator %s (%s)", branch_id, run_number, round_index, what,
+                       ", ".join(names) or "no uploads")
+        return {"run_number": run_number, "round_index": round_index, "dropped": names}
 
     def _aggregation_plan(self, branch_id: str, deadline: bool) -> tuple[Branch, int, int, list[UploadInput]] | None:
         """What to aggregate now, or None. Runs in a worker thread (several queries)."""
@@ -219,6 +313,9 @@ class Rounds:
         await self.notifier.publish(branch.tree_id, branch.id, run_status_message(status))
         if status == START:
             self.workers.spawn(self.aggregate_if_ready(branch.id))
+        elif status == STOP:
+            self._sums.pop(branch.id, None)
+            await self.apply_retention(branch.id)  # the abandoned round's uploads
         return branch
 
     async def recover(self) -> None:
@@ -226,12 +323,15 @@ class Rounds:
         await self.workers.blocking(self.store.cleanup_stray_files)
         for branch in await self.workers.blocking(self.store.list_branches):
             try:
+                await self.apply_retention(branch.id)  # a crash may have come between an aggregate and its retention
                 aggregate_id = await self.aggregate_if_ready(branch.id)
             except Exception:  # one broken branch must not keep the server from starting
                 logger.exception("recovering branch %s failed; it stays as it was", branch.id)
                 continue
             if aggregate_id:
                 logger.info("recovered a complete round of branch %s as aggregate %s", branch.id, aggregate_id)
+            else:
+                self.workers.spawn(self.fold(branch.id))  # the running sum of an open round, again from its files
 
     async def deadline_loop(self) -> None:
         """Aggregate rounds whose deadline passed, checked every ``deadline_check_interval_s``."""

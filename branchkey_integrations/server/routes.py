@@ -38,7 +38,7 @@ from .httpio import HttpProblem, check_file_id, ok, read_json_object
 from .presence import presence_of
 from .openapi import add_openapi_route
 from .progress import round_progress
-from .records import Leaf
+from .records import FileRecord, Leaf
 from .state import Server, server_of
 from .uploads import decode_upload, receive_upload, storage_errors
 
@@ -48,6 +48,17 @@ logger = logging.getLogger(__name__)
 def require_own_branch(leaf: Leaf, branch_id: str) -> None:
     if branch_id != leaf.branch_id:
         raise HttpProblem(403, f"Leaf {leaf.id} belongs to branch {leaf.branch_id}, not {branch_id[:80]!r}.")
+
+
+def check_not_removed(record: FileRecord) -> None:
+    """410 for a file that retention removed (its row stays, so the answer can say what it was)."""
+    if record.removed_at:
+        what = "aggregate" if record.kind == "aggregate" else "upload"
+        raise HttpProblem(410, (
+            f"File {record.id} (the {what} of run {record.run_number} round {record.round_index}) was removed by the "
+            f"server's retention at {record.removed_at}: it keeps uploads until their round is aggregated "
+            "(serve --keep-uploads keeps them) and the aggregates of the latest rounds (serve --keep-rounds N). "
+            f"The branch's latest aggregate is in GET {ROUND_PATH}."))
 
 
 async def run_details(request: web.Request) -> web.Response:
@@ -139,6 +150,7 @@ async def download_file(request: web.Request) -> web.Response:
         raise HttpProblem(404, f"No file {file_id} in branch {leaf.branch_id}; expected an aggregation id or your own upload id.")
     if record.kind == "upload" and record.leaf_id != leaf.id:
         raise HttpProblem(403, f"File {file_id} is another leaf's upload; a leaf may download aggregates and its own uploads.")
+    check_not_removed(record)
     if record.kind == "aggregate":  # the leaf has this result: no catch-up will send it again
         await server.blocking(server.store.acknowledge, leaf.id, file_id)
     expires = int(time.time()) + server.config.download_ttl_s
@@ -154,6 +166,7 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     record = await server.blocking(server.store.get_file, file_id)
     if record is None:
         raise HttpProblem(404, f"No file {file_id}.")
+    check_not_removed(record)
     return web.FileResponse(
         server.store.file_path(record),
         headers={"Content-Type": "application/octet-stream",

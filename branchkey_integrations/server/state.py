@@ -28,6 +28,10 @@ T = TypeVar("T")
 DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 DEFAULT_DOWNLOAD_TTL_S = 15 * 60
 DEFAULT_TICKET_TTL_S = 60
+#: an archive may inflate to at most this many times its compressed size (past wire's 64 MiB floor)
+DEFAULT_MAX_COMPRESSION_RATIO = 100.0
+#: aggregates of this many latest rounds per branch stay on disk (0: all); the latest always does
+DEFAULT_KEEP_ROUNDS = 5
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class ServerConfig:
     download_ttl_s: int = DEFAULT_DOWNLOAD_TTL_S
     ticket_ttl_s: int = DEFAULT_TICKET_TTL_S
     deadline_check_interval_s: float = 1.0
+    max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO
+    keep_uploads: bool = False
+    keep_rounds: int = DEFAULT_KEEP_ROUNDS
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_members", "max_total_bytes", "download_ttl_s", "ticket_ttl_s"):
@@ -51,12 +58,18 @@ class ServerConfig:
             raise ValueError(
                 f"Expected deadline_check_interval_s in (0, 60]. Received: {self.deadline_check_interval_s!r}"
             )
+        ratio = self.max_compression_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 <= ratio < float("inf"):
+            raise ValueError(f"Expected max_compression_ratio to be a number >= 1. Received: {ratio!r}")
+        if isinstance(self.keep_rounds, bool) or not isinstance(self.keep_rounds, int) or self.keep_rounds < 0:
+            raise ValueError(f"Expected keep_rounds to be an integer >= 0 (0 keeps all). Received: {self.keep_rounds!r}")
         if self.public_url is not None and not re.match(r"https?://[^/]+", self.public_url):
             raise ValueError(f"Expected public_url like 'http://host:port'. Received: public_url={self.public_url!r}")
 
     @property
     def upload_limits(self) -> UploadLimits:
-        return UploadLimits(self.max_upload_bytes, self.max_members, self.max_total_bytes)
+        return UploadLimits(self.max_upload_bytes, self.max_members, self.max_total_bytes,
+                            float(self.max_compression_ratio))
 
 
 class Server:
@@ -68,7 +81,8 @@ class Server:
         self.config = config
         self.workers = Workers(executor)
         self.auth = Auth(store, self.workers, ticket_ttl_s=config.ticket_ttl_s)
-        self.rounds = Rounds(store, notifier, self.workers, deadline_check_interval_s=config.deadline_check_interval_s)
+        self.rounds = Rounds(store, notifier, self.workers, deadline_check_interval_s=config.deadline_check_interval_s,
+                             keep_uploads=config.keep_uploads, keep_rounds=config.keep_rounds)
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (SQLite, archives, aggregation) in a worker thread."""
@@ -84,5 +98,5 @@ def server_of(request: web.Request) -> Server:
 
 __all__ = [
     "ServerConfig", "Server", "SERVER", "server_of", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_DOWNLOAD_TTL_S",
-    "DEFAULT_TICKET_TTL_S",
+    "DEFAULT_TICKET_TTL_S", "DEFAULT_MAX_COMPRESSION_RATIO", "DEFAULT_KEEP_ROUNDS",
 ]

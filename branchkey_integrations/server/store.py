@@ -142,6 +142,8 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
+        if "removed_at" not in {row[1] for row in self._conn.execute("PRAGMA table_info(files)")}:
+            self._conn.execute("ALTER TABLE files ADD COLUMN removed_at TEXT")  # stores made before retention
         self._secret = bytes.fromhex(self._kv_setdefault("secret", secrets.token_hex(32)))
         self.admin_token = self._kv_setdefault("admin_token", secrets.token_urlsafe(32))
         self.owner_id = self._kv_setdefault("owner_id", new_id())
@@ -334,18 +336,34 @@ class Store:
             for r in rows
         ]
 
-    def expected_specs(self, branch_id: str, run_number: int, round_index: int) -> list[LayerSpec] | None:
-        """Layout an upload must match: the round's uploads, else this run's latest aggregate, else any."""
+    def expected_specs(self, branch_id: str, run_number: int, round_index: int,
+                       leaf_id: str | None = None) -> list[LayerSpec] | None:
+        """Layout an upload of ``leaf_id`` must match (see :meth:`expected_layout`), or None: any."""
+        layout = self.expected_layout(branch_id, run_number, round_index, leaf_id)
+        return layout[0] if layout else None
+
+    def expected_layout(self, branch_id: str, run_number: int, round_index: int,
+                        leaf_id: str | None = None) -> tuple[list[LayerSpec], str] | None:
+        """The layout an upload must match and what fixed it, or None when any layout is welcome.
+
+        From the second round of a run, the previous aggregate's; in a run's first round, that of
+        the other leaves' uploads (so a leaf whose upload is the only one may replace it with
+        another layout); the first upload of a run's first round sets it.
+        """
         rows = self._query(
-            "SELECT f.specs FROM uploads u JOIN files f ON f.id = u.file_id"
-            " WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ? LIMIT 1",
+            "SELECT specs, round_index FROM files WHERE branch_id = ? AND run_number = ? AND kind = 'aggregate'"
+            " AND round_index < ? ORDER BY round_index DESC LIMIT 1",
             (branch_id, run_number, round_index),
-        ) or self._query(
-            "SELECT specs FROM files WHERE branch_id = ? AND run_number = ? AND kind = 'aggregate'"
-            " ORDER BY round_index DESC LIMIT 1",
-            (branch_id, run_number),
         )
-        return specs_from_json(rows[0][0]) if rows else None
+        if rows:
+            return specs_from_json(rows[0][0]), f"the aggregate of round {rows[0][1]} of this run"
+        rows = self._query(
+            "SELECT f.specs, l.name FROM uploads u JOIN files f ON f.id = u.file_id JOIN leaves l ON l.id = u.leaf_id"
+            " WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ? AND u.leaf_id IS NOT ?"
+            " ORDER BY u.uploaded_at LIMIT 1",
+            (branch_id, run_number, round_index, leaf_id),
+        )
+        return (specs_from_json(rows[0][0]), f"the upload of {rows[0][1]} in this round") if rows else None
 
     def rounds_past_deadline(self, now: float | None = None) -> list[str]:
         """Branch ids whose open round has uploads and a first upload older than the deadline."""
@@ -436,7 +454,8 @@ class Store:
                     " AND run_number = ? AND round_index = ? AND leaf_id = ?)",
                     (leaf.branch_id, run_number, round_index, leaf.id))
                 conn.execute(
-                    "INSERT INTO files VALUES (?, 'upload', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO files (id, kind, branch_id, leaf_id, run_number, round_index, path, size, sha256, specs, metadata,"
+                    " created_at) VALUES (?, 'upload', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (file_id, leaf.branch_id, leaf.id, run_number, round_index, relative, size, sha256,
                      specs_to_json(specs), metadata, stamp),
                 )
@@ -482,7 +501,8 @@ class Store:
         try:
             with self._tx() as conn:
                 conn.execute(
-                    "INSERT INTO files VALUES (?, 'aggregate', ?, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                    "INSERT INTO files (id, kind, branch_id, leaf_id, run_number, round_index, path, size, sha256, specs, metadata,"
+                    " created_at) VALUES (?, 'aggregate', ?, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)",
                     (file_id, branch_id, run_number, round_index, relative, size, digest, specs_to_json(specs), stamp),
                 )
                 updated = conn.execute(
@@ -509,8 +529,8 @@ class Store:
 
     def list_files(self, branch_id: str, kind: str) -> list[dict[str, Any]]:
         rows = self._query(
-            "SELECT id, kind, leaf_id, run_number, round_index, size, sha256, metadata, created_at FROM files"
-            " WHERE branch_id = ? AND kind = ? ORDER BY created_at", (branch_id, kind),
+            "SELECT id, kind, leaf_id, run_number, round_index, size, sha256, metadata, created_at, removed_at"
+            " FROM files WHERE branch_id = ? AND kind = ? ORDER BY created_at", (branch_id, kind),
         )
         return [dict(row) for row in rows]
 
@@ -534,7 +554,7 @@ class Store:
 
     def cleanup_stray_files(self) -> int:
         """Delete temp files and files without a row (a crash before commit); call only with no server running."""
-        known = {row[0] for row in self._query("SELECT path FROM files")}
+        known = {row[0] for row in self._query("SELECT path FROM files WHERE removed_at IS NULL")}
         removed = 0
         for entry in self.files_dir.iterdir():
             relative = f"{FILES_DIR}/{entry.name}"
@@ -544,6 +564,93 @@ class Store:
         if removed:
             logger.info("removed %d stray file(s) left by an interrupted write", removed)
         return removed
+
+    # -- retention and operator actions -------------------------------------------------
+
+    def prune(self, branch_id: str, *, keep_uploads: bool, keep_rounds: int) -> list[Path]:
+        """Mark removed what retention drops; return those files for the caller to unlink after the commit.
+
+        Uploads of rounds no longer open (aggregated or abandoned) go unless ``keep_uploads``;
+        aggregates beyond the latest ``keep_rounds`` of the branch go (0 keeps all; the latest
+        always stays). Rows stay (listings, layouts, a 410 for a removed download); a crash
+        before the unlink leaves files whose rows say removed, which start-up cleanup deletes.
+        """
+        with self._tx() as conn:
+            doomed: list[tuple[str, str]] = []
+            if not keep_uploads:
+                doomed += conn.execute(
+                    "SELECT f.id, f.path FROM files f JOIN rounds r ON r.branch_id = f.branch_id"
+                    " AND r.run_number = f.run_number AND r.round_index = f.round_index"
+                    " WHERE f.branch_id = ? AND f.kind = 'upload' AND f.removed_at IS NULL AND r.status != 'open'",
+                    (branch_id,)).fetchall()
+            if keep_rounds > 0:
+                doomed += conn.execute(
+                    "SELECT id, path FROM files WHERE branch_id = ? AND kind = 'aggregate' AND removed_at IS NULL"
+                    " AND id NOT IN (SELECT id FROM files WHERE branch_id = ? AND kind = 'aggregate'"
+                    " ORDER BY run_number DESC, round_index DESC LIMIT ?)",
+                    (branch_id, branch_id, keep_rounds)).fetchall()
+            stamp = now_iso()
+            conn.executemany("UPDATE files SET removed_at = ? WHERE id = ?", [(stamp, row[0]) for row in doomed])
+        if doomed:
+            logger.info("branch %s: retention removes %d file(s)", branch_id, len(doomed))
+        return [self.data_dir / row[1] for row in doomed]
+
+    def drop_uploads(self, branch_id: str, leaf_ref: str | None, reason: str) -> tuple[int, int, list[str], list[Path]]:
+        """Drop one leaf's upload (``leaf_ref``: its id or name) or, with None, every upload of the open round.
+
+        The dropped uploads no longer count (their rows go, the round's deadline clock restarts
+        when it is left empty) and each leaf concerned gets ``reason`` as its refusal in the round's
+        progress. Returns (run_number, round_index, the leaves' names, the files to unlink).
+
+        Raises:
+            RecordNotFoundError: no such branch or leaf, no open round, or the leaf has no upload in it.
+        """
+        with self._tx() as conn:
+            current = conn.execute(
+                "SELECT r.run_number, r.round_index FROM rounds r JOIN branches b ON b.id = r.branch_id"
+                " AND b.run_number = r.run_number WHERE r.branch_id = ? AND r.status = 'open'"
+                " ORDER BY r.round_index DESC LIMIT 1", (branch_id,)).fetchone()
+            if current is None:
+                self.require_branch(branch_id)
+                raise RecordNotFoundError(f"Branch {branch_id} has no open round (its run is stopped).")
+            run_number, round_index = current
+            sql = ("SELECT u.leaf_id, l.name, u.file_id, f.path FROM uploads u JOIN leaves l ON l.id = u.leaf_id"
+                   " JOIN files f ON f.id = u.file_id WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ?")
+            params: tuple[Any, ...] = (branch_id, run_number, round_index)
+            if leaf_ref is not None:
+                sql, params = sql + " AND (l.id = ? OR l.name = ?)", params + (leaf_ref, leaf_ref)
+            rows = conn.execute(sql, params).fetchall()
+            if leaf_ref is not None and not rows:
+                raise RecordNotFoundError(
+                    f"Leaf {leaf_ref[:80]!r} has no upload in the open round (run {run_number} round {round_index}) "
+                    f"of branch {branch_id}; 'branchkey-local status' lists the round's uploads.")
+            stamp = now_iso()
+            for leaf_id, _, file_id, _ in rows:
+                conn.execute("DELETE FROM uploads WHERE branch_id = ? AND run_number = ? AND round_index = ?"
+                             " AND leaf_id = ?", (branch_id, run_number, round_index, leaf_id))
+                conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
+                conn.execute("INSERT OR REPLACE INTO refusals VALUES (?, ?, ?, ?, ?, ?)",
+                             (branch_id, run_number, round_index, leaf_id, reason[:2000], stamp))
+            conn.execute(
+                "UPDATE rounds SET first_upload_at = NULL WHERE branch_id = ? AND run_number = ? AND round_index = ?"
+                " AND NOT EXISTS (SELECT 1 FROM uploads WHERE branch_id = ? AND run_number = ? AND round_index = ?)",
+                (branch_id, run_number, round_index) * 2)
+        return run_number, round_index, [row[1] for row in rows], [self.data_dir / row[3] for row in rows]
+
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes on disk: ``uploads``, ``aggregates`` (files present), ``other`` (temporary and stray
+        files), ``database`` (SQLite and its journal)."""
+        kinds = {row[0]: row[1] for row in self._query("SELECT path, kind FROM files WHERE removed_at IS NULL")}
+        usage = {"uploads": 0, "aggregates": 0, "other": 0, "database": 0}
+        for entry in self.files_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                size = entry.stat().st_size
+                kind = kinds.get(f"{FILES_DIR}/{entry.name}")
+                usage["uploads" if kind == "upload" else "aggregates" if kind == "aggregate" else "other"] += size
+        for entry in self.data_dir.glob(DB_NAME + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                usage["database"] += entry.stat().st_size
+        return usage
 
     # -- delivery: the AMQP outbox and what each leaf has fetched ----------------------------
 

@@ -64,6 +64,7 @@ class UploadLimits:
     max_upload_bytes: int
     max_members: int
     max_total_bytes: int
+    max_compression_ratio: float | None = None  # None: no compression-bomb check (wire.check_compression_ratio)
 
 
 @dataclass
@@ -212,8 +213,6 @@ async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeou
         return await asyncio.wait_for(part.read_chunk(_READ_CHUNK), idle_timeout_s)
     except asyncio.TimeoutError:
         logger.info("upload from %s stalled: nothing arrived for %g s; dropped", request.remote, idle_timeout_s)
-        if request.transport is not None:
-            request.transport.close()
         raise UploadInterruptedError(
             f"The upload body stalled (nothing for {idle_timeout_s:g} s) and was dropped; send it again."
         ) from None
@@ -285,7 +284,8 @@ async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> w
     """
     try:
         return await workers.blocking(
-            _decode_mapped, path, max_members=limits.max_members, max_total_bytes=limits.max_total_bytes
+            _decode_mapped, path, max_members=limits.max_members, max_total_bytes=limits.max_total_bytes,
+            max_compression_ratio=limits.max_compression_ratio,
         )
     except ArchiveTooLargeError as exc:
         raise ArchiveTooLargeError(f"Upload rejected: {exc}") from exc
@@ -298,7 +298,7 @@ async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> w
         ) from exc
 
 
-def _decode_mapped(path: Path, **limits: int) -> wire.Archive:
+def _decode_mapped(path: Path, **limits: Any) -> wire.Archive:
     """Decode from a read-only memory map: stored layers are views of the page cache, not copies.
 
     Validation reads each layer once anyway; copying a 400 MB upload into fresh memory first

@@ -1,0 +1,180 @@
+"""No leaf can lock a round: compression bombs refused, layer-layout rules, operator drop/reset, retention.
+
+Every test runs the real server in-process and speaks its HTTP API; the archives are real NPZ files.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import requests
+
+from branchkey_integrations.core import wire
+
+
+def model(value: float, shape: tuple[int, ...] = (2, 3)) -> list[np.ndarray]:
+    return [np.full(shape, value, np.float32), np.arange(4, dtype=np.float32) * value]
+
+
+def mean(uploads: list[tuple[list[np.ndarray], float]]) -> list[np.ndarray]:
+    weights = np.array([w for _, w in uploads])
+    return [np.average(np.stack([u[i].astype(np.float64) for u, _ in uploads]), axis=0, weights=weights)
+            .astype(uploads[0][0][i].dtype) for i in range(len(uploads[0][0]))]
+
+
+def progress(live, leaf) -> dict:
+    answer = requests.get(f"{live.url}/api/v1/round/{leaf['branch_id']}", headers=live.auth(leaf), timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+def bomb(inflated_bytes: int) -> bytes:
+    """A valid BranchKey archive whose one layer is zeros deflated ~1000:1."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr("weighting.npy", _npy(np.array([1.0])))
+        zf.writestr("layer_0.npy", _npy(np.zeros(inflated_bytes // 4, np.float32)))
+    return buffer.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_a_compression_bomb_is_refused_naming_the_member_before_it_counts(live) -> None:
+    branch, (a, b) = live.make_branch(2)
+    content = bomb(80 * 1024**2)
+    assert len(content) < 200_000  # ~80 MB of zeros in ~80 KB
+    answer = live.upload(a, content)
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert "'layer_0.npy'" in error and "compression bomb" in error and "--max-compression-ratio" in error
+    assert live.rounds(branch["id"])[0]["upload_count"] == 0
+    # real weights go through, deflated as the official client sends them
+    honest = wire.encode([np.random.default_rng(0).normal(size=(5000, 1000)).astype(np.float32)], 1.0)
+    assert live.upload(a, honest).status_code == 201
+
+
+def test_the_compression_ratio_limit_is_configurable(start_server) -> None:
+    live = start_server(max_compression_ratio=5000)
+    branch, (a, _) = live.make_branch(2)
+    assert live.upload(a, bomb(80 * 1024**2)).status_code == 201
+
+
+def test_a_leaf_replaces_its_own_wrong_layout_while_its_upload_is_the_only_one(live) -> None:
+    branch, (a, b) = live.make_branch(2)
+    assert live.upload(a, wire.encode(model(1, (7,)), 1.0)).status_code == 201  # the wrong model
+    assert live.upload(a, wire.encode(model(1), 1.0)).status_code == 201        # corrected: accepted
+    assert live.upload(b, wire.encode(model(3), 3.0)).status_code == 201
+    aggregate = live.fetch(a, live.wait_aggregate(branch["id"]))
+    for got, want in zip(aggregate.layers, mean([(model(1), 1.0), (model(3), 3.0)])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_with_another_leafs_upload_in_the_round_its_layout_holds(live) -> None:
+    branch, (a, b, c) = live.make_branch(3)
+    assert live.upload(a, wire.encode(model(1), 1.0)).status_code == 201
+    assert live.upload(b, wire.encode(model(2), 1.0)).status_code == 201
+    refused = live.upload(a, wire.encode(model(1, (7,)), 1.0))
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert "layer_0: expected float32[2, 3], received float32[7]" in error and f"upload of {b['name']}" in error
+
+
+def test_from_the_second_round_the_previous_aggregates_layout_holds(live) -> None:
+    branch, (a, b) = live.make_branch(2)
+    for leaf in (a, b):
+        assert live.upload(leaf, wire.encode(model(1), 1.0)).status_code == 201
+    live.wait_aggregate(branch["id"])
+    refused = live.upload(a, wire.encode([np.zeros((2, 3), np.float32), np.zeros(5, np.float32)], 1.0))
+    assert refused.status_code == 400  # even as the only upload of round 1
+    error = refused.json()["error"]
+    assert "layer_1: expected float32[4], received float32[5]" in error and "aggregate of round 0" in error
+    assert any(r["leaf"] == a["name"] and "layer_1" in r["reason"] for r in progress(live, a)["refused"])
+    assert live.upload(a, wire.encode(model(2), 1.0)).status_code == 201
+
+
+def test_an_operator_drops_the_upload_that_locked_a_round_and_it_completes(live) -> None:
+    branch, (a, b) = live.make_branch(2)
+    assert live.upload(a, wire.encode(model(1, (7,)), 1.0)).status_code == 201  # wrong model, a then crashes
+    assert live.upload(b, wire.encode(model(2), 2.0)).status_code == 400        # locked out
+    dropped = live.admin("DELETE", f"/admin/v1/branches/{branch['id']}/rounds/open/uploads/{a['name']}",
+                         {"note": "wrong model"}, expect=200)
+    assert dropped == {"run_number": 1, "round_index": 0, "dropped": [a["name"]]}
+    refusal = next(r for r in progress(live, a)["refused"] if r["leaf"] == a["name"])
+    assert "operator dropped this upload: wrong model" in refusal["reason"]
+    assert live.upload(b, wire.encode(model(2), 2.0)).status_code == 201
+    assert live.upload(a, wire.encode(model(5), 1.0)).status_code == 201
+    aggregate = live.fetch(a, live.wait_aggregate(branch["id"]))
+    for got, want in zip(aggregate.layers, mean([(model(2), 2.0), (model(5), 1.0)])):
+        np.testing.assert_array_equal(got, want)
+    missing = live.admin("DELETE", f"/admin/v1/branches/{branch['id']}/rounds/open/uploads/{a['name']}")
+    assert "has no upload in the open round" in missing["error"]
+
+
+def test_an_operator_resets_the_open_round_and_only_new_uploads_count(live) -> None:
+    branch, (a, b, c) = live.make_branch(3)
+    for leaf, value in ((a, 100), (b, 200)):
+        assert live.upload(leaf, wire.encode(model(value), 1.0)).status_code == 201
+    reset = live.admin("POST", f"/admin/v1/branches/{branch['id']}/rounds/open/reset", {}, expect=200)
+    assert reset["round_index"] == 0 and sorted(reset["dropped"]) == sorted([a["name"], b["name"]])
+    state = progress(live, c)
+    assert state["round_index"] == 0 and state["uploaded"] == []
+    assert {r["leaf"] for r in state["refused"]} == {a["name"], b["name"]}
+    uploads = [(model(1), 1.0), (model(2), 2.0), (model(4), 4.0)]
+    for leaf, (layers, weighting) in zip((a, b, c), uploads):
+        assert live.upload(leaf, wire.encode(layers, weighting)).status_code == 201
+    aggregate = live.fetch(a, live.wait_aggregate(branch["id"]))
+    for got, want in zip(aggregate.layers, mean(uploads)):
+        np.testing.assert_array_equal(got, want)
+    assert not list(live.thread.server.store.files_dir.glob(".tmp-*"))
+
+
+def run_rounds(live, leaves, branch_id: str, count: int) -> list[str]:
+    ids = []
+    for index in range(count):
+        for number, leaf in enumerate(leaves, start=1):
+            assert live.upload(leaf, wire.encode(model(index + number), float(number))).status_code == 201
+        ids.append(live.wait_aggregate(branch_id, index=index))
+    return ids
+
+
+def test_retention_removes_aggregated_uploads_and_old_aggregates_never_the_latest(start_server) -> None:
+    live = start_server(keep_rounds=2)
+    store = live.thread.server.store
+    branch, leaves = live.make_branch(2)
+    ids = run_rounds(live, leaves, branch["id"], 4)
+    live.wait_for(lambda: sorted(p.stem for p in store.files_dir.glob("*.npz")) == sorted(ids[2:]))
+    for gone in ids[:2]:
+        answer = live.download(leaves[0], gone)
+        assert answer.status_code == 410 and "removed by the server's retention" in answer.json()["error"]
+    for kept in ids[2:]:
+        assert len(live.fetch(leaves[0], kept).layers) == 2
+    uploads = live.admin("GET", f"/admin/v1/branches/{branch['id']}/uploads", expect=200)["uploads"]
+    assert len(uploads) == 8  # the rows stay: listings and history still show every round
+    usage = store.disk_usage()
+    assert usage["uploads"] == 0 and usage["aggregates"] == sum(
+        (store.files_dir / f"{i}.npz").stat().st_size for i in ids[2:])
+
+
+def test_keep_rounds_1_keeps_only_the_latest_and_keep_uploads_keeps_uploads(start_server) -> None:
+    live = start_server(keep_rounds=1, keep_uploads=True)
+    store = live.thread.server.store
+    branch, leaves = live.make_branch(2)
+    ids = run_rounds(live, leaves, branch["id"], 3)
+    live.wait_for(lambda: not (store.files_dir / f"{ids[1]}.npz").exists())
+    assert (store.files_dir / f"{ids[2]}.npz").exists()
+    assert len(live.fetch(leaves[0], ids[2]).layers) == 2
+    assert len(list(store.files_dir.glob("*.npz"))) == 1 + 3 * 2  # the latest aggregate and every upload
+
+
+def test_keep_rounds_0_keeps_every_aggregate(start_server) -> None:
+    live = start_server(keep_rounds=0)
+    store = live.thread.server.store
+    branch, leaves = live.make_branch(2)
+    ids = run_rounds(live, leaves, branch["id"], 3)
+    live.wait_for(lambda: sorted(p.stem for p in store.files_dir.glob("*.npz")) == sorted(ids))
