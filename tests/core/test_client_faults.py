@@ -21,6 +21,7 @@ from branchkey_integrations.core.errors import (
     ApiError,
     ProtocolError,
     AuthenticationError,
+    InsufficientStorageError,
     RunBlockedError,
     ServerError,
     TransportError,
@@ -251,3 +252,37 @@ def test_each_path_checks_the_values_once(scripted, monkeypatch):
     finally:
         federation.close()
     assert result.aggregation_id == "agg-1" and len(calls) == 1 and calls[0][1] == ["w"]
+
+
+def test_507_is_not_retried_and_its_message_reaches_the_user(scripted):
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/api/v1/file/upload": [
+        (507, {"error": "The server is out of disk space: free space under its data directory, then upload again."})]})
+    client = client_for(server, max_retries=3)
+    with pytest.raises(InsufficientStorageError, match="out of disk space: free space") as refused:
+        client.upload_weights(1.0, [np.zeros(4, np.float32)])
+    assert refused.value.status_code == 507 and isinstance(refused.value, ServerError)
+    assert [path for _, path, _, _ in server.requests].count("/api/v1/file/upload") == 1  # the body went once
+
+
+def test_a_platform_without_the_round_view_is_asked_once(scripted, caplog):
+    server = scripted({"/api/v1/run/b": [RUN_OK]})  # every other path answers 404, as the hosted platform does
+    client = client_for(server)
+    with caplog.at_level("INFO", logger="branchkey_integrations"):
+        assert client.get_round() is None and client.get_round() is None
+    assert [path for _, path, _, _ in server.requests].count("/api/v1/round/b") == 1
+    assert "offers no round progress" in caplog.text
+
+
+def test_the_round_named_by_the_upload_answer_is_the_one_wait_for_aggregation_takes(scripted):
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/api/v1/file/upload": [
+        (201, {"data": {"file_id": "f-1", "run_number": 1, "round_index": 4}})]})
+    client = client_for(server)
+    client.upload_weights(1.0, [np.zeros(4, np.float32)])
+    client._on_notification(Notification(AGGREGATION_STATUS, {"aggregation_id": "late-3", "run_number": 1,
+                                                               "round_index": 3}))
+    with pytest.raises(AggregationTimeoutError):
+        client.wait_for_aggregation(timeout=0.2)  # round 3's late aggregate is not this upload's
+    client.upload_weights(1.0, [np.zeros(4, np.float32)])
+    threading.Timer(0.1, client._on_notification, [Notification(
+        AGGREGATION_STATUS, {"aggregation_id": "agg-4", "run_number": 1, "round_index": 4})]).start()
+    assert client.wait_for_aggregation(timeout=30) == "agg-4"

@@ -97,8 +97,8 @@ def federations():
 
 
 def connect(credentials, server, made, **kwargs) -> Federation:
-    federation = Federation(credentials, server.url, transport="websocket", log_every_s=kwargs.pop("log_every_s", 0.2),
-                            **kwargs)
+    kwargs = {"transport": "websocket", "log_every_s": 0.2, **kwargs}
+    federation = Federation(credentials, server.url, **kwargs)
     federation.connect()
     made.append(federation)
     return federation
