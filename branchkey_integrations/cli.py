@@ -36,6 +36,7 @@ from .core.errors import BranchKeyError, InvalidValueError
 from .core.protocol import ADMIN_PREFIX, RUN_STATUSES
 from .server.durable import write_private_file
 from .server.lock import FileLock
+from .server.progress import round_progress
 from .server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
 
 logger = logging.getLogger("branchkey_integrations.server")
@@ -431,6 +432,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             leaves = store.list_leaves(branch.id)
             print(f"branch  {branch.id} ({branch.name}): run_status {branch.run_status}, run {branch.run_number}, "
                   f"{len(leaves)} leaves, round needs {store.required_uploads(branch)}")
+            for line in round_progress(store, branch.id).lines():
+                print(f"  {line}")
             for item in store.list_rounds(branch.id)[-5:]:
                 print(f"  run {item['run_number']} round {item['round_index']}: {item['status']}, "
                       f"{item['upload_count']} upload(s), aggregate {item['aggregate_id'] or '-'}")
@@ -444,6 +447,7 @@ def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any
     branches = [{
         "id": branch.id, "name": branch.name, "run_status": branch.run_status, "run_number": branch.run_number,
         "leaves": len(store.list_leaves(branch.id)), "required_uploads": store.required_uploads(branch),
+        "progress": round_progress(store, branch.id).to_dict(),
         "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id")}
                    for item in store.list_rounds(branch.id)],
     } for branch in store.list_branches()]

@@ -54,6 +54,16 @@ class RoundProgress:
         del data["branch_id"]
         return data
 
+    def lines(self) -> list[str]:
+        """Human lines for ``branchkey-local status``: the open round, then each refused upload and why."""
+        if self.round_index is None:
+            return [f"no open round (run {self.run_number} is {self.run_status})"]
+        head = f"open round {self.round_index} of run {self.run_number}: {len(self.uploaded)}/{self.required} uploaded"
+        head += f" ({', '.join(self.uploaded)})" if self.uploaded else ""
+        head += f"; missing {', '.join(self.missing)}" if self.missing else ""
+        head += f"; aggregated by {self.deadline_at} (round deadline)" if self.deadline_at else ""
+        return [head] + [f"refused {r.leaf} at {r.at}: {r.reason}" for r in self.refused]
+
     def summary(self) -> str:
         """One line for a log or a terminal, e.g. ``run 1 round 3: 1/2 uploaded; missing leaf_2``."""
         if self.round_index is None:

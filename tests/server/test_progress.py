@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 
@@ -116,3 +117,22 @@ def test_refusals_are_durable_and_belong_to_the_open_round(tmp_path) -> None:
     assert reopened.record_refusal(leaf, "too late") is None  # no open round: nothing to show
     assert round_progress(reopened, branch.id).summary() == "run 1 stop: no open round"
     reopened.close()
+
+
+def test_status_names_the_open_rounds_uploaded_missing_and_refused_leaves(live, capsys) -> None:
+    from branchkey_integrations.cli import main
+
+    branch, (a, b) = live.make_branch(2)
+    assert live.upload(a, wire.encode(layers(1), 1.0)).status_code == 201
+    assert live.upload(b, wire.encode([np.zeros(4, np.float32)], 1.0)).status_code == 400
+    data_dir = str(live.thread.server.store.data_dir)
+    assert main(["status", "--data-dir", data_dir]) == 0
+    out = capsys.readouterr().out
+    assert "  open round 0 of run 1: 1/2 uploaded (leaf_1); missing leaf_2\n" in out
+    [refused] = [line for line in out.splitlines() if line.startswith("  refused ")]
+    assert refused.startswith("  refused leaf_2 at ") and "layer" in refused
+
+    assert main(["status", "--json", "--data-dir", data_dir]) == 0
+    [listed] = [item for item in json.loads(capsys.readouterr().out)["branches"] if item["id"] == branch["id"]]
+    assert (listed["progress"]["uploaded"], listed["progress"]["missing"]) == (["leaf_1"], ["leaf_2"])
+    assert [r["leaf"] for r in listed["progress"]["refused"]] == ["leaf_2"]
