@@ -382,7 +382,10 @@ def test_websocket_receives_aggregation_status(live) -> None:
 
 def test_metrics_are_stored_from_a_raw_body(live) -> None:
     branch, (a, b) = live.make_branch(2)
-    body = {"mode": "test", "aggregation_id": "agg", "leaf_id": a["id"], "branch_id": a["branch_id"],
+    for leaf in (a, b):
+        assert live.upload(leaf, wire.encode(LAYERS, 1.0)).status_code == 201
+    aggregation_id = live.wait_aggregate(branch["id"])
+    body = {"mode": "test", "aggregation_id": aggregation_id, "leaf_id": a["id"], "branch_id": a["branch_id"],
             "tree_id": a["tree_id"], "data": json.dumps({"accuracy": 0.5})}
 
     def post(payload: dict[str, Any]) -> requests.Response:
@@ -396,7 +399,33 @@ def test_metrics_are_stored_from_a_raw_body(live) -> None:
     assert post({**body, "leaf_id": b["id"]}).status_code == 403
     assert post({**body, "data": "{oops"}).status_code == 400
     metrics = live.admin("GET", f"/admin/v1/branches/{branch['id']}/metrics", expect=200)["metrics"]
-    assert [(m["mode"], m["data"], m["leaf_id"]) for m in metrics] == [("test", '{"accuracy": 0.5}', a["id"])]
+    assert [(m["mode"], m["data"], m["aggregation_id"], m["leaf_id"]) for m in metrics] == [
+        ("test", '{"accuracy": 0.5}', aggregation_id, a["id"])]
+
+
+def test_metrics_name_an_aggregate_of_the_leafs_branch(live) -> None:
+    """An unknown aggregation id is 404, another branch's aggregate (or an upload id) is 403/404; nothing is stored."""
+    branch, (a, b) = live.make_branch(2)
+    other, (c, d) = live.make_branch(2)
+    for leaf in (a, b, c, d):
+        assert live.upload(leaf, wire.encode(LAYERS, 1.0)).status_code == 201
+    live.wait_aggregate(branch["id"])
+    foreign = live.wait_aggregate(other["id"])
+
+    def post(aggregation_id: str) -> requests.Response:
+        body = {"mode": "test", "aggregation_id": aggregation_id, "leaf_id": a["id"], "branch_id": a["branch_id"],
+                "tree_id": a["tree_id"], "data": json.dumps({"accuracy": 0.5})}
+        return requests.post(live.url + "/api/v1/performance/analysis", data=json.dumps(body), headers=live.auth(a),
+                             timeout=10)
+
+    unknown = post("no-such-aggregate")
+    assert unknown.status_code == 404 and "no-such-aggregate" in unknown.json()["error"]
+    refused = post(foreign)
+    assert refused.status_code == 403 and "another branch" in refused.json()["error"]
+    own_upload = live.admin("GET", f"/admin/v1/branches/{branch['id']}/uploads", expect=200)
+    upload_id = own_upload["uploads"][0]["file_id"]
+    assert post(upload_id).status_code == 404  # an upload is not an aggregate
+    assert live.admin("GET", f"/admin/v1/branches/{branch['id']}/metrics", expect=200)["metrics"] == []
 
 
 def test_branch_config(live) -> None:

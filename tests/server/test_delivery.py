@@ -1,0 +1,231 @@
+"""Results reach their leaves (issue 11, server side), on the real in-process server.
+
+- catch-up: a leaf whose WebSocket (re)connects is sent the aggregate of the round it took part in
+  and has not downloaded, and nothing else (never an earlier aggregate, never one of a round it left out);
+- WebSocket tickets: a wrong request_id does not use up the holder's ticket;
+- the AMQP outbox: a notification stays in the store until the publisher confirms it, retried with
+  backoff, and goes out after a restart (a publish that fails on purpose is the injected fault here; the
+  real broker outage is tests/integration/test_broker_outage.py);
+- connection limits: the per-leaf cap answers 429, the idle upload timeout answers 408 and removes the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket as socketlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from branchkey_integrations.core import wire
+from branchkey_integrations.core.errors import BrokerError
+from branchkey_integrations.core.protocol import aggregation_message, run_status_message
+from branchkey_integrations.server.outbox import Outbox, backoff_s
+from branchkey_integrations.server.store import Store
+from branchkey_integrations.server.workers import Workers
+
+LAYERS = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+
+
+def ticket(live, leaf) -> dict[str, str]:
+    answer = requests.post(live.url + "/api/v1/ws/ticket", headers=live.auth(leaf), timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+def ws_url(live, data: dict[str, str], request_id: str | None = None) -> str:
+    return (live.url.replace("http://", "ws://") +
+            f"/api/v1/ws?ticket={data['ticket_id']}&request_id={request_id or data['request_id']}")
+
+
+def first_message(live, leaf, branch_id: str) -> dict[str, Any]:
+    """Connect the leaf's WebSocket and return the first message it gets; a run_status is sent after connecting,
+    so a leaf that is owed nothing receives that one (no waiting on silence)."""
+    with connect(ws_url(live, ticket(live, leaf))) as socket:
+        live.wait_for(lambda: live.thread.server.notifier.connected(branch_id) > 0)
+        live.admin("POST", f"/admin/v1/branches/{branch_id}/run", {"run_status": "start"}, expect=200)
+        return json.loads(socket.recv(timeout=10))
+
+
+def test_a_leaf_that_connects_after_the_aggregate_is_sent_it_once_until_it_downloads(live) -> None:
+    branch, (a, b, c) = live.make_branch(3, min_leaves=2)
+    for leaf in (a, b):
+        assert live.upload(leaf, wire.encode(LAYERS, 1.0)).status_code == 201
+    aggregate = live.wait_aggregate(branch["id"])
+
+    caught_up = first_message(live, a, branch["id"])
+    assert caught_up == aggregation_message(aggregate, 1, 0)
+    assert first_message(live, a, branch["id"]) == caught_up  # not downloaded yet: sent again
+    assert first_message(live, c, branch["id"]) == run_status_message("start")  # c took no part in round 0
+
+    assert live.download(a, aggregate).status_code == 200  # a has its result now
+    assert first_message(live, a, branch["id"]) == run_status_message("start")
+    assert first_message(live, b, branch["id"]) == caught_up  # b has not downloaded
+
+
+def test_catch_up_never_sends_an_earlier_rounds_aggregate(live) -> None:
+    branch, (a, b) = live.make_branch(2)
+    for leaf in (a, b):
+        assert live.upload(leaf, wire.encode(LAYERS, 1.0)).status_code == 201
+    live.wait_aggregate(branch["id"])
+    assert live.upload(a, wire.encode(LAYERS, 2.0)).status_code == 201  # round 1 is open, a waits in it
+    assert first_message(live, a, branch["id"]) == run_status_message("start")
+    assert live.upload(b, wire.encode(LAYERS, 2.0)).status_code == 201
+    second = live.wait_aggregate(branch["id"], index=1)
+    assert first_message(live, a, branch["id"]) == aggregation_message(second, 1, 1)
+
+
+def test_a_wrong_request_id_does_not_use_up_the_holders_ticket(live) -> None:
+    branch, (a, _) = live.make_branch(2)
+    data = ticket(live, a)
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(live, data, request_id="not-the-request-id"))
+    assert refused.value.response.status_code == 401
+    with connect(ws_url(live, data)):  # the real holder still gets in
+        live.wait_for(lambda: live.thread.server.notifier.connected(branch["id"]) == 1)
+    with pytest.raises(InvalidStatus) as spent:  # and the ticket is spent now
+        connect(ws_url(live, data))
+    assert spent.value.response.status_code == 401
+
+
+# -- the AMQP outbox --------------------------------------------------------------------------
+
+
+class FlakyBroker:
+    """A publish that fails ``failures`` times, then records what it was given (the injected fault)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.published: list[tuple[str, str, dict[str, Any]]] = []
+        self.done = threading.Event()
+
+    def publish(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise BrokerError("Publishing failed: ConnectionRefusedError (injected)")
+        self.published.append((tree_id, branch_id, message))
+        self.done.set()
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    assert [backoff_s(n, 0.5, 4.0) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_outbox_retries_until_confirmed_and_keeps_rows_across_a_restart(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(tmp_path / "data")
+    tree = store.create_tree("t")
+    branch = store.create_branch(tree["id"], "b")
+    message = aggregation_message("f00d", 1, 0)
+    executor = ThreadPoolExecutor(2)
+
+    async def stopped_server() -> None:  # a first server stores the message; its publisher never runs
+        outbox = Outbox(store, Workers(executor), FlakyBroker(0).publish)
+        await outbox.add(tree["id"], branch.id, message)
+
+    asyncio.run(stopped_server())
+    assert [json.loads(r["message"]) for r in store.due_outbox()] == [message]
+
+    broker = FlakyBroker(failures=3)
+
+    async def restarted_server() -> None:
+        outbox = Outbox(store, Workers(executor), broker.publish, max_backoff_s=0.2)
+        outbox.start()
+        await asyncio.get_running_loop().run_in_executor(None, broker.done.wait, 20)
+        await outbox.close()
+
+    asyncio.run(restarted_server())
+    assert broker.published == [(tree["id"], branch.id, message)] and broker.calls == 4
+    assert store.due_outbox(now=float("inf")) == []  # confirmed: the row is gone
+    executor.shutdown()
+    store.close()
+
+
+def test_outbox_drops_a_row_whose_branch_is_gone(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(tmp_path / "data")
+    store.add_outbox("tree-gone", "branch-gone", json.dumps(aggregation_message("x")))
+    executor = ThreadPoolExecutor(1)
+    outbox = Outbox(store, Workers(executor), FlakyBroker(failures=100).publish)
+    assert asyncio.run(outbox.send_due()) == 0
+    assert store.due_outbox(now=float("inf")) == []
+    executor.shutdown()
+    store.close()
+
+
+# -- connection limits ------------------------------------------------------------------------
+
+
+def test_a_leaf_over_its_connection_cap_is_answered_429(start_server) -> None:
+    from branchkey_integrations.server.connections import GUARD, GuardedAppRunner
+
+    from ..conftest import wait_until
+    from ..inprocess import ServerThread
+
+    class GuardedThread(ServerThread):
+        async def _start(self) -> Any:
+            from aiohttp import web
+
+            runner = GuardedAppRunner(self.app, handle_signals=False)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            return runner
+
+    thread = GuardedThread(Path(start_server().thread.server.store.data_dir).parent / "guarded",
+                           max_connections_per_leaf=2)
+    try:
+        admin = {"Authorization": f"Bearer {thread.server.store.admin_token}"}
+        tree = requests.post(thread.url + "/admin/v1/trees", json={"name": "t"}, headers=admin, timeout=10).json()["data"]
+        branch = requests.post(f"{thread.url}/admin/v1/trees/{tree['id']}/branches", json={"name": "b"},
+                               headers=admin, timeout=10).json()["data"]
+        [leaf] = requests.post(f"{thread.url}/admin/v1/branches/{branch['id']}/leaves", json={"count": 1},
+                               headers=admin, timeout=10).json()["data"]["leaves"]
+        headers = {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}
+        host, port = thread.url.rsplit("/", 1)[1].split(":")
+        connections = [http.client.HTTPConnection(host, int(port), timeout=10) for _ in range(3)]  # kept alive
+
+        def get(connection: http.client.HTTPConnection) -> tuple[int, bytes]:
+            connection.request("GET", f"/api/v1/run/{branch['id']}", headers=headers)
+            answer = connection.getresponse()
+            return answer.status, answer.read()
+
+        answers = [get(c) for c in connections]
+        assert [status for status, _ in answers] == [200, 200, 429]
+        assert b"already holds 2 connections" in answers[2][1]
+        connections[0].close()  # a slot comes free once the server sees the close
+        guard = thread.app[GUARD]
+        wait_until(lambda: len(guard._per_leaf.get(leaf["id"], ())) == 1, 10, "the closed connection to be forgotten")
+        assert get(connections[2])[0] == 200
+        for connection in connections:
+            connection.close()
+    finally:
+        thread.stop()
+
+
+def test_a_stalled_upload_is_dropped_and_its_file_removed(start_server) -> None:
+    live = start_server(upload_idle_timeout_s=0.5)
+    branch, (a, _) = live.make_branch(2)
+    files_dir = live.thread.server.store.files_dir
+    before = set(files_dir.iterdir())
+    body_start = (b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"w.npz\"\r\n"
+                  b"Content-Type: application/octet-stream\r\n\r\n" + b"\0" * 1000)
+    host, port = live.url.rsplit("/", 1)[1].split(":")
+    with socketlib.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"POST /api/v1/file/upload HTTP/1.1\r\nHost: x\r\n"
+                    + f"Authorization: Bearer {a['id']}:{a['session_token']}\r\n".encode()
+                    + b"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: 100000\r\n\r\n" + body_start)
+        live.wait_for(lambda: set(files_dir.iterdir()) != before)  # the temp file exists while the body arrives
+        answer = raw.recv(65536)  # the server gives up after 0.5 s without data, answers and closes
+    assert b" 408 " in answer.split(b"\r\n", 1)[0] and b"stalled" in answer
+    live.wait_for(lambda: set(files_dir.iterdir()) == before)  # and the temporary file is gone
