@@ -61,7 +61,7 @@ class Notifier:
 
     def register(self, leaf: "Leaf", socket: web.WebSocketResponse) -> None:
         self._sockets.setdefault(leaf.branch_id, {}).setdefault(leaf.id, set()).add(socket)
-        logger.info("leaf %s connected over WebSocket", leaf.id)
+        logger.info("leaf %s (%s) connected over WebSocket", leaf.name, leaf.id)
 
     def unregister(self, leaf: "Leaf", socket: web.WebSocketResponse) -> None:
         leaves = self._sockets.get(leaf.branch_id, {})
@@ -71,7 +71,7 @@ class Notifier:
             leaves.pop(leaf.id, None)
         if not leaves:
             self._sockets.pop(leaf.branch_id, None)
-        logger.info("leaf %s disconnected from WebSocket", leaf.id)
+        logger.info("leaf %s (%s) disconnected from WebSocket", leaf.name, leaf.id)
 
     def connected(self, branch_id: str) -> int:
         """How many sockets of the branch are connected (for tests and status)."""
@@ -123,7 +123,7 @@ class Notifier:
             await loop.run_in_executor(
                 self._executor, self._broker.provision_leaf, leaf.tree_id, leaf.branch_id, leaf.id, leaf.session_token
             )
-            logger.info("provisioned AMQP queue for leaf %s", leaf.id)
+            logger.info("provisioned AMQP queue for leaf %s (%s)", leaf.name, leaf.id)
 
     async def forget_tree(self, tree_id: str, leaves: Iterable["Leaf"]) -> bool:
         """Delete the tree's broker state: each leaf's user and queue, then the tree's vhost.

@@ -247,8 +247,8 @@ async def catch_up(server: Server, leaf: Leaf, socket: web.WebSocketResponse) ->
     """
     missed = await server.blocking(server.store.unacknowledged_aggregate, leaf)
     if missed is not None:
-        logger.info("leaf %s connected after aggregate %s of run %d round %d: sending it (catch-up)",
-                    leaf.id, *missed)
+        logger.info("leaf %s (%s) connected after aggregate %s of run %d round %d: sending it (catch-up)",
+                    leaf.name, leaf.id, *missed)
         with contextlib.suppress(ConnectionError, RuntimeError):  # the leaf went away again
             await socket.send_str(encode_message(aggregation_message(*missed)))
 
