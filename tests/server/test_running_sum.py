@@ -1,0 +1,169 @@
+"""The running FedAvg: folded upload by upload, exact against NumPy, rebuilt on a replacement, and
+recovered from the stored uploads after a kill -9 in the middle of an aggregation (subprocess server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from branchkey_integrations.core import wire
+from branchkey_integrations.core.errors import AggregationError
+from branchkey_integrations.server.aggregation import RunningSum
+from branchkey_integrations.server.store import Store
+
+
+def numpy_mean(uploads: list[tuple[list[np.ndarray], float]]) -> list[np.ndarray]:
+    weights = np.array([w for _, w in uploads])
+    result = []
+    for index, first in enumerate(uploads[0][0]):
+        wide = np.complex128 if first.dtype.kind == "c" else np.float64
+        mean = np.average(np.stack([u[index].astype(wide) for u, _ in uploads]), axis=0, weights=weights)
+        result.append(np.rint(mean).astype(first.dtype) if first.dtype.kind in "iu" else mean.astype(first.dtype))
+    return result
+
+
+def stored(tmp_path: Path, uploads: list[tuple[list[np.ndarray], float]], **options: str) -> list[tuple]:
+    """``(leaf, file_id, path, weighting)`` of upload archives written to ``tmp_path``."""
+    refs = []
+    for number, (layers, weighting) in enumerate(uploads):
+        path = tmp_path / f"upload-{number}-{len(list(tmp_path.iterdir()))}.npz"
+        wire.encode(layers, weighting, path, **options)
+        refs.append((f"leaf-{number}", path.stem, path, weighting))
+    return refs
+
+
+def written(running: RunningSum, path: Path) -> list[np.ndarray]:
+    size, digest = running.write(path)
+    assert size == path.stat().st_size
+    return wire.decode(path).layers
+
+
+def model(rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.normal(size=(64, 33)).astype(np.float32), rng.normal(size=7).astype(np.float16),
+            rng.integers(-50, 50, size=9).astype(np.int64), (rng.normal(size=4) + 1j).astype(np.complex64)]
+
+
+@pytest.mark.parametrize("compression", ["none", "deflate"])
+def test_the_running_mean_equals_numpy_bit_for_bit(tmp_path: Path, compression: str) -> None:
+    rng = np.random.default_rng(0)
+    uploads = [(model(rng), w) for w in (3.0, 250.0, 1.5, 7.0)]
+    running = RunningSum()
+    refs = stored(tmp_path, uploads, compression=compression)
+    for count in range(1, 5):  # folded one by one, as uploads arrive
+        running.sync(refs[:count])
+    for got, want in zip(written(running, tmp_path / "mean.npz"), numpy_mean(uploads)):
+        assert got.dtype == want.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+
+
+def test_one_upload_is_its_own_mean_exactly(tmp_path: Path) -> None:
+    layers = [np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32), np.arange(3)]
+    running = RunningSum()
+    running.sync(stored(tmp_path, [(layers, 1e300)]))
+    for got, want in zip(written(running, tmp_path / "mean.npz"), layers):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_replaced_upload_is_taken_out_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    first, second, replacement = (model(rng), 2.0), (model(rng), 5.0), (model(rng), 1.0)
+    running = RunningSum()
+    [a, b] = stored(tmp_path, [first, second])
+    running.sync([a, b])
+    [a2] = stored(tmp_path, [replacement])
+    running.sync([b, ("leaf-0", *a2[1:])])  # leaf-0 re-uploaded: its earlier upload is gone
+    assert running.members == {"leaf-1": b[1], "leaf-0": a2[1]}
+    for got, want in zip(written(running, tmp_path / "mean.npz"), numpy_mean([second, replacement])):
+        np.testing.assert_array_equal(got, want)
+    running.sync([b])  # leaf-0's upload dropped by the operator
+    for got, want in zip(written(running, tmp_path / "mean2.npz"), numpy_mean([second])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_writing_again_writes_the_same_bytes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    running = RunningSum()
+    running.sync(stored(tmp_path, [(model(rng), 1.0), (model(rng), 2.0)]))
+    first, again = tmp_path / "one.npz", tmp_path / "two.npz"
+    assert running.write(first) == running.write(again)
+    assert first.read_bytes() == again.read_bytes()
+
+
+def test_fortran_ordered_layers_fold_like_c_ordered_ones(tmp_path: Path) -> None:
+    base = np.random.default_rng(4).normal(size=(6, 4)).astype(np.float32)
+    uploads = [([np.asfortranarray(base)], 1.0), ([base * 2], 3.0)]
+    running = RunningSum()
+    running.sync(stored(tmp_path, uploads))
+    [got] = written(running, tmp_path / "mean.npz")
+    np.testing.assert_array_equal(got, numpy_mean(uploads)[0])
+
+
+def test_a_layout_mismatch_empties_the_sum_and_names_the_layer(tmp_path: Path) -> None:
+    running = RunningSum()
+    refs = stored(tmp_path, [([np.zeros(3, np.float32)], 1.0), ([np.zeros(4, np.float32)], 1.0)])
+    with pytest.raises(AggregationError, match=r"layer_0: expected float32\[3\], holds float32\[4\]"):
+        running.sync(refs)
+    assert running.members == {}
+    with pytest.raises(AggregationError, match="no uploads"):
+        running.write(tmp_path / "mean.npz")
+
+
+# -- kill -9 ------------------------------------------------------------------------------------
+
+
+def big_model(value: float) -> list[np.ndarray]:
+    rng = np.random.default_rng(int(value))
+    return [rng.normal(size=(2048, 2048)).astype(np.float32) * np.float32(value), np.full(1000, value, np.float32)]
+
+
+def send(server, credentials: Path, layers: list[np.ndarray], weighting: float) -> None:
+    leaf = json.loads(credentials.read_text())
+    answer = requests.post(server.url + "/api/v1/file/upload", timeout=60,
+                           files={"file": ("w.npz", wire.encode(layers, weighting, compression="none"))},
+                           data={"data": "{}"}, headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"})
+    assert answer.status_code == 201, answer.text
+
+
+def aggregate_of(server, branch_id: str, index: int) -> list[np.ndarray]:
+    from ..conftest import wait_until
+
+    def done() -> str | None:
+        rounds = server.admin("GET", f"/admin/v1/branches/{branch_id}/rounds").json()["data"]["rounds"]
+        return next((r["aggregate_id"] for r in rounds if r["round_index"] == index and r["aggregate_id"]), None)
+
+    aggregate_id = wait_until(done, 60, f"the aggregate of round {index}")
+    path = server.data_dir / "files" / f"{aggregate_id}.npz"
+    return wire.decode(path.read_bytes()).layers
+
+
+def test_kill_9_during_a_round_and_its_aggregation_loses_and_doubles_nothing(server_factory) -> None:
+    server, credentials = server_factory(3)
+    branch_id = json.loads(credentials[0].read_text())["branch_id"]
+    round0 = [(big_model(1), 3.0), (big_model(2), 1.0), (big_model(3), 2.5)]
+    send(server, credentials[0], *round0[0])
+    send(server, credentials[1], *round0[1])
+    server.kill()  # two uploads folded (or being folded) in memory, gone
+    server.start()
+    send(server, credentials[2], *round0[2])
+    for got, want in zip(aggregate_of(server, branch_id, 0), numpy_mean(round0)):
+        np.testing.assert_array_equal(got, want)
+
+    round1 = [(big_model(4), 1.0), (big_model(5), 6.0), (big_model(6), 2.0)]
+    for path, upload in zip(credentials, round1):
+        send(server, path, *upload)
+    server.kill()  # right after the last 201: the round's fold and aggregation are under way
+    store = Store(server.data_dir)
+    try:
+        rounds = {r["round_index"]: r for r in store.list_rounds(branch_id)}
+        assert rounds[1]["status"] == "open" and rounds[1]["upload_count"] == 3, "the kill came too late"
+    finally:
+        store.close()
+    server.start()
+    for got, want in zip(aggregate_of(server, branch_id, 1), numpy_mean(round1)):
+        np.testing.assert_array_equal(got, want)
+    files = sorted(p.name for p in (server.data_dir / "files").iterdir())
+    assert len(files) == 2 and not any(name.startswith(".tmp-") for name in files)  # two aggregates, no uploads
