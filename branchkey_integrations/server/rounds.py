@@ -207,8 +207,8 @@ class Rounds:
         failed += 1
         delay = min(AGGREGATION_RETRY_BASE_S * 2 ** (failed - 1), AGGREGATION_RETRY_MAX_S)
         log = logger.error if failed == 1 else logger.warning if failed % 10 == 0 else logger.debug
-        log("aggregating branch %s %s failed (attempt %d); the round stays open, next try in %.1f s",
-            branch_id, problem, failed, delay)
+        log("aggregating branch %s failed (attempt %d; the round stays open, next try in %.1f s): %s",
+            branch_id, failed, delay, problem)
         handle = asyncio.get_running_loop().call_later(
             delay, lambda: self.workers.spawn(self.aggregate_if_ready(branch_id, deadline=deadline)))
         self._retries[branch_id] = (failed, handle)

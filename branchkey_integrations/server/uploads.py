@@ -93,6 +93,7 @@ async def receive_upload(request: web.Request, temp: Path, limits: UploadLimits,
     except OSError as exc:
         if exc.errno not in _FULL:
             raise
+        logger.warning("upload from %s refused with 507: out of disk space (%s)", request.remote, exc.strerror)
         await drain(request)  # the client reads our 507 instead of a reset
         raise _storage_full(exc) from exc
     check_integrity(upload, declared_size, declared_digest)
@@ -131,6 +132,7 @@ def storage_errors() -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in _FULL:
             raise
+        logger.warning("an upload was refused with 507 while being stored: out of disk space (%s)", exc.strerror)
         raise _storage_full(exc) from exc
 
 
