@@ -2,7 +2,8 @@
 
 Commands: ``init`` (tree, branch and leaf credential files), ``serve`` (run the server),
 ``run start|pause|stop`` (through the live server's admin API when one serves the data
-directory, so leaves are notified; else directly in the store), ``status``, and ``simulate``
+directory, so leaves are notified; else directly in the store), ``round drop-upload LEAF|reset``
+(unlock an open round, the same way), ``status`` (disk use included), and ``simulate``
 (an embedded server and N leaf processes, see :mod:`branchkey_integrations.simulate`).
 
 The module sits above both :mod:`branchkey_integrations.server` and the simulation: it imports
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 import requests
 
 from . import __version__
-from .core.errors import BranchKeyError, InvalidValueError
+from .core.errors import BranchKeyError, InvalidValueError, RecordNotFoundError
 from .core.protocol import ADMIN_PREFIX, RUN_STATUSES
 from .server.durable import write_private_file
 from .server.lock import FileLock
@@ -142,7 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reserved-connections", type=int, metavar="N",
                        help="slots new, not yet identified clients may not fill (default 32): kept for the admin "
                             "and for clients that have sent their request")
+    serve.add_argument("--keep-uploads", action="store_true",
+                       help="keep every upload on disk (default: removed once its round is aggregated)")
+    serve.add_argument("--keep-rounds", type=_non_negative_int, metavar="N",
+                       help="keep the aggregates of the latest N rounds of each branch, 0 keeps all (default 5; "
+                            "the latest is always kept)")
+    serve.add_argument("--max-compression-ratio", type=_ratio, metavar="R",
+                       help="refuse an archive that inflates past 64 MiB to more than R times its compressed size, "
+                            "a compression bomb (default 100; float weights deflate to about 0.9)")
     serve.set_defaults(func=cmd_serve)
+
+    round_ = commands.add_parser("round", help="unlock a branch's open round: drop one leaf's upload, or reset it")
+    round_commands = round_.add_subparsers(dest="round_command", required=True, metavar="ACTION",
+                                           parser_class=CommandParser)
+    drop = round_commands.add_parser("drop-upload", help="drop one leaf's upload from the open round; the leaf may "
+                                                         "upload again, with another layout if it is the only one")
+    drop.add_argument("leaf", help="the leaf's name (leaf_2) or id")
+    reset = round_commands.add_parser("reset", help="drop every upload of the open round (it keeps its number)")
+    for action in (drop, reset):
+        add_data_dir(action)
+        action.add_argument("--branch-id", help="needed only when the store holds several branches")
+        action.add_argument("--note", help="why, shown to the leaves in the round's progress")
+        action.set_defaults(func=cmd_round)
 
     run = commands.add_parser("run", help="start, pause or stop a branch's run")
     run.add_argument("status", choices=RUN_STATUSES, help="the run status to set")
@@ -188,6 +210,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}") from None
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a ratio >= 1, received {text!r}")
     return value
 
 
@@ -336,7 +378,8 @@ def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
     """The connection limits given on the command line (the others keep create_app's defaults)."""
     names = {"header_timeout": "header_timeout_s", "upload_idle_timeout": "upload_idle_timeout_s",
              "max_connections": "max_connections", "max_connections_per_leaf": "max_connections_per_leaf",
-             "reserved_connections": "reserved_connections"}
+             "reserved_connections": "reserved_connections", "keep_rounds": "keep_rounds",
+             "max_compression_ratio": "max_compression_ratio"}
     return {option: getattr(args, arg) for arg, option in names.items() if getattr(args, arg, None) is not None}
 
 
@@ -348,7 +391,7 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
     try:
         app = create_app(data_dir, amqp_url=args.amqp_url, amqp_management_url=args.amqp_management_url,
                          public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
-                         **_connection_options(args))
+                         keep_uploads=args.keep_uploads, **_connection_options(args))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     runner = GuardedAppRunner(app, handle_signals=False, access_log=None)
@@ -419,6 +462,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_round(args: argparse.Namespace) -> int:
+    """``round drop-upload LEAF`` / ``round reset``: through the live server (so its running sum and the
+    leaves' view follow), else directly in the store."""
+    data_dir = Path(args.data_dir)
+    leaf = getattr(args, "leaf", None)
+    store = open_existing_store(data_dir)
+    try:
+        branch = resolve_branch(store, args.branch_id)
+        live = live_server(data_dir)
+        if live is None:
+            run_number, round_index, dropped, paths = store.drop_uploads(branch.id, leaf, args.note or "")
+            store.remove_files(paths)
+            result = {"run_number": run_number, "round_index": round_index, "dropped": dropped}
+            how = "in the store (no live server)"
+        else:
+            rounds = f"{ADMIN_PREFIX}/branches/{branch.id}/rounds/open"
+            body = {"note": args.note or ""}
+            result = (admin_call(live, "POST", f"{rounds}/reset", body) if leaf is None else
+                      admin_call(live, "DELETE", f"{rounds}/uploads/{leaf}", body))
+            how = f"through {live[0]}"
+    except (InvalidValueError, RecordNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        store.close()
+    print(f"branch {branch.id} run {result['run_number']} round {result['round_index']}: dropped the upload(s) of "
+          f"{', '.join(result['dropped']) or 'nobody'} {how}; they see why in the round's progress and may upload again")
+    return 0
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     store = open_existing_store(data_dir)
@@ -428,6 +504,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(status_document(store, live), indent=2, default=str))
             return 0
         print(f"server  {live[0] if live else 'not running'}")
+        disk = store.disk_usage()
+        print(f"disk    {_megabytes(sum(disk.values()))} in {data_dir}: uploads {_megabytes(disk['uploads'])}, "
+              f"aggregates {_megabytes(disk['aggregates'])}, database {_megabytes(disk['database'])}, "
+              f"other {_megabytes(disk['other'])}")
         for branch in store.list_branches():
             leaves = store.list_leaves(branch.id)
             print(f"branch  {branch.id} ({branch.name}): run_status {branch.run_status}, run {branch.run_number}, "
@@ -451,7 +531,7 @@ def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any
         "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id")}
                    for item in store.list_rounds(branch.id)],
     } for branch in store.list_branches()]
-    return {"server": live[0] if live else None, "branches": branches}
+    return {"server": live[0] if live else None, "disk": store.disk_usage(), "branches": branches}
 
 
 # -- simulate -------------------------------------------------------------------------------

@@ -271,16 +271,14 @@ class Rounds:
         Raises:
             RecordNotFoundError: no such branch, no open round, or the leaf has no upload in it.
         """
-        what = "reset the open round" if leaf_ref is None else "dropped this upload"
-        reason = f"The server's operator {what}{': ' + note if note else ''}; upload again."
         async with self.lock(branch_id):
             async with self._fold_locks[branch_id]:
                 run_number, round_index, names, paths = await self.workers.blocking(
-                    self.store.drop_uploads, branch_id, leaf_ref, reason)
+                    self.store.drop_uploads, branch_id, leaf_ref, note)
                 self._sums.pop(branch_id, None)
         await self.workers.blocking(self.store.remove_files, paths)
-        logger.warning("branch %s run %d round %d: the operator %s (%s)", branch_id, run_number, round_index, what,
-                       ", ".join(names) or "no uploads")
+        logger.warning("branch %s run %d round %d: the operator dropped the upload(s) of %s%s", branch_id, run_number,
+                       round_index, ", ".join(names) or "nobody", f" ({note})" if note else "")
         return {"run_number": run_number, "round_index": round_index, "dropped": names}
 
     def _aggregation_plan(self, branch_id: str, deadline: bool) -> tuple[Branch, int, int, list[UploadInput]] | None:

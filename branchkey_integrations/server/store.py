@@ -595,12 +595,13 @@ class Store:
             logger.info("branch %s: retention removes %d file(s)", branch_id, len(doomed))
         return [self.data_dir / row[1] for row in doomed]
 
-    def drop_uploads(self, branch_id: str, leaf_ref: str | None, reason: str) -> tuple[int, int, list[str], list[Path]]:
+    def drop_uploads(self, branch_id: str, leaf_ref: str | None, note: str = "") -> tuple[int, int, list[str], list[Path]]:
         """Drop one leaf's upload (``leaf_ref``: its id or name) or, with None, every upload of the open round.
 
         The dropped uploads no longer count (their rows go, the round's deadline clock restarts
-        when it is left empty) and each leaf concerned gets ``reason`` as its refusal in the round's
-        progress. Returns (run_number, round_index, the leaves' names, the files to unlink).
+        when it is left empty) and each leaf concerned finds why (with the operator's ``note``) as
+        its refusal in the round's progress. Returns (run_number, round_index, the leaves' names,
+        the files to unlink).
 
         Raises:
             RecordNotFoundError: no such branch or leaf, no open round, or the leaf has no upload in it.
@@ -624,6 +625,8 @@ class Store:
                 raise RecordNotFoundError(
                     f"Leaf {leaf_ref[:80]!r} has no upload in the open round (run {run_number} round {round_index}) "
                     f"of branch {branch_id}; 'branchkey-local status' lists the round's uploads.")
+            what = "reset the open round" if leaf_ref is None else "dropped this upload"
+            reason = f"The server's operator {what}{': ' + note[:500] if note else ''}; upload again."
             stamp = now_iso()
             for leaf_id, _, file_id, _ in rows:
                 conn.execute("DELETE FROM uploads WHERE branch_id = ? AND run_number = ? AND round_index = ?"

@@ -6,6 +6,7 @@ Every test runs the real server in-process and speaks its HTTP API; the archives
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 
 import numpy as np
@@ -178,3 +179,28 @@ def test_keep_rounds_0_keeps_every_aggregate(start_server) -> None:
     branch, leaves = live.make_branch(2)
     ids = run_rounds(live, leaves, branch["id"], 3)
     live.wait_for(lambda: sorted(p.stem for p in store.files_dir.glob("*.npz")) == sorted(ids))
+
+
+def test_the_cli_drops_an_upload_and_resets_a_round_of_a_live_server(server_factory) -> None:
+    from ..conftest import cli
+
+    server, credentials = server_factory(2)
+    a, b = (json.loads(path.read_text()) for path in credentials)
+    headers = {"Authorization": f"Bearer {a['id']}:{a['session_token']}"}
+    answer = requests.post(server.url + "/api/v1/file/upload", headers=headers, timeout=30, data={"data": "{}"},
+                           files={"file": ("w.npz", wire.encode(model(1, (7,)), 1.0))})
+    assert answer.status_code == 201, answer.text
+    data_dir = str(server.data_dir)
+    dropped = cli("round", "drop-upload", a["name"], "--data-dir", data_dir, "--note", "wrong model")
+    assert f"dropped the upload(s) of {a['name']} through {server.url}" in dropped.stdout
+    state = requests.get(f"{server.url}/api/v1/round/{a['branch_id']}", headers=headers, timeout=10).json()["data"]
+    assert state["uploaded"] == [] and "wrong model" in state["refused"][0]["reason"]
+    missing = cli("round", "drop-upload", a["name"], "--data-dir", data_dir, check=False)
+    assert missing.returncode == 1 and "has no upload in the open round" in missing.stderr
+    reset = cli("round", "reset", "--data-dir", data_dir)
+    assert "dropped the upload(s) of nobody" in reset.stdout
+    status = cli("status", "--data-dir", data_dir)
+    assert "disk    " in status.stdout and "aggregates 0.0 MB" in status.stdout
+    server.stop()
+    offline = cli("round", "reset", "--data-dir", data_dir, "--note", "maintenance")
+    assert "in the store (no live server)" in offline.stdout
