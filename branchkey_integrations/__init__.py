@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .core import *  # noqa: F403,E402 - the core's public names are the package's
+from .core.errors import *  # noqa: F403,E402 - again, for type checkers: they do not follow core's computed __all__
 from .core import __all__ as _core_names  # noqa: E402
 
 __all__ = ["__version__", *_core_names]
