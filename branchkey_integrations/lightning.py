@@ -1,13 +1,16 @@
 """Federated learning with BranchKey as one PyTorch Lightning callback.
 
-The callback only translates: model tensors to NumPy arrays and back, and Lightning's
-hooks, ranks and checkpoints to :class:`~branchkey_integrations.core.federation.Federation`,
-where the round logic lives.
+The callback only translates: model tensors to NumPy arrays and back, Lightning's hooks, ranks and
+checkpoints to :class:`~branchkey_integrations.core.federation.Federation`, where the round logic lives,
+what a waiting leaf has to say to Lightning's own output (its progress bar, else its rank-zero logger),
+and a signal that ends a round's wait to Lightning's own way of ending a run (``SIGTERMException``,
+``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 import numpy as np
@@ -21,6 +24,8 @@ require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pyt
 import torch  # noqa: E402 - after the check that gives an install hint
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,19 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     Only global rank 0 talks to the platform; the outcome (the aggregate or the error) is broadcast, so
     every DDP rank loads identical weights or raises the same error.
 
+    While a round waits, the callback says what for (round, seconds waited, uploads of how many, the missing
+    leaves and refused uploads by name) at the start, on every change and at least every ``log_every_s``,
+    through the progress bar's ``print`` (the bar stays intact) or, without a bar, Lightning's rank-zero
+    logger, which Lightning itself shows on the console; so does the end of each round. No logging set-up
+    is needed.
+
+    SIGTERM (``docker stop``, Kubernetes, SLURM) and Ctrl-C end a waiting round at once. SIGTERM then goes
+    on to Lightning's own handler and the callback raises Lightning's ``SIGTERMException``: the trainer
+    stops as it does for a SIGTERM between batches (``on_exception`` callbacks such as
+    ``OnExceptionCheckpoint`` run, loggers finalize) and the process exits as Lightning's runs do
+    after a SIGTERM. Ctrl-C raises ``KeyboardInterrupt`` as usual (Lightning's graceful shutdown, exit
+    status 1).
+
     Args:
         credentials: :class:`~branchkey_integrations.Credentials`, a dict, a JSON file path, or None for
             the ``BRANCHKEY_*`` environment variables.
@@ -80,7 +98,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             ``"test"`` and the epoch's other metrics as ``"train"``, both for that round's aggregate.
         snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here (named tensors).
         transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
-        log_every_s: while waiting, log progress this often.
+        log_every_s: while waiting, report progress at least this often.
         client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
 
     Raises:
@@ -106,6 +124,8 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     _last_epoch = -1  # the epoch whose round finished last: a resumed run never repeats it
     _round_id: str | None = None  # the aggregate loaded in this epoch, which its metrics describe
     _validation_names: frozenset[str] = frozenset()  # the metrics validation produced (replaced, never mutated)
+    _trained_for_round = False  # this epoch's training went into the round (not so when the leaf caught up)
+    _trainer: Trainer | None = None  # the trainer of the running fit: where the callback prints
 
     # ------------------------------------------------------------------ state
     @property
@@ -122,13 +142,14 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Federation drops its client itself; a pending error holds a traceback, which does not pickle
-        return {k: v for k, v in self.__dict__.items() if k != "_local_error"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local_error", "_trainer")}
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._check_strategy(trainer)
+        self._trainer = trainer
         self._last_epoch = -1  # a new fit starts counting epochs at 0 (a checkpoint, restored after this, overrides)
         if trainer.is_global_zero:
             self.federation.connect()
@@ -147,7 +168,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._federate(trainer, pl_module)  # data of unknown length: the last batch was not recognisable
-        if self.send_metrics and self._round_id is not None and trainer.is_global_zero:
+        if self.send_metrics and self._round_id is not None and self._trained_for_round and trainer.is_global_zero:
             self._send(self._metrics(trainer, exclude=self._validation_names), "train")
         self._round_id = None
 
@@ -169,16 +190,37 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if not is_round_epoch(epoch, self.every_n_epochs) or epoch <= self._last_epoch:
             return
         tensors = federated_tensors(pl_module, self.buffers)
-        outcome = self._round_on_rank_zero(trainer, tensors) if trainer.is_global_zero else None
-        outcome = trainer.strategy.broadcast(outcome, src=0)
+        sent = (self._round_on_rank_zero(trainer, tensors), self.interrupted_by) if trainer.is_global_zero else None
+        outcome, signum = trainer.strategy.broadcast(sent, src=0)
+        if signum is not None and outcome.kind == "error":  # the signal ended the wait: no round to apply
+            self.__dict__.pop("_local_error", None)
+            raise self._end_run(signum)
         self._apply(outcome, trainer, pl_module, tensors)
+        if signum is not None:  # the round was complete when the signal came: it is applied, then the run ends
+            raise self._end_run(signum)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.federation.close()
+            self._trainer = None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.federation.close()  # a failed fit may skip teardown; never leave the notification thread behind
+
+    # ----------------------------------------------------- Lightning's output and ending a run
+    def _say(self, text: str) -> None:
+        """Through the progress bar when there is one (it keeps the bar intact), else Lightning's rank-zero
+        logger, which Lightning shows on the console when the application configured no logging."""
+        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
+        if bar is not None and bar.is_enabled:
+            bar.print(text)
+        else:
+            rank_zero_info(text)
+
+    def _end_run(self, signum: int) -> BaseException:
+        """SIGTERM: Lightning's own ``SIGTERMException``, what its loops raise after a SIGTERM; Ctrl-C:
+        ``KeyboardInterrupt``, which Lightning shuts down gracefully."""
+        return SIGTERMException() if signum == signal.SIGTERM else super()._end_run(signum)
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -228,8 +270,10 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             if self.reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
-            self.federation.record_round(result.round, result.aggregation_id)  # rank 0 ran it; the others adopt it
+            # rank 0 ran it (and counted a catch-up); the others adopt it
+            self.federation.record_round(result.round, result.aggregation_id, result.run_number, result.round_index)
             self._round_id = result.aggregation_id
+            self._trained_for_round = not result.caught_up  # a leaf that caught up uploaded nothing this epoch
         self._last_epoch = trainer.current_epoch
         for name, value in (("round", result.round), ("wait_s", result.wait_s), ("upload_mb", result.upload_mb)):
             pl_module.log(f"branchkey/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)

@@ -6,8 +6,22 @@ checks every option when the callback is constructed (with the same messages for
 :class:`~branchkey_integrations.core.federation.Federation`; :class:`FederatedCallbackMixin` gives both callbacks
 the same read-only options, ``round`` and ``repr``; the functions below fix the weighting, the round epochs and
 the dtypes that travel as float32. What remains in ``lightning.py`` and ``keras.py`` is translation only: tensors
-or variables to arrays and back, and each framework's hooks to
-:meth:`~branchkey_integrations.core.federation.Federation.exchange`.
+or variables to arrays and back, each framework's hooks to
+:meth:`~branchkey_integrations.core.federation.Federation.exchange`, and the framework's own output and way to
+end a run.
+
+What a waiting leaf says, and where: the mixin turns every :class:`~.progress.WaitProgress` report (round,
+seconds waited, uploads of how many, missing and refused leaves by name) and the end of each round (done,
+caught up, timed out, run stopped) into one line, and hands it to the callback's ``_say``: Lightning prints it
+through its progress bar (or its rank-zero logger when there is no bar), Keras through its own printing,
+silent under ``verbose=0``. Why the framework's output and not a logging handler: a library that configures
+logging fights the application's own configuration, and a user looks for news of training where the framework
+prints it, without any set-up. The core's log records (INFO and up) remain, unchanged, for applications that
+configure logging; its warnings reach stderr even without configuration, as Python's always do.
+
+Signals: each round runs inside :class:`~.signals.InterruptOnSignals`, so SIGTERM or Ctrl-C interrupts the
+round's wait at once and then reaches the handler installed before (the framework's); ``interrupted_by`` tells
+the callback which signal ended the round, and the callback ends the run the framework's way.
 """
 
 from __future__ import annotations
@@ -16,14 +30,17 @@ import importlib
 import inspect
 import logging
 import os
-from dataclasses import dataclass, field
+import signal
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, Union
 
 from .credentials import CredentialsLike
 from .federation import Federation
-from .outcome import Layers, Outcome, Weighting
+from .outcome import Layers, Outcome, RoundResult, Weighting
+from .progress import WaitProgress
 from .protocol import DEFAULT_HOST
+from .signals import InterruptOnSignals, exit_status, signal_name
 from .snapshots import require_safetensors
 
 logger = logging.getLogger(__name__)
@@ -218,6 +235,8 @@ class FederatedCallbackMixin:
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
             num_samples_required=self._num_samples_required, install_extra=self._install_extra)
         self.federation: Federation = self.settings.federation
+        self.federation.add_progress_listener(self._on_progress)
+        self.interrupted_by: int | None = None  # the signal (SIGTERM, SIGINT) that ended the last round, if any
 
     every_n_epochs = _setting("every_n_epochs")
     num_samples = _setting("num_samples")
@@ -232,10 +251,51 @@ class FederatedCallbackMixin:
         return self.federation.round
 
     def _exchange(self, layers: Layers, names: Sequence[str], weighting: Weighting | None = None) -> Outcome:
-        """One round of ``layers`` (snapshot included), weighted by ``weighting``, by default ``num_samples``."""
+        """One round of ``layers`` (snapshot included), weighted by ``weighting``, by default ``num_samples``.
+
+        SIGTERM and Ctrl-C interrupt its wait (:class:`~.signals.InterruptOnSignals`); ``interrupted_by`` then
+        holds the signal, whatever the outcome, and the callback ends the run (see :meth:`_end_run`).
+        The end of the round is said through ``_say``.
+        """
         if weighting is None:
             weighting = lambda: resolve_weighting(self.num_samples)  # noqa: E731 - called inside the round
-        return self.federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir)
+        federation = self.federation
+        federation.clear_interrupt()  # an earlier interrupt (a caught Ctrl-C in a notebook) is over
+        before = (federation.round, federation.last_run_number, federation.last_round_index)
+        with InterruptOnSignals(federation.interrupt) as signals:
+            outcome = federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir)
+        self.interrupted_by = signals.received
+        result = outcome.result
+        if outcome.kind == "done" and result is not None and result.caught_up:
+            result = replace(result, round=rounds_after_catching_up(*before, result))
+            federation.record_round(result.round, result.aggregation_id, result.run_number, result.round_index)
+            outcome = replace(outcome, result=result)
+        self._say_outcome(outcome)
+        return outcome
+
+    # ------------------------------------------------------------------ what the leaf says
+    def _say(self, text: str) -> None:
+        """Show ``text`` to the user in the framework's own output; each callback overrides this."""
+        logger.info("%s", text)
+
+    def _on_progress(self, progress: WaitProgress) -> None:
+        if not progress.final:  # the end of the wait is said by _say_outcome, with what it came to
+            self._say(f"BranchKey: {progress.message}")
+
+    def _say_outcome(self, outcome: Outcome) -> None:
+        if outcome.kind != "error" or self.interrupted_by is not None:  # an error is raised: it speaks for itself
+            self._say(f"BranchKey: {describe_outcome(outcome, self.interrupted_by)}")
+
+    def _end_run(self, signum: int) -> BaseException:
+        """The exception that ends the run after ``signum`` interrupted a round, the framework's way.
+
+        Default: ``KeyboardInterrupt`` for Ctrl-C, as Python raises it, and for any other signal
+        ``SystemExit`` with the status a shell shows for a process ended by it (143 for SIGTERM), so that
+        ``finally`` blocks still run. A callback overrides this where its framework has its own (Lightning).
+        """
+        if signum == signal.SIGINT:
+            return KeyboardInterrupt()
+        return SystemExit(exit_status(signum))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(leaf={self.federation.credentials.name!r}, "
@@ -244,6 +304,41 @@ class FederatedCallbackMixin:
 
 _MIXIN_ARGUMENTS = tuple(inspect.signature(FederatedCallbackMixin.__init__).parameters)[1:]  # without self
 
-__all__ = ["shared_options", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+
+def rounds_after_catching_up(rounds: int, run_number: int | None, round_index: int | None,
+                             result: RoundResult) -> int:
+    """The round count of a leaf that caught up: its count before, plus the rounds its branch went through since
+    the leaf's last aggregate (of ``run_number``, ``round_index``), so that it numbers the next rounds as the
+    other leaves do. When the platform did not name both rounds (or the run changed), ``result.round``.
+
+    Example:
+        >>> result = RoundResult("agg-3", [], 0.0, 0.0, round=2, run_number=1, round_index=2, caught_up=True)
+        >>> rounds_after_catching_up(1, 1, 0, result)  # resumed after round 1; the branch holds round 3
+        3
+    """
+    if run_number is None or round_index is None or result.round_index is None or result.run_number != run_number:
+        return result.round
+    return rounds + max(1, result.round_index - round_index)
+
+
+def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str:
+    """One line on how a round ended, for the user: done, caught up, timed out, stopped, failed or interrupted."""
+    if interrupted_by is not None:
+        return f"{signal_name(interrupted_by)} received: ending training."
+    result = outcome.result
+    if outcome.kind == "stopped":
+        return f"{outcome.error} Stopping training."
+    if outcome.kind == "error" or result is None:
+        return f"the round failed: {type(outcome.error).__name__}: {outcome.error}"
+    if outcome.kind == "timeout":
+        return (f"round {result.round + 1}: no aggregate after {result.wait_s:.0f} s; "
+                "training goes on with the local model (on_timeout='continue').")
+    if result.caught_up:
+        return (f"this leaf was behind its branch (resumed from an older checkpoint?): it loaded the branch's "
+                f"latest aggregate {result.aggregation_id} instead of uploading, and is now at round {result.round}.")
+    return f"round {result.round} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
+
+
+__all__ = ["describe_outcome", "rounds_after_catching_up", "shared_options", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag",
            "resolve_weighting", "is_round_epoch", "rounds_before"]
