@@ -2,6 +2,9 @@
 
 Usage: python official_leaf.py SPEC.json   (writes SPEC["result"] as JSON)
 
+Optional SPEC keys: "rbmq_port" (2.7.1: the broker's AMQP port, default 5672), "upload": false (only wait
+for each round's aggregate, as a leaf restarted after its upload does).
+
 It does what a user of the official client does: read run details, save and upload weights,
 wait for the aggregation id on the client's queue (2.7.1: AMQP; 3.0.1: WebSocket), download the
 aggregate, send metrics. It loads the aggregate with numpy (allow_pickle=False) and writes the
@@ -27,15 +30,18 @@ if major >= 3:
                     output_dir=spec["output_dir"])
 else:
     # 2.7.1 derives the RabbitMQ host from `host` without removing the port: name it explicitly
-    client = Client(credentials, host=spec["host"], rbmq_host="127.0.0.1", ssl=False)
+    client = Client(credentials, host=spec["host"], rbmq_host="127.0.0.1", rbmq_port=spec.get("rbmq_port", 5672),
+                    ssl=False)
 
 result = {"version": version("branchkey"), "run_status": client.run_status, "run_number": client.run_number,
           "rounds": []}
 try:
     for round_layers, weighting in zip(spec["rounds"], spec["weightings"]):
-        layers = [np.asarray(a, dtype=spec.get("dtype", "float32")) for a in round_layers]
-        path = client.save_weights(spec["output_dir"] + "/upload", weighting, layers)
-        file_id = client.file_upload(path)
+        file_id = None
+        if spec.get("upload", True):  # False: only wait for the round's aggregate (the upload went in before)
+            layers = [np.asarray(a, dtype=spec.get("dtype", "float32")) for a in round_layers]
+            path = client.save_weights(spec["output_dir"] + "/upload", weighting, layers)
+            file_id = client.file_upload(path)
         # client.queue, not get_latest_aggregation_id(): in 3.0.1 the consumer's blocking put on the
         # size-1 queue stalls from the second aggregate on unless the queue is read.
         aggregation_id = client.queue.get(timeout=spec["timeout"])

@@ -59,6 +59,10 @@ from ..core.errors import BrokerArgumentError, BrokerError
 __all__ = ["RabbitMQBroker"]
 
 log = logging.getLogger(__name__)
+# pika logs every failed connection attempt at ERROR, four lines each, with tracebacks; the
+# BrokerError raised here says the same in one line, and the outbox logs it at a bounded rate.
+for _noisy in ("pika.adapters.utils.connection_workflow", "pika.adapters.blocking_connection"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 MANAGEMENT_PORT = 15672
 HTTP_TIMEOUT_S = 10.0
@@ -383,7 +387,7 @@ class RabbitMQBroker:
                 self._drop(tree_id)
                 if attempt == 2:
                     raise self._amqp_error(f"Publishing to branch {branch_id!r} failed", exc) from exc
-                log.warning("AMQP connection to vhost %s lost (%s); reconnecting once", tree_id, exc)
+                log.info("AMQP connection to vhost %s lost (%s); reconnecting once", tree_id, exc)
 
     def _publish_error(self, tree_id: str, branch_id: str, exc: BaseException) -> BrokerError:
         if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 404:
