@@ -36,6 +36,7 @@ from . import __version__
 from .core.errors import BranchKeyError, InvalidValueError, RecordNotFoundError
 from .core.protocol import ADMIN_PREFIX, RUN_STATUSES
 from .server.durable import write_private_file
+from .server.history import latest_metrics, metric_summary
 from .server.lock import FileLock
 from .server.progress import round_progress
 from .server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
@@ -200,6 +201,9 @@ def add_simulate_parser(commands: Any) -> None:
     simulate.add_argument("--amqp-url", help="notify leaves over RabbitMQ instead of WebSocket")
     simulate.add_argument("--output", default="branchkey-simulation", metavar="DIR",
                           help="where report.json and accuracy.png are written")
+    simulate.add_argument("--dashboard", action="store_true",
+                          help="print the embedded server's dashboard address (a one-time login link) and keep it "
+                               "open after the run until Ctrl-C")
     simulate.set_defaults(func=cmd_simulate)
 
 
@@ -411,12 +415,22 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
         url = f"http://{_client_host(args.host)}:{runner.addresses[0][1]}"
         write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         logger.info("branchkey-local serving %s on %s", data_dir, url)
+        announce_dashboard(app, url, args.host, data_dir)
         await stop.wait()
         logger.info("shutting down")
     finally:
         with contextlib.suppress(FileNotFoundError):
             (data_dir / SERVER_FILE).unlink()
         await runner.cleanup()
+
+
+def announce_dashboard(app: Any, url: str, host: str, data_dir: Path) -> None:
+    from .server.dashboard import announcement
+
+    text, warning = announcement(app, url, host, data_dir / ADMIN_TOKEN_FILE)
+    print(text, flush=True)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
 
 def _client_host(host: str) -> str:
@@ -527,11 +541,19 @@ def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any
     branches = [{
         "id": branch.id, "name": branch.name, "run_status": branch.run_status, "run_number": branch.run_number,
         "leaves": len(store.list_leaves(branch.id)), "required_uploads": store.required_uploads(branch),
+        "metrics": _aggregated_metrics(store, branch.id),
         "progress": round_progress(store, branch.id).to_dict(),
         "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id")}
                    for item in store.list_rounds(branch.id)],
     } for branch in store.list_branches()]
     return {"server": live[0] if live else None, "disk": store.disk_usage(), "branches": branches}
+
+
+def _aggregated_metrics(store: Store, branch_id: str) -> dict[str, Any]:
+    """The latest run's metrics as the dashboard plots them: per mode/metric and round, the sample-weighted mean."""
+    summary = metric_summary(store, branch_id)
+    return {"run_number": summary["run_number"], "latest": latest_metrics(summary),
+            "series": [{k: s[k] for k in ("mode", "metric", "rounds", "mean")} for s in summary["series"]]}
 
 
 # -- simulate -------------------------------------------------------------------------------
@@ -548,8 +570,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         config = SimulationConfig(framework=args.framework, leaves=args.leaves, rounds=args.rounds,
                                   epochs_per_round=args.epochs_per_round, partition=args.partition,
-                                  alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url)
-        report = run(config, output=args.output, progress=TerminalProgress())
+                                  alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url, dashboard=args.dashboard)
+        report = run(config, output=args.output, progress=TerminalProgress(),
+                     hold=_hold_dashboard if args.dashboard else None)
     except ModuleNotFoundError as exc:
         raise missing_dependency("simulate", exc) from None
     except (ValueError, ImportError) as exc:
@@ -560,12 +583,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except SimulationTerminated as exc:
         print(f"branchkey-local simulate: {exc}; the server and every leaf were stopped", file=sys.stderr)
         return 143
-    final = report.final
-    print(f"\n{report.table()}\n")
-    print(f"after {config.rounds} rounds: federated {final.global_accuracy:.1%}, local-only (mean) "
-          f"{final.local_accuracy:.1%}, centralized {final.centralized_accuracy:.1%}; took {report.elapsed_s:.0f} s")
-    print(f"report  {report.files['report']}\nplot    {report.files['plot']}")
+    if not args.dashboard:  # with it, _hold_dashboard printed the report already
+        print_report(report)
     return 0
+
+
+def _hold_dashboard(report: Any) -> None:
+    """Print the report, then keep the embedded server (and its dashboard) up until Ctrl-C or SIGTERM."""
+    import threading
+
+    from .simulate import SimulationTerminated
+
+    print_report(report)
+    print("the dashboard stays open; press Ctrl-C to stop the server", flush=True)
+    try:
+        threading.Event().wait()
+    except (KeyboardInterrupt, SimulationTerminated):
+        print("\nstopping the server", flush=True)
+
+
+def print_report(report: Any) -> None:
+    config, final = report.config, report.final
+    print(f"\n{report.table()}\n")
+    print(f"after {config['rounds']} rounds: federated {final.global_accuracy:.1%}, local-only (mean) "
+          f"{final.local_accuracy:.1%}, centralized {final.centralized_accuracy:.1%}; took {report.elapsed_s:.0f} s")
+    print(f"report  {report.files['report']}\nplot    {report.files['plot']}", flush=True)
 
 
 if __name__ == "__main__":

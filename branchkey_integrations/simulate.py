@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .simulation.config import SimulationConfig
 from .simulation.frameworks import check_installed
@@ -32,13 +32,16 @@ logger = logging.getLogger(__name__)
 
 
 def run(config: SimulationConfig | None = None, *, output: str | Path | None = None,
-        progress: ProgressHook | None = None, **options: Any) -> Report:
+        progress: ProgressHook | None = None, hold: Callable[[Report], None] | None = None,
+        **options: Any) -> Report:
     """Run one simulation to the end and return its :class:`Report`.
 
     Pass a :class:`SimulationConfig`, or its fields as keywords (``run(leaves=5, partition="dirichlet")``).
     ``output`` gets ``report.json`` and ``accuracy.png``; ``progress`` receives
     :class:`~branchkey_integrations.simulation.progress.RoundProgress` and ``Stage`` events (for example
-    :class:`~branchkey_integrations.simulation.progress.TerminalProgress`).
+    :class:`~branchkey_integrations.simulation.progress.TerminalProgress`). ``hold``, if given, is called
+    with the finished report (saved already) while the embedded server still runs, so its dashboard
+    stays open until ``hold`` returns.
 
     Raises:
         ValueError: a setting is out of range.
@@ -50,10 +53,16 @@ def run(config: SimulationConfig | None = None, *, output: str | Path | None = N
     check_installed(config.framework)  # a missing framework fails here, not in N leaf logs
     emit = progress or _log_event
     started = time.monotonic()
+
+    def finish(report: Report) -> Report:
+        report.elapsed_s = time.monotonic() - started
+        if output is not None:
+            report.save(output)
+        return report
     workdir = Path(tempfile.mkdtemp(prefix="branchkey-simulate-"))
     try:
         with sigterm_raises():
-            report = Simulation(config, workdir, emit).run()
+            report = Simulation(config, workdir, emit, None if hold is None else lambda r: hold(finish(r))).run()
     except (SimulationError, KeyboardInterrupt) as exc:
         logger.error("Simulation %s; its logs are kept in %s",
                      "failed" if isinstance(exc, SimulationError) else "interrupted", workdir)
@@ -62,10 +71,7 @@ def run(config: SimulationConfig | None = None, *, output: str | Path | None = N
         shutil.rmtree(workdir, ignore_errors=True)  # a setting or a bug, not a process: the logs say nothing
         raise
     shutil.rmtree(workdir, ignore_errors=True)
-    report.elapsed_s = time.monotonic() - started
-    if output is not None:
-        report.save(output)
-    return report
+    return report if hold is not None else finish(report)
 
 
 def _log_event(event: Stage | RoundProgress) -> None:

@@ -37,6 +37,7 @@ from aiohttp import WSCloseCode, web
 
 from ..core import wire
 from .admin import add_admin_routes
+from .dashboard import add_dashboard_routes
 from .connections import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_CONNECTIONS,
@@ -115,6 +116,7 @@ def create_app(
     app[GUARD] = ConnectionGuard(limits)
     add_leaf_routes(app)
     add_admin_routes(app)
+    add_dashboard_routes(app)
     add_dashboard_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_websockets)

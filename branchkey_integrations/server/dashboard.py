@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -89,6 +90,22 @@ LOGIN_CODES = web.AppKey("login_codes", LoginCodes)
 def login_url(app: web.Application, base_url: str) -> str:
     """A fresh one-time login link to the dashboard of ``app`` served at ``base_url``."""
     return f"{base_url.rstrip('/')}/#login={app[LOGIN_CODES].issue()}"
+
+
+def announcement(app: web.Application, url: str, host: str, token_file: Path) -> tuple[str, str | None]:
+    """What ``serve`` prints: the dashboard's address with a one-time login link, and a warning when
+    ``host`` makes it reachable from the network (None on loopback)."""
+    text = (f"dashboard  {url}/  (admin token in {token_file})\n"
+            f"login link {login_url(app, url)}  (one use, valid {LOGIN_CODE_TTL_S // 60} min)")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    warning = None if loopback else (
+        f"WARNING: --host {host} makes this server and its dashboard reachable from the network: anyone who can "
+        "reach it and holds the admin token or a login link can read the federation and start, pause or stop "
+        "runs. Serve on 127.0.0.1 unless other machines must connect.")
+    return text, warning
 
 
 # -- the page -------------------------------------------------------------------------------
@@ -308,4 +325,4 @@ def add_dashboard_routes(app: web.Application) -> None:
     app.router.add_post(ADMIN_PREFIX + "/dashboard/login", login)
 
 
-__all__ = ["add_dashboard_routes", "login_url", "LoginCodes", "LOGIN_CODES", "STATIC_DIR"]
+__all__ = ["add_dashboard_routes", "login_url", "announcement", "LoginCodes", "LOGIN_CODES", "STATIC_DIR"]

@@ -26,6 +26,8 @@ class SimulationConfig:
         min_samples: the fewest training samples a leaf may get.
         round_timeout_s: how long a leaf waits for one round's aggregate before failing.
         timeout_s: how long the whole simulation may take.
+        dashboard: announce the embedded server's dashboard (a :class:`~.progress.Stage` with a one-time
+            login ``link``) once the branch exists.
     """
 
     framework: str = "lightning"
@@ -39,6 +41,7 @@ class SimulationConfig:
     min_samples: int = 10
     round_timeout_s: float = 300.0
     timeout_s: float = 1800.0
+    dashboard: bool = False
 
     def __post_init__(self) -> None:
         if self.framework not in FRAMEWORKS:

@@ -92,6 +92,10 @@ class EmbeddedServer:
         created = self.admin("POST", f"/admin/v1/branches/{branch['id']}/leaves", {"count": leaves})
         return branch["id"], created["leaves"]
 
+    def dashboard_link(self) -> str:
+        """A one-time login link to the server's dashboard (the admin token stays out of the address)."""
+        return self.admin("POST", f"{ADMIN_PREFIX}/dashboard/links")["url"]
+
     def forget_broker_leaves(self, credentials: list[dict[str, str]]) -> None:
         """Have the server delete the broker users, queues and vhost it made for this run's leaves:
         a simulation is throwaway, and their passwords should not outlive it."""

@@ -11,6 +11,7 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 from .config import SimulationConfig
 from .data import Split, load_digits_split, partition
@@ -34,8 +35,9 @@ Results = dict[str, dict[str, dict[int, float]]]
 class Simulation:
     """Runs ``config`` in ``workdir`` (data, credentials, logs) and reports each step to ``emit``."""
 
-    def __init__(self, config: SimulationConfig, workdir: Path, emit: ProgressHook) -> None:
-        self.config, self.workdir, self.emit = config, workdir, emit
+    def __init__(self, config: SimulationConfig, workdir: Path, emit: ProgressHook,
+                 hold: Callable[[Report], None] | None = None) -> None:
+        self.config, self.workdir, self.emit, self.hold = config, workdir, emit, hold
         self.branch_id = ""
 
     def run(self) -> Report:
@@ -50,6 +52,9 @@ class Simulation:
         with EmbeddedServer(self.workdir / "server", config.amqp_url) as server, Supervisor() as supervisor:
             self.branch_id, credentials = server.create_branch(config.leaves)
             names = [c["name"] for c in credentials]
+            if config.dashboard:
+                link = server.dashboard_link()
+                self.emit(Stage(f"dashboard {link} (one-time login link)", link=link))
             self.emit(Stage(f"branchkey-local at {server.url}; starting {len(names)} leaf processes and the "
                             "centralized baseline"))
             readers = self._start(supervisor, server, credentials, parts, train, test_path)
@@ -58,7 +63,10 @@ class Simulation:
                 results = self._watch(server, supervisor, readers, tracker, names)
             finally:
                 server.forget_broker_leaves(credentials)
-        return self._report(results, names, parts, tracker)
+            report = self._report(results, names, parts, tracker)
+            if self.hold is not None:  # the server, and so its dashboard, stays up until it returns
+                self.hold(report)
+        return report
 
     def _start(self, supervisor: Supervisor, server: EmbeddedServer, credentials: list[dict[str, str]],
                parts: list[Split], train: Split, test_path: Path) -> dict[str, EventReader]:

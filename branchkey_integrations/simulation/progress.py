@@ -11,9 +11,10 @@ from typing import Any, Callable, TextIO, Union
 
 @dataclass(frozen=True)
 class Stage:
-    """A step outside the rounds (starting the server, training the baselines)."""
+    """A step outside the rounds (starting the server, training the baselines); ``link``: the dashboard's."""
 
     text: str
+    link: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""The dashboard in a real headless Chromium during a live 3-leaf simulation (Lightning leaves in processes
+of their own, the embedded server, the real callback): it shows the branch, follows the open round as
+leaves upload without a reload, plots the metrics after two rounds, and its pause button pauses the run
+(the leaves log the pause). Without the token it shows nothing and its calls are refused.
+
+``BRANCHKEY_DASHBOARD_SCREENSHOT=docs/dashboard.png`` saves the page mid-run (the README's picture).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+from queue import Queue
+
+import pytest
+import requests
+
+from branchkey_integrations.simulate import run
+from branchkey_integrations.simulation.progress import Stage
+
+from ..conftest import wait_until
+
+pytestmark = pytest.mark.slow
+
+RECORD_LEAF_STATES = """() => {
+  window.__seen = new Set(); window.__loaded = performance.timeOrigin;
+  const record = () => document.querySelectorAll('[data-testid=leaf-state]').forEach(c => window.__seen.add(c.firstChild.textContent));
+  new MutationObserver(record).observe(document.getElementById('leaves'), {childList: true, subtree: true});
+  record();
+}"""
+
+
+def leaf_logs(root: Path) -> dict[str, str]:
+    return {path.stem: path.read_text(errors="replace") for path in root.glob("branchkey-simulate-*/leaf_*.log")}
+
+
+def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the simulation's work directory (leaf logs) goes here
+    links: Queue = Queue()
+    outcome: dict = {}
+
+    def progress(event) -> None:
+        if isinstance(event, Stage) and event.link:
+            links.put(event.link)
+
+    def simulate() -> None:
+        try:
+            outcome["report"] = run(framework="lightning", leaves=3, rounds=12, epochs_per_round=1, dashboard=True,
+                                    progress=progress, round_timeout_s=240, timeout_s=480)
+        except BaseException as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=simulate, daemon=True)
+    thread.start()
+    link = links.get(timeout=120)
+    page.goto(link)
+    page.get_by_test_id("branch-row").wait_for()
+    assert page.get_by_test_id("branch-row").count() == 1
+    assert "#login" not in page.url  # the one-time code left the address bar
+    page.evaluate(RECORD_LEAF_STATES)
+    loaded = page.evaluate("window.__loaded")
+
+    # the open round moves on by itself: leaves upload, rounds advance, the page is never reloaded
+    page.wait_for_function("window.__seen.has('uploaded')", timeout=120_000)
+    page.wait_for_function("document.querySelectorAll('[data-testid=round-row]').length >= 2", timeout=120_000)
+    assert page.get_by_test_id("leaf-row").count() == 3
+    # the metric plot after two rounds: the mean and each of the three leaves
+    page.wait_for_function("[...document.querySelectorAll('[data-testid=plot]')].some("
+                           "f => f.dataset.metric.startsWith('test/') && +f.dataset.rounds >= 2 && +f.dataset.leaves === 3)",
+                           timeout=120_000)
+    assert page.locator("[data-testid=plot] canvas").count() >= 1
+    if os.environ.get("BRANCHKEY_DASHBOARD_SCREENSHOT"):
+        page.screenshot(path=os.environ["BRANCHKEY_DASHBOARD_SCREENSHOT"], full_page=True)
+
+    page.get_by_test_id("pause-button").click()
+    page.wait_for_function("document.querySelector('[data-testid=run-status]').textContent === 'pause'")
+    wait_until(lambda: all("is now 'pause'" in text for text in leaf_logs(tmp_path).values())
+               and len(leaf_logs(tmp_path)) == 3, 60, "every leaf to log the pause")
+    assert "error" not in outcome and thread.is_alive(), outcome  # paused, not finished
+    assert page.evaluate("window.__loaded") == loaded
+
+    page.get_by_test_id("start-button").click()
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    assert len(outcome["report"].rounds) == 12
+
+
+def test_without_the_token_the_page_shows_nothing_and_its_calls_are_refused(inprocess_server, page):
+    server, leaves = inprocess_server(2)
+    branch = leaves[0]["branch_id"]
+    page.goto(server.url + "/")
+    page.get_by_test_id("login").wait_for()
+    assert page.locator("#app").is_hidden()
+    text = page.content()
+    assert branch not in text and "leaf_1" not in text
+    # a wrong token in the session: every call is refused and the page falls back to the login form
+    page.evaluate("sessionStorage.setItem('branchkey-local-admin-token', 'wrong')")
+    statuses = []
+    page.on("response", lambda r: statuses.append(r.status) if "/admin/v1/" in r.url else None)
+    page.reload()
+    page.get_by_test_id("login").wait_for()
+    assert statuses and set(statuses) <= {401}, statuses
+    assert branch not in page.content()
+    answer = page.request.post(f"{server.url}/admin/v1/branches/{branch}/run", data={"run_status": "pause"})
+    assert answer.status == 401
+    assert server.admin("GET", f"/admin/v1/branches/{branch}").json()["data"]["run_status"] == "start"
+    # with the token typed in: the branch shows
+    page.fill("#token", server.admin_token)
+    page.click("#login-form button")
+    page.get_by_test_id("branch-row").wait_for()
+    assert page.get_by_test_id("leaf-row").count() == 2
+    assert all(leaf["session_token"] not in page.content() for leaf in leaves)
+    assert requests.get(server.url + "/admin/v1/overview", timeout=10).status_code == 401
