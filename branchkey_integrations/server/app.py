@@ -50,7 +50,6 @@ from .connections import (
     GuardedAppRunner,
     guard_middleware,
 )
-from .dashboard import add_dashboard_routes
 from .httpio import HttpProblem, error_middleware
 from .notify import Notifier
 from .routes import add_leaf_routes
@@ -116,7 +115,6 @@ def create_app(
     app[GUARD] = ConnectionGuard(limits)
     add_leaf_routes(app)
     add_admin_routes(app)
-    add_dashboard_routes(app)
     add_dashboard_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_websockets)
