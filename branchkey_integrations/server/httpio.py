@@ -87,11 +87,22 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         body = json.loads(raw.decode("utf-8")) if raw else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise HttpProblem(400, f"Body is not JSON ({exc}); expected a JSON object.") from exc
     if not isinstance(body, dict):
         raise HttpProblem(400, f"Body is JSON {type(body).__name__}; expected a JSON object.")
+    check_unicode(body, "Body")
     return body
+
+
+def check_unicode(value: Any, where: str) -> None:
+    """Refuse parsed JSON holding a lone UTF-16 surrogate (the escape ``\\ud800`` decodes to one): valid
+    JSON, yet no UTF-8 text, so neither the store nor an answer could carry it."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end] if isinstance(exc.object, str) else "?"
+        raise InvalidValueError(f"{where} holds a lone UTF-16 surrogate ({bad!r}); expected valid Unicode text.") from None
 
 
 @web.middleware
@@ -128,5 +139,5 @@ def _route_hint(status: int) -> str:
 
 __all__ = [
     "HttpProblem", "DOMAIN_STATUSES", "ok", "error_response", "domain_status", "is_decimal", "check_file_id",
-    "read_json_object", "error_middleware",
+    "read_json_object", "check_unicode", "error_middleware",
 ]

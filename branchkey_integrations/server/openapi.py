@@ -102,7 +102,7 @@ SCHEMAS: dict[str, Schema] = {
     "TreeRequest": _obj({}, {"name": {"type": "string", "minLength": 1}, "owner_id": _STR}),
     "BranchRequest": _obj({}, {
         "name": {"type": "string", "minLength": 1},
-        "min_leaves": _null({"type": "integer", "minimum": 1, "description": "null: every leaf"}),
+        "min_leaves": _null({"type": "integer", "minimum": 1, "maximum": 1_000_000, "description": "null: every leaf"}),
         "round_deadline_s": _null({"type": "number", "exclusiveMinimum": 0, "description": "null: no deadline"}),
     }),
     "LeavesRequest": _obj({}, {"count": {"type": "integer", "minimum": 1, "maximum": 10000},

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 DB_NAME = "store.sqlite3"
 FILES_DIR = "files"
 ADMIN_TOKEN_FILE = "admin_token"
+MAX_MIN_LEAVES = 1_000_000  # a round needs at most every leaf; a huge value would overflow SQLite's integers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -188,6 +189,8 @@ class Store:
     def create_tree(self, name: str, owner_id: str | None = None) -> dict[str, str]:
         if not isinstance(name, str) or not name.strip():
             raise InvalidValueError(f"Expected a non-empty tree name. Received: name={name!r}")
+        if owner_id is not None and (not isinstance(owner_id, str) or not owner_id.strip()):
+            raise InvalidValueError(f"Expected owner_id to be a non-empty string or absent. Received: {owner_id!r:.80}")
         tree = {"id": new_id(), "name": name, "owner_id": owner_id or self.owner_id, "created_at": now_iso()}
         with self._tx() as conn:
             conn.execute("INSERT INTO trees (id, name, owner_id, created_at) VALUES (:id, :name, :owner_id, :created_at)", tree)
@@ -750,8 +753,10 @@ def _check_round_accepts(conn: sqlite3.Connection, branch_id: str, run_number: i
 def _check_branch_settings(name: str, min_leaves: int | None, round_deadline_s: float | None) -> None:
     if not isinstance(name, str) or not name.strip():
         raise InvalidValueError(f"Expected a non-empty branch name. Received: name={name!r}")
-    if min_leaves is not None and (isinstance(min_leaves, bool) or not isinstance(min_leaves, int) or min_leaves < 1):
-        raise InvalidValueError(f"Expected min_leaves to be an integer >= 1 or null (all leaves). Received: {min_leaves!r}")
+    if min_leaves is not None and (isinstance(min_leaves, bool) or not isinstance(min_leaves, int)
+                                   or not 1 <= min_leaves <= MAX_MIN_LEAVES):
+        raise InvalidValueError(f"Expected min_leaves to be an integer from 1 to {MAX_MIN_LEAVES} or null (all leaves). "
+                                f"Received: {min_leaves!r:.80}")
     if round_deadline_s is not None:
         if isinstance(round_deadline_s, bool) or not isinstance(round_deadline_s, (int, float)) \
                 or not 0 < round_deadline_s < float("inf"):

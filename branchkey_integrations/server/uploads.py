@@ -44,7 +44,7 @@ from ..core.errors import (
 )
 from ..core.protocol import FILE_DIGEST_HEADER, FILE_SIZE_HEADER
 from .durable import start_writeback
-from .httpio import is_decimal
+from .httpio import check_unicode, is_decimal
 from .workers import Workers
 
 _CHUNK = 4 << 20
@@ -265,12 +265,13 @@ def parse_data_part(text: str | None) -> str | None:
         return None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidValueError(
             f"Part 'data' is not JSON ({exc}); expected {{\"leaf_name\": ..., \"metadata\": ...}}."
         ) from exc
     if not isinstance(data, dict):
         raise InvalidValueError("Part 'data' must be a JSON object {\"leaf_name\": ..., \"metadata\": ...}.")
+    check_unicode(data, "Part 'data'")
     metadata = data.get("metadata")
     if metadata is None or isinstance(metadata, str):
         return metadata

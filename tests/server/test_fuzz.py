@@ -160,10 +160,18 @@ def resolve(schema: Any) -> Any:
 
 
 JUNK_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+#: any text, lone surrogates included (JSON escapes them as \\ud800; no UTF-8 can hold one)
+JSON_TEXT = st.text(st.characters(codec=None), max_size=40)
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | JUNK_TEXT,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(JUNK_TEXT, inner, max_size=4), max_leaves=12,
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(JSON_TEXT, inner, max_size=4), max_leaves=12,
 )
+
+
+#: bodies Python's json module reads although they are not JSON (NaN, Infinity), or that overflow
+LOOSE_JSON = [b'{"count": NaN}', b'{"round_deadline_s": Infinity}', b'{"min_leaves": 1e400}', b'{"name": "\\ud800"}',
+              b'{"min_leaves": 99999999999999999999999}', b'{"count": -Infinity, "name_prefix": null}',
+              b'{"run_status": ["start"]}', b'{"mode": "test", "data": NaN}', b'[{}]', b'"x"', b'{"a":' * 50, b'[' * 100_000]
 
 
 def from_schema(schema: Any) -> st.SearchStrategy[Any]:
@@ -193,7 +201,7 @@ def _conforming(schema: Any) -> st.SearchStrategy[Any]:
         return st.tuples(st.fixed_dictionaries(fields), drop).map(
             lambda pair: {k: v for k, v in pair[0].items() if v is not _MISSING and k not in pair[1]})
     if kind == "string":
-        return st.text(min_size=schema.get("minLength", 0), max_size=40)
+        return st.text(st.characters(codec=None), min_size=schema.get("minLength", 0), max_size=40)
     if kind == "integer":
         return st.integers(schema.get("minimum"), schema.get("maximum"))
     if kind == "number":
@@ -233,7 +241,15 @@ def id_strategy(world: World, name: str, admin_write: bool, leaf_key: str | None
         real = STATIC_NAMES
     else:
         real = list(ids.values())
-    return st.one_of(st.sampled_from(real), st.sampled_from(real), HOSTILE_IDS, JUNK_TEXT.filter(bool))
+    return st.one_of(st.sampled_from(real), st.sampled_from(real), HOSTILE_IDS, JUNK_TEXT.filter(bool),
+                     RAW_IDS.map(Raw))
+
+
+class Raw(str):
+    """A path segment sent as it is, not quoted: percent escapes of bytes that are no UTF-8, or a NUL."""
+
+
+RAW_IDS = st.sampled_from(["%ED%A0%80", "%FF", "%00", "a%2Fb", "%2e%2e", "%C0%AF", "x%20y", "%"])
 
 
 @st.composite
@@ -348,8 +364,9 @@ def calls(draw: st.DrawFn, world: World, path: str, method: str) -> Call:
     for parameter in operation.get("parameters", []):
         if parameter["in"] == "path":
             value = draw(id_strategy(world, parameter["name"], admin_write, leaf_key))
-            concrete = concrete.replace("{" + parameter["name"] + "}", urllib.parse.quote(value, safe="/" if
-                                                                                          parameter["name"] == "name" else ""))
+            segment = value if isinstance(value, Raw) else urllib.parse.quote(
+                value, safe="/" if parameter["name"] == "name" else "")
+            concrete = concrete.replace("{" + parameter["name"] + "}", segment)
     query_names = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query"]
     real_query = None
     if query_names and draw(st.booleans()):  # a real ticket or signature, used as is or spoilt
@@ -367,8 +384,8 @@ def calls(draw: st.DrawFn, world: World, path: str, method: str) -> Call:
         if "mode" in schema.get("properties", {}):
             bodies += [metrics_bodies(world, leaf_key or "main_0")] * 2
         body = draw(st.one_of(bodies))
-        if draw(st.integers(0, 9)) == 0:
-            kwargs["data"] = draw(st.binary(max_size=100))  # not JSON at all
+        if draw(st.integers(0, 9)) == 0:  # not JSON at all, or what Python's json takes beyond JSON
+            kwargs["data"] = draw(st.binary(max_size=100) | st.sampled_from(LOOSE_JSON))
         else:
             kwargs["json"] = body
     return Call(method, url, headers, kwargs, real_query=real_query)

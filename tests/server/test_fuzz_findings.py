@@ -1,0 +1,41 @@
+"""What the route fuzzer (test_fuzz.py) found answered 500, kept as plain regression tests: each is now a
+400 that names the problem."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from branchkey_integrations.core import wire
+
+
+def post(live, path: str, raw: bytes, headers: dict[str, str]) -> requests.Response:
+    return requests.post(live.url + path, data=raw, headers=headers, timeout=10)
+
+
+@pytest.mark.parametrize(("target", "raw", "named"), [
+    ("trees", b'{"name": "\\ud800"}', "surrogate"),  # valid JSON, no UTF-8: SQLite could not store it
+    ("branches", b'{"name": "x\\udfff"}', "surrogate"),
+    ("trees", b'{"name": "t", "owner_id": [null]}', "owner_id"),  # SQLite cannot bind a list
+    ("branches", b'{"name": "b", "min_leaves": 99999999999999999999999}', "min_leaves"),  # overflows SQLite
+    ("trees", b'{"a":' * 5000, "not JSON"),  # nesting deeper than the parser's recursion limit
+])
+def test_admin_bodies_that_answered_500_are_refused_with_400(live, target, raw, named) -> None:
+    branch, (leaf, _) = live.make_branch(2)
+    path = "/admin/v1/trees" if target == "trees" else f"/admin/v1/trees/{branch['tree_id']}/branches"
+    answer = post(live, path, raw, {"Authorization": f"Bearer {live.admin_token}"})
+    assert answer.status_code == 400 and named in answer.json()["error"], answer.text
+
+
+def test_leaf_texts_with_a_lone_surrogate_are_refused_with_400(live) -> None:
+    branch, (leaf, _) = live.make_branch(2)
+    metrics = {"mode": "test", "leaf_id": leaf["id"], "branch_id": leaf["branch_id"], "tree_id": leaf["tree_id"]}
+    raw = json.dumps({**metrics, "data": "{}", "aggregation_id": "\ud800"}).encode()
+    answer = post(live, "/api/v1/performance/analysis", raw, live.auth(leaf))
+    assert answer.status_code == 400 and "surrogate" in answer.json()["error"]
+    upload = live.upload(leaf, wire.encode([np.ones(3, np.float32)], 1.0), data=json.dumps({"metadata": "\udc80"}))
+    assert upload.status_code == 400 and "Part 'data'" in upload.json()["error"]
+    assert live.upload(leaf, wire.encode([np.ones(3, np.float32)], 1.0)).status_code == 201
