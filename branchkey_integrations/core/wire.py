@@ -99,6 +99,9 @@ class Archive:
     layers: list[np.ndarray]
     weighting: float | None = None
     kind: str = KIND_FEDERATED_LEARNING
+    #: True when :func:`scan` made it: ``layers`` are zero-byte stand-ins of the right shape and dtype,
+    #: whose values were checked finite while they streamed past
+    scanned: bool = False
 
     @property
     def specs(self) -> list[LayerSpec]:
@@ -452,6 +455,47 @@ def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int
     return members
 
 
+def scan(
+    path: str | os.PathLike,
+    *,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_compression_ratio: float | None = None,
+    piece_bytes: int = _CHUNK,
+) -> Archive:
+    """Check an archive on disk as :func:`decode` does, and its values finite, in ``piece_bytes`` of memory.
+
+    For a receiver that must not hold (or map) a whole upload: each layer streams through one
+    buffer (:func:`layer_pieces`: CRC checked, finite checked piece by piece) and is represented
+    in the result by a read-only, zero-byte stand-in of its shape and dtype (``Archive.scanned``).
+
+    Raises:
+        ArchiveTooLargeError: over a limit (members, bytes, compression ratio).
+        ArchiveError: not a valid, safe BranchKey archive, or a layer holds NaN or infinity.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = _checked_members(zf, max_members, max_total_bytes)
+            if max_compression_ratio is not None:
+                check_compression_ratio(list(infos.values()), max_compression_ratio)
+            arrays: dict[str, np.ndarray] = {}
+            for key, info in infos.items():
+                if not LAYER_PATTERN.fullmatch(key):
+                    arrays[key] = _read_member(zf, info, key)  # weighting, payload kind: a few bytes
+                    continue
+                spec, _, pieces = layer_pieces(zf, int(key[len("layer_"):]), piece_bytes)
+                for piece in pieces:
+                    if not all_finite(piece):
+                        bad = int(piece.size - np.count_nonzero(np.isfinite(piece)))
+                        raise ArchiveError(f"{key} holds {bad}+ non-finite value(s) (NaN or infinity).")
+                arrays[key] = np.broadcast_to(np.zeros((), spec.dtype), spec.shape)
+    except _CORRUPT_ZIP_ERRORS as exc:
+        raise ArchiveError(f"Not a valid NPZ (zip) archive: {exc!r}.") from exc
+    archive = _assemble(arrays)
+    archive.scanned = True
+    return archive
+
+
 def check_compression_ratio(infos: Sequence[zipfile.ZipInfo], max_ratio: float) -> None:
     """Refuse a compression bomb (see :data:`COMPRESSION_RATIO_FLOOR_BYTES`), naming its worst member.
 
@@ -754,7 +798,8 @@ def validate_upload(archive: Archive, expected: Sequence[LayerSpec] | None = Non
         problem = spec_mismatch(expected, archive.specs)
         if problem:
             raise ArchiveError(f"Upload does not match this round's layers: {problem}.")
-    check_finite(archive.layers)
+    if not archive.scanned:  # scan() checked the values as they streamed past
+        check_finite(archive.layers)
 
 
 __all__ = [
@@ -768,6 +813,7 @@ __all__ = [
     "EncodedArchive",
     "ArchiveWriter",
     "decode",
+    "scan",
     "check_weighting",
     "check_compression_ratio",
     "COMPRESSION_RATIO_FLOOR_BYTES",

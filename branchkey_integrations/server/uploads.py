@@ -4,8 +4,10 @@ The upload call is multipart (PROTOCOL.md): part ``file`` holds the NPZ bytes (t
 of MB), part ``data`` a small JSON text. Part ``file`` is streamed to a temporary file in the
 store's files directory, hashed on the way and written by a worker thread while the next chunk
 arrives; the 3.x client's ``x-bk-file-size`` and ``x-bk-file-digest`` headers are checked
-against what arrived; the archive is then decoded from a memory map, off the event loop, within
-the server's member and size limits.
+against what arrived; the archive is then checked (:func:`wire.scan`: structure, CRCs, finite
+values, a compression bomb refused before anything inflates) streaming through one 4 MiB buffer
+off the event loop, within the server's member, size and compression-ratio limits, so an upload
+costs the server a fixed amount of memory however large it is.
 
 A refusal is a domain error, like everywhere below the HTTP handlers: a malformed body is an
 :class:`InvalidValueError` (400), one over a limit an :class:`ArchiveTooLargeError` (413). The
@@ -25,7 +27,6 @@ import hashlib
 import hmac
 import json
 import logging
-import mmap
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -286,8 +287,8 @@ async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> w
         InvalidValueError: not a readable, safe NPZ archive.
     """
     try:
-        return await workers.blocking(
-            _decode_mapped, path, max_members=limits.max_members, max_total_bytes=limits.max_total_bytes,
+        return await workers.blocking(  # streamed through one 4 MiB buffer: memory per upload is bounded
+            wire.scan, path, max_members=limits.max_members, max_total_bytes=limits.max_total_bytes,
             max_compression_ratio=limits.max_compression_ratio,
         )
     except ArchiveTooLargeError as exc:
@@ -299,18 +300,6 @@ async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> w
         raise InvalidValueError(
             f"Upload rejected: not a readable NPZ archive ({type(exc).__name__}: {exc})."
         ) from exc
-
-
-def _decode_mapped(path: Path, **limits: Any) -> wire.Archive:
-    """Decode from a read-only memory map: stored layers are views of the page cache, not copies.
-
-    Validation reads each layer once anyway; copying a 400 MB upload into fresh memory first
-    cost more than the validation itself. The round logic drops the views before the file is
-    renamed, which unmaps it.
-    """
-    with open(path, "rb") as handle:
-        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # an empty file: ValueError
-    return wire.decode(memoryview(mapping), **limits)
 
 
 __all__ = [
