@@ -234,10 +234,8 @@ class Client:
         return aggregation_id
 
     def get_round(self) -> RoundView | None:
-        """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate.
-
-        None on a platform without that call (it answered 404 once; it is not asked again).
-        """
+        """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate;
+        None on a platform without that call (it answered 404 once, and is not asked again)."""
         if not self._round_endpoint:
             return None
         try:
@@ -339,9 +337,10 @@ class Client:
         file_id = answer.get("file_id")
         if not isinstance(file_id, str) or not file_id:
             raise ProtocolError(f"upload: no file_id in {answer!r}")
-        run_number, round_index = answer.get("run_number"), answer.get("round_index")
-        tagged = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (run_number, round_index))
-        self._upload_mark, self._upload_round = mark, (run_number, round_index) if tagged else None
+        run, index = answer.get("run_number"), answer.get("round_index")
+        self._upload_mark = mark
+        self._upload_round = (run, index) if isinstance(run, int) and isinstance(index, int) and min(run, index) >= 0 \
+            else None
         logger.info("Uploaded %s (%.2f MB) as %s", filename, size / 1e6, file_id)
         return file_id
 

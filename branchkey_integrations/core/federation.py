@@ -59,6 +59,16 @@ _REFRESH_S = 5.0  # how often a paused round re-reads the run status over REST, 
 _CONFLICT_BACKOFF = (0.1, 2.0, 2.0)  # initial, factor, maximum seconds between retries of an upload refused with 409
 
 
+def _split(target: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    return (None, None) if target is None else target
+
+
+def _seconds(name: str, value: float) -> float:
+    checked = _checked_timeout(name, value, allow_none=False)
+    assert checked is not None
+    return checked
+
+
 def _checked_timeout(name: str, value: float | None, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None
@@ -124,9 +134,9 @@ class Federation:
         if on_timeout not in ON_TIMEOUT:
             raise ValueError(f"Expected on_timeout in {ON_TIMEOUT}. Received: on_timeout={on_timeout!r}")
         self.on_timeout = on_timeout
-        self.log_every_s = _checked_timeout("log_every_s", log_every_s, allow_none=False)
-        self.connect_timeout = _checked_timeout("connect_timeout", connect_timeout, allow_none=False)
-        self.check_every_s = _checked_timeout("check_every_s", check_every_s, allow_none=False)
+        self.log_every_s = _seconds("log_every_s", log_every_s)
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self.check_every_s = _seconds("check_every_s", check_every_s)
         if on_progress is not None and not callable(on_progress):
             raise ValueError(f"Expected on_progress to be a function of one WaitProgress. Received: {on_progress!r}")
         self._listeners: list[ProgressListener] = [on_progress] if on_progress is not None else []
@@ -279,16 +289,15 @@ class Federation:
             aggregation_id = self._wait_for_aggregate(number, deadline, mark, target, notes)
             wait_s = time.monotonic() - started
             if aggregation_id is None:
-                return RoundResult(None, None, wait_s, upload_mb, self.round, *(target or (None, None)),
-                                   skipped="timeout")
+                return RoundResult(None, None, wait_s, upload_mb, self.round, *_split(target), skipped="timeout")
             archive = self.client.download_aggregate(aggregation_id, buffer=self._download_buffer)
         except (TransportError, ServerError) as exc:
             if self.on_timeout != "continue":
                 raise
             logger.warning("Round %d skipped: %s. Training goes on with the local model; the next round tries "
                            "again (on_timeout='continue').", number, exc)
-            return RoundResult(None, None, time.monotonic() - started, upload_mb, self.round,
-                               *(target or (None, None)), skipped="unreachable")
+            return RoundResult(None, None, time.monotonic() - started, upload_mb, self.round, *_split(target),
+                               skipped="unreachable")
         aggregate = self.check_aggregate(archive.layers, expected, names)
         run_number, round_index = self.client.waiter.round_of(aggregation_id)
         self._record(number, AggregateRef(aggregation_id, run_number, round_index))

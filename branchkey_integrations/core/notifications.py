@@ -59,6 +59,7 @@ class NotificationTransport(abc.ABC):
         self._handler: Handler | None = None
         self._connect_listeners: list[Callable[[], None]] = []
         self.reconnects = 0
+        self._failures = 0  # failed attempts since the channel was last open
 
     def add_connect_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` (on the transport's thread) each time the channel opens, reconnects included.
@@ -70,6 +71,9 @@ class NotificationTransport(abc.ABC):
 
     def _set_connected(self) -> None:
         self.connected.set()
+        if self._failures:
+            logger.info("%s notifications: connected again after %d failed attempt(s)", self.name, self._failures)
+            self._failures = 0
         for listener in self._connect_listeners:
             try:
                 listener()
@@ -112,8 +116,11 @@ class NotificationTransport(abc.ABC):
                 if was_connected:  # a connection that worked earns a quick first retry
                     self.backoff.reset()
                 delay = self.backoff.next()
-                logger.warning("%s notifications: %s; reconnecting in %.1f s", self.name, exc, delay)
                 self.reconnects += 1
+                self._failures += 1
+                # an outage is said once at WARNING (and every 10th attempt), each further attempt at INFO
+                level = logging.WARNING if self._failures % 10 == 1 else logging.INFO
+                logger.log(level, "%s notifications: %s; reconnecting in %.1f s", self.name, exc, delay)
                 self._closing.wait(delay)
             finally:
                 self.connected.clear()

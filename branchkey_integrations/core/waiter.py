@@ -63,7 +63,7 @@ class Every:
     """
 
     interval: float
-    action: Callable[[float], None]
+    action: Callable[[float], object]  # what it returns is ignored
     first: float | None = None
     on_refresh: bool = False
 

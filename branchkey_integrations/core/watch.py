@@ -95,7 +95,10 @@ class WaitWatch:
     def periodic(self) -> list[Every]:
         """The report (first at once) and the round-view check (first at once, again after a reconnect)."""
         return [Every(self.check_every_s, self.check, first=0.0, on_refresh=True),
-                Every(self.log_every_s, lambda waited: self.report(), first=0.0)]
+                Every(self.log_every_s, self._report_periodically, first=0.0)]
+
+    def _report_periodically(self, waited: float) -> None:
+        self.report()
 
     def check(self, waited: float = 0.0) -> None:
         """Read the round view; hand a missed aggregate to the waiter; report what changed."""
