@@ -71,8 +71,6 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
                            "f => f.dataset.metric.startsWith('test/') && +f.dataset.rounds >= 2 && +f.dataset.leaves === 3)",
                            timeout=120_000)
     assert page.locator("[data-testid=plot] canvas").count() >= 1
-    if os.environ.get("BRANCHKEY_DASHBOARD_SCREENSHOT"):
-        page.screenshot(path=os.environ["BRANCHKEY_DASHBOARD_SCREENSHOT"], full_page=True)
 
     page.get_by_test_id("pause-button").click()
     page.wait_for_function("document.querySelector('[data-testid=run-status]').textContent === 'pause'")
@@ -80,6 +78,8 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
                and len(leaf_logs(tmp_path)) == 3, 60, "every leaf to log the pause")
     assert "error" not in outcome and thread.is_alive(), outcome  # paused, not finished
     assert page.evaluate("window.__loaded") == loaded
+    if os.environ.get("BRANCHKEY_DASHBOARD_SCREENSHOT"):
+        page.screenshot(path=os.environ["BRANCHKEY_DASHBOARD_SCREENSHOT"], full_page=True)
 
     page.get_by_test_id("start-button").click()
     thread.join(300)

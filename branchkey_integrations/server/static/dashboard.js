@@ -249,7 +249,8 @@ function drawPlots(summary) {
   }
   const manyLeaves = summary.leaves.length > 12;
   for (const s of summary.series) {
-    const figure = el("figure", null, { "data-testid": "plot", "data-metric": s.mode + "/" + s.metric });
+    const figure = el("figure", null, { "data-testid": "plot", "data-metric": s.mode + "/" + s.metric,
+      "data-rounds": s.rounds.length, "data-leaves": Object.keys(s.per_leaf).length });
     figure.append(el("figcaption", s.mode + " " + s.metric + ": sample-weighted mean over leaves"
       + (manyLeaves ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
     box.append(figure);
@@ -261,7 +262,7 @@ function drawPlots(summary) {
     }
     const data = [s.rounds, s.mean, ...leaves.map((name) => s.per_leaf[name])];
     const opts = { width: 440, height: 220, series, legend: { show: !manyLeaves },
-      scales: { x: { time: false } }, axes: [{ label: "round" }, {}] };
+      scales: { x: { time: false } }, axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}] };
     state.plots.push(new uPlot(opts, data, figure));
   }
 }
