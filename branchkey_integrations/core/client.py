@@ -218,7 +218,7 @@ class Client:
         notifications; else the newest unread id, as the official client does. ``waiter.interrupt`` ends it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        target, self._upload_round = self._upload_round, None
+        target = self._upload_round  # kept until its aggregate came: a wait that timed out may be tried again
         if target is None:
             aggregation_id = self._waiter.wait_for_unread(deadline)
         else:
@@ -226,6 +226,7 @@ class Client:
                                first=check_every_s, on_refresh=True)
             aggregation_id = self._waiter.wait_for_aggregate_after(self._upload_mark, deadline, [safety_net],
                                                                    stopped=None, target=target)
+            self._upload_round = None if aggregation_id is not None else target
         if aggregation_id is None:
             raise AggregationTimeoutError(
                 f"No aggregate for branch {self.branch_id} within {timeout} s "
