@@ -128,7 +128,8 @@ _ERRORS = {
 
 def _operation(summary: str, *, tag: str, ok: tuple[int, Schema | None], security: str | None,
                errors: tuple[int, ...] = (400, 401), body: Schema | None = None, multipart: bool = False,
-               params: tuple[str, ...] = (), query: tuple[str, ...] = (), headers: tuple[str, ...] = (),
+               params: tuple[str, ...] = (), query: tuple[str, ...] = (), optional_query: tuple[str, ...] = (),
+               headers: tuple[str, ...] = (),
                description: str | None = None, content_type: str = "application/json", wrapped: bool = True) -> Schema:
     status, data = ok
     answer: Schema = {"description": "success"}
@@ -144,6 +145,7 @@ def _operation(summary: str, *, tag: str, ok: tuple[int, Schema | None], securit
         operation["description"] = description
     parameters = [{"name": name, "in": "path", "required": True, "schema": _STR} for name in params]
     parameters += [{"name": name, "in": "query", "required": True, "schema": _STR} for name in query]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": _STR} for name in optional_query]
     parameters += [{"name": name, "in": "header", "required": False, "schema": _STR} for name in headers]
     if parameters:
         operation["parameters"] = parameters
@@ -256,42 +258,10 @@ def _dashboard_paths() -> dict[str, dict[str, Schema]]:
         branch + "/live": {"get": admin("Open round live", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",),
                                         description="The open round and every leaf's state and connection.")},
         branch + "/history": {"get": admin("Round history", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",),
+                                           optional_query=("run",),
                                            description="Aggregated rounds of one run (?run=N, default the latest).")},
         branch + "/metrics/summary": {"get": admin(
-            "Metrics summary", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",),
-            description="Per mode and metric: the sample-weighted mean over leaves and each leaf's value, by round.")},
-        ADMIN_PREFIX + "/aggregates/{file_id}/download": {"get": admin(
-            "Aggregate download URL", ok=(200, _obj({"download_url": _STR})), errors=(400, 401, 404),
-            params=("file_id",), description="A signed, expiring URL of a stored aggregate.")},
-        ADMIN_PREFIX + "/events": {"get": admin(
-            "Event stream", ok=(200, {"type": "string"}), errors=(401,), wrapped=False, content_type="text/event-stream",
-            description="Server-sent events: upload, refused, aggregation_status, run_status, metrics, presence.")},
-        ADMIN_PREFIX + "/dashboard/links": {"post": admin("Dashboard login link", ok=(201, _obj({"url": _STR})),
-                                                          errors=(401,))},
-        ADMIN_PREFIX + "/dashboard/login": {"post": _operation(
-            "Dashboard login", tag="dashboard", security=None, ok=(200, _obj({"token": _STR})), errors=(400, 401),
-            body=_obj({"code": _STR}), description="Trades a one-time login code for the admin token.")},
-    }
-
-
-def _dashboard_paths() -> dict[str, dict[str, Schema]]:
-    """The dashboard (server/dashboard.py): its page and files, and the admin JSON it reads."""
-    admin = functools.partial(_operation, tag="dashboard", security="adminBearer")
-    branch, obj = ADMIN_PREFIX + "/branches/{branch_id}", {"type": "object"}
-    page = functools.partial(_operation, tag="dashboard", security=None, wrapped=False, errors=(), content_type="text/html")
-    return {
-        "/": {"get": page("Dashboard page", ok=(200, {"type": "string"}),
-                          description="The dashboard; it shows nothing until given the admin token.")},
-        "/dashboard/static/{name}": {"get": page("Dashboard file", ok=(200, {"type": "string"}), params=("name",),
-                                                 content_type="text/javascript")},
-        ADMIN_PREFIX + "/overview": {"get": admin("Dashboard overview", ok=(200, obj), errors=(401,),
-                                                  description="Trees, branches, runs and each open round in brief.")},
-        branch + "/live": {"get": admin("Open round live", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",),
-                                        description="The open round and every leaf's state and connection.")},
-        branch + "/history": {"get": admin("Round history", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",),
-                                           description="Aggregated rounds of one run (?run=N, default the latest).")},
-        branch + "/metrics/summary": {"get": admin(
-            "Metrics summary", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",),
+            "Metrics summary", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",), optional_query=("run",),
             description="Per mode and metric: the sample-weighted mean over leaves and each leaf's value, by round.")},
         ADMIN_PREFIX + "/aggregates/{file_id}/download": {"get": admin(
             "Aggregate download URL", ok=(200, _obj({"download_url": _STR})), errors=(400, 401, 404),

@@ -367,12 +367,15 @@ def calls(draw: st.DrawFn, world: World, path: str, method: str) -> Call:
             segment = value if isinstance(value, Raw) else urllib.parse.quote(
                 value, safe="/" if parameter["name"] == "name" else "")
             concrete = concrete.replace("{" + parameter["name"] + "}", segment)
-    query_names = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query"]
+    query_names = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query" and p.get("required")]
     real_query = None
     if query_names and draw(st.booleans()):  # a real ticket or signature, used as is or spoilt
         kind = "ticket" if "ticket" in query_names else "signed"
         real_query = (kind, draw(st.sampled_from(["as_is", "other_request", "twice", "expired", "tampered", "other_file"])))
     query = {name: draw(JUNK_TEXT) for name in query_names}
+    for parameter in operation.get("parameters", []):  # optional ones: absent, a number of any size, or junk
+        if parameter["in"] == "query" and not parameter.get("required") and draw(st.booleans()):
+            query[parameter["name"]] = draw(st.integers(-2**80, 2**80).map(str) | JUNK_TEXT)
     url = world.url + concrete + ("?" + urllib.parse.urlencode(query) if query and not real_query else "")
     kwargs: dict[str, Any] = {}
     content = operation.get("requestBody", {}).get("content", {})
