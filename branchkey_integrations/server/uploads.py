@@ -26,6 +26,7 @@ import errno
 import hashlib
 import hmac
 import json
+import weakref
 import logging
 import zipfile
 import zlib
@@ -52,6 +53,8 @@ _CHUNK = 4 << 20
 _READ_CHUNK = 1 << 20
 _DRAIN_LIMIT = 256 * 1024**2
 _DATA_PART_LIMIT = 1 << 20
+#: upload bytes one server holds in memory at most, all connections together (see :class:`ByteBudget`)
+MAX_BYTES_IN_FLIGHT = 64 << 20
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 
@@ -187,28 +190,93 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
     A body that sends nothing for ``idle_timeout_s`` is dropped (:class:`UploadInterruptedError`).
     """
     digest = hashlib.sha256()
-    size = batched = 0
+    size = batched = pending_bytes = 0
     batch: list[bytes] = []
     pending: asyncio.Future[None] | None = None
+    budget = ByteBudget.of_running_loop()
+
+    async def settle() -> None:  # the write in flight is done: its bytes go back to the budget
+        nonlocal pending, pending_bytes
+        if pending is not None:
+            try:
+                await pending
+            finally:
+                pending = None
+                budget.release(pending_bytes)
+                pending_bytes = 0
+
+    async def flush() -> None:  # hand the batch to a worker (after the previous write)
+        nonlocal batch, batched, pending, pending_bytes
+        await settle()
+        if batch:
+            pending, pending_bytes = asyncio.ensure_future(workers.blocking(_write_and_hash, out, digest, batch)), batched
+            batch, batched = [], 0
+
     with open(temp, "wb") as out:
         try:
-            while chunk := await _read_or_stall(request, part, idle_timeout_s):
+            while True:
+                if budget.spent():  # by all uploads together: hold nothing while waiting for room
+                    await flush()
+                    await settle()
+                    await budget.room()
+                chunk = await _read_or_stall(request, part, idle_timeout_s)
+                if not chunk:
+                    break
+                budget.take(len(chunk))
+                batch.append(chunk)
+                batched += len(chunk)
                 size += len(chunk)
                 if size > limit:
                     await drain(request)
                     raise ArchiveTooLargeError(f"Upload is larger than this server's limit of {limit} bytes.")
-                batch.append(chunk)
-                batched += len(chunk)
                 if batched >= _CHUNK:
-                    if pending is not None:
-                        await pending
-                    pending = asyncio.ensure_future(workers.blocking(_write_and_hash, out, digest, batch))
-                    batch, batched = [], 0
+                    await flush()
+            await flush()
         finally:
-            if pending is not None:
-                await pending
-        await workers.blocking(_write_and_hash, out, digest, batch)
+            await settle()
+            budget.release(batched)
     return ReceivedUpload(temp, size, digest.digest())
+
+
+class ByteBudget:
+    """Bytes of upload bodies held in memory by all the uploads of one event loop (one server).
+
+    An upload counts what it read until a worker has written it. When the budget is spent, an
+    upload first writes what it holds and then waits for room before reading again, so waiting
+    uploads hold nothing and the bytes in flight stay near :data:`MAX_BYTES_IN_FLIGHT` (plus one
+    read per reading upload, which aiohttp caps at its buffer size). Its socket is then not read,
+    which is TCP backpressure on the client: memory stays bounded however many leaves upload at
+    once, and a stalled client holds no share of the budget.
+    """
+
+    _instances: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ByteBudget]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = asyncio.Event()
+
+    @classmethod
+    def of_running_loop(cls) -> "ByteBudget":
+        loop = asyncio.get_running_loop()
+        if loop not in cls._instances:
+            cls._instances[loop] = cls(MAX_BYTES_IN_FLIGHT)
+        return cls._instances[loop]
+
+    def spent(self) -> bool:
+        return self.used >= self.capacity
+
+    async def room(self) -> None:
+        while self.spent():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def take(self, count: int) -> None:
+        self.used += count
+
+    def release(self, count: int) -> None:
+        self.used -= count
+        self._changed.set()
 
 
 async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeout_s: float) -> bytes:

@@ -204,3 +204,26 @@ def test_the_cli_drops_an_upload_and_resets_a_round_of_a_live_server(server_fact
     server.stop()
     offline = cli("round", "reset", "--data-dir", data_dir, "--note", "maintenance")
     assert "in the store (no live server)" in offline.stdout
+
+
+def test_uploads_share_a_small_in_flight_budget_and_all_complete(start_server, monkeypatch) -> None:
+    import threading
+
+    from branchkey_integrations.server import uploads as receipt
+
+    monkeypatch.setattr(receipt, "MAX_BYTES_IN_FLIGHT", 1 << 20)  # 1 MiB for every upload together
+    live = start_server()
+    branch, leaves = live.make_branch(6)
+    sent = [([np.full(750_000, i, np.float32)], float(i + 1)) for i in range(6)]  # 3 MB each
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda leaf=leaf, u=u: answers.append(
+        live.upload(leaf, wire.encode(*u, compression="none")).status_code)) for leaf, u in zip(leaves, sent)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == [201] * 6
+    [layer] = live.fetch(leaves[0], live.wait_aggregate(branch["id"])).layers
+    np.testing.assert_array_equal(layer, mean(sent)[0])
+    budget = receipt.ByteBudget._instances[live.thread.loop]
+    assert budget.capacity == 1 << 20 and budget.used == 0  # every byte given back
