@@ -1,0 +1,158 @@
+"""Connection hygiene (server/connections.py) on the real app served through ``GuardedAppRunner``, in-process.
+
+The subprocess test with 1,100 idle sockets under a 1,024 open-files limit is
+tests/integration/test_idle_connections.py; these check each rule on its own, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+from aiohttp import web
+
+from branchkey_integrations.server.connections import (
+    GUARD,
+    ConnectionLimits,
+    GuardedAppRunner,
+    _AcceptErrorFilter,
+)
+
+from ..conftest import wait_until
+from ..inprocess import ServerThread
+
+
+class GuardedThread(ServerThread):
+    """The in-process server, accepting through the app's ConnectionGuard as ``branchkey-local serve`` does."""
+
+    async def _start(self) -> Any:
+        runner = GuardedAppRunner(self.app, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    @property
+    def guard(self):
+        return self.app[GUARD]
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return requests.request(method, self.url + path, timeout=10,
+                                headers={"Authorization": f"Bearer {self.server.store.admin_token}"}, **kwargs)
+
+    def leaf(self) -> tuple[dict[str, Any], dict[str, str]]:
+        tree = self.admin("POST", "/admin/v1/trees", json={"name": "t"}).json()["data"]
+        branch = self.admin("POST", f"/admin/v1/trees/{tree['id']}/branches", json={"name": "b"}).json()["data"]
+        [leaf] = self.admin("POST", f"/admin/v1/branches/{branch['id']}/leaves", json={"count": 1}).json()["data"]["leaves"]
+        return branch, leaf
+
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.rsplit("/", 1)[1].split(":")
+        return host, int(port)
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator:
+    threads: list[GuardedThread] = []
+
+    def start(**options: Any) -> GuardedThread:
+        thread = GuardedThread(tmp_path / f"data{len(threads)}", **options)
+        threads.append(thread)
+        return thread
+
+    yield start
+    for thread in threads:
+        thread.stop()
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 10) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_leaf_over_its_connection_cap_is_answered_429(guarded) -> None:
+    server = guarded(max_connections_per_leaf=2)
+    branch, leaf = server.leaf()
+    headers = {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}
+    connections = [http.client.HTTPConnection(*server.address(), timeout=10) for _ in range(3)]  # kept alive
+
+    def get(connection: http.client.HTTPConnection) -> tuple[int, bytes]:
+        connection.request("GET", f"/api/v1/run/{branch['id']}", headers=headers)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+
+    answers = [get(c) for c in connections]
+    assert [status for status, _ in answers] == [200, 200, 429]
+    assert b"already holds 2 connections" in answers[2][1]
+    connections[0].close()  # a slot comes free once the server sees the close
+    wait_until(lambda: len(server.guard._per_leaf.get(leaf["id"], ())) == 1, 10, "the closed connection to be forgotten")
+    assert get(connections[2])[0] == 200
+    for connection in connections:
+        connection.close()
+
+
+def test_idle_sockets_are_closed_after_the_header_timeout(guarded) -> None:
+    server = guarded(header_timeout_s=0.3)
+    with socket.create_connection(server.address(), timeout=10) as idle:
+        assert closed_by_server(idle)
+    assert server.guard.open_connections == 0
+
+
+def test_past_the_pending_slots_the_oldest_idle_socket_makes_room_and_identified_clients_get_in(guarded) -> None:
+    server = guarded(max_connections=10, reserved_connections=4, header_timeout_s=60)
+    idle = [socket.create_connection(server.address(), timeout=10) for _ in range(10)]
+    try:
+        # 6 slots for clients not yet identified: the 4 oldest idle sockets were closed to make room
+        assert all(closed_by_server(sock) for sock in idle[:4])
+        wait_until(lambda: server.guard.pending_connections == 6, 10, "six idle sockets to remain")
+        started = requests.get(server.url + "/admin/v1/branches", timeout=10,
+                               headers={"Authorization": f"Bearer {server.server.store.admin_token}"})
+        assert started.status_code == 200  # the admin got in by evicting another idle socket
+        assert closed_by_server(idle[4])
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_connection_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="reserved_connections"):
+        ConnectionLimits(max_connections=10, reserved_connections=10)
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        ConnectionLimits(header_timeout_s=0)
+    with pytest.raises(ValueError, match="max_connections_per_leaf"):
+        ConnectionLimits(max_connections_per_leaf=True)
+
+
+def test_asyncio_accept_errors_are_logged_at_most_once_per_interval() -> None:
+    log_filter = _AcceptErrorFilter(interval_s=3600)
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+    passed = [log_filter.filter(record("socket.accept() out of system resource")) for _ in range(1000)]
+    assert passed.count(True) == 1
+    assert log_filter.filter(record("something else")) is True
+
+
+def test_a_client_that_disconnects_mid_upload_is_logged_at_info_not_as_an_error(guarded, caplog) -> None:
+    server = guarded()
+    _, leaf = server.leaf()
+    files_dir = server.server.store.files_dir
+    before = set(files_dir.iterdir())
+    caplog.set_level(logging.INFO, logger="branchkey_integrations")
+    with socket.create_connection(server.address(), timeout=10) as raw:
+        raw.sendall(b"POST /api/v1/file/upload HTTP/1.1\r\nHost: x\r\n"
+                    + f"Authorization: Bearer {leaf['id']}:{leaf['session_token']}\r\n".encode()
+                    + b"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: 100000\r\n\r\n"
+                    + b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"w.npz\"\r\n\r\n" + b"\0" * 5000)
+        wait_until(lambda: set(files_dir.iterdir()) != before, 10, "the upload to start")
+    wait_until(lambda: any("ended early" in r.getMessage() for r in caplog.records), 10, "the disconnect to be logged")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    wait_until(lambda: set(files_dir.iterdir()) == before, 10, "the temporary file to be removed")
