@@ -143,7 +143,7 @@ def test_pause_waits_for_start_and_stop_ends_fit_gracefully(server_factory, capl
     branch_id = json.loads(credentials[0].read_text())["branch_id"]
 
     def operator():
-        wait_until(lambda: "Run is 'pause': round 1 waits for 'start'" in caplog.text, 30, "the paused round")
+        wait_until(lambda: "waiting for the run to start for 0 s (run is 'pause')" in caplog.text, 30, "the paused round")
         server.set_run(branch_id, "start")
         wait_until(lambda: caplog.text.count("Uploaded") >= 1, 30, "the upload after start")
         server.set_run(branch_id, "stop")
