@@ -23,7 +23,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from .connections import claim_connection
+from .connections import claim_connection, trust_connection
 from .httpio import HttpProblem, is_decimal
 from .records import Leaf
 from .store import Store
@@ -76,6 +76,7 @@ class Auth:
         if scheme.lower() != "bearer" or not header.isascii() \
                 or not hmac.compare_digest(token.strip().encode(), self.store.admin_token.encode()):
             raise HttpProblem(401, "Admin API needs 'Authorization: Bearer <admin token>' (see <data_dir>/admin_token).")
+        trust_connection(request)  # the admin's connection keeps its slot
 
     # -- signed download URLs -------------------------------------------------------------
 

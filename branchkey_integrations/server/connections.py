@@ -7,9 +7,11 @@ What this module owns:
   accept loop never runs out of descriptors;
 - a header timeout: a connection that has not completed its first request's headers within
   ``header_timeout_s`` is closed;
-- slots kept for the admin and for leaves: connections still waiting for their headers may fill
-  at most ``max_connections - reserved_connections`` slots. A new connection beyond that evicts the
-  oldest of them, so a flood of idle sockets cannot keep out a client that sends its request at once;
+- slots kept for the admin and for leaves: connections of clients not identified yet (waiting for
+  their first request's headers, or kept alive after a request that was neither a leaf's, the
+  admin's nor a signed download) may fill at most ``max_connections - reserved_connections`` slots.
+  A new connection beyond that evicts the oldest of them, so a flood of idle sockets cannot keep out
+  a client that sends its request at once, and the header timeout closes them when idle;
 - a cap per leaf (``max_connections_per_leaf``, answered 429) counted on the connections a leaf's
   credentials (or WebSocket ticket) were used on;
 - bounded logging: refusals, evictions and timeouts are summed and logged at most once per
@@ -140,6 +142,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.admitted = False
         self.leaf_id: str | None = None
+        self.trusted = False  # the admin, or a valid signed download: kept like a leaf's connection
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -273,6 +276,21 @@ class ConnectionGuard:
                 conn.timer.cancel()
                 conn.timer = None
 
+    def finished_request(self, request: web.Request) -> None:
+        """A request of a client not identified (no leaf, admin or signed URL) is done: its kept-alive
+        connection is again one that may be evicted, and the header timeout runs again."""
+        conn = self._by_transport.get(request.transport)
+        if conn is None or conn.leaf_id is not None or conn.trusted or conn in self._pending:
+            return
+        self._pending[conn] = None
+        conn.timer = asyncio.get_running_loop().call_later(self.limits.header_timeout_s, self._header_timeout, conn)
+
+    def trust(self, request: web.Request) -> None:
+        """The request's connection is the admin's (or a signed download's): keep it like a leaf's."""
+        conn = self._by_transport.get(request.transport)
+        if conn is not None:
+            conn.trusted = True
+
     def claim(self, request: web.Request, leaf_id: str) -> None:
         """Count the request's connection as ``leaf_id``'s; 429 when the leaf holds its cap already."""
         conn = self._by_transport.get(request.transport)
@@ -296,9 +314,20 @@ async def guard_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Marks the connection as past its headers (aiohttp calls middlewares once the headers are parsed)."""
     guard = request.app.get(GUARD)
+    if guard is None:
+        return await handler(request)
+    guard.started_request(request)
+    try:
+        return await handler(request)
+    finally:
+        guard.finished_request(request)
+
+
+def trust_connection(request: web.Request) -> None:
+    """Keep the request's connection like a leaf's: it authenticated as the admin or holds a signed URL."""
+    guard = request.app.get(GUARD)
     if guard is not None:
-        guard.started_request(request)
-    return await handler(request)
+        guard.trust(request)
 
 
 def claim_connection(request: web.Request, leaf_id: str) -> None:
@@ -329,6 +358,7 @@ class GuardedAppRunner(web.AppRunner):
 
 __all__ = [
     "ConnectionLimits", "ConnectionGuard", "GuardedAppRunner", "GUARD", "guard_middleware", "claim_connection",
+    "trust_connection",
     "DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_UPLOAD_IDLE_TIMEOUT_S", "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_CONNECTIONS_PER_LEAF", "DEFAULT_RESERVED_CONNECTIONS",
 ]

@@ -32,7 +32,7 @@ from ..core.protocol import (
     encode_message,
     is_file_id,
 )
-from .connections import GUARD, claim_connection
+from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
 from .events import events_of
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
@@ -167,6 +167,7 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     file_id = check_file_id(request.match_info["file_id"])
     server.auth.check_signature(file_id, request.query.get("expires", ""), request.query.get("signature", ""))
+    trust_connection(request)  # a valid signed URL: a leaf's download keeps its connection
     record = await server.blocking(server.store.get_file, file_id)
     if record is None:
         raise HttpProblem(404, f"No file {file_id}.")

@@ -80,7 +80,7 @@ def test_full_disk_answers_507_once_and_a_failed_aggregation_completes_once_spac
     for credentials, (arrays, weighting) in ((cred_a, (upload_a, 1.0)), (cred_b, (upload_b, 3.0))):
         with Client(str(credentials), host=server.url, transport="none") as client:
             client.upload_weights(weighting, [arrays])
-    wait_until(lambda: "aggregating branch" in server.log() and "failed (attempt 1)" in server.log(), 20,
+    wait_until(lambda: "aggregating branch" in server.log() and "failed (attempt 1;" in server.log(), 20,
                "the aggregation to fail on the full disk")
     [branch] = server.admin("GET", "/admin/v1/branches").json()["data"]["branches"]
     rounds = server.admin("GET", f"/admin/v1/branches/{branch['id']}/rounds").json()["data"]["rounds"]

@@ -156,3 +156,40 @@ def test_a_client_that_disconnects_mid_upload_is_logged_at_info_not_as_an_error(
     wait_until(lambda: any("ended early" in r.getMessage() for r in caplog.records), 10, "the disconnect to be logged")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     wait_until(lambda: set(files_dir.iterdir()) == before, 10, "the temporary file to be removed")
+
+
+def test_kept_alive_connections_of_unidentified_clients_are_evicted_like_idle_ones(guarded) -> None:
+    """A 401 answered, the connection kept alive: it holds no slot of the reserve; a leaf's and the admin's do."""
+    server = guarded(max_connections=8, reserved_connections=4, header_timeout_s=60)
+    branch, leaf = server.leaf()
+    identified = {
+        "leaf": (f"/api/v1/run/{branch['id']}", {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}),
+        "admin": ("/admin/v1/branches", {"Authorization": f"Bearer {server.server.store.admin_token}"}),
+    }
+    kept: dict[str, http.client.HTTPConnection] = {}
+    for name, (path, headers) in identified.items():
+        kept[name] = http.client.HTTPConnection(*server.address(), timeout=10)
+        kept[name].request("GET", path, headers=headers)
+        answer = kept[name].getresponse()
+        assert answer.status == 200, answer.read()
+        answer.read()
+    strangers = []
+    for _ in range(4):  # each gets its 401 and keeps the connection open
+        stranger = http.client.HTTPConnection(*server.address(), timeout=10)
+        stranger.request("GET", f"/api/v1/run/{branch['id']}")
+        answer = stranger.getresponse()
+        assert answer.status == 401
+        answer.read()
+        strangers.append(stranger)
+    wait_until(lambda: server.guard.pending_connections == 4, 10, "the strangers' connections to count as pending")
+    idle = [socket.create_connection(server.address(), timeout=10) for _ in range(4)]  # evict the 4 strangers
+    try:
+        assert all(closed_by_server(s.sock) for s in strangers)
+        for name, (path, headers) in identified.items():  # the identified connections kept their slots
+            kept[name].request("GET", path, headers=headers)
+            assert kept[name].getresponse().status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        for connection in [*kept.values(), *strangers]:
+            connection.close()
