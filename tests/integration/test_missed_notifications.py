@@ -4,7 +4,10 @@ while the server was away costs seconds (the leaves' round-view safety net), not
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,8 @@ from ..conftest import LocalServer, init_branch, wait_until
 from .test_official_clients import weighted_mean
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = [(3, 4), (3,), (2, 3), (2,)]  # the trainable parameters of tests/lightning/models.py's TinyModel
 
 
 def layers_for(seed: int, size: int = 64) -> list[np.ndarray]:
@@ -99,6 +104,38 @@ def test_kill_9_with_two_of_three_uploads_both_waiting_leaves_get_the_aggregate_
         client_box["at"] - last_upload, federation_box["at"] - last_upload)
     for got, want in zip(result.layers, weighted_mean(uploads, weights)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_kill_9_with_two_of_three_uploads_a_client_and_a_lightning_leaf_get_the_aggregate_within_10_s(
+        started, tmp_path):
+    (make, closers) = started
+    server, credentials = make(3)
+    waiting_client = Client(credentials[0], host=server.url, transport="websocket")
+    closers.append(waiting_client.close)
+    out, log_path = tmp_path / "lightning", tmp_path / "lightning.log"
+    with open(log_path, "w") as log:  # one epoch, one round, with BranchKeyCallback (timeout 60 s)
+        leaf = subprocess.Popen([sys.executable, "-m", "tests.lightning.leaf", str(credentials[1]), server.url,
+                                 str(out), "16", "1", "1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    closers.append(lambda: leaf.poll() is None and leaf.kill())
+    rng = np.random.default_rng(5)
+    waiting_client.upload_weights(30.0, [rng.standard_normal(shape).astype(np.float32) for shape in TINY_MODEL])
+    client_box = timed(waiting_client.wait_for_aggregation, 120)
+    wait_until(lambda: len(waiting_client.get_round().uploaded) == 2, 120, "the Lightning leaf's upload")
+
+    stay_down(server, 3.0, waiting_client)
+    server.start()
+    third = Client(credentials[2], host=server.url, transport="none")
+    closers.append(third.close)
+    third.upload_weights(10.0, [rng.standard_normal(shape).astype(np.float32) for shape in TINY_MODEL])
+    last_upload = time.monotonic()
+
+    finished = wait_until(lambda: (out / "done.json").exists() and time.monotonic(), 60, "the Lightning leaf's round")
+    assert leaf.wait(60) == 0, log_path.read_text()[-3000:]
+    client_box["thread"].join(30)
+    assert "error" not in client_box, client_box
+    assert client_box["at"] - last_upload < 10 and finished - last_upload < 10, (
+        client_box["at"] - last_upload, finished - last_upload)
+    assert json.loads((out / "done.json").read_text())["round"] == 1
 
 
 def test_kill_9_during_the_aggregation_of_a_large_round_the_waiting_leaves_get_the_recovered_aggregate(
