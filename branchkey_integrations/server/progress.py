@@ -91,7 +91,7 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
             return RoundProgress(branch.id, branch.run_status, branch.run_number, None, required,
                                  latest_aggregate=latest)
         names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
-        uploaded_ids = [u.leaf_id for u in store.round_uploads(branch_id, current.run_number, current.round_index)]
+        uploaded_ids = store.round_uploaders(branch_id, current.run_number, current.round_index)
         refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
     uploaded = [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids]
     done = set(uploaded_ids)

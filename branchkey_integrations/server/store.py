@@ -339,6 +339,13 @@ class Store:
             for r in rows
         ]
 
+    def round_uploaders(self, branch_id: str, run_number: int, round_index: int) -> list[str]:
+        """Ids of the leaves whose upload counts in the round, first upload first (no layouts parsed)."""
+        rows = self._query(
+            "SELECT leaf_id FROM uploads WHERE branch_id = ? AND run_number = ? AND round_index = ?"
+            " ORDER BY uploaded_at, leaf_id", (branch_id, run_number, round_index))
+        return [row[0] for row in rows]
+
     def expected_specs(self, branch_id: str, run_number: int, round_index: int,
                        leaf_id: str | None = None) -> list[LayerSpec] | None:
         """Layout an upload of ``leaf_id`` must match (see :meth:`expected_layout`), or None: any."""
