@@ -181,14 +181,39 @@ def _run_query(request: web.Request) -> int | None:
     return int(text)
 
 
+class SummaryCache:
+    """History and metric summaries by (what, branch, run), kept while the branch has had no event and
+    for at most ``ttl_s`` (changes that bypass the event hooks, such as an operator's round reset, show
+    within that time). A big branch's summary takes a fraction of a second; a page refreshes it often."""
+
+    def __init__(self, events: EventHub, ttl_s: float = 30.0) -> None:
+        self.events, self.ttl_s = events, ttl_s
+        self._entries: dict[tuple[str, str, int | None], tuple[int, float, Any]] = {}
+
+    async def get(self, server: Server, what: str, branch_id: str, run: int | None) -> Any:
+        key, version = (what, branch_id, run), self.events.versions.get(branch_id, 0)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == version and time.monotonic() - hit[1] < self.ttl_s:
+            return hit[2]
+        compute = round_history if what == "history" else metric_summary
+        data = await server.blocking(compute, server.store, branch_id, run)
+        if len(self._entries) > 256:
+            self._entries.clear()
+        self._entries[key] = (version, time.monotonic(), data)
+        return data
+
+
+SUMMARIES = web.AppKey("summaries", SummaryCache)
+
+
 @admin
 async def history(request: web.Request, server: Server) -> web.Response:
-    return ok(await server.blocking(round_history, server.store, request.match_info["branch_id"], _run_query(request)))
+    return ok(await request.app[SUMMARIES].get(server, "history", request.match_info["branch_id"], _run_query(request)))
 
 
 @admin
 async def metrics(request: web.Request, server: Server) -> web.Response:
-    return ok(await server.blocking(metric_summary, server.store, request.match_info["branch_id"], _run_query(request)))
+    return ok(await request.app[SUMMARIES].get(server, "metrics", request.match_info["branch_id"], _run_query(request)))
 
 
 @admin
@@ -197,7 +222,10 @@ async def aggregate_download(request: web.Request, server: Server) -> web.Respon
     file_id = check_file_id(request.match_info["file_id"])
     record = await server.blocking(server.store.get_file, file_id)
     if record is None or record.kind != "aggregate":
-        raise HttpProblem(404, f"No stored aggregate {file_id}; older aggregates may have been removed by retention.")
+        raise HttpProblem(404, f"No aggregate {file_id} in this server's store.")
+    if getattr(record, "removed_at", None):
+        raise HttpProblem(410, f"Aggregate {file_id} was removed by retention at {record.removed_at} "
+                               "(serve --keep-rounds N keeps more; 0 keeps all).")
     expires = int(time.time()) + server.config.download_ttl_s
     base = (server.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
     url = f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
@@ -308,6 +336,7 @@ def add_dashboard_routes(app: web.Application) -> None:
     app[EVENTS] = hub
     app[PRESENCE] = presence = Presence(hub)
     app[LOGIN_CODES] = LoginCodes()
+    app[SUMMARIES] = SummaryCache(hub)
     app[_AmqpWatcher.KEY] = {}
     server.notifier.listeners.append(hub.notification)
     server.auth.on_leaf = presence.seen

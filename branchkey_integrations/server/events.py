@@ -34,6 +34,8 @@ class EventHub:
     def __init__(self, max_queue: int = 1000) -> None:
         self.max_queue = max_queue
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        #: branch id -> how many events it has had (a cache of its history is good while this holds)
+        self.versions: dict[str | None, int] = {}
 
     @property
     def subscribers(self) -> int:
@@ -49,6 +51,7 @@ class EventHub:
 
     def emit(self, kind: str, branch_id: str | None, **data: Any) -> None:
         """Hand ``{"kind", "branch_id", "at", **data}`` to every subscriber (never blocks, never raises)."""
+        self.versions[branch_id] = self.versions.get(branch_id, 0) + 1
         if not self._subscribers:
             return
         event = {"kind": kind, "branch_id": branch_id, "at": time.time(), **data}

@@ -264,7 +264,7 @@ def _dashboard_paths() -> dict[str, dict[str, Schema]]:
             "Metrics summary", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",), optional_query=("run",),
             description="Per mode and metric: the sample-weighted mean over leaves and each leaf's value, by round.")},
         ADMIN_PREFIX + "/aggregates/{file_id}/download": {"get": admin(
-            "Aggregate download URL", ok=(200, _obj({"download_url": _STR})), errors=(400, 401, 404),
+            "Aggregate download URL", ok=(200, _obj({"download_url": _STR})), errors=(400, 401, 404, 410),
             params=("file_id",), description="A signed, expiring URL of a stored aggregate.")},
         ADMIN_PREFIX + "/events": {"get": admin(
             "Event stream", ok=(200, {"type": "string"}), errors=(401,), wrapped=False, content_type="text/event-stream",

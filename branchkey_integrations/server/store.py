@@ -735,6 +735,29 @@ class Store:
     def list_metrics(self, branch_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM metrics WHERE branch_id = ? ORDER BY created_at", (branch_id,))]
 
+    def metric_values(self, branch_id: str, modes: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Every numeric metric of the branch in ``modes``, oldest first, as tuples ``(mode, aggregation_id,
+        leaf_id, name, value)`` (for the dashboard's plots: SQLite unpacks the JSON, 80,000 values in ~0.2 s)."""
+        marks = ", ".join("?" * len(modes))
+        with self._lock:
+            return self._conn.execute(
+                "SELECT m.mode, m.aggregation_id, m.leaf_id, j.key, j.value FROM metrics m"
+                " JOIN json_each(CASE WHEN json_valid(m.data) AND json_type(m.data) = 'object' THEN m.data ELSE '{}' END) j"
+                f" WHERE m.branch_id = ? AND m.mode IN ({marks}) AND j.type IN ('integer', 'real') ORDER BY m.created_at",
+                (branch_id, *modes)).fetchall()
+
+    def round_upload_totals(self, branch_id: str, run_number: int) -> dict[int, tuple[int, float, str]]:
+        """Per round of one run: (uploads counted, their total weighting, the last upload's time)."""
+        rows = self._query("SELECT round_index, COUNT(*), SUM(weighting), MAX(uploaded_at) FROM uploads"
+                           " WHERE branch_id = ? AND run_number = ? GROUP BY round_index", (branch_id, run_number))
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+    def upload_weightings(self, branch_id: str, run_number: int) -> list[tuple[int, str, float]]:
+        """``(round_index, leaf_id, weighting)`` of every counted upload of one run, by round."""
+        with self._lock:
+            return self._conn.execute("SELECT round_index, leaf_id, weighting FROM uploads WHERE branch_id = ?"
+                                      " AND run_number = ? ORDER BY round_index", (branch_id, run_number)).fetchall()
+
     def metric_values(self, branch_id: str, run_number: int, modes: Sequence[str]) -> list[tuple[Any, ...]]:
         """Every numeric metric sent for an aggregate of one run, oldest first, as tuples
         ``(mode, name, round_index, leaf_id, value, the leaf's upload weighting in that round or None)``
