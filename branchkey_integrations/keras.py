@@ -1,7 +1,8 @@
 """Federated learning with BranchKey as one Keras 3 callback, on any Keras backend.
 
-The callback only translates: Keras variables to NumPy arrays and back, and Keras's hooks and ``logs`` to
-:class:`~branchkey_integrations.core.federation.Federation`, where the round logic lives.
+The callback only translates: Keras variables to NumPy arrays and back, Keras's hooks and ``logs`` to
+:class:`~branchkey_integrations.core.federation.Federation`, where the round logic lives, and what a waiting
+leaf has to say to Keras's own printing (silent under ``verbose=0``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the 
     raise ImportError(f"branchkey_integrations.keras needs Keras 3; found keras {keras.__version__}: "
                       "pip install 'branchkey-integrations[keras]'")
 
+from keras.src.utils.io_utils import print_msg  # noqa: E402 - how Keras's own callbacks print (since Keras 3.0)
+
 logger = logging.getLogger(__name__)
 
 LOG_KEYS = ("branchkey_round", "branchkey_wait_s", "branchkey_upload_mb")
+#: the fit verbosities that draw a progress bar, whose line is still open when ``on_epoch_end`` runs
+_BAR_VERBOSITIES = (1, "auto")
 
 
 def federated_variables(model: keras.Model, buffers: str = "local") -> list[keras.Variable]:
@@ -80,11 +85,25 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
       aggregate; before it they save the local model of that epoch.
     - ``EarlyStopping``: the ``val_*`` metrics of the epoch's logs were measured on the local model,
       before the aggregate was loaded. To judge the federated model, give ``validation_data`` and monitor
-      ``branchkey_test_loss``. With ``restore_best_weights=True`` (and this callback first) the weights
+      ``branchkey_test_loss`` with ``mode="min"`` (Keras cannot tell the direction of a metric it did not
+      compile, and raises without it). The ``branchkey_test_*`` values are those of the latest aggregate:
+      they are repeated in the epochs between rounds, and appear from the first round's epoch on (epoch
+      ``every_n_epochs - 1``; pass ``start_from_epoch=every_n_epochs - 1`` to ``EarlyStopping`` so that it
+      does not warn before). With ``restore_best_weights=True`` (and this callback first) the weights
       restored are the best *aggregate*. Stopping early ends this leaf's part in the run: a branch that
       waits for every leaf then waits for it until its round deadline.
     - ``tf.distribute.MirroredStrategy``: callbacks run once per process, so one client talks to the
       platform and ``assign`` updates every replica. ``MultiWorkerMirroredStrategy`` is refused.
+
+    While a round waits, the callback prints what for (round, seconds waited, uploads of how many, the
+    missing leaves and refused uploads by name) at the start, on every change and at least every
+    ``log_every_s``, and the end of each round, the way Keras's own callbacks print (``fit(verbose=0)``
+    silences it). No logging set-up is needed.
+
+    SIGTERM (``docker stop``, Kubernetes, SLURM) and Ctrl-C end a waiting round at once. Ctrl-C raises
+    ``KeyboardInterrupt`` as Python always does; SIGTERM raises ``SystemExit(143)``: ``fit`` unwinds, the
+    ``finally`` blocks of the training script run, the client closes, and the process exits with 143,
+    the status a shell, ``docker`` or Kubernetes report for a process ended by SIGTERM.
 
     Args:
         credentials: :class:`~branchkey_integrations.Credentials`, a dict, a JSON file path, or None for
@@ -109,7 +128,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here, named by
             ``variable.path``.
         transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
-        log_every_s: while waiting, log progress this often.
+        log_every_s: while waiting, report progress at least this often.
         client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
 
     Raises:
@@ -164,6 +183,8 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
                              f"dataset. Received: validation_data={validation_data!r}")
         self.validation_data = validation_data
         self._first_epoch: int | None = None  # the first epoch of the current fit, once it started
+        self._test_scores: dict[str, float] = {}  # branchkey_test_* of the latest aggregate, repeated until the next
+        self._bar_open = False  # Keras's progress bar line has no line break yet: the next print needs one
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -182,16 +203,33 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs if logs is not None else {}
         if not is_round_epoch(epoch, self.every_n_epochs):
-            logs.update(branchkey_round=float(self.round), branchkey_wait_s=0.0, branchkey_upload_mb=0.0)
+            logs.update(branchkey_round=float(self.round), branchkey_wait_s=0.0, branchkey_upload_mb=0.0,
+                        **self._test_scores)
             return
+        self._bar_open = self._verbose() in _BAR_VERBOSITIES
         try:
             self._federate(logs)
         except BaseException:
             self.federation.close()  # Keras has no on_exception hook: never leave the notification thread behind
             raise
+        finally:
+            self._bar_open = False
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.federation.close()
+
+    # ---------------------------------------------------------------- Keras's output
+    def _verbose(self) -> Any:
+        return (self.params or {}).get("verbose", 1)  # fit's verbose: 0, 1, 2 or "auto"; no params outside fit
+
+    def _say(self, text: str) -> None:
+        """As Keras's own callbacks print (``io_utils.print_msg``: stdout, or absl logging when interactive
+        logging is off); nothing under ``verbose=0``."""
+        if self._verbose() == 0:
+            return
+        if self._bar_open:  # on_epoch_end runs before the progress bar ends its line
+            text, self._bar_open = "\n" + text, False
+        print_msg(text)
 
     # ---------------------------------------------------------------- helpers
     def _check_strategy(self) -> None:
@@ -215,20 +253,25 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         arrays = [to_numpy(v) for v in variables]
         started = time.monotonic()
         outcome = self._exchange(arrays, [v.path for v in variables])
+        if self.interrupted_by is not None and outcome.kind == "error":  # the signal ended the wait
+            raise self._end_run(self.interrupted_by)
         if outcome.kind == "error":
             raise outcome.error
+        logs.update(self._test_scores)  # the latest aggregate's, unless this round loads a new one
         if outcome.kind == "stopped":
             self.model.stop_training = True
             logs.update(branchkey_round=float(self.round), branchkey_wait_s=time.monotonic() - started,
                         branchkey_upload_mb=0.0)
-            return
-        result = outcome.result
-        if outcome.kind == "done":
-            if self.send_metrics:  # the epoch's training produced this round's upload
-                self._send(_scalars(logs), "train", result.aggregation_id)
-            self._load(variables, result, logs)
-        logs.update(branchkey_round=float(result.round), branchkey_wait_s=result.wait_s,
-                    branchkey_upload_mb=result.upload_mb)
+        else:
+            result = outcome.result
+            if outcome.kind == "done":
+                if self.send_metrics and not result.caught_up:  # the epoch's training produced this round's upload
+                    self._send(_scalars(logs), "train", result.aggregation_id)
+                self._load(variables, result, logs)
+            logs.update(branchkey_round=float(result.round), branchkey_wait_s=result.wait_s,
+                        branchkey_upload_mb=result.upload_mb)
+        if self.interrupted_by is not None:  # the round was complete when the signal came: applied, now end
+            raise self._end_run(self.interrupted_by)
 
     def _load(self, variables: list[keras.Variable], result: RoundResult, logs: dict[str, Any]) -> None:
         """Assign the aggregate (already saved as a snapshot when asked) and evaluate it on validation_data."""
@@ -237,7 +280,8 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             self._reset_optimizer()
         if self.validation_data is not None:
             scores = self._evaluate()
-            logs.update({f"branchkey_test_{k}": v for k, v in scores.items()})
+            self._test_scores = {f"branchkey_test_{k}": v for k, v in scores.items()}
+            logs.update(self._test_scores)
             if self.send_metrics:
                 self._send(scores, "test", result.aggregation_id)
 

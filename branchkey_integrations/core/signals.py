@@ -58,8 +58,12 @@ def signal_name(signum: int) -> str:
 
 
 def interactive() -> bool:
-    """Whether this is an interactive session (a Python prompt, IPython or a Jupyter kernel)."""
-    return bool(hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules)
+    """Whether this is an interactive session (a Python prompt, IPython or a Jupyter kernel); a script that
+    merely imported IPython (Keras does) is not."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    return get_ipython is not None and get_ipython() is not None
 
 
 def exit_status(signum: int) -> int:

@@ -167,7 +167,7 @@ def test_a_leaf_whose_architecture_differs_is_told_which_variable(server_factory
     partner_upload(credentials[1], server, [to_numpy(v) for v in federated_variables(tiny_model(hidden=5))], 1.0)
     model, before = tiny_model(hidden=3), Recorder("upload")
     callback = callback_for(credentials[0], server)
-    with pytest.raises(RequestRejectedError, match=r"does not match this round's layers: layer_0.*"
+    with pytest.raises(RequestRejectedError, match=r"do not match this round's \(layer_0: .*"
                                                    r"layer_0 is 'tiny/stem/kernel'"):
         fit(model, [before, callback])
     assert not callback.federation.connected  # closed on the failure: no notification thread left behind
