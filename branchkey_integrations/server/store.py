@@ -758,33 +758,6 @@ class Store:
             return self._conn.execute("SELECT round_index, leaf_id, weighting FROM uploads WHERE branch_id = ?"
                                       " AND run_number = ? ORDER BY round_index", (branch_id, run_number)).fetchall()
 
-    def metric_values(self, branch_id: str, run_number: int, modes: Sequence[str]) -> list[tuple[Any, ...]]:
-        """Every numeric metric sent for an aggregate of one run, oldest first, as tuples
-        ``(mode, name, round_index, leaf_id, value, the leaf's upload weighting in that round or None)``
-        (for the dashboard's plots: SQLite unpacks the JSON, so 40,000 reports take a fraction of a second)."""
-        marks = ", ".join("?" * len(modes))
-        with self._lock:
-            return self._conn.execute(
-                "SELECT m.mode, j.key, r.round_index, m.leaf_id, j.value, u.weighting FROM rounds r"
-                " JOIN metrics m ON m.branch_id = r.branch_id AND m.aggregation_id = r.aggregate_id"
-                " JOIN json_each(CASE WHEN json_valid(m.data) AND json_type(m.data) = 'object' THEN m.data ELSE '{}' END) j"
-                " LEFT JOIN uploads u ON u.branch_id = r.branch_id AND u.run_number = r.run_number"
-                " AND u.round_index = r.round_index AND u.leaf_id = m.leaf_id"
-                f" WHERE r.branch_id = ? AND r.run_number = ? AND m.mode IN ({marks}) AND j.type IN ('integer', 'real')"
-                " ORDER BY m.created_at", (branch_id, run_number, *modes)).fetchall()
-
-    def round_upload_totals(self, branch_id: str, run_number: int) -> dict[int, tuple[int, float, str]]:
-        """Per round of one run: (uploads counted, their total weighting, the last upload's time)."""
-        rows = self._query("SELECT round_index, COUNT(*), SUM(weighting), MAX(uploaded_at) FROM uploads"
-                           " WHERE branch_id = ? AND run_number = ? GROUP BY round_index", (branch_id, run_number))
-        return {row[0]: (row[1], row[2], row[3]) for row in rows}
-
-    def latest_weightings(self, branch_id: str, run_number: int) -> dict[str, float]:
-        """Each leaf's weighting in its latest upload of one run."""
-        rows = self._query("SELECT leaf_id, weighting FROM uploads WHERE branch_id = ? AND run_number = ?"
-                           " ORDER BY round_index", (branch_id, run_number))
-        return {row[0]: row[1] for row in rows}
-
 
 def _open_round(conn: sqlite3.Connection, branch_id: str, run_number: int, round_index: int) -> None:
     conn.execute(
