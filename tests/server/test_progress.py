@@ -98,8 +98,8 @@ def test_round_progress_shows_the_deadline_and_a_stopped_run(live) -> None:
     stopped = data(live, b)
     assert (stopped["run_status"], stopped["round_index"], stopped["uploaded"], stopped["missing"]) == \
         ("stop", None, [], [])
-    paused_refusal = live.upload(b, wire.encode(layers(1), 1.0))  # a stopped run is not the leaf's fault
-    assert paused_refusal.status_code == 409 and data(live, a)["refused"] == []
+    refused = live.upload(b, wire.encode(layers(1), 1.0))  # a stopped run is not the leaf's fault
+    assert refused.status_code == 409 and data(live, a)["refused"] == []
 
 
 def test_refusals_are_durable_and_belong_to_the_open_round(tmp_path) -> None:
