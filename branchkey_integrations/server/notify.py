@@ -114,6 +114,7 @@ class Notifier:
             from .workers import Workers
 
             self._outbox = Outbox(self._store, Workers(self._executor), broker.publish)  # type: ignore[arg-type]
+            await self._outbox.requeue_unannounced()  # committed, then the server died before queuing it
             self._outbox.start()  # rows left by the last run go out now
 
     async def provision(self, leaves: Iterable["Leaf"]) -> None:

@@ -7,7 +7,9 @@ refused) is tried again after a backoff that doubles from ``RETRY_BASE_S`` up to
 rows left when the server stops are sent after the next start. So a round that completes while
 RabbitMQ is down reaches the leaves' durable queues once it is back: delivery is at least once (the
 official clients keep the newest aggregation id, so a repeat is harmless). A row whose branch no
-longer exists (its tree was deleted) is dropped, as no one could receive it.
+longer exists (its tree was deleted) is dropped, as no one could receive it. The aggregate a server
+committed but died before queuing is found at the next start (:meth:`Outbox.requeue_unannounced`:
+the store records each branch's last queued aggregate in the same transaction as the row).
 
 Failures are logged once when a row first fails, then every ``LOG_EVERY`` attempts, and once when it
 finally goes through; a long outage costs a few lines, not one per attempt.
@@ -23,6 +25,7 @@ import time
 from typing import Any, Callable
 
 from ..core.errors import BrokerError
+from ..core.protocol import AGGREGATION_STATUS, aggregation_message
 from .store import Store
 from .workers import Workers
 
@@ -64,9 +67,21 @@ class Outbox:
 
     async def add(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> int:
         """Store ``message`` for the branch's exchange; the publisher sends it right away."""
-        row_id = await self.workers.blocking(self.store.add_outbox, tree_id, branch_id, json.dumps(message))
+        body = message.get("body") or {}
+        aggregate_id = body.get("aggregation_id") if message.get("message_type") == AGGREGATION_STATUS else None
+        row_id = await self.workers.blocking(self.store.add_outbox, tree_id, branch_id, json.dumps(message),
+                                             aggregate_id=aggregate_id)
         self._wake.set()
         return row_id
+
+    async def requeue_unannounced(self) -> int:
+        """Queue the aggregates committed but never queued (the server died between the two); returns how many."""
+        missed = await self.workers.blocking(self.store.unannounced_aggregates)
+        for tree_id, branch_id, aggregate_id, run_number, round_index in missed:
+            logger.info("aggregate %s of branch %s (run %d round %d) was never queued for RabbitMQ: queuing it now",
+                        aggregate_id, branch_id, run_number, round_index)
+            await self.add(tree_id, branch_id, aggregation_message(aggregate_id, run_number, round_index))
+        return len(missed)
 
     async def close(self) -> None:
         """Stop the publisher; unsent rows stay in the store for the next start."""

@@ -667,14 +667,33 @@ class Store:
 
     # -- delivery: the AMQP outbox and what each leaf has fetched ----------------------------
 
-    def add_outbox(self, tree_id: str, branch_id: str, message: str) -> int:
-        """Queue a notification (JSON text) for the broker; returns the row id. Rows live until confirmed."""
+    def add_outbox(self, tree_id: str, branch_id: str, message: str, *, aggregate_id: str | None = None) -> int:
+        """Queue a notification (JSON text) for the broker; returns the row id. Rows live until confirmed.
+
+        With ``aggregate_id`` (an aggregation_status), the branch's announced aggregate is recorded in
+        the same transaction, so :meth:`unannounced_aggregates` finds one committed but never queued.
+        """
         now = time.time()
         with self._tx() as conn:
+            if aggregate_id is not None:
+                conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (f"announced:{branch_id}", aggregate_id))
             return int(conn.execute(
                 "INSERT INTO outbox (tree_id, branch_id, message, created, next_try) VALUES (?, ?, ?, ?, ?)",
                 (tree_id, branch_id, message, now, now),
             ).lastrowid or 0)
+
+    def unannounced_aggregates(self) -> list[tuple[str, str, str, int, int]]:
+        """(tree, branch, aggregate id, run, round) of each branch whose latest aggregate was committed but never
+        queued for the broker (the server died in between). A branch never announced through the outbox
+        (a store from before it, or a server without a broker until now) is left alone."""
+        rows = self._query(
+            "SELECT b.tree_id, b.id, r.aggregate_id, r.run_number, r.round_index FROM branches b"
+            " JOIN kv ON kv.key = 'announced:' || b.id"
+            " JOIN rounds r ON r.branch_id = b.id AND r.status = 'aggregated'"
+            " WHERE r.rowid = (SELECT rowid FROM rounds WHERE branch_id = b.id AND status = 'aggregated'"
+            " ORDER BY run_number DESC, round_index DESC LIMIT 1)"
+            " AND r.aggregate_id != kv.value")
+        return [tuple(row) for row in rows]  # type: ignore[misc]
 
     def due_outbox(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Outbox rows whose next try is due, oldest first."""

@@ -181,3 +181,32 @@ def test_a_stalled_upload_is_dropped_and_its_file_removed(start_server) -> None:
         answer = raw.recv(65536)  # the server gives up after 0.5 s without data, answers and closes
     assert b" 408 " in answer.split(b"\r\n", 1)[0] and b"stalled" in answer
     live.wait_for(lambda: set(files_dir.iterdir()) == before)  # and the temporary file is gone
+
+
+def test_an_aggregate_committed_but_never_queued_is_queued_at_the_next_start(tmp_path: Path) -> None:
+    """The server died between committing an aggregate and queuing its notification (the window is
+    milliseconds, so the test makes it: the second aggregate is committed through the store alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(tmp_path / "data")
+    tree = store.create_tree("t")
+    branch = store.create_branch(tree["id"], "b")
+    executor = ThreadPoolExecutor(2)
+
+    def commit(round_index: int) -> str:
+        temp = store.new_temp_path()
+        temp.write_bytes(wire.encode(LAYERS, 1.0))
+        return store.commit_aggregate(temp, branch_id=branch.id, run_number=1, round_index=round_index,
+                                      specs=wire.decode(wire.encode(LAYERS, 1.0)).specs, size=1, sha256="0")
+
+    first = commit(0)
+    outbox = Outbox(store, Workers(executor), FlakyBroker(0).publish)
+    asyncio.run(outbox.add(tree["id"], branch.id, aggregation_message(first, 1, 0)))  # announced as usual
+    store.outbox_sent(store.due_outbox()[0]["id"])
+    assert asyncio.run(outbox.requeue_unannounced()) == 0
+    second = commit(1)  # ... and the server dies before queuing it
+    assert asyncio.run(outbox.requeue_unannounced()) == 1
+    assert [json.loads(r["message"]) for r in store.due_outbox()] == [aggregation_message(second, 1, 1)]
+    assert asyncio.run(outbox.requeue_unannounced()) == 0  # queued once
+    executor.shutdown()
+    store.close()
