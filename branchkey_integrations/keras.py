@@ -87,9 +87,9 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
       before the aggregate was loaded. To judge the federated model, give ``validation_data`` and monitor
       ``branchkey_test_loss`` with ``mode="min"`` (Keras cannot tell the direction of a metric it did not
       compile, and raises without it). The ``branchkey_test_*`` values are those of the latest aggregate:
-      they are repeated in the epochs between rounds, and appear from the first round's epoch on (epoch
-      ``every_n_epochs - 1``; pass ``start_from_epoch=every_n_epochs - 1`` to ``EarlyStopping`` so that it
-      does not warn before). With ``restore_best_weights=True`` (and this callback first) the weights
+      they are repeated in the epochs between rounds and appear from the first round's epoch on (epoch
+      ``every_n_epochs - 1``; before it there is no aggregate to judge, and Keras's monitors warn that the
+      metric is missing). With ``restore_best_weights=True`` (and this callback first) the weights
       restored are the best *aggregate*. Stopping early ends this leaf's part in the run: a branch that
       waits for every leaf then waits for it until its round deadline.
     - ``tf.distribute.MirroredStrategy``: callbacks run once per process, so one client talks to the

@@ -277,6 +277,27 @@ def test_every_n_epochs_keeps_history_aligned_and_bf16_keeps_its_dtype(server_fa
         np.testing.assert_array_equal(after.records[1][name], sent[index])
 
 
+def test_the_readme_advice_monitoring_the_aggregate_runs_and_the_value_is_repeated_between_rounds(
+        server_factory, tmp_path):
+    """EarlyStopping and ModelCheckpoint on ``branchkey_test_loss`` with ``mode="min"`` (Keras cannot infer the
+    direction of a metric it did not compile and raises without it), placed after the callback."""
+    server, credentials = server_factory(1)
+    x_val, y_val = data(8, 1)
+    callback = callback_for(credentials[0], server, every_n_epochs=2, validation_data=(x_val, y_val))
+    stopping = keras.callbacks.EarlyStopping(monitor="branchkey_test_loss", mode="min", patience=5,
+                                             restore_best_weights=True)
+    best = tmp_path / "best.keras"
+    checkpoint = keras.callbacks.ModelCheckpoint(best, monitor="branchkey_test_loss", mode="min", save_best_only=True)
+    history = fit(tiny_model(), [callback, stopping, checkpoint], epochs=4).history
+    losses = history["branchkey_test_loss"]
+    assert len(losses) == 3  # from the first round's epoch (1) on, every epoch
+    assert losses[0] == losses[1] != losses[2]  # epoch 2 repeats round 1's aggregate; epoch 3 is round 2's
+    assert best.exists()
+    with pytest.raises(ValueError, match="mode='min'"):  # why the README says mode="min"
+        fit(tiny_model(), [callback_for(credentials[0], server, validation_data=(x_val, y_val)),
+                           keras.callbacks.EarlyStopping(monitor="branchkey_test_loss")])
+
+
 def test_without_keras_the_import_fails_with_an_install_hint():
     import subprocess
     import sys
