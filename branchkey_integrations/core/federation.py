@@ -63,15 +63,8 @@ def _split(target: tuple[int, int] | None) -> tuple[int | None, int | None]:
     return (None, None) if target is None else target
 
 
-def _seconds(name: str, value: float) -> float:
-    checked = _checked_timeout(name, value, allow_none=False)
-    assert checked is not None
-    return checked
-
-
-def _checked_timeout(name: str, value: float | None, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
+def _seconds(name: str, value: float, allow_none: bool = False) -> float:
+    """``value`` as float seconds > 0; a ValueError naming ``name`` otherwise (``allow_none``: the message says so)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         allowed = "a number of seconds > 0" + (" or None (wait forever)" if allow_none else "")
         raise ValueError(f"Expected {name} to be {allowed}. Received: {name}={value!r}")
@@ -130,7 +123,7 @@ class Federation:
     ) -> None:
         self._credentials = Credentials.load(credentials)
         self.host = check_client_options({"host": host, "transport": transport})["host"]
-        self.timeout = _checked_timeout("timeout", timeout, allow_none=True)
+        self.timeout = None if timeout is None else _seconds("timeout", timeout, allow_none=True)
         if on_timeout not in ON_TIMEOUT:
             raise ValueError(f"Expected on_timeout in {ON_TIMEOUT}. Received: on_timeout={on_timeout!r}")
         self.on_timeout = on_timeout
@@ -157,17 +150,25 @@ class Federation:
 
     # ------------------------------------------------------------ connection
     def connect(self, client_factory: Callable[..., Client] = Client) -> Client:
-        """Create the client (once) and wait for its notification channel; return it."""
+        """Create the client (once) and wait for its notification channel; return it.
+
+        :meth:`interrupt` ends the wait for the channel at once (the next round then raises).
+        """
         if self._client is None:
             client = client_factory(self._credentials, host=self.host, transport=self.transport,
                                     wait_for_run=False, **self.client_options)
-            channel = client.notifications
-            if channel is not None and not channel.wait_connected(self.connect_timeout):
-                logger.warning("The %s notification channel is not open after %.0f s; an aggregate published "
-                               "before it opens can be missed.", client.transport, self.connect_timeout)
+            self._client = client
             if self._interrupted is not None:
                 client.waiter.interrupt(self._interrupted)
-            self._client = client
+            channel = client.notifications
+            try:  # the channel's connect listener wakes this wait, as does an interrupt
+                opened = channel is None or client.waiter.wait_until(
+                    channel.connected.is_set, time.monotonic() + self.connect_timeout)
+            except RoundInterrupted:
+                return client
+            if not opened:
+                logger.warning("The %s notification channel is not open after %.0f s; an aggregate published "
+                               "before it opens can be missed.", client.transport, self.connect_timeout)
         return self._client
 
     @property

@@ -223,6 +223,11 @@ class RoundWaiter:
         """Take the unread aggregation id as soon as there is one; None when ``deadline`` passes first."""
         return self._wait(self._take_unread, deadline, periodic)
 
+    def wait_until(self, predicate: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait until ``predicate()`` holds, checked each time the waiter is woken (an update, a
+        :meth:`request_refresh`, an :meth:`interrupt`); False when ``deadline`` passes first."""
+        return self._wait(lambda: True if predicate() else None, deadline, ()) is not None
+
     def sleep(self, seconds: float) -> None:
         """Sleep ``seconds`` unless :meth:`interrupt` comes first (then :class:`RoundInterrupted`)."""
         self._wait(lambda: None, time.monotonic() + seconds, ())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from branchkey_integrations.core.errors import ProtocolError, RoundInterrupted, TransportError
+from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.progress import (AggregateRef, RefusedUpload, RoundView, WaitProgress,
                                                   parse_round_view, rounds_behind)
 from branchkey_integrations.core.waiter import Every, RoundWaiter
@@ -251,3 +253,20 @@ def test_continue_skips_a_round_whose_server_is_gone_and_says_so_once(tmp_path, 
     leaf.on_timeout = "raise"
     with pytest.raises(TransportError):
         leaf.run_round(layers_for(1), 1.0)
+
+
+def test_interrupt_ends_the_wait_for_the_notification_channel_and_the_next_round_says_so(inprocess_server,
+                                                                                         federations):
+    server, credentials = inprocess_server(1)
+    with socket.socket() as probe:  # a port nobody listens on: the AMQP channel can never open
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    leaf = Federation(credentials[0], server.url, transport="amqp", connect_timeout=60,
+                      client_options={"rbmq_host": "127.0.0.1", "rbmq_port": port})
+    federations.append(leaf)
+    threading.Timer(0.3, leaf.interrupt, ["SIGTERM"]).start()
+    started = time.monotonic()
+    leaf.connect()  # AMQP never opens: only the interrupt ends this wait early
+    assert time.monotonic() - started < 10
+    with pytest.raises(RoundInterrupted, match="SIGTERM"):
+        leaf.run_round(layers_for(0), 1.0)
