@@ -54,7 +54,11 @@ _READ_CHUNK = 1 << 20
 _DRAIN_LIMIT = 256 * 1024**2
 _DATA_PART_LIMIT = 1 << 20
 #: upload bytes one server holds in memory at most, all connections together (see :class:`ByteBudget`)
-MAX_BYTES_IN_FLIGHT = 64 << 20
+MAX_BYTES_IN_FLIGHT = 16 << 20
+#: uploads that read 1 MiB at a time; beyond them an upload reads 64 KiB at a time, because aiohttp buffers
+#: twice the read size per connection before it stops reading the socket (a fixed allowance per connection)
+FAST_UPLOADS = 4
+_SMALL_READ = 64 << 10
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 
@@ -194,6 +198,8 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
     batch: list[bytes] = []
     pending: asyncio.Future[None] | None = None
     budget = ByteBudget.of_running_loop()
+    read_size = _READ_CHUNK if budget.uploads < FAST_UPLOADS else _SMALL_READ
+    budget.uploads += 1
 
     async def settle() -> None:  # the write in flight is done: its bytes go back to the budget
         nonlocal pending, pending_bytes
@@ -219,7 +225,7 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
                     await flush()
                     await settle()
                     await budget.room()
-                chunk = await _read_or_stall(request, part, idle_timeout_s)
+                chunk = await _read_or_stall(request, part, idle_timeout_s, read_size)
                 if not chunk:
                     break
                 budget.take(len(chunk))
@@ -233,6 +239,7 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
                     await flush()
             await flush()
         finally:
+            budget.uploads -= 1
             await settle()
             budget.release(batched)
     return ReceivedUpload(temp, size, digest.digest())
@@ -254,6 +261,7 @@ class ByteBudget:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
+        self.uploads = 0  # bodies being received now
         self._changed = asyncio.Event()
 
     @classmethod
@@ -279,9 +287,10 @@ class ByteBudget:
         self._changed.set()
 
 
-async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeout_s: float) -> bytes:
+async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeout_s: float,
+                         size: int = _READ_CHUNK) -> bytes:
     try:
-        return await asyncio.wait_for(part.read_chunk(_READ_CHUNK), idle_timeout_s)
+        return await asyncio.wait_for(part.read_chunk(size), idle_timeout_s)
     except asyncio.TimeoutError:
         logger.info("upload from %s stalled: nothing arrived for %g s; dropped", request.remote, idle_timeout_s)
         raise UploadInterruptedError(
