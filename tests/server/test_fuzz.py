@@ -7,7 +7,7 @@ used twice or spoilt, JSON that is not an object, bodies that are not JSON, and 
 every way we know (random bytes, truncated or bit-flipped archives, other layouts, NaN, bad weightings,
 pickled members, integrity headers that lie). After every request:
 
-- no answer is a 5xx;
+- no answer is a 5xx, and every refusal (4xx) is ``{"error": text}``;
 - an upload is accepted (201) only if it is well formed by a check written here, independent of the
   server's code (zip CRCs, ``numpy.load`` without pickle, the round's layout, finite values, a finite
   weighting > 0, a JSON ``data`` part, honest integrity headers);
@@ -499,6 +499,10 @@ def test_no_route_fails_accepts_a_malformed_upload_or_changes_the_round_when_it_
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
             answer.close()  # an endless stream: its status and headers are the answer
         assert answer.status_code < 500, f"{where} answered {answer.status_code}: {answer.text[:300]}"
+        if answer.status_code >= 400:  # every refusal says why, in the one error shape
+            assert answer.headers.get("Content-Type", "").startswith("application/json"), f"{where}: {answer.text[:200]}"
+            error = answer.json()
+            assert set(error) == {"error"} and isinstance(error["error"], str) and error["error"], f"{where}: {error}"
         if call.upload is not None and answer.status_code == 201:
             content, honest = call.upload
             assert honest and well_formed(content), f"{where} accepted a malformed upload: {answer.text[:300]}"
