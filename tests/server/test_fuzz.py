@@ -8,6 +8,7 @@ every way we know (random bytes, truncated or bit-flipped archives, other layout
 pickled members, integrity headers that lie). After every request:
 
 - no answer is a 5xx, and every refusal (4xx) is ``{"error": text}``;
+- a JSON success answer has a status the document lists for the operation and fits its schema;
 - an upload is accepted (201) only if it is well formed by a check written here, independent of the
   server's code (zip CRCs, ``numpy.load`` without pickle, the round's layout, finite values, a finite
   weighting > 0, a JSON ``data`` part, honest integrity headers);
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import jsonschema
 import numpy as np
 import pytest
 import requests
@@ -478,6 +480,18 @@ def _is_json_object(text: str) -> bool:
 # -- the property ---------------------------------------------------------------------------------
 
 
+def check_documented(path: str, method: str, status: int, body: Any, where: str) -> None:
+    """A success answer has a status the document lists for the operation, and fits its schema."""
+    response = DOCUMENT["paths"][path][method]["responses"].get(str(status))
+    assert response is not None, f"{where} answered {status}, which the OpenAPI document does not list"
+    schema = response.get("content", {}).get("application/json", {}).get("schema")
+    if schema is not None:
+        try:
+            jsonschema.validate(body, {"allOf": [schema], "components": DOCUMENT["components"]})
+        except jsonschema.ValidationError as exc:
+            raise AssertionError(f"{where} answered what its OpenAPI schema does not allow: {exc.message}") from None
+
+
 #: BRANCHKEY_FUZZ_SCALE=10 runs ten times as many requests (a deeper search, on demand)
 SCALE = float(os.environ.get("BRANCHKEY_FUZZ_SCALE", "1"))
 
@@ -503,6 +517,8 @@ def test_no_route_fails_accepts_a_malformed_upload_or_changes_the_round_when_it_
             assert answer.headers.get("Content-Type", "").startswith("application/json"), f"{where}: {answer.text[:200]}"
             error = answer.json()
             assert set(error) == {"error"} and isinstance(error["error"], str) and error["error"], f"{where}: {error}"
+        if answer.status_code < 300 and answer.headers.get("Content-Type", "").startswith("application/json"):
+            check_documented(path, method, answer.status_code, answer.json(), where)
         if call.upload is not None and answer.status_code == 201:
             content, honest = call.upload
             assert honest and well_formed(content), f"{where} accepted a malformed upload: {answer.text[:300]}"
