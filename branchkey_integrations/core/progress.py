@@ -15,7 +15,7 @@ given; nothing in it changes behind its back.
 
 Example:
     >>> progress = WaitProgress(round=3, waiting_for="aggregate", waited_s=12.4, run_number=1, round_index=2,
-    ...                         uploaded=("leaf_1",), missing=("leaf_2",), required=2)
+    ...                         uploaded=("leaf_1",), missing=("leaf_2",), required=2, known=True)
     >>> progress.message
     'Round 3 (run 1, round index 2): waiting for the aggregate for 12 s; 1 of 2 uploads; missing: leaf_2'
 """

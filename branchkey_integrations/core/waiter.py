@@ -30,7 +30,8 @@ Example:
     >>> waiter.set_run("start", 1)
     True
     >>> mark, stale = waiter.drain()
-    >>> waiter.add_aggregation("agg-1")
+    >>> waiter.add_aggregation("agg-1", run_number=1, round_index=0)
+    True
     >>> waiter.wait_for_aggregate_after(mark, deadline=None, stopped="during round 1")
     'agg-1'
 """
