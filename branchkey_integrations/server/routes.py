@@ -5,6 +5,11 @@ Every call but the signed blob download and the WebSocket itself carries
 The handlers only translate: a request becomes calls on the store, the upload receiver and the
 round state machine; their results become ``{"data": ...}``. Refusals of those layers are
 domain errors that :mod:`~branchkey_integrations.server.httpio` maps to statuses.
+
+Two delivery rules live here: a leaf whose WebSocket connects is sent the aggregate of the round it
+took part in and has not downloaded yet (catch-up: a notification missed while it was away costs
+nothing), and downloading an aggregate acknowledges it. Metrics must name an aggregate of the
+leaf's branch (404 for an unknown id, 403 for another branch's).
 """
 
 from __future__ import annotations
