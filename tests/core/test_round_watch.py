@@ -4,6 +4,7 @@ rounds against a real branchkey-local running in-process (real HTTP and WebSocke
 
 from __future__ import annotations
 
+import doctest
 import logging
 import os
 import signal
@@ -18,6 +19,8 @@ from branchkey_integrations.core.errors import ProtocolError, RoundInterrupted, 
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.progress import (AggregateRef, RefusedUpload, RoundView, WaitProgress,
                                                   parse_round_view, rounds_behind)
+from branchkey_integrations.core import progress as progress_module
+from branchkey_integrations.core import waiter as waiter_module
 from branchkey_integrations.core.waiter import Every, RoundWaiter
 
 from ..conftest import wait_until
@@ -270,3 +273,9 @@ def test_interrupt_ends_the_wait_for_the_notification_channel_and_the_next_round
     assert time.monotonic() - started < 10
     with pytest.raises(RoundInterrupted, match="SIGTERM"):
         leaf.run_round(layers_for(0), 1.0)
+
+
+@pytest.mark.parametrize("module", [progress_module, waiter_module])
+def test_the_docstring_examples_run_as_written(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
