@@ -37,7 +37,6 @@ from aiohttp import WSCloseCode, web
 
 from ..core import wire
 from .admin import add_admin_routes
-from .dashboard import add_dashboard_routes
 from .connections import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_CONNECTIONS,
@@ -50,6 +49,7 @@ from .connections import (
     GuardedAppRunner,
     guard_middleware,
 )
+from .dashboard import add_dashboard_routes
 from .httpio import HttpProblem, error_middleware
 from .notify import Notifier
 from .routes import add_leaf_routes

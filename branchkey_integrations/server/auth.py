@@ -19,7 +19,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
-from typing import Callable
 
 from aiohttp import web
 
@@ -48,7 +47,6 @@ class Auth:
         self.tickets: dict[str, Ticket] = {}
         self._dummy_token = secrets.token_urlsafe(32)
         self.on_leaf: Callable[[Leaf], None] | None = None  # the dashboard's last-seen hook
-        self.on_leaf: Callable[[Leaf], None] | None = None  # the dashboard's last-seen hook
 
     # -- bearer tokens --------------------------------------------------------------------
 
@@ -64,8 +62,6 @@ class Auth:
         if not hmac.compare_digest(token.encode(), expected.encode()) or leaf is None:
             raise HttpProblem(401, "Unknown leaf id or wrong session token; use the leaf's credentials file.")
         claim_connection(request, leaf.id)  # 429 past the per-leaf connection cap
-        if self.on_leaf is not None:
-            self.on_leaf(leaf)
         if self.on_leaf is not None:
             self.on_leaf(leaf)
         return leaf

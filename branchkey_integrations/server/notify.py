@@ -56,8 +56,6 @@ class Notifier:
         self._sockets: dict[str, dict[str, set[web.WebSocketResponse]]] = {}
         #: called with (branch_id, message) for every publish (the dashboard's live feed)
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        #: called with (branch_id, message) for every publish (the dashboard's live feed)
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- WebSocket registry ---------------------------------------------------------------
 
@@ -149,12 +147,6 @@ class Notifier:
             return {}
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._broker.queue_consumers, tree_id)
 
-    async def amqp_consumers(self, tree_id: str) -> dict[str, int]:
-        """Consumers per leaf queue of a tree ({} without a broker); raises BrokerError when RabbitMQ fails."""
-        if self._broker is None:
-            return {}
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._broker.queue_consumers, tree_id)
-
     async def _publish_amqp(self, tree_id: str, branch_id: str, message: dict[str, Any]) -> None:
         if self._broker is None:
             return
@@ -186,8 +178,6 @@ class Notifier:
         sockets = [ws for group in self._sockets.get(branch_id, {}).values() for ws in group]
         logger.info("notify branch %s: %s to %d socket(s)%s", branch_id, message["message_type"], len(sockets),
                     " and AMQP" if self._broker is not None else "")
-        for listen in self.listeners:
-            listen(branch_id, message)
         for listen in self.listeners:
             listen(branch_id, message)
         await asyncio.gather(self._send_all(sockets, json.dumps(message)), self._publish_amqp(tree_id, branch_id, message))

@@ -308,12 +308,6 @@ class RabbitMQBroker:
                                 missing_ok=True) or []
         return {str(q["name"]): int(q.get("consumers") or 0) for q in queues if isinstance(q, dict) and "name" in q}
 
-    def queue_consumers(self, tree_id: str) -> dict[str, int]:
-        """Consumers per queue (leaf id) of a tree's vhost: who is listening right now (the dashboard asks)."""
-        queues = self._api_call("GET", f"/api/queues/{_q(_check_name('tree_id', tree_id))}?columns=name,consumers",
-                                missing_ok=True) or []
-        return {str(q["name"]): int(q.get("consumers") or 0) for q in queues if isinstance(q, dict) and "name" in q}
-
     def remove_tree(self, tree_id: str) -> None:
         """Delete a tree's vhost, and with it its exchanges and queues. A missing one is fine.
 

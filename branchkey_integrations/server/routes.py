@@ -39,9 +39,7 @@ from ..core.protocol import (
 )
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
-from .events import events_of
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
-from .presence import presence_of
 from .presence import presence_of
 from .openapi import add_openapi_route
 from .progress import round_progress
@@ -118,8 +116,6 @@ async def upload_file(request: web.Request) -> web.Response:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
-    events_of(request).emit("upload", leaf.branch_id, leaf=leaf.name, run_number=accepted.run_number,
-                            round_index=accepted.round_index)
     events_of(request).emit("upload", leaf.branch_id, leaf=leaf.name, run_number=accepted.run_number,
                             round_index=accepted.round_index)
     # the official clients read file_id only; run_number and round_index are branchkey-local's
@@ -210,7 +206,6 @@ async def performance_analysis(request: web.Request) -> web.Response:
         await check_own_aggregate(server, leaf, aggregation_id)
     metric_id = await server.blocking(server.store.add_metric, mode=mode, aggregation_id=aggregation_id, leaf=leaf, data=data)
     events_of(request).emit("metrics", leaf.branch_id, leaf=leaf.name, mode=mode, aggregation_id=aggregation_id)
-    events_of(request).emit("metrics", leaf.branch_id, leaf=leaf.name, mode=mode, aggregation_id=aggregation_id)
     return ok({"id": metric_id}, status=201)
 
 
@@ -246,7 +241,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             pass  # clients only listen; anything they send is ignored
     finally:
         server.notifier.unregister(leaf, socket)
-        presence_of(request).websocket_closed(leaf)
         presence_of(request).websocket_closed(leaf)
     return socket
 
