@@ -32,6 +32,12 @@ RECORD_LEAF_STATES = """() => {
 }"""
 
 
+HISTORY_CAUGHT_UP = """(() => {
+  const latest = /latest aggregate: round (\\d+)/.exec(document.getElementById('round-facts').textContent);
+  return latest !== null && document.querySelectorAll('[data-testid=round-row]').length === +latest[1] + 1;
+})()"""
+
+
 def leaf_logs(root: Path) -> dict[str, str]:
     return {path.stem: path.read_text(errors="replace") for path in root.glob("branchkey-simulate-*/leaf_*.log")}
 
@@ -78,6 +84,7 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
                and len(leaf_logs(tmp_path)) == 3, 60, "every leaf to log the pause")
     assert "error" not in outcome and thread.is_alive(), outcome  # paused, not finished
     assert page.evaluate("window.__loaded") == loaded
+    page.wait_for_function(HISTORY_CAUGHT_UP)  # the table holds every aggregated round, the latest included
     if os.environ.get("BRANCHKEY_DASHBOARD_SCREENSHOT"):
         page.screenshot(path=os.environ["BRANCHKEY_DASHBOARD_SCREENSHOT"], full_page=True)
 
