@@ -44,6 +44,7 @@ def test_a_websocket_shows_connected_then_gone(inprocess_server):
 
 
 @pytest.mark.amqp
+@pytest.mark.slow  # RabbitMQ's management API refreshes consumer counts every 5 s
 def test_an_amqp_consumer_shows_connected_while_a_dashboard_watches(rabbitmq, tmp_path, monkeypatch):
     monkeypatch.setattr(dashboard, "AMQP_POLL_S", 0.2)
     server = InProcessServer(tmp_path / "data", amqp_url=rabbitmq, amqp_management_url=MANAGEMENT_URL)
