@@ -331,8 +331,9 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
     if outcome.kind == "error" or result is None:
         return f"the round failed: {type(outcome.error).__name__}: {outcome.error}"
     if outcome.kind == "timeout":
-        return (f"round {result.round + 1}: no aggregate after {result.wait_s:.0f} s; "
-                "training goes on with the local model (on_timeout='continue').")
+        why = ("the platform could not be reached" if result.skipped == "unreachable" else
+               f"no aggregate after {result.wait_s:.0f} s")
+        return f"round {result.round + 1}: {why}; training goes on with the local model (on_timeout='continue')."
     if result.caught_up:
         return (f"this leaf was behind its branch (resumed from an older checkpoint?): it loaded the branch's "
                 f"latest aggregate {result.aggregation_id} instead of uploading, and is now at round {result.round}.")

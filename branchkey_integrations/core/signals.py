@@ -113,7 +113,7 @@ class InterruptOnSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-            if not interactive():
+            if signum in STOP_SIGNALS and not interactive():
                 gc.freeze()  # the process is ending: spare its exit the collector's passes (see the module docstring)
         self._interrupt(f"{signal_name(signum)} received")
         previous = self._previous.get(signum)
