@@ -48,6 +48,14 @@ def official_python() -> Path:
     return OFFICIAL_PYTHON
 
 
+def _answer(child: subprocess.Popen) -> dict[str, Any]:
+    """The child's next JSON line (the official client prints lines of its own on stdout too)."""
+    while line := child.stdout.readline():
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"the official client's process ended (exit status {child.wait(10)})")
+
+
 def measure(params: int, repeat: int) -> dict[str, Any]:
     layers = make_layers(params)
     with tempfile.TemporaryDirectory(prefix="bk-round-") as tmp:
@@ -61,7 +69,7 @@ def measure(params: int, repeat: int) -> dict[str, Any]:
                     "shapes": [list(a.shape) for a in layers], "workdir": tmp}
             child = subprocess.Popen([str(official_python()), str(Path(__file__).with_name("official_round.py")),
                                       json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert json.loads(child.stdout.readline()).get("ready")
+            assert _answer(child).get("ready")
             client = Client(ours_credentials, host=server.url, transport="websocket")
             buffer = DownloadBuffer()
 
@@ -77,7 +85,7 @@ def measure(params: int, repeat: int) -> dict[str, Any]:
             def official() -> float:
                 child.stdin.write("round\n")
                 child.stdin.flush()
-                return float(json.loads(child.stdout.readline())["seconds"])
+                return float(_answer(child)["seconds"])
 
             ours(), official()  # warm-up: connections, first buffers
             times: dict[str, list[float]] = {"ours": [], "official": []}
