@@ -39,6 +39,8 @@ from branchkey_integrations.server.store import Store
 from tests.conftest import LocalServer  # the test suite's subprocess server
 from tests.dashboard.conftest import CHROMIUM, CHROMIUM_ARGS
 
+from .common import load_average
+
 
 def fill_store(data_dir: Path, leaves: int, rounds: int, seed: int = 0) -> str:
     """A branch with ``rounds`` aggregated rounds of ``leaves`` uploads and metrics each; returns its id."""
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", type=Path, help="where to save the results")
     args = parser.parse_args(argv)
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bk-dashboard-bench-") as tmp:
         data = Path(tmp) / "data"
         began = time.perf_counter()
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             server.stop()
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "leaves": args.leaves,
               "rounds": args.rounds, "repeat": args.repeat, "fill_s": round(filled_s, 2),
+              "load_average": [load_before, load_average()],
               **{name: {"median": statistics.median(v), "max": max(v)} for name, v in browser.items()},
               "routes": routes}
     print(json.dumps(report, indent=2))
