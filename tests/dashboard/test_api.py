@@ -183,3 +183,21 @@ def test_the_page_files_are_served_and_nothing_else(inprocess_server):
         assert answer.status_code == 200 and answer.headers["Content-Type"].startswith(kind), name
     for name in ("vendor/uplot/LICENSE", "../store.py", "nothing.js"):
         assert requests.get(f"{server.url}/dashboard/static/{name}", timeout=10).status_code in (400, 404), name
+
+
+def test_status_json_carries_the_aggregated_metrics(inprocess_server, capsys):
+    from branchkey_integrations.cli import main
+
+    server, leaves = inprocess_server(2)
+    for leaf, weighting in zip(leaves, (1, 3)):
+        upload(leaf, server, weighting, 1.0)
+    [row] = wait_until(lambda: get(server, f"/admin/v1/branches/{leaves[0]['branch_id']}/history")["rounds"], 10,
+                       "the aggregate")
+    for leaf, value in zip(leaves, (0.2, 0.6)):
+        metrics(leaf, server, row["aggregate_id"], "test", accuracy=value)
+    capsys.readouterr()
+    assert main(["status", "--json", "--data-dir", str(server.server.store.data_dir)]) == 0
+    [branch] = json.loads(capsys.readouterr().out)["branches"]
+    assert branch["metrics"]["latest"] == {"test/accuracy": {"round_index": 0, "mean": pytest.approx(0.5)}}
+    assert branch["metrics"]["series"] == [{"mode": "test", "metric": "accuracy", "rounds": [0],
+                                            "mean": [pytest.approx(0.5)]}]
