@@ -53,7 +53,8 @@ def rabbitmq_bin(name: str) -> str | None:
 
 
 class BrokerNode:
-    """One RabbitMQ node of the test's own: ``amqp_url``, ``management_url``; ``stop_app``/``start_app``."""
+    """One RabbitMQ node of the test's own, starting: ``wait_running``, then ``amqp_url``, ``management_url``,
+    ``stop_app``/``start_app``."""
 
     def __init__(self, base: Path) -> None:
         server, self.ctl = rabbitmq_bin("rabbitmq-server"), rabbitmq_bin("rabbitmqctl")
@@ -80,7 +81,7 @@ class BrokerNode:
         self.management_url = f"http://127.0.0.1:{management}"
         self.log = open(base / "node.out", "wb")
         self.process = subprocess.Popen([server], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_running()
+        # the caller waits (wait_running) once it has done what needs no broker: the node takes seconds
 
     def running(self) -> bool:
         assert self.process.poll() is None, "the test's RabbitMQ node exited"
@@ -123,7 +124,8 @@ def test_a_round_completed_while_rabbitmq_is_down_reaches_an_official_2_7_1_leaf
         broker_node: BrokerNode, official_python, tmp_path: Path) -> None:
     python = official_python("2.7.1")
     data_dir = tmp_path / "data"
-    cred_a, cred_b = init_branch(data_dir, 2)
+    cred_a, cred_b = init_branch(data_dir, 2)  # while the node starts
+    broker_node.wait_running()
     log_path = tmp_path / "server.log"
     with open(log_path, "ab") as log:
         server = subprocess.Popen(
