@@ -72,8 +72,9 @@ def domain_status(exc: Exception) -> int:
 
 
 def is_decimal(text: str) -> bool:
-    """ASCII digits only (``str.isdigit`` accepts '²', which ``int`` refuses)."""
-    return text.isascii() and text.isdigit()
+    """1 to 18 ASCII digits: ``int(text)`` then fits SQLite's 64-bit integers and never meets Python's
+    4300-digit limit (``str.isdigit`` alone accepts '²', which ``int`` refuses)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def check_file_id(file_id: str) -> str:

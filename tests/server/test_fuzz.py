@@ -170,6 +170,10 @@ JSON_VALUES = st.recursive(
 )
 
 
+#: numbers as text: around SQLite's 64-bit limit, and past Python's 4300-digit limit for int()
+SMALL_NUMBERS = (st.integers(-2**80, 2**80) | st.sampled_from([2**63 - 1, 2**63, 2**64])).map(str)
+NUMBERS = SMALL_NUMBERS | st.just("9" * 4400)  # one per request: aiohttp refuses request lines over 8190 bytes
+
 #: bodies Python's json module reads although they are not JSON (NaN, Infinity), or that overflow
 LOOSE_JSON = [b'{"count": NaN}', b'{"round_deadline_s": Infinity}', b'{"min_leaves": 1e400}', b'{"name": "\\ud800"}',
               b'{"min_leaves": 99999999999999999999999}', b'{"count": -Infinity, "name_prefix": null}',
@@ -374,10 +378,11 @@ def calls(draw: st.DrawFn, world: World, path: str, method: str) -> Call:
     if query_names and draw(st.booleans()):  # a real ticket or signature, used as is or spoilt
         kind = "ticket" if "ticket" in query_names else "signed"
         real_query = (kind, draw(st.sampled_from(["as_is", "other_request", "twice", "expired", "tampered", "other_file"])))
-    query = {name: draw(JUNK_TEXT) for name in query_names}
+    query = {name: draw(JUNK_TEXT | (NUMBERS if index == 0 else SMALL_NUMBERS))
+             for index, name in enumerate(query_names)}
     for parameter in operation.get("parameters", []):  # optional ones: absent, a number of any size, or junk
         if parameter["in"] == "query" and not parameter.get("required") and draw(st.booleans()):
-            query[parameter["name"]] = draw(st.integers(-2**80, 2**80).map(str) | JUNK_TEXT)
+            query[parameter["name"]] = draw((SMALL_NUMBERS if query else NUMBERS) | JUNK_TEXT)
     url = world.url + concrete + ("?" + urllib.parse.urlencode(query) if query and not real_query else "")
     kwargs: dict[str, Any] = {}
     content = operation.get("requestBody", {}).get("content", {})
@@ -463,7 +468,7 @@ def upload_calls(draw: st.DrawFn, world: World, url: str, headers: dict[str, str
         honest = False
     elif integrity == "junk":
         name = draw(st.sampled_from(["x-bk-file-size", "x-bk-file-digest"]))
-        extra[name] = draw(st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30))
+        extra[name] = draw(st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30) | NUMBERS)
         honest = honest and extra[name] in (str(len(content)), digest)
     if draw(st.integers(0, 7)) == 0:  # not multipart at all
         return Call("post", url, extra, {"data": content}, (content, False))

@@ -39,3 +39,15 @@ def test_leaf_texts_with_a_lone_surrogate_are_refused_with_400(live) -> None:
     upload = live.upload(leaf, wire.encode([np.ones(3, np.float32)], 1.0), data=json.dumps({"metadata": "\udc80"}))
     assert upload.status_code == 400 and "Part 'data'" in upload.json()["error"]
     assert live.upload(leaf, wire.encode([np.ones(3, np.float32)], 1.0)).status_code == 201
+
+
+def test_numbers_past_sqlite_or_pythons_digit_limit_are_refused_with_400(live) -> None:
+    branch, (leaf, _) = live.make_branch(2)
+    admin = {"Authorization": f"Bearer {live.admin_token}"}
+    summary = requests.get(f"{live.url}/admin/v1/branches/{branch['id']}/metrics/summary?run={2**63}", headers=admin,
+                           timeout=10)
+    assert summary.status_code == 400 and "run" in summary.json()["error"]  # was 500: SQLite overflow
+    blob = requests.get(f"{live.url}/api/v1/file/blob/x?expires={'9' * 5000}&signature=s", timeout=10)
+    assert blob.status_code == 403  # was 500: int() of more than 4300 digits
+    upload = live.upload(leaf, wire.encode([np.ones(3, np.float32)], 1.0), headers={"x-bk-file-size": "9" * 5000})
+    assert upload.status_code == 400 and "x-bk-file-size" in upload.json()["error"]
