@@ -262,10 +262,7 @@ class ConnectionGuard:
         self._open.discard(conn)
         self._by_transport.pop(conn.transport, None)
         if conn.leaf_id is not None:
-            group = self._per_leaf.get(conn.leaf_id, set())
-            group.discard(conn)
-            if not group:
-                self._per_leaf.pop(conn.leaf_id, None)
+            self._leave_group(conn)
 
     def started_request(self, request: web.Request) -> None:
         """The request's headers are in: its connection is no longer one that may be evicted or timed out."""
@@ -302,8 +299,16 @@ class ConnectionGuard:
                 429, f"Leaf {leaf_id} already holds {len(group)} connections (the limit is "
                      f"{self.limits.max_connections_per_leaf}); close some or reuse them (keep-alive).",
             )
+        if conn.leaf_id is not None:  # one connection used by another leaf before (a proxy): move it
+            self._leave_group(conn)
         conn.leaf_id = leaf_id
         group.add(conn)
+
+    def _leave_group(self, conn: _Connection) -> None:
+        group = self._per_leaf.get(conn.leaf_id or "", set())
+        group.discard(conn)
+        if not group:
+            self._per_leaf.pop(conn.leaf_id or "", None)
 
 
 GUARD = web.AppKey("connection_guard", ConnectionGuard)

@@ -193,3 +193,18 @@ def test_kept_alive_connections_of_unidentified_clients_are_evicted_like_idle_on
             sock.close()
         for connection in [*kept.values(), *strangers]:
             connection.close()
+
+
+def test_a_connection_used_by_two_leaves_in_turn_counts_for_the_latest_only(guarded) -> None:
+    server = guarded(max_connections_per_leaf=1)
+    (branch_a, leaf_a), (branch_b, leaf_b) = server.leaf(), server.leaf()
+    shared = http.client.HTTPConnection(*server.address(), timeout=10)  # e.g. a proxy's kept-alive connection
+    for branch, leaf in ((branch_a, leaf_a), (branch_b, leaf_b)):
+        shared.request("GET", f"/api/v1/run/{branch['id']}",
+                       headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"})
+        answer = shared.getresponse()
+        assert answer.status == 200, answer.read()
+        answer.read()
+    assert {k: len(v) for k, v in server.guard._per_leaf.items()} == {leaf_b["id"]: 1}
+    shared.close()
+    wait_until(lambda: not server.guard._per_leaf, 10, "the closed connection to be forgotten")
