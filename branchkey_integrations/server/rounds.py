@@ -48,6 +48,7 @@ from ..core.errors import (
 from ..core.protocol import START, STOP, aggregation_message, run_status_message
 from .aggregation import RunningSum, aggregate_files
 from .notify import Notifier
+from .progress import round_progress
 from .records import Branch, Leaf, UploadInput
 from .store import Store
 from .workers import Workers
@@ -154,10 +155,10 @@ class Rounds:
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
         """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress."""
-        where = await self.workers.blocking(self.store.record_refusal, leaf, reason)
-        at = f"run {where[0]} round {where[1]}" if where else "no open round"
-        logger.warning("upload of leaf %s (%s) to branch %s refused (%s): %s", leaf.name, leaf.id, leaf.branch_id,
-                       at, reason)
+        await self.workers.blocking(self.store.record_refusal, leaf, reason)
+        progress = await self.workers.blocking(round_progress, self.store, leaf.branch_id)
+        logger.warning("upload of leaf %s (%s) to branch %s refused: %s [now %s]", leaf.name, leaf.id, leaf.branch_id,
+                       reason, progress.summary())
 
     async def aggregate_if_ready(self, branch_id: str, *, deadline: bool = False) -> str | None:
         """Aggregate the branch's open round if it is complete (or past its deadline); returns the id."""

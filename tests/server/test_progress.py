@@ -52,7 +52,8 @@ def test_round_progress_names_uploaded_missing_and_refused_leaves_until_the_roun
     [refusal] = data(live, a)["refused"]
     assert refusal["leaf"] == "leaf_2" and "layer" in refusal["reason"] and refusal["reason"] in wrong.json()["error"]
     datetime.fromisoformat(refusal["at"])
-    assert any("leaf_2" in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+    assert any("leaf_2" in r.getMessage() and "refused" in r.getMessage()
+               and "now run 1 round 0: 1/3 uploaded; missing leaf_2, leaf_3" in r.getMessage() for r in caplog.records)
     assert any("leaf_1" in r.getMessage() and "uploaded" in r.getMessage() for r in caplog.records)
 
     garbage = live.upload(b, b"not an archive")  # the latest refusal per leaf replaces the earlier one
