@@ -15,6 +15,10 @@ Conventions: options work before or after the subcommand; ``--data-dir`` default
 ``$BRANCHKEY_DATA_DIR``; ``--help`` shows every default; exit status 0 on success, 2 for a usage
 error (argparse), 1 for a runtime failure (one line on stderr, no traceback); a closed stdout
 (``branchkey-local status | head -1``) is not an error.
+
+Why one module of this size: every command shares one parser's conventions, the live-server
+detection and the admin call (``run`` and ``round`` act through a live server when one serves the
+data directory, else in the store); split by command, each part would import the others' helpers.
 """
 
 from __future__ import annotations
