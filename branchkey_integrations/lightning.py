@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -190,8 +190,9 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if not is_round_epoch(epoch, self.every_n_epochs) or epoch <= self._last_epoch:
             return
         tensors = federated_tensors(pl_module, self.buffers)
+        # rank 0's outcome, and the signal that ended its wait (if one did): every rank acts on both alike
         sent = (self._round_on_rank_zero(trainer, tensors), self.interrupted_by) if trainer.is_global_zero else None
-        outcome, signum = trainer.strategy.broadcast(sent, src=0)
+        outcome, signum = cast("tuple[Outcome, int | None]", trainer.strategy.broadcast(sent, src=0))
         if signum is not None and outcome.kind == "error":  # the signal ended the wait: no round to apply
             self.__dict__.pop("_local_error", None)
             raise self._end_run(signum)
@@ -212,7 +213,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         """Through the progress bar when there is one (it keeps the bar intact), else Lightning's rank-zero
         logger, which Lightning shows on the console when the application configured no logging."""
         bar = self._trainer.progress_bar_callback if self._trainer is not None else None
-        if bar is not None and bar.is_enabled:
+        if bar is not None and getattr(bar, "is_enabled", False):
             bar.print(text)
         else:
             rank_zero_info(text)
