@@ -63,7 +63,9 @@ def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook,
     if federation is not None:
         callbacks.append(BranchKeyKerasCallback(federation.credentials, federation.host, num_samples=len(data),
                                                 every_n_epochs=plan.epochs_per_round, transport=federation.transport,
-                                                timeout=federation.round_timeout_s, log_every_s=10.0))
+                                                timeout=federation.round_timeout_s, log_every_s=10.0,
+                                                # each aggregate scored on this leaf's data, sent as test metrics
+                                                validation_data=(data.x, data.y)))
     callbacks.append(_EvaluateEachRound(test, plan.epochs_per_round, on_round))
     model.fit(data.x, data.y, batch_size=plan.batch_size, epochs=plan.rounds * plan.epochs_per_round,
               shuffle=True, verbose=0, callbacks=callbacks)
