@@ -228,19 +228,18 @@ class Client:
                                                                    stopped=None, target=target)
             self._upload_round = None if aggregation_id is not None else target
         if aggregation_id is None:
-            raise AggregationTimeoutError(
-                f"No aggregate for branch {self.branch_id} within {timeout} s "
-                f"(notifications: {self.transport or 'none'})."
-            )
+            raise AggregationTimeoutError(f"No aggregate for branch {self.branch_id} within {timeout} s "
+                                          f"(notifications: {self.transport or 'none'}).")
         return aggregation_id
 
     def get_round(self) -> RoundView | None:
-        """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate;
-        None on a platform without that call (it answered 404 once, and is not asked again)."""
+        """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate,
+        asked once (no retries: a look to repeat); None on a platform without it (404 once: not asked again)."""
         if not self._round_endpoint:
             return None
         try:
-            data = self._http.request_data("GET", ROUND_PATH.format(branch_id=self.branch_id), "round progress")
+            data = self._http.request_data("GET", ROUND_PATH.format(branch_id=self.branch_id), "round progress",
+                                           once=True)
         except NotFoundError as exc:
             self._round_endpoint = False
             logger.info("%s offers no round progress (%s); relying on notifications alone", self._api_host, exc)

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 JSON = "application/json"
+ONCE_TIMEOUT_S = 5.0  # the most a request sent ``once`` waits: it is asked again soon anyway
 
 
 def error_class(status: int) -> type[ApiError]:
@@ -134,21 +135,27 @@ class HttpSession:
         self.timeout = timeout
         self.max_retries = max_retries
         self._session = make_session(max_retries, backoff_factor)
+        self._single = make_session(0, 0.0)  # for requests sent once: a periodic look that is repeated anyway
 
     def request(self, method: str, path: str, *, expected: int = HTTPStatus.OK, accept: str = JSON,
-                headers: Mapping[str, str] | None = None, **kwargs: Any) -> requests.Response:
-        """Send one request to ``base_url + path``; any status but ``expected`` raises its :class:`ApiError`."""
+                headers: Mapping[str, str] | None = None, once: bool = False, **kwargs: Any) -> requests.Response:
+        """Send one request to ``base_url + path``; any status but ``expected`` raises its :class:`ApiError`.
+
+        ``once``: no retries and at most :data:`ONCE_TIMEOUT_S` s, for a look its caller repeats anyway (a
+        wait stays quick to interrupt while the platform is away).
+        """
         url = self.base_url + path
+        session, timeout = (self._single, min(self.timeout, ONCE_TIMEOUT_S)) if once else (self._session, self.timeout)
         try:
-            response = self._session.request(method, url, headers={**self.headers, "accept": accept, **(headers or {})},
-                                             verify=self.verify, proxies=self.proxies, timeout=self.timeout, **kwargs)
+            response = session.request(method, url, headers={**self.headers, "accept": accept, **(headers or {})},
+                                       verify=self.verify, proxies=self.proxies, timeout=timeout, **kwargs)
         except requests.exceptions.RetryError as exc:
             raise ServerError(f"{method} {path} kept failing after retries: {exc}", 503) from exc
         except requests.exceptions.RequestException as exc:
             raise TransportError(f"{method} {url} failed: {exc}") from exc
         if response.status_code != expected:
             text = error_text(response)
-            if response.status_code in RETRY_STATUSES:
+            if response.status_code in RETRY_STATUSES and not once:
                 text += f" (still failing after {self.max_retries} retries)"
             raise error_class(response.status_code)(f"{method} {path}: {text}", response.status_code)
         return response
@@ -172,6 +179,7 @@ class HttpSession:
 
     def close(self) -> None:
         self._session.close()
+        self._single.close()
 
 
 __all__ = ["HttpSession", "RETRY_STATUSES", "error_class", "error_text", "json_data", "make_session"]

@@ -285,3 +285,12 @@ def test_the_round_named_by_the_upload_answer_is_the_one_wait_for_aggregation_ta
     threading.Timer(0.1, client._on_notification, [Notification(
         AGGREGATION_STATUS, {"aggregation_id": "agg-4", "run_number": 1, "round_index": 4})]).start()
     assert client.wait_for_aggregation(timeout=30) == "agg-4"
+
+
+def test_the_round_view_is_asked_once_without_retries(scripted):
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/api/v1/round/b": [(503, {"error": "restarting"})]})
+    client = client_for(server, max_retries=3)
+    with pytest.raises(ServerError, match="restarting") as failed:
+        client.get_round()  # a look that the waits repeat every few seconds: never retried, never long
+    assert "retries" not in str(failed.value)
+    assert [path for _, path, _, _ in server.requests].count("/api/v1/round/b") == 1
