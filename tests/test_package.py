@@ -22,6 +22,7 @@ def test_public_names():
                 "RequestRejectedError", "ServerError", "NotificationError", "RunBlockedError", "RunStopped",
                 "AggregationTimeoutError", "LocalServerError", "RecordNotFoundError", "InvalidValueError",
                 "RunNotStartedError", "RoundClosedError", "AggregationError", "BrokerError", "BrokerArgumentError",
+                "StorageFullError", "UploadInterruptedError", "InsufficientStorageError", "RoundInterrupted",
                 "SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
     assert set(branchkey_integrations.core.__all__) == expected
     for name in expected:
