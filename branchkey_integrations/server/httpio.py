@@ -32,6 +32,9 @@ from ..core.protocol import is_file_id
 
 logger = logging.getLogger(__name__)
 
+#: how long a JSON body (metrics, admin calls: at most 16 MiB) may take to arrive
+JSON_BODY_TIMEOUT_S = 60.0
+
 _UNSAFE_PATH = re.compile(r"(^|/)\.\.?(/|$)|%2f|%5c|%2e|\\", re.IGNORECASE)
 
 #: domain error -> HTTP status, most specific class first; the error's text becomes ``{"error": ...}``.
@@ -84,8 +87,15 @@ def check_file_id(file_id: str) -> str:
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The raw body as a JSON object, whatever the Content-Type (the metrics call sends none)."""
-    raw = await request.read()
+    """The raw body as a JSON object, whatever the Content-Type (the metrics call sends none).
+
+    A body that has not arrived within :data:`JSON_BODY_TIMEOUT_S` is answered 408 (a stalled client
+    must not hold its connection and handler forever).
+    """
+    try:
+        raw = await asyncio.wait_for(request.read(), JSON_BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise HttpProblem(408, f"The request body did not arrive within {JSON_BODY_TIMEOUT_S:g} s; send it again.") from None
     try:
         body = json.loads(raw.decode("utf-8")) if raw else {}
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

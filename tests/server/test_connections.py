@@ -208,3 +208,16 @@ def test_a_connection_used_by_two_leaves_in_turn_counts_for_the_latest_only(guar
     assert {k: len(v) for k, v in server.guard._per_leaf.items()} == {leaf_b["id"]: 1}
     shared.close()
     wait_until(lambda: not server.guard._per_leaf, 10, "the closed connection to be forgotten")
+
+
+def test_a_json_body_that_stalls_is_answered_408(guarded, monkeypatch) -> None:
+    from branchkey_integrations.server import httpio
+
+    monkeypatch.setattr(httpio, "JSON_BODY_TIMEOUT_S", 0.3)
+    server = guarded()
+    _, leaf = server.leaf()
+    with socket.create_connection(server.address(), timeout=10) as raw:
+        raw.sendall(b"POST /api/v1/performance/analysis HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                    + f"Authorization: Bearer {leaf['id']}:{leaf['session_token']}\r\n\r\n".encode() + b'{"mode": ')
+        answer = raw.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer
