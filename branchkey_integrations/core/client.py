@@ -155,9 +155,9 @@ class Client:
         return {**self._http.headers, "accept": accept}
 
     # ------------------------------------------------------------- run status
-    def get_run_details(self) -> dict[str, Any]:
-        """Read the run status and number of this leaf's branch (and remember them)."""
-        data = self._http.request_data("GET", RUN_PATH.format(branch_id=self.branch_id), "run details")
+    def get_run_details(self, *, once: bool = False) -> dict[str, Any]:
+        """Read the run status and number of this leaf's branch (and remember them); ``once``: no retries."""
+        data = self._http.request_data("GET", RUN_PATH.format(branch_id=self.branch_id), "run details", once=once)
         if data.get("run_status") not in RUN_STATUSES or not isinstance(data.get("run_number"), int):
             raise ProtocolError(f"run details: unexpected answer {data!r}")
         self._set_run_status(data["run_status"], data["run_number"])

@@ -389,7 +389,7 @@ class Federation:
 
     def _refresh_run_status(self, notes: RoundNotes) -> None:
         try:
-            self.client.get_run_details()
+            self.client.get_run_details(once=True)  # re-read every few seconds: a retry would only delay an interrupt
         except BranchKeyError as exc:
             if notes.unreachable:
                 logger.debug("Could not re-read the run status: %s", exc)
