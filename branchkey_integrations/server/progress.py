@@ -64,14 +64,14 @@ class RoundProgress:
         head += f"; aggregated by {self.deadline_at} (round deadline)" if self.deadline_at else ""
         return [head] + [f"refused {r.leaf} at {r.at}: {r.reason}" for r in self.refused]
 
-    def summary(self) -> str:
+    def summary(self, *, refusals: bool = True) -> str:
         """One line for a log or a terminal, e.g. ``run 1 round 3: 1/2 uploaded; missing leaf_2``."""
         if self.round_index is None:
             return f"run {self.run_number} {self.run_status}: no open round"
         text = f"run {self.run_number} round {self.round_index}: {len(self.uploaded)}/{self.required} uploaded"
         if self.missing:
             text += "; missing " + ", ".join(self.missing)
-        if self.refused:
+        if self.refused and refusals:
             text += "; refused " + "; ".join(f"{r.leaf} ({r.reason})" for r in self.refused)
         return text
 

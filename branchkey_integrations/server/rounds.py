@@ -158,7 +158,7 @@ class Rounds:
         await self.workers.blocking(self.store.record_refusal, leaf, reason)
         progress = await self.workers.blocking(round_progress, self.store, leaf.branch_id)
         logger.warning("upload of leaf %s (%s) to branch %s refused: %s [now %s]", leaf.name, leaf.id, leaf.branch_id,
-                       reason, progress.summary())
+                       reason, progress.summary(refusals=False))
 
     async def aggregate_if_ready(self, branch_id: str, *, deadline: bool = False) -> str | None:
         """Aggregate the branch's open round if it is complete (or past its deadline); returns the id."""
