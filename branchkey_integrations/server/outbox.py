@@ -7,7 +7,8 @@ refused) is tried again after a backoff that doubles from ``RETRY_BASE_S`` up to
 rows left when the server stops are sent after the next start. So a round that completes while
 RabbitMQ is down reaches the leaves' durable queues once it is back: delivery is at least once (the
 official clients keep the newest aggregation id, so a repeat is harmless). A row whose branch no
-longer exists (its tree was deleted) is dropped, as no one could receive it. The aggregate a server
+longer exists (its tree was deleted) is dropped, as no one could receive it, and so is one still
+unconfirmed after ``MAX_AGE_S`` (a day). The aggregate a server
 committed but died before queuing is found at the next start (:meth:`Outbox.requeue_unannounced`:
 the store records each branch's last queued aggregate in the same transaction as the row).
 
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 10.0
+#: a row not confirmed within this long is dropped (no leaf waits a day; a tree whose broker state was
+#: removed while its branch stayed would otherwise be retried forever)
+MAX_AGE_S = 24 * 3600.0
 LOG_EVERY = 20
 
 Publish = Callable[[str, str, dict[str, Any]], None]
@@ -130,6 +134,11 @@ class Outbox:
             logger.info("dropped an AMQP %s to branch %s: the branch no longer exists",
                         message.get("message_type"), row["branch_id"])
             return
+        if time.time() - row["created"] > MAX_AGE_S:
+            await self.workers.blocking(self.store.outbox_sent, row["id"])
+            logger.warning("dropped an AMQP %s to branch %s after %d attempts over %.0f h: %s",
+                           message.get("message_type"), row["branch_id"], attempts, MAX_AGE_S / 3600, exc)
+            return
         delay = backoff_s(attempts, max_s=self.max_backoff_s)
         await self.workers.blocking(self.store.outbox_failed, row["id"], time.time() + delay, str(exc))
         if attempts == 1 or attempts % LOG_EVERY == 0:
@@ -137,4 +146,4 @@ class Outbox:
                            message.get("message_type"), row["branch_id"], attempts, delay, exc)
 
 
-__all__ = ["Outbox", "backoff_s", "RETRY_BASE_S", "RETRY_MAX_S"]
+__all__ = ["Outbox", "backoff_s", "RETRY_BASE_S", "RETRY_MAX_S", "MAX_AGE_S"]

@@ -149,6 +149,26 @@ def test_outbox_retries_until_confirmed_and_keeps_rows_across_a_restart(tmp_path
     store.close()
 
 
+def test_outbox_drops_a_row_unconfirmed_for_a_day(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from branchkey_integrations.server.outbox import MAX_AGE_S
+
+    store = Store(tmp_path / "data")
+    tree = store.create_tree("t")
+    branch = store.create_branch(tree["id"], "b")
+    young = store.add_outbox(tree["id"], branch.id, json.dumps(aggregation_message("young")))
+    old = store.add_outbox(tree["id"], branch.id, json.dumps(aggregation_message("old")))
+    with store._tx() as conn:  # as if queued a day ago
+        conn.execute("UPDATE outbox SET created = created - ? WHERE id = ?", (MAX_AGE_S + 1, old))
+    executor = ThreadPoolExecutor(1)
+    outbox = Outbox(store, Workers(executor), FlakyBroker(failures=100).publish)
+    assert asyncio.run(outbox.send_due()) == 0
+    assert [row["id"] for row in store.due_outbox(now=float("inf"))] == [young]  # kept for its next try
+    executor.shutdown()
+    store.close()
+
+
 def test_outbox_drops_a_row_whose_branch_is_gone(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
