@@ -298,6 +298,31 @@ def test_the_readme_advice_monitoring_the_aggregate_runs_and_the_value_is_repeat
                            keras.callbacks.EarlyStopping(monitor="branchkey_test_loss")])
 
 
+def test_a_leaf_two_rounds_behind_loads_the_latest_aggregate_and_counts_the_branchs_rounds(
+        server_factory, uploads, capsys):
+    server, credentials = server_factory(1)  # rounds complete with this leaf alone
+    first = callback_for(credentials[0], server)
+    ids = []
+    track = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ids.append(
+        first.federation.last_aggregation_id))
+    fit(tiny_model(), [first, track], epochs=3)
+    uploads.clear()
+
+    lagging = callback_for(credentials[0], server)  # holds round 1's aggregate, as a leaf restored from then would
+    lagging.federation.load_state_dict({"round": 1, "last_aggregation_id": ids[0], "last_run_number": 1,
+                                        "last_round_index": 0})
+    model, after = tiny_model(seed=3), Recorder("loaded")
+    history = model.fit(X, Y, batch_size=4, epochs=3, initial_epoch=1, shuffle=False, verbose=2,
+                        callbacks=[lagging, after])
+    assert history.history["branchkey_round"] == [3.0, 4.0]  # caught up to the branch's round 3, then round 4
+    assert len(uploads) == 1  # round 4 only: nothing uploaded into a round long closed
+    assert "behind its branch" in capsys.readouterr().out  # said through Keras's printing
+    with Client(credentials[0], host=server.url, transport="none") as client:
+        latest = client.download_aggregate(ids[2])
+        for name, array in zip(PARAMS, latest.layers):
+            np.testing.assert_array_equal(after.records[0][name], array)
+
+
 def test_without_keras_the_import_fails_with_an_install_hint():
     import subprocess
     import sys
