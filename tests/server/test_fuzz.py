@@ -12,13 +12,13 @@ pickled members, integrity headers that lie). After every request:
 - an upload is accepted (201) only if it is well formed by a check written here, independent of the
   server's code (zip CRCs, ``numpy.load`` without pickle, the round's layout, finite values, a finite
   weighting > 0, a JSON ``data`` part, honest integrity headers);
-- a refused request (4xx) leaves the watched branch exactly as it was: its rounds, the uploads that
-  count, and its aggregate's rows and bytes.
+- a refused request (4xx) leaves the watched branches exactly as they were: their rounds, the uploads
+  that count, and their aggregates' rows and bytes.
 
 Admin requests with the real token may change things, so they are aimed at a scratch tree and branch
-(or ids that do not exist); the watched branch only ever sees leaf calls and anonymous or wrong admin
-calls. Leaves upload, but no round can complete: the watched branch needs three leaves and one never
-uploads.
+(or ids that do not exist); the watched branches only ever see leaf calls, admin reads, and anonymous or
+wrong admin calls. Leaves upload, but no round can complete: each watched branch has a leaf that never
+uploads (``main``: three leaves, ``other``: two).
 """
 
 from __future__ import annotations
@@ -89,8 +89,11 @@ class World:
         return f"World({self.url})"
 
     def snapshot(self) -> Any:
-        """Everything a refused request must not change on the watched branch."""
-        store, branch = self.thread.server.store, self.ids["main_branch"]
+        """Everything a refused request must not change on the watched branches (``main`` and ``other``)."""
+        return [self._branch_state(self.ids[name]) for name in ("main_branch", "other_branch")]
+
+    def _branch_state(self, branch: str) -> Any:
+        store = self.thread.server.store
         rounds = [(r["run_number"], r["round_index"], r["status"], r["aggregate_id"]) for r in store.list_rounds(branch)]
         uploads = [(u["run_number"], u["round_index"], u["leaf_id"], u["file_id"], u["weighting"])
                    for u in store.list_uploads(branch)]
@@ -533,6 +536,8 @@ def test_no_route_fails_accepts_a_malformed_upload_or_changes_the_round_when_it_
 
     check()
     assert seen - {401}, f"every {method.upper()} {path} request was refused at the door; the fuzzer reached no handler"
-    store, branch = world.thread.server.store, world.ids["main_branch"]
-    assert [r["status"] for r in store.list_rounds(branch)] == ["aggregated", "open"]  # no round was completed
-    assert store.list_rounds(branch)[0]["aggregate_id"] == world.ids["main_aggregate"]
+    store = world.thread.server.store
+    for name in ("main", "other"):  # no round was completed, and round 0's aggregate is the one made at set-up
+        rounds = store.list_rounds(world.ids[f"{name}_branch"])
+        assert [r["status"] for r in rounds] == ["aggregated", "open"], (name, rounds)
+        assert rounds[0]["aggregate_id"] == world.ids[f"{name}_aggregate"]
