@@ -35,8 +35,7 @@ import numpy as np
 from . import wire
 from .client_options import DEFAULT_OUTPUT_DIR, TRANSPORTS, check_client_options, check_host
 from .credentials import Credentials, CredentialsLike
-from .errors import (AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RequestRejectedError,
-                     RunBlockedError)
+from .errors import AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RunBlockedError
 from .http import HttpSession
 from .notifications import NotificationTransport, start_transport
 from .protocol import (
