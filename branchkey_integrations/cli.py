@@ -285,7 +285,8 @@ def live_server(data_dir: Path) -> tuple[str, str] | None:
     try:
         info = json.loads((data_dir / SERVER_FILE).read_text(encoding="utf-8"))
         token = (data_dir / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
-        os.kill(int(info["pid"]), 0)
+        if sys.platform != "win32":  # on Windows signal 0 is CTRL_C_EVENT: the HTTP answer below must do
+            os.kill(int(info["pid"]), 0)
         answer = requests.get(info["url"] + ADMIN_PREFIX + "/branches", headers=_admin_headers(token), timeout=3)
     except (OSError, ValueError, KeyError, TypeError, requests.RequestException):
         return None
