@@ -137,3 +137,17 @@ def test_status_names_the_open_rounds_uploaded_missing_and_refused_leaves(live, 
     [listed] = [item for item in json.loads(capsys.readouterr().out)["branches"] if item["id"] == branch["id"]]
     assert (listed["progress"]["uploaded"], listed["progress"]["missing"]) == (["leaf_1"], ["leaf_2"])
     assert [r["leaf"] for r in listed["progress"]["refused"]] == ["leaf_2"]
+
+
+def test_the_leaf_side_parses_the_servers_round_view(live) -> None:
+    from branchkey_integrations.core.progress import parse_round_view
+
+    branch, (a, b) = live.make_branch(2)
+    for leaf in (a, b):
+        assert live.upload(leaf, wire.encode(layers(1), 1.0)).status_code == 201
+    aggregate_id = live.wait_aggregate(branch["id"])
+    assert live.upload(b, wire.encode([np.zeros(4, np.float32)], 1.0)).status_code == 400
+    view = live.wait_for(lambda: (v := parse_round_view(data(live, a))).round_index == 1 and v)
+    assert (view.run_number, view.uploaded, view.missing, view.required) == (1, (), ("leaf_1", "leaf_2"), 2)
+    assert [r.leaf for r in view.refused] == ["leaf_2"]
+    assert (view.latest_aggregate.aggregation_id, view.latest_aggregate.round_index) == (aggregate_id, 0)
