@@ -154,11 +154,17 @@ class Rounds:
         return AcceptedUpload(file_id, current.run_number, current.round_index)
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
-        """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress."""
-        await self.workers.blocking(self.store.record_refusal, leaf, reason)
-        progress = await self.workers.blocking(round_progress, self.store, leaf.branch_id)
+        """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress.
+
+        A store that cannot record it (a full disk) costs the round view this line, never the leaf its answer.
+        """
+        try:
+            await self.workers.blocking(self.store.record_refusal, leaf, reason)
+            now = (await self.workers.blocking(round_progress, self.store, leaf.branch_id)).summary(refusals=False)
+        except (sqlite3.Error, LocalServerError, OSError) as exc:
+            now = f"not recorded: {exc}"
         logger.warning("upload of leaf %s (%s) to branch %s refused: %s [now %s]", leaf.name, leaf.id, leaf.branch_id,
-                       reason, progress.summary(refusals=False))
+                       reason, now)
 
     async def aggregate_if_ready(self, branch_id: str, *, deadline: bool = False) -> str | None:
         """Aggregate the branch's open round if it is complete (or past its deadline); returns the id."""

@@ -151,3 +151,18 @@ def test_the_leaf_side_parses_the_servers_round_view(live) -> None:
     assert (view.run_number, view.uploaded, view.missing, view.required) == (1, (), ("leaf_1", "leaf_2"), 2)
     assert [r.leaf for r in view.refused] == ["leaf_2"]
     assert (view.latest_aggregate.aggregation_id, view.latest_aggregate.round_index) == (aggregate_id, 0)
+
+
+def test_a_store_that_cannot_record_a_refusal_still_answers_the_leaf_with_its_reason(live, monkeypatch, caplog) -> None:
+    import sqlite3
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    branch, (a, b) = live.make_branch(2)
+    assert live.upload(a, wire.encode(layers(1), 1.0)).status_code == 201
+    monkeypatch.setattr(live.thread.server.store, "record_refusal", full)  # a fault injected into the real store
+    wrong = live.upload(b, wire.encode([np.zeros(4, np.float32)], 1.0))
+    assert wrong.status_code == 400 and "layers do not match" in wrong.json()["error"]
+    assert any("not recorded: database or disk is full" in r.getMessage() for r in caplog.records)
+    assert data(live, a)["refused"] == []
