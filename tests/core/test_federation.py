@@ -39,6 +39,8 @@ def weighted_mean(uploads, weights):
     ({"timeout": float("inf")}, "Received: timeout=inf"),
     ({"on_timeout": "ignore"}, "Expected on_timeout in ('raise', 'continue'). Received: on_timeout='ignore'"),
     ({"log_every_s": -1}, "Received: log_every_s=-1"),
+    ({"check_every_s": 0}, "Expected check_every_s to be a number of seconds > 0. Received: check_every_s=0"),
+    ({"on_progress": "print"}, "Expected on_progress to be a function of one WaitProgress. Received: 'print'"),
     ({"client_options": {"host": "x"}}, "without 'host'"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
