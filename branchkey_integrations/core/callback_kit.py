@@ -279,8 +279,12 @@ class FederatedCallbackMixin:
         logger.info("%s", text)
 
     def _on_progress(self, progress: WaitProgress) -> None:
-        if not progress.final:  # the end of the wait is said by _say_outcome, with what it came to
-            self._say(f"BranchKey: {progress.message}")
+        if progress.final:  # the end of the wait is said by _say_outcome, with what it came to
+            return
+        complete = progress.known and progress.required is not None and len(progress.uploaded) >= progress.required
+        if complete and not progress.refused and progress.waited_s < self.settings.log_every_s:
+            return  # every upload is in: the aggregate is moments away (said if it is late, at log_every_s)
+        self._say(f"BranchKey: {progress.message}")
 
     def _say_outcome(self, outcome: Outcome) -> None:
         if outcome.kind != "error" or self.interrupted_by is not None:  # an error is raised: it speaks for itself

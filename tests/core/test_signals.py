@@ -8,14 +8,21 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
-from branchkey_integrations.core.callback_kit import describe_outcome, rounds_after_catching_up
+from branchkey_integrations.core.callback_kit import FederatedCallbackMixin, describe_outcome, rounds_after_catching_up
 from branchkey_integrations.core.errors import AggregationTimeoutError, RoundInterrupted, RunStopped
 from branchkey_integrations.core.outcome import Outcome, RoundResult
+from branchkey_integrations.core.progress import WaitProgress
 from branchkey_integrations.core.signals import InterruptOnSignals, exit_status, interactive, signal_name
 from branchkey_integrations.core.waiter import RoundWaiter
+
+
+CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf_1", "session_token": "t" * 32,
+         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
+         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
 
 
 @pytest.fixture
@@ -122,3 +129,30 @@ def test_a_leaf_that_caught_up_counts_the_rounds_its_branch_went_through():
 ])
 def test_the_line_said_at_the_end_of_a_round(outcome, signum, line):
     assert describe_outcome(outcome, signum) == line
+
+
+class Said(FederatedCallbackMixin):
+    """The mixin without a framework: what it would say, collected."""
+
+    def __init__(self) -> None:
+        super().__init__(CREDS, "http://127.0.0.1:1", log_every_s=10)
+        self.lines: list[str] = []
+
+    def _say(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_a_wait_is_said_unless_every_upload_is_in_and_it_is_not_late():
+    said = Said()
+    missing = WaitProgress(round=1, waiting_for="aggregate", waited_s=0.0, uploaded=("leaf_1",), missing=("leaf_2",),
+                           required=2, known=True)
+    complete = WaitProgress(round=1, waiting_for="aggregate", waited_s=0.0, uploaded=("leaf_1", "leaf_2"),
+                            required=2, known=True)
+    for progress in (missing, complete, replace(complete, waited_s=10.0), replace(complete, final=True),
+                     WaitProgress(round=1, waiting_for="run start", waited_s=0.0, run_status="pause")):
+        said._on_progress(progress)
+    assert said.lines == [
+        "BranchKey: Round 1: waiting for the aggregate for 0 s; 1 of 2 uploads; missing: leaf_2",
+        "BranchKey: Round 1: waiting for the aggregate for 10 s; 2 of 2 uploads",  # late: said
+        "BranchKey: Round 1: waiting for the run to start for 0 s (run is 'pause')",
+    ]
