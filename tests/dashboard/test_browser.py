@@ -88,6 +88,11 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
     if os.environ.get("BRANCHKEY_DASHBOARD_SCREENSHOT"):
         page.screenshot(path=os.environ["BRANCHKEY_DASHBOARD_SCREENSHOT"], full_page=True)
 
+    with page.expect_download() as download:  # an aggregate, through a signed URL from an admin route
+        page.get_by_test_id("download").first.click()
+    assert download.value.suggested_filename.endswith(".npz") and "#login" not in download.value.url
+    assert Path(download.value.path()).stat().st_size > 0
+
     page.get_by_test_id("start-button").click()
     thread.join(300)
     assert not thread.is_alive() and "error" not in outcome, outcome
