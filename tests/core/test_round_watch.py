@@ -19,6 +19,7 @@ from branchkey_integrations.core.errors import ProtocolError, RoundInterrupted, 
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.progress import (AggregateRef, RefusedUpload, RoundView, WaitProgress,
                                                   parse_round_view, rounds_behind)
+from branchkey_integrations.core.protocol import AGGREGATION_STATUS, Notification
 from branchkey_integrations.core import progress as progress_module
 from branchkey_integrations.core import waiter as waiter_module
 from branchkey_integrations.core.waiter import Every, RoundWaiter
@@ -279,3 +280,25 @@ def test_interrupt_ends_the_wait_for_the_notification_channel_and_the_next_round
 def test_the_docstring_examples_run_as_written(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+
+def test_a_late_aggregate_of_an_earlier_round_is_not_taken_for_this_one(inprocess_server, federations, caplog):
+    server, credentials = inprocess_server(2)
+    reports: list[WaitProgress] = []
+    a = connect(credentials[0], server, federations, on_progress=reports.append, log_every_s=60)
+    b = connect(credentials[1], server, federations)
+    box = in_thread(a.run_round, layers_for(0), 1.0)
+    b.run_round(layers_for(1), 1.0)
+    box["thread"].join(30)
+    box = in_thread(a.run_round, layers_for(2), 1.0)  # round 2: run 1, round index 1
+    wait_until(lambda: any(r.round == 2 for r in reports), 10, "leaf a to wait for round 2")
+    with caplog.at_level(logging.INFO, logger="branchkey_integrations"):
+        # what a slow queue could deliver now: an aggregate of round index 0, which this leaf timed out of
+        a.client._on_notification(Notification(AGGREGATION_STATUS, {"aggregation_id": "late-0", "run_number": 1,
+                                                                     "round_index": 0}))
+        assert box["thread"].is_alive()
+        ours = b.run_round(layers_for(3), 1.0)
+        box["thread"].join(30)
+    assert box["result"].aggregation_id == ours.aggregation_id and (ours.run_number, ours.round_index) == (1, 1)
+    assert "Ignoring aggregate late-0 of run 1 round 0: this leaf's upload went into run 1 round 1" in caplog.text
