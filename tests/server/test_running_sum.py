@@ -3,6 +3,7 @@ recovered from the stored uploads after a kill -9 in the middle of an aggregatio
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -60,11 +61,18 @@ def test_the_running_mean_equals_numpy_bit_for_bit(tmp_path: Path, compression: 
         np.testing.assert_array_equal(got, want)
 
 
-def test_one_upload_is_its_own_mean_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["none", "deflate"])  # stored: copied in the kernel; deflated: decoded
+def test_one_upload_is_its_own_mean_exactly(tmp_path: Path, compression: str) -> None:
     layers = [np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32), np.arange(3)]
     running = RunningSum()
-    running.sync(stored(tmp_path, [(layers, 1e300)]))
-    for got, want in zip(written(running, tmp_path / "mean.npz"), layers):
+    running.sync(stored(tmp_path, [(layers, 1e300)], compression=compression))
+    size, digest = running.write(tmp_path / "mean.npz")
+    content = (tmp_path / "mean.npz").read_bytes()
+    assert (size, digest) == (len(content), hashlib.sha256(content).hexdigest())
+    archive = wire.decode(content)
+    assert archive.weighting is None and len(archive.layers) == 2
+    for got, want in zip(archive.layers, layers):
+        assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
 
 
