@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import REPO, wait_until
+from .conftest import REPO, partner_upload, wait_until
+
+#: how often the leaves of these tests report a wait (``log_every_s``)
+LOG_EVERY_S = 2.0
 
 
 class LeafProcess:
@@ -62,3 +65,36 @@ class LeafProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def wait_until_counted(credentials, server, leaf: LeafProcess, name: str = "leaf_1") -> None:
+    """Until the server counts ``name``'s upload in the open round (asked as another leaf of the branch)."""
+    from branchkey_integrations import Client
+
+    with Client(credentials, host=server.url, transport="none") as client:
+        def counted() -> bool:
+            if leaf.process.poll() is not None:
+                raise AssertionError(f"the leaf exited ({leaf.process.returncode}):\n{leaf.tail()}")
+            return name in client.get_round().uploaded
+        wait_until(counted, 120, f"{name}'s upload to be counted")
+
+
+def check_the_wait_names_the_missing_then_the_refused_leaf(leaf: LeafProcess, server, other_credentials,
+                                                          other_model: list) -> None:
+    """``leaf`` (leaf_1 of a 2-leaf branch) waits for leaf_2: once the server counts leaf_1's upload, its output
+    names the round, the count and the missing leaf within ``LOG_EVERY_S + 5`` s, and again with more seconds
+    waited; then leaf_2 uploads ``other_model`` (another architecture), the server refuses it, and leaf_1's
+    output names leaf_2 and the refused layer within 10 s."""
+    from branchkey_integrations.core.errors import RequestRejectedError
+
+    wait_until_counted(other_credentials, server, leaf)
+    leaf.wait_for(r"Round 1\b[^\n]*waiting for the aggregate[^\n]*1 of 2 uploads; missing: leaf_2",
+                  LOG_EVERY_S + 5, "the round, the count and the missing leaf")
+    leaf.wait_for(r"Round 1\b[^\n]*for [1-9][0-9]* s[^\n]*missing: leaf_2", LOG_EVERY_S + 5, "a refreshed report")
+    try:
+        partner_upload(other_credentials, server, other_model, 8.0)
+    except RequestRejectedError as exc:
+        assert "layer_0" in str(exc), exc
+    else:
+        raise AssertionError("the server accepted an upload of another model")
+    leaf.wait_for(r"upload of leaf_2 refused[^\n]*layer_0", 10, "leaf_2's refused upload, with the layer")

@@ -7,13 +7,7 @@ from __future__ import annotations
 import json
 import signal
 
-import pytest
-
-from branchkey_integrations.core.errors import RequestRejectedError
-
-from ..conftest import partner_upload
-from ..leaf_process import LeafProcess
-from ..lightning.test_waits import LOG_EVERY_S, wait_until_counted
+from ..leaf_process import LOG_EVERY_S, LeafProcess, check_the_wait_names_the_missing_then_the_refused_leaf
 
 #: what the Keras callback ends a run with after SIGTERM: SystemExit(128 + 15), as a shell reports a SIGTERM'd process
 KERAS_SIGTERM_STATUS = 143
@@ -36,15 +30,7 @@ def test_a_waiting_leaf_names_the_missing_and_the_refused_leaf_and_sigterm_ends_
     server, credentials = server_factory(2)  # leaf_2 does not train: leaf_1 waits for it
     leaf = start_leaf(tmp_path, credentials[0], server)
     try:
-        wait_until_counted(credentials[1], server, leaf)
-        leaf.wait_for(r"Round 1\b[^\n]*waiting for the aggregate[^\n]*1 of 2 uploads; missing: leaf_2",
-                      LOG_EVERY_S + 5, "the round, the count and the missing leaf")
-        leaf.wait_for(r"Round 1\b[^\n]*for [1-9][0-9]* s[^\n]*missing: leaf_2", LOG_EVERY_S + 5,
-                      "a refreshed report")
-
-        with pytest.raises(RequestRejectedError, match="layer_0"):
-            partner_upload(credentials[1], server, wrong_model(), 8.0)
-        leaf.wait_for(r"upload of leaf_2 refused[^\n]*layer_0", 10, "leaf_2's refused upload, with the layer")
+        check_the_wait_names_the_missing_then_the_refused_leaf(leaf, server, credentials[1], wrong_model())
 
         code, seconds = leaf.end_with(signal.SIGTERM)
         output = leaf.output()

@@ -11,20 +11,16 @@ import signal
 import threading
 
 import numpy as np
-import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from branchkey_integrations import Client
-from branchkey_integrations.core.errors import RequestRejectedError
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.lightning import federated_tensors
 
-from ..conftest import partner_upload, wait_until
-from ..leaf_process import LeafProcess
+from ..leaf_process import LOG_EVERY_S, LeafProcess, check_the_wait_names_the_missing_then_the_refused_leaf
 from .models import Recorder, TinyModel, loader, trainer
 from .test_rounds import callback_for
 
-LOG_EVERY_S = 2.0
 #: Lightning's ending of a run after SIGTERM: its loops raise SIGTERMException, a SystemExit without a code
 LIGHTNING_SIGTERM_STATUS = 0
 #: Lightning's ending of a run after Ctrl-C: "Detected KeyboardInterrupt, attempting graceful shutdown", exit(1)
@@ -36,31 +32,13 @@ def start_leaf(tmp_path, credentials, server, bar: str = "bar") -> LeafProcess:
                                                       str(LOG_EVERY_S), bar], tmp_path / "leaf.log")
 
 
-def wait_until_counted(credentials, server, leaf: LeafProcess, name: str = "leaf_1") -> None:
-    """Until the server counts ``name``'s upload in the open round (asked as another leaf of the branch)."""
-    with Client(credentials, host=server.url, transport="none") as client:
-        def counted() -> bool:
-            if leaf.process.poll() is not None:
-                raise AssertionError(f"the leaf exited ({leaf.process.returncode}):\n{leaf.tail()}")
-            return name in client.get_round().uploaded
-        wait_until(counted, 120, f"{name}'s upload to be counted")
-
-
 def test_a_waiting_leaf_names_the_missing_and_the_refused_leaf_and_sigterm_ends_it_as_lightning_does(
         server_factory, tmp_path):
     server, credentials = server_factory(2)  # leaf_2 does not train: leaf_1 waits for it
     leaf = start_leaf(tmp_path, credentials[0], server)
     try:
-        wait_until_counted(credentials[1], server, leaf)
-        leaf.wait_for(r"Round 1\b[^\n]*waiting for the aggregate[^\n]*1 of 2 uploads; missing: leaf_2",
-                      LOG_EVERY_S + 5, "the round, the count and the missing leaf")
-        leaf.wait_for(r"Round 1\b[^\n]*for [1-9][0-9]* s[^\n]*missing: leaf_2", LOG_EVERY_S + 5,
-                      "a refreshed report")
-
         wrong = [t.detach().numpy() for _, t in federated_tensors(TinyModel(hidden=5))]  # leaf_2: another model
-        with pytest.raises(RequestRejectedError, match="layer_0"):
-            partner_upload(credentials[1], server, wrong, 8.0)
-        leaf.wait_for(r"upload of leaf_2 refused[^\n]*layer_0", 10, "leaf_2's refused upload, with the layer")
+        check_the_wait_names_the_missing_then_the_refused_leaf(leaf, server, credentials[1], wrong)
 
         code, seconds = leaf.end_with(signal.SIGTERM)
         output = leaf.output()
