@@ -80,11 +80,11 @@ def wait_until_counted(credentials, server, leaf: LeafProcess, name: str = "leaf
 
 
 def check_the_wait_names_the_missing_then_the_refused_leaf(leaf: LeafProcess, server, other_credentials,
-                                                          other_model: list) -> None:
+                                                          other_model: list, first_layer: str) -> None:
     """``leaf`` (leaf_1 of a 2-leaf branch) waits for leaf_2: once the server counts leaf_1's upload, its output
     names the round, the count and the missing leaf within ``LOG_EVERY_S + 5`` s, and again with more seconds
     waited; then leaf_2 uploads ``other_model`` (another architecture), the server refuses it, and leaf_1's
-    output names leaf_2 and the refused layer within 10 s."""
+    output names leaf_2 and the refused layer (``layer_0``, which this leaf calls ``first_layer``) within 10 s."""
     from branchkey_integrations.core.errors import RequestRejectedError
 
     wait_until_counted(other_credentials, server, leaf)
@@ -97,4 +97,5 @@ def check_the_wait_names_the_missing_then_the_refused_leaf(leaf: LeafProcess, se
         assert "layer_0" in str(exc), exc
     else:
         raise AssertionError("the server accepted an upload of another model")
-    leaf.wait_for(r"upload of leaf_2 refused[^\n]*layer_0", 10, "leaf_2's refused upload, with the layer")
+    leaf.wait_for(rf"upload of leaf_2 refused[^\n]*layer_0[^\n]*; on this leaf layer_0 is '{re.escape(first_layer)}'",
+                  10, "leaf_2's refused upload, with the layer")

@@ -30,6 +30,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +45,8 @@ from .signals import InterruptOnSignals, exit_status, signal_name
 from .snapshots import require_safetensors
 
 logger = logging.getLogger(__name__)
+
+_LAYER_KEY = re.compile(r"\blayer_(0|[1-9][0-9]*)\b")  # how the platform names a layer: by its position
 
 #: ``"local"``: state that is not trained (BatchNorm statistics) stays on the leaf, as in FedBN;
 #: ``"average"``: its floating-point part is averaged like the parameters.
@@ -260,6 +263,7 @@ class FederatedCallbackMixin:
         if weighting is None:
             weighting = lambda: resolve_weighting(self.num_samples)  # noqa: E731 - called inside the round
         federation = self.federation
+        self._round_names = tuple(names)  # to name the layers a refusal mentions, while the round waits
         federation.clear_interrupt()  # an earlier interrupt (a caught Ctrl-C in a notebook) is over
         before = (federation.round, federation.last_run_number, federation.last_round_index)
         with InterruptOnSignals(federation.interrupt) as signals:
@@ -284,7 +288,9 @@ class FederatedCallbackMixin:
         complete = progress.known and progress.required is not None and len(progress.uploaded) >= progress.required
         if complete and not progress.refused and progress.waited_s < self.settings.log_every_s:
             return  # every upload is in: the aggregate is moments away (said if it is late, at log_every_s)
-        self._say(f"BranchKey: {progress.message}")
+        self._say(f"BranchKey: {progress.message}{local_layer_names(progress, self._round_names)}")
+
+    _round_names: tuple[str, ...] = ()
 
     def _say_outcome(self, outcome: Outcome) -> None:
         if outcome.kind != "error" or self.interrupted_by is not None:  # an error is raised: it speaks for itself
@@ -307,6 +313,23 @@ class FederatedCallbackMixin:
 
 
 _MIXIN_ARGUMENTS = tuple(inspect.signature(FederatedCallbackMixin.__init__).parameters)[1:]  # without self
+
+
+def local_layer_names(progress: WaitProgress, names: Sequence[str]) -> str:
+    """What this leaf calls the ``layer_<i>`` that refusals of other leaves' uploads mention, as a suffix for the
+    progress line (``"; on this leaf layer_0 is 'stem.weight'"``), or ``""``: the server only knows positions.
+
+    Example:
+        >>> from branchkey_integrations.core.progress import RefusedUpload
+        >>> progress = WaitProgress(1, "aggregate", 3.0, refused=(RefusedUpload("leaf_2", "layer_0: expected ..."),))
+        >>> local_layer_names(progress, ["stem.weight", "stem.bias"])
+        "; on this leaf layer_0 is 'stem.weight'"
+    """
+    mentioned = sorted({int(i) for refusal in progress.refused for i in _LAYER_KEY.findall(refusal.reason)
+                        if int(i) < len(names)})
+    if not mentioned:
+        return ""
+    return "; on this leaf " + ", ".join(f"layer_{i} is {names[i]!r}" for i in mentioned)
 
 
 def rounds_after_catching_up(rounds: int, run_number: int | None, round_index: int | None,
@@ -344,6 +367,6 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
     return f"round {result.round} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
 
 
-__all__ = ["describe_outcome", "rounds_after_catching_up", "shared_options", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+__all__ = ["describe_outcome", "local_layer_names", "rounds_after_catching_up", "shared_options", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

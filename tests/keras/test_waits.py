@@ -30,7 +30,8 @@ def test_a_waiting_leaf_names_the_missing_and_the_refused_leaf_and_sigterm_ends_
     server, credentials = server_factory(2)  # leaf_2 does not train: leaf_1 waits for it
     leaf = start_leaf(tmp_path, credentials[0], server)
     try:
-        check_the_wait_names_the_missing_then_the_refused_leaf(leaf, server, credentials[1], wrong_model())
+        check_the_wait_names_the_missing_then_the_refused_leaf(leaf, server, credentials[1], wrong_model(),
+                                                               "tiny/stem/kernel")
 
         code, seconds = leaf.end_with(signal.SIGTERM)
         output = leaf.output()

@@ -38,7 +38,7 @@ def test_a_waiting_leaf_names_the_missing_and_the_refused_leaf_and_sigterm_ends_
     leaf = start_leaf(tmp_path, credentials[0], server)
     try:
         wrong = [t.detach().numpy() for _, t in federated_tensors(TinyModel(hidden=5))]  # leaf_2: another model
-        check_the_wait_names_the_missing_then_the_refused_leaf(leaf, server, credentials[1], wrong)
+        check_the_wait_names_the_missing_then_the_refused_leaf(leaf, server, credentials[1], wrong, "stem.weight")
 
         code, seconds = leaf.end_with(signal.SIGTERM)
         output = leaf.output()
