@@ -18,7 +18,7 @@ from .data import Split
 
 FRAMEWORKS = {"lightning": "lightning_model", "keras": "keras_model"}
 _INSTALL_HINT = {"lightning": "branchkey-integrations[lightning,simulate]",
-                 "keras": "branchkey-integrations[keras,simulate]"}
+                 "keras": "branchkey-integrations[tensorflow,simulate]"}  # [keras] alone brings no backend
 _REQUIRES = {"lightning": ("torch", "lightning"), "keras": ("keras",)}
 
 #: called after each round with (round number from 1, accuracy on the common test set)
