@@ -79,8 +79,9 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     on to Lightning's own handler and the callback raises Lightning's ``SIGTERMException``: the trainer
     stops as it does for a SIGTERM between batches (``on_exception`` callbacks such as
     ``OnExceptionCheckpoint`` run, loggers finalize) and the process exits as Lightning's runs do
-    after a SIGTERM. Ctrl-C raises ``KeyboardInterrupt`` as usual (Lightning's graceful shutdown, exit
-    status 1).
+    after a SIGTERM: with status 0, since ``SIGTERMException`` is a ``SystemExit`` without a code (catch it
+    around ``fit`` to exit otherwise). Ctrl-C raises ``KeyboardInterrupt`` as usual (Lightning's graceful
+    shutdown, exit status 1). A round whose uploads are all in says nothing until it is late.
 
     Args:
         credentials: :class:`~branchkey_integrations.Credentials`, a dict, a JSON file path, or None for
