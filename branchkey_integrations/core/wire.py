@@ -584,13 +584,7 @@ def layer_pieces(
     fd = _file_descriptor(zf.fp) if info.compress_type == ZIP_STORED else None
     try:
         if fd is not None:
-            local = os.pread(fd, 30, info.header_offset)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
-            name_length, extra_length = struct.unpack("<HH", local[26:30])
-            start = info.header_offset + 30 + name_length + extra_length
-            head = _BufferFile(memoryview(os.pread(fd, min(info.file_size, _MAX_HEADER), start)))
-            shape, fortran_order, dtype = _read_header(head, info, key)
+            start, head, (shape, fortran_order, dtype) = _pread_header(fd, info, key)
             crc = _crc32(head.getbuffer()[:head.tell()])
             source: BinaryIO | int = fd
             offset = start + head.tell()
@@ -652,15 +646,21 @@ def _file_descriptor(handle: object) -> int | None:
         return None
 
 
-def _pread_member(fd: int, info: zipfile.ZipInfo, key: str) -> np.ndarray:
-    """A stored member read from the file straight into its array (zipfile would copy it twice)."""
+def _pread_header(fd: int, info: zipfile.ZipInfo, key: str) -> tuple[int, "_BufferFile", tuple]:
+    """Where a stored member's data starts, its ``.npy`` header read (and checked), found with ``pread``:
+    the member's local zip header says how far its name and extra field push the data back."""
     local = os.pread(fd, 30, info.header_offset)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
         raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     start = info.header_offset + 30 + name_length + extra_length
     head = _BufferFile(memoryview(os.pread(fd, min(info.file_size, _MAX_HEADER), start)))
-    shape, fortran_order, dtype = _read_header(head, info, key)
+    return start, head, _read_header(head, info, key)
+
+
+def _pread_member(fd: int, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """A stored member read from the file straight into its array (zipfile would copy it twice)."""
+    start, head, (shape, fortran_order, dtype) = _pread_header(fd, info, key)
     header_length = head.tell()
     array = np.empty(math.prod(shape), dtype=dtype)
     view = memoryview(array.view(np.uint8).reshape(-1)) if array.nbytes else memoryview(b"")
