@@ -32,7 +32,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import requests
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--leaves", type=_positive_int, required=True, help="number of leaves to create")
     init.add_argument("--credentials-dir", required=True, help="where leaf_1.json, leaf_2.json, ... are written")
     init.add_argument("--min-leaves", type=_positive_int, help="uploads that complete a round (default: all leaves)")
-    init.add_argument("--round-deadline", type=_positive_float, metavar="S",
+    init.add_argument("--round-deadline", type=_seconds, metavar="S",
                       help="aggregate what is there S seconds after a round's first upload")
     init.add_argument("--branch-name", default="main", help="the new branch's name")
     init.add_argument("--host-url", help="the URL leaves will use (printed in the summary)")
@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-url", help="base URL put in download links (default: the Host the client used)")
     serve.add_argument("--max-upload-bytes", type=_positive_int, default=None,
                        help="refuse larger uploads (default: the server's built-in limit)")
-    serve.add_argument("--header-timeout", type=_positive_float, metavar="S",
+    serve.add_argument("--header-timeout", type=_seconds, metavar="S",
                        help="close a connection that has not sent its request headers within S seconds (default 10)")
-    serve.add_argument("--upload-idle-timeout", type=_positive_float, metavar="S",
+    serve.add_argument("--upload-idle-timeout", type=_seconds, metavar="S",
                        help="drop an upload whose body sends nothing for S seconds (default 60)")
     serve.add_argument("--max-connections", type=_positive_int, metavar="N",
                        help="open connections at most (default 1000, lowered to fit the open-files limit)")
@@ -211,44 +211,26 @@ def add_simulate_parser(commands: Any) -> None:
     simulate.set_defaults(func=cmd_simulate)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}")
-    return value
+def _bounded(kind: type, lowest: float, allowed: str, *, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type`` reading ``kind`` (int or float) that is >= ``lowest`` (> with ``strict``), finite;
+    a refusal says what is ``allowed`` and what was received."""
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, received {text!r}") from None
+        if not lowest <= value < float("inf") or (strict and value == lowest):  # NaN fails the first test
+            raise argparse.ArgumentTypeError(f"expected {allowed}, received {text!r}")
+        return value
+
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, received {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}") from None
-    if not 1 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a ratio >= 1, received {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, received {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, received {text!r}")
-    return value
+_positive_int = _bounded(int, 1, "an integer >= 1")
+_non_negative_int = _bounded(int, 0, "an integer >= 0")
+_ratio = _bounded(float, 1, "a ratio >= 1")
+_seconds = _bounded(float, 0, "a number of seconds > 0", strict=True)
+_positive_float = _bounded(float, 0, "a number > 0", strict=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
