@@ -63,12 +63,15 @@ def run(config: SimulationConfig | None = None, *, output: str | Path | None = N
     try:
         with sigterm_raises():
             report = Simulation(config, workdir, emit, None if hold is None else lambda r: hold(finish(r))).run()
+    except ValueError:  # a setting (PartitionError too), not a process: the logs say nothing
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     except (SimulationError, KeyboardInterrupt) as exc:
         logger.error("Simulation %s; its logs are kept in %s",
                      "failed" if isinstance(exc, SimulationError) else "interrupted", workdir)
         raise
     except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)  # a setting or a bug, not a process: the logs say nothing
+        shutil.rmtree(workdir, ignore_errors=True)  # a bug, not a process: the logs say nothing
         raise
     shutil.rmtree(workdir, ignore_errors=True)
     return report if hold is not None else finish(report)
