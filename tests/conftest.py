@@ -96,8 +96,26 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+class AdminCalls:
+    """The admin calls a test server offers over its ``url`` and ``admin_token``: one definition for the
+    subprocess ``LocalServer`` and the in-process ``InProcessServer`` (tests/inprocess.py), so a test written
+    against one runs against the other unchanged."""
+
+    url: str
+    admin_token: str
+
+    def admin(self, method: str, path: str, **kwargs) -> requests.Response:
+        return requests.request(method, self.url + path, headers={"Authorization": f"Bearer {self.admin_token}"},
+                                timeout=30, **kwargs)
+
+    def set_run(self, branch_id: str, status: str) -> None:
+        """Start, pause or stop a branch's run through the admin API (leaves are notified)."""
+        response = self.admin("POST", f"/admin/v1/branches/{branch_id}/run", json={"run_status": status})
+        assert response.status_code == 200, response.text
+
+
 @dataclass
-class LocalServer:
+class LocalServer(AdminCalls):
     """A ``branchkey-local serve`` subprocess on a free port; can be killed and restarted."""
 
     data_dir: Path
@@ -154,15 +172,9 @@ class LocalServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def admin(self, method: str, path: str, **kwargs) -> requests.Response:
-        token = (self.data_dir / "admin_token").read_text().strip()
-        return requests.request(method, self.url + path, headers={"Authorization": f"Bearer {token}"},
-                                timeout=30, **kwargs)
-
-    def set_run(self, branch_id: str, status: str) -> None:
-        """Start, pause or stop a branch's run through the admin API (leaves are notified)."""
-        response = self.admin("POST", f"/admin/v1/branches/{branch_id}/run", json={"run_status": status})
-        assert response.status_code == 200, response.text
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin_token").read_text().strip()
 
 
 def init_branch(data_dir: Path, leaves: int, *extra: str, creds_dir: Path | None = None) -> list[Path]:

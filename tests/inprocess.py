@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from branchkey_integrations.server.app import SERVER, Server, create_app
+
+from .conftest import AdminCalls
 
 
 class ServerThread:
@@ -52,22 +52,13 @@ class ServerThread:
         self.loop.close()
 
 
-class InProcessServer(ServerThread):
-    """A ``ServerThread`` with the admin calls of the subprocess ``LocalServer`` (same signatures),
+class InProcessServer(ServerThread, AdminCalls):
+    """A ``ServerThread`` with the admin calls of the subprocess ``LocalServer`` (the same ``AdminCalls``),
     so a test written against one runs against the other unchanged."""
 
     @property
     def admin_token(self) -> str:
         return self.server.store.admin_token
-
-    def admin(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        return requests.request(method, self.url + path, headers={"Authorization": f"Bearer {self.admin_token}"},
-                                timeout=30, **kwargs)
-
-    def set_run(self, branch_id: str, status: str) -> None:
-        """Start, pause or stop a branch's run through the admin API (leaves are notified)."""
-        response = self.admin("POST", f"/admin/v1/branches/{branch_id}/run", json={"run_status": status})
-        assert response.status_code == 200, response.text
 
     def create_branch(self, leaves: int) -> list[dict[str, str]]:
         """A new tree, branch and ``leaves`` leaves, through the admin API as ``branchkey-local init``
