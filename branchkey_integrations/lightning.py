@@ -9,7 +9,6 @@ and a signal that ends a round's wait to Lightning's own way of ending a run (``
 
 from __future__ import annotations
 
-import logging
 import signal
 from typing import Any, cast
 
@@ -26,8 +25,6 @@ from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 #: strategies that shard parameters: rank 0 does not hold the whole model, so it cannot upload it
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
