@@ -64,17 +64,18 @@ def median(values: list[float]) -> float:
 
 def current_rss_mb() -> float:
     """This process's resident memory now, in MiB."""
-    return _proc_status_mb("VmRSS")
+    return proc_status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory, in MiB. Not ru_maxrss: that survives fork and exec, so a
     child started by a process holding a large model would report the parent's peak."""
-    return _proc_status_mb("VmHWM")
+    return proc_status_mb("VmHWM")
 
 
-def _proc_status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def proc_status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory ``field`` of /proc/PID/status (VmRSS, VmHWM) in MiB; this process's by default."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")

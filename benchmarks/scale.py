@@ -31,16 +31,9 @@ from websockets.sync.client import connect
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.client import MultipartBody
 
-from .common import count, load_average, local_server, make_layers
+from .common import count, load_average, local_server, make_layers, proc_status_mb
 
 DEFAULT_CASES = ("10x1000000", "50x1000000", "100x1000000")
-
-
-def _status_mb(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _reset_peak(pid: int) -> bool:
@@ -96,11 +89,11 @@ def measure(leaves: int, params: int, rounds: int = 3) -> dict[str, Any]:
         url, pid, data_dir = bench.server.url, bench.server.process.pid, bench.server.data_dir
         credentials = [json.loads(path.read_text()) for path in bench.credentials]
         notifications = Notifications(url, credentials[0])
-        idle_rss = _status_mb(pid, "VmRSS")
+        idle_rss = proc_status_mb("VmRSS", pid)
         results = []
         disk_before = _files_bytes(data_dir)
         for number in range(rounds):
-            rss_before = _status_mb(pid, "VmRSS")
+            rss_before = proc_status_mb("VmRSS", pid)
             reset = _reset_peak(pid)
             barrier = threading.Barrier(leaves)
             answered: list[float] = []
@@ -124,7 +117,7 @@ def measure(leaves: int, params: int, rounds: int = 3) -> dict[str, Any]:
             if failures:
                 raise RuntimeError(f"{len(failures)} upload(s) refused: {failures[0]}")
             arrived = notifications.wait(number + 1, 600)
-            peak = _status_mb(pid, "VmHWM")
+            peak = proc_status_mb("VmHWM", pid)
             deadline = time.monotonic() + 60  # retention runs right after the notification
             while any(p.name.startswith(".tmp-") for p in (data_dir / "files").iterdir()) or \
                     len(list((data_dir / "files").iterdir())) > number + 1:
