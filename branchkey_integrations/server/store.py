@@ -552,16 +552,6 @@ class Store:
         )
         return [dict(row) for row in rows]
 
-    def latest_aggregate_for_leaf(self, leaf: Leaf) -> str | None:
-        """The aggregate a leaf is still waiting for: the one closing the round of its latest upload this run."""
-        rows = self._query(
-            "SELECT r.aggregate_id FROM uploads u JOIN branches b ON b.id = u.branch_id AND b.run_number = u.run_number"
-            " JOIN rounds r ON r.branch_id = u.branch_id AND r.run_number = u.run_number"
-            " AND r.round_index = u.round_index WHERE u.leaf_id = ? ORDER BY u.round_index DESC LIMIT 1",
-            (leaf.id,),
-        )
-        return rows[0][0] if rows else None
-
     def cleanup_stray_files(self) -> int:
         """Delete temp files and files without a row (a crash before commit); call only with no server running."""
         known = {row[0] for row in self._query("SELECT path FROM files WHERE removed_at IS NULL")}
