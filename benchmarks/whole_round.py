@@ -32,21 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from branchkey_integrations.core.client import Client, DownloadBuffer
-from tests.conftest import AMQP_URL, REPO, LocalServer, forget_broker_state, init_branch
+from tests.conftest import AMQP_URL, LocalServer, build_official_python, forget_broker_state, init_branch
 
 from .common import count, load_average, make_layers
-
-OFFICIAL_PYTHON = REPO / ".official-venvs" / "branchkey-2.7.1" / "bin" / "python"
-
-
-def official_python() -> Path:
-    """The 2.7.1 venv the test suite builds (``tests/conftest.py``), built here if missing."""
-    if not OFFICIAL_PYTHON.exists():
-        venv = OFFICIAL_PYTHON.parent.parent
-        subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(OFFICIAL_PYTHON), "-m", "pip", "install", "-q", "branchkey==2.7.1"], check=True, timeout=600)
-    return OFFICIAL_PYTHON
-
 
 def _answer(child: subprocess.Popen) -> dict[str, Any]:
     """The child's next JSON line (the official client prints lines of its own on stdout too)."""
@@ -67,7 +55,8 @@ def measure(params: int, repeat: int) -> dict[str, Any]:
         try:
             spec = {"credentials": str(official_credentials), "host": server.url,
                     "shapes": [list(a.shape) for a in layers], "workdir": tmp}
-            child = subprocess.Popen([str(official_python()), str(Path(__file__).with_name("official_round.py")),
+            official = build_official_python("2.7.1")
+            child = subprocess.Popen([str(official), str(Path(__file__).with_name("official_round.py")),
                                       json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert _answer(child).get("ready")
             client = Client(ours_credentials, host=server.url, transport="websocket")

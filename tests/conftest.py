@@ -258,27 +258,29 @@ def rabbitmq() -> str:
 OFFICIAL_VERSIONS = ("2.7.1", "3.0.1")
 
 
+def build_official_python(version: str) -> Path:
+    """Path to a Python that has ``branchkey==<version>`` from PyPI, in a venv of its own under
+    .official-venvs (2.7.1 pins numpy 1.26.4, which cannot live beside ours). Built once under a file
+    lock, so test workers and benchmarks share it; a venv without its ``ok`` marker is rebuilt."""
+    assert version in OFFICIAL_VERSIONS
+    root = REPO / ".official-venvs"
+    root.mkdir(exist_ok=True)
+    venv = root / f"branchkey-{version}"
+    python = venv / "bin" / "python"
+    with open(root / f"{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / "ok").exists():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", f"branchkey=={version}"],
+                           check=True, timeout=600)
+            (venv / "ok").write_text(version)
+    return python
+
+
 @pytest.fixture(scope="session")
 def official_python() -> "callable":
-    """Path to a Python that has ``branchkey==<version>`` from PyPI, in a venv of its own
-    (2.7.1 pins numpy 1.26.4, which cannot live beside ours). Built once, shared by workers."""
-
-    def build(version: str) -> Path:
-        assert version in OFFICIAL_VERSIONS
-        root = REPO / ".official-venvs"
-        root.mkdir(exist_ok=True)
-        venv = root / f"branchkey-{version}"
-        python = venv / "bin" / "python"
-        with open(root / f"{version}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (venv / "ok").exists():
-                subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-                subprocess.run([str(python), "-m", "pip", "install", "-q", f"branchkey=={version}"],
-                               check=True, timeout=600)
-                (venv / "ok").write_text(version)
-        return python
-
-    return build
+    """``build_official_python``: ``official_python(version)`` is the official client's Python."""
+    return build_official_python
 
 
 def partner_upload(credentials, server: LocalServer, arrays, weighting: float) -> None:
