@@ -234,14 +234,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
     server.notifier.register(leaf, socket)
-    await catch_up(server, leaf, socket)
-    presence_of(request).websocket_opened(leaf)
-    try:
-        async for _ in socket:
-            pass  # clients only listen; anything they send is ignored
+    try:  # a catch-up that fails or is cancelled (the leaf left) must not leave the socket registered
+        await catch_up(server, leaf, socket)
+        presence_of(request).websocket_opened(leaf)
+        try:
+            async for _ in socket:
+                pass  # clients only listen; anything they send is ignored
+        finally:
+            presence_of(request).websocket_closed(leaf)
     finally:
         server.notifier.unregister(leaf, socket)
-        presence_of(request).websocket_closed(leaf)
     return socket
 
 
