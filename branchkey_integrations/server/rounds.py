@@ -14,9 +14,8 @@ leaf of the branch is notified, and retention removes the round's uploads (``kee
 aggregates beyond the latest ``keep_rounds``. An operator may drop one leaf's upload or reset the
 open round (:meth:`Rounds.drop_uploads`); the leaves concerned see why in the round's progress
 (``GET`` ROUND_PATH: their entry in ``refused``), as no notification of the official protocol
-can say it. A run status
-change (start, pause, stop; semantics in :mod:`~branchkey_integrations.server.store`) is
-applied under the same lock and announced. On start, rounds that were complete when the server
+can say it. A run status change (start, pause, stop; semantics in
+:mod:`~branchkey_integrations.server.store`) is applied under the same lock and announced. On start, rounds that were complete when the server
 died are aggregated before the server listens. An aggregation that fails (disk full, I/O error)
 leaves its round open and is tried again with a backoff (0.5 s doubling to 8 s) until it succeeds.
 
