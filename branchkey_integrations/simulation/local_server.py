@@ -87,9 +87,9 @@ class EmbeddedServer:
 
     def create_branch(self, leaves: int) -> tuple[str, list[dict[str, str]]]:
         """A tree with one branch whose rounds need every leaf; returns (branch id, leaf credentials)."""
-        tree = self.admin("POST", "/admin/v1/trees", {"name": "simulation"})
-        branch = self.admin("POST", f"/admin/v1/trees/{tree['id']}/branches", {"name": "simulation"})
-        created = self.admin("POST", f"/admin/v1/branches/{branch['id']}/leaves", {"count": leaves})
+        tree = self.admin("POST", f"{ADMIN_PREFIX}/trees", {"name": "simulation"})
+        branch = self.admin("POST", f"{ADMIN_PREFIX}/trees/{tree['id']}/branches", {"name": "simulation"})
+        created = self.admin("POST", f"{ADMIN_PREFIX}/branches/{branch['id']}/leaves", {"count": leaves})
         return branch["id"], created["leaves"]
 
     def dashboard_link(self) -> str:

@@ -21,6 +21,7 @@ from .local_server import EmbeddedServer
 from .progress import ProgressHook, RoundTracker, Stage
 from .report import LeafSummary, Report, RoundRow
 from ..core.errors import SimulationError
+from ..core.protocol import ADMIN_PREFIX
 from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ class Simulation:
         return results
 
     def _poll_rounds(self, server: EmbeddedServer, tracker: RoundTracker) -> None:
-        rounds = server.admin("GET", f"/admin/v1/branches/{self.branch_id}/rounds")["rounds"]
-        uploads = server.admin("GET", f"/admin/v1/branches/{self.branch_id}/uploads")["uploads"]
+        rounds = server.admin("GET", f"{ADMIN_PREFIX}/branches/{self.branch_id}/rounds")["rounds"]
+        uploads = server.admin("GET", f"{ADMIN_PREFIX}/branches/{self.branch_id}/uploads")["uploads"]
         for progress in tracker.update(rounds, uploads, time.time()):
             self.emit(progress)
 
