@@ -80,9 +80,6 @@ class Notifier:
     def all_sockets(self) -> list[web.WebSocketResponse]:
         return [ws for leaves in self._sockets.values() for group in leaves.values() for ws in group]
 
-    async def send_to_leaf(self, leaf: "Leaf", message: dict[str, Any]) -> None:
-        await self._send_all(self._sockets.get(leaf.branch_id, {}).get(leaf.id, ()), json.dumps(message))
-
     async def _send_all(self, sockets: Iterable[web.WebSocketResponse], text: str) -> None:
         sockets = [ws for ws in list(sockets) if not ws.closed]
         results = await asyncio.gather(*(ws.send_str(text) for ws in sockets), return_exceptions=True)
