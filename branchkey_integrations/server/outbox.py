@@ -8,9 +8,9 @@ rows left when the server stops are sent after the next start. So a round that c
 RabbitMQ is down reaches the leaves' durable queues once it is back: delivery is at least once (the
 official clients keep the newest aggregation id, so a repeat is harmless). A row whose branch no
 longer exists (its tree was deleted) is dropped, as no one could receive it, and so is one still
-unconfirmed after ``MAX_AGE_S`` (a day). The aggregate a server
-committed but died before queuing is found at the next start (:meth:`Outbox.requeue_unannounced`:
-the store records each branch's last queued aggregate in the same transaction as the row).
+unconfirmed after ``MAX_AGE_S`` (a day). The aggregate a server committed but died before queuing
+is found at the next start (:meth:`Outbox.requeue_unannounced`: the store records each branch's
+last queued aggregate in the same transaction as the row).
 
 Failures are logged once when a row first fails, then every ``LOG_EVERY`` attempts, and once when it
 finally goes through; a long outage costs a few lines, not one per attempt.
