@@ -30,7 +30,6 @@ import importlib
 import inspect
 import logging
 import os
-import re
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,15 +37,13 @@ from typing import Any, Callable, ClassVar, Sequence, Union
 
 from .credentials import CredentialsLike
 from .federation import Federation
-from .outcome import Layers, Outcome, RoundResult, Weighting
+from .outcome import Layers, Outcome, RoundResult, Weighting, layer_names_in
 from .progress import WaitProgress
 from .protocol import DEFAULT_HOST
 from .signals import InterruptOnSignals, exit_status, signal_name
 from .snapshots import require_safetensors
 
 logger = logging.getLogger(__name__)
-
-_LAYER_KEY = re.compile(r"\blayer_(0|[1-9][0-9]*)\b")  # how the platform names a layer: by its position
 
 #: ``"local"``: state that is not trained (BatchNorm statistics) stays on the leaf, as in FedBN;
 #: ``"average"``: its floating-point part is averaged like the parameters.
@@ -325,11 +322,8 @@ def local_layer_names(progress: WaitProgress, names: Sequence[str]) -> str:
         >>> local_layer_names(progress, ["stem.weight", "stem.bias"])
         "; on this leaf layer_0 is 'stem.weight'"
     """
-    mentioned = sorted({int(i) for refusal in progress.refused for i in _LAYER_KEY.findall(refusal.reason)
-                        if int(i) < len(names)})
-    if not mentioned:
-        return ""
-    return "; on this leaf " + ", ".join(f"layer_{i} is {names[i]!r}" for i in mentioned)
+    local = layer_names_in((refusal.reason for refusal in progress.refused), names)
+    return f"; on this leaf {local}" if local else ""
 
 
 def rounds_after_catching_up(rounds: int, run_number: int | None, round_index: int | None,

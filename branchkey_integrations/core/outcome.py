@@ -16,7 +16,7 @@ import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, Union
 
 import numpy as np
 
@@ -36,7 +36,7 @@ Layers = Union[Sequence[np.ndarray], Callable[[], Sequence[np.ndarray]]]
 #: a weighting, or a function that returns one (called once, inside the round)
 Weighting = Union[float, Callable[[], float]]
 
-_LAYER_KEY = re.compile(r"\blayer_(0|[1-9][0-9]*)\b")
+_LAYER_KEY = re.compile(r"\blayer_(0|[1-9][0-9]*)\b")  # how the platform names a layer: by its position
 
 
 @dataclass(frozen=True)
@@ -133,18 +133,24 @@ def exchange(federation: Federation, layers: Layers, weighting: Weighting, names
         return Outcome("error", error=exc)
 
 
+def layer_names_in(texts: Iterable[str], names: Sequence[str]) -> str:
+    """What this leaf calls the ``layer_<i>`` that ``texts`` mention (the platform only knows positions), as
+    ``"layer_0 is 'stem.weight', ..."``, or ``""`` when they mention none of ``names``."""
+    mentioned = sorted({int(i) for text in texts for i in _LAYER_KEY.findall(text) if int(i) < len(names)})
+    return ", ".join(f"layer_{i} is {names[i]!r}" for i in mentioned)
+
+
 def name_refused_layers(error: RequestRejectedError, names: Sequence[str]) -> RequestRejectedError:
     """The platform's refusal with the local names of the ``layer_<i>`` it mentions.
 
     The platform only knows positions; the leaf knows that ``layer_4`` is ``head/kernel``, which is what
     a user needs to find the layer whose architecture differs.
     """
-    mentioned = sorted({int(i) for i in _LAYER_KEY.findall(error.message) if int(i) < len(names)})
-    if not mentioned:
+    local = layer_names_in([error.message], names)
+    if not local:
         return error
-    local = ", ".join(f"layer_{i} is {names[i]!r}" for i in mentioned)
     return RequestRejectedError(f"{error.message} (on this leaf {local}; every leaf of the branch must federate "
                                 "the same parameters)", error.status_code)
 
 
-__all__ = ["OUTCOME_KINDS", "RoundResult", "Outcome", "Layers", "Weighting", "exchange", "name_refused_layers"]
+__all__ = ["OUTCOME_KINDS", "RoundResult", "Outcome", "Layers", "Weighting", "exchange", "layer_names_in", "name_refused_layers"]
