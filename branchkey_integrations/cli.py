@@ -285,9 +285,13 @@ def admin_call(live: tuple[str, str], method: str, path: str, body: dict[str, An
         answer = requests.request(method, url + path, json=body, headers=_admin_headers(token), timeout=30)
     except requests.RequestException as exc:
         raise CliError(f"the server at {url} did not answer {method} {path}: {exc}") from exc
-    payload = answer.json() if answer.content else {}
-    if answer.status_code >= 300:
-        raise CliError(f"{method} {path} failed with HTTP {answer.status_code}: {payload.get('error', answer.text)}")
+    try:
+        payload = answer.json() if answer.content else {}
+    except ValueError:  # not JSON (a proxy's or aiohttp's own error page): its text says what happened
+        payload = {}
+    if answer.status_code >= 300 or not isinstance(payload, dict) or "data" not in payload:
+        detail = payload.get("error", answer.text) if isinstance(payload, dict) else answer.text
+        raise CliError(f"{method} {path} failed with HTTP {answer.status_code}: {detail}")
     return payload["data"]
 
 
