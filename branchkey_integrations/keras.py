@@ -253,7 +253,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         arrays = [to_numpy(v) for v in variables]
         started = time.monotonic()
         outcome = self._exchange(arrays, [v.path for v in variables])
-        if self.interrupted_by is not None and outcome.kind == "error":  # the signal ended the wait
+        if self.interrupted_by is not None and outcome.kind == "error":  # failed under a signal: end the run
             raise self._end_run(self.interrupted_by)
         if outcome.kind == "error":
             raise outcome.error
@@ -270,7 +270,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
                 self._load(variables, result, logs)
             logs.update(branchkey_round=float(result.round), branchkey_wait_s=result.wait_s,
                         branchkey_upload_mb=result.upload_mb)
-        if self.interrupted_by is not None:  # the round was complete when the signal came: applied, now end
+        if self.interrupted_by is not None:  # a signal came: its outcome applied, now end
             raise self._end_run(self.interrupted_by)
 
     def _load(self, variables: list[keras.Variable], result: RoundResult, logs: dict[str, Any]) -> None:

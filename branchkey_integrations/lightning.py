@@ -191,11 +191,11 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         # rank 0's outcome, and the signal that ended its wait (if one did): every rank acts on both alike
         sent = (self._round_on_rank_zero(trainer, tensors), self.interrupted_by) if trainer.is_global_zero else None
         outcome, signum = cast("tuple[Outcome, int | None]", trainer.strategy.broadcast(sent, src=0))
-        if signum is not None and outcome.kind == "error":  # the signal ended the wait: no round to apply
+        if signum is not None and outcome.kind == "error":  # failed under a signal: end the run, not raise
             self.__dict__.pop("_local_error", None)
             raise self._end_run(signum)
         self._apply(outcome, trainer, pl_module, tensors)
-        if signum is not None:  # the round was complete when the signal came: it is applied, then the run ends
+        if signum is not None:  # a signal came: the outcome is applied, then the run ends
             raise self._end_run(signum)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
