@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -192,20 +192,26 @@ class ConnectionGuard:
     # -- start-up -------------------------------------------------------------------------
 
     def fit_to_fd_limit(self) -> int:
-        """Raise the soft open-files limit to the hard one, and cap connections below it; returns the cap."""
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or soft < hard:
-            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-                soft = target
-            except (ValueError, OSError) as exc:
-                logger.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
-        usable = max(soft - FD_HEADROOM, self.limits.reserved_connections + 1)
-        if usable < self.limits.max_connections:
-            logger.warning("open-files limit %d: serving at most %d connections (max_connections %d)",
-                           soft, usable, self.limits.max_connections)
-        self.max_connections = min(self.limits.max_connections, usable)
+        """Raise the soft open-files limit to the hard one, and cap connections below it; returns the cap.
+
+        Windows has no such limit (nor the ``resource`` module): the cap stays ``max_connections``.
+        """
+        if sys.platform != "win32":
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if hard == resource.RLIM_INFINITY or soft < hard:
+                target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                    soft = target
+                except (ValueError, OSError) as exc:
+                    logger.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+            usable = max(soft - FD_HEADROOM, self.limits.reserved_connections + 1)
+            if usable < self.limits.max_connections:
+                logger.warning("open-files limit %d: serving at most %d connections (max_connections %d)",
+                               soft, usable, self.limits.max_connections)
+            self.max_connections = min(self.limits.max_connections, usable)
         logging.getLogger("asyncio").addFilter(self._accept_filter)
         return self.max_connections
 
