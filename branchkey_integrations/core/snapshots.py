@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-if TYPE_CHECKING:  # run-time import would be circular: federation.py writes snapshots through this module
-    from .federation import RoundResult
+if TYPE_CHECKING:  # run-time import would be circular: outcome.py writes snapshots through this module
+    from .outcome import RoundResult
 
 logger = logging.getLogger(__name__)
 
