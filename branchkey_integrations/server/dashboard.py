@@ -37,13 +37,14 @@ from typing import Any
 
 from aiohttp import web
 
-from ..core.protocol import ADMIN_PREFIX, BLOB_PATH
+from ..core.protocol import ADMIN_PREFIX
 from .admin import admin
 from .events import EVENTS, EventHub
 from .history import metric_summary, round_history
 from .httpio import HttpProblem, check_file_id, is_decimal, ok, read_json_object
 from .presence import PRESENCE, Presence
 from .progress import round_progress
+from .routes import signed_download_url
 from .state import SERVER, Server, server_of
 from .store import Store
 
@@ -223,13 +224,11 @@ async def aggregate_download(request: web.Request, server: Server) -> web.Respon
     record = await server.blocking(server.store.get_file, file_id)
     if record is None or record.kind != "aggregate":
         raise HttpProblem(404, f"No aggregate {file_id} in this server's store.")
-    if getattr(record, "removed_at", None):
+    if record.removed_at:
         raise HttpProblem(410, f"Aggregate {file_id} was removed by retention at {record.removed_at} "
                                "(serve --keep-rounds N keeps more; 0 keeps all).")
-    expires = int(time.time()) + server.config.download_ttl_s
-    base = (server.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
-    url = f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
-    return ok({"download_url": url, "size": record.size, "sha256": record.sha256})
+    return ok({"download_url": signed_download_url(server, request, file_id), "size": record.size,
+               "sha256": record.sha256})
 
 
 @admin

@@ -158,10 +158,14 @@ async def download_file(request: web.Request) -> web.Response:
     check_not_removed(record)
     if record.kind == "aggregate":  # the leaf has this result: no catch-up will send it again
         await server.blocking(server.store.acknowledge, leaf.id, file_id)
+    return ok({"download_url": signed_download_url(server, request, file_id)})
+
+
+def signed_download_url(server: Server, request: web.Request, file_id: str) -> str:
+    """The blob URL of ``file_id``, signed and valid for the server's ``download_ttl_s``."""
     expires = int(time.time()) + server.config.download_ttl_s
     base = (server.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
-    url = f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
-    return ok({"download_url": url})
+    return f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
 
 
 async def download_blob(request: web.Request) -> web.StreamResponse:
