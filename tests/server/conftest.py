@@ -64,6 +64,12 @@ class Handle:
 
         return wait_for(done, timeout)
 
+    def ticket(self, leaf: dict[str, str]) -> dict[str, str]:
+        """A WebSocket ticket for ``leaf`` (``ticket_id``, ``request_id``)."""
+        answer = requests.post(self.url + "/api/v1/ws/ticket", headers=auth(leaf), timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"]
+
     def upload(self, leaf: dict[str, str], content: bytes, *, headers: dict[str, str] | None = None,
                data: str | None = None) -> requests.Response:
         data = data if data is not None else json.dumps({"leaf_name": leaf["name"], "metadata": "{}"})

@@ -55,14 +55,8 @@ def assert_layers(archive: wire.Archive, expected: list[np.ndarray]) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def ticket(live, leaf) -> dict[str, str]:
-    answer = requests.post(live.url + "/api/v1/ws/ticket", headers=live.auth(leaf), timeout=10)
-    assert answer.status_code == 200, answer.text
-    return answer.json()["data"]
-
-
 def open_ws(live, leaf):
-    data = ticket(live, leaf)
+    data = live.ticket(leaf)
     socket = connect(live.url.replace("http://", "ws://") +
                      f"/api/v1/ws?ticket={data['ticket_id']}&request_id={data['request_id']}")
     branch_id = leaf["branch_id"]
@@ -359,11 +353,11 @@ def test_websocket_tickets_are_single_use_and_required(live) -> None:
         with pytest.raises(InvalidStatus) as caught:
             connect(base + query)
         assert caught.value.response.status_code == 401
-    data = ticket(live, leaf)
+    data = live.ticket(leaf)
     assert set(data) == {"ticket_id", "request_id", "expires_at"}
     with pytest.raises(InvalidStatus):
         connect(f"{base}?ticket={data['ticket_id']}&request_id=wrong")  # a failed try spends the ticket too
-    data = ticket(live, leaf)
+    data = live.ticket(leaf)
     with connect(f"{base}?ticket={data['ticket_id']}&request_id={data['request_id']}"):
         pass
     with pytest.raises(InvalidStatus) as caught:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import requests
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -35,12 +34,6 @@ from ..conftest import wait_until
 LAYERS = [np.arange(6, dtype=np.float32).reshape(2, 3)]
 
 
-def ticket(live, leaf) -> dict[str, str]:
-    answer = requests.post(live.url + "/api/v1/ws/ticket", headers=live.auth(leaf), timeout=10)
-    assert answer.status_code == 200, answer.text
-    return answer.json()["data"]
-
-
 def ws_url(live, data: dict[str, str], request_id: str | None = None) -> str:
     return (live.url.replace("http://", "ws://") +
             f"/api/v1/ws?ticket={data['ticket_id']}&request_id={request_id or data['request_id']}")
@@ -49,7 +42,7 @@ def ws_url(live, data: dict[str, str], request_id: str | None = None) -> str:
 def first_message(live, leaf, branch_id: str) -> dict[str, Any]:
     """Connect the leaf's WebSocket and return the first message it gets; a run_status is sent after connecting,
     so a leaf that is owed nothing receives that one (no waiting on silence)."""
-    with connect(ws_url(live, ticket(live, leaf))) as socket:
+    with connect(ws_url(live, live.ticket(leaf))) as socket:
         live.wait_for(lambda: live.thread.server.notifier.connected(branch_id) > 0)
         live.admin("POST", f"/admin/v1/branches/{branch_id}/run", {"run_status": "start"}, expect=200)
         return json.loads(socket.recv(timeout=10))
@@ -85,7 +78,7 @@ def test_catch_up_never_sends_an_earlier_rounds_aggregate(live) -> None:
 
 def test_a_wrong_request_id_does_not_use_up_the_holders_ticket(live) -> None:
     branch, (a, _) = live.make_branch(2)
-    data = ticket(live, a)
+    data = live.ticket(a)
     with pytest.raises(InvalidStatus) as refused:
         connect(ws_url(live, data, request_id="not-the-request-id"))
     assert refused.value.response.status_code == 401
