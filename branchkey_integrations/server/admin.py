@@ -6,8 +6,9 @@ aggregates and metrics can be read. An operator unlocks a round with
 ``DELETE .../branches/{branch_id}/rounds/open/uploads/{leaf id or name}`` (drop one upload) or
 ``POST .../branches/{branch_id}/rounds/open/reset`` (drop them all; the round keeps its number),
 each with an optional ``{"note": ...}`` that the leaves see in the round's progress.
-``DELETE /admin/v1/trees/{tree_id}/broker`` removes what the server made for a tree in RabbitMQ (leaf users and queues, the tree's vhost), so a
-throwaway tree (a demo run's, say) leaves nothing behind on a shared broker.
+``DELETE /admin/v1/trees/{tree_id}/broker`` removes what the server made for a tree in RabbitMQ
+(leaf users and queues, the tree's vhost), so a throwaway tree (a demo run's, say) leaves nothing
+behind on a shared broker.
 
 Handlers only translate between HTTP and the store or the round state machine; store errors
 (:class:`RecordNotFoundError`, :class:`InvalidValueError`) become 404 and 400 in the one table
