@@ -134,6 +134,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         deadlines = asyncio.ensure_future(server.rounds.deadline_loop())
     except BaseException:
         await _release(server)
+        app[GUARD].close()  # its filter on asyncio's logger goes too
         raise
     yield
     deadlines.cancel()
