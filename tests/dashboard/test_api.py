@@ -43,8 +43,7 @@ class Stream:
 
     def __init__(self, server) -> None:
         self.events: Queue = Queue()
-        self.response = requests.get(server.url + "/admin/v1/events", stream=True, timeout=30,
-                                     headers={"Authorization": f"Bearer {server.admin_token}"})
+        self.response = server.admin("GET", "/admin/v1/events", stream=True)
         assert self.response.status_code == 200 and self.response.headers["Content-Type"].startswith("text/event-stream")
         threading.Thread(target=self._read, daemon=True).start()
         assert self.next()["kind"] == "hello"
