@@ -40,6 +40,14 @@ def _pick_run(store: Store, branch_id: str, rounds: list[dict[str, Any]], run_nu
     return max(aggregated) if aggregated else store.require_branch(branch_id).run_number
 
 
+def _rounds_and_run(store: Store, branch_id: str, run_number: int | None) -> tuple[list[dict[str, Any]], int]:
+    """The branch's rounds and the run a view shows (``run_number``, else the latest that aggregated);
+    raises RecordNotFoundError for an unknown branch. Called inside the caller's ``store.reading()``."""
+    store.require_branch(branch_id)
+    rounds = store.list_rounds(branch_id)
+    return rounds, _pick_run(store, branch_id, rounds, run_number)
+
+
 def round_history(store: Store, branch_id: str, run_number: int | None = None) -> dict[str, Any]:
     """One run's aggregated rounds, oldest first (default: the latest run that aggregated a round).
 
@@ -51,9 +59,7 @@ def round_history(store: Store, branch_id: str, run_number: int | None = None) -
         RecordNotFoundError: no such branch.
     """
     with store.reading():
-        store.require_branch(branch_id)
-        rounds = store.list_rounds(branch_id)
-        run = _pick_run(store, branch_id, rounds, run_number)
+        rounds, run = _rounds_and_run(store, branch_id, run_number)
         totals = store.round_upload_totals(branch_id, run)
         sizes = {f["id"]: f["size"] for f in store.list_files(branch_id, "aggregate") if not f.get("removed_at")}
     rows = []
@@ -87,9 +93,7 @@ def metric_summary(store: Store, branch_id: str, run_number: int | None = None) 
         RecordNotFoundError: no such branch.
     """
     with store.reading():
-        store.require_branch(branch_id)
-        rounds = store.list_rounds(branch_id)
-        run = _pick_run(store, branch_id, rounds, run_number)
+        rounds, run = _rounds_and_run(store, branch_id, run_number)
         values = store.metric_values(branch_id, PLOTTED_MODES)
         uploads = store.upload_weightings(branch_id, run)
         names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
