@@ -81,6 +81,16 @@ def proc_status_mb(field: str, pid: int | str = "self") -> float:
     return float("nan")
 
 
+def save_report(report: dict, target: Path | None, prefix: str = "") -> Path:
+    """Write ``report`` as JSON to ``target``, by default ``results/<prefix><today>.json`` beside this file."""
+    import datetime
+
+    target = target or Path(__file__).parent / "results" / f"{prefix}{datetime.date.today().isoformat()}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(report, indent=2))
+    return target
+
+
 def load_average() -> float:
     with contextlib.suppress(OSError):
         return float(Path("/proc/loadavg").read_text().split()[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import aggregation, lightning_overhead, memory, roundtrip
-from .common import load_average
+from .common import load_average, save_report
 
 SIZES = (100_000, 11_689_512, 100_000_000)
 QUICK_SIZES = (100_000, 11_689_512)
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
     report = run(args)
-    target = args.json or Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(report, indent=2))
+    target = save_report(report, args.json)
     print(table(report))
     print(f"saved {target}")
     return report

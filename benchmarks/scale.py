@@ -31,7 +31,7 @@ from websockets.sync.client import connect
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.client import MultipartBody
 
-from .common import count, load_average, local_server, make_layers, proc_status_mb
+from .common import count, load_average, local_server, make_layers, proc_status_mb, save_report
 
 DEFAULT_CASES = ("10x1000000", "50x1000000", "100x1000000")
 
@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["cases"].append(measure(leaves, params, args.rounds))
         print(table({**report, "load_after": load_average()}).splitlines()[-1], flush=True)
     report["load_after"] = load_average()
-    target = args.json or Path(__file__).parent / "results" / f"scale-{datetime.date.today().isoformat()}.json"
-    target.write_text(json.dumps(report, indent=2))
+    target = save_report(report, args.json, "scale-")
     print(table(report))
     print(f"saved {target}")
     return report

@@ -34,7 +34,7 @@ from typing import Any
 from branchkey_integrations.core.client import Client, DownloadBuffer
 from tests.conftest import AMQP_URL, LocalServer, build_official_python, forget_broker_state, init_branch
 
-from .common import count, load_average, make_layers
+from .common import count, load_average, make_layers, save_report
 
 def _answer(child: subprocess.Popen) -> dict[str, Any]:
     """The child's next JSON line (the official client prints lines of its own on stdout too)."""
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = measure(args.params, args.repeat)
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
               "load_before": before, "load_after": load_average(), **result}
-    target = args.json or Path(__file__).parent / "results" / f"whole-round-{datetime.date.today().isoformat()}.json"
-    target.write_text(json.dumps(report, indent=2))
+    target = save_report(report, args.json, "whole-round-")
     s = report["seconds"]
     print(f"whole round, 1-leaf branch, {report['params']:,} params ({report['model_mb']:.1f} MB), medians of "
           f"{report['repeat']}: ours {s['ours']:.3f} s, official 2.7.1 {s['official']:.3f} s: {report['speedup']:.1f}x "
