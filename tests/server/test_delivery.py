@@ -26,6 +26,7 @@ from branchkey_integrations.core import wire
 from branchkey_integrations.core.errors import BrokerError
 from branchkey_integrations.core.protocol import aggregation_message, run_status_message
 from branchkey_integrations.server.outbox import Outbox, backoff_s
+from branchkey_integrations.server.presence import PRESENCE
 from branchkey_integrations.server.store import Store
 from branchkey_integrations.server.workers import Workers
 
@@ -41,11 +42,17 @@ def ws_url(live, data: dict[str, str], request_id: str | None = None) -> str:
 
 def first_message(live, leaf, branch_id: str) -> dict[str, Any]:
     """Connect the leaf's WebSocket and return the first message it gets; a run_status is sent after connecting,
-    so a leaf that is owed nothing receives that one (no waiting on silence)."""
+    so a leaf that is owed nothing receives that one (no waiting on silence).
+
+    The run_status is sent only once the server counts the socket as open, which it does after the catch-up
+    (if any) went out, so the two never race; and the socket is seen closed before the next call connects."""
+    presence = live.thread.app[PRESENCE]
     with connect(ws_url(live, live.ticket(leaf))) as socket:
-        live.wait_for(lambda: live.thread.server.notifier.connected(branch_id) > 0)
+        live.wait_for(lambda: presence.of(leaf["id"])["websocket"])
         live.admin("POST", f"/admin/v1/branches/{branch_id}/run", {"run_status": "start"}, expect=200)
-        return json.loads(socket.recv(timeout=10))
+        message = json.loads(socket.recv(timeout=10))
+    live.wait_for(lambda: not presence.of(leaf["id"])["websocket"])
+    return message
 
 
 def test_a_leaf_that_connects_after_the_aggregate_is_sent_it_once_until_it_downloads(live) -> None:
