@@ -208,6 +208,8 @@ def add_simulate_parser(commands: Any) -> None:
     simulate.add_argument("--dashboard", action="store_true",
                           help="print the embedded server's dashboard address (a one-time login link) and keep it "
                                "open after the run until Ctrl-C")
+    simulate.add_argument("--no-baselines", dest="baselines", action="store_false",
+                          help="skip the local-only and centralized baselines (federated accuracy only, faster)")
     simulate.set_defaults(func=cmd_simulate)
 
 
@@ -561,7 +563,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         config = SimulationConfig(framework=args.framework, leaves=args.leaves, rounds=args.rounds,
                                   epochs_per_round=args.epochs_per_round, partition=args.partition,
-                                  alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url, dashboard=args.dashboard)
+                                  alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url, dashboard=args.dashboard,
+                                  baselines=args.baselines)
         report = run(config, output=args.output, progress=TerminalProgress(),
                      hold=_hold_dashboard if args.dashboard else None)
     except ModuleNotFoundError as exc:
@@ -594,10 +597,13 @@ def _hold_dashboard(report: Any) -> None:
 
 
 def print_report(report: Any) -> None:
+    from .simulation.report import percent
+
     config, final = report.config, report.final
     print(f"\n{report.table()}\n")
     print(f"after {config['rounds']} rounds: federated {final.global_accuracy:.1%}, local-only (mean) "
-          f"{final.local_accuracy:.1%}, centralized {final.centralized_accuracy:.1%}; took {report.elapsed_s:.0f} s")
+          f"{percent(final.local_accuracy)}, centralized {percent(final.centralized_accuracy)}; "
+          f"took {report.elapsed_s:.0f} s")
     print(f"report  {report.files['report']}\nplot    {report.files['plot']}", flush=True)
 
 

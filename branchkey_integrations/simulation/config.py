@@ -28,6 +28,9 @@ class SimulationConfig:
         timeout_s: how long the whole simulation may take.
         dashboard: announce the embedded server's dashboard (a :class:`~.progress.Stage` with a one-time
             login ``link``) once the branch exists.
+        baselines: also train the local-only and centralized baselines. They do not depend on the
+            strategy, so a sweep over strategies computes them once per seed and turns them off elsewhere;
+            the report then holds ``None`` for them.
     """
 
     framework: str = "lightning"
@@ -42,6 +45,7 @@ class SimulationConfig:
     round_timeout_s: float = 300.0
     timeout_s: float = 1800.0
     dashboard: bool = False
+    baselines: bool = True
 
     def __post_init__(self) -> None:
         if self.framework not in FRAMEWORKS:

@@ -1,7 +1,7 @@
 """One simulated site in a process of its own: ``python -m branchkey_integrations.simulation.leaf JOB.json``.
 
-A ``leaf`` job trains federated through the framework's real callback, then trains the same model on
-its own data alone (the local-only comparison); a ``centralized`` job trains on all the data. Every
+A ``leaf`` job trains federated through the framework's real callback, then (unless ``local_only`` is
+off) trains the same model on its own data alone (the local-only comparison); a ``centralized`` job trains on all the data. Every
 round's test accuracy is appended to the job's events file as one JSON line, which the parent polls.
 A process of its own, because that is what a leaf is: separate memory, its own client, its own
 sockets, and a crash that cannot take the others down.
@@ -43,6 +43,7 @@ class LeafJob:
     plan: TrainPlan
     federation: FederationTarget | None = None
     parent_pid: int = 0
+    local_only: bool = True  # a leaf also trains alone afterwards (the local-only baseline)
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
@@ -113,7 +114,8 @@ def run_job(job: LeafJob) -> None:
         if job.role == "leaf":
             framework.train(data, test, job.plan, lambda r, a: events.write(kind="federated", round=r, accuracy=a),
                             federation=job.federation)
-            framework.train(data, test, job.plan, lambda r, a: events.write(kind="local", round=r, accuracy=a))
+            if job.local_only:
+                framework.train(data, test, job.plan, lambda r, a: events.write(kind="local", round=r, accuracy=a))
         elif job.role == "centralized":
             framework.train(data, test, job.plan, lambda r, a: events.write(kind="centralized", round=r, accuracy=a))
         else:

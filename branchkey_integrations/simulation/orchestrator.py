@@ -56,8 +56,8 @@ class Simulation:
             if config.dashboard:
                 link = server.dashboard_link()
                 self.emit(Stage(f"dashboard {link} (one-time login link)", link=link))
-            self.emit(Stage(f"branchkey-local at {server.url}; starting {len(names)} leaf processes and the "
-                            "centralized baseline"))
+            self.emit(Stage(f"branchkey-local at {server.url}; starting {len(names)} leaf processes"
+                            + (" and the centralized baseline" if config.baselines else " (no baselines)")))
             readers = self._start(supervisor, server, credentials, parts, train, test_path)
             tracker = RoundTracker(config.rounds, {c["id"]: c["name"] for c in credentials})
             try:
@@ -80,7 +80,8 @@ class Simulation:
             target = FederationTarget(str(creds_path), server.url, transport, self.config.round_timeout_s)
             readers[creds["name"]] = self._launch(supervisor, creds["name"], "leaf", part, test_path, index + 1,
                                                   target)
-        readers[CENTRALIZED] = self._launch(supervisor, CENTRALIZED, CENTRALIZED, train, test_path, 0, None)
+        if self.config.baselines:
+            readers[CENTRALIZED] = self._launch(supervisor, CENTRALIZED, CENTRALIZED, train, test_path, 0, None)
         return readers
 
     def _launch(self, supervisor: Supervisor, name: str, role: str, data: Split, test_path: Path, index: int,
@@ -89,7 +90,7 @@ class Simulation:
         job = LeafJob(role=role, name=name, framework=self.config.framework,
                       data=str(data.save(self.workdir / f"{name}.npz")), test=str(test_path),
                       events=str(self.workdir / f"{name}.events.jsonl"), plan=plan, federation=federation,
-                      parent_pid=os.getpid())
+                      parent_pid=os.getpid(), local_only=self.config.baselines)
         job_path = job.save(self.workdir / f"{name}.job.json")
         supervisor.start(name, ["-m", "branchkey_integrations.simulation.leaf", str(job_path)],
                          self.workdir / f"{name}.log")
@@ -115,7 +116,7 @@ class Simulation:
                 tracker.accuracy[number] = accuracy
             if len(tracker.completed) < self.config.rounds:
                 self._poll_rounds(server, tracker)
-            elif not baselines_announced:
+            elif not baselines_announced and self.config.baselines:
                 baselines_announced = True
                 self.emit(Stage("federated rounds done; waiting for the local-only and centralized baselines"))
             if time.monotonic() > deadline:
@@ -139,10 +140,12 @@ class Simulation:
         _check_leaves_agree(results, names)
         rows = []
         for number in range(1, config.rounds + 1):
-            local = statistics.fmean(results[name]["local"][number] for name in names)
-            rows.append(RoundRow(number, results[names[0]]["federated"][number], local,
-                                 results[CENTRALIZED][CENTRALIZED][number], tracker.wait_s.get(number, 0.0)))
-        leaves = [LeafSummary(name, len(part), part.label_counts(), results[name]["local"][config.rounds])
+            local = statistics.fmean(results[name]["local"][number] for name in names) if config.baselines else None
+            centralized = results[CENTRALIZED][CENTRALIZED][number] if config.baselines else None
+            rows.append(RoundRow(number, results[names[0]]["federated"][number], local, centralized,
+                                 tracker.wait_s.get(number, 0.0)))
+        leaves = [LeafSummary(name, len(part), part.label_counts(),
+                              results[name]["local"][config.rounds] if config.baselines else None)
                   for name, part in zip(names, parts)]
         return Report(config=dataclasses.asdict(config) | {"amqp_url": bool(config.amqp_url)}, rounds=rows,
                       leaves=leaves)

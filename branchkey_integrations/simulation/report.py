@@ -17,12 +17,13 @@ PLOT_FILE = "accuracy.png"
 
 @dataclass(frozen=True)
 class RoundRow:
-    """One round. Accuracies are fractions on the common test set; local-only is the mean over leaves."""
+    """One round. Accuracies are fractions on the common test set; local-only is the mean over leaves.
+    The baselines are ``None`` when the run skipped them (``baselines=False``)."""
 
     round: int
     global_accuracy: float
-    local_accuracy: float
-    centralized_accuracy: float
+    local_accuracy: float | None
+    centralized_accuracy: float | None
     wait_s: float  # first upload of the round to its aggregate: how long the fastest leaf waited
 
 
@@ -31,7 +32,7 @@ class LeafSummary:
     name: str
     samples: int
     label_counts: list[int]
-    local_accuracy: float  # local-only, after the whole budget
+    local_accuracy: float | None  # local-only, after the whole budget (None without baselines)
 
 
 @dataclass
@@ -67,8 +68,8 @@ class Report:
         """The per-round comparison as fixed-width text (percent)."""
         lines = [f"{'round':>5}  {'federated':>9}  {'local-only':>10}  {'centralized':>11}  {'wait s':>6}"]
         for row in self.rounds:
-            lines.append(f"{row.round:>5}  {row.global_accuracy:>9.1%}  {row.local_accuracy:>10.1%}  "
-                         f"{row.centralized_accuracy:>11.1%}  {row.wait_s:>6.2f}")
+            lines.append(f"{row.round:>5}  {row.global_accuracy:>9.1%}  {percent(row.local_accuracy):>10}  "
+                         f"{percent(row.centralized_accuracy):>11}  {row.wait_s:>6.2f}")
         return "\n".join(lines)
 
     def save(self, output: str | Path) -> dict[str, str]:
@@ -80,6 +81,11 @@ class Report:
         (out / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         logger.info("Wrote %s and %s", self.files["report"], self.files["plot"])
         return self.files
+
+
+def percent(fraction: float | None) -> str:
+    """``0.947`` as ``94.7%``; a baseline the run skipped as ``-``."""
+    return "-" if fraction is None else f"{fraction:.1%}"
 
 
 def plot_rounds(report: Report, path: str | Path | None = None, ax: Any = None) -> Any:
@@ -98,7 +104,8 @@ def plot_rounds(report: Report, path: str | Path | None = None, ax: Any = None) 
     for key, label, style in (("centralized_accuracy", "centralized (all data)", "k--"),
                               ("global_accuracy", "federated (FedAvg)", "o-"),
                               ("local_accuracy", "local-only (mean over leaves)", "s:")):
-        ax.plot(rounds, [100 * getattr(row, key) for row in report.rounds], style, label=label)
+        if getattr(report.final, key) is not None:  # a baseline the run skipped has no line
+            ax.plot(rounds, [100 * getattr(row, key) for row in report.rounds], style, label=label)
     config = report.config
     ax.set(xlabel="round", ylabel="test accuracy (%)",
            title=f"{config.get('framework', '')}: {config.get('leaves')} leaves, {config.get('partition')}"

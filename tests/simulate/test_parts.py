@@ -10,7 +10,7 @@ import pytest
 from branchkey_integrations.simulate import SimulationConfig
 from branchkey_integrations.simulation.leaf import EventReader, EventWriter
 from branchkey_integrations.simulation.progress import RoundProgress, RoundTracker, Stage, TerminalProgress
-from branchkey_integrations.simulation.report import LeafSummary, Report, RoundRow
+from branchkey_integrations.simulation.report import LeafSummary, Report, RoundRow, plot_rounds
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -74,4 +74,14 @@ def test_report_table_json_and_plot(tmp_path):
     files = report.save(tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert Report.from_dict(saved) == report and saved["rounds"][1]["global_accuracy"] == 0.8
+    assert open(files["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_without_baselines_shows_dashes_and_plots_the_federated_line_only(tmp_path):
+    report = Report(config={"framework": "keras", "leaves": 2, "partition": "iid", "baselines": False},
+                    rounds=[RoundRow(1, 0.75, None, None, 0.5)], leaves=[LeafSummary("leaf_1", 10, [1] * 10, None)])
+    assert report.table().splitlines()[1] == "    1      75.0%           -            -    0.50"
+    files = report.save(tmp_path)
+    assert Report.from_dict(json.loads((tmp_path / "report.json").read_text())) == report
+    assert [line.get_label() for line in plot_rounds(report).get_lines()] == ["federated (FedAvg)"]
     assert open(files["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,214 @@
+"""``python -m benchmarks.strategies``: every server strategy, and FedAvg with FedProx, on strongly skewed
+data (``branchkey-local simulate --partition dirichlet --alpha 0.1 --leaves 10 --rounds 10``), on Lightning
+and Keras, over seeds 0, 1 and 2; ``--summary`` prints the README's table.
+
+Resumable: each (framework, setting, seed) is one JSON file under ``results/strategies/``, and a file that
+exists is not run again, so the sweep can be stopped and restarted at will. Runs go seed by seed, the two
+frameworks taking turns, so a sweep cut short still has every setting at the first seeds on both.
+The local-only and centralized baselines do not depend on the strategy: only the ``fedavg`` run of each
+(framework, seed) trains them, the others run with ``baselines=False`` and the summary reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results" / "strategies"
+FRAMEWORKS = ("lightning", "keras")
+SEEDS = (0, 1, 2)
+#: the issue's setting: 10 leaves with few classes each, 10 rounds of 5 local epochs
+RUN = {"leaves": 10, "rounds": 10, "partition": "dirichlet", "alpha": 0.1}
+BASELINE_SETTING = "fedavg"
+
+logger = logging.getLogger("benchmarks.strategies")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table: a server strategy with its parameters, and the leaves' proximal mu."""
+
+    strategy: str = "fedavg"
+    params: dict[str, float] = field(default_factory=dict)
+    proximal_mu: float = 0.0
+
+    def options(self) -> dict[str, Any]:
+        """The keywords for ``simulate.run``; FedAvg without FedProx passes none (it is the default)."""
+        options: dict[str, Any] = {}
+        if self.strategy != "fedavg" or self.params:
+            options |= {"strategy": self.strategy, "strategy_params": dict(self.params)}
+        if self.proximal_mu:
+            options["proximal_mu"] = self.proximal_mu
+        return options
+
+    def describe(self) -> str:
+        parts = [self.strategy] + [f"{k}={v:g}" for k, v in sorted(self.params.items())]
+        if self.proximal_mu:
+            parts.append(f"mu={self.proximal_mu:g}")
+        return " ".join(parts)
+
+
+SETTINGS: dict[str, Setting] = {
+    "fedavg": Setting(),
+    "fedavgm": Setting("fedavgm"),
+    "fedadam": Setting("fedadam"),
+    "fedyogi": Setting("fedyogi"),
+    "fedadagrad": Setting("fedadagrad"),
+    "median": Setting("median"),
+    "trimmed-mean": Setting("trimmed-mean"),
+    "fedprox": Setting("fedavg", proximal_mu=0.01),
+}
+
+
+def result_path(framework: str, name: str, seed: int) -> Path:
+    return RESULTS / f"{framework}__{name}__seed{seed}.json"
+
+
+def plan(settings: list[str], frameworks: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
+    """(framework, setting, seed) in run order: seed-major, the baseline-carrying fedavg first, frameworks
+    alternating, so partial results stay balanced."""
+    ordered = sorted(settings, key=lambda name: name != BASELINE_SETTING)
+    return [(framework, name, seed) for seed in seeds for name in ordered for framework in frameworks]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_one(framework: str, name: str, seed: int) -> Path | None:
+    """Run one setting; write its result file, or log why it could not run (and write nothing)."""
+    from branchkey_integrations.simulate import (SimulationConfig, SimulationError, SimulationTerminated,
+                                                 TerminalProgress, run)
+
+    setting = SETTINGS[name]
+    try:
+        config = SimulationConfig(framework=framework, seed=seed, baselines=name == BASELINE_SETTING,
+                                  **RUN, **setting.options())
+    except (TypeError, ValueError) as exc:  # a strategy or option this checkout does not have yet
+        logger.warning("skipping %s %s seed %d: %s", framework, name, seed, exc)
+        return None
+    load_before = os.getloadavg()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    logger.info("running %s %s (%s) seed %d", framework, name, setting.describe(), seed)
+    try:
+        report = run(config, progress=TerminalProgress(sys.stdout))
+    except SimulationTerminated:
+        raise  # stop the sweep, not just this run
+    except SimulationError as exc:
+        logger.error("%s %s seed %d failed: %s", framework, name, seed, exc)
+        return None
+    final = report.final
+    result = {"framework": framework, "setting": name, "seed": seed, "strategy": setting.strategy,
+              "strategy_params": setting.params, "proximal_mu": setting.proximal_mu, "run": RUN,
+              "epochs_per_round": config.epochs_per_round,
+              "federated": final.global_accuracy, "federated_by_round": [r.global_accuracy for r in report.rounds],
+              "centralized": final.centralized_accuracy, "local_only": final.local_accuracy,
+              "elapsed_s": round(report.elapsed_s, 1), "started_at": started.isoformat(timespec="seconds"),
+              "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
+              "commit": _commit()}
+    path = result_path(framework, name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    logger.info("%s %s seed %d: federated %.1f%% in %.0f s -> %s", framework, name, seed,
+                100 * final.global_accuracy, report.elapsed_s, path.name)
+    return path
+
+
+def sweep(settings: list[str], frameworks: list[str], seeds: list[int]) -> None:
+    for framework, name, seed in plan(settings, frameworks, seeds):
+        if result_path(framework, name, seed).exists():
+            continue
+        run_one(framework, name, seed)
+
+
+# -- summary ------------------------------------------------------------------------------------
+
+
+def load_results() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(RESULTS.glob("*__*__seed*.json"))]
+
+
+def _cell(values: list[float], expected: int) -> str:
+    """Mean and range in percent, with the count when some seeds are missing."""
+    if not values:
+        return "not run"
+    text = f"{100 * statistics.fmean(values):.1f}"
+    if len(values) > 1:
+        text += f" ({100 * min(values):.1f}-{100 * max(values):.1f})"
+    if len(values) < expected:
+        text += f" [{len(values)} of {expected} seeds]"
+    return text
+
+
+def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
+    """The Markdown table: mean over seeds and (min-max) range, in percent, per framework."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for result in results:
+        by.setdefault((result["framework"], result["setting"]), []).append(result)
+    baselines = {fw: [r for r in by.get((fw, BASELINE_SETTING), []) if r["centralized"] is not None]
+                 for fw in FRAMEWORKS}
+    header = "| setting | " + " | ".join(f"{fw.capitalize()} accuracy %" for fw in FRAMEWORKS) + " |"
+    lines = [header, "|---|" + "---|" * len(FRAMEWORKS)]
+    for label, key in (("centralized (all data, one model)", "centralized"), ("local-only (mean over leaves)",
+                                                                             "local_only")):
+        lines.append(f"| {label} | " + " | ".join(_cell([r[key] for r in baselines[fw]], seeds)
+                                                   for fw in FRAMEWORKS) + " |")
+    for name, setting in SETTINGS.items():
+        cells = [_cell([r["federated"] for r in by.get((fw, name), [])], seeds) for fw in FRAMEWORKS]
+        lines.append(f"| {setting.describe()} | " + " | ".join(cells) + " |")
+    every = [r for rs in by.values() for r in rs]
+    if every:
+        loads = [r["load_before"][0] for r in every]
+        walls = {fw: [r["elapsed_s"] for r in every if r["framework"] == fw] for fw in FRAMEWORKS}
+        lines.append("")
+        lines.append(f"Mean (min-max) over seeds; {len(every)} runs on {every[0]['cpus']} CPU cores, 1-minute "
+                     f"load average at the start of a run {statistics.fmean(loads):.1f} (range "
+                     f"{min(loads):.1f}-{max(loads):.1f}); wall time per run "
+                     + ", ".join(f"{fw} {statistics.median(w):.0f} s (median)" for fw, w in walls.items() if w)
+                     + ".")
+    missing = [f"{fw} {name} seed {seed}" for fw, name, seed in plan(list(SETTINGS), list(FRAMEWORKS), list(SEEDS))
+               if not any(r["seed"] == seed for r in by.get((fw, name), []))]
+    if missing:
+        lines.append(f"Not run: {', '.join(missing)}.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.strategies", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--summary", action="store_true",
+                        help="print the table of the results so far (and write results/strategies/summary.md)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("branchkey_integrations").setLevel(logging.WARNING)
+    if args.summary:
+        table = summary(load_results())
+        (RESULTS / "summary.md").write_text(table + "\n", encoding="utf-8")
+        print(table)
+        return 0
+    sweep(args.settings, args.frameworks, args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
