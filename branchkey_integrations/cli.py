@@ -44,6 +44,7 @@ from .server.history import latest_metrics, metric_summary
 from .server.lock import FileLock
 from .server.progress import round_progress
 from .server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
+from .server.strategies import CATALOGUE, DEFAULT_STRATEGY, check_strategy, describe
 
 logger = logging.getLogger("branchkey_integrations.server")
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--round-deadline", type=_seconds, metavar="S",
                       help="aggregate what is there S seconds after a round's first upload")
     init.add_argument("--branch-name", default="main", help="the new branch's name")
+    add_strategy_options(init)
     init.add_argument("--host-url", help="the URL leaves will use (printed in the summary)")
     init.add_argument("--force", action="store_true", help="overwrite existing leaf_*.json files")
     init.set_defaults(func=cmd_init)
@@ -211,6 +213,35 @@ def add_simulate_parser(commands: Any) -> None:
     simulate.add_argument("--no-baselines", dest="baselines", action="store_false",
                           help="skip the local-only and centralized baselines (federated accuracy only, faster)")
     simulate.set_defaults(func=cmd_simulate)
+
+
+def add_strategy_options(parser: argparse.ArgumentParser) -> None:
+    """``--strategy NAME`` and the repeatable ``--strategy-param KEY=VALUE`` (a branch's aggregation)."""
+    parser.add_argument("--strategy", choices=sorted(CATALOGUE), default=DEFAULT_STRATEGY,
+                        help="how the server aggregates each round (README: Strategies)")
+    parser.add_argument("--strategy-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of --strategy, repeatable, e.g. eta=0.01; unset ones take their defaults: "
+                             + " | ".join(f"{name}: {describe(name)}" for name in sorted(CATALOGUE) if CATALOGUE[name]))
+
+
+def strategy_of(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
+    """The checked ``(strategy, parameters)`` of ``--strategy``/``--strategy-param``, or a one-line CliError."""
+    params = dict(args.strategy_param)
+    try:
+        check_strategy(args.strategy, params)
+    except InvalidValueError as exc:
+        raise CliError(str(exc)) from exc
+    return args.strategy, params
+
+
+def _key_value(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if sep and key.strip():
+            return key.strip(), float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected KEY=NUMBER such as eta=0.01, received {text!r}")
 
 
 def _bounded(kind: type, lowest: float, allowed: str, *, strict: bool = False) -> Callable[[str], Any]:
@@ -313,6 +344,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     existing = [str(p) for p in targets if p.exists()]
     if existing and not args.force:
         raise CliError(f"credential file(s) already exist: {', '.join(existing[:3])}; use --force or another --credentials-dir.")
+    strategy_of(args)  # a bad parameter fails before anything is created
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     live = live_server(data_dir)
@@ -320,6 +352,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     for path, credentials in zip(targets, leaves):
         write_private_file(path, json.dumps(credentials, indent=2) + "\n")
     print(f"branch  {branch['id']} ({branch['name']}, tree {branch['tree_id']}), run_status {branch['run_status']}")
+    print(f"strategy {branch['algorithm']} {json.dumps(branch['strategy_params'])}")
     print(f"rounds  complete with {branch['min_leaves'] or 'all'} of {args.leaves} leaves"
           + (f", deadline {branch['round_deadline_s']} s" if branch["round_deadline_s"] else ""))
     for path in targets:
@@ -335,8 +368,9 @@ def _init_in_store(data_dir: Path, args: argparse.Namespace) -> tuple[dict[str, 
     store = Store(data_dir)
     try:
         tree = store.create_tree("local")
+        strategy, params = strategy_of(args)
         branch = store.create_branch(tree["id"], args.branch_name, min_leaves=args.min_leaves,
-                                     round_deadline_s=args.round_deadline)
+                                     round_deadline_s=args.round_deadline, strategy=strategy, strategy_params=params)
         leaves = store.create_leaves(branch.id, args.leaves)
     finally:
         store.close()
@@ -346,8 +380,10 @@ def _init_in_store(data_dir: Path, args: argparse.Namespace) -> tuple[dict[str, 
 def _init_via_server(live: tuple[str, str], args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Create through the admin API so a server with a broker provisions the new leaves."""
     tree = admin_call(live, "POST", f"{ADMIN_PREFIX}/trees", {"name": "local"})
+    strategy, params = strategy_of(args)
     branch = admin_call(live, "POST", f"{ADMIN_PREFIX}/trees/{tree['id']}/branches", {
-        "name": args.branch_name, "min_leaves": args.min_leaves, "round_deadline_s": args.round_deadline})
+        "name": args.branch_name, "min_leaves": args.min_leaves, "round_deadline_s": args.round_deadline,
+        "strategy": strategy, "strategy_params": params})
     leaves = admin_call(live, "POST", f"{ADMIN_PREFIX}/branches/{branch['id']}/leaves", {"count": args.leaves})
     return branch, leaves["leaves"]
 

@@ -21,7 +21,7 @@ def test_public_names():
                 "ProtocolError", "ApiError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
                 "RequestRejectedError", "ServerError", "NotificationError", "RunBlockedError", "RunStopped",
                 "AggregationTimeoutError", "LocalServerError", "RecordNotFoundError", "InvalidValueError",
-                "RunNotStartedError", "RoundClosedError", "AggregationError", "BrokerError", "BrokerArgumentError",
+                "RunNotStartedError", "RoundClosedError", "RoundInProgressError", "AggregationError", "BrokerError", "BrokerArgumentError",
                 "StorageFullError", "UploadInterruptedError", "InsufficientStorageError", "RoundInterrupted",
                 "SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
     assert set(branchkey_integrations.core.__all__) == expected

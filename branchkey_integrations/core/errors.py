@@ -151,6 +151,10 @@ class RoundClosedError(LocalServerError):
     """The round the upload was meant for has been aggregated or left in the meantime."""
 
 
+class RoundInProgressError(LocalServerError):
+    """A change that must wait for a round boundary (a branch's strategy) while the open round holds uploads."""
+
+
 class AggregationError(LocalServerError):
     """A round's uploads could not be aggregated (missing, unreadable or mismatched files)."""
 
@@ -220,6 +224,7 @@ __all__ = [
     "InvalidValueError",
     "RunNotStartedError",
     "RoundClosedError",
+    "RoundInProgressError",
     "AggregationError",
     "StorageFullError",
     "UploadInterruptedError",

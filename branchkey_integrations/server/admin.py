@@ -27,6 +27,7 @@ from ..core.protocol import ADMIN_PREFIX
 from .httpio import HttpProblem, ok, read_json_object
 from .state import Server, server_of
 from .store import Store
+from .strategies import DEFAULT_STRATEGY
 
 AdminHandler = Callable[[web.Request, Server], Awaitable[web.Response]]
 
@@ -73,8 +74,29 @@ async def create_branch(request: web.Request, server: Server) -> web.Response:
     branch = await server.blocking(
         server.store.create_branch, request.match_info["tree_id"], body.get("name", "main"),
         min_leaves=body.get("min_leaves"), round_deadline_s=body.get("round_deadline_s"),
+        strategy=body.get("strategy", DEFAULT_STRATEGY), strategy_params=_params(body),
     )
     return ok(branch.to_dict(), status=201)
+
+
+def _params(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The body's ``strategy_params``: an object or absent (null)."""
+    params = body.get("strategy_params")
+    if params is not None and not isinstance(params, dict):
+        raise HttpProblem(400, f"Expected strategy_params to be a JSON object such as {{\"eta\": 0.01}} or absent. "
+                               f"Received: {params!r:.80}")
+    return params
+
+
+@admin
+async def set_strategy(request: web.Request, server: Server) -> web.Response:
+    """Change the branch's strategy between rounds (409 while its open round holds uploads)."""
+    body = await read_json_object(request)
+    branch_id = request.match_info["branch_id"]
+    async with server.rounds.lock(branch_id):  # no upload is committed while the change is checked and made
+        branch, stale = await server.blocking(server.store.set_strategy, branch_id, body.get("strategy"), _params(body))
+    await server.blocking(server.store.remove_files, stale)
+    return ok(branch.to_dict())
 
 
 @admin
@@ -154,6 +176,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post(branches + "/{branch_id}/leaves", create_leaves)
     app.router.add_get(branches + "/{branch_id}/leaves", list_leaves)
     app.router.add_post(branches + "/{branch_id}/run", set_run)
+    app.router.add_put(branches + "/{branch_id}/strategy", set_strategy)
     app.router.add_get(branches + "/{branch_id}/rounds", _listing("rounds", Store.list_rounds))
     app.router.add_delete(branches + "/{branch_id}/rounds/open/uploads/{leaf}", drop_upload)
     app.router.add_post(branches + "/{branch_id}/rounds/open/reset", reset_round)

@@ -24,6 +24,7 @@ from ..core.errors import (
     InvalidValueError,
     RecordNotFoundError,
     RoundClosedError,
+    RoundInProgressError,
     RunNotStartedError,
     StorageFullError,
     UploadInterruptedError,
@@ -46,6 +47,7 @@ DOMAIN_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (InvalidValueError, 400),
     (RunNotStartedError, 409),
     (RoundClosedError, 409),
+    (RoundInProgressError, 409),
     (StorageFullError, 507),
     (UploadInterruptedError, 408),
 )

@@ -38,6 +38,7 @@ from ..core.protocol import (
     WS_PATH,
     WS_TICKET_PATH,
 )
+from .strategies import CATALOGUE
 
 Schema = dict[str, Any]
 
@@ -46,6 +47,9 @@ Schema = dict[str, Any]
 _STR: Schema = {"type": "string"}
 _INT: Schema = {"type": "integer", "minimum": 0}
 _TIME: Schema = {"type": "string", "format": "date-time"}
+_STRATEGY: Schema = {"enum": sorted(CATALOGUE), "description": "the branch's aggregation (README: Strategies)"}
+_PARAMS: Schema = {"type": "object", "additionalProperties": {"type": "number"},
+                   "description": "the strategy's parameters; those not given take their defaults"}
 
 
 def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, *, extra: bool = True) -> Schema:
@@ -85,15 +89,16 @@ SCHEMAS: dict[str, Schema] = {
     "Created": _obj({"id": _STR}),
     "BranchConfig": _obj({
         "branch": _obj({"id": _STR, "name": _STR, "tree_id": _STR}),
-        "service": _obj({"algorithm": _STR, "config": _obj({
-            "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})})}),
+        "service": _obj({"algorithm": _STRATEGY, "config": {**_obj({
+            "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})}),
+            "description": "min_leaves, round_deadline_s and the strategy's parameters (eta, beta_1, ...)"}}),
         "model_config": {"type": "object"}, "created_at": _TIME, "updated_at": _TIME,
     }),
     "Ticket": _obj({"ticket_id": _STR, "request_id": _STR, "expires_at": _TIME}),
     "Tree": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "created_at": _TIME}),
     "Branch": _obj({
         "id": _STR, "tree_id": _STR, "name": _STR, "min_leaves": _null(_INT),
-        "round_deadline_s": _null({"type": "number"}), "algorithm": _STR,
+        "round_deadline_s": _null({"type": "number"}), "algorithm": _STRATEGY, "strategy_params": _PARAMS,
         "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "created_at": _TIME, "updated_at": _TIME,
     }),
     "Leaf": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "tree_id": _STR, "branch_id": _STR}),
@@ -104,7 +109,9 @@ SCHEMAS: dict[str, Schema] = {
         "name": {"type": "string", "minLength": 1},
         "min_leaves": _null({"type": "integer", "minimum": 1, "maximum": 1_000_000, "description": "null: every leaf"}),
         "round_deadline_s": _null({"type": "number", "exclusiveMinimum": 0, "description": "null: no deadline"}),
+        "strategy": _STRATEGY, "strategy_params": _null(_PARAMS),
     }),
+    "StrategyRequest": _obj({"strategy": _STRATEGY}, {"strategy_params": _null(_PARAMS)}),
     "LeavesRequest": _obj({}, {"count": {"type": "integer", "minimum": 1, "maximum": 10000},
                                "name_prefix": {"type": "string", "minLength": 1}}),
     "RunRequest": _obj({"run_status": {"enum": list(RUN_STATUSES)}}),
@@ -226,6 +233,11 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
         },
         branch + "/run": {"post": admin("Set run status", ok=(200, _ref("RunState")), errors=found,
                                         params=("branch_id",), body=_ref("RunRequest"))},
+        branch + "/strategy": {"put": admin(
+            "Set strategy", ok=(200, _ref("Branch")), errors=(400, 401, 404, 409), params=("branch_id",),
+            body=_ref("StrategyRequest"),
+            description="Changes the branch's strategy between rounds (409 while the open round holds uploads, "
+                        "naming them); the server-optimizer state starts afresh.")},
         branch + "/rounds": {"get": listing("rounds", "rounds")},
         branch + "/rounds/open/uploads/{leaf}": {"delete": admin(
             "Drop upload", ok=(200, _ref("DroppedUploads")), errors=found, params=("branch_id", "leaf"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -29,9 +29,14 @@ class Branch:
     run_number: int
     created_at: str
     updated_at: str
+    strategy_params: str = "{}"  # JSON text, as stored: the checked parameters of ``algorithm``
+
+    @property
+    def params(self) -> dict[str, float]:
+        return json.loads(self.strategy_params)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "strategy_params": self.params}
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class Round:
     first_upload_at: float | None
     opened_at: str
     closed_at: str | None
+    strategy: str | None = None  # what aggregated the round (set when it closes)
+    strategy_note: str | None = None  # why it was not the branch's strategy (a fallback), or None
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,15 @@ class UploadInput:
     specs: list[LayerSpec]
 
 
+class StateUpdate(NamedTuple):
+    """A server optimizer's new moments (temporary files, None where unused) and what they belong to."""
+
+    strategy: str
+    params: Mapping[str, float]
+    m_temp: Path | None
+    v_temp: Path | None
+
+
 def specs_to_json(specs: Sequence[LayerSpec]) -> str:
     return json.dumps([{"dtype": s.dtype.str, "shape": list(s.shape)} for s in specs])
 
@@ -103,4 +119,4 @@ def specs_from_json(text: str) -> list[LayerSpec]:
     return [LayerSpec(tuple(item["shape"]), np.dtype(item["dtype"])) for item in json.loads(text)]
 
 
-__all__ = ["Branch", "Leaf", "Round", "FileRecord", "UploadInput", "specs_to_json", "specs_from_json"]
+__all__ = ["Branch", "Leaf", "Round", "FileRecord", "UploadInput", "StateUpdate", "specs_to_json", "specs_from_json"]

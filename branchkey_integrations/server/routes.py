@@ -83,7 +83,8 @@ async def branch_config(request: web.Request) -> web.Response:
         "branch": {"id": branch.id, "name": branch.name, "tree_id": branch.tree_id},
         "service": {
             "algorithm": branch.algorithm,
-            "config": {"min_leaves": branch.min_leaves, "round_deadline_s": branch.round_deadline_s},
+            "config": {"min_leaves": branch.min_leaves, "round_deadline_s": branch.round_deadline_s,
+                       **branch.params},  # the strategy's parameters, as the 3.x platform reports its service's
         },
         "model_config": {},
         "created_at": branch.created_at,

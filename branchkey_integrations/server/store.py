@@ -11,7 +11,10 @@ fsynced, renamed into place with ``os.replace`` and the directory fsynced, and o
 then is its database row committed. A crash (even ``kill -9``) before the commit leaves
 an orphan file that :meth:`Store.cleanup_stray_files` deletes on the next start; a crash
 after it loses nothing. "Accepted" means "row committed", and the HTTP 201 is sent only
-after that.
+after that. One exception, for speed: a FedAvg aggregate may be committed before its fsync
+(``commit_aggregate(durable=False)``, then :meth:`Store.sync_file`), because it can be made
+again, byte for byte, from its round's uploads, which retention keeps until the fsync is done;
+after an operating-system crash the server checks and remakes it (``Rounds.recover``).
 
 Run semantics (per branch):
 
@@ -34,6 +37,7 @@ one transaction (an upload touches files, uploads and rounds) across modules.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -43,23 +47,26 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ..core.errors import (
     InvalidValueError,
     RecordNotFoundError,
     RoundClosedError,
+    RoundInProgressError,
     RunNotStartedError,
 )
 from ..core.protocol import RUN_STATUSES
 from ..core.wire import LayerSpec
 from .durable import TEMP_PREFIX, fsync_path, write_private_file
-from .records import Branch, FileRecord, Leaf, Round, UploadInput, specs_from_json, specs_to_json
+from .records import Branch, FileRecord, Leaf, Round, StateUpdate, UploadInput, specs_from_json, specs_to_json
+from .strategies import DEFAULT_STRATEGY, check_strategy
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "store.sqlite3"
 FILES_DIR = "files"
+STATE_DIR = "state"  # server-optimizer moments, referenced by the optimizer_state table
 ADMIN_TOKEN_FILE = "admin_token"
 MAX_MIN_LEAVES = 1_000_000  # a round needs at most every leaf; a huge value would overflow SQLite's integers
 
@@ -102,6 +109,9 @@ CREATE TABLE IF NOT EXISTS refusals (
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, tree_id TEXT NOT NULL, branch_id TEXT NOT NULL, message TEXT NOT NULL,
     created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL, last_error TEXT);
+CREATE TABLE IF NOT EXISTS optimizer_state (
+    branch_id TEXT PRIMARY KEY, run_number INTEGER NOT NULL, round_index INTEGER NOT NULL, strategy TEXT NOT NULL,
+    params TEXT NOT NULL, m_path TEXT, v_path TEXT, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS acknowledgments (
     leaf_id TEXT NOT NULL, file_id TEXT NOT NULL, acknowledged_at TEXT NOT NULL, PRIMARY KEY (leaf_id, file_id));
 """
@@ -134,6 +144,8 @@ class Store:
         self.files_dir = self.data_dir / FILES_DIR
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.files_dir.mkdir(exist_ok=True)
+        self.state_dir = self.data_dir / STATE_DIR
+        self.state_dir.mkdir(exist_ok=True)
         self._lock = threading.RLock()
         database = self.data_dir / DB_NAME
         database.touch(mode=0o600)  # it holds session tokens; SQLite gives -wal/-shm the same mode
@@ -143,8 +155,7 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
-        if "removed_at" not in {row[1] for row in self._conn.execute("PRAGMA table_info(files)")}:
-            self._conn.execute("ALTER TABLE files ADD COLUMN removed_at TEXT")  # stores made before retention
+        self._migrate()
         self._secret = bytes.fromhex(self._kv_setdefault("secret", secrets.token_hex(32)))
         self.admin_token = self._kv_setdefault("admin_token", secrets.token_urlsafe(32))
         self.owner_id = self._kv_setdefault("owner_id", new_id())
@@ -153,6 +164,17 @@ class Store:
             write_private_file(token_file, self.admin_token + "\n")
 
     # -- plumbing -------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Add the columns that stores made by earlier versions lack (their rows get the defaults)."""
+        added = {"files": [("removed_at", "TEXT")],  # retention
+                 "branches": [("strategy_params", "TEXT NOT NULL DEFAULT '{}'")],  # strategies
+                 "rounds": [("strategy", "TEXT"), ("strategy_note", "TEXT")]}
+        for table, columns in added.items():
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -206,19 +228,24 @@ class Store:
         return dict(rows[0])
 
     def create_branch(
-        self, tree_id: str, name: str, *, min_leaves: int | None = None, round_deadline_s: float | None = None
+        self, tree_id: str, name: str, *, min_leaves: int | None = None, round_deadline_s: float | None = None,
+        strategy: str = DEFAULT_STRATEGY, strategy_params: Mapping[str, float] | None = None,
     ) -> Branch:
-        """Create a branch whose run is ``start``/1 with round 0 open."""
+        """Create a branch whose run is ``start``/1 with round 0 open, aggregating with ``strategy``
+        (:mod:`~branchkey_integrations.server.strategies`; parameters not given take their defaults)."""
         _check_branch_settings(name, min_leaves, round_deadline_s)
+        params = json.dumps(check_strategy(strategy, strategy_params))
         stamp = now_iso()
-        branch = Branch(new_id(), tree_id, name, min_leaves, round_deadline_s, "fedavg", "start", 1, stamp, stamp)
+        branch = Branch(new_id(), tree_id, name, min_leaves, round_deadline_s, strategy, "start", 1, stamp, stamp,
+                        params)
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM trees WHERE id = ?", (tree_id,)).fetchone() is None:
                 raise RecordNotFoundError(f"No tree with id {tree_id!r}; create the tree first.")
             conn.execute(
-                "INSERT INTO branches VALUES (:id, :tree_id, :name, :min_leaves, :round_deadline_s, :algorithm,"
-                " :run_status, :run_number, :created_at, :updated_at)",
-                branch.to_dict(),
+                "INSERT INTO branches (id, tree_id, name, min_leaves, round_deadline_s, algorithm, run_status,"
+                " run_number, created_at, updated_at, strategy_params) VALUES (:id, :tree_id, :name, :min_leaves,"
+                " :round_deadline_s, :algorithm, :run_status, :run_number, :created_at, :updated_at, :strategy_params)",
+                {**branch.to_dict(), "strategy_params": params},
             )
             _open_round(conn, branch.id, 1, 0)
         logger.info("created branch %s in tree %s", branch.id, tree_id)
@@ -236,6 +263,38 @@ class Store:
 
     def list_branches(self) -> list[Branch]:
         return [Branch(**dict(row)) for row in self._query("SELECT * FROM branches ORDER BY created_at")]
+
+    def set_strategy(self, branch_id: str, strategy: str,
+                     strategy_params: Mapping[str, float] | None = None) -> tuple[Branch, list[Path]]:
+        """Change the branch's strategy between rounds; its server-optimizer state starts afresh.
+
+        Refused while the open round holds uploads: they were sent for the old strategy's round, and
+        a round aggregated half by one rule and half by another is what no one asked for. Returns the
+        branch and the superseded state files, for the caller to unlink after the commit.
+
+        Raises:
+            InvalidValueError: an unknown strategy, parameter, or a value out of range.
+            RecordNotFoundError: no such branch.
+            RoundInProgressError: the open round already holds uploads (they are named).
+        """
+        params = json.dumps(check_strategy(strategy, strategy_params))
+        with self._tx() as conn:
+            self.require_branch(branch_id)
+            waiting = [row[0] for row in conn.execute(
+                "SELECT l.name FROM uploads u JOIN leaves l ON l.id = u.leaf_id JOIN rounds r ON r.branch_id = u.branch_id"
+                " AND r.run_number = u.run_number AND r.round_index = u.round_index JOIN branches b ON b.id = r.branch_id"
+                " AND b.run_number = r.run_number WHERE u.branch_id = ? AND r.status = 'open' ORDER BY l.name",
+                (branch_id,))]
+            if waiting:
+                raise RoundInProgressError(
+                    f"Branch {branch_id}'s open round already holds the upload(s) of {', '.join(waiting[:20])}; change "
+                    f"the strategy between rounds (after this round is aggregated), or reset the round first "
+                    f"('branchkey-local round reset').")
+            conn.execute("UPDATE branches SET algorithm = ?, strategy_params = ?, updated_at = ? WHERE id = ?",
+                         (strategy, params, now_iso(), branch_id))
+            stale = _drop_state(conn, branch_id)
+        logger.info("branch %s: strategy %s %s (optimizer state reset)", branch_id, strategy, params)
+        return self.require_branch(branch_id), [self.data_dir / path for path in stale]
 
     def create_leaves(self, branch_id: str, count: int, *, name_prefix: str = "leaf") -> list[Leaf]:
         """Create ``count`` leaves; names continue the branch's numbering (leaf_1, leaf_2, ...)."""
@@ -429,13 +488,21 @@ class Store:
         """A fresh temporary name in the files directory (same filesystem, so os.replace is atomic)."""
         return self.files_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
 
-    def _install(self, temp_path: Path, file_id: str) -> str:
-        """fsync ``temp_path``, rename it to its final name, fsync the directory; returns the relative path."""
-        fsync_path(temp_path)
+    def _install(self, temp_path: Path, file_id: str, durable: bool = True) -> str:
+        """fsync ``temp_path``, rename it to its final name, fsync the directory; returns the relative path.
+        ``durable=False``: the rename only (:meth:`sync_file` does the rest later)."""
+        if durable:
+            fsync_path(temp_path)
         relative = f"{FILES_DIR}/{file_id}.npz"
         os.replace(temp_path, self.data_dir / relative)
-        fsync_path(self.files_dir)
+        if durable:
+            fsync_path(self.files_dir)
         return relative
+
+    def sync_file(self, file_id: str) -> None:
+        """Make a file committed with ``durable=False`` durable: fsync it, then its directory (the rename)."""
+        fsync_path(self.files_dir / f"{file_id}.npz")
+        fsync_path(self.files_dir)
 
     def commit_upload(
         self, temp_path: Path, *, leaf: Leaf, run_number: int, round_index: int, weighting: float,
@@ -498,18 +565,33 @@ class Store:
 
     def commit_aggregate(
         self, temp_path: Path, *, branch_id: str, run_number: int, round_index: int, specs: Sequence[LayerSpec],
-        size: int, sha256: str,
+        size: int, sha256: str, strategy: str | None = None, strategy_note: str | None = None,
+        state: StateUpdate | None = None, durable: bool = True,
     ) -> str:
         """Store an aggregate, close its round and open the next one, all in one transaction.
 
         ``size`` and ``sha256`` come from whoever wrote the file (hashed while writing, not read back).
+        ``strategy``/``strategy_note`` record what aggregated the round (and why, when it was not the
+        branch's strategy); ``state``, a server optimizer's new moments, replaces the branch's stored
+        state in the same transaction, so a crash leaves the old aggregate and state or the new ones.
+        ``durable=False`` (a FedAvg mean, which its round's uploads can make again): the file is
+        renamed into place but not fsynced; the caller calls :meth:`sync_file` before retention.
         """
         digest = sha256
         file_id = new_id()
-        relative = self._install(temp_path, file_id)
+        relative = self._install(temp_path, file_id, durable)
+        state_paths = [self._install_state(path) for path in (state.m_temp, state.v_temp)] if state else []
         stamp = now_iso()
+        stale: list[str] = []
         try:
             with self._tx() as conn:
+                if state is not None:
+                    stale = _drop_state(conn, branch_id)
+                    conn.execute("INSERT INTO optimizer_state VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (branch_id, run_number, round_index, state.strategy, json.dumps(dict(state.params)),
+                                  *state_paths, stamp))
+                conn.execute("UPDATE rounds SET strategy = ?, strategy_note = ? WHERE branch_id = ? AND run_number = ?"
+                             " AND round_index = ?", (strategy, strategy_note, branch_id, run_number, round_index))
                 conn.execute(
                     "INSERT INTO files (id, kind, branch_id, leaf_id, run_number, round_index, path, size, sha256, specs, metadata,"
                     " created_at) VALUES (?, 'aggregate', ?, NULL, ?, ?, ?, ?, ?, ?, NULL, ?)",
@@ -524,11 +606,48 @@ class Store:
                     raise RoundClosedError(f"Round {run_number}/{round_index} of branch {branch_id} is no longer open.")
                 _open_round(conn, branch_id, run_number, round_index + 1)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.data_dir / relative)
+            for path in [relative, *state_paths]:
+                with contextlib.suppress(FileNotFoundError, TypeError):
+                    os.unlink(self.data_dir / path)  # type: ignore[operator]
             raise
+        self.remove_files([self.data_dir / path for path in stale])
         logger.info("branch %s run %d round %d aggregated as %s", branch_id, run_number, round_index, file_id)
         return file_id
+
+    # -- server-optimizer state ------------------------------------------------------------
+
+    def optimizer_state(self, branch_id: str, run_number: int, round_index: int, strategy: str,
+                        params: Mapping[str, float]) -> tuple[Path | None, Path | None] | None:
+        """The stored moments (m, v files) that followed aggregate (run_number, round_index) under this exact
+        strategy and parameters, or None: the optimizer then starts from zero moments."""
+        rows = self._query("SELECT m_path, v_path FROM optimizer_state WHERE branch_id = ? AND run_number = ?"
+                           " AND round_index = ? AND strategy = ? AND params = ?",
+                           (branch_id, run_number, round_index, strategy, json.dumps(dict(params))))
+        if not rows:
+            return None
+        return tuple(self.data_dir / path if path else None for path in rows[0])  # type: ignore[return-value]
+
+    def previous_aggregate(self, branch_id: str, run_number: int, round_index: int) -> tuple[int, Path] | None:
+        """(round, file) of the run's latest aggregate before ``round_index`` (the model the round's leaves
+        trained from), or None in a run's first round."""
+        rows = self._query(
+            "SELECT round_index, path FROM files WHERE branch_id = ? AND run_number = ? AND kind = 'aggregate'"
+            " AND round_index < ? ORDER BY round_index DESC LIMIT 1",
+            (branch_id, run_number, round_index))
+        return (rows[0][0], self.data_dir / rows[0][1]) if rows else None
+
+    def new_state_temp_path(self) -> Path:
+        """A temporary name in the state directory (start-up cleanup removes it after a crash)."""
+        return self.state_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+
+    def _install_state(self, temp_path: Path | None) -> str | None:
+        if temp_path is None:
+            return None
+        fsync_path(temp_path)
+        relative = f"{STATE_DIR}/{uuid.uuid4()}.npz"
+        os.replace(temp_path, self.data_dir / relative)
+        fsync_path(self.state_dir)
+        return relative
 
     def get_file(self, file_id: str) -> FileRecord | None:
         rows = self._query("SELECT * FROM files WHERE id = ?", (file_id,))
@@ -559,6 +678,11 @@ class Store:
         for entry in self.files_dir.iterdir():
             relative = f"{FILES_DIR}/{entry.name}"
             if entry.is_file() and (entry.name.startswith(TEMP_PREFIX) or relative not in known):
+                entry.unlink()
+                removed += 1
+        states = {path for row in self._query("SELECT m_path, v_path FROM optimizer_state") for path in row if path}
+        for entry in self.state_dir.iterdir():
+            if entry.is_file() and f"{STATE_DIR}/{entry.name}" not in states:  # a temp, or superseded before a crash
                 entry.unlink()
                 removed += 1
         if removed:
@@ -766,6 +890,13 @@ class Store:
         with self._lock:
             return self._conn.execute("SELECT round_index, leaf_id, weighting FROM uploads WHERE branch_id = ?"
                                       " AND run_number = ? ORDER BY round_index", (branch_id, run_number)).fetchall()
+
+
+def _drop_state(conn: sqlite3.Connection, branch_id: str) -> list[str]:
+    """Delete the branch's optimizer-state row; return its files (relative) to unlink after the commit."""
+    row = conn.execute("SELECT m_path, v_path FROM optimizer_state WHERE branch_id = ?", (branch_id,)).fetchone()
+    conn.execute("DELETE FROM optimizer_state WHERE branch_id = ?", (branch_id,))
+    return [path for path in row or () if path]
 
 
 def _open_round(conn: sqlite3.Connection, branch_id: str, run_number: int, round_index: int) -> None:
