@@ -11,10 +11,7 @@ fsynced, renamed into place with ``os.replace`` and the directory fsynced, and o
 then is its database row committed. A crash (even ``kill -9``) before the commit leaves
 an orphan file that :meth:`Store.cleanup_stray_files` deletes on the next start; a crash
 after it loses nothing. "Accepted" means "row committed", and the HTTP 201 is sent only
-after that. One exception, for speed: a FedAvg aggregate may be committed before its fsync
-(``commit_aggregate(durable=False)``, then :meth:`Store.sync_file`), because it can be made
-again, byte for byte, from its round's uploads, which retention keeps until the fsync is done;
-after an operating-system crash the server checks and remakes it (``Rounds.recover``).
+after that.
 
 Run semantics (per branch):
 
@@ -488,21 +485,13 @@ class Store:
         """A fresh temporary name in the files directory (same filesystem, so os.replace is atomic)."""
         return self.files_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
 
-    def _install(self, temp_path: Path, file_id: str, durable: bool = True) -> str:
-        """fsync ``temp_path``, rename it to its final name, fsync the directory; returns the relative path.
-        ``durable=False``: the rename only (:meth:`sync_file` does the rest later)."""
-        if durable:
-            fsync_path(temp_path)
+    def _install(self, temp_path: Path, file_id: str) -> str:
+        """fsync ``temp_path``, rename it to its final name, fsync the directory; returns the relative path."""
+        fsync_path(temp_path)
         relative = f"{FILES_DIR}/{file_id}.npz"
         os.replace(temp_path, self.data_dir / relative)
-        if durable:
-            fsync_path(self.files_dir)
-        return relative
-
-    def sync_file(self, file_id: str) -> None:
-        """Make a file committed with ``durable=False`` durable: fsync it, then its directory (the rename)."""
-        fsync_path(self.files_dir / f"{file_id}.npz")
         fsync_path(self.files_dir)
+        return relative
 
     def commit_upload(
         self, temp_path: Path, *, leaf: Leaf, run_number: int, round_index: int, weighting: float,
@@ -566,7 +555,7 @@ class Store:
     def commit_aggregate(
         self, temp_path: Path, *, branch_id: str, run_number: int, round_index: int, specs: Sequence[LayerSpec],
         size: int, sha256: str, strategy: str | None = None, strategy_note: str | None = None,
-        state: StateUpdate | None = None, durable: bool = True,
+        state: StateUpdate | None = None,
     ) -> str:
         """Store an aggregate, close its round and open the next one, all in one transaction.
 
@@ -574,12 +563,10 @@ class Store:
         ``strategy``/``strategy_note`` record what aggregated the round (and why, when it was not the
         branch's strategy); ``state``, a server optimizer's new moments, replaces the branch's stored
         state in the same transaction, so a crash leaves the old aggregate and state or the new ones.
-        ``durable=False`` (a FedAvg mean, which its round's uploads can make again): the file is
-        renamed into place but not fsynced; the caller calls :meth:`sync_file` before retention.
         """
         digest = sha256
         file_id = new_id()
-        relative = self._install(temp_path, file_id, durable)
+        relative = self._install(temp_path, file_id)
         state_paths = [self._install_state(path) for path in (state.m_temp, state.v_temp)] if state else []
         stamp = now_iso()
         stale: list[str] = []
