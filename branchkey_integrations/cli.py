@@ -1,6 +1,7 @@
 """``branchkey-local``: set up, serve and steer a local BranchKey-compatible server, or simulate.
 
 Commands: ``init`` (tree, branch and leaf credential files), ``serve`` (run the server),
+``branch strategy NAME`` (change a branch's aggregation between rounds),
 ``run start|pause|stop`` (through the live server's admin API when one serves the data
 directory, so leaves are notified; else directly in the store), ``round drop-upload LEAF|reset``
 (unlock an open round, the same way), ``status`` (disk use included), and ``simulate``
@@ -172,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--branch-id", help="needed only when the store holds several branches")
         action.add_argument("--note", help="why, shown to the leaves in the round's progress")
         action.set_defaults(func=cmd_round)
+
+    branch = commands.add_parser("branch", help="change a branch's settings between rounds")
+    branch_commands = branch.add_subparsers(dest="branch_command", required=True, metavar="ACTION",
+                                            parser_class=CommandParser)
+    strategy = branch_commands.add_parser(
+        "strategy", help="set the branch's aggregation strategy (refused while its open round holds uploads; "
+                         "the server-optimizer state starts afresh)")
+    strategy.add_argument("strategy", choices=sorted(CATALOGUE), metavar="NAME",
+                          help=f"one of {', '.join(sorted(CATALOGUE))}")
+    strategy.add_argument("--strategy-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                          help="a parameter of NAME, repeatable (see 'init --help'); unset ones take their defaults")
+    add_data_dir(strategy)
+    strategy.add_argument("--branch-id", help="needed only when the store holds several branches")
+    strategy.set_defaults(func=cmd_branch_strategy)
 
     run = commands.add_parser("run", help="start, pause or stop a branch's run")
     run.add_argument("status", choices=RUN_STATUSES, help="the run status to set")
@@ -505,6 +520,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_branch_strategy(args: argparse.Namespace) -> int:
+    """``branch strategy NAME``: through the live server (under its branch lock), else in the store."""
+    name, params = strategy_of(args)
+    data_dir = Path(args.data_dir)
+    store = open_existing_store(data_dir)
+    try:
+        branch = resolve_branch(store, args.branch_id)
+        live = live_server(data_dir)
+        if live is None:
+            updated, stale = store.set_strategy(branch.id, name, params)
+            store.remove_files(stale)
+            result, how = updated.to_dict(), "in the store (no live server)"
+        else:
+            result = admin_call(live, "PUT", f"{ADMIN_PREFIX}/branches/{branch.id}/strategy",
+                                {"strategy": name, "strategy_params": params})
+            how = f"through {live[0]}"
+    finally:
+        store.close()
+    print(f"branch {branch.id}: strategy {result['algorithm']} {json.dumps(result['strategy_params'])}, set {how}; "
+          f"the next round aggregates with it")
+    return 0
+
+
 def cmd_round(args: argparse.Namespace) -> int:
     """``round drop-upload LEAF`` / ``round reset``: through the live server (so its running sum and the
     leaves' view follow), else directly in the store."""
@@ -572,7 +610,9 @@ def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any
         "leaves": len(store.list_leaves(branch.id)), "required_uploads": store.required_uploads(branch),
         "metrics": _aggregated_metrics(store, branch.id),
         "progress": round_progress(store, branch.id).to_dict(),
-        "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id")}
+        "strategy": branch.algorithm, "strategy_params": branch.params,
+        "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id",
+                                                   "strategy", "strategy_note")}
                    for item in store.list_rounds(branch.id)],
     } for branch in store.list_branches()]
     return {"server": live[0] if live else None, "disk": store.disk_usage(), "branches": branches}

@@ -71,13 +71,15 @@ SCHEMAS: dict[str, Schema] = {
     "Error": _obj({"error": _STR}),
     "RunDetails": _obj({"run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
     "UploadAccepted": _obj({"file_id": _STR, "run_number": _INT, "round_index": _INT}),
-    "LatestAggregate": _obj({"aggregation_id": _STR, "run_number": _INT, "round_index": _INT}),
+    "LatestAggregate": _obj({"aggregation_id": _STR, "run_number": _INT, "round_index": _INT}, {
+        "strategy": _null(_STRATEGY), "strategy_note": _null({**_STR, "description": "why not the branch's strategy"})}),
     "Refusal": _obj({"leaf": _STR, "reason": _STR, "at": _TIME}),
     "RoundProgress": _obj({
         "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "round_index": _null(_INT),
         "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
         "refused": {"type": "array", "items": _ref("Refusal")}, "opened_at": _null(_TIME),
         "deadline_at": _null(_TIME), "latest_aggregate": _null(_ref("LatestAggregate")),
+        "strategy": _STRATEGY, "strategy_params": _PARAMS,
     }),
     "DownloadUrl": _obj({"download_url": {"type": "string", "format": "uri"}}),
     "MetricsRequest": _obj(

@@ -34,6 +34,8 @@ class RoundProgress:
 
     ``round_index`` and ``opened_at`` are None while no round is open (the run is stopped);
     ``deadline_at`` is None unless the branch has a round deadline and the round an upload.
+    ``strategy``/``strategy_params``: how the branch aggregates; ``latest_aggregate`` also says what
+    aggregated that round (``strategy``) and, when it was not the branch's strategy, why (``strategy_note``).
     """
 
     branch_id: str
@@ -47,6 +49,8 @@ class RoundProgress:
     opened_at: str | None = None
     deadline_at: str | None = None
     latest_aggregate: dict[str, Any] | None = None
+    strategy: str = "fedavg"
+    strategy_params: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``data`` of the ROUND_PATH answer (without ``branch_id``, which the path names)."""
@@ -62,7 +66,16 @@ class RoundProgress:
         head += f" ({', '.join(self.uploaded)})" if self.uploaded else ""
         head += f"; missing {', '.join(self.missing)}" if self.missing else ""
         head += f"; aggregated by {self.deadline_at} (round deadline)" if self.deadline_at else ""
-        return [head] + [f"refused {r.leaf} at {r.at}: {r.reason}" for r in self.refused]
+        return [head, *self._strategy_lines()] + [f"refused {r.leaf} at {r.at}: {r.reason}" for r in self.refused]
+
+    def _strategy_lines(self) -> list[str]:
+        params = ", ".join(f"{key}={value:g}" for key, value in self.strategy_params.items())
+        lines = [f"strategy {self.strategy}" + (f" ({params})" if params else "")]
+        latest = self.latest_aggregate or {}
+        if latest.get("strategy_note"):
+            lines.append(f"round {latest['round_index']} of run {latest['run_number']} was aggregated with "
+                         f"{latest['strategy']}: {latest['strategy_note']}")
+        return lines
 
     def summary(self, *, refusals: bool = True) -> str:
         """One line for a log or a terminal, e.g. ``run 1 round 3: 1/2 uploaded; missing leaf_2``."""
@@ -89,7 +102,7 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
         latest = store.latest_aggregate(branch_id)
         if current is None:
             return RoundProgress(branch.id, branch.run_status, branch.run_number, None, required,
-                                 latest_aggregate=latest)
+                                 latest_aggregate=latest, strategy=branch.algorithm, strategy_params=branch.params)
         names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
         uploaded_ids = store.round_uploaders(branch_id, current.run_number, current.round_index)
         refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
@@ -102,7 +115,7 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
     return RoundProgress(
         branch.id, branch.run_status, current.run_number, current.round_index, required, uploaded, missing,
         [Refusal(r["leaf_name"], r["reason"], r["refused_at"]) for r in refusals],
-        current.opened_at, deadline_at, latest,
+        current.opened_at, deadline_at, latest, branch.algorithm, branch.params,
     )
 
 

@@ -137,8 +137,10 @@ async def round_status(request: web.Request) -> web.Response:
       gone once that leaf's later upload is accepted);
     - ``opened_at``: when the round opened; ``deadline_at``: when a round deadline aggregates it (null without
       a deadline or before its first upload), both ISO 8601 UTC;
-    - ``latest_aggregate``: ``{"aggregation_id", "run_number", "round_index"}`` of the branch's latest
-      aggregate, or null: a leaf that missed a notification finds its result here.
+    - ``latest_aggregate``: ``{"aggregation_id", "run_number", "round_index", "strategy", "strategy_note"}``
+      of the branch's latest aggregate, or null: a leaf that missed a notification finds its result here;
+      ``strategy`` says what aggregated it and ``strategy_note``, when it was not the branch's strategy, why;
+    - ``strategy``, ``strategy_params``: how the branch aggregates (README: Strategies).
     """
     server = server_of(request)
     leaf = await server.auth.authenticate(request)

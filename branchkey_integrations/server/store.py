@@ -472,9 +472,11 @@ class Store:
         return [dict(row) for row in rows]
 
     def latest_aggregate(self, branch_id: str) -> dict[str, Any] | None:
-        """The branch's latest aggregate: ``{"aggregation_id", "run_number", "round_index"}``, or None."""
+        """The branch's latest aggregate: ``{"aggregation_id", "run_number", "round_index", "strategy",
+        "strategy_note"}`` (what aggregated it, and why when it was not the branch's strategy), or None."""
         rows = self._query(
-            "SELECT aggregate_id AS aggregation_id, run_number, round_index FROM rounds WHERE branch_id = ?"
+            "SELECT aggregate_id AS aggregation_id, run_number, round_index, strategy, strategy_note FROM rounds"
+            " WHERE branch_id = ?"
             " AND status = 'aggregated' AND aggregate_id IS NOT NULL"
             " ORDER BY run_number DESC, round_index DESC LIMIT 1", (branch_id,))
         return dict(rows[0]) if rows else None

@@ -38,7 +38,7 @@ def test_round_progress_names_uploaded_missing_and_refused_leaves_until_the_roun
     assert empty == {
         "run_status": "start", "run_number": 1, "round_index": 0, "required": 3, "uploaded": [],
         "missing": ["leaf_1", "leaf_2", "leaf_3"], "refused": [], "opened_at": empty["opened_at"],
-        "deadline_at": None, "latest_aggregate": None,
+        "deadline_at": None, "latest_aggregate": None, "strategy": "fedavg", "strategy_params": {},
     }
     datetime.fromisoformat(empty["opened_at"])
 
@@ -71,7 +71,8 @@ def test_round_progress_names_uploaded_missing_and_refused_leaves_until_the_roun
     assert last.status_code == 201
     aggregate_id = live.wait_aggregate(branch["id"])
     after = live.wait_for(lambda: (d := data(live, a))["round_index"] == 1 and d)
-    assert after["latest_aggregate"] == {"aggregation_id": aggregate_id, "run_number": 1, "round_index": 0}
+    assert after["latest_aggregate"] == {"aggregation_id": aggregate_id, "run_number": 1, "round_index": 0,
+                                         "strategy": "fedavg", "strategy_note": None}
     assert (after["uploaded"], after["refused"], len(after["missing"])) == ([], [], 3)
     for leaf in (a, b, c):  # names only: no token in any answer
         assert leaf["session_token"] not in progress(live, a).text

@@ -1,0 +1,136 @@
+"""Strategies in the round's life: changed between rounds (admin API and CLI), refused mid-round and with bad
+parameters, a trimmed mean that falls back to FedAvg and says so, and server-optimizer state that survives
+kill -9 bit for bit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from branchkey_integrations.core import wire
+
+from ..conftest import cli
+from .conftest import Handle
+from .test_running_sum import aggregate_of, send
+from .test_strategies import numpy_run, random_rounds
+
+
+def layers(value: float) -> list[np.ndarray]:
+    return [np.full(3, value, np.float32)]
+
+
+def round_view(live: Handle, leaf: dict[str, str], branch_id: str) -> dict:
+    answer = live.session.get(f"{live.url}/api/v1/round/{branch_id}", headers=live.auth(leaf), timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+def test_admin_api_changes_the_strategy_between_rounds_only(live: Handle) -> None:
+    branch, (a, b) = live.make_branch(2)
+    path = f"/admin/v1/branches/{branch['id']}/strategy"
+    changed = live.admin("PUT", path, {"strategy": "trimmed-mean", "strategy_params": {"beta": 0.25}}, expect=200)
+    assert (changed["algorithm"], changed["strategy_params"]) == ("trimmed-mean", {"beta": 0.25})
+    config = live.session.get(f"{live.url}/api/v1/config/branch/{branch['id']}", headers=live.auth(a), timeout=10)
+    assert config.json()["data"]["service"] == {
+        "algorithm": "trimmed-mean", "config": {"min_leaves": None, "round_deadline_s": None, "beta": 0.25}}
+
+    assert live.upload(a, wire.encode(layers(1), 1.0)).status_code == 201
+    refused = live.admin("PUT", path, {"strategy": "median"}, expect=409)
+    assert "leaf_1" in refused["error"] and "between rounds" in refused["error"]
+    assert live.admin("GET", f"/admin/v1/branches/{branch['id']}", expect=200)["algorithm"] == "trimmed-mean"
+
+    assert live.upload(b, wire.encode(layers(3), 1.0)).status_code == 201
+    live.wait_aggregate(branch["id"])
+    assert live.admin("PUT", path, {"strategy": "median"}, expect=200)["strategy_params"] == {}
+    view = round_view(live, a, branch["id"])
+    assert (view["strategy"], view["strategy_params"]) == ("median", {})
+
+
+def test_bad_parameters_are_refused_by_the_admin_api_naming_the_value(live: Handle) -> None:
+    branch, _ = live.make_branch(1)
+    path = f"/admin/v1/branches/{branch['id']}/strategy"
+    for body, named in (({"strategy": "fedadam", "strategy_params": {"eta": -0.5}}, "eta=-0.5"),
+                        ({"strategy": "trimmed-mean", "strategy_params": {"beta": 0.5}}, "beta=0.5"),
+                        ({"strategy": "fedadam", "strategy_params": {"lr": 1}}, "'lr'"),
+                        ({"strategy": "fedadam", "strategy_params": [1]}, "strategy_params"),
+                        ({"strategy": "krum"}, "strategy='krum'")):
+        assert named in live.admin("PUT", path, body, expect=400)["error"]
+    tree = live.admin("POST", "/admin/v1/trees", {"name": "t"}, expect=201)
+    refused = live.admin("POST", f"/admin/v1/trees/{tree['id']}/branches",
+                         {"name": "b", "strategy": "fedyogi", "strategy_params": {"beta_2": 1.0}}, expect=400)
+    assert "beta_2=1.0" in refused["error"] and "[0, 1)" in refused["error"]
+    assert live.admin("GET", f"/admin/v1/branches/{branch['id']}", expect=200)["algorithm"] == "fedavg"
+
+
+def test_trimmed_mean_with_too_few_uploads_aggregates_with_fedavg_and_says_so(live: Handle, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="branchkey_integrations.server")
+    branch, leaves = live.make_branch(3, strategy="trimmed-mean", strategy_params={"beta": 0.2})
+    for leaf, (value, weighting) in zip(leaves, ((0.0, 1.0), (1.0, 1.0), (5.0, 2.0))):
+        assert live.upload(leaf, wire.encode(layers(value), weighting)).status_code == 201
+    aggregate = live.fetch(leaves[0], live.wait_aggregate(branch["id"]))
+    np.testing.assert_array_equal(aggregate.layers[0], np.full(3, 11 / 4, np.float32))  # the weighted mean
+    latest = round_view(live, leaves[0], branch["id"])["latest_aggregate"]
+    assert latest["strategy"] == "fedavg"
+    assert "trims floor(0.2 x 3) = 0" in latest["strategy_note"] and "at least 5 uploads" in latest["strategy_note"]
+    assert live.rounds(branch["id"])[0]["strategy_note"] == latest["strategy_note"]
+    assert any(latest["strategy_note"] in record.getMessage() for record in caplog.records)
+
+
+def test_cli_sets_the_strategy_at_init_and_changes_it_between_rounds(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    init = cli("init", "--data-dir", str(data), "--leaves", "2", "--credentials-dir", str(tmp_path / "c"),
+               "--strategy", "fedavgm", "--strategy-param", "momentum=0.5")
+    assert 'strategy fedavgm {"eta": 1.0, "momentum": 0.5}' in init.stdout
+    bad = cli("init", "--data-dir", str(tmp_path / "other"), "--leaves", "1", "--credentials-dir",
+              str(tmp_path / "c2"), "--strategy", "fedadam", "--strategy-param", "eta=-1", check=False)
+    assert bad.returncode == 1 and "eta=-1.0" in bad.stderr and not (tmp_path / "other").exists()
+    changed = cli("branch", "strategy", "fedadam", "--strategy-param", "eta=0.05", "--data-dir", str(data))
+    assert 'strategy fedadam {"eta": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}' in changed.stdout
+    status = json.loads(cli("status", "--json", "--data-dir", str(data)).stdout)["branches"][0]
+    assert (status["strategy"], status["strategy_params"]["eta"]) == ("fedadam", 0.05)
+    refused = cli("branch", "strategy", "median", "--strategy-param", "beta=0.1", "--data-dir", str(data), check=False)
+    assert refused.returncode == 1 and "no parameter 'beta'" in refused.stderr
+
+
+def test_cli_change_is_refused_mid_round(tmp_path: Path) -> None:
+    from branchkey_integrations.server.store import Store
+
+    data = tmp_path / "data"
+    cli("init", "--data-dir", str(data), "--leaves", "2", "--credentials-dir", str(tmp_path / "c"))
+    store = Store(data)
+    try:
+        [leaf, _] = store.list_leaves()
+        temp = store.new_temp_path()
+        temp.write_bytes(wire.encode(layers(1), 1.0))
+        store.commit_upload(temp, leaf=leaf, run_number=1, round_index=0, weighting=1.0,
+                            specs=[wire.LayerSpec.of(layers(1)[0])], size=temp.stat().st_size, sha256="0", metadata=None)
+    finally:
+        store.close()
+    refused = cli("branch", "strategy", "median", "--data-dir", str(data), check=False)
+    assert refused.returncode == 1 and "leaf_1" in refused.stderr and "between rounds" in refused.stderr
+
+
+def test_fedadam_state_survives_kill_9_bit_for_bit(server_factory) -> None:
+    """Two servers get the same uploads; one is killed -9 twice (mid-round, and right after a round's last
+    upload), restarted each time: its aggregates equal the uninterrupted one's and NumPy's, bit for bit."""
+    options = ("--strategy", "fedadam", "--strategy-param", "eta=0.05")
+    steady, steady_credentials = server_factory(3, *options, name="steady")
+    crashing, credentials = server_factory(3, *options, name="crashing")
+    rounds = random_rounds(11, 5, 3)
+    expected = numpy_run("fedadam", {"eta": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}, rounds)
+    for server, paths in ((steady, steady_credentials), (crashing, credentials)):
+        branch_id = json.loads(paths[0].read_text())["branch_id"]
+        for index, uploads in enumerate(rounds):
+            for number, (path, (arrays, weighting)) in enumerate(zip(paths, uploads)):
+                send(server, path, arrays, weighting)
+                if server is crashing and (index, number) in ((2, 1), (3, 2)):
+                    server.kill()  # (2, 1): mid-round; (3, 2): as round 3 aggregates (or just before)
+                    server.start()
+            got = aggregate_of(server, branch_id, index)
+            for layer, reference in zip(got, expected[index]):
+                np.testing.assert_array_equal(layer, reference)
+        state = sorted(path.name for path in (server.data_dir / "state").iterdir())
+        assert len(state) == 2, state  # m and v of the latest round only: superseded state is deleted
