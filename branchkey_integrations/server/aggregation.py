@@ -194,9 +194,9 @@ class RunningSum:
             AggregationError: an upload cannot be read or does not match the others' layers; the
                 sum is then empty, and the next call starts from the files again.
         """
-        wanted = {leaf: file_id for leaf, file_id, _, _ in uploads}
-        if any(wanted.get(leaf) != file_id for leaf, file_id in self.members.items()):
-            self.reset()  # a held upload was replaced or dropped: start again from the files
+        held = list(self.members.items())
+        if [(leaf, file_id) for leaf, file_id, _, _ in uploads[:len(held)]] != held:
+            self.reset()  # a held upload was replaced, dropped or reordered: start again from the files
         try:
             for leaf, file_id, path, weighting in uploads:
                 if leaf not in self.members:
@@ -245,10 +245,13 @@ class RunningSum:
                 except ArchiveError as exc:
                     raise AggregationError(f"{path.name}: {exc}") from exc
 
-    def write(self, destination: str | os.PathLike) -> tuple[int, str]:
+    def write(self, destination: str | os.PathLike, *, durable: bool = True) -> tuple[int, str]:
         """Write the mean as an uncompressed archive (the uploads' dtypes); return its size and SHA-256.
 
-        Each layer is checked finite. The sum is left as it was, so a second call writes the same bytes.
+        Each layer is checked finite. The sum is left as it was, so a second call writes the same bytes
+        (the same uploads in the same order: the sum folds them in the order :meth:`sync` is given).
+        ``durable=False`` leaves the fsync to the caller (the disk is then only asked to start writing):
+        the server commits the aggregate first and makes it durable after the leaves are told.
 
         Raises:
             AggregationError: nothing to write, or a layer of the mean is not finite.
@@ -256,7 +259,7 @@ class RunningSum:
         if self._reference is None or self.specs is None:
             raise AggregationError("A round with no uploads cannot be aggregated.")
         if self._layers is None:  # one upload: its stored layers are copied as they are, in the kernel
-            copied = self._copy_single(Path(destination))
+            copied = self._copy_single(Path(destination), durable)
             if copied is not None:
                 return copied
         with open(destination, "wb") as handle, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
@@ -272,29 +275,36 @@ class RunningSum:
                 del layer
             writer.close()
             handle.flush()
-            os.fsync(handle.fileno())
+            _settle(handle.fileno(), durable)
             digest = hashing.digest()
         return hashing.size, digest
 
-    def _copy_single(self, destination: Path) -> tuple[int, str] | None:
+    def _copy_single(self, destination: Path, durable: bool = True) -> tuple[int, str] | None:
         """The aggregate of one upload whose layers are all stored: its members copied byte for byte
-        (checked when received), hashed while the copy is made durable. None: a deflated layer."""
+        (checked when received), each hashed by a second thread while the next is copied. None: a
+        deflated layer."""
         [path] = self._paths.values()
         keys = [wire.layer_key(index) for index in range(len(self.specs or ()))]
         try:
             with zipfile.ZipFile(path) as zf:
                 if any(zf.getinfo(key + ".npy").compress_type != zipfile.ZIP_STORED for key in keys):
                     return None
-                with open(destination, "wb") as handle:
-                    writer = wire.ArchiveWriter(handle)
-                    for key in keys:
-                        writer.copy_stored(zf, key)
-                    writer.close()
-                    handle.flush()
-                    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-                        digest = hasher.submit(_file_sha256, destination)
-                        os.fsync(handle.fileno())
-                        return handle.tell(), digest.result()
+                with open(destination, "w+b") as handle, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+                    digest, hashed, fd = hashlib.sha256(), 0, handle.fileno()
+                    writer, hashing = wire.ArchiveWriter(handle), []
+                    for key in [*keys, None]:
+                        if key is None:
+                            writer.close()
+                        else:
+                            writer.copy_stored(zf, key)
+                        handle.flush()
+                        hashing.append(hasher.submit(_hash_range, digest, fd, hashed, handle.tell()))  # in order
+                        hashed = handle.tell()
+                    start_writeback(fd)
+                    for done in hashing:
+                        done.result()
+                    _settle(fd, durable)
+                    return hashed, digest.hexdigest()
         except (ArchiveError, KeyError, zipfile.BadZipFile) as exc:
             raise AggregationError(f"{path.name}: {exc}") from exc
 
@@ -323,12 +333,29 @@ class RunningSum:
             yield out
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(FOLD_PIECE_BYTES):
-            digest.update(block)
+        _hash_range(digest, handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
     return digest.hexdigest()
+
+
+def _hash_range(digest: Any, fd: int, start: int, end: int) -> None:
+    """Feed bytes ``[start, end)`` of the file ``fd`` to ``digest`` (from the page cache, 4 MiB at a time)."""
+    while start < end:
+        block = os.pread(fd, min(FOLD_PIECE_BYTES, end - start), start)
+        if not block:
+            raise AggregationError(f"the aggregate ended at byte {start} of {end} while it was hashed")
+        digest.update(block)
+        start += len(block)
+
+
+def _settle(fd: int, durable: bool) -> None:
+    """fsync the written aggregate, or (``durable=False``, the caller fsyncs later) start its writeback."""
+    if durable:
+        os.fsync(fd)
+    else:
+        start_writeback(fd)
 
 
 def _accumulator_dtype(spec: LayerSpec) -> type:
@@ -411,5 +438,5 @@ class _HashingWriter:
 
 __all__ = [
     "LayerReader", "NpzLayerReader", "Strategy", "FedAvg", "STRATEGIES",
-    "get_strategy", "aggregate_files", "cast_like", "RunningSum", "FOLD_PIECE_BYTES",
+    "get_strategy", "aggregate_files", "cast_like", "RunningSum", "FOLD_PIECE_BYTES", "file_sha256",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections import defaultdict
@@ -45,7 +46,7 @@ from ..core.errors import (
     RunNotStartedError,
 )
 from ..core.protocol import START, STOP, aggregation_message, run_status_message
-from .aggregation import RunningSum, aggregate_files
+from .aggregation import RunningSum, aggregate_files, file_sha256
 from .notify import Notifier
 from .progress import round_progress
 from .records import Branch, Leaf, StateUpdate, UploadInput
@@ -98,6 +99,7 @@ class Rounds:
         self._fold_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sums: dict[str, tuple[tuple[int, int], RunningSum]] = {}  # branch -> (run, round), its running sum
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # branch -> failed attempts, next try
+        self._unsynced: dict[str, tuple[str, asyncio.Future[bool]]] = {}  # branch -> its latest aggregate's fsync
 
     def lock(self, branch_id: str) -> asyncio.Lock:
         return self._locks[branch_id]
@@ -190,17 +192,19 @@ class Rounds:
                     async with self._fold_locks[branch_id]:
                         running = self._running_sum(branch_id, run_number, round_index)
                         await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads])
-                        size, digest = await blocking(running.write, temp)
+                        size, digest = await blocking(running.write, temp, durable=False)
                     applied, state = "fedavg", None
                     if name in OPTIMIZERS:
                         applied, note, state, stepped = await blocking(
                             self._optimizer_step, branch, run_number, round_index, specs, temp, temps)
                         if stepped is not None:
                             size, digest = stepped
+                durable = len(temps) > 1 or applied != "fedavg"  # a FedAvg mean can be made again: fsynced later
+                await self._settle(branch_id)  # at most one aggregate per branch waits for its fsync
                 aggregate_id = await blocking(
                     self.store.commit_aggregate, temps[-1], branch_id=branch_id, run_number=run_number,
                     round_index=round_index, specs=specs, size=size, sha256=digest, strategy=applied,
-                    strategy_note=note, state=state,
+                    strategy_note=note, state=state, durable=durable,
                 )
             except (AggregationError, LocalServerError, OSError, sqlite3.Error) as exc:
                 self._retry_aggregation(branch_id, deadline, f"run {run_number} round {round_index}: {exc}")
@@ -210,6 +214,8 @@ class Rounds:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
             self._sums.pop(branch_id, None)
+            if not durable:
+                self._unsynced[branch_id] = (aggregate_id, self.workers.spawn(self._sync_aggregate(aggregate_id)))
             failed, retry = self._retries.pop(branch_id, (0, None))
             if retry is not None:
                 retry.cancel()
@@ -293,9 +299,72 @@ class Rounds:
                 logger.info("folding branch %s run %d round %d deferred to its aggregation: %s", branch_id,
                             current.run_number, current.round_index, exc)
 
+    async def _sync_aggregate(self, file_id: str) -> bool:
+        """fsync an aggregate committed before its fsync; False (logged) when the disk refused."""
+        try:
+            await self.workers.blocking(self.store.sync_file, file_id)
+        except OSError as exc:
+            logger.error("making aggregate %s durable failed (tried again before retention): %s", file_id, exc)
+            return False
+        return True
+
+    async def _settle(self, branch_id: str) -> None:
+        """Wait until the branch's latest aggregate is durable (see :meth:`Store.commit_aggregate`).
+
+        Until then its round's uploads must stay, as they are what would make it again after an
+        operating-system crash: retention and the next aggregate of the branch wait here.
+
+        Raises:
+            OSError: the fsync failed twice.
+        """
+        pending = self._unsynced.get(branch_id)
+        if pending is None:
+            return
+        file_id, syncing = pending
+        if not await asyncio.shield(syncing):
+            await self.workers.blocking(self.store.sync_file, file_id)
+        if self._unsynced.get(branch_id) is pending:
+            del self._unsynced[branch_id]
+
+    def _remake_lost_aggregate(self, branch_id: str) -> None:
+        """After a crash: check the branch's latest aggregate if its round's uploads are still there (it
+        may have been committed before its fsync), remake it from them if the crash lost it, and fsync it.
+
+        The remade file must be the committed one byte for byte (the running sum folds the uploads in
+        commit order): otherwise it is logged and left as it is. Runs in a worker thread.
+        """
+        latest = self.store.latest_aggregate(branch_id)
+        record = self.store.get_file(latest["aggregation_id"]) if latest else None
+        if latest is None or record is None or record.removed_at is not None:
+            return
+        uploads = self.store.round_uploads(branch_id, latest["run_number"], latest["round_index"])
+        if not uploads or not all(u.path.is_file() for u in uploads):
+            return  # retention ran, so the aggregate was durable first
+        path = self.store.file_path(record)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size == record.size and file_sha256(path) == record.sha256:
+                self.store.sync_file(record.id)
+                return
+        temp = self.store.new_temp_path()
+        try:
+            running = RunningSum()
+            running.sync([(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads])
+            if running.write(temp) != (record.size, record.sha256):
+                logger.error("aggregate %s of branch %s was lost in a crash and its uploads do not make it again; "
+                             "it stays as it is", record.id, branch_id)
+                return
+            os.replace(temp, path)
+            self.store.sync_file(record.id)
+            logger.warning("aggregate %s of branch %s was lost in a crash; made again from its %d upload(s)",
+                           record.id, branch_id, len(uploads))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
     async def apply_retention(self, branch_id: str) -> None:
         """Remove what retention drops (uploads of closed rounds, aggregates beyond ``keep_rounds``)."""
         try:
+            await self._settle(branch_id)
             paths = await self.workers.blocking(self.store.prune, branch_id, keep_uploads=self.keep_uploads,
                                                 keep_rounds=self.keep_rounds)
             await self.workers.blocking(self.store.remove_files, paths)
@@ -361,6 +430,7 @@ class Rounds:
         await self.workers.blocking(self.store.cleanup_stray_files)
         for branch in await self.workers.blocking(self.store.list_branches):
             try:
+                await self.workers.blocking(self._remake_lost_aggregate, branch.id)  # before retention
                 await self.apply_retention(branch.id)  # a crash may have come between an aggregate and its retention
                 aggregate_id = await self.aggregate_if_ready(branch.id)
             except Exception:  # one broken branch must not keep the server from starting

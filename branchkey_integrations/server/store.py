@@ -11,7 +11,10 @@ fsynced, renamed into place with ``os.replace`` and the directory fsynced, and o
 then is its database row committed. A crash (even ``kill -9``) before the commit leaves
 an orphan file that :meth:`Store.cleanup_stray_files` deletes on the next start; a crash
 after it loses nothing. "Accepted" means "row committed", and the HTTP 201 is sent only
-after that.
+after that. One exception, for speed: a FedAvg aggregate may be committed before its fsync
+(``commit_aggregate(durable=False)``, then :meth:`Store.sync_file`), because it can be made
+again, byte for byte, from its round's uploads, which retention keeps until the fsync is done;
+after an operating-system crash the server checks and remakes it (``Rounds.recover``).
 
 Run semantics (per branch):
 
@@ -487,13 +490,21 @@ class Store:
         """A fresh temporary name in the files directory (same filesystem, so os.replace is atomic)."""
         return self.files_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
 
-    def _install(self, temp_path: Path, file_id: str) -> str:
-        """fsync ``temp_path``, rename it to its final name, fsync the directory; returns the relative path."""
-        fsync_path(temp_path)
+    def _install(self, temp_path: Path, file_id: str, durable: bool = True) -> str:
+        """fsync ``temp_path``, rename it to its final name, fsync the directory; returns the relative path.
+        ``durable=False``: the rename only (:meth:`sync_file` does the rest later)."""
+        if durable:
+            fsync_path(temp_path)
         relative = f"{FILES_DIR}/{file_id}.npz"
         os.replace(temp_path, self.data_dir / relative)
-        fsync_path(self.files_dir)
+        if durable:
+            fsync_path(self.files_dir)
         return relative
+
+    def sync_file(self, file_id: str) -> None:
+        """Make a file committed with ``durable=False`` durable: fsync it, then its directory (the rename)."""
+        fsync_path(self.files_dir / f"{file_id}.npz")
+        fsync_path(self.files_dir)
 
     def commit_upload(
         self, temp_path: Path, *, leaf: Leaf, run_number: int, round_index: int, weighting: float,
@@ -557,7 +568,7 @@ class Store:
     def commit_aggregate(
         self, temp_path: Path, *, branch_id: str, run_number: int, round_index: int, specs: Sequence[LayerSpec],
         size: int, sha256: str, strategy: str | None = None, strategy_note: str | None = None,
-        state: StateUpdate | None = None,
+        state: StateUpdate | None = None, durable: bool = True,
     ) -> str:
         """Store an aggregate, close its round and open the next one, all in one transaction.
 
@@ -565,10 +576,12 @@ class Store:
         ``strategy``/``strategy_note`` record what aggregated the round (and why, when it was not the
         branch's strategy); ``state``, a server optimizer's new moments, replaces the branch's stored
         state in the same transaction, so a crash leaves the old aggregate and state or the new ones.
+        ``durable=False`` (a FedAvg mean, which its round's uploads can make again): the file is
+        renamed into place but not fsynced; the caller calls :meth:`sync_file` before retention.
         """
         digest = sha256
         file_id = new_id()
-        relative = self._install(temp_path, file_id)
+        relative = self._install(temp_path, file_id, durable)
         state_paths = [self._install_state(path) for path in (state.m_temp, state.v_temp)] if state else []
         stamp = now_iso()
         stale: list[str] = []

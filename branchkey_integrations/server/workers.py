@@ -30,11 +30,12 @@ class Workers:
         """Run blocking work (SQLite, archives, aggregation) in a worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        """Run ``coro`` in the background; kept referenced so shutdown can wait for it."""
+    def spawn(self, coro: Awaitable[T]) -> "asyncio.Future[T]":
+        """Run ``coro`` in the background; kept referenced so shutdown can wait for it. Returns its task."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

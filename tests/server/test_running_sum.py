@@ -120,6 +120,79 @@ def test_a_layout_mismatch_empties_the_sum_and_names_the_layer(tmp_path: Path) -
         running.write(tmp_path / "mean.npz")
 
 
+def test_uploads_given_in_another_order_are_folded_again_in_that_order(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    refs = stored(tmp_path, [(model(rng), w) for w in (1.0, 3e-7, 5e5)])
+    running = RunningSum()
+    running.sync(refs[:2])
+    running.sync([refs[1], refs[0], refs[2]])  # held uploads no longer first: the sum starts again
+    assert list(running.members) == [refs[1][0], refs[0][0], refs[2][0]]
+    fresh = RunningSum()
+    fresh.sync([refs[1], refs[0], refs[2]])
+    assert running.write(tmp_path / "a.npz") == fresh.write(tmp_path / "b.npz")  # same bytes: same order
+
+
+# -- an aggregate committed before its fsync ----------------------------------------------------
+
+
+def three_uploads(live, leaves: list[dict[str, str]], index: int) -> None:
+    rng = np.random.default_rng(index)
+    for number, leaf in enumerate(leaves):
+        answer = live.upload(leaf, wire.encode(model(rng), 1.0 + number * 2.5, compression="none"))
+        assert answer.status_code == 201, answer.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_an_aggregate_lost_in_an_os_crash_is_made_again_from_its_uploads(start_server, tmp_path: Path,
+                                                                          damage: str) -> None:
+    from ..inprocess import ServerThread
+
+    live = start_server(tmp_path / "first", keep_uploads=True)  # the uploads stay, as before a pending fsync
+    branch, leaves = live.make_branch(3)
+    three_uploads(live, leaves, 0)
+    aggregate_id = live.wait_aggregate(branch["id"])
+    store = live.thread.server.store
+    path = store.files_dir / f"{aggregate_id}.npz"
+    content, record = path.read_bytes(), store.get_file(aggregate_id)
+    live.thread.stop()
+    live.thread.stop = lambda: None  # the fixture would stop it again
+    if damage == "truncated":  # what an operating-system crash leaves of a file never fsynced
+        with open(path, "r+b") as handle:
+            handle.truncate(len(content) // 2)
+    else:  # or of a rename never fsynced
+        path.unlink()
+    thread = ServerThread(tmp_path / "first", keep_uploads=True)  # recovery checks and remakes it
+    try:
+        assert path.read_bytes() == content
+        assert hashlib.sha256(content).hexdigest() == record.sha256 and len(content) == record.size
+    finally:
+        thread.stop()
+
+
+def test_retention_keeps_a_rounds_uploads_until_its_aggregate_is_durable(live, monkeypatch, caplog) -> None:
+    store = live.thread.server.store
+    real_sync = store.sync_file
+    failing = {"on": True}
+
+    def sync_file(file_id: str) -> None:  # the disk refuses the fsync (injected fault)
+        if failing["on"]:
+            raise OSError(5, "Input/output error")
+        real_sync(file_id)
+
+    monkeypatch.setattr(store, "sync_file", sync_file)
+    branch, leaves = live.make_branch(3)
+    three_uploads(live, leaves, 0)
+    first = live.wait_aggregate(branch["id"])
+    uploads = [u["file_id"] for u in live.admin("GET", f"/admin/v1/branches/{branch['id']}/uploads", expect=200)["uploads"]]
+    live.wait_for(lambda: "making aggregate" in caplog.text and "retention for branch" in caplog.text)
+    assert all((store.files_dir / f"{file_id}.npz").exists() for file_id in uploads)  # kept: not durable
+    assert len(live.fetch(leaves[0], first).layers) == 4  # the leaves got it all the same
+    failing["on"] = False
+    three_uploads(live, leaves, 1)
+    second = live.wait_aggregate(branch["id"], index=1)
+    live.wait_for(lambda: sorted(p.stem for p in store.files_dir.glob("*.npz")) == sorted([first, second]))
+
+
 # -- kill -9 ------------------------------------------------------------------------------------
 
 
