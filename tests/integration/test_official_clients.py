@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ..server.test_strategies import numpy_step
+
 HERE = Path(__file__).resolve().parent
 LEAF_SCRIPT = HERE.parent / "official_leaf.py"
 
@@ -54,10 +56,28 @@ def run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_p
     return results
 
 
-def check_rounds(results, per_leaf, weightings):
+#: a branch's strategy as ``init`` sets it: FedAvg, and a server optimizer whose aggregates differ from the mean
+STRATEGIES = {"fedavg": (), "fedadam": ("--strategy", "fedadam", "--strategy-param", "eta=0.05")}
+
+
+def expected_aggregates(per_leaf, weightings, strategy):
+    """Each round's aggregate: the weighted mean, or (fedadam) a step from the previous aggregate toward it."""
+    means = [weighted_mean([leaf[r] for leaf in per_leaf], [w[r] for w in weightings]) for r in range(len(per_leaf[0]))]
+    if strategy == "fedavg":
+        return means
+    params = {"eta": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+    results, moments = [means[0]], [(0.0, 0.0)] * len(means[0])
+    for mean in means[1:]:
+        steps = [numpy_step(strategy, params, x, average, m, v)
+                 for x, average, (m, v) in zip(results[-1], mean, moments)]
+        moments = [(m, v) for _, m, v in steps]
+        results.append([x.astype(np.float32) for x, _, _ in steps])
+    return results
+
+
+def check_rounds(results, per_leaf, weightings, strategy="fedavg"):
     rounds = len(per_leaf[0])
-    for r in range(rounds):
-        expected = weighted_mean([leaf[r] for leaf in per_leaf], [w[r] for w in weightings])
+    for r, expected in enumerate(expected_aggregates(per_leaf, weightings, strategy)):
         aggregation_ids = {res["rounds"][r]["aggregation_id"] for res in results}
         assert len(aggregation_ids) == 1, f"leaves saw different aggregates in round {r}: {aggregation_ids}"
         for res in results:
@@ -71,27 +91,30 @@ def check_rounds(results, per_leaf, weightings):
 
 @pytest.mark.official
 @pytest.mark.amqp
-def test_official_2_7_1_clients_complete_rounds_over_rabbitmq(official_python, rabbitmq, server_factory, tmp_path):
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_official_2_7_1_clients_complete_rounds_over_rabbitmq(official_python, rabbitmq, server_factory, tmp_path,
+                                                              strategy):
     python = official_python("2.7.1")
-    server, credentials = server_factory(3, amqp=True)
-    per_leaf, weightings = make_rounds(leaves=3, rounds=2)
+    server, credentials = server_factory(3, *STRATEGIES[strategy], amqp=True)
+    per_leaf, weightings = make_rounds(leaves=3, rounds=3 if strategy != "fedavg" else 2)
     results = run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path)
     assert {r["version"] for r in results} == {"2.7.1"}
     assert {(r["run_status"], r["run_number"]) for r in results} == {("start", 1)}
-    check_rounds(results, per_leaf, weightings)
+    check_rounds(results, per_leaf, weightings, strategy)
     branch = json.loads(credentials[0].read_text())["branch_id"]
     metrics = server.admin("GET", f"/admin/v1/branches/{branch}/metrics").json()["data"]["metrics"]
-    assert len(metrics) == 6 and {m["mode"] for m in metrics} == {"test"}
+    assert len(metrics) == 3 * len(per_leaf[0]) and {m["mode"] for m in metrics} == {"test"}
 
 
 @pytest.mark.official
-def test_official_3_0_1_clients_complete_rounds_over_websocket(official_python, server_factory, tmp_path):
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_official_3_0_1_clients_complete_rounds_over_websocket(official_python, server_factory, tmp_path, strategy):
     python = official_python("3.0.1")
-    server, credentials = server_factory(2)
-    per_leaf, weightings = make_rounds(leaves=2, rounds=2, seed=1)
+    server, credentials = server_factory(2, *STRATEGIES[strategy])
+    per_leaf, weightings = make_rounds(leaves=2, rounds=3 if strategy != "fedavg" else 2, seed=1)
     results = run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path)
     assert {r["version"] for r in results} == {"3.0.1"}
-    check_rounds(results, per_leaf, weightings)
+    check_rounds(results, per_leaf, weightings, strategy)
 
 
 @pytest.mark.official
