@@ -111,7 +111,10 @@ def test_unknown_names_are_refused_listing_the_known_ones() -> None:
 
 
 def numpy_mean(layers: list[np.ndarray], weightings: list[float]) -> np.ndarray:
-    """The FedAvg mean as the running sum computes it: float64 sum in commit order over the weightings' sum."""
+    """The FedAvg mean as the running sum computes it: float64 sum in commit order over the weightings' sum
+    (one upload: that upload, exactly)."""
+    if len(layers) == 1:
+        return layers[0]
     total = np.zeros(layers[0].shape, np.float64)
     for layer, weighting in zip(layers, weightings):
         total += np.multiply(layer, weighting, dtype=np.float64)
@@ -164,13 +167,15 @@ def numpy_run(name: str, params: dict[str, float], rounds: list[list[tuple]]) ->
     return results
 
 
-@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
-def test_server_optimizers_match_numpy_over_rounds(live: Handle, name: str) -> None:
+@pytest.mark.parametrize(("name", "leaves", "dtype"), [
+    ("fedavgm", 3, np.float32), ("fedadam", 3, np.float32), ("fedyogi", 2, np.float32), ("fedadagrad", 3, np.float32),
+    ("fedadam", 3, np.float16), ("fedyogi", 3, np.float64), ("fedadam", 1, np.float64)])
+def test_server_optimizers_match_numpy_over_rounds(live: Handle, name: str, leaves: int, dtype: Any) -> None:
     params = check_strategy(name, {"eta": 0.3})
-    branch, leaves = live.make_branch(3, strategy=name, strategy_params={"eta": 0.3})
+    branch, credentials = live.make_branch(leaves, strategy=name, strategy_params={"eta": 0.3})
     assert branch["algorithm"] == name and branch["strategy_params"] == params
-    rounds = random_rounds(7, 4, 3)
-    for got, expected in zip(play_rounds(live, branch, leaves, rounds), numpy_run(name, params, rounds)):
+    rounds = random_rounds(7, 4, leaves, dtype)
+    for got, expected in zip(play_rounds(live, branch, credentials, rounds), numpy_run(name, params, rounds)):
         for layer, reference in zip(got.layers, expected):
             assert layer.dtype == reference.dtype
             np.testing.assert_array_equal(layer, reference)
