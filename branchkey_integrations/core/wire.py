@@ -238,6 +238,38 @@ class ArchiveWriter:
         self._handle.write(header)
         self._handle.write(data)
 
+    def add_pieces(self, key: str, spec: LayerSpec, pieces: Iterable[np.ndarray]) -> None:
+        """Write a stored member from its values in C-order pieces (each written before the next is asked for).
+
+        For a writer that never holds the whole layer (the server's mean): the local header goes out
+        with the CRC still unknown and is rewritten in place once the last piece is written, so the
+        handle must be seekable.
+
+        Raises:
+            ArchiveError: the pieces do not hold exactly ``spec``'s values, or ``key`` was written before.
+        """
+        if key in self._keys:
+            raise ArchiveError(f"Member {key!r} written twice.")
+        self._keys.add(key)
+        header = _npy_header({"descr": np.lib.format.dtype_to_descr(spec.dtype), "fortran_order": False,
+                              "shape": spec.shape})
+        size = len(header) + math.prod(spec.shape) * spec.dtype.itemsize
+        start, offset = self._handle.tell(), self._layout.offset
+        self._handle.write(self._layout.member(key, ZIP_STORED, 0, size, size))
+        self._handle.write(header)
+        crc, written = _crc32(header), len(header)
+        for piece in pieces:
+            data = memoryview(np.ascontiguousarray(piece, dtype=spec.dtype)).cast("B")
+            crc, written = _crc32(data, crc), written + data.nbytes
+            self._handle.write(data)
+        if written != size:
+            raise ArchiveError(
+                f"{key}: {written - len(header)} bytes of values written; {spec} holds {size - len(header)}.")
+        end = self._handle.tell()
+        self._handle.seek(start)
+        self._handle.write(self._layout.rewrite_crc(offset, crc))
+        self._handle.seek(end)
+
     def copy_stored(self, source: zipfile.ZipFile, key: str) -> None:
         """Copy the stored member ``key`` of ``source`` (an archive on disk) byte for byte, its CRC with it.
 
@@ -288,17 +320,22 @@ def _npy_member(key: str, array: np.ndarray) -> tuple[bytes, memoryview]:
     if array.dtype.fields is not None or array.dtype.kind not in "biufc":
         raise ArchiveError(f"{key} has dtype {array.dtype}; expected a numeric dtype (bool, int, uint, float, complex).")
     info = np.lib.format.header_data_from_array_1_0(array)
+    if info["fortran_order"]:
+        flat = array.T.reshape(-1)
+    else:
+        flat = np.ascontiguousarray(array).reshape(-1)
+    return _npy_header(info), memoryview(flat.view(np.uint8))
+
+
+def _npy_header(info: dict) -> bytes:
+    """The ``.npy`` header of ``info`` (descr, fortran_order, shape) as ``np.save`` writes it."""
     header = io.BytesIO()
     try:
         np.lib.format.write_array_header_1_0(header, info)
     except ValueError:  # a header over 64 KiB (a shape with very many dimensions)
         header = io.BytesIO()
         np.lib.format.write_array_header_2_0(header, info)
-    if info["fortran_order"]:
-        flat = array.T.reshape(-1)
-    else:
-        flat = np.ascontiguousarray(array).reshape(-1)
-    return header.getvalue(), memoryview(flat.view(np.uint8))
+    return header.getvalue()
 
 
 def _deflate_all(raws: list[tuple[bytes, memoryview]], level: int) -> list[list[bytes]]:
@@ -339,25 +376,40 @@ class _ZipLayout:
     def __init__(self) -> None:
         self.offset = 0
         self._central: list[bytes] = []
+        self._members: dict[int, tuple[int, str, int, int, int]] = {}  # offset -> its central index and fields
 
     def member(self, key: str, method: int, crc: int, size: int, csize: int) -> bytes:
         """The local header of the next member (whose data is ``csize`` bytes); records its central entry."""
+        local = self._local(key, method, crc, size, csize, self.offset)
+        self._members[self.offset] = (len(self._central), key, method, size, csize)
+        self._central.append(self._central_entry(key, method, crc, size, csize, self.offset))
+        self.offset += len(local) + csize
+        return local
+
+    def rewrite_crc(self, offset: int, crc: int) -> bytes:
+        """Set the CRC of the member at ``offset`` (written with a placeholder); returns its new local header,
+        the same length as the first."""
+        index, key, method, size, csize = self._members[offset]
+        self._central[index] = self._central_entry(key, method, crc, size, csize, offset)
+        return self._local(key, method, crc, size, csize, offset)
+
+    @staticmethod
+    def _local(key: str, method: int, crc: int, size: int, csize: int, offset: int) -> bytes:
         name = (key + ".npy").encode("ascii")
         big = max(size, csize) > _ZIP64_LIMIT
         extra = struct.pack("<HHQQ", 1, 16, size, csize) if big else b""
         if method == ZIP_STORED:
-            extra += _padding(self.offset + 30 + len(name) + len(extra))
+            extra += _padding(offset + 30 + len(name) + len(extra))
         version = 45 if big else 20
-        local = struct.pack(
+        return struct.pack(
             "<4s2B4HL2L2H", b"PK\x03\x04", version, 0, 0, method, 0, _DOS_DATE, crc,
             0xFFFFFFFF if big else csize, 0xFFFFFFFF if big else size, len(name), len(extra),
         ) + name + extra
-        self._central.append(self._central_entry(name, method, crc, size, csize))
-        self.offset += len(local) + csize
-        return local
 
-    def _central_entry(self, name: bytes, method: int, crc: int, size: int, csize: int) -> bytes:
-        fields = [size, csize, self.offset]
+    @staticmethod
+    def _central_entry(key: str, method: int, crc: int, size: int, csize: int, offset: int) -> bytes:
+        name = (key + ".npy").encode("ascii")
+        fields = [size, csize, offset]
         wide = [value for value in fields if value > _ZIP64_LIMIT]
         size_, csize_, offset_ = (0xFFFFFFFF if value > _ZIP64_LIMIT else value for value in fields)
         extra = struct.pack(f"<HH{len(wide)}Q", 1, 8 * len(wide), *wide) if wide else b""

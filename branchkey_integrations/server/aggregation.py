@@ -262,22 +262,17 @@ class RunningSum:
             copied = self._copy_single(Path(destination), durable)
             if copied is not None:
                 return copied
-        with open(destination, "wb") as handle, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-            hashing = _HashingWriter(handle, hasher)
-            writer = wire.ArchiveWriter(hashing)
-            for index, layer in enumerate(self._mean_layers()):
-                try:
-                    wire.check_finite([layer], [wire.layer_key(index)])
-                except ArchiveError as exc:
-                    raise AggregationError(f"The aggregate is not finite: {exc}") from exc
-                writer.add(wire.layer_key(index), layer)
+        with open(destination, "w+b") as handle, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+            hashing = _FileHasher(handle, hasher)
+            writer = wire.ArchiveWriter(handle)
+            for index, (spec, pieces) in enumerate(self._mean_pieces()):
+                writer.add_pieces(wire.layer_key(index), spec, _finite(pieces, index))
+                hashing.hash_written()
                 start_writeback(handle.fileno())
-                del layer
             writer.close()
-            handle.flush()
+            hashing.hash_written()
             _settle(handle.fileno(), durable)
-            digest = hashing.digest()
-        return hashing.size, digest
+            return hashing.result()
 
     def _copy_single(self, destination: Path, durable: bool = True) -> tuple[int, str] | None:
         """The aggregate of one upload whose layers are all stored: its members copied byte for byte
@@ -290,47 +285,87 @@ class RunningSum:
                 if any(zf.getinfo(key + ".npy").compress_type != zipfile.ZIP_STORED for key in keys):
                     return None
                 with open(destination, "w+b") as handle, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-                    digest, hashed, fd = hashlib.sha256(), 0, handle.fileno()
-                    writer, hashing = wire.ArchiveWriter(handle), []
-                    for key in [*keys, None]:
-                        if key is None:
-                            writer.close()
-                        else:
-                            writer.copy_stored(zf, key)
-                        handle.flush()
-                        hashing.append(hasher.submit(_hash_range, digest, fd, hashed, handle.tell()))  # in order
-                        hashed = handle.tell()
-                    start_writeback(fd)
-                    for done in hashing:
-                        done.result()
-                    _settle(fd, durable)
-                    return hashed, digest.hexdigest()
+                    hashing = _FileHasher(handle, hasher)
+                    writer = wire.ArchiveWriter(handle)
+                    for key in keys:
+                        writer.copy_stored(zf, key)
+                        hashing.hash_written()
+                    writer.close()
+                    hashing.hash_written()
+                    start_writeback(handle.fileno())
+                    _settle(handle.fileno(), durable)
+                    return hashing.result()
         except (ArchiveError, KeyError, zipfile.BadZipFile) as exc:
             raise AggregationError(f"{path.name}: {exc}") from exc
 
-    def _mean_layers(self) -> Iterator[np.ndarray]:
-        if self._layers is None:  # one upload: the mean is that upload, exactly
+    def _mean_pieces(self) -> Iterator[tuple[LayerSpec, Iterator[np.ndarray]]]:
+        """Each layer of the mean: its spec and its values in C-order pieces of at most 4 MiB, each
+        a view of one reused buffer (no layer-sized memory: fresh memory costs page faults)."""
+        if self._layers is None:  # one upload with a deflated layer: the mean is that upload, exactly
             [path] = self._paths.values()
             with zipfile.ZipFile(path) as zf:
-                for index in range(len(self.specs or ())):
+                for index, spec in enumerate(self.specs or ()):
                     try:
-                        yield np.ascontiguousarray(wire.read_layer(zf, index))  # C order, as a mean's layers
+                        layer = wire.read_layer(zf, index)
                     except ArchiveError as exc:
                         raise AggregationError(f"{path.name}: {exc}") from exc
+                    yield spec, iter([np.ascontiguousarray(layer).reshape(-1)])  # C order, as a mean's layers
             return
         divisor = math.fsum(self._shares)
+        out = np.empty(FOLD_PIECE_BYTES, np.uint8)
+        scratch = np.empty(_CACHE_STEP, np.complex128).view(np.uint8)
         for spec, total in zip(self.specs or (), self._layers):
-            out = np.empty(spec.shape, spec.dtype)
-            flat, target = total.reshape(-1), out.reshape(-1)
-            step = _CACHE_STEP
-            scratch = np.empty(min(step, flat.size), total.dtype)
-            for start in range(0, flat.size, step):
-                piece = scratch[:min(step, flat.size - start)]
-                np.divide(flat[start:start + piece.size], divisor, out=piece)
-                if spec.dtype.kind in "biu":
-                    np.rint(piece, out=piece)
-                target[start:start + piece.size] = piece.real if spec.dtype.kind in "biuf" else piece
-            yield out
+            yield spec, _divided(total.reshape(-1), divisor, out.view(spec.dtype), scratch.view(total.dtype),
+                                 spec.dtype)
+
+
+def _divided(flat: np.ndarray, divisor: float, out: np.ndarray, scratch: np.ndarray,
+             dtype: np.dtype) -> Iterator[np.ndarray]:
+    """``flat / divisor`` cast to ``dtype`` (integers and bools rounded half to even first), in pieces of
+    ``out``'s size; the float64 steps stay in the CPU's cache."""
+    for first in range(0, flat.size, out.size):
+        target = out[:min(out.size, flat.size - first)]
+        for start in range(0, target.size, _CACHE_STEP):
+            piece = scratch[:min(_CACHE_STEP, target.size - start)]
+            np.divide(flat[first + start:first + start + piece.size], divisor, out=piece)
+            if dtype.kind in "biu":
+                np.rint(piece, out=piece)
+            target[start:start + piece.size] = piece.real if dtype.kind in "biuf" else piece
+        yield target
+
+
+def _finite(pieces: Iterator[np.ndarray], index: int) -> Iterator[np.ndarray]:
+    """The pieces of the mean's ``layer_<index>``, each checked finite before it is written."""
+    for piece in pieces:
+        if not wire.all_finite(piece):
+            bad = int(piece.size - np.count_nonzero(np.isfinite(piece)))
+            raise AggregationError(f"The aggregate is not finite: {wire.layer_key(index)} holds {bad}+ non-finite "
+                                   "value(s) (NaN or infinity).")
+        yield piece
+
+
+class _FileHasher:
+    """SHA-256 and size of a file being written: a second thread reads back (from the page cache) and
+    hashes each finished part while the next is written (hashlib releases the GIL). The parts are
+    hashed only once final, so a writer may rewrite a header in place before calling :meth:`hash_written`."""
+
+    def __init__(self, handle: BinaryIO, pool: ThreadPoolExecutor) -> None:
+        self._handle, self._pool = handle, pool
+        self._digest = hashlib.sha256()
+        self._hashed = 0
+        self._jobs: list[Future[None]] = []
+
+    def hash_written(self) -> None:
+        """Hash everything written so far (after what was handed over before: one thread, in order)."""
+        self._handle.flush()
+        end = self._handle.tell()
+        self._jobs.append(self._pool.submit(_hash_range, self._digest, self._handle.fileno(), self._hashed, end))
+        self._hashed = end
+
+    def result(self) -> tuple[int, str]:
+        for job in self._jobs:
+            job.result()
+        return self._hashed, self._digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -392,48 +427,21 @@ def aggregate_files(
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(NpzLayerReader(path, weighting)) for path, weighting in uploads]
-        handle = stack.enter_context(open(destination, "wb"))
-        hashing = _HashingWriter(handle)
-        writer = wire.ArchiveWriter(hashing)
+        handle = stack.enter_context(open(destination, "w+b"))
+        hashing = _FileHasher(handle, stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sha256")))
+        writer = wire.ArchiveWriter(handle)
         for index, layer in enumerate(strategy.aggregate(readers, specs)):
             try:
                 wire.check_finite([layer], [wire.layer_key(index)])
             except ArchiveError as exc:
                 raise AggregationError(f"The aggregate is not finite: {exc}") from exc
             writer.add(wire.layer_key(index), layer)
+            hashing.hash_written()
             del layer
         writer.close()
-        handle.flush()
+        hashing.hash_written()
         os.fsync(handle.fileno())
-    return hashing.size, hashing.sha256.hexdigest()
-
-
-class _HashingWriter:
-    """A write-only file that hashes and counts what passes through it on the way to ``handle``.
-
-    With ``hasher`` (a one-thread pool), the SHA-256 runs beside the writes, in order (hashlib
-    releases the GIL): call :meth:`digest` to wait for it.
-    """
-
-    def __init__(self, handle: BinaryIO, hasher: ThreadPoolExecutor | None = None) -> None:
-        self._handle = handle
-        self._hasher = hasher
-        self._hashed: list[Future[None]] = []
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        if self._hasher is None:
-            self.sha256.update(data)
-        else:
-            self._hashed = [f for f in self._hashed if not f.done()] + [self._hasher.submit(self.sha256.update, data)]
-        self.size += memoryview(data).nbytes
-        return self._handle.write(data)
-
-    def digest(self) -> str:
-        for future in self._hashed:
-            future.result()
-        return self.sha256.hexdigest()
+        return hashing.result()
 
 
 __all__ = [

@@ -245,6 +245,21 @@ def test_archive_writer_streams_members_that_decode_like_encode():
     assert handle.getvalue() == wire.encode(original, compression="none")
 
 
+def test_a_member_written_in_pieces_is_the_member_written_whole():
+    original = [*layers(3), np.zeros((0, 2), np.float16), np.asfortranarray(np.arange(12.0).reshape(3, 4))]
+    handle = io.BytesIO()
+    with wire.ArchiveWriter(handle) as writer:
+        for index, array in enumerate(original):
+            flat = np.ascontiguousarray(array).reshape(-1)
+            pieces = (flat[i:i + 5] for i in range(0, flat.size, 5))
+            writer.add_pieces(wire.layer_key(index), wire.LayerSpec.of(array), pieces)
+    expected = wire.encode([np.ascontiguousarray(a) for a in original], compression="none")
+    assert handle.getvalue() == expected  # the CRCs rewritten in place are the ones encode computes
+    with pytest.raises(ArchiveError, match=r"layer_0: 8 bytes of values written; float32\[3\] holds 12"):
+        wire.ArchiveWriter(io.BytesIO()).add_pieces("layer_0", wire.LayerSpec((3,), np.dtype(np.float32)),
+                                                     [np.zeros(2, np.float32)])
+
+
 @pytest.mark.parametrize("bad", [{"compression": "zstd"}, {"compression": "deflate", "compresslevel": 12}])
 def test_bad_compression_options_are_refused_naming_the_value(bad):
     with pytest.raises(ValueError, match="Received"):

@@ -183,7 +183,8 @@ def test_retention_keeps_a_rounds_uploads_until_its_aggregate_is_durable(live, m
     branch, leaves = live.make_branch(3)
     three_uploads(live, leaves, 0)
     first = live.wait_aggregate(branch["id"])
-    uploads = [u["file_id"] for u in live.admin("GET", f"/admin/v1/branches/{branch['id']}/uploads", expect=200)["uploads"]]
+    listed = live.admin("GET", f"/admin/v1/branches/{branch['id']}/uploads", expect=200)["uploads"]
+    uploads = [u["file_id"] for u in listed]
     live.wait_for(lambda: "making aggregate" in caplog.text and "retention for branch" in caplog.text)
     assert all((store.files_dir / f"{file_id}.npz").exists() for file_id in uploads)  # kept: not durable
     assert len(live.fetch(leaves[0], first).layers) == 4  # the leaves got it all the same
