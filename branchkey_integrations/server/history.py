@@ -53,7 +53,8 @@ def round_history(store: Store, branch_id: str, run_number: int | None = None) -
 
     Returns ``{"run_number", "runs": [numbers with rounds], "rounds": [{"round_index", "leaves",
     "total_weighting", "aggregate_id", "aggregate_size" (None once retention removed the file),
-    "opened_at", "closed_at", "round_s", "aggregation_s"}]}``.
+    "opened_at", "closed_at", "round_s", "aggregation_s", "strategy" (what aggregated the round),
+    "strategy_note" (why, when that was not the branch's strategy)}]}``.
 
     Raises:
         RecordNotFoundError: no such branch.
@@ -77,6 +78,8 @@ def round_history(store: Store, branch_id: str, run_number: int | None = None) -
             "closed_at": item["closed_at"],
             "round_s": _seconds_between(item["opened_at"], item["closed_at"]),
             "aggregation_s": _seconds_between(last_upload, item["closed_at"]),
+            "strategy": item.get("strategy"),
+            "strategy_note": item.get("strategy_note"),
         })
     return {"run_number": run, "runs": sorted({r["run_number"] for r in rounds}), "rounds": rows}
 

@@ -76,6 +76,8 @@ def test_trimmed_mean_with_too_few_uploads_aggregates_with_fedavg_and_says_so(li
     assert latest["strategy"] == "fedavg"
     assert "trims floor(0.2 x 3) = 0" in latest["strategy_note"] and "at least 5 uploads" in latest["strategy_note"]
     assert live.rounds(branch["id"])[0]["strategy_note"] == latest["strategy_note"]
+    [row] = live.admin("GET", f"/admin/v1/branches/{branch['id']}/history", expect=200)["rounds"]  # the dashboard's
+    assert (row["strategy"], row["strategy_note"]) == ("fedavg", latest["strategy_note"])
     assert any(latest["strategy_note"] in record.getMessage() for record in caplog.records)
 
 

@@ -242,7 +242,9 @@ async function loadRounds() {
     } else {
       link.textContent = "removed";
     }
-    row.append(el("td", r.round_index), el("td", r.leaves), el("td", number(r.total_weighting)),
+    const strategy = el("td", (r.strategy || "fedavg") + (r.strategy_note ? " *" : ""),
+      r.strategy_note ? { title: r.strategy_note } : {});
+    row.append(el("td", r.round_index), el("td", r.leaves), el("td", number(r.total_weighting)), strategy,
       el("td", bytes(r.aggregate_size)), el("td", seconds(r.round_s)), el("td", seconds(r.aggregation_s)), link);
     body.append(row);
   }
