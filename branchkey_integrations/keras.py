@@ -130,6 +130,19 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
         log_every_s: while waiting, report progress at least this often.
         client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
+        proximal_mu: FedProx's ``mu`` (Li et al. 2020), a number >= 0; 0 (the default) turns it off. It pulls
+            local training toward ``w_g``, the last global model: the trainable weights as they stand when
+            ``fit`` starts, then each aggregate as soon as it is assigned. Keras has no gradient hook on every
+            backend, so after each training batch the callback takes the proximal step on its own:
+            ``w <- w - lr * mu * (w - w_g)``, with ``lr`` the optimizer's learning rate at
+            ``optimizer.iterations`` (a schedule is evaluated there), capped at ``lr * mu = 1`` (``w = w_g``),
+            and compounded over the ``steps_per_execution`` steps of one call. For plain SGD that is the
+            FedProx gradient step up to a term in ``lr**2``; for momentum and adaptive optimizers (Adam) it is
+            decoupled, as AdamW's weight decay is: the pull is not fed to the momentum or rescaled by the
+            moments, unlike Lightning's ``proximal_mu``, which adds ``mu * (w - w_g)`` to the gradient. Cost:
+            one more copy of the trainable weights, on the variables' device, while ``fit`` runs, and a few
+            tensor operations per weight and batch (on JAX also a sync of the trainer's state per batch);
+            none when 0.
 
     Raises:
         ValueError: an argument is out of range (at construction); the model has no trainable weights
@@ -170,6 +183,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         buffers: str = "local",
         reset_optimizer: bool = False,
         send_metrics: bool = True,
+        proximal_mu: float = 0.0,
         validation_data: Any = None,
         snapshot_dir: str | Path | None = None,
         transport: str = "auto",
@@ -185,6 +199,11 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         self._first_epoch: int | None = None  # the first epoch of the current fit, once it started
         self._test_scores: dict[str, float] = {}  # branchkey_test_* of the latest aggregate, repeated until the next
         self._bar_open = False  # Keras's progress bar line has no line break yet: the next print needs one
+        self._global: list[Any] | None = None  # FedProx's w_g, one tensor per trainable weight, while fit runs
+        self._trainable: list[keras.Variable] = []  # the weights w_g mirrors, in the same order
+        self._last_step = -1  # the batch index of the last proximal step in this epoch
+        if self.proximal_mu:  # only then: a batch hook of its own costs Keras its asynchronous callback dispatch
+            self.on_train_batch_end = self._proximal_step
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -194,8 +213,10 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             raise ValueError(f"{type(self.model).__name__} {self.model.name!r} has no trainable weights to federate.")
         resolve_weighting(self.num_samples)  # a broken callable fails now, not after the first epoch
         self.federation.connect()
+        self._keep_global_model()  # the common starting point is FedProx's first w_g
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._last_step = -1
         if self._first_epoch is None:
             self._first_epoch = epoch
             self._resume_round_count(epoch)
@@ -217,6 +238,29 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.federation.close()
+        self._global, self._trainable = None, []  # FedProx's copy lives as long as the fit
+
+    def _proximal_step(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """FedProx after the optimizer steps up to ``batch``: ``k`` proximal steps of size ``s = min(lr * mu, 1)``
+        toward w_g, compounded into one: ``w <- w - (1 - (1 - s)**k) * (w - w_g)``."""
+        steps, self._last_step = batch - self._last_step, batch
+        if self._global is None or steps < 1:
+            return
+        if hasattr(self.model, "jax_state_sync"):  # JAX: the trainer holds the weights; the next batch re-reads them
+            self.model.jax_state_sync()
+        ops = keras.ops
+        rate = ops.minimum(ops.cast(self.model.optimizer.learning_rate, "float32") * self.proximal_mu, 1.0)
+        pull = 1.0 - (1.0 - rate) ** steps
+        for variable, anchor in zip(self._trainable, self._global):
+            current = ops.stop_gradient(ops.convert_to_tensor(variable))
+            variable.assign_sub(ops.cast(pull, variable.dtype) * (current - anchor))
+
+    def _keep_global_model(self) -> None:
+        """FedProx: copy the trainable weights into w_g; nothing when off."""
+        if self.proximal_mu:
+            self._trainable = list(self.model.trainable_weights)
+            self._global = [keras.ops.copy(keras.ops.stop_gradient(keras.ops.convert_to_tensor(v)))
+                            for v in self._trainable]
 
     # ---------------------------------------------------------------- Keras's output
     def _verbose(self) -> Any:
@@ -276,6 +320,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     def _load(self, variables: list[keras.Variable], result: RoundResult, logs: dict[str, Any]) -> None:
         """Assign the aggregate (already saved as a snapshot when asked) and evaluate it on validation_data."""
         load_arrays(variables, result.layers)
+        self._keep_global_model()  # the aggregate (or the catch-up) is the new w_g
         if self.reset_optimizer:
             self._reset_optimizer()
         if self.validation_data is not None:

@@ -55,6 +55,18 @@ def load_arrays(tensors: list[tuple[str, torch.Tensor]], arrays: list[np.ndarray
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(tensor.device, tensor.dtype))
 
 
+def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor], optimizer: Any, mu: float) -> None:
+    """FedProx's gradient term: ``grad += mu * (w - w_g)`` for each of ``params`` (with ``anchors`` its w_g)
+    that ``optimizer`` steps and that has a gradient, in place, in one fused pass per tensor list."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    pairs = [(p, g) for p, g in zip(params, anchors) if p.grad is not None and id(p) in stepped]
+    if not pairs:
+        return
+    with torch.no_grad():
+        weights, anchor = [p for p, _ in pairs], [g for _, g in pairs]
+        torch._foreach_add_([p.grad for p in weights], torch._foreach_sub(weights, anchor), alpha=mu)
+
+
 class BranchKeyCallback(FederatedCallbackMixin, Callback):
     """Federate a LightningModule through BranchKey: every ``every_n_epochs`` epochs, upload the trainable
     parameters, wait for the branch's aggregate and load it in place.
@@ -98,6 +110,15 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
         log_every_s: while waiting, report progress at least this often.
         client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
+        proximal_mu: FedProx's ``mu`` (Li et al. 2020), a number >= 0; 0 (the default) turns it off. Local
+            training then minimises ``loss(w) + mu/2 * ||w - w_g||^2``, where ``w_g`` is the last global
+            model: the trainable parameters as they stand when ``fit`` starts (after a checkpoint is restored),
+            then each aggregate as soon as it is loaded (a catch-up included). In ``on_before_optimizer_step``
+            the callback adds ``mu * (w - w_g)`` to the gradient of every trainable parameter the stepping
+            optimizer holds (parameters without a gradient are left alone), so the loss is not edited and any
+            optimizer sees the true FedProx gradient (an adaptive one, such as Adam, rescales it like the rest
+            of the gradient). Cost: one more copy of the trainable parameters, on the model's device, for the
+            length of ``fit``; none when 0.
 
     Raises:
         ValueError: an argument is out of range (at construction); the training data has no length
@@ -124,6 +145,8 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     _validation_names: frozenset[str] = frozenset()  # the metrics validation produced (replaced, never mutated)
     _trained_for_round = False  # this epoch's training went into the round (not so when the leaf caught up)
     _trainer: Trainer | None = None  # the trainer of the running fit: where the callback prints
+    _global: list[torch.Tensor] | None = None  # FedProx's w_g, one copy per trainable parameter; None when off
+    _trainable: list[torch.Tensor] = []  # the parameters w_g mirrors, in the same order
 
     # ------------------------------------------------------------------ state
     @property
@@ -140,7 +163,9 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Federation drops its client itself; a pending error holds a traceback, which does not pickle
-        return {k: v for k, v in self.__dict__.items() if k not in ("_local_error", "_trainer")}
+        # FedProx's copy belongs to one fit, on one device
+        dropped = ("_local_error", "_trainer", "_global", "_trainable")
+        return {k: v for k, v in self.__dict__.items() if k not in dropped}
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -156,6 +181,15 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if not federated_tensors(pl_module, self.buffers):
             raise ValueError(f"{type(pl_module).__name__} has no trainable parameters to federate.")
         self._weighting(trainer)  # fail now, not after the first epoch
+        self._keep_global_model(pl_module)  # the common starting point is FedProx's first w_g
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # FedProx: Lightning calls this once per optimizer step (after gradient accumulation, in manual
+        # optimization too), after the closure's backward (under DDP: after the gradients are all-reduced), after
+        # AMP's unscaling and before gradient clipping (precision.py _after_closure, amp.py optimizer_step).
+        # Every DDP rank holds the same w and w_g, so every rank adds the same term.
+        if self._global is not None:
+            add_proximal_gradient(self._trainable, self._global, optimizer, self.proximal_mu)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -202,6 +236,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if stage == "fit":
             self.federation.close()
             self._trainer = None
+            self._global, self._trainable = None, []  # FedProx's copy lives as long as the fit
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.federation.close()  # a failed fit may skip teardown; never leave the notification thread behind
@@ -231,6 +266,18 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
                 f"BranchKeyCallback does not support {sorted(sharded)[0]}: it shards parameters, so no rank holds "
                 "the whole model to upload. Use strategy='ddp' (or a single device)."
             )
+
+    def _keep_global_model(self, pl_module: LightningModule) -> None:
+        """FedProx: copy the trainable parameters into w_g (in place when the copy exists); nothing when off."""
+        if not self.proximal_mu:
+            return
+        trainable = [t for _, t in federated_tensors(pl_module)]
+        with torch.no_grad():
+            if self._global is not None and [g.shape for g in self._global] == [t.shape for t in trainable]:
+                torch._foreach_copy_(self._global, trainable)
+            else:
+                self._global = [t.detach().clone() for t in trainable]
+        self._trainable = trainable
 
     def _weighting(self, trainer: Trainer) -> float:
         return resolve_weighting(self.num_samples, lambda: self._dataset_length(trainer))
@@ -266,6 +313,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         result = outcome.result
         if outcome.kind == "done":
             load_arrays(tensors, result.layers)
+            self._keep_global_model(pl_module)  # the aggregate (or the catch-up) is the new w_g
             if self.reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
@@ -289,4 +337,4 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             self.federation.send_metrics(metrics, mode, self._round_id)
 
 
-__all__ = ["BranchKeyCallback", "federated_tensors", "BUFFER_POLICIES"]
+__all__ = ["BranchKeyCallback", "federated_tensors", "add_proximal_gradient", "BUFFER_POLICIES"]

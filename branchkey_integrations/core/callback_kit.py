@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import os
 import signal
 from dataclasses import dataclass, field, replace
@@ -103,6 +104,15 @@ def check_flag(name: str, value: Any) -> bool:
     return value
 
 
+def check_proximal_mu(value: Any) -> float:
+    """FedProx's ``mu``: a finite number >= 0, where 0 (the default) turns the proximal term off."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+        raise ValueError("Expected proximal_mu to be a number >= 0 (0 turns FedProx off). "
+                         f"Received: proximal_mu={value!r}")
+    return float(value)
+
+
 def resolve_weighting(num_samples: NumSamples, fallback: Callable[[], float] | None = None) -> float:
     """This leaf's weighting in the average: ``num_samples`` (called if callable), else ``fallback()``.
 
@@ -163,6 +173,7 @@ class CallbackSettings:
     transport: str = "auto"
     log_every_s: float = 60.0
     client_options: dict[str, Any] | None = field(default=None, repr=False)
+    proximal_mu: float = 0.0
     install_extra: str | None = None
     federation: Federation = field(init=False, repr=False)
 
@@ -172,6 +183,7 @@ class CallbackSettings:
         check_choice("buffers", self.buffers, BUFFER_POLICIES)
         check_flag("reset_optimizer", self.reset_optimizer)
         check_flag("send_metrics", self.send_metrics)
+        object.__setattr__(self, "proximal_mu", check_proximal_mu(self.proximal_mu))  # frozen: settled once, here
         if self.snapshot_dir is not None:
             if not isinstance(self.snapshot_dir, (str, os.PathLike)):
                 raise TypeError("Expected snapshot_dir to be a directory path or None. "
@@ -227,13 +239,14 @@ class FederatedCallbackMixin:
         transport: str = "auto",
         log_every_s: float = 60.0,
         client_options: dict[str, Any] | None = None,
+        proximal_mu: float = 0.0,
     ) -> None:
         super().__init__()  # the framework's Callback
         self.settings = CallbackSettings(
             credentials, host, every_n_epochs=every_n_epochs, num_samples=num_samples, timeout=timeout,
             on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
-            num_samples_required=self._num_samples_required, install_extra=self._install_extra)
+            proximal_mu=proximal_mu, num_samples_required=self._num_samples_required, install_extra=self._install_extra)
         self.federation: Federation = self.settings.federation
         self.federation.add_progress_listener(self._on_progress)
         self.interrupted_by: int | None = None  # the signal (SIGTERM, SIGINT) that ended the last round, if any
@@ -244,6 +257,7 @@ class FederatedCallbackMixin:
     reset_optimizer = _setting("reset_optimizer")
     send_metrics = _setting("send_metrics")
     snapshot_dir = _setting("snapshot_dir")
+    proximal_mu = _setting("proximal_mu")
 
     @property
     def round(self) -> int:
@@ -291,7 +305,9 @@ class FederatedCallbackMixin:
 
     def _say_outcome(self, outcome: Outcome) -> None:
         if outcome.kind != "error" or self.interrupted_by is not None:  # an error is raised: it speaks for itself
-            self._say(f"BranchKey: {describe_outcome(outcome, self.interrupted_by)}")
+            pull = (f" Local training pulls toward it (FedProx, proximal_mu={self.proximal_mu:g})."
+                    if outcome.kind == "done" and self.proximal_mu and self.interrupted_by is None else "")
+            self._say(f"BranchKey: {describe_outcome(outcome, self.interrupted_by)}{pull}")
 
     def _end_run(self, signum: int) -> BaseException:
         """The exception that ends the run after ``signum`` interrupted a round, the framework's way.
@@ -305,8 +321,9 @@ class FederatedCallbackMixin:
         return SystemExit(exit_status(signum))
 
     def __repr__(self) -> str:
+        fedprox = f", proximal_mu={self.proximal_mu:g}" if self.proximal_mu else ""
         return (f"{type(self).__name__}(leaf={self.federation.credentials.name!r}, "
-                f"every_n_epochs={self.every_n_epochs}, buffers={self.buffers!r}, round={self.round})")
+                f"every_n_epochs={self.every_n_epochs}, buffers={self.buffers!r}{fedprox}, round={self.round})")
 
 
 _MIXIN_ARGUMENTS = tuple(inspect.signature(FederatedCallbackMixin.__init__).parameters)[1:]  # without self
@@ -362,5 +379,5 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
 
 
 __all__ = ["describe_outcome", "local_layer_names", "rounds_after_catching_up", "shared_options", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
-           "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag",
+           "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

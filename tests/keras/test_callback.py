@@ -56,6 +56,9 @@ def fit(model, callbacks, epochs: int = 1, **kwargs):
     ({"log_every_s": -1}, "Received: log_every_s=-1"),
     ({"transport": "pigeon"}, "Received: transport='pigeon'"),
     ({"client_options": {"transport": "amqp"}}, "client_options"),
+    ({"proximal_mu": -1}, "Expected proximal_mu to be a number >= 0 (0 turns FedProx off). Received: proximal_mu=-1"),
+    ({"proximal_mu": float("nan")}, "Received: proximal_mu=nan"),
+    ({"proximal_mu": "0.1"}, "Received: proximal_mu='0.1'"),
 ])
 def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
     with pytest.raises(ValueError) as info:
