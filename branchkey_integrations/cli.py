@@ -588,7 +588,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         disk = store.disk_usage()
         print(f"disk    {_megabytes(sum(disk.values()))} in {data_dir}: uploads {_megabytes(disk['uploads'])}, "
               f"aggregates {_megabytes(disk['aggregates'])}, database {_megabytes(disk['database'])}, "
-              f"other {_megabytes(disk['other'])}")
+              f"optimizer state {_megabytes(disk['optimizer_state'])}, other {_megabytes(disk['other'])}")
         for branch in store.list_branches():
             leaves = store.list_leaves(branch.id)
             print(f"branch  {branch.id} ({branch.name}): run_status {branch.run_status}, run {branch.run_number}, "

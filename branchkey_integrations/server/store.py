@@ -767,15 +767,18 @@ class Store:
         return run_number, round_index, [row[1] for row in rows], [self.data_dir / row[3] for row in rows]
 
     def disk_usage(self) -> dict[str, int]:
-        """Bytes on disk: ``uploads``, ``aggregates`` (files present), ``other`` (temporary and stray
-        files), ``database`` (SQLite and its journal)."""
+        """Bytes on disk: ``uploads``, ``aggregates`` (files present), ``optimizer_state`` (server-optimizer
+        moments), ``other`` (temporary and stray files), ``database`` (SQLite and its journal)."""
         kinds = {row[0]: row[1] for row in self._query("SELECT path, kind FROM files WHERE removed_at IS NULL")}
-        usage = {"uploads": 0, "aggregates": 0, "other": 0, "database": 0}
+        usage = {"uploads": 0, "aggregates": 0, "optimizer_state": 0, "other": 0, "database": 0}
         for entry in self.files_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 size = entry.stat().st_size
                 kind = kinds.get(f"{FILES_DIR}/{entry.name}")
                 usage["uploads" if kind == "upload" else "aggregates" if kind == "aggregate" else "other"] += size
+        for entry in self.state_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                usage["optimizer_state"] += entry.stat().st_size
         for entry in self.data_dir.glob(DB_NAME + "*"):
             with contextlib.suppress(FileNotFoundError):
                 usage["database"] += entry.stat().st_size

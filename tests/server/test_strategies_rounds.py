@@ -134,5 +134,7 @@ def test_fedadam_state_survives_kill_9_bit_for_bit(server_factory) -> None:
             got = aggregate_of(server, branch_id, index)
             for layer, reference in zip(got, expected[index]):
                 np.testing.assert_array_equal(layer, reference)
-        state = sorted(path.name for path in (server.data_dir / "state").iterdir())
+        state = list((server.data_dir / "state").iterdir())
         assert len(state) == 2, state  # m and v of the latest round only: superseded state is deleted
+        disk = json.loads(cli("status", "--json", "--data-dir", str(server.data_dir)).stdout)["disk"]
+        assert disk["optimizer_state"] == sum(path.stat().st_size for path in state) > 0
