@@ -27,7 +27,7 @@ RESULTS = Path(__file__).parent / "results" / "strategies"
 FRAMEWORKS = ("lightning", "keras")
 SEEDS = (0, 1, 2)
 #: the issue's setting: 10 leaves with few classes each, 10 rounds of 5 local epochs
-RUN = {"leaves": 10, "rounds": 10, "partition": "dirichlet", "alpha": 0.1}
+RUN: dict[str, Any] = {"leaves": 10, "rounds": 10, "partition": "dirichlet", "alpha": 0.1}
 BASELINE_SETTING = "fedavg"
 
 logger = logging.getLogger("benchmarks.strategies")
@@ -51,15 +51,15 @@ class Setting:
         return options
 
     def describe(self) -> str:
-        parts = [self.strategy] + [f"{k}={v:g}" for k, v in sorted(self.params.items())]
-        if self.proximal_mu:
-            parts.append(f"mu={self.proximal_mu:g}")
-        return " ".join(parts)
+        from branchkey_integrations.simulation.report import strategy_label
+
+        return strategy_label({"strategy": self.strategy, "strategy_params": self.params,
+                               "proximal_mu": self.proximal_mu})
 
 
 SETTINGS: dict[str, Setting] = {
     "fedavg": Setting(),
-    "fedavgm": Setting("fedavgm"),
+    "fedavgm": Setting("fedavgm", {"momentum": 0.5}),  # picked at seed 0 (TUNING): 0.9 scored lower
     "fedadam": Setting("fedadam"),
     "fedyogi": Setting("fedyogi"),
     "fedadagrad": Setting("fedadagrad"),
@@ -67,10 +67,17 @@ SETTINGS: dict[str, Setting] = {
     "trimmed-mean": Setting("trimmed-mean"),
     "fedprox": Setting("fedavg", proximal_mu=0.01),
 }
+#: the few parameter values tried at seed 0 only (``--settings NAME --seeds 0``), to pick the table's
+TUNING: dict[str, Setting] = {
+    "fedprox-mu0.1": Setting("fedavg", proximal_mu=0.1),
+    "fedprox-mu1": Setting("fedavg", proximal_mu=1.0),
+    "fedavgm-momentum0.9": Setting("fedavgm", {"momentum": 0.9}),
+    "fedadam-eta0.1": Setting("fedadam", {"eta": 0.1}),
+}
 
 
-def result_path(framework: str, name: str, seed: int) -> Path:
-    return RESULTS / f"{framework}__{name}__seed{seed}.json"
+def result_path(framework: str, name: str, seed: int, results: Path = RESULTS) -> Path:
+    return results / f"{framework}__{name}__seed{seed}.json"
 
 
 def plan(settings: list[str], frameworks: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
@@ -82,18 +89,18 @@ def plan(settings: list[str], frameworks: list[str], seeds: list[int]) -> list[t
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, text=True,
                               capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def run_one(framework: str, name: str, seed: int) -> Path | None:
+def run_one(framework: str, name: str, seed: int, results: Path = RESULTS) -> Path | None:
     """Run one setting; write its result file, or log why it could not run (and write nothing)."""
     from branchkey_integrations.simulate import (SimulationConfig, SimulationError, SimulationTerminated,
                                                  TerminalProgress, run)
 
-    setting = SETTINGS[name]
+    setting = {**SETTINGS, **TUNING}[name]
     try:
         config = SimulationConfig(framework=framework, seed=seed, baselines=name == BASELINE_SETTING,
                                   **RUN, **setting.options())
@@ -107,19 +114,20 @@ def run_one(framework: str, name: str, seed: int) -> Path | None:
         report = run(config, progress=TerminalProgress(sys.stdout))
     except SimulationTerminated:
         raise  # stop the sweep, not just this run
-    except SimulationError as exc:
+    except (SimulationError, ValueError) as exc:  # ValueError: the server has no such strategy (yet)
         logger.error("%s %s seed %d failed: %s", framework, name, seed, exc)
         return None
     final = report.final
     result = {"framework": framework, "setting": name, "seed": seed, "strategy": setting.strategy,
-              "strategy_params": setting.params, "proximal_mu": setting.proximal_mu, "run": RUN,
+              # as the server applied them: the setting's and the defaults of the rest
+              "strategy_params": report.config["strategy_params"], "proximal_mu": setting.proximal_mu, "run": RUN,
               "epochs_per_round": config.epochs_per_round,
               "federated": final.global_accuracy, "federated_by_round": [r.global_accuracy for r in report.rounds],
               "centralized": final.centralized_accuracy, "local_only": final.local_accuracy,
               "elapsed_s": round(report.elapsed_s, 1), "started_at": started.isoformat(timespec="seconds"),
               "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
               "commit": _commit()}
-    path = result_path(framework, name, seed)
+    path = result_path(framework, name, seed, results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("%s %s seed %d: federated %.1f%% in %.0f s -> %s", framework, name, seed,
@@ -127,18 +135,18 @@ def run_one(framework: str, name: str, seed: int) -> Path | None:
     return path
 
 
-def sweep(settings: list[str], frameworks: list[str], seeds: list[int]) -> None:
+def sweep(settings: list[str], frameworks: list[str], seeds: list[int], results: Path = RESULTS) -> None:
     for framework, name, seed in plan(settings, frameworks, seeds):
-        if result_path(framework, name, seed).exists():
+        if result_path(framework, name, seed, results).exists():
             continue
-        run_one(framework, name, seed)
+        run_one(framework, name, seed, results)
 
 
 # -- summary ------------------------------------------------------------------------------------
 
 
-def load_results() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(RESULTS.glob("*__*__seed*.json"))]
+def load_results(results: Path = RESULTS) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(results.glob("*__*__seed*.json"))]
 
 
 def _cell(values: list[float], expected: int) -> str:
@@ -169,6 +177,14 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
     for name, setting in SETTINGS.items():
         cells = [_cell([r["federated"] for r in by.get((fw, name), [])], seeds) for fw in FRAMEWORKS]
         lines.append(f"| {setting.describe()} | " + " | ".join(cells) + " |")
+    tried = [(name, setting) for name, setting in TUNING.items() if any(by.get((fw, name)) for fw in FRAMEWORKS)]
+    if tried:
+        lines += ["", "Tried at seed 0 only (to pick the parameters above):", "",
+                  "| setting | " + " | ".join(f"{fw.capitalize()} accuracy %" for fw in FRAMEWORKS) + " |",
+                  "|---|" + "---|" * len(FRAMEWORKS)]
+        for name, setting in tried:
+            lines.append(f"| {setting.describe()} | " + " | ".join(
+                _cell([r["federated"] for r in by.get((fw, name), [])], 1) for fw in FRAMEWORKS) + " |")
     every = [r for rs in by.values() for r in rs]
     if every:
         loads = [r["load_before"][0] for r in every]
@@ -189,11 +205,13 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.strategies", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=[*SETTINGS, *TUNING], default=list(SETTINGS))
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--summary", action="store_true",
-                        help="print the table of the results so far (and write results/strategies/summary.md)")
+                        help="print the table of the results so far (and write summary.md beside them)")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the result files are (default: results/strategies beside this file)")
     return parser.parse_args(argv)
 
 
@@ -202,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("branchkey_integrations").setLevel(logging.WARNING)
     if args.summary:
-        table = summary(load_results())
-        (RESULTS / "summary.md").write_text(table + "\n", encoding="utf-8")
+        table = summary(load_results(args.results))
+        (args.results / "summary.md").write_text(table + "\n", encoding="utf-8")
         print(table)
         return 0
-    sweep(args.settings, args.frameworks, args.seeds)
+    sweep(args.settings, args.frameworks, args.seeds, args.results)
     return 0
 
 

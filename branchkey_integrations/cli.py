@@ -227,6 +227,9 @@ def add_simulate_parser(commands: Any) -> None:
                                "open after the run until Ctrl-C")
     simulate.add_argument("--no-baselines", dest="baselines", action="store_false",
                           help="skip the local-only and centralized baselines (federated accuracy only, faster)")
+    add_strategy_options(simulate)
+    simulate.add_argument("--proximal-mu", type=_non_negative_float, default=0.0, metavar="MU",
+                          help="FedProx on every leaf: the callbacks' proximal_mu (0: plain FedAvg leaves)")
     simulate.set_defaults(func=cmd_simulate)
 
 
@@ -279,6 +282,7 @@ _non_negative_int = _bounded(int, 0, "an integer >= 0")
 _ratio = _bounded(float, 1, "a ratio >= 1")
 _seconds = _bounded(float, 0, "a number of seconds > 0", strict=True)
 _positive_float = _bounded(float, 0, "a number > 0", strict=True)
+_non_negative_float = _bounded(float, 0, "a number >= 0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -640,7 +644,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         config = SimulationConfig(framework=args.framework, leaves=args.leaves, rounds=args.rounds,
                                   epochs_per_round=args.epochs_per_round, partition=args.partition,
                                   alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url, dashboard=args.dashboard,
-                                  baselines=args.baselines)
+                                  baselines=args.baselines, strategy=args.strategy,
+                                  strategy_params=dict(args.strategy_param), proximal_mu=args.proximal_mu)
         report = run(config, output=args.output, progress=TerminalProgress(),
                      hold=_hold_dashboard if args.dashboard else None)
     except ModuleNotFoundError as exc:
@@ -673,10 +678,11 @@ def _hold_dashboard(report: Any) -> None:
 
 
 def print_report(report: Any) -> None:
-    from .simulation.report import percent
+    from .simulation.report import percent, strategy_label
 
     config, final = report.config, report.final
     print(f"\n{report.table()}\n")
+    print(f"strategy {strategy_label(config)}")
     print(f"after {config['rounds']} rounds: federated {final.global_accuracy:.1%}, local-only (mean) "
           f"{percent(final.local_accuracy)}, centralized {percent(final.centralized_accuracy)}; "
           f"took {report.elapsed_s:.0f} s")

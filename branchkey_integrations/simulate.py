@@ -27,6 +27,7 @@ from .simulation.orchestrator import Simulation
 from .simulation.progress import ProgressHook, RoundProgress, Stage, TerminalProgress
 from .simulation.report import Report, RoundRow, plot_rounds
 from .simulation.supervisor import sigterm_raises
+from .server.strategies import check_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,15 @@ def run(config: SimulationConfig | None = None, *, output: str | Path | None = N
     stays open until ``hold`` returns.
 
     Raises:
-        ValueError: a setting is out of range.
+        ValueError: a setting is out of range, or the server has no such strategy or strategy parameter
+            (checked by the server's own catalogue before any process starts).
         LeafFailedError: a leaf process died (its log's last lines are in the message).
         SimulationError: the server failed, the run timed out, or SIGTERM arrived. Every process the
             simulation started is stopped before any of these propagate (KeyboardInterrupt included).
     """
     config = dataclasses.replace(config, **options) if config else SimulationConfig(**options)
     check_installed(config.framework)  # a missing framework fails here, not in N leaf logs
+    check_strategy(config.strategy, config.strategy_params)  # and a strategy typo here, not in the server's log
     emit = progress or _log_event
     started = time.monotonic()
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from .data import PARTITIONS
 from .frameworks import FRAMEWORKS, TrainPlan
@@ -28,6 +31,12 @@ class SimulationConfig:
         timeout_s: how long the whole simulation may take.
         dashboard: announce the embedded server's dashboard (a :class:`~.progress.Stage` with a one-time
             login ``link``) once the branch exists.
+        strategy: the server strategy the branch aggregates with (``branchkey-local init --strategy``):
+            ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``, ``median``, ``trimmed-mean``.
+        strategy_params: that strategy's parameters by name (``{"eta": 0.1}``); the others keep their
+            defaults. Names and ranges are the server's to check: :func:`~branchkey_integrations.simulate.run`
+            has it check them before any process starts.
+        proximal_mu: FedProx on every leaf (the callbacks' ``proximal_mu``): 0 trains plain FedAvg leaves.
         baselines: also train the local-only and centralized baselines. They do not depend on the
             strategy, so a sweep over strategies computes them once per seed and turns them off elsewhere;
             the report then holds ``None`` for them.
@@ -46,8 +55,12 @@ class SimulationConfig:
     timeout_s: float = 1800.0
     dashboard: bool = False
     baselines: bool = True
+    strategy: str = "fedavg"
+    strategy_params: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_strategy_types()
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"Expected framework in {tuple(FRAMEWORKS)}. Received: framework={self.framework!r}")
         if self.partition not in PARTITIONS:
@@ -63,6 +76,30 @@ class SimulationConfig:
         if self.amqp_url is not None and not self.amqp_url.startswith(("amqp://", "amqps://")):
             raise ValueError("Expected amqp_url like 'amqp://guest:guest@127.0.0.1:5672/'. "
                              f"Received: amqp_url={self.amqp_url!r}")
+
+    def _check_strategy_types(self) -> None:
+        """Shapes only: which names and values a strategy takes is the server's catalogue."""
+        if not isinstance(self.strategy, str) or not self.strategy:
+            raise ValueError(f"Expected strategy to be a name like 'fedadam'. Received: strategy={self.strategy!r}")
+        if not isinstance(self.strategy_params, Mapping):
+            raise ValueError("Expected strategy_params to be a mapping like {'eta': 0.1}. "
+                             f"Received: strategy_params={self.strategy_params!r}")
+        for key, value in self.strategy_params.items():
+            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError("Expected strategy_params to map names to finite numbers. "
+                                 f"Received: {key!r}={value!r}")
+        # a read-only copy: the frozen config must not change under a running simulation
+        object.__setattr__(self, "strategy_params", MappingProxyType(dict(self.strategy_params)))
+        mu = self.proximal_mu
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < math.inf:
+            raise ValueError("Expected proximal_mu to be a number >= 0 (0: no proximal term). "
+                             f"Received: proximal_mu={mu!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-ready values (``dataclasses.asdict`` cannot copy the read-only mapping)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return fields | {"strategy_params": dict(self.strategy_params)}
 
     def plan(self) -> TrainPlan:
         return TrainPlan(rounds=self.rounds, epochs_per_round=self.epochs_per_round, seed=self.seed)

@@ -40,12 +40,14 @@ class TrainPlan:
 
 @dataclass(frozen=True)
 class FederationTarget:
-    """Where a federated leaf uploads: its credentials file, the server URL, the notification transport."""
+    """Where a federated leaf uploads (its credentials file, the server URL, the notification transport),
+    and how it trains between rounds: ``proximal_mu`` > 0 is FedProx (the callback's proximal term)."""
 
     credentials: str
     host: str
     transport: str = "websocket"
     round_timeout_s: float = 300.0
+    proximal_mu: float = 0.0
 
 
 class Framework(Protocol):

@@ -64,6 +64,7 @@ def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook,
         callbacks.append(BranchKeyKerasCallback(federation.credentials, federation.host, num_samples=len(data),
                                                 every_n_epochs=plan.epochs_per_round, transport=federation.transport,
                                                 timeout=federation.round_timeout_s, log_every_s=10.0,
+                                                proximal_mu=federation.proximal_mu,
                                                 # each aggregate scored on this leaf's data, sent as test metrics
                                                 validation_data=(data.x, data.y)))
     callbacks.append(_EvaluateEachRound(test, plan.epochs_per_round, on_round))

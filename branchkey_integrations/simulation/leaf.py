@@ -1,8 +1,9 @@
 """One simulated site in a process of its own: ``python -m branchkey_integrations.simulation.leaf JOB.json``.
 
 A ``leaf`` job trains federated through the framework's real callback, then (unless ``local_only`` is
-off) trains the same model on its own data alone (the local-only comparison); a ``centralized`` job trains on all the data. Every
-round's test accuracy is appended to the job's events file as one JSON line, which the parent polls.
+off) trains the same model on its own data alone (the local-only comparison); a ``centralized`` job
+trains on all the data. Every round's test accuracy is appended to the job's events file as one JSON
+line, which the parent polls.
 A process of its own, because that is what a leaf is: separate memory, its own client, its own
 sockets, and a crash that cannot take the others down.
 """

@@ -80,7 +80,8 @@ def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook,
     if federation is not None:
         callbacks.append(BranchKeyCallback(federation.credentials, host=federation.host,
                                            every_n_epochs=plan.epochs_per_round, transport=federation.transport,
-                                           timeout=federation.round_timeout_s, log_every_s=10.0))
+                                           timeout=federation.round_timeout_s, log_every_s=10.0,
+                                           proximal_mu=federation.proximal_mu))
     callbacks.append(_EvaluateEachRound(test, plan.epochs_per_round, on_round))
     trainer = Trainer(max_epochs=epochs, callbacks=callbacks, accelerator="cpu",
                       devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import requests
 
@@ -85,12 +85,15 @@ class EmbeddedServer:
             raise EmbeddedServerError(f"{method} {path} failed with HTTP {answer.status_code}: {answer.text[:500]}")
         return answer.json()["data"]
 
-    def create_branch(self, leaves: int) -> tuple[str, list[dict[str, str]]]:
-        """A tree with one branch whose rounds need every leaf; returns (branch id, leaf credentials)."""
+    def create_branch(self, leaves: int, strategy: str = "fedavg", strategy_params: Mapping[str, float] | None = None
+                      ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """A tree with one branch whose rounds need every leaf, aggregating with ``strategy`` (its parameters
+        checked by the server); returns (the branch as the server has it, leaf credentials)."""
         tree = self.admin("POST", f"{ADMIN_PREFIX}/trees", {"name": "simulation"})
-        branch = self.admin("POST", f"{ADMIN_PREFIX}/trees/{tree['id']}/branches", {"name": "simulation"})
+        branch = self.admin("POST", f"{ADMIN_PREFIX}/trees/{tree['id']}/branches", {
+            "name": "simulation", "strategy": strategy, "strategy_params": dict(strategy_params or {})})
         created = self.admin("POST", f"{ADMIN_PREFIX}/branches/{branch['id']}/leaves", {"count": leaves})
-        return branch["id"], created["leaves"]
+        return branch, created["leaves"]
 
     def dashboard_link(self) -> str:
         """A one-time login link to the server's dashboard (the admin token stays out of the address)."""

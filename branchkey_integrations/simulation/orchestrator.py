@@ -19,7 +19,7 @@ from .frameworks import FederationTarget
 from .leaf import EventReader, LeafJob
 from .local_server import EmbeddedServer
 from .progress import ProgressHook, RoundTracker, Stage
-from .report import LeafSummary, Report, RoundRow
+from .report import LeafSummary, Report, RoundRow, strategy_label
 from ..core.errors import SimulationError
 from ..core.protocol import ADMIN_PREFIX
 from .supervisor import Supervisor
@@ -40,6 +40,7 @@ class Simulation:
                  hold: Callable[[Report], None] | None = None) -> None:
         self.config, self.workdir, self.emit, self.hold = config, workdir, emit, hold
         self.branch_id = ""
+        self.strategy_params: dict[str, float] = {}  # all of them, as the server applies them (defaults included)
 
     def run(self) -> Report:
         config = self.config
@@ -48,10 +49,12 @@ class Simulation:
                           min_samples=config.min_samples, seed=config.seed)
         self.emit(Stage(f"{config.framework}: {config.leaves} leaves x {config.rounds} rounds x "
                         f"{config.epochs_per_round} epoch(s), {config.partition} partition, samples per leaf "
-                        f"{[len(p) for p in parts]}, common test set {len(test)}"))
+                        f"{[len(p) for p in parts]}, common test set {len(test)}; "
+                        f"{strategy_label(config.as_dict())}"))
         test_path = test.save(self.workdir / "test.npz")
         with EmbeddedServer(self.workdir / "server", config.amqp_url) as server, Supervisor() as supervisor:
-            self.branch_id, credentials = server.create_branch(config.leaves)
+            branch, credentials = server.create_branch(config.leaves, config.strategy, config.strategy_params)
+            self.branch_id, self.strategy_params = branch["id"], branch["strategy_params"]
             names = [c["name"] for c in credentials]
             if config.dashboard:
                 link = server.dashboard_link()
@@ -77,7 +80,8 @@ class Simulation:
             creds_path = self.workdir / f"{creds['name']}.credentials.json"
             creds_path.write_text(json.dumps(creds), encoding="utf-8")
             creds_path.chmod(0o600)
-            target = FederationTarget(str(creds_path), server.url, transport, self.config.round_timeout_s)
+            target = FederationTarget(str(creds_path), server.url, transport, self.config.round_timeout_s,
+                                      self.config.proximal_mu)
             readers[creds["name"]] = self._launch(supervisor, creds["name"], "leaf", part, test_path, index + 1,
                                                   target)
         if self.config.baselines:
@@ -147,8 +151,8 @@ class Simulation:
         leaves = [LeafSummary(name, len(part), part.label_counts(),
                               results[name]["local"][config.rounds] if config.baselines else None)
                   for name, part in zip(names, parts)]
-        return Report(config=dataclasses.asdict(config) | {"amqp_url": bool(config.amqp_url)}, rounds=rows,
-                      leaves=leaves)
+        return Report(config=config.as_dict() | {"amqp_url": bool(config.amqp_url),
+                                                 "strategy_params": self.strategy_params}, rounds=rows, leaves=leaves)
 
 
 def _check_leaves_agree(results: Results, names: list[str]) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,27 @@ class Report:
         return self.files
 
 
+def strategy_label(config: Mapping[str, Any]) -> str:
+    """How a run aggregated, from its settings: ``fedadam (eta=0.01, tau=0.001) + FedProx mu=0.01``.
+
+    Example:
+        >>> strategy_label({"strategy": "fedavg", "proximal_mu": 0.0})
+        'fedavg'
+    """
+    params = config.get("strategy_params") or {}
+    label = str(config.get("strategy", "fedavg"))
+    if params:
+        label += " (" + ", ".join(f"{key}={value:g}" for key, value in params.items()) + ")"
+    if config.get("proximal_mu"):
+        label += f" + FedProx mu={config['proximal_mu']:g}"
+    return label
+
+
+def _short_label(config: Mapping[str, Any]) -> str:
+    """The legend's name for the federated line (the title holds the parameters)."""
+    return str(config.get("strategy", "fedavg")) + (" + FedProx" if config.get("proximal_mu") else "")
+
+
 def percent(fraction: float | None) -> str:
     """``0.947`` as ``94.7%``; a baseline the run skipped as ``-``."""
     return "-" if fraction is None else f"{fraction:.1%}"
@@ -101,15 +122,16 @@ def plot_rounds(report: Report, path: str | Path | None = None, ax: Any = None) 
 
         ax = Figure(figsize=(6, 4)).subplots()
     rounds = [row.round for row in report.rounds]
+    config = report.config
     for key, label, style in (("centralized_accuracy", "centralized (all data)", "k--"),
-                              ("global_accuracy", "federated (FedAvg)", "o-"),
+                              ("global_accuracy", f"federated ({_short_label(config)})", "o-"),
                               ("local_accuracy", "local-only (mean over leaves)", "s:")):
         if getattr(report.final, key) is not None:  # a baseline the run skipped has no line
             ax.plot(rounds, [100 * getattr(row, key) for row in report.rounds], style, label=label)
-    config = report.config
-    ax.set(xlabel="round", ylabel="test accuracy (%)",
-           title=f"{config.get('framework', '')}: {config.get('leaves')} leaves, {config.get('partition')}"
-                 + (f" (alpha={config.get('alpha')})" if config.get("partition") == "dirichlet" else ""))
+    ax.set(xlabel="round", ylabel="test accuracy (%)")
+    ax.set_title(f"{config.get('framework', '')}: {config.get('leaves')} leaves, {config.get('partition')}"
+                 + (f" (alpha={config.get('alpha')})" if config.get("partition") == "dirichlet" else "")
+                 + f"\n{strategy_label(config)}", fontsize="medium")
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.legend(loc="best")

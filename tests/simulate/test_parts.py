@@ -10,13 +10,16 @@ import pytest
 from branchkey_integrations.simulate import SimulationConfig
 from branchkey_integrations.simulation.leaf import EventReader, EventWriter
 from branchkey_integrations.simulation.progress import RoundProgress, RoundTracker, Stage, TerminalProgress
-from branchkey_integrations.simulation.report import LeafSummary, Report, RoundRow, plot_rounds
+from branchkey_integrations.simulation.report import LeafSummary, Report, RoundRow, plot_rounds, strategy_label
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("framework", "jax", "Expected framework in"), ("leaves", 0, "leaves to be an int >= 1"),
     ("rounds", 2.5, "rounds to be an int"), ("partition", "shards", "Expected partition in"),
     ("alpha", 0, "alpha to be a number > 0"), ("amqp_url", "localhost:5672", "amqp://"),
+    ("strategy", "", "strategy to be a name"), ("strategy_params", [("eta", 0.1)], "strategy_params to be a mapping"),
+    ("strategy_params", {"eta": float("nan")}, "finite numbers. Received: 'eta'=nan"),
+    ("proximal_mu", -0.5, "proximal_mu to be a number >= 0"), ("proximal_mu", True, "proximal_mu"),
 ])
 def test_bad_settings_fail_when_set(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -83,5 +86,15 @@ def test_a_report_without_baselines_shows_dashes_and_plots_the_federated_line_on
     assert report.table().splitlines()[1] == "    1      75.0%           -            -    0.50"
     files = report.save(tmp_path)
     assert Report.from_dict(json.loads((tmp_path / "report.json").read_text())) == report
-    assert [line.get_label() for line in plot_rounds(report).get_lines()] == ["federated (FedAvg)"]
+    assert [line.get_label() for line in plot_rounds(report).get_lines()] == ["federated (fedavg)"]
     assert open(files["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_strategy_params_are_a_read_only_copy_and_the_label_names_everything():
+    params = {"eta": 0.1}
+    config = SimulationConfig(strategy="fedadam", strategy_params=params, proximal_mu=0.01)
+    params["eta"] = 5.0
+    with pytest.raises(TypeError):
+        config.strategy_params["eta"] = 1.0  # type: ignore[index]
+    assert config.as_dict()["strategy_params"] == {"eta": 0.1} and json.dumps(config.as_dict())
+    assert strategy_label(config.as_dict()) == "fedadam (eta=0.1) + FedProx mu=0.01"
