@@ -138,3 +138,26 @@ def test_fedadam_state_survives_kill_9_bit_for_bit(server_factory) -> None:
         assert len(state) == 2, state  # m and v of the latest round only: superseded state is deleted
         disk = json.loads(cli("status", "--json", "--data-dir", str(server.data_dir)).stdout)["disk"]
         assert disk["optimizer_state"] == sum(path.stat().st_size for path in state) > 0
+
+
+def test_a_store_made_before_strategies_opens_with_its_branches_on_fedavg(tmp_path: Path) -> None:
+    import sqlite3
+
+    from branchkey_integrations.server.store import DB_NAME, Store
+
+    store = Store(tmp_path)
+    branch = store.create_branch(store.create_tree("t")["id"], "old")
+    store.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as conn:  # the schema as it was before strategies
+        conn.execute("DROP TABLE optimizer_state")
+        for table, column in (("branches", "strategy_params"), ("rounds", "strategy"), ("rounds", "strategy_note")):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    store = Store(tmp_path)
+    try:
+        old = store.require_branch(branch.id)
+        assert (old.algorithm, old.params) == ("fedavg", {})
+        assert store.open_round(branch.id).strategy is None
+        updated, stale = store.set_strategy(branch.id, "fedyogi", {"eta": 0.1})
+        assert (updated.algorithm, updated.params["eta"], stale) == ("fedyogi", 0.1, [])
+    finally:
+        store.close()
