@@ -45,7 +45,7 @@ from .server.history import latest_metrics, metric_summary
 from .server.lock import FileLock
 from .server.progress import round_progress
 from .server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
-from .server.strategies import CATALOGUE, DEFAULT_STRATEGY, check_strategy, describe
+from .server.strategies import CATALOGUE, DEFAULT_STRATEGY, check_strategy, describe, fallback_reason
 
 logger = logging.getLogger("branchkey_integrations.server")
 
@@ -380,6 +380,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"host    leaves connect to {args.host_url}")
     if not live:
         print(f"serve   branchkey-local serve --data-dir {data_dir}")
+    too_few = fallback_reason(branch["algorithm"], branch["strategy_params"], branch["min_leaves"] or args.leaves)
+    if too_few:  # every round would fall back: say it now, not only in each round's record
+        print(f"branchkey-local init: warning: rounds of {branch['min_leaves'] or args.leaves} uploads will fall back "
+              f"to fedavg ({too_few})", file=sys.stderr)
     return 0
 
 

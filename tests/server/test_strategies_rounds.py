@@ -89,6 +89,9 @@ def test_cli_sets_the_strategy_at_init_and_changes_it_between_rounds(tmp_path: P
     bad = cli("init", "--data-dir", str(tmp_path / "other"), "--leaves", "1", "--credentials-dir",
               str(tmp_path / "c2"), "--strategy", "fedadam", "--strategy-param", "eta=-1", check=False)
     assert bad.returncode == 1 and "eta=-1.0" in bad.stderr and not (tmp_path / "other").exists()
+    few = cli("init", "--data-dir", str(tmp_path / "few"), "--leaves", "3", "--credentials-dir", str(tmp_path / "c3"),
+              "--strategy", "trimmed-mean")
+    assert "warning: rounds of 3 uploads will fall back to fedavg" in few.stderr and "at least 10" in few.stderr
     changed = cli("branch", "strategy", "fedadam", "--strategy-param", "eta=0.05", "--data-dir", str(data))
     assert 'strategy fedadam {"eta": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}' in changed.stdout
     status = json.loads(cli("status", "--json", "--data-dir", str(data)).stdout)["branches"][0]
