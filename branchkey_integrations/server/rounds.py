@@ -169,7 +169,14 @@ class Rounds:
                        reason, now)
 
     async def aggregate_if_ready(self, branch_id: str, *, deadline: bool = False) -> str | None:
-        """Aggregate the branch's open round if it is complete (or past its deadline); returns the id."""
+        """Aggregate the branch's open round if it is complete (or past its deadline); returns the id.
+
+        With the branch's strategy (:mod:`~branchkey_integrations.server.strategies`): ``fedavg`` and the
+        server optimizers start from the running sum's mean (an optimizer then steps from the run's
+        previous aggregate, its state committed with the aggregate); ``median`` and ``trimmed-mean`` read
+        the stored uploads layer by layer. A strategy that cannot run on the round's uploads aggregates
+        with FedAvg, logs a warning and records why in the round (``strategy_note``).
+        """
         blocking = self.workers.blocking
         async with self.lock(branch_id):
             plan = await blocking(self._aggregation_plan, branch_id, deadline)
