@@ -4,6 +4,9 @@ Layout of a data directory::
 
     <data_dir>/store.sqlite3   metadata (WAL journal, synchronous=FULL)
     <data_dir>/files/<id>.npz  uploads and aggregates, immutable once written
+    <data_dir>/state/<id>.npz  a server optimizer's moments (one m and one v per branch at most),
+                               referenced by the optimizer_state table, written like a model file and
+                               committed in the aggregate's transaction
     <data_dir>/admin_token     the admin API token (mode 0600), read by the CLI
 
 Why this order of writes: a model file is written to a temporary name in ``files/``,
