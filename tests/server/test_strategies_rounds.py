@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from branchkey_integrations.core import wire
+from branchkey_integrations.server.strategies import check_strategy
 
 from ..conftest import cli
 from .conftest import Handle
 from .test_running_sum import aggregate_of, send
-from .test_strategies import numpy_run, random_rounds
+from .test_strategies import numpy_mean, numpy_run, numpy_step, play_rounds, random_rounds
 
 
 def layers(value: float) -> list[np.ndarray]:
@@ -164,3 +165,19 @@ def test_a_store_made_before_strategies_opens_with_its_branches_on_fedavg(tmp_pa
         assert (updated.algorithm, updated.params["eta"], stale) == ("fedyogi", 0.1, [])
     finally:
         store.close()
+
+
+def test_a_strategy_change_starts_the_optimizer_state_afresh(live: Handle) -> None:
+    state_dir = live.thread.server.store.state_dir
+    branch, leaves = live.make_branch(2, strategy="fedadam")
+    rounds = random_rounds(3, 4, 2)
+    play_rounds(live, branch, leaves, rounds[:2])
+    assert len(list(state_dir.iterdir())) == 2  # m and v after round 1
+    live.admin("PUT", f"/admin/v1/branches/{branch['id']}/strategy", {"strategy": "fedavgm"}, expect=200)
+    assert list(state_dir.iterdir()) == []
+    got = play_rounds(live, branch, leaves, rounds[2:], start=2)
+    previous = live.fetch(leaves[0], live.rounds(branch["id"])[1]["aggregate_id"]).layers
+    x, _, _ = numpy_step("fedavgm", check_strategy("fedavgm"), previous[0],
+                         numpy_mean([u[0][0] for u in rounds[2]], [u[1] for u in rounds[2]]), 0.0, 0.0)
+    np.testing.assert_array_equal(got[0].layers[0], x.astype(np.float32))  # from round 1's aggregate, zero momentum
+    assert len(list(state_dir.iterdir())) == 1  # fedavgm keeps m only
