@@ -131,9 +131,10 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         log_every_s: while waiting, report progress at least this often.
         client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
         proximal_mu: FedProx's ``mu`` (Li et al. 2020), a number >= 0; 0 (the default) turns it off. It pulls
-            local training toward ``w_g``, the last global model: the trainable weights as they stand when
-            ``fit`` starts, then each aggregate as soon as it is assigned. Keras has no gradient hook on every
-            backend, so after each training batch the callback takes the proximal step on its own:
+            local training toward ``w_g``, the last global model: the trainable weights as they stand when the
+            first epoch of ``fit`` begins (after ``BackupAndRestore`` restored them), then each aggregate as
+            soon as it is assigned (a catch-up included). Keras has no gradient hook on every backend, so
+            after each training batch the callback takes the proximal step itself:
             ``w <- w - lr * mu * (w - w_g)``, with ``lr`` the optimizer's learning rate at
             ``optimizer.iterations`` (a schedule is evaluated there), capped at ``lr * mu = 1`` (``w = w_g``),
             and compounded over the ``steps_per_execution`` steps of one call. For plain SGD that is the
@@ -213,13 +214,15 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             raise ValueError(f"{type(self.model).__name__} {self.model.name!r} has no trainable weights to federate.")
         resolve_weighting(self.num_samples)  # a broken callable fails now, not after the first epoch
         self.federation.connect()
-        self._keep_global_model()  # the common starting point is FedProx's first w_g
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._last_step = -1
         if self._first_epoch is None:
             self._first_epoch = epoch
             self._resume_round_count(epoch)
+            # FedProx's first w_g: the common starting point, after every on_train_begin (BackupAndRestore's
+            # restore included, wherever it stands in the list)
+            self._keep_global_model()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs if logs is not None else {}

@@ -66,6 +66,36 @@ def test_bad_arguments_fail_at_construction_naming_the_value(kwargs, message):
     assert message in str(info.value)
 
 
+def test_proximal_mu_off_adds_no_batch_hook_and_on_shows_in_repr():
+    """Keras dispatches batch hooks asynchronously only when no callback overrides them: mu=0 must not."""
+    from keras.src.utils.python_utils import is_default
+
+    off = BranchKeyKerasCallback(CREDS, HOST, num_samples=8)
+    assert is_default(off.on_train_batch_end) and "proximal_mu" not in repr(off)
+    on = BranchKeyKerasCallback(CREDS, HOST, num_samples=8, proximal_mu=0.5)
+    assert not is_default(on.on_train_batch_end) and "proximal_mu=0.5" in repr(on)
+
+
+def test_the_proximal_step_compounds_the_steps_of_one_call_at_the_scheduled_learning_rate():
+    """Four optimizer steps in one call (steps_per_execution=4): w moves 1 - (1 - lr*mu)**4 of the way to w_g,
+    with lr the schedule's value at optimizer.iterations; lr*mu above 1 is capped (w becomes w_g)."""
+    model = tiny_model()
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=1, decay_rate=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(1)  # the schedule gives 0.1 here
+    for mu, moved in ((1.0, 1 - 0.9 ** 4), (20.0, 1.0)):
+        callback = BranchKeyKerasCallback(CREDS, HOST, num_samples=8, proximal_mu=mu)
+        callback.set_model(model)
+        callback.on_epoch_begin(0)  # the fit's first epoch: w_g is taken here
+        anchor = {v.path: np.array(v) for v in model.trainable_weights}
+        for variable in model.trainable_weights:
+            variable.assign(variable + 1.0)  # as if training moved every weight by 1
+        callback.on_train_batch_end(3)  # batches 0..3 in one call
+        for variable in model.trainable_weights:
+            np.testing.assert_allclose(np.array(variable), anchor[variable.path] + 1.0 - moved, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_host_credentials_and_snapshot_dir_fail_at_construction(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="Expected host like"):
         BranchKeyKerasCallback(CREDS, "app.branchkey.com", num_samples=8)
