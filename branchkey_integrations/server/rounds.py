@@ -11,7 +11,9 @@ a time per branch. When the open round holds ``min_leaves`` uploads (default: ev
 round deadline passes with at least one upload, the running sum is brought up to the committed
 uploads and written as the aggregate (O(model) however many leaves), the next round opens, every
 leaf of the branch is notified, and retention removes the round's uploads (``keep_uploads``) and
-aggregates beyond the latest ``keep_rounds``. An operator may drop one leaf's upload or reset the
+aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is fsynced after the leaves are
+told, not before (it can be made again from the round's uploads, which retention keeps until then;
+:meth:`Rounds.recover` checks and remakes it after a crash). An operator may drop one leaf's upload or reset the
 open round (:meth:`Rounds.drop_uploads`); the leaves concerned see why in the round's progress
 (``GET`` ROUND_PATH: their entry in ``refused``), as no notification of the official protocol
 can say it. A run status change (start, pause, stop; semantics in

@@ -5,7 +5,7 @@ of MB), part ``data`` a small JSON text. Part ``file`` is streamed to a temporar
 store's files directory, hashed on the way and written by a worker thread while the next chunk
 arrives; the 3.x client's ``x-bk-file-size`` and ``x-bk-file-digest`` headers are checked
 against what arrived; the archive is then checked (:func:`wire.scan`: structure, CRCs, finite
-values, a compression bomb refused before anything inflates) streaming through one 4 MiB buffer
+values, a compression bomb refused before anything inflates) streaming through one 1 MiB buffer
 off the event loop, within the server's member, size and compression-ratio limits, so an upload
 costs the server a fixed amount of memory however large it is.
 
@@ -50,6 +50,8 @@ from .httpio import check_unicode, is_decimal
 from .workers import Workers
 
 _CHUNK = 4 << 20
+#: bytes of an upload checked at a time: up to one such buffer per worker thread (8) when many uploads arrive at once
+_SCAN_PIECE = 1 << 20
 _READ_CHUNK = 1 << 20
 _DRAIN_LIMIT = 256 * 1024**2
 _DATA_PART_LIMIT = 1 << 20
@@ -364,9 +366,9 @@ async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> w
         InvalidValueError: not a readable, safe NPZ archive.
     """
     try:
-        return await workers.blocking(  # streamed through one 4 MiB buffer: memory per upload is bounded
+        return await workers.blocking(  # streamed through one 1 MiB buffer: memory per upload is bounded
             wire.scan, path, max_members=limits.max_members, max_total_bytes=limits.max_total_bytes,
-            max_compression_ratio=limits.max_compression_ratio,
+            max_compression_ratio=limits.max_compression_ratio, piece_bytes=_SCAN_PIECE,
         )
     except ArchiveTooLargeError as exc:
         raise ArchiveTooLargeError(f"Upload rejected: {exc}") from exc
