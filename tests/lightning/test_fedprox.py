@@ -3,6 +3,8 @@ branchkey-local. The proximal term must keep a leaf's local epoch closer to the 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -18,14 +20,33 @@ from .test_rounds import PARAMS, weighted_mean
 MU = 5.0  # lr 0.1 * mu 5 = 0.5 per step: a strong pull, still stable under SGD momentum 0.9
 
 
+class ManualAdam(TinyModel):
+    """Manual optimization with Adam: Lightning still calls on_before_optimizer_step inside optimizer.step()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
 def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(np.sum((a[n].astype(np.float64) - b[n]) ** 2) for n in PARAMS)))
 
 
-def local_epoch_drift(credentials, url: str, out, mu: float, **trainer_options) -> float:
+def local_epoch_drift(credentials, url: str, out, mu: float, model_class=TinyModel, **trainer_options) -> float:
     """Train one epoch from a seeded start with ``proximal_mu=mu``; how far the upload moved from that start."""
     torch.manual_seed(0)
-    model = TinyModel()
+    model = model_class()
     start = snapshot(model)
     callback = BranchKeyCallback(credentials, host=url, transport="websocket", timeout=60, proximal_mu=mu)
     trainer([DiskRecorder(out, "upload"), callback], **trainer_options).fit(model, loader(128, 0))
@@ -37,7 +58,8 @@ def local_epoch_drift(credentials, url: str, out, mu: float, **trainer_options) 
     {"precision": "bf16-mixed"},
     {"accumulate_grad_batches": 2},
     {"strategy": "ddp_spawn", "devices": 2},
-], ids=["fp32", "bf16-mixed", "accumulate", "ddp"])
+    {"model_class": ManualAdam},
+], ids=["fp32", "bf16-mixed", "accumulate", "ddp", "manual-adam"])
 def test_a_large_proximal_mu_keeps_the_local_epoch_close_to_the_global_model(inprocess_server, tmp_path, options):
     server, _ = inprocess_server(1)
     drifts = {}
@@ -48,7 +70,7 @@ def test_a_large_proximal_mu_keeps_the_local_epoch_close_to_the_global_model(inp
     assert drifts[MU] < 0.5 * drifts[0.0], drifts
 
 
-def test_the_global_model_is_the_loaded_aggregate(inprocess_server):
+def test_the_global_model_is_the_loaded_aggregate(inprocess_server, caplog):
     """After a round, w_g holds exactly what was loaded (the weighted average), on the parameters' device and dtype."""
     server, credentials = inprocess_server(2)
     torch.manual_seed(0)
@@ -72,7 +94,9 @@ def test_the_global_model_is_the_loaded_aggregate(inprocess_server):
 
     upload = Recorder("upload")
     start = snapshot(model)
-    trainer([upload, callback, Spy()]).fit(model, loader(16, 0))
+    with caplog.at_level(logging.INFO):
+        trainer([upload, callback, Spy()]).fit(model, loader(16, 0))
+    assert "Local training pulls toward it (FedProx, proximal_mu=1)." in caplog.text  # the round's line says so
     for name, value in zip(PARAMS, seen["start"]):
         np.testing.assert_array_equal(value.numpy(), start[name])  # w_g starts as the fit's starting point
     expected = weighted_mean([seen["upload"], dict(zip(PARAMS, partner))], [16, 16], PARAMS)
