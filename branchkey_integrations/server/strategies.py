@@ -315,13 +315,6 @@ def _moment(reader: LayerReader | None, index: int, spec: LayerSpec) -> np.ndarr
     return moment
 
 
-__all__ = [
-    "CATALOGUE", "OPTIMIZERS", "ROBUST", "DEFAULT_STRATEGY", "Param", "check_strategy", "describe", "Median",
-    "TrimmedMean", "robust_strategy", "fallback_reason", "trimmed_count", "optimizer_step", "uses_moments",
-    "ServerOptimizer", "apply_optimizer",
-]
-
-
 def apply_optimizer(name: str, params: Mapping[str, float], mean: Path, previous: Path,
                     state: tuple[Path | None, Path | None] | None, destination: Path,
                     m_out: Path | None, v_out: Path | None, specs: Sequence[LayerSpec]) -> tuple[int, str]:
@@ -342,3 +335,10 @@ def apply_optimizer(name: str, params: Mapping[str, float], mean: Path, previous
                 handle.flush()
                 os.fsync(handle.fileno())
     return result
+
+
+__all__ = [
+    "CATALOGUE", "OPTIMIZERS", "ROBUST", "DEFAULT_STRATEGY", "Param", "check_strategy", "describe", "Median",
+    "TrimmedMean", "robust_strategy", "fallback_reason", "trimmed_count", "optimizer_step", "uses_moments",
+    "ServerOptimizer", "apply_optimizer",
+]
