@@ -161,6 +161,19 @@ def _cell(values: list[float], expected: int) -> str:
     return text
 
 
+def _gaps(by: dict[tuple[str, str], list[dict[str, Any]]], baselines: dict[str, list[dict[str, Any]]],
+          name: str) -> dict[str, float]:
+    """Points below centralized per framework, paired by seed; empty unless both frameworks have a pair."""
+    gaps = {}
+    for fw in FRAMEWORKS:
+        central = {r["seed"]: r["centralized"] for r in baselines[fw]}
+        pairs = [central[r["seed"]] - r["federated"] for r in by.get((fw, name), []) if r["seed"] in central]
+        if not pairs:
+            return {}
+        gaps[fw] = 100 * statistics.fmean(pairs)
+    return gaps
+
+
 def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
     """The Markdown table: mean over seeds and (min-max) range, in percent, per framework."""
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -195,10 +208,18 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
                      f"{min(loads):.1f}-{max(loads):.1f}); wall time per run "
                      + ", ".join(f"{fw} {statistics.median(w):.0f} s (median)" for fw, w in walls.items() if w)
                      + ".")
-    missing = [f"{fw} {name} seed {seed}" for fw, name, seed in plan(list(SETTINGS), list(FRAMEWORKS), list(SEEDS))
-               if not any(r["seed"] == seed for r in by.get((fw, name), []))]
+    gaps = {name: gap for name in SETTINGS if (gap := _gaps(by, baselines, name))}
+    if gaps:
+        best = min(gaps, key=lambda name: max(gaps[name].values()))
+        lines.append(f"Closest to centralized on both frameworks: {SETTINGS[best].describe()}, "
+                     + ", ".join(f"{fw} {gap:.1f} points below" for fw, gap in gaps[best].items())
+                     + " (mean over the seeds run of centralized minus federated, seed by seed).")
+    missing: dict[int, list[str]] = {}
+    for fw, name, seed in plan(list(SETTINGS), list(FRAMEWORKS), list(SEEDS)):
+        if not any(r["seed"] == seed for r in by.get((fw, name), [])):
+            missing.setdefault(seed, []).append(f"{fw} {name}")
     if missing:
-        lines.append(f"Not run: {', '.join(missing)}.")
+        lines.append("Not run: " + "; ".join(f"seed {seed}: {', '.join(runs)}" for seed, runs in missing.items()) + ".")
     return "\n".join(lines)
 
 
