@@ -72,6 +72,30 @@ def test_trimmed_mean_cuts_an_outlier_at_each_end() -> None:
     assert run(TrimmedMean(0.2), uploads).tolist() == [2.0]
 
 
+def test_robust_strategies_read_one_layer_of_every_upload_at_a_time() -> None:
+    reads: list[tuple[int, int]] = []
+
+    class Logged(Upload):
+        def read_layer(self, index: int) -> np.ndarray:
+            reads.append((index, id(self)))
+            return self.layers[index]
+
+    uploads = [Logged(1.0, [np.full(2, k, np.float32), np.full(3, -k, np.float32)]) for k in range(4)]
+    specs = [LayerSpec.of(layer) for layer in uploads[0].layers]
+    for strategy in (Median(), TrimmedMean(0.25)):
+        reads.clear()
+        layers = strategy.aggregate(uploads, specs)
+        first = next(layers)
+        assert [index for index, _ in reads] == [0] * 4  # layer 1 of no upload read before layer 0 is done
+        assert first.tolist() == [1.5, 1.5] and next(layers).tolist() == [-1.5, -1.5, -1.5]
+
+
+def test_complex_layers_take_the_median_of_each_part() -> None:
+    values = [1 + 5j, 2 + 1j, 9 + 2j]
+    uploads = [Upload(1.0, [np.array([v], np.complex64)]) for v in values]
+    assert run(Median(), uploads).tolist() == [2 + 2j]
+
+
 # -- parameters --------------------------------------------------------------------------------
 
 
