@@ -57,7 +57,8 @@ def load_arrays(tensors: list[tuple[str, torch.Tensor]], arrays: list[np.ndarray
 
 def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor], optimizer: Any, mu: float) -> None:
     """FedProx's gradient term: ``grad += mu * (w - w_g)`` for each of ``params`` (with ``anchors`` its w_g)
-    that ``optimizer`` steps and that has a gradient, in place, in one fused pass per tensor list."""
+    that ``optimizer`` steps and that has a gradient, in place, in one fused pass per tensor list. The difference
+    is taken first (one temporary per step): ``grad + mu*w - mu*w_g`` would cancel away a bf16 gradient."""
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     pairs = [(p, g) for p, g in zip(params, anchors) if p.grad is not None and id(p) in stepped]
     if not pairs:
@@ -65,6 +66,16 @@ def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor
     with torch.no_grad():
         weights, anchor = [p for p, _ in pairs], [g for _, g in pairs]
         torch._foreach_add_([p.grad for p in weights], torch._foreach_sub(weights, anchor), alpha=mu)
+
+
+def amp_scale_left_in(trainer: Trainer, optimizer: Any) -> float:
+    """The loss scale the gradients still carry at ``on_before_optimizer_step``: 1, except under fp16 AMP with an
+    optimizer that unscales inside its own step (fused Adam), which Lightning does not unscale before the hook;
+    the proximal term must then be scaled alike, since that step divides every gradient by the scale."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled() or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0
+    return float(scaler.get_scale())
 
 
 class BranchKeyCallback(FederatedCallbackMixin, Callback):
@@ -186,10 +197,12 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # FedProx: Lightning calls this once per optimizer step (after gradient accumulation, in manual
         # optimization too), after the closure's backward (under DDP: after the gradients are all-reduced), after
-        # AMP's unscaling and before gradient clipping (precision.py _after_closure, amp.py optimizer_step).
-        # Every DDP rank holds the same w and w_g, so every rank adds the same term.
+        # AMP's unscaling (not for optimizers that unscale in their step: amp_scale_left_in) and before gradient
+        # clipping (precision.py _after_closure, amp.py optimizer_step). Every DDP rank holds the same w and w_g,
+        # so every rank adds the same term.
         if self._global is not None:
-            add_proximal_gradient(self._trainable, self._global, optimizer, self.proximal_mu)
+            scale = amp_scale_left_in(trainer, optimizer)
+            add_proximal_gradient(self._trainable, self._global, optimizer, self.proximal_mu * scale)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -337,4 +350,4 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             self.federation.send_metrics(metrics, mode, self._round_id)
 
 
-__all__ = ["BranchKeyCallback", "federated_tensors", "add_proximal_gradient", "BUFFER_POLICIES"]
+__all__ = ["BranchKeyCallback", "federated_tensors", "add_proximal_gradient", "amp_scale_left_in", "BUFFER_POLICIES"]

@@ -119,6 +119,27 @@ def test_the_proximal_gradient_is_mu_times_the_distance_and_skips_what_the_optim
     assert a.grad.tolist() == [0.75, 0.75] and b.grad is None and frozen.grad.tolist() == [0.0, 0.0]
 
 
+def test_under_fp16_amp_a_fused_optimizer_gets_the_term_at_the_loss_scale_its_step_divides_by():
+    """Lightning unscales before the hook, except for optimizers that unscale in their step (fused Adam): their
+    gradients still carry the loss scale, so the proximal term must carry it too."""
+    from types import SimpleNamespace
+
+    from branchkey_integrations.lightning import amp_scale_left_in
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    amp = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    fused = torch.optim.Adam([weight], fused=True)
+    assert amp_scale_left_in(amp, fused) == 1024.0
+    assert amp_scale_left_in(amp, torch.optim.Adam([weight])) == 1.0  # Lightning unscaled it already
+    assert amp_scale_left_in(SimpleNamespace(precision_plugin=SimpleNamespace()), fused) == 1.0  # no AMP
+    callback = BranchKeyCallback(CREDS, HOST, proximal_mu=0.5)
+    callback._global, callback._trainable = [torch.zeros(2)], [weight]
+    weight.grad = torch.zeros(2)
+    callback.on_before_optimizer_step(amp, None, fused)
+    assert weight.grad.tolist() == [512.0, 512.0]  # 0.5 * (1 - 0) * 1024
+
+
 @pytest.mark.parametrize("mu, message", [
     (-0.1, "Expected proximal_mu to be a number >= 0 (0 turns FedProx off). Received: proximal_mu=-0.1"),
     (float("nan"), "Received: proximal_mu=nan"),
