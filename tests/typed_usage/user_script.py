@@ -42,7 +42,8 @@ def one_round_with_federation(weights: list[np.ndarray]) -> bool:
 
 def callbacks() -> tuple[BranchKeyCallback, BranchKeyKerasCallback]:
     lightning = BranchKeyCallback("leaf_1.json", host=HOST, every_n_epochs=2, timeout=None, on_timeout="raise",
-                                  buffers="local", snapshot_dir="snapshots", transport="auto", log_every_s=30.0)
+                                  buffers="local", snapshot_dir="snapshots", transport="auto", log_every_s=30.0,
+                                  proximal_mu=0.01)
     keras = BranchKeyKerasCallback("leaf_2.json", host=HOST, num_samples=lambda: 128, every_n_epochs=1,
-                                   reset_optimizer=True, client_options={"ssl": False})
+                                   reset_optimizer=True, client_options={"ssl": False}, proximal_mu=0.1)
     return lightning, keras
