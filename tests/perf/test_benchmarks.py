@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from benchmarks import aggregation, memory, roundtrip, run
+from benchmarks import aggregation, memory, roundtrip, run, tail
 
 
 def test_round_trip_paths_agree_and_report_every_field():
@@ -28,6 +28,12 @@ def test_aggregation_reports_time_and_memory_per_k():
     result = aggregation.measure(2_000, (2, 3))
     assert set(result["runs"]) == {"2", "3"}
     assert all(math.isfinite(r["seconds"]) and "peak_rss_growth_mb" in r for r in result["runs"].values())
+
+
+def test_tail_reports_the_last_fold_and_write_in_wall_and_cpu_seconds():
+    result = tail.measure(2_000, repeat=2)
+    assert len(result["runs"]["cpu_s"]) == 2 and result["cpu_s"] > 0 and result["wall_s"] > 0
+    assert {"fsync_s", "cpu_s_per_100mb", "wall_s_per_100mb", "model_mb"} <= set(result)
 
 
 @pytest.mark.slow
