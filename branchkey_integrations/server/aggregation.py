@@ -201,6 +201,9 @@ class RunningSum:
             for leaf, file_id, path, weighting in uploads:
                 if leaf not in self.members:
                     self._add(leaf, file_id, Path(path), wire.check_weighting(weighting))
+        except zipfile.BadZipFile as exc:  # a stored upload damaged on disk
+            self.reset()
+            raise AggregationError(f"{Path(path).name} is not a readable archive: {exc}") from exc
         except BaseException:
             self.reset()
             raise

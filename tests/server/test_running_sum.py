@@ -169,6 +169,29 @@ def test_an_aggregate_lost_in_an_os_crash_is_made_again_from_its_uploads(start_s
         thread.stop()
 
 
+def test_an_aggregate_its_uploads_cannot_remake_is_left_and_so_are_they(start_server, tmp_path: Path,
+                                                                         caplog) -> None:
+    from ..inprocess import ServerThread
+
+    live = start_server(tmp_path / "first", keep_uploads=True)
+    branch, leaves = live.make_branch(3)
+    three_uploads(live, leaves, 0)
+    aggregate_id = live.wait_aggregate(branch["id"])
+    store = live.thread.server.store
+    uploads = sorted(store.files_dir.glob("*.npz"))
+    live.thread.stop()
+    live.thread.stop = lambda: None  # the fixture would stop it again
+    (store.files_dir / f"{aggregate_id}.npz").unlink()  # lost in a crash
+    upload = next(path for path in uploads if path.stem != aggregate_id)
+    upload.write_bytes(upload.read_bytes()[:100])  # and an upload damaged too
+    thread = ServerThread(tmp_path / "first")  # default retention: it would remove the uploads
+    try:
+        assert "cannot be made again" in caplog.text
+        assert all(path.exists() for path in uploads if path.stem != aggregate_id)  # kept for the operator
+    finally:
+        thread.stop()
+
+
 def test_retention_keeps_a_rounds_uploads_until_its_aggregate_is_durable(live, monkeypatch, caplog) -> None:
     store = live.thread.server.store
     real_sync = store.sync_file
