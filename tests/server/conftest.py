@@ -55,7 +55,7 @@ class Handle:
     def rounds(self, branch_id: str) -> list[dict[str, Any]]:
         return self.admin("GET", f"/admin/v1/branches/{branch_id}/rounds", expect=200)["rounds"]
 
-    def wait_aggregate(self, branch_id: str, run: int = 1, index: int = 0, timeout: float = 10) -> str:
+    def wait_aggregate(self, branch_id: str, run: int = 1, index: int = 0, timeout: float = 60) -> str:
         def done() -> str | None:
             for item in self.rounds(branch_id):
                 if (item["run_number"], item["round_index"]) == (run, index) and item["status"] == "aggregated":
