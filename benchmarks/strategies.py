@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,7 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
             missing.setdefault(seed, []).append(f"{fw} {name}")
     if missing:
         lines.append("Not run: " + "; ".join(f"seed {seed}: {', '.join(runs)}" for seed, runs in missing.items()) + ".")
-    return "\n".join(lines)
+    return "\n".join(line if line.startswith("|") else textwrap.fill(line, 110) for line in lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
