@@ -585,10 +585,12 @@ class Store:
         digest = sha256
         file_id = new_id()
         relative = self._install(temp_path, file_id, durable)
-        state_paths = [self._install_state(path) for path in (state.m_temp, state.v_temp)] if state else []
+        state_paths: list[str | None] = []
         stamp = now_iso()
         stale: list[str] = []
-        try:
+        try:  # from here, a failure (a state file's install included) unlinks what was installed
+            for moment in (state.m_temp, state.v_temp) if state else ():
+                state_paths.append(self._install_state(moment))
             with self._tx() as conn:
                 if state is not None:
                     stale = _drop_state(conn, branch_id)
@@ -612,8 +614,9 @@ class Store:
                 _open_round(conn, branch_id, run_number, round_index + 1)
         except BaseException:
             for path in [relative, *state_paths]:
-                with contextlib.suppress(FileNotFoundError, TypeError):
-                    os.unlink(self.data_dir / path)  # type: ignore[operator]
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.data_dir / path)
             raise
         self.remove_files([self.data_dir / path for path in stale])
         logger.info("branch %s run %d round %d aggregated as %s", branch_id, run_number, round_index, file_id)

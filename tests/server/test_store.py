@@ -195,3 +195,25 @@ def test_required_uploads_is_capped_by_leaf_count(store: Store) -> None:
     assert store.required_uploads(branch) == 2
     branch, _ = make_branch(store, 3, min_leaves=2)
     assert store.required_uploads(branch) == 2
+
+
+def test_commit_aggregate_leaves_no_file_when_a_state_file_cannot_be_installed(store: Store) -> None:
+    """A failed install of the optimizer state (here v's temp is missing) unlinks the aggregate and m at once,
+    not at the next start."""
+    from branchkey_integrations.server.records import StateUpdate
+
+    branch, (leaf, _) = make_branch(store)
+    put_upload(store, leaf)
+    before = sorted(p.name for p in store.files_dir.iterdir())
+    temp = store.new_temp_path()
+    temp.write_bytes(wire.encode([np.zeros(2, np.float32)], compression="none"))
+    m_temp = store.new_state_temp_path()
+    m_temp.write_bytes(wire.encode([np.zeros(2)], compression="none"))
+    state = StateUpdate("fedadam", {}, m_temp, store.new_state_temp_path())  # v's temp was never written
+    with pytest.raises(FileNotFoundError):
+        store.commit_aggregate(temp, branch_id=branch.id, run_number=1, round_index=0,
+                               specs=[wire.LayerSpec((2,), np.dtype(np.float32))], size=temp.stat().st_size,
+                               sha256="00", state=state)
+    assert sorted(p.name for p in store.files_dir.iterdir()) == before
+    assert list(store.state_dir.iterdir()) == []
+    assert store.open_round(branch.id).round_index == 0
