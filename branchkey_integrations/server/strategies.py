@@ -72,7 +72,7 @@ _TAU = "adaptivity: keeps the step finite where v is ~0"
 _B1 = "decay of the first moment m"
 _B2 = "decay of the second moment v"
 
-#: name -> its parameters (Flower's defaults where it has them)
+#: name -> its parameters (not all Flower's defaults: its FedAdam/FedAdagrad take tau=1e-9, FedAvgM momentum 0)
 CATALOGUE: dict[str, dict[str, Param]] = {
     "fedavg": {},
     "fedavgm": {"eta": Param(1.0, 0, meaning=_ETA), "momentum": Param(0.9, 0, 1, True, "server momentum")},
