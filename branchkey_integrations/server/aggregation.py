@@ -60,7 +60,10 @@ class NpzLayerReader:
     def __init__(self, path: str | os.PathLike, weighting: float) -> None:
         self.path = Path(path)
         self.weighting = wire.check_weighting(weighting)
-        self._zip = zipfile.ZipFile(self.path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile as exc:  # damaged on disk: the aggregation's handler retries and logs it
+            raise AggregationError(f"{self.path.name} is not a readable archive: {exc}") from exc
 
     def read_layer(self, index: int) -> np.ndarray:
         try:

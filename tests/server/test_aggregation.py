@@ -113,3 +113,16 @@ def test_layout_mismatch_is_an_aggregation_error(tmp_path: Path) -> None:
 def test_no_uploads_is_an_error() -> None:
     with pytest.raises(AggregationError, match="no uploads"):
         list(FedAvg().aggregate([], []))
+
+
+def test_an_upload_damaged_on_disk_is_an_aggregation_error_for_the_layer_readers(tmp_path: Path) -> None:
+    """median, trimmed-mean and the server optimizers open files with NpzLayerReader: a file that is no longer a
+    zip archive must reach the round's retry handler as AggregationError (a BadZipFile escaped it)."""
+    from branchkey_integrations.server.strategies import Median
+
+    layers = [np.ones(3, np.float32)]
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    good.write_bytes(wire.encode(layers, 1.0))
+    bad.write_bytes(b"not an archive any more")
+    with pytest.raises(AggregationError, match="bad.npz is not a readable archive"):
+        aggregate_files([(good, 1.0), (bad, 1.0)], specs_of(layers), tmp_path / "out.npz", Median())
