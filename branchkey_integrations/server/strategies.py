@@ -295,7 +295,13 @@ class ServerOptimizer(Strategy):
                                            f"uploads {spec}; a run keeps one model layout.")
                 x, m, v = optimizer_step(self.name, self.params, previous, average,
                                          _moment(self.m_in, index, spec), _moment(self.v_in, index, spec))
-                layer = x.astype(spec.dtype)
+                with np.errstate(over="ignore"):  # an overflow is refused just below, with its cause
+                    layer = x.astype(spec.dtype)
+                if not wire.all_finite(layer):  # say which setting overflowed, not only that the aggregate did
+                    raise AggregationError(
+                        f"{key}: the {self.name} step leaves {spec.dtype}'s range (max {np.finfo(spec.dtype).max:g}) "
+                        f"with eta={self.params['eta']:g}; set a smaller eta ('branchkey-local branch strategy "
+                        f"{self.name} --strategy-param eta=...') or train in a wider dtype.")
             for writer, moment in ((self.m_out, m), (self.v_out, v)):
                 if writer is not None:
                     writer.add(key, np.zeros(0) if moment is None else moment)

@@ -214,3 +214,17 @@ def test_median_branch_aggregates_unweighted(live: Handle) -> None:
     [got] = play_rounds(live, branch, leaves, [[u[0] for u in rounds]])
     assert got.layers[0].tolist() == [1.0, 10.0]
     assert live.rounds(branch["id"])[0]["strategy"] == "median"
+
+
+def test_an_optimizer_step_past_the_layer_dtype_names_eta_and_the_fix(tmp_path) -> None:
+    """fedavgm with a huge eta on a float16 layer overflows: the error names eta and how to lower it."""
+    from branchkey_integrations.core.errors import AggregationError
+    from branchkey_integrations.server.strategies import apply_optimizer
+
+    previous, mean = tmp_path / "previous.npz", tmp_path / "mean.npz"
+    previous.write_bytes(wire.encode([np.zeros(3, np.float16)], compression="none"))
+    mean.write_bytes(wire.encode([np.full(3, 100, np.float16)], compression="none"))
+    params = check_strategy("fedavgm", {"eta": 1e4, "momentum": 0.0})
+    with pytest.raises(AggregationError, match=r"eta=10000.*--strategy-param eta="):
+        apply_optimizer("fedavgm", params, mean, previous, None, tmp_path / "out.npz", tmp_path / "m.npz", None,
+                        [LayerSpec((3,), np.dtype(np.float16))])
