@@ -507,23 +507,36 @@ def resolve_branch(store: Store, branch_id: str | None) -> Branch:
     return branches[0]
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def change_branch(args: argparse.Namespace, in_store: Callable[[Store, Branch], tuple[dict[str, Any], str]],
+                  through_live: Callable[[tuple[str, str], Branch], tuple[dict[str, Any], str]]
+                  ) -> tuple[Branch, dict[str, Any], str]:
+    """Resolve ``--branch-id``, then change the branch through the live server when one runs (so its
+    state and the leaves follow), else directly in the store. Returns (branch, result, how)."""
     data_dir = Path(args.data_dir)
     store = open_existing_store(data_dir)
     try:
         branch = resolve_branch(store, args.branch_id)
         live = live_server(data_dir)
-        if live is None:
-            branch = store.set_run_status(branch.id, args.status)
-            result = {"run_status": branch.run_status, "run_number": branch.run_number}
-            how = "in the store (no live server; leaves learn it when they next ask)"
-        else:
-            result = admin_call(live, "POST", f"{ADMIN_PREFIX}/branches/{branch.id}/run", {"run_status": args.status})
-            how = f"through {live[0]} (leaves notified)"
-    except InvalidValueError as exc:
-        raise CliError(str(exc)) from exc
+        result, how = in_store(store, branch) if live is None else through_live(live, branch)
     finally:
         store.close()
+    return branch, result, how
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    def in_store(store: Store, branch: Branch) -> tuple[dict[str, Any], str]:
+        changed = store.set_run_status(branch.id, args.status)
+        return ({"run_status": changed.run_status, "run_number": changed.run_number},
+                "in the store (no live server; leaves learn it when they next ask)")
+
+    def through_live(live: tuple[str, str], branch: Branch) -> tuple[dict[str, Any], str]:
+        return (admin_call(live, "POST", f"{ADMIN_PREFIX}/branches/{branch.id}/run", {"run_status": args.status}),
+                f"through {live[0]} (leaves notified)")
+
+    try:
+        branch, result, how = change_branch(args, in_store, through_live)
+    except InvalidValueError as exc:
+        raise CliError(str(exc)) from exc
     print(f"branch {branch.id}: run_status {result['run_status']}, run_number {result['run_number']}, set {how}")
     return 0
 
@@ -531,21 +544,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_branch_strategy(args: argparse.Namespace) -> int:
     """``branch strategy NAME``: through the live server (under its branch lock), else in the store."""
     name, params = strategy_of(args)
-    data_dir = Path(args.data_dir)
-    store = open_existing_store(data_dir)
-    try:
-        branch = resolve_branch(store, args.branch_id)
-        live = live_server(data_dir)
-        if live is None:
-            updated, stale = store.set_strategy(branch.id, name, params)
-            store.remove_files(stale)
-            result, how = updated.to_dict(), "in the store (no live server)"
-        else:
-            result = admin_call(live, "PUT", f"{ADMIN_PREFIX}/branches/{branch.id}/strategy",
-                                {"strategy": name, "strategy_params": params})
-            how = f"through {live[0]}"
-    finally:
-        store.close()
+
+    def in_store(store: Store, branch: Branch) -> tuple[dict[str, Any], str]:
+        updated, stale = store.set_strategy(branch.id, name, params)
+        store.remove_files(stale)
+        return updated.to_dict(), "in the store (no live server)"
+
+    def through_live(live: tuple[str, str], branch: Branch) -> tuple[dict[str, Any], str]:
+        return (admin_call(live, "PUT", f"{ADMIN_PREFIX}/branches/{branch.id}/strategy",
+                           {"strategy": name, "strategy_params": params}), f"through {live[0]}")
+
+    branch, result, how = change_branch(args, in_store, through_live)
     print(f"branch {branch.id}: strategy {result['algorithm']} {json.dumps(result['strategy_params'])}, set {how}; "
           f"the next round aggregates with it")
     return 0
