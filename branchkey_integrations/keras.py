@@ -8,6 +8,7 @@ leaf has to say to Keras's own printing (silent under ``verbose=0``).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the 
     raise ImportError(f"branchkey_integrations.keras needs Keras 3; found keras {keras.__version__}: "
                       "pip install 'branchkey-integrations[keras]'")
 
-from keras.src.utils.io_utils import print_msg  # noqa: E402 - how Keras's own callbacks print (since Keras 3.0)
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             self._federate(logs)
         except BaseException:
             self.federation.close()  # Keras has no on_exception hook: never leave the notification thread behind
+            self._global, self._trainable = None, []  # nor FedProx's copy of the weights
             raise
         finally:
             self._bar_open = False
@@ -270,13 +271,18 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         return (self.params or {}).get("verbose", 1)  # fit's verbose: 0, 1, 2 or "auto"; no params outside fit
 
     def _say(self, text: str) -> None:
-        """As Keras's own callbacks print (``io_utils.print_msg``: stdout, or absl logging when interactive
-        logging is off); nothing under ``verbose=0``."""
+        """As Keras's own callbacks print (its ``print_msg``, not public API: stdout, or logging when
+        ``keras.config.disable_interactive_logging()`` is in force); nothing under ``verbose=0``."""
         if self._verbose() == 0:
             return
         if self._bar_open:  # on_epoch_end runs before the progress bar ends its line
             text, self._bar_open = "\n" + text, False
-        print_msg(text)
+        if not keras.config.is_interactive_logging_enabled():
+            logger.info("%s", text)
+            return
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        sys.stdout.write(text.encode(encoding, errors="replace").decode(encoding) + "\n")  # a cp1252 console
+        sys.stdout.flush()
 
     # ---------------------------------------------------------------- helpers
     def _check_strategy(self) -> None:

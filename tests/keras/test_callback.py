@@ -370,3 +370,21 @@ def test_without_keras_the_import_fails_with_an_install_hint():
             "try:\n    import branchkey_integrations.keras\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'branchkey-integrations[keras]'" in out
+
+
+@pytest.mark.parametrize("interactive", [True, False], ids=["stdout", "logging"])
+def test_round_lines_go_where_keras_sends_its_own(server_factory, capsys, caplog, interactive):
+    """Keras prints to stdout, or to logging under ``keras.config.disable_interactive_logging()``: so do we."""
+    server, credentials = server_factory(1)  # the round completes with this leaf alone
+    caplog.set_level(logging.INFO, logger="branchkey_integrations.keras")
+    if not interactive:
+        keras.config.disable_interactive_logging()
+    try:
+        tiny_model().fit(X, Y, batch_size=4, epochs=1, verbose=2, callbacks=[callback_for(credentials[0], server)])
+    finally:
+        keras.config.enable_interactive_logging()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BranchKey:")]
+    logged = [r.getMessage() for r in caplog.records
+              if r.name == "branchkey_integrations.keras" and r.getMessage().startswith("BranchKey:")]
+    assert (printed if interactive else logged), (printed, logged)
+    assert not (logged if interactive else printed), (printed, logged)
