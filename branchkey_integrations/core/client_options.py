@@ -12,10 +12,12 @@ Example:
     >>> check_client_options({"timeout": -5})
     Traceback (most recent call last):
     ...
-    ValueError: Expected timeout > 0 seconds. Received: timeout=-5
+    ValueError: Expected timeout to be a number of seconds > 0. Received: timeout=-5
 """
 
 from __future__ import annotations
+
+import math
 
 import os
 from typing import Any, Callable, Mapping
@@ -50,10 +52,17 @@ def _port(name: str, value: Any) -> int:
     return value
 
 
-def _seconds(name: str, value: Any) -> float:
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"Expected {name} > 0 seconds. Received: {name}={value!r}")
+def check_seconds(name: str, value: Any, allow_none: bool = False) -> float:
+    """``value`` as float seconds > 0 (finite, not a bool); a ValueError naming ``name`` otherwise
+    (``allow_none``: the message says None is allowed, and the caller handles it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        allowed = "a number of seconds > 0" + (" or None (wait forever)" if allow_none else "")
+        raise ValueError(f"Expected {name} to be {allowed}. Received: {name}={value!r}")
     return float(value)
+
+
+def _seconds(name: str, value: Any) -> float:
+    return check_seconds(name, value)
 
 
 def _count(name: str, value: Any) -> int:

@@ -22,7 +22,6 @@ round; accepting it would load a model that does not contain this leaf's contrib
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 
 from . import wire
 from .client import Client, DownloadBuffer
-from .client_options import check_client_options
+from .client_options import check_client_options, check_seconds as _seconds
 from .notifications import Backoff
 from .protocol import DEFAULT_HOST, METRIC_MODES, START
 from .credentials import Credentials, CredentialsLike
@@ -61,14 +60,6 @@ _CONFLICT_BACKOFF = (0.1, 2.0, 2.0)  # initial, factor, maximum seconds between 
 
 def _split(target: tuple[int, int] | None) -> tuple[int | None, int | None]:
     return (None, None) if target is None else target
-
-
-def _seconds(name: str, value: float, allow_none: bool = False) -> float:
-    """``value`` as float seconds > 0; a ValueError naming ``name`` otherwise (``allow_none``: the message says so)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        allowed = "a number of seconds > 0" + (" or None (wait forever)" if allow_none else "")
-        raise ValueError(f"Expected {name} to be {allowed}. Received: {name}={value!r}")
-    return float(value)
 
 
 class Federation:

@@ -20,6 +20,8 @@ BAD_VALUES = [
     ("rbmq_port", "5672"), ("ssl", 3), ("run_check_interval_s", 0), ("proxies", "http://proxy"),
     ("transport", "mqtt"), ("output_dir", 7), ("timeout", -5), ("timeout", "30"), ("max_retries", -1),
     ("max_retries", 1.5), ("backoff_factor", -1), ("backoff_factor", True),
+    # the one seconds rule Federation's own timeouts follow too: no bool, no infinity, no NaN
+    ("timeout", True), ("timeout", float("inf")), ("run_check_interval_s", float("nan")),
 ]
 
 
@@ -64,7 +66,7 @@ def test_federation_refuses_an_unknown_client_option_at_construction_listing_the
     with pytest.raises(ValueError) as info:
         Federation(CREDS, HOST, client_options={"timeout": -5, "nonsense": 1})
     assert "Received: nonsense=1" in str(info.value) and "'rbmq_host'" in str(info.value)
-    with pytest.raises(ValueError, match=r"Expected timeout > 0 seconds. Received: timeout=-5"):
+    with pytest.raises(ValueError, match=r"Expected timeout to be a number of seconds > 0. Received: timeout=-5"):
         Federation(CREDS, HOST, client_options={"timeout": -5})
 
 
