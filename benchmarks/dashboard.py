@@ -17,7 +17,9 @@ Each repetition starts a fresh server (empty caches) and opens the page cold, th
 - ``complete``: the first frame with every plot drawn too (mean and 100 leaves per metric);
 - ``fcp``: the browser's first contentful paint (the page's empty shell);
 
-and each JSON route the page reads, fetched alone from a fresh server (the first answer is cold).
+and each JSON route the page reads, fetched ``--repeat`` times in turn from one server started afresh after
+the browser runs: ``cold_s`` is a route's first answer on it (the routes before it may have warmed what they
+share with it), ``warm_median_s`` the median of the others.
 """
 
 from __future__ import annotations
