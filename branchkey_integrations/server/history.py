@@ -97,7 +97,7 @@ def metric_summary(store: Store, branch_id: str, run_number: int | None = None) 
     """
     with store.reading():
         rounds, run = _rounds_and_run(store, branch_id, run_number)
-        values = store.metric_values(branch_id, PLOTTED_MODES)
+        values = store.metric_values(branch_id, PLOTTED_MODES, run)
         uploads = store.upload_weightings(branch_id, run)
         names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
     round_of = {r["aggregate_id"]: r["round_index"] for r in rounds if r["run_number"] == run and r["aggregate_id"]}

@@ -157,6 +157,21 @@ def test_live_history_metrics_and_events_follow_the_rounds(inprocess_server):
     overview = get(server, "/admin/v1/overview")
     assert overview["branches"][0]["run_status"] == "pause" and overview["branches"][0]["round_index"] == 2
 
+    # a second run: its summary holds its own round only, and run 1's is unchanged
+    server.set_run(branch, "stop")
+    server.set_run(branch, "start")
+    for leaf in leaves:
+        upload(leaf, server, 10, 5.0)
+    second = stream.next("aggregation_status")["aggregation_id"]
+    for leaf in leaves:
+        metrics(leaf, server, second, "test", accuracy=0.25)
+    latest = {(s["mode"], s["metric"]): s for s in get(server, f"/admin/v1/branches/{branch}/metrics/summary")["series"]}
+    assert latest[("test", "accuracy")]["rounds"] == [0] and set(latest) == {("test", "accuracy")}
+    assert latest[("test", "accuracy")]["per_leaf"] == {"leaf_1": [0.25], "leaf_2": [0.25], "leaf_3": [0.25]}
+    first = get(server, f"/admin/v1/branches/{branch}/metrics/summary?run=1")
+    assert {(s["mode"], s["metric"]): s for s in first["series"]}[("test", "accuracy")]["per_leaf"] == \
+        accuracy["per_leaf"]
+
 
 def test_an_aggregate_downloads_through_a_signed_url_and_no_answer_holds_a_leaf_token(inprocess_server):
     server, leaves = inprocess_server(2)
