@@ -2,7 +2,7 @@
 
 The upload call is multipart (PROTOCOL.md): part ``file`` holds the NPZ bytes (tens to hundreds
 of MB), part ``data`` a small JSON text. Part ``file`` is streamed to a temporary file in the
-store's files directory, hashed on the way and written by a worker thread while the next chunk
+store's files directory, hashed and written by two worker threads at once while the next chunk
 arrives; the 3.x client's ``x-bk-file-size`` and ``x-bk-file-digest`` headers are checked
 against what arrived; the archive is then checked (:func:`wire.scan`: structure, CRCs, finite
 values, a compression bomb refused before anything inflates) streaming through one 1 MiB buffer
@@ -192,7 +192,9 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
     """Write while reading: each batch of chunks goes to disk in a worker while the next one arrives.
 
     Chunks are read at 1 MiB (aiohttp copies each into a window with the previous one to find
-    the boundary: small chunks keep those copies in cache) and handed over as a list, not joined.
+    the boundary: small chunks keep those copies in cache) and handed over as a list, not joined;
+    one worker hashes a batch while another writes it (one after the other, a 47 MB body's batches
+    kept the worker busy 85-125 ms, hash 50-60 and write 25-45, and the socket waited on it).
     A body that sends nothing for ``idle_timeout_s`` is dropped (:class:`UploadInterruptedError`).
     """
     digest = hashlib.sha256()
@@ -217,7 +219,7 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
         nonlocal batch, batched, pending, pending_bytes
         await settle()
         if batch:
-            pending, pending_bytes = asyncio.ensure_future(workers.blocking(_write_and_hash, out, digest, batch)), batched
+            pending, pending_bytes = asyncio.ensure_future(_hash_beside_write(workers, out, digest, batch)), batched
             batch, batched = [], 0
 
     with open(temp, "wb") as out:
@@ -300,9 +302,21 @@ async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeou
         ) from None
 
 
-def _write_and_hash(out: Any, digest: Any, chunks: list[bytes]) -> None:
+async def _hash_beside_write(workers: Workers, out: Any, digest: Any, chunks: list[bytes]) -> None:
+    """Hash a batch in one worker while another writes it (both release the GIL); done when both are."""
+    hashed, written = await asyncio.gather(workers.blocking(_hash_chunks, digest, chunks),
+                                           workers.blocking(_write_chunks, out, chunks), return_exceptions=True)
+    for outcome in (written, hashed):
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+def _hash_chunks(digest: Any, chunks: list[bytes]) -> None:
     for chunk in chunks:
         digest.update(chunk)
+
+
+def _write_chunks(out: Any, chunks: list[bytes]) -> None:
     out.writelines(chunks)
     out.flush()
     start_writeback(out.fileno())
