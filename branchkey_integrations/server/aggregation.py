@@ -27,6 +27,7 @@ import abc
 import contextlib
 import hashlib
 import math
+import mmap
 import os
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -190,8 +191,13 @@ class RunningSum:
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
 
-    def sync(self, uploads: Sequence[tuple[str, str, str | os.PathLike, float]]) -> None:
+    def sync(self, uploads: Sequence[tuple[str, str, str | os.PathLike, float]],
+             specs: Sequence[LayerSpec] | None = None) -> None:
         """Hold exactly ``uploads`` ``(leaf_id, file_id, path, weighting)`` (a round's, in commit order).
+
+        ``specs``: the uploads' layer specs as recorded when they were received and checked (the server's
+        store has them), so a round's first upload is not opened only to read its headers again (62
+        headers of ResNet-18: 5 ms of the tail); None reads them from the first upload's headers.
 
         Raises:
             AggregationError: an upload cannot be read or does not match the others' layers; the
@@ -200,6 +206,8 @@ class RunningSum:
         held = list(self.members.items())
         if [(leaf, file_id) for leaf, file_id, _, _ in uploads[:len(held)]] != held:
             self.reset()  # a held upload was replaced, dropped or reordered: start again from the files
+        if self._reference is None and specs is not None:
+            self.specs = list(specs)
         try:
             for leaf, file_id, path, weighting in uploads:
                 if leaf not in self.members:
@@ -214,7 +222,8 @@ class RunningSum:
     def _add(self, leaf: str, file_id: str, path: Path, weighting: float) -> None:
         if self._reference is None:
             self._reference = math.frexp(weighting)[1]
-            self.specs = _archive_specs(path)
+            if self.specs is None:
+                self.specs = _archive_specs(path)
         elif self._layers is None:  # the second upload: the first is folded now, not before
             self._layers = [np.zeros(spec.shape, _accumulator_dtype(spec)) for spec in self.specs or ()]
             first_leaf = next(iter(self.members))
@@ -256,8 +265,10 @@ class RunningSum:
 
         Each layer is checked finite. The sum is left as it was, so a second call writes the same bytes
         (the same uploads in the same order: the sum folds them in the order :meth:`sync` is given).
-        ``durable=False`` leaves the fsync to the caller (the disk is then only asked to start writing):
-        the server commits the aggregate first and makes it durable after the leaves are told.
+        ``durable=False`` leaves the fsync, and so all the writing to disk, to the caller: the server
+        commits the aggregate first and makes it durable after the leaves are told. (Asking the disk to
+        start writing here, as ``durable=True`` does layer by layer to shorten its fsync, cost the round
+        4-26 ms of the kernel queueing 47 MB of writes before the leaves could be told.)
 
         Raises:
             AggregationError: nothing to write, or a layer of the mean is not finite.
@@ -274,7 +285,8 @@ class RunningSum:
             for index, (spec, pieces) in enumerate(self._mean_pieces()):
                 writer.add_pieces(wire.layer_key(index), spec, _finite(pieces, index))
                 hashing.hash_written()
-                start_writeback(handle.fileno())
+                if durable:  # the fsync below then finds less to write
+                    start_writeback(handle.fileno())
             writer.close()
             hashing.hash_written()
             _settle(handle.fileno(), durable)
@@ -298,7 +310,6 @@ class RunningSum:
                         hashing.hash_written()
                     writer.close()
                     hashing.hash_written()
-                    start_writeback(handle.fileno())
                     _settle(handle.fileno(), durable)
                     return hashing.result()
         except (ArchiveError, KeyError, zipfile.BadZipFile) as exc:
@@ -382,21 +393,32 @@ def file_sha256(path: Path) -> str:
 
 
 def _hash_range(digest: Any, fd: int, start: int, end: int) -> None:
-    """Feed bytes ``[start, end)`` of the file ``fd`` to ``digest`` (from the page cache, 4 MiB at a time)."""
+    """Feed bytes ``[start, end)`` of the file ``fd`` to ``digest``, 4 MiB at a time.
+
+    The pages are hashed where they lie in the page cache (a read-only mapping of one window at a time,
+    so memory stays one window): copying them out first cost about a third more here (47 MB: 34 ms
+    against 29 ms quiet, 50-60 ms against 30-35 ms beside the aggregate's writing)."""
     while start < end:
-        block = os.pread(fd, min(FOLD_PIECE_BYTES, end - start), start)
-        if not block:
-            raise AggregationError(f"the aggregate ended at byte {start} of {end} while it was hashed")
-        digest.update(block)
-        start += len(block)
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        length = min(FOLD_PIECE_BYTES, end - base)
+        try:
+            window = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base)
+        except (OSError, ValueError):  # a file that cannot be mapped (or a size changed under us): read it
+            block = os.pread(fd, min(FOLD_PIECE_BYTES, end - start), start)
+            if not block:
+                raise AggregationError(f"the aggregate ended at byte {start} of {end} while it was hashed") from None
+            digest.update(block)
+            start += len(block)
+            continue
+        with window, memoryview(window) as view:
+            digest.update(view[start - base:length])
+        start = base + length
 
 
 def _settle(fd: int, durable: bool) -> None:
-    """fsync the written aggregate, or (``durable=False``, the caller fsyncs later) start its writeback."""
+    """fsync the written aggregate, unless ``durable=False``: the caller fsyncs it later."""
     if durable:
         os.fsync(fd)
-    else:
-        start_writeback(fd)
 
 
 def _accumulator_dtype(spec: LayerSpec) -> type:

@@ -200,7 +200,8 @@ class Rounds:
                 else:  # the running sum: what is left is O(model); a server optimizer steps from its mean
                     async with self._fold_locks[branch_id]:
                         running = self._running_sum(branch_id, run_number, round_index)
-                        await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads])
+                        await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads],
+                                       specs)
                         size, digest = await blocking(running.write, temp, durable=False)
                     applied, state = "fedavg", None
                     if name in OPTIMIZERS:
@@ -303,7 +304,8 @@ class Rounds:
             uploads = await blocking(self.store.round_uploads, branch_id, current.run_number, current.round_index)
             running = self._running_sum(branch_id, current.run_number, current.round_index)
             try:
-                await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads])
+                await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads],
+                               uploads[0].specs if uploads else None)
             except (AggregationError, OSError) as exc:
                 logger.info("folding branch %s run %d round %d deferred to its aggregation: %s", branch_id,
                             current.run_number, current.round_index, exc)
