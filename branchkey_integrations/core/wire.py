@@ -66,6 +66,7 @@ _ALIGN = 64  # numpy pads .npy headers to 64 bytes; aligning each member's start
 _ALIGN_EXTRA_ID = 0xD935  # the extra-field id Android's zipalign uses for padding
 _ZIP64_LIMIT = (1 << 31) - 1  # as Python's zipfile: beyond it, sizes and offsets go in zip64 records
 _MAX_HEADER = 1 << 20  # numpy itself refuses .npy headers over 10 000 bytes
+_HEADER_GUESS = 4096  # a .npy header is ~128 bytes: read this much first, the rest only for a longer one
 _DOS_DATE = 0x0021  # 1980-01-01 00:00: archives of the same arrays are byte-identical
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -706,8 +707,25 @@ def _pread_header(fd: int, info: zipfile.ZipInfo, key: str) -> tuple[int, "_Buff
         raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
     start = info.header_offset + 30 + name_length + extra_length
-    head = _BufferFile(memoryview(os.pread(fd, min(info.file_size, _MAX_HEADER), start)))
+    first = os.pread(fd, min(info.file_size, _HEADER_GUESS), start)
+    needed = _npy_header_size(first)
+    if needed is None or needed > len(first):  # a long or malformed header: read all any header may take
+        first = os.pread(fd, min(info.file_size, _MAX_HEADER), start)
+    head = _BufferFile(memoryview(first))
     return start, head, _read_header(head, info, key)
+
+
+def _npy_header_size(prefix: bytes) -> int | None:
+    """Bytes before a ``.npy`` member's data (magic, version, length field and header), from its first
+    bytes; None when they are not a ``.npy`` start (the full parse then says what is wrong). Reading just
+    this much keeps a fold from copying up to 1 MiB of every layer only to find where its data starts."""
+    if len(prefix) < 12 or prefix[:6] != b"\x93NUMPY":
+        return None
+    if prefix[6] == 1:
+        return 10 + int.from_bytes(prefix[8:10], "little")
+    if prefix[6] in (2, 3):
+        return 12 + int.from_bytes(prefix[8:12], "little")
+    return None
 
 
 def _pread_member(fd: int, info: zipfile.ZipInfo, key: str) -> np.ndarray:

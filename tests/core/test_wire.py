@@ -91,6 +91,22 @@ def test_header_claiming_more_data_than_the_member_holds_is_refused_before_alloc
         wire.decode(archive.getvalue())
 
 
+@pytest.mark.parametrize("pad", [0, 6000])  # 6000: a header longer than the first read of a stored member
+def test_a_stored_members_header_of_any_length_is_read_in_place(tmp_path, pad):
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }" + " " * pad + "\n"
+    member = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + array.tobytes()
+    path = tmp_path / "long.npz"
+    with zipfile.ZipFile(path, "w") as zf:  # stored: read with pread, from the file
+        zf.writestr("weighting.npy", _member(np.array([2.0])))
+        zf.writestr("layer_0.npy", member)
+    with zipfile.ZipFile(path) as zf:
+        spec, fortran_order, pieces = wire.layer_pieces(zf, 0, 1 << 20)
+        assert spec == wire.LayerSpec((3, 4), np.dtype(np.float32)) and not fortran_order
+        np.testing.assert_array_equal(np.concatenate(list(pieces)), array.reshape(-1))
+    np.testing.assert_array_equal(wire.decode(path).layers[0], array)
+
+
 def _member(array):
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, array)
