@@ -7,6 +7,7 @@ layer layout travels as JSON text in the database and as :class:`LayerSpec` list
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,7 +117,14 @@ def specs_to_json(specs: Sequence[LayerSpec]) -> str:
 
 
 def specs_from_json(text: str) -> list[LayerSpec]:
-    return [LayerSpec(tuple(item["shape"]), np.dtype(item["dtype"])) for item in json.loads(text)]
+    """The layer layout stored as JSON; parsed once per distinct text, as a round's K uploads (and every
+    round of a run) share one layout and each fold lists the round's uploads again."""
+    return list(_parsed_specs(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_specs(text: str) -> tuple[LayerSpec, ...]:
+    return tuple(LayerSpec(tuple(item["shape"]), np.dtype(item["dtype"])) for item in json.loads(text))
 
 
 __all__ = ["Branch", "Leaf", "Round", "FileRecord", "UploadInput", "StateUpdate", "specs_to_json", "specs_from_json"]

@@ -100,6 +100,7 @@ class Rounds:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._fold_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sums: dict[str, tuple[tuple[int, int], RunningSum]] = {}  # branch -> (run, round), its running sum
+        self._catching_up: dict[str, bool] = {}  # branch -> whether uploads came while its fold task ran
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # branch -> failed attempts, next try
         self._unsynced: dict[str, tuple[str, asyncio.Future[bool]]] = {}  # branch -> its latest aggregate's fsync
 
@@ -285,9 +286,26 @@ class Rounds:
 
     async def _fold_then_aggregate(self, branch_id: str) -> None:
         """Fold the open round's new uploads into its running sum (outside the branch lock, so
-        receipt goes on), then aggregate if the round is complete."""
-        await self.fold(branch_id)
-        await self.aggregate_if_ready(branch_id)
+        receipt goes on), then aggregate if the round is complete.
+
+        One such task per branch at a time: an upload committed while it runs only asks it to go round
+        again (each pass folds every upload committed so far), so K uploads at once cost a few passes
+        instead of K queued ones, each listing the whole round (0.9-2 s of backlog after the last of
+        100 uploads at 4 MB, before).
+        """
+        if branch_id in self._catching_up:
+            self._catching_up[branch_id] = True
+            return
+        self._catching_up[branch_id] = False
+        try:
+            while True:
+                await self.fold(branch_id)
+                await self.aggregate_if_ready(branch_id)
+                if not self._catching_up[branch_id]:
+                    return
+                self._catching_up[branch_id] = False
+        finally:
+            del self._catching_up[branch_id]
 
     async def fold(self, branch_id: str) -> None:
         """Bring the running sum of the branch's open round up to its committed uploads.
