@@ -1,0 +1,37 @@
+"""One fold task per branch: uploads that arrive while it runs make it go round again, not queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+from branchkey_integrations.server.rounds import Rounds
+
+
+def test_uploads_during_a_fold_make_the_running_task_go_round_again_once() -> None:
+    async def scenario() -> list[str]:
+        rounds = Rounds(None, None, None, deadline_check_interval_s=1.0)  # type: ignore[arg-type]
+        calls: list[str] = []
+        release = asyncio.Event()
+
+        async def fold(branch_id: str) -> None:
+            calls.append(f"fold {branch_id}")
+            if len(calls) == 1:
+                await release.wait()  # the first pass is still folding when the next uploads commit
+
+        async def aggregate_if_ready(branch_id: str, *, deadline: bool = False) -> None:
+            calls.append(f"aggregate {branch_id}")
+
+        rounds.fold, rounds.aggregate_if_ready = fold, aggregate_if_ready  # type: ignore[method-assign]
+        first = asyncio.ensure_future(rounds._fold_then_aggregate("b"))
+        await asyncio.sleep(0)  # the first task is inside its first fold
+        for _ in range(5):  # five more uploads commit meanwhile: each returns at once
+            await asyncio.wait_for(rounds._fold_then_aggregate("b"), 1)
+        await rounds._fold_then_aggregate("other")  # another branch has its own task
+        release.set()
+        await asyncio.wait_for(first, 1)
+        await rounds._fold_then_aggregate("b")  # after it ended, a new upload starts a new task
+        return calls
+
+    calls = asyncio.run(scenario())
+    assert calls == ["fold b", "fold other", "aggregate other", "aggregate b", "fold b", "aggregate b",
+                     "fold b", "aggregate b"]
