@@ -782,13 +782,45 @@ def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str) -> np.ndar
     return _shaped(array, shape, fortran_order)
 
 
+#: the header numpy writes (``np.save``, ``np.savez``, and so every BranchKey client): read without ``ast``
+_PLAIN_HEADER = re.compile(r"\{'descr': '([<>|=][a-zA-Z][0-9]{1,3})', 'fortran_order': (True|False), "
+                           r"'shape': \(((?:(?:0|[1-9][0-9]*), )*(?:0|[1-9][0-9]*),?)?\), \} *\n")
+_PLAIN_DTYPES: dict[str, np.dtype] = {}
+
+
+def _read_plain_header(member: BinaryIO, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """The header as numpy writes it, parsed with one regular expression (numpy's reader compiles it as
+    Python source: 60 layers x 100 uploads took 0.2-0.5 s of a round's folds); None, with ``member``
+    where it was, for anything else, which numpy's reader then parses (or refuses) as before."""
+    start = member.tell()
+    width = 2 if version == (1, 0) else 4
+    length = member.read(width)
+    size = int.from_bytes(length, "little") if len(length) == width else 0
+    text = member.read(size) if 0 < size <= 10_000 else b""  # numpy refuses longer headers: let it say so
+    match = _PLAIN_HEADER.fullmatch(text.decode("latin1")) if text.endswith(b"\n") else None
+    if match is None:
+        member.seek(start)
+        return None
+    descr, fortran, dims = match.groups()
+    dtype = _PLAIN_DTYPES.get(descr)
+    if dtype is None:
+        try:
+            dtype = np.dtype(descr)
+        except TypeError:
+            member.seek(start)
+            return None
+        _PLAIN_DTYPES[descr] = dtype
+    shape = tuple(int(n) for n in dims.split(",") if n.strip()) if dims else ()
+    return shape, fortran == "True", dtype
+
+
 def _read_header(member: BinaryIO, info: zipfile.ZipInfo, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """Parse and check a ``.npy`` header: numeric dtype, and data that fills the member exactly."""
     try:
         version = np.lib.format.read_magic(member)
         if version not in _HEADER_READERS:
             raise ValueError(f".npy format version {version} is not supported")
-        shape, fortran_order, dtype = _HEADER_READERS[version](member)
+        shape, fortran_order, dtype = _read_plain_header(member, version) or _HEADER_READERS[version](member)
     except ValueError as exc:
         raise ArchiveError(f"{key} is not a valid .npy member: {exc}") from exc
     if dtype.hasobject or dtype.fields is not None:

@@ -107,6 +107,33 @@ def test_a_stored_members_header_of_any_length_is_read_in_place(tmp_path, pad):
     np.testing.assert_array_equal(wire.decode(path).layers[0], array)
 
 
+@pytest.mark.parametrize("array", [np.zeros((3, 4), np.float32), np.zeros((), np.float64), np.zeros((0, 4), np.float16),
+                                   np.asfortranarray(np.ones((2, 3))), np.zeros(3, ">i4"), np.zeros(2, bool),
+                                   np.zeros((64, 3, 7, 7), np.complex64)], ids=str)
+def test_numpys_own_headers_are_read_as_numpy_reads_them(array):
+    member = io.BytesIO(_member(array))
+    version = np.lib.format.read_magic(member)
+    fast = wire._read_plain_header(member, version)
+    member.seek(0)
+    np.lib.format.read_magic(member)
+    assert fast == np.lib.format.read_array_header_1_0(member)
+
+
+@pytest.mark.parametrize("header", [
+    "{'shape': (3, 4), 'fortran_order': False, 'descr': '<f4'}",  # valid, another key order: numpy's reader
+    "{'descr': '<f4',  'fortran_order': False, 'shape': (3, 4), }",  # valid, an extra space
+])
+def test_other_valid_headers_still_decode(header):
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    text = header + " " * (63 - (len(header) + 10) % 64) + "\n"
+    member = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode() + array.tobytes()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("weighting.npy", _member(np.array([1.0])))
+        zf.writestr("layer_0.npy", member)
+    np.testing.assert_array_equal(wire.decode(archive.getvalue()).layers[0], array)
+
+
 def _member(array):
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, array)
