@@ -26,7 +26,6 @@ import errno
 import hashlib
 import hmac
 import json
-import weakref
 import logging
 import zipfile
 import zlib
@@ -45,6 +44,7 @@ from ..core.errors import (
     UploadInterruptedError,
 )
 from ..core.protocol import FILE_DIGEST_HEADER, FILE_SIZE_HEADER
+from .budget import ByteBudget
 from .durable import start_writeback
 from .httpio import check_unicode, is_decimal
 from .workers import Workers
@@ -55,8 +55,6 @@ _SCAN_PIECE = 1 << 20
 _READ_CHUNK = 1 << 20
 _DRAIN_LIMIT = 256 * 1024**2
 _DATA_PART_LIMIT = 1 << 20
-#: upload bytes one server holds in memory at most, all connections together (see :class:`ByteBudget`)
-MAX_BYTES_IN_FLIGHT = 16 << 20
 #: uploads that read 1 MiB at a time; beyond them an upload reads 64 KiB at a time, because aiohttp buffers
 #: twice the read size per connection before it stops reading the socket (a fixed allowance per connection)
 FAST_UPLOADS = 4
@@ -247,48 +245,6 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
             await settle()
             budget.release(batched)
     return ReceivedUpload(temp, size, digest.digest())
-
-
-class ByteBudget:
-    """Bytes of upload bodies held in memory by all the uploads of one event loop (one server).
-
-    An upload counts what it read until a worker has written it. When the budget is spent, an
-    upload first writes what it holds and then waits for room before reading again, so waiting
-    uploads hold nothing and the bytes in flight stay near :data:`MAX_BYTES_IN_FLIGHT` (plus one
-    read per reading upload, which aiohttp caps at its buffer size). Its socket is then not read,
-    which is TCP backpressure on the client: memory stays bounded however many leaves upload at
-    once, and a stalled client holds no share of the budget.
-    """
-
-    _instances: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ByteBudget]" = weakref.WeakKeyDictionary()
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self.uploads = 0  # bodies being received now
-        self._changed = asyncio.Event()
-
-    @classmethod
-    def of_running_loop(cls) -> "ByteBudget":
-        loop = asyncio.get_running_loop()
-        if loop not in cls._instances:
-            cls._instances[loop] = cls(MAX_BYTES_IN_FLIGHT)
-        return cls._instances[loop]
-
-    def spent(self) -> bool:
-        return self.used >= self.capacity
-
-    async def room(self) -> None:
-        while self.spent():
-            self._changed.clear()
-            await self._changed.wait()
-
-    def take(self, count: int) -> None:
-        self.used += count
-
-    def release(self, count: int) -> None:
-        self.used -= count
-        self._changed.set()
 
 
 async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeout_s: float,

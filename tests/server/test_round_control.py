@@ -211,7 +211,7 @@ def test_the_cli_drops_an_upload_and_resets_a_round_of_a_live_server(server_fact
 def test_uploads_share_a_small_in_flight_budget_and_all_complete(start_server, monkeypatch) -> None:
     import threading
 
-    from branchkey_integrations.server import uploads as receipt
+    from branchkey_integrations.server import budget as receipt
 
     monkeypatch.setattr(receipt, "MAX_BYTES_IN_FLIGHT", 1 << 20)  # 1 MiB for every upload together
     live = start_server()
@@ -228,4 +228,4 @@ def test_uploads_share_a_small_in_flight_budget_and_all_complete(start_server, m
     [layer] = live.fetch(leaves[0], live.wait_aggregate(branch["id"])).layers
     np.testing.assert_array_equal(layer, mean(sent)[0])
     budget = receipt.ByteBudget._instances[live.thread.loop]
-    assert budget.capacity == 1 << 20 and budget.used == 0  # every byte given back
+    assert budget.capacity == 1 << 20 and budget.used == 0 and budget.owed == 0  # every byte given back
