@@ -37,6 +37,7 @@ from ..core.protocol import (
     encode_message,
     is_file_id,
 )
+from .budget import ByteBudget
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
@@ -99,17 +100,23 @@ async def upload_file(request: web.Request) -> web.Response:
     server.rounds.check_accepting(branch)  # refuse before reading a body of hundreds of MB
     limits = server.config.upload_limits
     temp = server.store.new_temp_path()
+    budget = ByteBudget.of_running_loop()
     try:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
-        archive = await decode_upload(upload.path, limits, server.workers)
+        budget.owe(upload.size)  # until refused or committed (its fold owes it from there): checks keep pace too
         try:
-            with storage_errors():  # the commit's fsync and rename may meet a full disk too
-                accepted = await server.rounds.accept_upload(
-                    leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
-                )
+            archive = await decode_upload(upload.path, limits, server.workers)
+            try:
+                with storage_errors():  # the commit's fsync and rename may meet a full disk too
+                    accepted = await server.rounds.accept_upload(
+                        leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(),
+                        metadata=upload.metadata,
+                    )
+            finally:
+                archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
         finally:
-            archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
+            budget.repay(upload.size)
     except (InvalidValueError, ArchiveError) as exc:  # a refused body (400/413): the round's progress shows it
         await server.rounds.record_refusal(leaf, str(exc))
         events_of(request).emit("refused", leaf.branch_id, leaf=leaf.name, reason=str(exc)[:500])

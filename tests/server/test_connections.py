@@ -154,7 +154,9 @@ def test_a_client_that_disconnects_mid_upload_is_logged_at_info_not_as_an_error(
                     + b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"w.npz\"\r\n\r\n" + b"\0" * 5000)
         wait_until(lambda: set(files_dir.iterdir()) != before, 10, "the upload to start")
     wait_until(lambda: any("ended early" in r.getMessage() for r in caplog.records), 10, "the disconnect to be logged")
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    # the server's own loggers and aiohttp's (asyncio's garbage collector may report an earlier test's loop)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith(("branchkey", "aiohttp"))]
+    assert not errors, [r.getMessage() for r in caplog.records]
     wait_until(lambda: set(files_dir.iterdir()) == before, 10, "the temporary file to be removed")
 
 
