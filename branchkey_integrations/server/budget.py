@@ -1,10 +1,11 @@
 """The one budget that keeps a server's receipt in step with its memory and its aggregation.
 
-Uploads arrive faster than a server can fold them when many leaves finish at once. Buffering
-them (or letting their folds queue) would make memory and the wait after the last upload grow
-with the number of leaves; instead, every upload body being received and every accepted upload
-not yet folded into its round's running sum draws on one :class:`ByteBudget`, and receipt stops
-reading sockets while it is spent: TCP backpressure on the clients, however many there are.
+Uploads arrive faster than a server can check and fold them when many leaves finish at once.
+Buffering them (or letting their checks and folds queue) would make memory and the wait after
+the last upload grow with the number of leaves; instead, every upload body being received and
+every received upload not yet refused or folded into its round's running sum draws on one
+:class:`ByteBudget`, and receipt stops reading sockets while it is spent: TCP backpressure on
+the clients, however many there are.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ class ByteBudget:
     """Bytes that one event loop's (one server's) uploads hold or owe.
 
     ``used``: bytes of bodies read and not yet written; an upload counts what it read until a worker
-    has written it. ``owed``: bytes of accepted uploads not yet folded into their round's running
-    sum (:meth:`Rounds.accept_upload` owes them, the branch's fold task repays them after its pass).
+    has written it. ``owed``: bytes of uploads received in full and not yet refused or folded into
+    their round's running sum (the upload handler owes them while the upload is checked and
+    committed, :meth:`Rounds.accept_upload` from its commit, and the branch's fold task repays
+    those after the pass that folds them).
     When the two together reach the capacity, an upload first writes what it holds and then waits
     for room before reading again, so waiting uploads hold nothing, the bytes in memory stay near
     :data:`MAX_BYTES_IN_FLIGHT` (plus one read per reading upload, which aiohttp caps at its buffer
