@@ -59,6 +59,8 @@ _DATA_PART_LIMIT = 1 << 20
 #: twice the read size per connection before it stops reading the socket (a fixed allowance per connection)
 FAST_UPLOADS = 4
 _SMALL_READ = 64 << 10
+#: bytes such an upload's socket is read at a time (asyncio reads 256 KiB; see :func:`_socket_reads`)
+_SMALL_RECV = 32 << 10
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 
@@ -220,7 +222,7 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
             pending, pending_bytes = asyncio.ensure_future(_hash_beside_write(workers, out, digest, batch)), batched
             batch, batched = [], 0
 
-    with open(temp, "wb") as out:
+    with open(temp, "wb") as out, _socket_reads(request, _SMALL_RECV if read_size == _SMALL_READ else None):
         try:
             while True:
                 if budget.spent():  # by all uploads together: hold nothing while waiting for room
@@ -245,6 +247,27 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
             await settle()
             budget.release(batched)
     return ReceivedUpload(temp, size, digest.digest())
+
+
+@contextlib.contextmanager
+def _socket_reads(request: web.Request, size: int | None) -> Iterator[None]:
+    """Have asyncio's selector transport read this connection's socket ``size`` bytes at a time (None:
+    as it does), for the duration of the block.
+
+    It reads 256 KiB at a time (``max_size``, a class attribute), and a connection whose upload
+    waits for the budget holds its last read besides aiohttp's buffer: with 32 KiB reads, 100 uploads
+    at once peaked at 74-76 MB of server RSS growth instead of 84-90 (same round times). Transports
+    of other event loops (no such attribute) are left as they are.
+    """
+    transport = request.transport
+    if size is None or transport is None or not isinstance(getattr(type(transport), "max_size", None), int):
+        yield
+        return
+    transport.max_size = size  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del transport.max_size  # type: ignore[attr-defined]  # the class's again, for the connection's next request
 
 
 async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeout_s: float,

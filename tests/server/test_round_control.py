@@ -285,3 +285,24 @@ def test_an_upload_being_checked_holds_back_the_others_receipt_and_a_refused_one
     assert live.upload(leaves[2], bad).status_code == 400  # refused after receipt: what it owed comes back
     assert budget.owed == 0 and budget.used == 0
     assert progress(live, leaves[0])["uploaded"] == [leaves[0]["name"], leaves[1]["name"]]
+
+
+def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restored(live, monkeypatch) -> None:
+    from branchkey_integrations.server import uploads as receipt
+
+    monkeypatch.setattr(receipt, "FAST_UPLOADS", 0)  # every upload reads 64 KiB pieces, as past the first four
+    seen: list[tuple[int, object]] = []
+    real_read = receipt._read_or_stall
+
+    async def read(request, *args, **kwargs):
+        transport = request.transport
+        seen.append((transport.max_size, transport))
+        return await real_read(request, *args, **kwargs)
+
+    monkeypatch.setattr(receipt, "_read_or_stall", read)
+    branch, leaves = live.make_branch(2)
+    assert live.upload(leaves[0], wire.encode([np.ones(300_000, np.float32)], 1.0)).status_code == 201
+    sizes = {size for size, _ in seen}
+    transport = seen[0][1]
+    assert sizes == {receipt._SMALL_RECV} and receipt._SMALL_RECV < type(transport).max_size
+    assert "max_size" not in vars(transport)  # the connection's next request reads as asyncio does
