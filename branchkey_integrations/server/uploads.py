@@ -59,7 +59,9 @@ _DATA_PART_LIMIT = 1 << 20
 #: twice the read size per connection before it stops reading the socket (a fixed allowance per connection)
 FAST_UPLOADS = 4
 _SMALL_READ = 64 << 10
-#: bytes such an upload's socket is read at a time (asyncio reads 256 KiB; see :func:`_socket_reads`)
+#: uploads at once beyond which a new one's socket is read ``_SMALL_RECV`` bytes at a time (asyncio
+#: reads 256 KiB; see :func:`_socket_reads`): per-connection memory matters only with many connections
+_MANY_UPLOADS = 16
 _SMALL_RECV = 32 << 10
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
@@ -222,7 +224,8 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
             pending, pending_bytes = asyncio.ensure_future(_hash_beside_write(workers, out, digest, batch)), batched
             batch, batched = [], 0
 
-    with open(temp, "wb") as out, _socket_reads(request, _SMALL_RECV if read_size == _SMALL_READ else None):
+    small_recv = _SMALL_RECV if budget.uploads > _MANY_UPLOADS else None
+    with open(temp, "wb") as out, _socket_reads(request, small_recv):
         try:
             while True:
                 if budget.spent():  # by all uploads together: hold nothing while waiting for room
@@ -256,8 +259,9 @@ def _socket_reads(request: web.Request, size: int | None) -> Iterator[None]:
 
     It reads 256 KiB at a time (``max_size``, a class attribute), and a connection whose upload
     waits for the budget holds its last read besides aiohttp's buffer: with 32 KiB reads, 100 uploads
-    at once peaked at 74-76 MB of server RSS growth instead of 84-90 (same round times). Transports
-    of other event loops (no such attribute) are left as they are.
+    at once peaked at 74-76 MB of server RSS growth instead of 84-90 (same round times), but 8
+    uploads of 200 MB took 10-30% longer, hence only past ``_MANY_UPLOADS``. Transports of other event
+    loops (no such attribute) are left as they are.
     """
     transport = request.transport
     if size is None or transport is None or not isinstance(getattr(type(transport), "max_size", None), int):

@@ -291,6 +291,7 @@ def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restor
     from branchkey_integrations.server import uploads as receipt
 
     monkeypatch.setattr(receipt, "FAST_UPLOADS", 0)  # every upload reads 64 KiB pieces, as past the first four
+    monkeypatch.setattr(receipt, "_MANY_UPLOADS", -1)  # ... and its socket 32 KiB at a time, as past the 16th
     seen: list[tuple[int, object]] = []
     real_read = receipt._read_or_stall
 
