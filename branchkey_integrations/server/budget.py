@@ -14,7 +14,7 @@ import asyncio
 import weakref
 
 #: bytes one server takes on at most before receipt waits: upload bodies held in memory, all
-#: connections together, plus accepted uploads waiting for their fold (see :class:`ByteBudget`)
+#: connections together, plus received uploads not yet refused or folded (see :class:`ByteBudget`)
 MAX_BYTES_IN_FLIGHT = 16 << 20
 
 
