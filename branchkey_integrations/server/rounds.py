@@ -245,18 +245,32 @@ class Rounds:
 
         Returns (what aggregated, a note, the new state, the aggregate's size and digest); the aggregate is
         ``temps[-1]`` (appended here, with the state's temporary files). A run's first round has no
-        previous aggregate: the mean is its aggregate and the note says so.
+        previous aggregate: the mean is its aggregate and the note says so. A file the step needs that is
+        gone from the store (removed by hand, a damaged disk) is said in the note, not retried forever:
+        without the previous aggregate the mean is the aggregate; without the moments they start from zero.
         """
         name, params = branch.algorithm, branch.params
         previous = self.store.previous_aggregate(branch.id, run_number, round_index)
         if previous is None:
             return "fedavg", f"first round of run {run_number}: {name} starts from the FedAvg mean", None, None
+        if not previous[1].exists():
+            note = (f"the aggregate of round {previous[0]} of run {run_number}, which {name} steps from, is missing "
+                    f"from the store ({previous[1].name}): this round's aggregate is the FedAvg mean")
+            logger.error("branch %s run %d round %d: %s", branch.id, run_number, round_index, note)
+            return "fedavg", note, None, None
         state_in = self.store.optimizer_state(branch.id, run_number, previous[0], name, params)
+        lost = [path.name for path in state_in or () if path is not None and not path.exists()]
+        note = None
+        if lost:
+            note = (f"the {name} state after round {previous[0]} of run {run_number} is missing from the store "
+                    f"({', '.join(lost)}): its moments start again from zero")
+            logger.error("branch %s run %d round %d: %s", branch.id, run_number, round_index, note)
+            state_in = None
         destination = self.store.new_temp_path()
         m_out, v_out = (self.store.new_state_temp_path() if used else None for used in uses_moments(name))
         temps += [path for path in (m_out, v_out) if path] + [destination]
         stepped = apply_optimizer(name, params, mean, previous[1], state_in, destination, m_out, v_out, specs)
-        return name, None, StateUpdate(name, params, m_out, v_out), stepped
+        return name, note, StateUpdate(name, params, m_out, v_out), stepped
 
     def _retry_aggregation(self, branch_id: str, deadline: bool, problem: str) -> None:
         """Try the failed aggregation again after a backoff (disk full, I/O error: the cause may go away)."""

@@ -146,7 +146,8 @@ async def round_status(request: web.Request) -> web.Response:
       a deadline or before its first upload), both ISO 8601 UTC;
     - ``latest_aggregate``: ``{"aggregation_id", "run_number", "round_index", "strategy", "strategy_note"}``
       of the branch's latest aggregate, or null: a leaf that missed a notification finds its result here;
-      ``strategy`` says what aggregated it and ``strategy_note``, when it was not the branch's strategy, why;
+      ``strategy`` says what aggregated it and ``strategy_note``, when it was not the branch's strategy (or its
+      stored state was lost), why;
     - ``strategy``, ``strategy_params``: how the branch aggregates (README: Strategies).
     """
     server = server_of(request)
