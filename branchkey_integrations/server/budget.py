@@ -23,9 +23,10 @@ class ByteBudget:
 
     ``used``: bytes of bodies read and not yet written; an upload counts what it read until a worker
     has written it. ``owed``: bytes of uploads received in full and not yet refused or folded into
-    their round's running sum (the upload handler owes them while the upload is checked and
-    committed, :meth:`Rounds.accept_upload` from its commit, and the branch's fold task repays
-    those after the pass that folds them).
+    their round's running sum: the upload handler owes them while the upload is checked (a
+    :class:`Debt`, settled before it waits for its branch's lock, so an aggregation holding that
+    lock never stops the server's receipt), :meth:`Rounds.accept_upload` again from its commit,
+    and the branch's fold task repays those after the pass that folds them.
     When the two together reach the capacity, an upload first writes what it holds and then waits
     for room before reading again, so waiting uploads hold nothing, the bytes in memory stay near
     :data:`MAX_BYTES_IN_FLIGHT` (plus one read per reading upload, which aiohttp caps at its buffer
@@ -72,5 +73,24 @@ class ByteBudget:
         self.owed -= count
         self._changed.set()
 
+    def debt(self, count: int) -> "Debt":
+        """Owe ``count`` bytes until the returned :class:`Debt` is settled."""
+        self.owe(count)
+        return Debt(self, count)
 
-__all__ = ["ByteBudget", "MAX_BYTES_IN_FLIGHT"]
+
+class Debt:
+    """What one received upload owes a :class:`ByteBudget`: repaid once, however often it is settled
+    (the round logic settles it before the upload waits for its branch's lock, the handler always)."""
+
+    def __init__(self, budget: ByteBudget, count: int) -> None:
+        self._budget = budget
+        self._count = count
+
+    def settle(self) -> None:
+        if self._count:
+            self._budget.repay(self._count)
+            self._count = 0
+
+
+__all__ = ["ByteBudget", "Debt", "MAX_BYTES_IN_FLIGHT"]

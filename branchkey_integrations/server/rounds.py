@@ -49,7 +49,7 @@ from ..core.errors import (
 )
 from ..core.protocol import START, STOP, aggregation_message, run_status_message
 from .aggregation import RunningSum, aggregate_files, file_sha256
-from .budget import ByteBudget
+from .budget import ByteBudget, Debt
 from .notify import Notifier
 from .progress import round_progress
 from .records import Branch, Leaf, StateUpdate, UploadInput
@@ -117,10 +117,13 @@ class Rounds:
 
     async def accept_upload(
         self, leaf: Leaf, archive: wire.Archive, path: Path, *, size: int, sha256: str, metadata: str | None,
+        debt: Debt | None = None,
     ) -> AcceptedUpload:
         """Check a decoded upload against its round and commit the file at ``path``; returns its id and round.
 
-        Aggregation, if the round is now complete, follows in the background.
+        Aggregation, if the round is now complete, follows in the background. ``debt``, what the upload
+        owes the byte budget while it is checked, is settled before it waits for the branch's lock; from
+        its commit it owes its size again until folded.
 
         Raises:
             RunNotStartedError: the run is paused or stopped.
@@ -135,6 +138,8 @@ class Rounds:
             raise InvalidValueError(f"Upload rejected: {exc}") from exc
         finally:
             archive.layers.clear()  # they view a memory map of the upload: unmap it before waiting for the lock
+            if debt is not None:
+                debt.settle()
         async with self.lock(leaf.branch_id):
             branch = await blocking(self.store.require_branch, leaf.branch_id)
             current = await blocking(self.store.open_round, branch.id)

@@ -104,19 +104,19 @@ async def upload_file(request: web.Request) -> web.Response:
     try:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
-        budget.owe(upload.size)  # until refused or committed (its fold owes it from there): checks keep pace too
+        debt = budget.debt(upload.size)  # while it is checked: checks keep pace with receipt too
         try:
             archive = await decode_upload(upload.path, limits, server.workers)
             try:
                 with storage_errors():  # the commit's fsync and rename may meet a full disk too
                     accepted = await server.rounds.accept_upload(
                         leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(),
-                        metadata=upload.metadata,
+                        metadata=upload.metadata, debt=debt,
                     )
             finally:
                 archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
         finally:
-            budget.repay(upload.size)
+            debt.settle()
     except (InvalidValueError, ArchiveError) as exc:  # a refused body (400/413): the round's progress shows it
         await server.rounds.record_refusal(leaf, str(exc))
         events_of(request).emit("refused", leaf.branch_id, leaf=leaf.name, reason=str(exc)[:500])

@@ -307,3 +307,51 @@ def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restor
     transport = seen[0][1]
     assert sizes == {receipt._SMALL_RECV} and receipt._SMALL_RECV < type(transport).max_size
     assert "max_size" not in vars(transport)  # the connection's next request reads as asyncio does
+
+
+def test_an_upload_waiting_for_its_branch_lock_owes_nothing_so_other_branches_receive(start_server,
+                                                                                      monkeypatch) -> None:
+    """An aggregation holds its branch's lock: the next upload of that branch waits for it without
+    holding the server's budget, so another branch's upload is received and counted meanwhile."""
+    import asyncio
+    import threading
+
+    from branchkey_integrations.server import budget as receipt
+
+    monkeypatch.setattr(receipt, "MAX_BYTES_IN_FLIGHT", 1 << 20)
+    live = start_server()
+    busy, (a,) = live.make_branch(1)
+    _, (b,) = live.make_branch(1)
+    loop, rounds = live.thread.loop, live.thread.server.rounds
+    held, release = threading.Event(), asyncio.Event()
+
+    async def hold_lock() -> None:  # as a long aggregation of branch `busy` does
+        async with rounds.lock(busy["id"]):
+            held.set()
+            await release.wait()
+
+    holder = asyncio.run_coroutine_threadsafe(hold_lock(), loop)
+    assert held.wait(10)
+    asked, real_lock = threading.Event(), rounds.lock
+
+    def lock(branch_id: str):
+        if branch_id == busy["id"]:
+            asked.set()  # the upload has been checked and now waits for the lock
+        return real_lock(branch_id)
+
+    monkeypatch.setattr(rounds, "lock", lock)
+    answers: dict[str, int] = {}
+    waiting = threading.Thread(target=lambda: answers.__setitem__("a", live.upload(
+        a, wire.encode([np.full(750_000, 1, np.float32)], 1.0, compression="none")).status_code))
+    waiting.start()
+    assert asked.wait(30)
+    budget = receipt.ByteBudget._instances[loop]
+    assert budget.owed == 0 and not budget.spent()
+    other = live.upload(b, wire.encode([np.full(750_000, 2, np.float32)], 1.0, compression="none"))
+    assert other.status_code == 201 and "a" not in answers  # received and counted while `a` waits
+    loop.call_soon_threadsafe(release.set)
+    holder.result(10)
+    waiting.join(30)
+    assert answers == {"a": 201}
+    live.wait_aggregate(busy["id"])
+    assert budget.owed == 0 and budget.used == 0
