@@ -55,7 +55,9 @@ class ByteBudget:
         return self.used + self.owed >= self.capacity
 
     async def room(self) -> None:
-        while self.spent():
+        """Wait until half the capacity is free again: a hundred waiting uploads then resume together
+        for a while, instead of stopping and starting at every byte repaid."""
+        while self.used + self.owed >= self.capacity // 2:
             self._changed.clear()
             await self._changed.wait()
 

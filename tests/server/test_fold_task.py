@@ -79,3 +79,21 @@ def test_a_failing_fold_still_repays_what_it_owed() -> None:
         return ByteBudget.of_running_loop().owed
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_receipt_resumes_only_when_half_the_budget_is_free_again() -> None:
+    async def scenario() -> list[tuple[int, bool, bool]]:
+        budget = ByteBudget(100)
+        budget.take(30)  # bodies in memory
+        budget.owe(70)  # uploads not yet folded
+        assert budget.spent()
+        room = asyncio.ensure_future(budget.room())
+        states = []
+        for give_back, count in ((budget.repay, 20), (budget.release, 20), (budget.release, 10), (budget.repay, 1)):
+            give_back(count)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            states.append((budget.used + budget.owed, budget.spent(), room.done()))
+        return states
+
+    assert asyncio.run(scenario()) == [(80, False, False), (60, False, False), (50, False, False), (49, False, True)]
