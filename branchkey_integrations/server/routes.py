@@ -37,7 +37,6 @@ from ..core.protocol import (
     encode_message,
     is_file_id,
 )
-from .budget import ByteBudget
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
@@ -100,23 +99,17 @@ async def upload_file(request: web.Request) -> web.Response:
     server.rounds.check_accepting(branch)  # refuse before reading a body of hundreds of MB
     limits = server.config.upload_limits
     temp = server.store.new_temp_path()
-    budget = ByteBudget.of_running_loop()
     try:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
-        debt = budget.debt(upload.size)  # while it is checked: checks keep pace with receipt too
+        archive = await decode_upload(upload.path, limits, server.workers)
         try:
-            archive = await decode_upload(upload.path, limits, server.workers)
-            try:
-                with storage_errors():  # the commit's fsync and rename may meet a full disk too
-                    accepted = await server.rounds.accept_upload(
-                        leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(),
-                        metadata=upload.metadata, debt=debt,
-                    )
-            finally:
-                archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
+            with storage_errors():  # the commit's fsync and rename may meet a full disk too
+                accepted = await server.rounds.accept_upload(
+                    leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
+                )
         finally:
-            debt.settle()
+            archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
     except (InvalidValueError, ArchiveError) as exc:  # a refused body (400/413): the round's progress shows it
         await server.rounds.record_refusal(leaf, str(exc))
         events_of(request).emit("refused", leaf.branch_id, leaf=leaf.name, reason=str(exc)[:500])
@@ -146,8 +139,7 @@ async def round_status(request: web.Request) -> web.Response:
       a deadline or before its first upload), both ISO 8601 UTC;
     - ``latest_aggregate``: ``{"aggregation_id", "run_number", "round_index", "strategy", "strategy_note"}``
       of the branch's latest aggregate, or null: a leaf that missed a notification finds its result here;
-      ``strategy`` says what aggregated it and ``strategy_note``, when it was not the branch's strategy (or its
-      stored state was lost), why;
+      ``strategy`` says what aggregated it and ``strategy_note``, when it was not the branch's strategy, why;
     - ``strategy``, ``strategy_params``: how the branch aggregates (README: Strategies).
     """
     server = server_of(request)
