@@ -259,7 +259,7 @@ def _socket_reads(request: web.Request, size: int | None) -> Iterator[None]:
 
     It reads 256 KiB at a time (``max_size``, a class attribute), and a connection whose upload
     waits for the budget holds its last read besides aiohttp's buffer: with 32 KiB reads, 100 uploads
-    at once peaked at 74-76 MB of server RSS growth instead of 84-90 (same round times), but 8
+    at once peaked at 77-79 MB of server RSS growth instead of 87-93 (same round times), but 8
     uploads of 200 MB took 10-30% longer, hence only past ``_MANY_UPLOADS``. Transports of other event
     loops (no such attribute) are left as they are.
     """
