@@ -72,7 +72,8 @@ SCHEMAS: dict[str, Schema] = {
     "RunDetails": _obj({"run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
     "UploadAccepted": _obj({"file_id": _STR, "run_number": _INT, "round_index": _INT}),
     "LatestAggregate": _obj({"aggregation_id": _STR, "run_number": _INT, "round_index": _INT}, {
-        "strategy": _null(_STRATEGY), "strategy_note": _null({**_STR, "description": "why not the branch's strategy, or its state lost"})}),
+        "strategy": _null(_STRATEGY),
+        "strategy_note": _null({**_STR, "description": "why not the branch's strategy, or its state lost"})}),
     "Refusal": _obj({"leaf": _STR, "reason": _STR, "at": _TIME}),
     "RoundProgress": _obj({
         "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "round_index": _null(_INT),

@@ -304,9 +304,7 @@ class Rounds:
         One fold task per branch at a time: an upload committed while it runs only asks it to go round
         again (each pass folds every upload committed so far), so K uploads at once cost a few passes
         instead of K queued ones, each listing the whole round (0.9-2 s of backlog after the last of
-        100 uploads at 4 MB, before). Receipt does not wait for folds: making it wait (each upload owing
-        its bytes to the in-flight budget until folded) was measured, and moved the work from after the
-        last upload to between the uploads with rounds 2-17% longer (README, issue 12 figures).
+        100 uploads at 4 MB, before). Receipt does not wait for folds (why: :class:`~.budget.ByteBudget`).
         """
         if branch_id in self._catching_up:
             self._catching_up[branch_id] = True

@@ -577,8 +577,9 @@ class Store:
 
         ``size`` and ``sha256`` come from whoever wrote the file (hashed while writing, not read back).
         ``strategy``/``strategy_note`` record what aggregated the round (and why, when it was not the
-        branch's strategy or its stored state was lost); ``state``, a server optimizer's new moments, replaces the branch's stored
-        state in the same transaction, so a crash leaves the old aggregate and state or the new ones.
+        branch's strategy or its stored state was lost); ``state``, a server optimizer's new moments,
+        replaces the branch's stored state in the same transaction, so a crash leaves the old aggregate
+        and state or the new ones.
         ``durable=False`` (a FedAvg mean, which its round's uploads can make again): the file is
         renamed into place but not fsynced; the caller calls :meth:`sync_file` before retention.
         """
