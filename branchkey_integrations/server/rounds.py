@@ -100,7 +100,8 @@ class Rounds:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._fold_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sums: dict[str, tuple[tuple[int, int], RunningSum]] = {}  # branch -> (run, round), its running sum
-        self._catching_up: dict[str, bool] = {}  # branch -> whether uploads came while its fold task ran
+        self._folding: set[str] = set()  # branches whose fold task runs
+        self._next_pass: dict[str, asyncio.Future[None]] = {}  # branch -> done when its next fold pass is
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # branch -> failed attempts, next try
         self._unsynced: dict[str, tuple[str, asyncio.Future[bool]]] = {}  # branch -> its latest aggregate's fsync
 
@@ -118,7 +119,8 @@ class Rounds:
     ) -> AcceptedUpload:
         """Check a decoded upload against its round and commit the file at ``path``; returns its id and round.
 
-        Aggregation, if the round is now complete, follows in the background.
+        Returns once the upload is folded into the round's running sum (its answer then means counted); the
+        aggregation, if the round is now complete, follows in the background.
 
         Raises:
             RunNotStartedError: the run is paused or stopped.
@@ -155,7 +157,9 @@ class Rounds:
                     current.run_number, current.round_index)
         if replaced:
             self.workers.spawn(blocking(self.store.remove_files, replaced))
-        self._fold_soon(branch.id)
+        # answered once folded: the work left after a round's last answer is O(model) however many uploads
+        # finished with it, and sockets are still read meanwhile (a budget owed until folds stalled receipt)
+        await asyncio.shield(self._fold_soon(branch.id))
         return AcceptedUpload(file_id, current.run_number, current.round_index)
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
@@ -203,6 +207,7 @@ class Rounds:
                         running = self._running_sum(branch_id, run_number, round_index)
                         await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads],
                                        specs)
+                        self._answer_waiting(branch_id)  # uploads committed during the last fold pass: folded now
                         size, digest = await blocking(running.write, temp, durable=False)
                     applied, state = "fedavg", None
                     if name in OPTIMIZERS:
@@ -221,6 +226,7 @@ class Rounds:
                 self._retry_aggregation(branch_id, deadline, f"run {run_number} round {round_index}: {exc}")
                 return None
             finally:
+                self._answer_waiting(branch_id)  # committed, and counted in this round's aggregation (or its retry)
                 for path in temps:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
@@ -298,33 +304,42 @@ class Rounds:
             self._sums[branch_id] = ((run_number, round_index), running)
         return running
 
-    def _fold_soon(self, branch_id: str) -> None:
-        """Have the branch's fold task fold the upload just committed.
+    def _fold_soon(self, branch_id: str) -> asyncio.Future[None]:
+        """Have the branch's fold task fold the upload just committed; the future is done once it has.
 
         One fold task per branch at a time: an upload committed while it runs only asks it to go round
         again (each pass folds every upload committed so far), so K uploads at once cost a few passes
         instead of K queued ones, each listing the whole round (0.9-2 s of backlog after the last of
-        100 uploads at 4 MB, before). Receipt does not wait for folds (why: :class:`~.budget.ByteBudget`).
+        100 uploads at 4 MB, before). Receipt does not wait for folds (why: :class:`~.budget.ByteBudget`);
+        the upload's answer does (:meth:`accept_upload`).
         """
-        if branch_id in self._catching_up:
-            self._catching_up[branch_id] = True
-        else:
-            self._catching_up[branch_id] = False
+        upcoming = self._next_pass.get(branch_id)
+        if upcoming is None:
+            upcoming = self._next_pass[branch_id] = asyncio.get_running_loop().create_future()
+        if branch_id not in self._folding:
+            self._folding.add(branch_id)
             self.workers.spawn(self._fold_then_aggregate(branch_id))
+        return upcoming
 
     async def _fold_then_aggregate(self, branch_id: str) -> None:
         """Fold the open round's new uploads into its running sum (outside the branch lock, so
         receipt goes on), then aggregate if the round is complete; again while :meth:`_fold_soon`
         asked for it."""
         try:
-            while True:
-                await self.fold(branch_id)
+            while (this_pass := self._next_pass.pop(branch_id, None)) is not None:
+                try:
+                    await self.fold(branch_id)
+                finally:
+                    _resolve(this_pass)
                 await self.aggregate_if_ready(branch_id)
-                if not self._catching_up[branch_id]:
-                    return
-                self._catching_up[branch_id] = False
         finally:
-            del self._catching_up[branch_id]
+            self._folding.discard(branch_id)
+            self._answer_waiting(branch_id)  # only when cancelled (shutdown): their uploads are committed
+
+    def _answer_waiting(self, branch_id: str) -> None:
+        """Let the uploads waiting for the branch's next fold pass answer: the aggregation of their round
+        folded them (it holds the branch lock, so every committed upload is in it)."""
+        _resolve(self._next_pass.pop(branch_id, None))
 
     async def fold(self, branch_id: str) -> None:
         """Bring the running sum of the branch's open round up to its committed uploads.
@@ -506,6 +521,11 @@ class Rounds:
                     await self.aggregate_if_ready(branch_id, deadline=True)
             except Exception:  # the loop must outlive one bad round
                 logger.exception("round deadline check failed")
+
+
+def _resolve(waiting: asyncio.Future[None] | None) -> None:
+    if waiting is not None and not waiting.done():
+        waiting.set_result(None)
 
 
 __all__ = ["Rounds", "AcceptedUpload", "run_blocked_message"]

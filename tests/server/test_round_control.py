@@ -209,7 +209,7 @@ def test_the_cli_drops_an_upload_and_resets_a_round_of_a_live_server(server_fact
 
 
 def test_uploads_share_a_small_in_flight_budget_and_all_complete(start_server, monkeypatch) -> None:
-    import threading
+    import sys, threading
 
     from branchkey_integrations.server import budget as receipt
 
@@ -229,6 +229,53 @@ def test_uploads_share_a_small_in_flight_budget_and_all_complete(start_server, m
     np.testing.assert_array_equal(layer, mean(sent)[0])
     budget = receipt.ByteBudget._instances[live.thread.loop]
     assert budget.capacity == 1 << 20 and budget.used == 0  # every byte given back
+
+
+def test_an_upload_is_answered_once_folded_so_the_last_answer_leaves_only_the_mean(start_server, monkeypatch) -> None:
+    """Uploads that finish together are folded after their bodies arrived; each 201 waits until its
+    upload is in the round's running sum (a fold pass, or the aggregation's own bringing up to date),
+    so what follows the round's last 201 is writing the mean: O(model), however many finished with it."""
+    import threading
+
+    from branchkey_integrations.server.aggregation import RunningSum
+
+    events: list[tuple[str, object]] = []
+    real_sync = RunningSum.sync
+
+    def sync(self, *args, **kwargs) -> None:  # in a worker thread, done before the answers it lets go
+        real_sync(self, *args, **kwargs)
+        events.append(("folded", set(self.members.values())))
+
+    monkeypatch.setattr(RunningSum, "sync", sync)
+    live = start_server()
+    rounds = live.thread.server.rounds
+    real_accept = rounds.accept_upload
+
+    async def accept(*args, **kwargs):
+        accepted = await real_accept(*args, **kwargs)
+        events.append(("answered", accepted.file_id))
+        return accepted
+
+    rounds.accept_upload = accept
+    branch, leaves = live.make_branch(6)
+    sent = [([np.full(250_000, i, np.float32)], float(i + 1)) for i in range(6)]
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda leaf=leaf, u=u: answers.append(
+        live.upload(leaf, wire.encode(*u, compression="none")).status_code)) for leaf, u in zip(leaves, sent)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == [201] * 6
+    [layer] = live.fetch(leaves[0], live.wait_aggregate(branch["id"])).layers
+    np.testing.assert_array_equal(layer, mean(sent)[0])
+    folded: set[object] = set()
+    for kind, what in events:
+        if kind == "folded":
+            folded |= what  # type: ignore[operator]
+        else:
+            assert what in folded, f"upload {what} was answered before it was folded: {events}"
+    assert sum(kind == "answered" for kind, _ in events) == 6
 
 
 def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restored(live, monkeypatch) -> None:
