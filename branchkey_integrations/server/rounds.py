@@ -104,6 +104,7 @@ class Rounds:
         self._next_pass: dict[str, asyncio.Future[None]] = {}  # branch -> done when its next fold pass is
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # branch -> failed attempts, next try
         self._unsynced: dict[str, tuple[str, asyncio.Future[bool]]] = {}  # branch -> its latest aggregate's fsync
+        self._prepared: dict[str, tuple[Path, asyncio.Future[None]]] = {}  # branch -> its next aggregate's file
 
     def lock(self, branch_id: str) -> asyncio.Lock:
         return self._locks[branch_id]
@@ -190,7 +191,7 @@ class Rounds:
             if plan is None:
                 return None
             branch, run_number, round_index, uploads = plan
-            temp = self.store.new_temp_path()
+            temp = await self._prepared_file(branch_id)
             temps = [temp]
             specs = uploads[0].specs
             try:
@@ -331,10 +332,36 @@ class Rounds:
                     await self.fold(branch_id)
                 finally:
                     _resolve(this_pass)
-                await self.aggregate_if_ready(branch_id)
+                if await self.aggregate_if_ready(branch_id) is None:
+                    self._prepare_aggregate(branch_id)
         finally:
             self._folding.discard(branch_id)
             self._answer_waiting(branch_id)  # only when cancelled (shutdown): their uploads are committed
+
+    def _prepare_aggregate(self, branch_id: str) -> None:
+        """Have the file of the branch's next aggregate written ahead while its round's uploads arrive
+        (why: :meth:`RunningSum.prepare`); once per aggregate, for a round that has uploads."""
+        held = self._sums.get(branch_id)
+        if held is None or held[1].specs is None or branch_id in self._prepared:
+            return
+        path, running = self.store.new_temp_path(), held[1]
+
+        async def prepare() -> None:
+            branch = await self.workers.blocking(self.store.get_branch, branch_id)
+            if branch is not None and branch.algorithm not in ROBUST:  # those write their aggregate themselves
+                await self.workers.blocking(running.prepare, path)
+
+        self._prepared[branch_id] = (path, self.workers.spawn(prepare()))
+
+    async def _prepared_file(self, branch_id: str) -> Path:
+        """Where the branch's aggregate is written: the file :meth:`_prepare_aggregate` wrote ahead, or a new name."""
+        path, preparing = self._prepared.pop(branch_id, (self.store.new_temp_path(), None))
+        if preparing is not None:
+            try:
+                await asyncio.shield(preparing)
+            except (OSError, LocalServerError, sqlite3.Error) as exc:  # a full disk, say: the aggregate is written anyway
+                logger.debug("writing branch %s's next aggregate ahead failed: %s", branch_id, exc)
+        return path
 
     def _answer_waiting(self, branch_id: str) -> None:
         """Let the uploads waiting for the branch's next fold pass answer: the aggregation of their round

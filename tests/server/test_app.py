@@ -185,7 +185,9 @@ def test_bad_uploads_are_refused_and_leave_the_round_as_it_was(live) -> None:
     branch, (a, b, c) = live.make_branch(3)
     assert live.upload(a, wire.encode(LAYERS, 1.0)).status_code == 201  # the round now has a layout
     store = live.thread.server.store
-    files_before = sorted(p.name for p in store.files_dir.iterdir())
+    # the round's aggregate-to-be, which the server writes ahead once the round has an upload, is there too
+    files_before = sorted(p.name for p in live.wait_for(lambda: len(list(store.files_dir.iterdir())) == 2 and
+                                                        list(store.files_dir.iterdir())))
     uploads_before = live.admin("GET", f"/admin/v1/branches/{branch['id']}/uploads", expect=200)
     for name, content, headers, status, message in BAD_UPLOADS:
         answer = live.upload(b, content, headers=headers)

@@ -278,6 +278,24 @@ def test_an_upload_is_answered_once_folded_so_the_last_answer_leaves_only_the_me
     assert sum(kind == "answered" for kind, _ in events) == 6
 
 
+def test_the_aggregate_is_written_into_the_file_prepared_while_the_round_was_open(live) -> None:
+    """After a round's first upload the server writes its aggregate-to-be ahead (zeros, in the page cache);
+    the aggregate is then that very file, so the time after the last upload does not pay for fresh pages."""
+    files = live.thread.server.store.files_dir
+    branch, leaves = live.make_branch(2)
+    sent = [([np.full((300, 100), i, np.float32), np.arange(7, dtype=np.float64) * i], float(i + 1)) for i in range(2)]
+    assert live.upload(leaves[0], wire.encode(*sent[0])).status_code == 201
+    [prepared] = live.wait_for(lambda: [p for p in files.iterdir() if p.name.startswith(".tmp-")
+                                        and p.stat().st_size >= 300 * 100 * 4 + 7 * 8])
+    inode = prepared.stat().st_ino
+    assert live.upload(leaves[1], wire.encode(*sent[1])).status_code == 201
+    aggregate_id = live.wait_aggregate(branch["id"])
+    assert (files / f"{aggregate_id}.npz").stat().st_ino == inode
+    for got, want in zip(live.fetch(leaves[0], aggregate_id).layers, mean(sent)):
+        np.testing.assert_array_equal(got, want)
+    assert not [p for p in files.iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restored(live, monkeypatch) -> None:
     from branchkey_integrations.server import uploads as receipt
 

@@ -272,3 +272,19 @@ def test_kill_9_during_a_round_and_its_aggregation_loses_and_doubles_nothing(ser
         np.testing.assert_array_equal(got, want)
     files = sorted(p.name for p in (server.data_dir / "files").iterdir())
     assert len(files) == 2 and not any(name.startswith(".tmp-") for name in files)  # two aggregates, no uploads
+
+
+@pytest.mark.parametrize("prepared_bytes", ["as prepare writes them", "larger", "smaller"])
+def test_the_mean_written_over_a_prepared_file_is_the_mean_written_fresh(tmp_path: Path, prepared_bytes: str) -> None:
+    rng = np.random.default_rng(3)
+    running = RunningSum()
+    running.sync(stored(tmp_path, [(model(rng), 2.0), (model(rng), 5.0)]))
+    fresh = running.write(tmp_path / "fresh.npz")
+    prepared = tmp_path / "prepared.npz"
+    running.prepare(prepared)
+    assert prepared.read_bytes() == bytes(prepared.stat().st_size) and prepared.stat().st_size >= fresh[0]
+    if prepared_bytes != "as prepare writes them":  # whatever a crash or another model left there
+        prepared.write_bytes(b"\xff" * (fresh[0] * 3 if prepared_bytes == "larger" else 100))
+    inode = prepared.stat().st_ino
+    assert running.write(prepared) == fresh  # same size and SHA-256: the file ends where the archive does
+    assert prepared.read_bytes() == (tmp_path / "fresh.npz").read_bytes() and prepared.stat().st_ino == inode
