@@ -443,7 +443,9 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
     from aiohttp import web
 
     from .server.app import DEFAULT_MAX_UPLOAD_BYTES, GuardedAppRunner, create_app
+    from .server.budget import limit_allocator_retention
 
+    limit_allocator_retention()
     try:
         app = create_app(data_dir, amqp_url=args.amqp_url, amqp_management_url=args.amqp_management_url,
                          public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,

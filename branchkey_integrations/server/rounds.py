@@ -4,13 +4,14 @@ An upload that passed :mod:`~branchkey_integrations.server.uploads` is checked (
 weighting) and its memory map released *before* it waits for its branch's ``asyncio.Lock``; under
 the lock it is checked against the round's layer layout (:meth:`Store.expected_layout`: from the
 second round of a run the previous aggregate's; in the first round the other leaves'; a leaf
-whose upload is the only one may replace it with another) and committed to the store (the caller
-answers 201 after that). It is then folded into the round's running FedAvg
-(:class:`~branchkey_integrations.server.aggregation.RunningSum`) outside the branch lock, one fold at
-a time per branch. When the open round holds ``min_leaves`` uploads (default: every leaf), or its
-round deadline passes with at least one upload, the running sum is brought up to the committed
-uploads and written as the aggregate (O(model) however many leaves), the next round opens, every
-leaf of the branch is notified, and retention removes the round's uploads (``keep_uploads``) and
+whose upload is the only one may replace it with another) and committed to the store. It is then
+folded into the round's running FedAvg (:class:`~branchkey_integrations.server.aggregation.RunningSum`)
+outside the branch lock, one fold at a time per branch, and the caller answers 201 once it is (so a
+round's last answer leaves only the mean to write); a round's first fold also has the aggregate's
+file written ahead (:meth:`RunningSum.prepare`). When the open round holds ``min_leaves`` uploads
+(default: every leaf), or its round deadline passes with at least one upload, the running sum is
+brought up to the committed uploads and written as the aggregate (O(model) however many leaves), the
+next round opens, every leaf of the branch is notified, and retention removes the round's uploads (``keep_uploads``) and
 aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is fsynced after the leaves are
 told, not before (it can be made again from the round's uploads, which retention keeps until then;
 :meth:`Rounds.recover` checks and remakes it after a crash). An operator may drop one leaf's upload or reset the
