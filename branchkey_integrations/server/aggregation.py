@@ -304,10 +304,11 @@ class RunningSum:
         round's last uploads still arrive, it takes that cost off the time between the last upload and
         the aggregate; the file is the aggregate-to-be, so the disk it holds is the aggregate's.
         """
-        if self.specs is None:
+        specs = self.specs  # the fold task may reset the sum meanwhile (a re-upload): this call's own reference
+        if specs is None:
             return
-        size = sum(math.prod(spec.shape) * spec.dtype.itemsize + _MEMBER_OVERHEAD for spec in self.specs)
-        zeros = bytes(min(size, FOLD_PIECE_BYTES))
+        size = sum(math.prod(spec.shape) * spec.dtype.itemsize + _MEMBER_OVERHEAD for spec in specs)
+        zeros = memoryview(bytes(min(size, FOLD_PIECE_BYTES)))
         with open(destination, "wb") as handle:
             for start in range(0, size, len(zeros)):
                 handle.write(zeros[:size - start])

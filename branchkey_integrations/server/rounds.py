@@ -348,9 +348,15 @@ class Rounds:
         path, running = self.store.new_temp_path(), held[1]
 
         async def prepare() -> None:
-            branch = await self.workers.blocking(self.store.get_branch, branch_id)
-            if branch is not None and branch.algorithm not in ROBUST:  # those write their aggregate themselves
-                await self.workers.blocking(running.prepare, path)
+            try:
+                branch = await self.workers.blocking(self.store.get_branch, branch_id)
+                if branch is not None and branch.algorithm not in ROBUST:  # those write their aggregate themselves
+                    await self.workers.blocking(running.prepare, path)
+            except (OSError, LocalServerError, sqlite3.Error) as exc:  # a full disk, say: written when the round is
+                logger.warning("writing the next aggregate of branch %s ahead failed (%s); it is written when its "
+                               "round completes", branch_id, exc)
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
         self._prepared[branch_id] = (path, self.workers.spawn(prepare()))
 
@@ -358,10 +364,7 @@ class Rounds:
         """Where the branch's aggregate is written: the file :meth:`_prepare_aggregate` wrote ahead, or a new name."""
         path, preparing = self._prepared.pop(branch_id, (self.store.new_temp_path(), None))
         if preparing is not None:
-            try:
-                await asyncio.shield(preparing)
-            except (OSError, LocalServerError, sqlite3.Error) as exc:  # a full disk, say: the aggregate is written anyway
-                logger.debug("writing branch %s's next aggregate ahead failed: %s", branch_id, exc)
+            await asyncio.shield(preparing)
         return path
 
     def _answer_waiting(self, branch_id: str) -> None:

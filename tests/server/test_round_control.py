@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import requests
@@ -294,6 +295,27 @@ def test_the_aggregate_is_written_into_the_file_prepared_while_the_round_was_ope
     for got, want in zip(live.fetch(leaves[0], aggregate_id).layers, mean(sent)):
         np.testing.assert_array_equal(got, want)
     assert not [p for p in files.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_full_disk_while_the_aggregate_is_written_ahead_costs_only_that(live, monkeypatch, caplog) -> None:
+    import errno
+
+    from branchkey_integrations.server.aggregation import RunningSum
+
+    def full(self, destination) -> None:
+        Path(destination).write_bytes(b"\0" * 1000)  # what got written before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunningSum, "prepare", full)
+    files = live.thread.server.store.files_dir
+    branch, leaves = live.make_branch(2)
+    sent = [([np.full((300, 100), i, np.float32)], float(i + 1)) for i in range(2)]
+    assert live.upload(leaves[0], wire.encode(*sent[0])).status_code == 201
+    live.wait_for(lambda: "ahead failed" in caplog.text)
+    assert not [p for p in files.iterdir() if p.name.startswith(".tmp-")]  # the partial file removed
+    assert live.upload(leaves[1], wire.encode(*sent[1])).status_code == 201
+    [layer] = live.fetch(leaves[0], live.wait_aggregate(branch["id"])).layers
+    np.testing.assert_array_equal(layer, mean(sent)[0])
 
 
 def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restored(live, monkeypatch) -> None:
