@@ -5,7 +5,8 @@ of a K-leaf branch uploads the same stored float32 model at once (threads, one s
 body, each with its own credentials), for ``rounds`` rounds. Per round:
 
 - **tail**: from the last upload's 201 to the ``aggregation_status`` notification on a leaf's
-  WebSocket (what a waiting leaf sees);
+  WebSocket (what a waiting leaf sees; negative when the notification came first, as the server
+  answers an upload once it is folded and may write the aggregate before this process reads the 201);
 - **peak RSS growth**: the server's peak resident memory during the round (``VmHWM``, reset
   through ``/proc/<pid>/clear_refs`` before it where the kernel lets us) minus its RSS before it;
 - **disk**: the data directory's ``files/`` after the round's retention, and its growth.
