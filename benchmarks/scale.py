@@ -9,7 +9,10 @@ body, each with its own credentials), for ``rounds`` rounds. Per round:
   answers an upload once it is folded and may write the aggregate before this process reads the 201);
 - **peak RSS growth**: the server's peak resident memory during the round (``VmHWM``, reset
   through ``/proc/<pid>/clear_refs`` before it where the kernel lets us) minus its RSS before it;
-- **disk**: the data directory's ``files/`` after the round's retention, and its growth.
+- **disk**: the data directory's ``files/`` after the round's retention, and its growth;
+- **server tail**: from the round's last upload commit to its aggregate's commit, read off the
+  server's log (millisecond stamps): the server's own work after the last upload's bytes, which
+  answering an upload once it is folded does not move.
 
 ``python -m benchmarks.scale [--cases 10x1000000 50x1000000 100x1000000 8x50000000] [--rounds 3]``
 """
@@ -20,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import threading
 import time
@@ -43,6 +47,20 @@ def _reset_peak(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO \S+: "
+
+
+def _server_tail(log: str, round_index: int) -> float | None:
+    """Seconds from the round's last ``uploaded ... round N`` line to its ``round N aggregated`` line (run 1)."""
+    def when(match: re.Match[str]) -> float:
+        return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    commits = [when(m) for m in re.finditer(_STAMP + rf"leaf .* uploaded \S+ to branch \S+ run 1 round {round_index}$",
+                                            log, re.MULTILINE)]
+    done = re.search(_STAMP + rf"branch \S+ run 1 round {round_index} aggregated as ", log, re.MULTILINE)
+    return when(done) - max(commits) if commits and done else None
 
 
 def _files_bytes(data_dir: Path) -> int:
@@ -129,7 +147,8 @@ def measure(leaves: int, params: int, rounds: int = 3) -> dict[str, Any]:
             results.append({"round": number, "tail_s": arrived - max(answered), "uploads_s": max(answered) - start,
                             "rss_before_mb": rss_before, "peak_rss_mb": peak, "peak_reset": reset,
                             "peak_rss_growth_mb": peak - rss_before, "disk_mb": disk / 1e6,
-                            "disk_growth_mb": (disk - disk_before) / 1e6})
+                            "disk_growth_mb": (disk - disk_before) / 1e6,
+                            "server_tail_s": _server_tail(bench.server.log(), number)})
             disk_before = disk
         notifications.close()
     growth = max(r["peak_rss_growth_mb"] for r in results)
@@ -144,12 +163,13 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"load average {report['load_before']:.2f} -> {report['load_after']:.2f}, {report['cpus']} CPUs"]
     for case in report["cases"]:
         tails = ", ".join(f"{r['tail_s']:.3f}" for r in case["rounds"])
+        server = ", ".join("?" if r.get("server_tail_s") is None else f"{r['server_tail_s']:.3f}" for r in case["rounds"])
         lines.append(
             f"K={case['leaves']:>3} x {case['params']:,} params ({case['model_mb']:.1f} MB): tail {tails} s "
             f"(median {case['tail_s_median']:.3f} s = {case['tail_s_per_100mb']:.3f} s per 100 MB); peak RSS growth "
             f"{case['peak_rss_growth_mb_max']:.1f} MB (goal {case['rss_goal_mb']:.0f}); disk growth per round "
             f"{case['disk_growth_per_round_over_model']:.2f}x model; uploads took "
-            f"{max(r['uploads_s'] for r in case['rounds']):.2f} s")
+            f"{max(r['uploads_s'] for r in case['rounds']):.2f} s; server, last commit -> aggregate {server} s")
     return "\n".join(lines)
 
 

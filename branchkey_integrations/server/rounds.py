@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections import defaultdict
@@ -49,10 +48,11 @@ from ..core.errors import (
     RunNotStartedError,
 )
 from ..core.protocol import START, STOP, aggregation_message, run_status_message
-from .aggregation import RunningSum, aggregate_files, file_sha256
+from .aggregation import RunningSum, aggregate_files
 from .notify import Notifier
 from .progress import round_progress
 from .records import Branch, Leaf, StateUpdate, UploadInput
+from .recovery import remake_lost_aggregate
 from .store import Store
 from .strategies import OPTIMIZERS, ROBUST, apply_optimizer, fallback_reason, robust_strategy, uses_moments
 from .workers import Workers
@@ -420,49 +420,6 @@ class Rounds:
         if self._unsynced.get(branch_id) is pending:
             del self._unsynced[branch_id]
 
-    def _remake_lost_aggregate(self, branch_id: str) -> bool:
-        """After a crash: check the branch's latest aggregate if its round's uploads are still there (it
-        may have been committed before its fsync), remake it from them if the crash lost it, and fsync it.
-
-        The remade file must be the committed one byte for byte (the running sum folds the uploads in
-        commit order): otherwise it is logged and left as it is, and False says to keep the uploads
-        (retention waits for the next aggregate). Runs in a worker thread.
-        """
-        latest = self.store.latest_aggregate(branch_id)
-        record = self.store.get_file(latest["aggregation_id"]) if latest else None
-        if latest is None or record is None or record.removed_at is not None:
-            return True
-        uploads = self.store.round_uploads(branch_id, latest["run_number"], latest["round_index"])
-        if not uploads or not all(u.path.is_file() for u in uploads):
-            return True  # retention ran, so the aggregate was durable first
-        path = self.store.file_path(record)
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size == record.size and file_sha256(path) == record.sha256:
-                self.store.sync_file(record.id)
-                return True
-        temp = self.store.new_temp_path()
-        try:
-            running = RunningSum()
-            running.sync([(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads])
-            made = running.write(temp)
-        except (AggregationError, OSError) as exc:
-            made, problem = None, str(exc)
-        else:
-            problem = "its uploads make another file"
-        try:
-            if made != (record.size, record.sha256):
-                logger.error("aggregate %s of branch %s was lost in a crash and cannot be made again (%s); it stays "
-                             "as it is, and so do its uploads", record.id, branch_id, problem)
-                return False
-            os.replace(temp, path)
-            self.store.sync_file(record.id)
-            logger.warning("aggregate %s of branch %s was lost in a crash; made again from its %d upload(s)",
-                           record.id, branch_id, len(uploads))
-            return True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
-
     async def apply_retention(self, branch_id: str) -> None:
         """Remove what retention drops (uploads of closed rounds, aggregates beyond ``keep_rounds``)."""
         try:
@@ -532,7 +489,7 @@ class Rounds:
         await self.workers.blocking(self.store.cleanup_stray_files)
         for branch in await self.workers.blocking(self.store.list_branches):
             try:
-                if await self.workers.blocking(self._remake_lost_aggregate, branch.id):  # before retention
+                if await self.workers.blocking(remake_lost_aggregate, self.store, branch.id):  # before retention
                     await self.apply_retention(branch.id)  # a crash may have come between an aggregate and its retention
                 aggregate_id = await self.aggregate_if_ready(branch.id)
             except Exception:  # one broken branch must not keep the server from starting

@@ -33,6 +33,23 @@ def progress(live, leaf) -> dict:
     return answer.json()["data"]
 
 
+def upload_together(live, branch, leaves, sent: list[tuple[list[np.ndarray], float]]) -> None:
+    """Each leaf uploads its ``(layers, weighting)`` at the same time; every one is answered 201, and the
+    round's aggregate is NumPy's weighted mean."""
+    import threading
+
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda leaf=leaf, u=u: answers.append(
+        live.upload(leaf, wire.encode(*u, compression="none")).status_code)) for leaf, u in zip(leaves, sent)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == [201] * len(sent)
+    [layer] = live.fetch(leaves[0], live.wait_aggregate(branch["id"])).layers
+    np.testing.assert_array_equal(layer, mean(sent)[0])
+
+
 @functools.lru_cache(maxsize=1)
 def bomb(inflated_bytes: int) -> bytes:
     """A valid BranchKey archive whose one layer is zeros deflated ~1000:1."""
@@ -210,24 +227,13 @@ def test_the_cli_drops_an_upload_and_resets_a_round_of_a_live_server(server_fact
 
 
 def test_uploads_share_a_small_in_flight_budget_and_all_complete(start_server, monkeypatch) -> None:
-    import sys, threading
-
     from branchkey_integrations.server import budget as receipt
 
     monkeypatch.setattr(receipt, "MAX_BYTES_IN_FLIGHT", 1 << 20)  # 1 MiB for every upload together
     live = start_server()
     branch, leaves = live.make_branch(6)
     sent = [([np.full(750_000, i, np.float32)], float(i + 1)) for i in range(6)]  # 3 MB each
-    answers: list[int] = []
-    threads = [threading.Thread(target=lambda leaf=leaf, u=u: answers.append(
-        live.upload(leaf, wire.encode(*u, compression="none")).status_code)) for leaf, u in zip(leaves, sent)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert answers == [201] * 6
-    [layer] = live.fetch(leaves[0], live.wait_aggregate(branch["id"])).layers
-    np.testing.assert_array_equal(layer, mean(sent)[0])
+    upload_together(live, branch, leaves, sent)
     budget = receipt.ByteBudget._instances[live.thread.loop]
     assert budget.capacity == 1 << 20 and budget.used == 0  # every byte given back
 
@@ -236,8 +242,6 @@ def test_an_upload_is_answered_once_folded_so_the_last_answer_leaves_only_the_me
     """Uploads that finish together are folded after their bodies arrived; each 201 waits until its
     upload is in the round's running sum (a fold pass, or the aggregation's own bringing up to date),
     so what follows the round's last 201 is writing the mean: O(model), however many finished with it."""
-    import threading
-
     from branchkey_integrations.server.aggregation import RunningSum
 
     events: list[tuple[str, object]] = []
@@ -260,16 +264,7 @@ def test_an_upload_is_answered_once_folded_so_the_last_answer_leaves_only_the_me
     rounds.accept_upload = accept
     branch, leaves = live.make_branch(6)
     sent = [([np.full(250_000, i, np.float32)], float(i + 1)) for i in range(6)]
-    answers: list[int] = []
-    threads = [threading.Thread(target=lambda leaf=leaf, u=u: answers.append(
-        live.upload(leaf, wire.encode(*u, compression="none")).status_code)) for leaf, u in zip(leaves, sent)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert answers == [201] * 6
-    [layer] = live.fetch(leaves[0], live.wait_aggregate(branch["id"])).layers
-    np.testing.assert_array_equal(layer, mean(sent)[0])
+    upload_together(live, branch, leaves, sent)
     folded: set[object] = set()
     for kind, what in events:
         if kind == "folded":
