@@ -29,6 +29,7 @@ import hashlib
 import math
 import mmap
 import os
+import shutil
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -154,6 +155,8 @@ def get_strategy(name: str) -> Strategy:
 
 #: bytes of an upload read per fold step
 FOLD_PIECE_BYTES = 4 << 20
+#: free disk left beside the file :meth:`RunningSum.prepare` writes ahead and the uploads still awaited
+_DISK_MARGIN = 16 << 20
 #: bytes of an archive member besides its values, at most (local and central headers, alignment, ``.npy`` header)
 _MEMBER_OVERHEAD = 512
 #: elements multiplied and added at a time: the float64 scratch (256 KiB) stays in the CPU's cache
@@ -295,23 +298,29 @@ class RunningSum:
             _settle(handle.fileno(), durable)
             return hashing.result()
 
-    def prepare(self, destination: str | os.PathLike) -> None:
-        """Write zeros at ``destination`` for about the size of the mean's archive, which :meth:`write` overwrites.
+    def prepare(self, destination: str | os.PathLike, awaited: int = 0) -> bool:
+        """Write zeros at ``destination`` for about the size of the mean's archive, which :meth:`write` overwrites;
+        False (nothing written) when the disk lacks room for it and ``awaited`` uploads of the same size.
 
         Why: a page-cache page never used before costs a fault to get, and on a virtual machine whose
         free memory went back to its host (balloon page reporting) far more: writing a fresh 200 MB
         aggregate took 0.4-0.6 s here against 0.02-0.04 s into pages already cached. Called while the
         round's last uploads still arrive, it takes that cost off the time between the last upload and
-        the aggregate; the file is the aggregate-to-be, so the disk it holds is the aggregate's.
+        the aggregate; the file is the aggregate-to-be, so the disk it holds is the aggregate's. The
+        uploads the round still waits for come first: on a nearly full disk a leaf's 507 is not
+        retried, while an aggregation that fails for room is (and completes once there is).
         """
         specs = self.specs  # the fold task may reset the sum meanwhile (a re-upload): this call's own reference
         if specs is None:
-            return
+            return False
         size = sum(math.prod(spec.shape) * spec.dtype.itemsize + _MEMBER_OVERHEAD for spec in specs)
+        if shutil.disk_usage(Path(destination).parent).free < size * (awaited + 1) + _DISK_MARGIN:
+            return False
         zeros = memoryview(bytes(min(size, FOLD_PIECE_BYTES)))
         with open(destination, "wb") as handle:
             for start in range(0, size, len(zeros)):
                 handle.write(zeros[:size - start])
+        return True
 
     def _copy_single(self, destination: Path, durable: bool = True) -> tuple[int, str] | None:
         """The aggregate of one upload whose layers are all stored: its members copied byte for byte

@@ -349,11 +349,11 @@ class Rounds:
 
         async def prepare() -> None:
             try:
-                branch = await self.workers.blocking(self.store.get_branch, branch_id)
-                if branch is not None and branch.algorithm not in ROBUST:  # those write their aggregate themselves
-                    await self.workers.blocking(running.prepare, path)
-            except (OSError, LocalServerError, sqlite3.Error) as exc:  # a full disk, say: written when the round is
-                logger.warning("writing the next aggregate of branch %s ahead failed (%s); it is written when its "
+                awaited = await self.workers.blocking(self.store.uploads_awaited, branch_id)
+                if awaited is not None and awaited[0].algorithm not in ROBUST:  # those write their aggregate themselves
+                    await self.workers.blocking(running.prepare, path, awaited[1])
+            except Exception as exc:  # a full disk, say; only time is lost: the aggregate is written when due
+                logger.warning("writing the next aggregate of branch %s ahead failed (%r); it is written when its "
                                "round completes", branch_id, exc)
                 with contextlib.suppress(OSError):
                     path.unlink()

@@ -297,7 +297,7 @@ def test_a_full_disk_while_the_aggregate_is_written_ahead_costs_only_that(live, 
 
     from branchkey_integrations.server.aggregation import RunningSum
 
-    def full(self, destination) -> None:
+    def full(self, destination, awaited: int = 0) -> bool:
         Path(destination).write_bytes(b"\0" * 1000)  # what got written before the disk filled
         raise OSError(errno.ENOSPC, "No space left on device")
 

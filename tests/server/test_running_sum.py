@@ -281,7 +281,8 @@ def test_the_mean_written_over_a_prepared_file_is_the_mean_written_fresh(tmp_pat
     running.sync(stored(tmp_path, [(model(rng), 2.0), (model(rng), 5.0)]))
     fresh = running.write(tmp_path / "fresh.npz")
     prepared = tmp_path / "prepared.npz"
-    running.prepare(prepared)
+    assert not running.prepare(prepared, awaited=1 << 50) and not prepared.exists()  # no room left for the uploads
+    assert running.prepare(prepared)
     assert prepared.read_bytes() == bytes(prepared.stat().st_size) and prepared.stat().st_size >= fresh[0]
     if prepared_bytes != "as prepare writes them":  # whatever a crash or another model left there
         prepared.write_bytes(b"\xff" * (fresh[0] * 3 if prepared_bytes == "larger" else 100))
