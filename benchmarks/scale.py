@@ -163,7 +163,8 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"load average {report['load_before']:.2f} -> {report['load_after']:.2f}, {report['cpus']} CPUs"]
     for case in report["cases"]:
         tails = ", ".join(f"{r['tail_s']:.3f}" for r in case["rounds"])
-        server = ", ".join("?" if r.get("server_tail_s") is None else f"{r['server_tail_s']:.3f}" for r in case["rounds"])
+        server = ", ".join("?" if r.get("server_tail_s") is None else f"{r['server_tail_s']:.3f}"
+                           for r in case["rounds"])
         lines.append(
             f"K={case['leaves']:>3} x {case['params']:,} params ({case['model_mb']:.1f} MB): tail {tails} s "
             f"(median {case['tail_s_median']:.3f} s = {case['tail_s_per_100mb']:.3f} s per 100 MB); peak RSS growth "

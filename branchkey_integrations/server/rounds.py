@@ -10,9 +10,9 @@ outside the branch lock, one fold at a time per branch, and the caller answers 2
 round's last answer leaves only the mean to write); a round's first fold also has the aggregate's
 file written ahead (:meth:`RunningSum.prepare`). When the open round holds ``min_leaves`` uploads
 (default: every leaf), or its round deadline passes with at least one upload, the running sum is
-brought up to the committed uploads and written as the aggregate (O(model) however many leaves), the
-next round opens, every leaf of the branch is notified, and retention removes the round's uploads (``keep_uploads``) and
-aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is fsynced after the leaves are
+brought up to the committed uploads and written as the aggregate (O(model) however many leaves),
+the next round opens, every leaf of the branch is notified, and retention removes the round's
+uploads (``keep_uploads``) and aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is fsynced after the leaves are
 told, not before (it can be made again from the round's uploads, which retention keeps until then;
 :meth:`Rounds.recover` checks and remakes it after a crash). An operator may drop one leaf's upload or reset the
 open round (:meth:`Rounds.drop_uploads`); the leaves concerned see why in the round's progress
@@ -337,7 +337,7 @@ class Rounds:
                     self._prepare_aggregate(branch_id)
         finally:
             self._folding.discard(branch_id)
-            self._answer_waiting(branch_id)  # only when cancelled (shutdown): their uploads are committed
+            self._answer_waiting(branch_id)  # only when the task ended early (shutdown, an error): committed
 
     def _prepare_aggregate(self, branch_id: str) -> None:
         """Have the file of the branch's next aggregate written ahead while its round's uploads arrive
