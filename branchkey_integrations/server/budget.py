@@ -33,8 +33,7 @@ class ByteBudget:
     Receipt does not wait for checks and folds: counting received uploads here until they were
     folded kept the work after a round's last upload O(model) when K uploads finish together, but
     only by moving it between the uploads, and whole rounds took 2-17% longer (README, issue 12).
-    An upload's answer waits for its fold instead (:meth:`~.rounds.Rounds.accept_upload`), which
-    stops no socket.
+    An upload's answer waits for its fold instead (``AcceptedUpload.folded``), which stops no socket.
     """
 
     _instances: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ByteBudget]" = weakref.WeakKeyDictionary()

@@ -73,11 +73,13 @@ def run_blocked_message(branch: Branch) -> str:
 
 
 class AcceptedUpload(NamedTuple):
-    """An upload counted in a round: its file id and the run and round it was accepted into."""
+    """An upload committed to a round: its file id, the run and round it was accepted into, and a future
+    done once it is folded into the round's running sum (its answer waits for that)."""
 
     file_id: str
     run_number: int
     round_index: int
+    folded: asyncio.Future[None]
 
 
 class Rounds:
@@ -121,8 +123,8 @@ class Rounds:
     ) -> AcceptedUpload:
         """Check a decoded upload against its round and commit the file at ``path``; returns its id and round.
 
-        Returns once the upload is folded into the round's running sum (its answer then means counted); the
-        aggregation, if the round is now complete, follows in the background.
+        Returns once the upload is committed; ``folded`` is done once it is in the round's running sum (the
+        answer waits for that, so it means counted). The aggregation, if the round is complete, follows.
 
         Raises:
             RunNotStartedError: the run is paused or stopped.
@@ -159,10 +161,7 @@ class Rounds:
                     current.run_number, current.round_index)
         if replaced:
             self.workers.spawn(blocking(self.store.remove_files, replaced))
-        # answered once folded: the work left after a round's last answer is O(model) however many uploads
-        # finished with it, and sockets are still read meanwhile (a budget owed until folds stalled receipt)
-        await asyncio.shield(self._fold_soon(branch.id))
-        return AcceptedUpload(file_id, current.run_number, current.round_index)
+        return AcceptedUpload(file_id, current.run_number, current.round_index, self._fold_soon(branch.id))
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
         """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress.
@@ -313,7 +312,7 @@ class Rounds:
         again (each pass folds every upload committed so far), so K uploads at once cost a few passes
         instead of K queued ones, each listing the whole round (0.9-2 s of backlog after the last of
         100 uploads at 4 MB, before). Receipt does not wait for folds (why: :class:`~.budget.ByteBudget`);
-        the upload's answer does (:meth:`accept_upload`).
+        the upload's answer does (``AcceptedUpload.folded``).
         """
         upcoming = self._next_pass.get(branch_id)
         if upcoming is None:

@@ -14,6 +14,7 @@ leaf's branch (404 for an unknown id, 403 for another branch's).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -119,6 +120,9 @@ async def upload_file(request: web.Request) -> web.Response:
             temp.unlink()
     events_of(request).emit("upload", leaf.branch_id, leaf=leaf.name, run_number=accepted.run_number,
                             round_index=accepted.round_index)
+    # answered once folded: what follows a round's last answer is writing the mean, O(model), however many
+    # uploads finished with it; sockets are read meanwhile (a budget owed until folds stalled receipt)
+    await asyncio.shield(accepted.folded)
     # the official clients read file_id only; run_number and round_index are branchkey-local's
     return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index},
               status=201)

@@ -253,15 +253,14 @@ def test_an_upload_is_answered_once_folded_so_the_last_answer_leaves_only_the_me
 
     monkeypatch.setattr(RunningSum, "sync", sync)
     live = start_server()
-    rounds = live.thread.server.rounds
-    real_accept = rounds.accept_upload
+    real_upload = live.upload
 
-    async def accept(*args, **kwargs):
-        accepted = await real_accept(*args, **kwargs)
-        events.append(("answered", accepted.file_id))
-        return accepted
+    def upload(*args, **kwargs):  # the 201 arrived: after whatever the server did before sending it
+        answer = real_upload(*args, **kwargs)
+        events.append(("answered", answer.json()["data"]["file_id"]))
+        return answer
 
-    rounds.accept_upload = accept
+    live.upload = upload
     branch, leaves = live.make_branch(6)
     sent = [([np.full(250_000, i, np.float32)], float(i + 1)) for i in range(6)]
     upload_together(live, branch, leaves, sent)
