@@ -12,9 +12,9 @@ file written ahead (:meth:`RunningSum.prepare`). When the open round holds ``min
 (default: every leaf), or its round deadline passes with at least one upload, the running sum is
 brought up to the committed uploads and written as the aggregate (O(model) however many leaves),
 the next round opens, every leaf of the branch is notified, and retention removes the round's
-uploads (``keep_uploads``) and aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is fsynced after the leaves are
-told, not before (it can be made again from the round's uploads, which retention keeps until then;
-:meth:`Rounds.recover` checks and remakes it after a crash). An operator may drop one leaf's upload or reset the
+uploads (``keep_uploads``) and aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is
+fsynced after the leaves are told, not before (it can be made again from the round's uploads, which
+retention keeps until then; :meth:`Rounds.recover` checks and remakes it after a crash). An operator may drop one leaf's upload or reset the
 open round (:meth:`Rounds.drop_uploads`); the leaves concerned see why in the round's progress
 (``GET`` ROUND_PATH: their entry in ``refused``), as no notification of the official protocol
 can say it. A run status change (start, pause, stop; semantics in
@@ -348,9 +348,9 @@ class Rounds:
 
         async def prepare() -> None:
             try:
-                awaited = await self.workers.blocking(self.store.uploads_awaited, branch_id)
-                if awaited is not None and awaited[0].algorithm not in ROBUST:  # those write their aggregate themselves
-                    await self.workers.blocking(running.prepare, path, awaited[1])
+                now = await self.workers.blocking(round_progress, self.store, branch_id)
+                if now.round_index is not None and now.strategy not in ROBUST:  # those write their aggregate themselves
+                    await self.workers.blocking(running.prepare, path, max(now.required - len(now.uploaded), 0))
             except Exception as exc:  # a full disk, say; only time is lost: the aggregate is written when due
                 logger.warning("writing the next aggregate of branch %s ahead failed (%r); it is written when its "
                                "round completes", branch_id, exc)

@@ -390,15 +390,6 @@ class Store:
             return max(count, 1)
         return max(min(branch.min_leaves, count), 1)
 
-    def uploads_awaited(self, branch_id: str) -> tuple[Branch, int] | None:
-        """The branch and how many uploads its open round still waits for; None without an open round."""
-        branch = self.get_branch(branch_id)
-        current = self.open_round(branch_id) if branch is not None else None
-        if branch is None or current is None:
-            return None
-        held = len(self.round_uploads(branch_id, current.run_number, current.round_index))
-        return branch, max(self.required_uploads(branch) - held, 0)
-
     def round_uploads(self, branch_id: str, run_number: int, round_index: int) -> list[UploadInput]:
         rows = self._query(
             "SELECT u.leaf_id, u.file_id, u.weighting, f.path, f.specs FROM uploads u JOIN files f ON f.id = u.file_id"
