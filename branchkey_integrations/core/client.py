@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -40,8 +41,8 @@ from .http import HttpSession
 from .notifications import NotificationTransport, start_transport
 from .protocol import (
     AGGREGATION_STATUS, BRANCH_CONFIG_PATH, DEFAULT_HOST, DOWNLOAD_PATH, FILE_DIGEST_HEADER, FILE_SIZE_HEADER,
-    METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START, UPLOAD_PATH,
-    WS_TICKET_PATH, Notification, is_file_id,
+    IDEMPOTENCY_KEY_HEADER, METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START,
+    UPLOAD_PATH, WS_TICKET_PATH, Notification, is_file_id,
 )
 from .progress import RoundView, parse_round_view
 from .transfer import (
@@ -328,8 +329,9 @@ class Client:
         }
         data = json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata)})
         body = MultipartBody(data, filename, payload, size)
+        # one key for every try: a retry of a counted upload (its 201 lost) gets that 201, not the next round
         headers = {FILE_SIZE_HEADER: str(size), FILE_DIGEST_HEADER: f"sha256={digest}",
-                   "Content-Type": body.content_type}
+                   IDEMPOTENCY_KEY_HEADER: uuid.uuid4().hex, "Content-Type": body.content_type}
         mark = self._waiter.received
         answer = self._http.request_data("POST", UPLOAD_PATH, "upload", expected=HTTPStatus.CREATED, headers=headers,
                                          data=body)

@@ -75,6 +75,12 @@ OPENAPI_PATH = API_PREFIX + "/openapi.json"  # branchkey-local: the OpenAPI docu
 #: upload headers of the 3.x client, checked by a server that receives them
 FILE_SIZE_HEADER = "x-bk-file-size"
 FILE_DIGEST_HEADER = "x-bk-file-digest"
+#: branchkey-local's upload header (the IETF httpapi draft's name): one key per logical upload, the same on
+#: every retry of it, so that a retry of an upload the server already counted (its 201 lost on the way) is
+#: answered with that upload's 201 instead of being filed in a later round. The official clients never send it.
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+#: an idempotency key is 1-128 visible ASCII characters (a UUID is what the leaf client sends)
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[!-~]{1,128}")
 
 # -- notifications --------------------------------------------------------------------------------
 AGGREGATION_STATUS = "aggregation_status"
@@ -163,6 +169,7 @@ __all__ = [
     "DEFAULT_HOST", "START", "PAUSE", "STOP", "RUN_STATUSES", "METRIC_MODES", "FILE_ID_PATTERN", "is_file_id",
     "API_PREFIX", "ADMIN_PREFIX", "RUN_PATH", "UPLOAD_PATH", "DOWNLOAD_PATH", "BLOB_PATH", "METRICS_PATH",
     "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "ROUND_PATH", "OPENAPI_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
+    "IDEMPOTENCY_KEY_HEADER", "IDEMPOTENCY_KEY_PATTERN",
     "AGGREGATION_STATUS", "RUN_STATUS", "MESSAGE_TYPES", "Notification", "aggregation_message",
     "run_status_message", "encode_message", "parse_notification",
 ]

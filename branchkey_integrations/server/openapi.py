@@ -27,6 +27,7 @@ from ..core.protocol import (
     BRANCH_CONFIG_PATH,
     DOWNLOAD_PATH,
     FILE_DIGEST_HEADER,
+    IDEMPOTENCY_KEY_HEADER,
     FILE_SIZE_HEADER,
     METRIC_MODES,
     METRICS_PATH,
@@ -181,7 +182,7 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
                                params=("branch_id",))},
         UPLOAD_PATH: {"post": leaf(
             "Upload weights", ok=(201, _ref("UploadAccepted")), errors=(400, 401, 404, 409, 413),
-            body=upload_body, multipart=True, headers=(FILE_SIZE_HEADER, FILE_DIGEST_HEADER),
+            body=upload_body, multipart=True, headers=(FILE_SIZE_HEADER, FILE_DIGEST_HEADER, IDEMPOTENCY_KEY_HEADER),
             description="Counted in the branch's open round; run_number and round_index (branchkey-local) name it. "
                         "A refused body (400, 413) is shown to the branch's leaves by the round route.")},
         DOWNLOAD_PATH: {"get": leaf("Download URL", ok=(200, _ref("DownloadUrl")), errors=(400, 401, 403, 404, 410),

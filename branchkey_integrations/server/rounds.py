@@ -51,10 +51,11 @@ from ..core.protocol import START, STOP, aggregation_message, run_status_message
 from .aggregation import RunningSum, aggregate_files
 from .notify import Notifier
 from .progress import round_progress
-from .records import Branch, Leaf, StateUpdate, UploadInput
+from .records import Branch, Leaf, UploadInput
 from .recovery import remake_lost_aggregate
 from .store import Store
-from .strategies import OPTIMIZERS, ROBUST, apply_optimizer, fallback_reason, robust_strategy, uses_moments
+from .optimizer_step import optimizer_step
+from .strategies import OPTIMIZERS, ROBUST, fallback_reason, robust_strategy
 from .workers import Workers
 
 logger = logging.getLogger(__name__)
@@ -118,13 +119,39 @@ class Rounds:
         if branch.run_status != START:
             raise RunNotStartedError(run_blocked_message(branch))
 
+    async def counted_upload(self, leaf: Leaf, key: str | None) -> AcceptedUpload | None:
+        """The leaf's upload already committed with idempotency ``key`` (a retry of it gets its answer), else None.
+
+        Whichever round is open now: a retry whose first try's answer was lost while its round aggregated
+        must not be filed in the next round (it would hold stale weights there, and the leaf would wait on
+        the wrong round). ``folded`` waits for the branch's next fold pass while that round is still open.
+        """
+        if key is None:
+            return None
+        counted = await self.workers.blocking(self.store.counted_upload, leaf.id, key)
+        if counted is None:
+            return None
+        file_id, run_number, round_index = counted
+        current = await self.workers.blocking(self.store.open_round, leaf.branch_id)
+        if current is not None and (current.run_number, current.round_index) == (run_number, round_index):
+            folded = self._fold_soon(leaf.branch_id)
+        else:
+            folded = asyncio.get_running_loop().create_future()
+            folded.set_result(None)
+        logger.info("leaf %s (%s) sent upload %s again (idempotency key %s): answered as first counted, run %d "
+                    "round %d", leaf.name, leaf.id, file_id, key, run_number, round_index)
+        return AcceptedUpload(file_id, run_number, round_index, folded)
+
     async def accept_upload(
         self, leaf: Leaf, archive: wire.Archive, path: Path, *, size: int, sha256: str, metadata: str | None,
+        key: str | None = None,
     ) -> AcceptedUpload:
         """Check a decoded upload against its round and commit the file at ``path``; returns its id and round.
 
         Returns once the upload is committed; ``folded`` is done once it is in the round's running sum (the
         answer waits for that, so it means counted). The aggregation, if the round is complete, follows.
+        An upload whose idempotency ``key`` was already committed (a retry that raced its first try) is not
+        committed again: the first one's answer is returned (:meth:`counted_upload`).
 
         Raises:
             RunNotStartedError: the run is paused or stopped.
@@ -140,6 +167,8 @@ class Rounds:
         finally:
             archive.layers.clear()  # they view a memory map of the upload: unmap it before waiting for the lock
         async with self.lock(leaf.branch_id):
+            if (counted := await self.counted_upload(leaf, key)) is not None:
+                return counted
             branch = await blocking(self.store.require_branch, leaf.branch_id)
             current = await blocking(self.store.open_round, branch.id)
             if branch.run_status != START or current is None:
@@ -155,7 +184,7 @@ class Rounds:
             file_id, replaced = await blocking(
                 self.store.commit_upload, path, leaf=leaf, run_number=current.run_number,
                 round_index=current.round_index, weighting=weighting, specs=specs,
-                size=size, sha256=sha256, metadata=metadata,
+                size=size, sha256=sha256, metadata=metadata, key=key,
             )
         logger.info("leaf %s (%s) uploaded %s to branch %s run %d round %d", leaf.name, leaf.id, file_id, branch.id,
                     current.run_number, current.round_index)
@@ -213,7 +242,7 @@ class Rounds:
                     applied, state = "fedavg", None
                     if name in OPTIMIZERS:
                         applied, note, state, stepped = await blocking(
-                            self._optimizer_step, branch, run_number, round_index, specs, temp, temps)
+                            optimizer_step, self.store, branch, run_number, round_index, specs, temp, temps)
                         if stepped is not None:
                             size, digest = stepped
                 durable = len(temps) > 1 or applied != "fedavg"  # a FedAvg mean can be made again: fsynced later
@@ -242,40 +271,6 @@ class Rounds:
         await self.notifier.publish(branch.tree_id, branch_id, aggregation_message(aggregate_id, run_number, round_index))
         await self.apply_retention(branch_id)
         return aggregate_id
-
-    def _optimizer_step(self, branch: Branch, run_number: int, round_index: int, specs: list[wire.LayerSpec],
-                        mean: Path, temps: list[Path]) -> tuple[str, str | None, StateUpdate | None,
-                                                                tuple[int, str] | None]:
-        """Step the branch's server optimizer from the run's previous aggregate toward ``mean`` (in a worker thread).
-
-        Returns (what aggregated, a note, the new state, the aggregate's size and digest); the aggregate is
-        ``temps[-1]`` (appended here, with the state's temporary files). A run's first round has no
-        previous aggregate: the mean is its aggregate and the note says so. A file the step needs that is
-        gone from the store (removed by hand, a damaged disk) is said in the note, not retried forever:
-        without the previous aggregate the mean is the aggregate; without the moments they start from zero.
-        """
-        name, params = branch.algorithm, branch.params
-        previous = self.store.previous_aggregate(branch.id, run_number, round_index)
-        if previous is None:
-            return "fedavg", f"first round of run {run_number}: {name} starts from the FedAvg mean", None, None
-        if not previous[1].exists():
-            note = (f"the aggregate of round {previous[0]} of run {run_number}, which {name} steps from, is missing "
-                    f"from the store ({previous[1].name}): this round's aggregate is the FedAvg mean")
-            logger.error("branch %s run %d round %d: %s", branch.id, run_number, round_index, note)
-            return "fedavg", note, None, None
-        state_in = self.store.optimizer_state(branch.id, run_number, previous[0], name, params)
-        lost = [path.name for path in state_in or () if path is not None and not path.exists()]
-        note = None
-        if lost:
-            note = (f"the {name} state after round {previous[0]} of run {run_number} is missing from the store "
-                    f"({', '.join(lost)}): its moments start again from zero")
-            logger.error("branch %s run %d round %d: %s", branch.id, run_number, round_index, note)
-            state_in = None
-        destination = self.store.new_temp_path()
-        m_out, v_out = (self.store.new_state_temp_path() if used else None for used in uses_moments(name))
-        temps += [path for path in (m_out, v_out) if path] + [destination]
-        stepped = apply_optimizer(name, params, mean, previous[1], state_in, destination, m_out, v_out, specs)
-        return name, note, StateUpdate(name, params, m_out, v_out), stepped
 
     def _retry_aggregation(self, branch_id: str, deadline: bool, problem: str) -> None:
         """Try the failed aggregation again after a backoff (disk full, I/O error: the cause may go away)."""

@@ -27,6 +27,8 @@ from ..core.protocol import (
     BLOB_PATH,
     BRANCH_CONFIG_PATH,
     DOWNLOAD_PATH,
+    IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENCY_KEY_PATTERN,
     METRIC_MODES,
     METRICS_PATH,
     ROUND_PATH,
@@ -46,7 +48,8 @@ from .openapi import add_openapi_route
 from .progress import round_progress
 from .records import FileRecord, Leaf
 from .state import Server, server_of
-from .uploads import decode_upload, receive_upload, storage_errors
+from .rounds import AcceptedUpload
+from .uploads import decode_upload, drain, receive_upload, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +96,29 @@ async def branch_config(request: web.Request) -> web.Response:
     })
 
 
+def idempotency_key(request: web.Request) -> str | None:
+    """The upload's ``Idempotency-Key`` (branchkey-local's leaf client sends one; the official clients do not)."""
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is not None and IDEMPOTENCY_KEY_PATTERN.fullmatch(key) is None:
+        raise InvalidValueError(f"{IDEMPOTENCY_KEY_HEADER} must be 1-128 visible ASCII characters (a UUID, say). "
+                                f"Received: {key[:140]!r}")
+    return key
+
+
+def upload_answer(accepted: AcceptedUpload) -> web.Response:
+    # the official clients read file_id only; run_number and round_index are branchkey-local's
+    return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index},
+              status=201)
+
+
 async def upload_file(request: web.Request) -> web.Response:
     server = server_of(request)
     leaf = await server.auth.authenticate(request)
+    key = idempotency_key(request)
+    if (counted := await server.rounds.counted_upload(leaf, key)) is not None:  # a retry whose 201 was lost
+        await drain(request, server.config.upload_limits.max_upload_bytes)
+        await asyncio.shield(counted.folded)
+        return upload_answer(counted)
     branch = await server.blocking(server.store.require_branch, leaf.branch_id)
     server.rounds.check_accepting(branch)  # refuse before reading a body of hundreds of MB
     limits = server.config.upload_limits
@@ -108,6 +131,7 @@ async def upload_file(request: web.Request) -> web.Response:
             with storage_errors():  # the commit's fsync and rename may meet a full disk too
                 accepted = await server.rounds.accept_upload(
                     leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
+                    key=key,
                 )
         finally:
             archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
@@ -123,9 +147,7 @@ async def upload_file(request: web.Request) -> web.Response:
     # answered once folded: what follows a round's last answer is writing the mean, O(model), however many
     # uploads finished with it; sockets are read meanwhile (a budget owed until folds stalled receipt)
     await asyncio.shield(accepted.folded)
-    # the official clients read file_id only; run_number and round_index are branchkey-local's
-    return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index},
-              status=201)
+    return upload_answer(accepted)
 
 
 async def round_status(request: web.Request) -> web.Response:

@@ -71,6 +71,8 @@ DB_NAME = "store.sqlite3"
 FILES_DIR = "files"
 STATE_DIR = "state"  # server-optimizer moments, referenced by the optimizer_state table
 ADMIN_TOKEN_FILE = "admin_token"
+#: idempotency keys remembered per leaf (its latest uploads'): a retry comes within a round's timeout of its first try
+KEYS_PER_LEAF = 16
 MAX_MIN_LEAVES = 1_000_000  # a round needs at most every leaf; a huge value would overflow SQLite's integers
 
 _SCHEMA = """
@@ -115,6 +117,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS optimizer_state (
     branch_id TEXT PRIMARY KEY, run_number INTEGER NOT NULL, round_index INTEGER NOT NULL, strategy TEXT NOT NULL,
     params TEXT NOT NULL, m_path TEXT, v_path TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS upload_keys (
+    leaf_id TEXT NOT NULL, key TEXT NOT NULL, file_id TEXT NOT NULL, run_number INTEGER NOT NULL,
+    round_index INTEGER NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (leaf_id, key));
 CREATE TABLE IF NOT EXISTS acknowledgments (
     leaf_id TEXT NOT NULL, file_id TEXT NOT NULL, acknowledged_at TEXT NOT NULL, PRIMARY KEY (leaf_id, file_id));
 """
@@ -511,9 +516,12 @@ class Store:
 
     def commit_upload(
         self, temp_path: Path, *, leaf: Leaf, run_number: int, round_index: int, weighting: float,
-        specs: Sequence[LayerSpec], size: int, sha256: str, metadata: str | None,
+        specs: Sequence[LayerSpec], size: int, sha256: str, metadata: str | None, key: str | None = None,
     ) -> tuple[str, list[Path]]:
         """Make an upload durable and count it in its round (replacing the leaf's earlier one).
+
+        ``key``: the upload's idempotency key, remembered with the upload in the same transaction, so that
+        :meth:`counted_upload` finds it for a retry even after a crash right after this commit.
 
         Returns the new file's id and the files of the uploads it replaced. Those no longer count
         and their rows are gone; the caller removes the files with :meth:`remove_files` (the server
@@ -552,6 +560,8 @@ class Store:
                     " WHERE branch_id = ? AND run_number = ? AND round_index = ?",
                     (time.time(), leaf.branch_id, run_number, round_index),
                 )
+                if key is not None:
+                    _remember_key(conn, leaf.id, key, file_id, run_number, round_index, stamp)
                 conn.execute(  # an accepted upload clears the leaf's earlier refusal in this round
                     "DELETE FROM refusals WHERE branch_id = ? AND run_number = ? AND round_index = ? AND leaf_id = ?",
                     (leaf.branch_id, run_number, round_index, leaf.id))
@@ -560,6 +570,12 @@ class Store:
                 os.unlink(self.data_dir / relative)
             raise
         return file_id, [self.data_dir / path for path in replaced]
+
+    def counted_upload(self, leaf_id: str, key: str) -> tuple[str, int, int] | None:
+        """The ``(file_id, run_number, round_index)`` of the leaf's upload committed with idempotency ``key``."""
+        rows = self._query("SELECT file_id, run_number, round_index FROM upload_keys WHERE leaf_id = ? AND key = ?",
+                           (leaf_id, key))
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
     @staticmethod
     def remove_files(paths: Sequence[Path]) -> None:
@@ -924,6 +940,15 @@ def _drop_state(conn: sqlite3.Connection, branch_id: str) -> list[str]:
     row = conn.execute("SELECT m_path, v_path FROM optimizer_state WHERE branch_id = ?", (branch_id,)).fetchone()
     conn.execute("DELETE FROM optimizer_state WHERE branch_id = ?", (branch_id,))
     return [path for path in row or () if path]
+
+
+def _remember_key(conn: sqlite3.Connection, leaf_id: str, key: str, file_id: str, run_number: int,
+                  round_index: int, stamp: str) -> None:
+    """Record an upload's idempotency key; keep the leaf's latest :data:`KEYS_PER_LEAF` keys only."""
+    conn.execute("INSERT OR REPLACE INTO upload_keys VALUES (?, ?, ?, ?, ?, ?)",
+                 (leaf_id, key, file_id, run_number, round_index, stamp))
+    conn.execute("DELETE FROM upload_keys WHERE leaf_id = ? AND rowid NOT IN (SELECT rowid FROM upload_keys"
+                 " WHERE leaf_id = ? ORDER BY rowid DESC LIMIT ?)", (leaf_id, leaf_id, KEYS_PER_LEAF))
 
 
 def _open_round(conn: sqlite3.Connection, branch_id: str, run_number: int, round_index: int) -> None:

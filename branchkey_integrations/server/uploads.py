@@ -305,10 +305,10 @@ def _write_chunks(out: Any, chunks: list[bytes]) -> None:
     start_writeback(out.fileno())
 
 
-async def drain(request: web.Request) -> None:
-    """Read and drop the rest of a refused body so the client sees our answer, not a reset."""
+async def drain(request: web.Request, limit: int = _DRAIN_LIMIT) -> None:
+    """Read and drop the rest of a refused (or already counted) body so the client sees our answer, not a reset."""
     dropped = 0
-    while dropped < _DRAIN_LIMIT and (chunk := await request.content.readany()):
+    while dropped < limit and (chunk := await request.content.readany()):
         dropped += len(chunk)
 
 
