@@ -33,7 +33,7 @@ class CredentialsError(BranchKeyError, ValueError):
 
 
 class WeightingError(BranchKeyError, ValueError):
-    """A leaf's weighting is not a finite number > 0 (it is usually the local sample count)."""
+    """A leaf's weighting is not a number in the accepted range (it is usually the local sample count)."""
 
 
 class ArchiveError(BranchKeyError, ValueError):

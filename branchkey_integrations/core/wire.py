@@ -36,6 +36,10 @@ KIND_KEY = "__bk_payload_kind__"
 KIND_FEDERATED_LEARNING = "federated_learning"
 LAYER_PATTERN = re.compile(r"layer_(0|[1-9][0-9]*)")
 
+#: The accepted weightings (float32's normal range): every pair of them keeps a round's weighted sum finite.
+MIN_WEIGHTING = 2.0 ** -126
+MAX_WEIGHTING = 2.0 ** 126
+
 #: Default limits, generous for real models and small next to this machine's memory.
 DEFAULT_MAX_MEMBERS = 100_000
 DEFAULT_MAX_TOTAL_BYTES = 16 * 1024**3
@@ -869,14 +873,21 @@ def _assemble(arrays: dict[str, np.ndarray]) -> Archive:
 
 
 def check_weighting(weighting: float) -> float:
-    """A weighting must be a finite number > 0; returns it as float."""
+    """A weighting must be a number from :data:`MIN_WEIGHTING` to :data:`MAX_WEIGHTING`; returns it as float.
+
+    Why a range and not any finite number > 0: a round's weighted sum divides every weighting by a power
+    of two near the first one's (``RunningSum``), which must stay a float64 for any pair of accepted
+    weightings; 5e-324 beside 100 is a ratio float64 cannot hold. The range (float32's normal numbers)
+    holds any sample count or loss-based weight a leaf sends.
+    """
     try:
         value = float(weighting)
     except (TypeError, ValueError):
         raise WeightingError(f"weighting must be a number > 0. Received: weighting={weighting!r}") from None
-    if not math.isfinite(value) or value <= 0:
+    if not MIN_WEIGHTING <= value <= MAX_WEIGHTING:  # NaN too
         raise WeightingError(
-            f"weighting must be finite and > 0 (usually the local sample count). Received: weighting={weighting!r}"
+            f"weighting must be a finite number > 0 from {MIN_WEIGHTING:.4g} to {MAX_WEIGHTING:.4g} (usually the local "
+            f"sample count). Received: weighting={weighting!r}"
         )
     return value
 
@@ -949,6 +960,8 @@ __all__ = [
     "decode",
     "scan",
     "check_weighting",
+    "MIN_WEIGHTING",
+    "MAX_WEIGHTING",
     "check_compression_ratio",
     "COMPRESSION_RATIO_FLOOR_BYTES",
     "check_finite",

@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, ClassVar, Iterator, Protocol, Sequence
 import numpy as np
 
 from ..core import wire
-from ..core.errors import AggregationError, ArchiveError
+from ..core.errors import AggregationError, ArchiveError, WeightingError
 from ..core.wire import LayerSpec
 from .durable import start_writeback
 
@@ -217,9 +217,10 @@ class RunningSum:
             for leaf, file_id, path, weighting in uploads:
                 if leaf not in self.members:
                     self._add(leaf, file_id, Path(path), wire.check_weighting(weighting))
-        except zipfile.BadZipFile as exc:  # a stored upload damaged on disk
+        except (zipfile.BadZipFile, WeightingError, ArithmeticError) as exc:  # damaged; weighted by an old version
             self.reset()
-            raise AggregationError(f"{Path(path).name} is not a readable archive: {exc}") from exc
+            raise AggregationError(f"upload {file_id} of leaf {leaf} ({Path(path).name}) cannot be folded: {exc}; "
+                                   "'branchkey-local round drop-upload LEAF' lets the round aggregate") from exc
         except BaseException:
             self.reset()
             raise

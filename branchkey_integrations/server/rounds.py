@@ -252,8 +252,9 @@ class Rounds:
                     round_index=round_index, specs=specs, size=size, sha256=digest, strategy=applied,
                     strategy_note=note, state=state, durable=durable,
                 )
-            except (AggregationError, LocalServerError, OSError, sqlite3.Error) as exc:
-                self._retry_aggregation(branch_id, deadline, f"run {run_number} round {round_index}: {exc}")
+            except Exception as exc:  # a full disk, a damaged upload, a bug: the round stays open and says why
+                problem = exc if isinstance(exc, (AggregationError, LocalServerError, OSError, sqlite3.Error)) else repr(exc)
+                self._retry_aggregation(branch_id, deadline, f"run {run_number} round {round_index}: {problem}")
                 return None
             finally:
                 self._answer_waiting(branch_id)  # committed, and counted in this round's aggregation (or its retry)
@@ -370,7 +371,9 @@ class Rounds:
         """Bring the running sum of the branch's open round up to its committed uploads.
 
         A failure (an upload replaced and removed while it was read) only empties the sum: the
-        aggregation syncs again from the committed uploads, so it is logged at INFO.
+        aggregation syncs again from the committed uploads, so it is logged at INFO. Any other failure is
+        logged as an error and ends neither the fold task nor the round: its aggregation tries again (and
+        retries with backoff, saying why, while it fails).
         """
         blocking = self.workers.blocking
         async with self._fold_locks[branch_id]:
@@ -386,6 +389,9 @@ class Rounds:
             except (AggregationError, OSError) as exc:
                 logger.info("folding branch %s run %d round %d deferred to its aggregation: %s", branch_id,
                             current.run_number, current.round_index, exc)
+            except Exception as exc:  # never the end of the fold task: the aggregation syncs, and retries, itself
+                logger.error("folding branch %s run %d round %d failed (%r); its aggregation folds it again",
+                             branch_id, current.run_number, current.round_index, exc)
 
     async def _sync_aggregate(self, file_id: str) -> bool:
         """fsync an aggregate committed before its fsync; False (logged) when the disk refused."""

@@ -150,7 +150,7 @@ def test_limits_stop_zip_bombs_and_member_floods():
         wire.decode(many, max_members=10)
 
 
-@pytest.mark.parametrize("weighting", [0, -1.0, float("nan"), float("inf"), "ten"])
+@pytest.mark.parametrize("weighting", [0, -1.0, float("nan"), float("inf"), "ten", 5e-324, 1e300])
 def test_bad_weighting_is_refused(weighting):
     with pytest.raises(WeightingError, match="weighting") as refused:
         wire.check_weighting(weighting)

@@ -332,3 +332,56 @@ def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restor
     transport = seen[0][1]
     assert sizes == {receipt._SMALL_RECV} and receipt._SMALL_RECV < type(transport).max_size
     assert "max_size" not in vars(transport)  # the connection's next request reads as asyncio does
+
+
+def archive_with_weighting(weighting: float, layers: list[np.ndarray]) -> bytes:
+    """An archive whose weighting member holds any float64, as a hostile leaf writes it (wire.encode refuses)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("weighting.npy", _npy(np.array([weighting], np.float64)))
+        for index, layer in enumerate(layers):
+            zf.writestr(f"layer_{index}.npy", _npy(layer))
+    return buffer.getvalue()
+
+
+def test_a_weighting_outside_the_accepted_range_is_refused_and_the_round_aggregates(live) -> None:
+    """5e-324 (finite, > 0) used to be accepted, and the next normal upload's fold overflowed: the round never
+    aggregated, through restarts, until an operator dropped it. Now it is a 400 that names the range."""
+    branch, (a, b) = live.make_branch(2)
+    for weighting in (5e-324, 1e300):
+        refused = live.upload(a, archive_with_weighting(weighting, model(1)))
+        assert refused.status_code == 400, refused.text
+        assert f"from {wire.MIN_WEIGHTING:.4g} to {wire.MAX_WEIGHTING:.4g}" in refused.json()["error"]
+    sent = [(model(1), wire.MIN_WEIGHTING), (model(3), wire.MAX_WEIGHTING)]  # the extremes aggregate exactly
+    assert live.upload(a, archive_with_weighting(sent[0][1], sent[0][0])).status_code == 201
+    assert live.upload(b, archive_with_weighting(sent[1][1], sent[1][0])).status_code == 201
+    aggregate = live.fetch(a, live.wait_aggregate(branch["id"]))
+    for got, want in zip(aggregate.layers, mean(sent)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_fold_that_fails_ends_neither_the_fold_task_nor_the_round(live, monkeypatch, caplog) -> None:
+    """Folding raised OverflowError once; the fold task died without a word and the round never aggregated.
+    Now the failure is an ERROR line, the aggregation tries again while it fails, and the round completes."""
+    from branchkey_integrations.server.aggregation import RunningSum
+
+    failing = {"on": True}
+    original = RunningSum.sync
+
+    def sync(self, *args, **kwargs):
+        if failing["on"]:
+            raise OverflowError("math range error")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunningSum, "sync", sync)
+    branch, (a, b) = live.make_branch(2)
+    with caplog.at_level("DEBUG", logger="branchkey_integrations.server.rounds"):
+        assert live.upload(a, wire.encode(model(1), 1.0)).status_code == 201
+        assert live.upload(b, wire.encode(model(2), 3.0)).status_code == 201
+        live.wait_for(lambda: any("aggregating branch" in r.message and "OverflowError" in r.message
+                                  for r in caplog.records))
+    assert any(r.levelname == "ERROR" and "folding branch" in r.message for r in caplog.records)
+    failing["on"] = False
+    aggregate = live.fetch(a, live.wait_aggregate(branch["id"]))
+    for got, want in zip(aggregate.layers, mean([(model(1), 1.0), (model(2), 3.0)])):
+        np.testing.assert_array_equal(got, want)

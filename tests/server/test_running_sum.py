@@ -65,7 +65,7 @@ def test_the_running_mean_equals_numpy_bit_for_bit(tmp_path: Path, compression: 
 def test_one_upload_is_its_own_mean_exactly(tmp_path: Path, compression: str) -> None:
     layers = [np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32), np.arange(3)]
     running = RunningSum()
-    running.sync(stored(tmp_path, [(layers, 1e300)], compression=compression))
+    running.sync(stored(tmp_path, [(layers, wire.MAX_WEIGHTING)], compression=compression))
     size, digest = running.write(tmp_path / "mean.npz")
     content = (tmp_path / "mean.npz").read_bytes()
     assert (size, digest) == (len(content), hashlib.sha256(content).hexdigest())
