@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/dashboard/static"
 LOGIN_CODE_TTL_S = 15 * 60
+#: a login body is ``{"code": "<32 characters>"}``: room for it with whitespace, not for 16 MiB per anonymous socket
+LOGIN_BODY_BYTES = 4096
 HEARTBEAT_S = 15.0
 AMQP_POLL_S = 5.0
 _PAGE_HEADERS = {
@@ -238,8 +240,12 @@ async def create_login_link(request: web.Request, server: Server) -> web.Respons
 
 
 async def login(request: web.Request) -> web.Response:
-    """Trade a one-time login code for the admin token (the only admin route without the token)."""
-    body = await read_json_object(request)
+    """Trade a one-time login code for the admin token (the only admin route without the token).
+
+    Its caller is not identified, so its body is small (:data:`LOGIN_BODY_BYTES`) and, like any request of
+    an unidentified client, must arrive within the header timeout (:mod:`~.connections`).
+    """
+    body = await read_json_object(request, max_bytes=LOGIN_BODY_BYTES)
     code = body.get("code")
     if not isinstance(code, str) or not code.isascii() or not request.app[LOGIN_CODES].redeem(code):
         raise HttpProblem(401, "This login link was already used or has expired; enter the admin token "
