@@ -44,7 +44,7 @@ from .history import metric_summary, round_history
 from .httpio import HttpProblem, check_file_id, is_decimal, ok, read_json_object
 from .presence import PRESENCE, Presence
 from .progress import round_progress
-from .routes import signed_download_url
+from .routes import public_base_url, signed_download_url
 from .state import SERVER, Server, server_of
 from .store import Store
 
@@ -95,11 +95,17 @@ def login_url(app: web.Application, base_url: str) -> str:
     return f"{base_url.rstrip('/')}/#login={app[LOGIN_CODES].issue()}"
 
 
-def announcement(app: web.Application, url: str, host: str, token_file: Path) -> tuple[str, str | None]:
-    """What ``serve`` prints: the dashboard's address with a one-time login link, and a warning when
-    ``host`` makes it reachable from the network (None on loopback)."""
-    text = (f"dashboard  {url}/  (admin token in {token_file})\n"
-            f"login link {login_url(app, url)}  (one use, valid {LOGIN_CODE_TTL_S // 60} min)")
+def announcement(app: web.Application, url: str, host: str, token_file: Path, *,
+                 with_link: bool = True) -> tuple[str, str | None]:
+    """What ``serve`` prints: the dashboard's address with a one-time login link (``with_link``: only where
+    the output is a terminal; a log would keep a credential), and a warning when ``host`` makes it
+    reachable from the network (None on loopback)."""
+    text = f"dashboard  {url}/  (admin token in {token_file})\n"
+    if with_link:
+        text += f"login link {login_url(app, url)}  (one use, valid {LOGIN_CODE_TTL_S // 60} min)"
+    else:
+        text += (f"login link: run 'branchkey-local login-link --data-dir {token_file.parent}' in a terminal "
+                 "(not printed here: this output is no terminal, and a log would keep it)")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -235,8 +241,8 @@ async def aggregate_download(request: web.Request, server: Server) -> web.Respon
 
 @admin
 async def create_login_link(request: web.Request, server: Server) -> web.Response:
-    base = server.config.public_url or f"{request.scheme}://{request.host}"
-    return ok({"url": login_url(request.app, base), "expires_in_s": request.app[LOGIN_CODES].ttl_s}, status=201)
+    return ok({"url": login_url(request.app, public_base_url(server, request)),
+               "expires_in_s": request.app[LOGIN_CODES].ttl_s}, status=201)
 
 
 async def login(request: web.Request) -> web.Response:
