@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-bytes", type=_positive_int, default=None,
                        help="refuse larger uploads (default: the server's built-in limit)")
     serve.add_argument("--header-timeout", type=_seconds, metavar="S",
-                       help="close a connection that has not sent its request headers within S seconds (default 10)")
+                       help="close a connection that has sent no credentials (a leaf's or the admin's token, a signed "
+                            "URL, a WebSocket ticket) within S seconds of opening or of its last request (default 10)")
     serve.add_argument("--upload-idle-timeout", type=_seconds, metavar="S",
                        help="drop an upload whose body sends nothing for S seconds (default 60)")
     serve.add_argument("--max-connections", type=_positive_int, metavar="N",
@@ -152,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections-per-leaf", type=_positive_int, metavar="N",
                        help="connections one leaf may hold (default 32; more are answered 429)")
     serve.add_argument("--reserved-connections", type=int, metavar="N",
-                       help="slots new, not yet identified clients may not fill (default 32): kept for the admin "
-                            "and for clients that have sent their request")
+                       help="slots clients not yet identified may not fill (default 32): kept for leaves, the admin "
+                            "and signed downloads")
     serve.add_argument("--keep-uploads", action="store_true",
                        help="keep every upload on disk (default: removed once its round is aggregated)")
     serve.add_argument("--keep-rounds", type=_non_negative_int, metavar="N",
