@@ -4,7 +4,8 @@ Commands: ``init`` (tree, branch and leaf credential files), ``serve`` (run the 
 ``branch strategy NAME`` (change a branch's aggregation between rounds),
 ``run start|pause|stop`` (through the live server's admin API when one serves the data
 directory, so leaves are notified; else directly in the store), ``round drop-upload LEAF|reset``
-(unlock an open round, the same way), ``status`` (disk use included), and ``simulate``
+(unlock an open round, the same way), ``status`` (disk use included), ``login-link`` (a one-time
+dashboard login link from the live server, printed, never logged), and ``simulate``
 (an embedded server and N leaf processes, see :mod:`branchkey_integrations.simulate`).
 
 The module sits above both :mod:`branchkey_integrations.server` and the simulation: it imports
@@ -137,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (see DIR/server.json)")
     serve.add_argument("--amqp-url", help="publish notifications to RabbitMQ too, e.g. amqp://guest:guest@127.0.0.1:5672/")
     serve.add_argument("--amqp-management-url", help="RabbitMQ management API (default http://<amqp host>:15672)")
-    serve.add_argument("--public-url", help="base URL put in download links (default: the Host the client used)")
+    serve.add_argument("--public-url", help="base URL put in download and login links, e.g. the address of a proxy "
+                                            "in front (default: the address the server listens on, never a "
+                                            "client's Host header)")
     serve.add_argument("--max-upload-bytes", type=_positive_int, default=None,
                        help="refuse larger uploads (default: the server's built-in limit)")
     serve.add_argument("--header-timeout", type=_seconds, metavar="S",
-                       help="close a connection that has not sent its request headers within S seconds (default 10)")
+                       help="close a connection that has sent no credentials (a leaf's or the admin's token, a signed "
+                            "URL, a WebSocket ticket) within S seconds of opening or of its last request (default 10)")
     serve.add_argument("--upload-idle-timeout", type=_seconds, metavar="S",
                        help="drop an upload whose body sends nothing for S seconds (default 60)")
     serve.add_argument("--max-connections", type=_positive_int, metavar="N",
@@ -149,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections-per-leaf", type=_positive_int, metavar="N",
                        help="connections one leaf may hold (default 32; more are answered 429)")
     serve.add_argument("--reserved-connections", type=int, metavar="N",
-                       help="slots new, not yet identified clients may not fill (default 32): kept for the admin "
-                            "and for clients that have sent their request")
+                       help="slots clients not yet identified may not fill (default 32): kept for leaves, the admin "
+                            "and signed downloads")
     serve.add_argument("--keep-uploads", action="store_true",
                        help="keep every upload on disk (default: removed once its round is aggregated)")
     serve.add_argument("--keep-rounds", type=_non_negative_int, metavar="N",
@@ -198,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_dir(status)
     status.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     status.set_defaults(func=cmd_status)
+
+    link = commands.add_parser("login-link", help="print a new one-time login link to the live server's dashboard")
+    add_data_dir(link)
+    link.set_defaults(func=cmd_login_link)
     add_simulate_parser(commands)
     return parser
 
@@ -469,7 +477,7 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
         url = f"http://{_client_host(args.host)}:{runner.addresses[0][1]}"
         write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         logger.info("branchkey-local serving %s on %s", data_dir, url)
-        announce_dashboard(app, url, args.host, data_dir)
+        announce_dashboard(app, (args.public_url or url).rstrip("/"), args.host, data_dir)
         await stop.wait()
         logger.info("shutting down")
     finally:
@@ -479,12 +487,24 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
 
 
 def announce_dashboard(app: Any, url: str, host: str, data_dir: Path) -> None:
+    """The dashboard's address; its one-time login link only to a terminal (``serve > log`` keeps none)."""
     from .server.dashboard import announcement
 
-    text, warning = announcement(app, url, host, data_dir / ADMIN_TOKEN_FILE)
+    text, warning = announcement(app, url, host, data_dir / ADMIN_TOKEN_FILE, with_link=sys.stdout.isatty())
     print(text, flush=True)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+
+def cmd_login_link(args: argparse.Namespace) -> int:
+    """A fresh one-time dashboard login link from the server that serves ``--data-dir``, on stdout."""
+    data_dir = Path(args.data_dir)
+    live = live_server(data_dir)
+    if live is None:
+        raise CliError(f"no live server serves {data_dir}; start one with 'branchkey-local serve --data-dir {data_dir}'")
+    link = admin_call(live, "POST", ADMIN_PREFIX + "/dashboard/links")
+    print(f"login link {link['url']}  (one use, valid {int(link['expires_in_s']) // 60} min)")
+    return 0
 
 
 def _client_host(host: str) -> str:

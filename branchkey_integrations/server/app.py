@@ -112,7 +112,8 @@ def create_app(
     server = Server(store, Notifier(executor, amqp_url, amqp_management_url, store=store), executor, config)
     # read_bufsize: aiohttp buffers up to twice it per connection before it stops reading the socket; a
     # large upload raises that for itself by reading 1 MiB at a time (uploads.py), the rest stay small
-    app = web.Application(middlewares=[guard_middleware, error_middleware], client_max_size=16 * 1024**2,
+    # the guard's middleware inside the error middleware: a request whose client went away is its to answer quietly
+    app = web.Application(middlewares=[error_middleware, guard_middleware], client_max_size=16 * 1024**2,
                           handler_args={"read_bufsize": 64 * 1024})
     app[SERVER] = server
     app[GUARD] = ConnectionGuard(limits)

@@ -1,26 +1,31 @@
-"""Connection hygiene of branchkey-local: no client, idle or slow, can starve the server.
+"""Connection hygiene of branchkey-local: no client, idle, slow or anonymous, can starve the server.
 
 What this module owns:
 
 - a cap on open connections (:attr:`ConnectionLimits.max_connections`), fitted below the process's
   open-files limit at start-up (the soft ``RLIMIT_NOFILE`` is first raised to the hard one), so the
   accept loop never runs out of descriptors;
-- a header timeout: a connection that has not completed its first request's headers within
-  ``header_timeout_s`` is closed;
-- slots kept for the admin and for leaves: connections of clients not identified yet (waiting for
-  their first request's headers, or kept alive after a request that was neither a leaf's, the
-  admin's nor a signed download) may fill at most ``max_connections - reserved_connections`` slots.
-  A new connection beyond that evicts the oldest of them, so a flood of idle sockets cannot keep out
-  a client that sends its request at once, and the header timeout closes them when idle;
+- identified and unidentified connections. A connection is identified once a request on it
+  carries valid credentials: a leaf's bearer token, the admin token, a valid signed download URL or
+  a WebSocket ticket (:func:`claim_connection`, :func:`trust_connection`). Until then it is
+  *unidentified* however far its request got: waiting for headers, sending a body (the dashboard
+  login's, or any body of a request refused 401), or kept alive after its answer;
+- slots kept for identified clients: unidentified connections may fill at most ``max_connections -
+  reserved_connections`` slots; a new connection beyond that evicts the oldest of them, so a flood of
+  idle sockets or of stalled bodies cannot keep out a client that identifies itself at once;
+- a short timeout for the unidentified: a connection not identified within ``header_timeout_s`` of
+  its accept (or of the end of its previous request) is closed, whatever it is doing; identified
+  uploads have ``upload_idle_timeout_s`` instead (kept here with the other limits, applied by
+  :mod:`~branchkey_integrations.server.uploads`);
 - a cap per leaf (``max_connections_per_leaf``, answered 429) counted on the connections a leaf's
   credentials (or WebSocket ticket) were used on;
-- bounded logging: refusals, evictions and timeouts are summed and logged at most once per
+- bounded logging: refusals, evictions, timeouts and requests whose client went away mid-request
+  (INFO, answered nothing: never a 500 and its traceback) are summed and logged at most once per
   ``LOG_INTERVAL_S``, and asyncio's own "socket.accept() out of system resource" line likewise.
 
 The guard wraps aiohttp's protocol factory (:class:`GuardedAppRunner`), so it sees every accepted
-socket before aiohttp does; a connection it refuses never reaches aiohttp. A stalled upload body
-is :mod:`~branchkey_integrations.server.uploads`' business (``upload_idle_timeout_s`` is kept here
-with the other connection limits).
+socket before aiohttp does; a connection it refuses never reaches aiohttp. Its middleware
+(:func:`guard_middleware`, inside the error middleware) sees each request.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, cast
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
-from .httpio import HttpProblem
+from .httpio import HttpProblem, error_response
 from .uploads import DEFAULT_UPLOAD_IDLE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
@@ -75,12 +80,17 @@ class ConnectionLimits:
             )
 
 
+#: what a request handler meets when its client's connection is gone (a reset, a body cut short)
+CLIENT_GONE_ERRORS = (ConnectionError, ClientPayloadError, asyncio.IncompleteReadError)
+
+
 class _BoundedLog:
     """Counts events of one kind and logs their sum at most once per ``interval_s``."""
 
-    def __init__(self, text: str, interval_s: float = LOG_INTERVAL_S) -> None:
+    def __init__(self, text: str, interval_s: float = LOG_INTERVAL_S, level: int = logging.WARNING) -> None:
         self.text = text
         self.interval_s = interval_s
+        self.level = level
         self.count = 0
         self.total = 0
         self._last = float("-inf")
@@ -102,8 +112,8 @@ class _BoundedLog:
             self._flush.cancel()
             self._flush = None
         if self.count:
-            logger.warning("%s: %d in the last %g s (%d since start)%s", self.text, self.count, self.interval_s,
-                           self.total, f"; {self.detail}" if self.detail else "")
+            logger.log(self.level, "%s: %d in the last %g s (%d since start)%s", self.text, self.count,
+                       self.interval_s, self.total, f"; {self.detail}" if self.detail else "")
             self.count = 0
             self._last = time.monotonic()
 
@@ -143,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self.admitted = False
         self.leaf_id: str | None = None
         self.trusted = False  # the admin, or a valid signed download: kept like a leaf's connection
+        self.dropped = False  # closed by the guard (evicted, timed out), not by its client
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -180,13 +191,14 @@ class ConnectionGuard:
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
         self.max_connections = limits.max_connections
-        self._pending: OrderedDict[_Connection, None] = OrderedDict()  # no complete request yet, oldest first
+        self._pending: OrderedDict[_Connection, None] = OrderedDict()  # not identified yet, oldest first
         self._open: set[_Connection] = set()
         self._by_transport: dict[Any, _Connection] = {}
         self._per_leaf: dict[str, set[_Connection]] = {}
         self._refused = _BoundedLog("connections refused at the cap")
-        self._evicted = _BoundedLog("idle connections closed to make room (no request headers yet)")
-        self._timed_out = _BoundedLog("connections closed by the header timeout")
+        self._evicted = _BoundedLog("connections of clients not identified closed to make room")
+        self._timed_out = _BoundedLog("connections of clients not identified closed by the header timeout")
+        self._gone = _BoundedLog("requests ended early: the client disconnected", level=logging.INFO)
         self._accept_filter = _AcceptErrorFilter()
 
     # -- start-up -------------------------------------------------------------------------
@@ -217,7 +229,7 @@ class ConnectionGuard:
 
     def close(self) -> None:
         logging.getLogger("asyncio").removeFilter(self._accept_filter)
-        for log in (self._refused, self._evicted, self._timed_out):
+        for log in (self._refused, self._evicted, self._timed_out, self._gone):
             log.close()
 
     # -- admission ------------------------------------------------------------------------
@@ -238,7 +250,7 @@ class ConnectionGuard:
         pending_cap = self.max_connections - self.limits.reserved_connections
         if len(self._pending) >= pending_cap or len(self._open) >= self.max_connections:
             if not self._pending:
-                self._refused.note(f"{len(self._open)} open, all past their headers")
+                self._refused.note(f"{len(self._open)} open, all of identified clients")
                 return False
             oldest = next(iter(self._pending))
             self._evicted.note(f"cap {self.max_connections}, {pending_cap} for clients not yet identified")
@@ -252,10 +264,11 @@ class ConnectionGuard:
 
     def _header_timeout(self, conn: _Connection) -> None:
         if conn in self._pending:
-            self._timed_out.note(f"no request headers within {self.limits.header_timeout_s:g} s")
+            self._timed_out.note(f"no credentials within {self.limits.header_timeout_s:g} s")
             self._drop(conn)
 
     def _drop(self, conn: _Connection) -> None:
+        conn.dropped = True
         self.forget(conn)
         if conn.transport is not None:
             conn.transport.abort()
@@ -270,29 +283,43 @@ class ConnectionGuard:
         if conn.leaf_id is not None:
             self._leave_group(conn)
 
-    def started_request(self, request: web.Request) -> None:
-        """The request's headers are in: its connection is no longer one that may be evicted or timed out."""
-        conn = self._by_transport.get(request.transport)
-        if conn is not None and conn in self._pending:
-            del self._pending[conn]
-            if conn.timer is not None:
-                conn.timer.cancel()
-                conn.timer = None
+    def connection_of(self, request: web.Request) -> _Connection | None:
+        return self._by_transport.get(request.transport)
 
-    def finished_request(self, request: web.Request) -> None:
-        """A request of a client not identified (no leaf, admin or signed URL) is done: its kept-alive
-        connection is again one that may be evicted, and the header timeout runs again."""
-        conn = self._by_transport.get(request.transport)
-        if conn is None or conn.leaf_id is not None or conn.trusted or conn in self._pending:
+    def finished_request(self, conn: _Connection | None) -> None:
+        """A request on ``conn`` is done: if its client is still not identified, the header timeout starts
+        again and the connection becomes the newest of those that may be evicted."""
+        if conn is None or conn not in self._pending:
             return
-        self._pending[conn] = None
+        self._pending.move_to_end(conn)
+        if conn.timer is not None:
+            conn.timer.cancel()
         conn.timer = asyncio.get_running_loop().call_later(self.limits.header_timeout_s, self._header_timeout, conn)
+
+    def client_gone(self, conn: _Connection | None, request: web.Request, exc: BaseException) -> bool:
+        """Whether ``exc``, raised by the handler of ``request``, only says that its client went away (then it
+        is counted, and logged at INFO at most once per interval); False for anything else."""
+        transport = request.transport
+        if not isinstance(exc, CLIENT_GONE_ERRORS) or (transport is not None and not transport.is_closing()):
+            return False
+        if conn is None or not conn.dropped:  # the guard's own closes are counted where they happen
+            self._gone.note(f"the latest {request.method} {request.path[:80]} from {request.remote}: "
+                            f"{type(exc).__name__}")
+        return True
+
+    def _identified(self, conn: _Connection) -> None:
+        """``conn`` carried valid credentials: it leaves the evictable, timed-out connections for good."""
+        self._pending.pop(conn, None)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
 
     def trust(self, request: web.Request) -> None:
         """The request's connection is the admin's (or a signed download's): keep it like a leaf's."""
         conn = self._by_transport.get(request.transport)
         if conn is not None:
             conn.trusted = True
+            self._identified(conn)
 
     def claim(self, request: web.Request, leaf_id: str) -> None:
         """Count the request's connection as ``leaf_id``'s; 429 when the leaf holds its cap already."""
@@ -309,6 +336,7 @@ class ConnectionGuard:
             self._leave_group(conn)
         conn.leaf_id = leaf_id
         group.add(conn)
+        self._identified(conn)
 
     def _leave_group(self, conn: _Connection) -> None:
         group = self._per_leaf.get(conn.leaf_id or "", set())
@@ -323,15 +351,21 @@ GUARD = web.AppKey("connection_guard", ConnectionGuard)
 @web.middleware
 async def guard_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Marks the connection as past its headers (aiohttp calls middlewares once the headers are parsed)."""
+    """Restarts an unidentified connection's header timeout after each of its requests, and answers a
+    request whose client went away mid-request quietly (it must sit inside the error middleware, which
+    would log that as a 500 with its traceback)."""
     guard = request.app.get(GUARD)
     if guard is None:
         return await handler(request)
-    guard.started_request(request)
+    conn = guard.connection_of(request)
     try:
         return await handler(request)
+    except CLIENT_GONE_ERRORS as exc:
+        if not guard.client_gone(conn, request, exc):
+            raise
+        return error_response(408, "The client disconnected before the request was complete.")  # read by no one
     finally:
-        guard.finished_request(request)
+        guard.finished_request(conn)
 
 
 def trust_connection(request: web.Request) -> None:

@@ -44,7 +44,7 @@ from .history import metric_summary, round_history
 from .httpio import HttpProblem, check_file_id, is_decimal, ok, read_json_object
 from .presence import PRESENCE, Presence
 from .progress import round_progress
-from .routes import signed_download_url
+from .routes import public_base_url, signed_download_url
 from .state import SERVER, Server, server_of
 from .store import Store
 
@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/dashboard/static"
 LOGIN_CODE_TTL_S = 15 * 60
+#: a login body is ``{"code": "<32 characters>"}``: room for it with whitespace, not for 16 MiB per anonymous socket
+LOGIN_BODY_BYTES = 4096
 HEARTBEAT_S = 15.0
 AMQP_POLL_S = 5.0
 _PAGE_HEADERS = {
@@ -93,11 +95,17 @@ def login_url(app: web.Application, base_url: str) -> str:
     return f"{base_url.rstrip('/')}/#login={app[LOGIN_CODES].issue()}"
 
 
-def announcement(app: web.Application, url: str, host: str, token_file: Path) -> tuple[str, str | None]:
-    """What ``serve`` prints: the dashboard's address with a one-time login link, and a warning when
-    ``host`` makes it reachable from the network (None on loopback)."""
-    text = (f"dashboard  {url}/  (admin token in {token_file})\n"
-            f"login link {login_url(app, url)}  (one use, valid {LOGIN_CODE_TTL_S // 60} min)")
+def announcement(app: web.Application, url: str, host: str, token_file: Path, *,
+                 with_link: bool = True) -> tuple[str, str | None]:
+    """What ``serve`` prints: the dashboard's address with a one-time login link (``with_link``: only where
+    the output is a terminal; a log would keep a credential), and a warning when ``host`` makes it
+    reachable from the network (None on loopback)."""
+    text = f"dashboard  {url}/  (admin token in {token_file})\n"
+    if with_link:
+        text += f"login link {login_url(app, url)}  (one use, valid {LOGIN_CODE_TTL_S // 60} min)"
+    else:
+        text += (f"login link: run 'branchkey-local login-link --data-dir {token_file.parent}' in a terminal "
+                 "(not printed here: this output is no terminal, and a log would keep it)")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -233,13 +241,17 @@ async def aggregate_download(request: web.Request, server: Server) -> web.Respon
 
 @admin
 async def create_login_link(request: web.Request, server: Server) -> web.Response:
-    base = server.config.public_url or f"{request.scheme}://{request.host}"
-    return ok({"url": login_url(request.app, base), "expires_in_s": request.app[LOGIN_CODES].ttl_s}, status=201)
+    return ok({"url": login_url(request.app, public_base_url(server, request)),
+               "expires_in_s": request.app[LOGIN_CODES].ttl_s}, status=201)
 
 
 async def login(request: web.Request) -> web.Response:
-    """Trade a one-time login code for the admin token (the only admin route without the token)."""
-    body = await read_json_object(request)
+    """Trade a one-time login code for the admin token (the only admin route without the token).
+
+    Its caller is not identified, so its body is small (:data:`LOGIN_BODY_BYTES`) and, like any request of
+    an unidentified client, must arrive within the header timeout (:mod:`~.connections`).
+    """
+    body = await read_json_object(request, max_bytes=LOGIN_BODY_BYTES)
     code = body.get("code")
     if not isinstance(code, str) or not code.isascii() or not request.app[LOGIN_CODES].redeem(code):
         raise HttpProblem(401, "This login link was already used or has expired; enter the admin token "

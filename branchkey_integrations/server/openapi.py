@@ -288,7 +288,7 @@ def _dashboard_paths() -> dict[str, dict[str, Schema]]:
         ADMIN_PREFIX + "/dashboard/links": {"post": admin("Dashboard login link", ok=(201, _obj({"url": _STR})),
                                                           errors=(401,))},
         ADMIN_PREFIX + "/dashboard/login": {"post": _operation(
-            "Dashboard login", tag="dashboard", security=None, ok=(200, _obj({"token": _STR})), errors=(400, 401),
+            "Dashboard login", tag="dashboard", security=None, ok=(200, _obj({"token": _STR})), errors=(400, 401, 413),
             body=_obj({"code": _STR}), description="Trades a one-time login code for the admin token.")},
     }
 

@@ -193,8 +193,26 @@ async def download_file(request: web.Request) -> web.Response:
 def signed_download_url(server: Server, request: web.Request, file_id: str) -> str:
     """The blob URL of ``file_id``, signed and valid for the server's ``download_ttl_s``."""
     expires = int(time.time()) + server.config.download_ttl_s
-    base = (server.config.public_url or f"{request.scheme}://{request.host}").rstrip("/")
+    base = public_base_url(server, request)
     return f"{base}{BLOB_PATH.format(file_id=file_id)}?expires={expires}&signature={server.auth.sign(file_id, expires)}"
+
+
+def public_base_url(server: Server, request: web.Request) -> str:
+    """Where clients reach this server: the configured ``public_url``, else the address this connection
+    was accepted on (the listening address; a wildcard bind's the interface the client dialled).
+
+    Never the request's ``Host`` header: a client chooses that, and a URL built from it would send a
+    leaf's download (or the admin's login link) wherever the client said.
+    """
+    if server.config.public_url:
+        return server.config.public_url.rstrip("/")
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        raise HttpProblem(500, "This server listens on no TCP address it can name; start it with a public URL "
+                               "(serve --public-url http://host:port).")
+    host = str(sockname[0])
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.scheme}://{host}:{sockname[1]}"
 
 
 async def download_blob(request: web.Request) -> web.StreamResponse:
@@ -307,4 +325,4 @@ def add_leaf_routes(app: web.Application) -> None:
     add_openapi_route(app)
 
 
-__all__ = ["add_leaf_routes"]
+__all__ = ["add_leaf_routes", "signed_download_url", "public_base_url"]

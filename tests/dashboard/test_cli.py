@@ -1,9 +1,11 @@
-"""``branchkey-local serve`` and ``simulate --dashboard`` as a user runs them: the printed address and
-one-time login link work, a network-wide bind is warned about, and the simulation's dashboard stays open
-after the run until Ctrl-C."""
+"""``branchkey-local serve``, ``login-link`` and ``simulate --dashboard`` as a user runs them: the printed
+address and one-time login link work (the link printed to a terminal only, never into a log), a
+network-wide bind is warned about, and the simulation's dashboard stays open after the run until Ctrl-C."""
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import signal
 import subprocess
@@ -15,6 +17,7 @@ from queue import Empty, Queue
 import pytest
 import requests
 
+from branchkey_integrations.cli import announce_dashboard
 from branchkey_integrations.server.dashboard import announcement
 
 from ..conftest import wait_until
@@ -60,16 +63,37 @@ def test_announcement_warns_only_off_loopback(tmp_path):
         assert warning and "reachable from the network" in warning and host in warning
 
 
+def test_serve_prints_the_login_link_to_a_terminal_only(tmp_path, monkeypatch, capsys):
+    """Issue 22 (9): ``serve > server.log`` (and the simulation's server.log) kept a working login link."""
+    from branchkey_integrations.server.app import create_app
+
+    app = create_app(tmp_path / "data")
+    announce_dashboard(app, "http://127.0.0.1:8080", "127.0.0.1", tmp_path / "data")
+    piped = capsys.readouterr().out
+    assert "#login=" not in piped and f"branchkey-local login-link --data-dir {tmp_path / 'data'}" in piped
+    controller, terminal_fd = pty.openpty()
+    with os.fdopen(terminal_fd, "w") as terminal:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        announce_dashboard(app, "http://127.0.0.1:8080", "127.0.0.1", tmp_path / "data")
+    assert re.search(r"login link http://127\.0\.0\.1:8080/#login=[\w-]+", os.read(controller, 65536).decode())
+    os.close(controller)
+
+
 @pytest.mark.slow
-def test_serve_prints_a_working_login_link_and_warns_on_0_0_0_0(tmp_path):
+def test_serve_keeps_the_login_link_out_of_its_output_and_login_link_prints_one(tmp_path):
     data = tmp_path / "data"
     process = subprocess.Popen([sys.executable, "-m", "branchkey_integrations.cli", "--log-level", "WARNING", "serve",
                                 "--data-dir", str(data), "--host", "0.0.0.0", "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = Lines(process.stdout), Lines(process.stderr)
-        base, code = LINK.search(out.wait_for(r"login link http", 60).string).groups()
+        out.wait_for(r"login link: run 'branchkey-local login-link", 60)  # a pipe, not a terminal: no link
         err.wait_for(r"WARNING: --host 0\.0\.0\.0 makes this server and its dashboard reachable from the network", 10)
+        assert not any("#login=" in line for line in out.seen + err.seen)
+        printed = subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", "login-link", "--data-dir",
+                                  str(data)], capture_output=True, text=True, timeout=60)
+        assert printed.returncode == 0, printed.stderr
+        base, code = LINK.search(printed.stdout).groups()
         assert login(base, code) == (data / "admin_token").read_text().strip()
         assert requests.post(base + "/admin/v1/dashboard/login", json={"code": code}, timeout=10).status_code == 401
         assert requests.get(base + "/", timeout=10).status_code == 200

@@ -308,6 +308,21 @@ def test_signed_urls_expire_and_resist_tampering(live) -> None:
         assert answer.status_code == 403 and "error" in answer.json(), bad
 
 
+def test_download_and_login_links_name_the_server_never_the_host_header(start_server, tmp_path) -> None:
+    """Issue 22 (9): a client's ``Host`` header was put into the signed URLs it (or the admin) was handed."""
+    for public_url, expected in ((None, None), ("https://fl.example.org/", "https://fl.example.org")):
+        live = start_server(tmp_path / f"data-{expected is None}", public_url=public_url)
+        expected = expected or live.url  # by default, the address the server listens on
+        _, (leaf, _) = live.make_branch(2)
+        file_id = live.upload(leaf, wire.encode(LAYERS, 1.0)).json()["data"]["file_id"]
+        download = requests.get(f"{live.url}/api/v1/file/download/{file_id}", timeout=10,
+                                headers={**live.auth(leaf), "Host": "evil.example"})
+        assert download.json()["data"]["download_url"].startswith(f"{expected}/api/v1/file/blob/{file_id}?")
+        link = requests.post(live.url + "/admin/v1/dashboard/links", timeout=10,
+                             headers={"Authorization": f"Bearer {live.admin_token}", "Host": "evil.example:8080"})
+        assert link.status_code == 201 and link.json()["data"]["url"].startswith(expected + "/#login="), link.text
+
+
 # -- run status -----------------------------------------------------------------------------
 
 

@@ -223,3 +223,71 @@ def test_a_json_body_that_stalls_is_answered_408(guarded, monkeypatch) -> None:
                     + f"Authorization: Bearer {leaf['id']}:{leaf['session_token']}\r\n\r\n".encode() + b'{"mode": ')
         answer = raw.recv(65536)
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer
+
+
+LOGIN_HEADERS = (b"POST /admin/v1/dashboard/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n")
+
+
+def stalled_body(server: GuardedThread, headers: bytes = LOGIN_HEADERS) -> socket.socket:
+    """A connection that sent complete request headers and never sends the body they announce."""
+    sock = socket.create_connection(server.address(), timeout=10)
+    sock.sendall(headers)
+    return sock
+
+
+def test_stalled_bodies_of_unidentified_clients_are_evicted_to_make_room(guarded) -> None:
+    """Issue 22: past their headers, stalled bodies of clients without credentials held every slot."""
+    server = guarded(max_connections=10, reserved_connections=4, header_timeout_s=60)
+    branch, leaf = server.leaf()
+    stalled = [stalled_body(server) for _ in range(10)]
+    try:
+        assert all(closed_by_server(sock) for sock in stalled[:4])  # 6 slots for the unidentified
+        wait_until(lambda: server.guard.pending_connections == 6, 10, "six stalled bodies to remain")
+        answers = [server.admin("GET", "/admin/v1/branches"),
+                   requests.get(f"{server.url}/api/v1/run/{branch['id']}", timeout=10,
+                                headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"})]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert closed_by_server(stalled[4])  # evicted for the admin's connection, which then left the six
+        assert server.guard.pending_connections == 5
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_an_unidentified_body_has_the_header_timeout_an_identified_one_the_body_timeout(guarded) -> None:
+    server = guarded(header_timeout_s=0.3)
+    _, leaf = server.leaf()
+    identified = stalled_body(server, b"POST /api/v1/performance/analysis HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                              + f"Authorization: Bearer {leaf['id']}:{leaf['session_token']}\r\n\r\n".encode())
+    unidentified = stalled_body(server)  # opened after the leaf's: its timeout comes later
+    try:
+        assert closed_by_server(unidentified)
+        identified.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the leaf's body keeps its 60 s (JSON_BODY_TIMEOUT_S)
+            identified.recv(1)
+    finally:
+        identified.close()
+        unidentified.close()
+
+
+def test_clients_that_disconnect_mid_body_are_logged_once_at_info_never_as_a_500(guarded, caplog) -> None:
+    server = guarded()
+    caplog.set_level(logging.DEBUG)
+    for _ in range(20):
+        with stalled_body(server, LOGIN_HEADERS + b'{"code": "ab'):
+            pass
+    wait_until(lambda: server.guard.open_connections == 0, 10, "the server to see every close")
+    wait_until(lambda: any("requests ended early" in r.getMessage() for r in caplog.records), 10, "the INFO line")
+    ours = [r for r in caplog.records if r.name.startswith(("branchkey", "aiohttp")) and r.levelno >= logging.INFO
+            and r.name != "aiohttp.access"]  # serve turns the access log off
+    assert [(r.levelno, r.getMessage()[:42]) for r in ours] == [
+        (logging.INFO, "requests ended early: the client disconnec")], [r.getMessage() for r in ours]
+
+
+def test_the_login_body_of_an_unidentified_client_is_small(guarded) -> None:
+    server = guarded()
+    answer = requests.post(server.url + "/admin/v1/dashboard/login", json={"code": "x" * 5000}, timeout=10)
+    assert answer.status_code == 413 and "4096 bytes" in answer.json()["error"]
+    answer = requests.post(server.url + "/admin/v1/dashboard/login", json={"code": "wrong"}, timeout=10)
+    assert answer.status_code == 401
