@@ -17,6 +17,7 @@ import re
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..core.errors import (
     ArchiveError,
@@ -132,12 +133,25 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}. {_route_hint(exc.status)}")
+        answer = error_response(exc.status, f"{exc.reason}: {request.method} {request.path}. {_route_hint(exc.status)}")
+        if "Allow" in exc.headers:  # a 405 says which methods the route has (RFC 9110)
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
+    except (HttpProcessingError, web.RequestPayloadError) as exc:  # a body aiohttp could not parse: chunks, encoding
+        return error_response(400, f"Malformed request body ({body_error_text(exc)}); send it as plain bytes, "
+                                   "without a Content-Encoding.")
     except asyncio.CancelledError:
         raise
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "Internal server error; the server log has the details.")
+
+
+def body_error_text(exc: Exception) -> str:
+    """What aiohttp's parser said of a body, on one line (its header errors quote the bad line on the next)."""
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc  # it wraps the parser's error
+    text = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    return " ".join(str(text).split())[:200]
 
 
 def _route_hint(status: int) -> str:
@@ -152,5 +166,5 @@ def _route_hint(status: int) -> str:
 
 __all__ = [
     "HttpProblem", "DOMAIN_STATUSES", "ok", "error_response", "domain_status", "is_decimal", "check_file_id",
-    "read_json_object", "check_unicode", "error_middleware",
+    "read_json_object", "check_unicode", "body_error_text", "error_middleware",
 ]

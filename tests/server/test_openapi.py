@@ -104,3 +104,14 @@ def test_real_answers_fit_the_document(live) -> None:
     answers.check("/api/v1/file/upload", "post", live.upload(a, wire.encode([np.ones(3, np.float32)], 2.0)))  # 409
     stopped = requests.get(live.url + round_path, headers=live.auth(b), timeout=10)
     assert answers.check(ROUND_PATH, "get", stopped)["data"]["run_status"] == "pause"
+
+
+def test_a_method_a_route_lacks_is_405_with_the_routes_methods_in_allow(live) -> None:
+    """RFC 9110: a 405 names the methods the route has (Schemathesis found it missing on every route)."""
+    document = openapi_document()
+    for path, item in document["paths"].items():
+        concrete = "/".join("x1" if part.startswith("{") else part for part in path.split("/"))
+        answer = requests.request("PATCH", live.url + concrete, timeout=10)
+        assert answer.status_code == 405, (path, answer.status_code)
+        allowed = {method.strip().lower() for method in answer.headers["Allow"].split(",")}
+        assert allowed >= set(item) and answer.json()["error"], (path, answer.headers["Allow"])
