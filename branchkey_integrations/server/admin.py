@@ -2,7 +2,8 @@
 
 Trees, branches and leaves are created here; runs are started, paused and stopped here (the
 CLI's ``run`` goes through it when a server is live, so leaves are notified); rounds, uploads,
-aggregates and metrics can be read. An operator unlocks a round with
+aggregates and metrics can be read (metrics a page at a time: they can outgrow one answer).
+An operator unlocks a round with
 ``DELETE .../branches/{branch_id}/rounds/open/uploads/{leaf id or name}`` (drop one upload) or
 ``POST .../branches/{branch_id}/rounds/open/reset`` (drop them all; the round keeps its number),
 each with an optional ``{"note": ...}`` that the leaves see in the round's progress.
@@ -24,8 +25,8 @@ from aiohttp import web
 
 from ..core.errors import BrokerError
 from ..core.protocol import ADMIN_PREFIX
-from .httpio import HttpProblem, ok, read_json_object
-from .state import Server, server_of
+from .httpio import HttpProblem, is_decimal, ok, read_json_object
+from .state import MAX_METRICS_PAGE, METRICS_PAGE, Server, server_of
 from .store import Store
 from .strategies import DEFAULT_STRATEGY
 
@@ -165,6 +166,28 @@ def _listing(name: str, fetch: Callable[[Store, str], Any]) -> Callable[[web.Req
     return handler
 
 
+@admin
+async def list_metrics(request: web.Request, server: Server) -> web.Response:
+    """One page of the branch's metrics reports, oldest first: ``?limit=N`` of them (default
+    :data:`METRICS_PAGE`, at most :data:`MAX_METRICS_PAGE`) stored after ``?after=`` (the previous
+    page's ``next``; the first page without it). ``next`` is null on the last page."""
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    limit = _query_count(request, "limit", METRICS_PAGE, 1, MAX_METRICS_PAGE)
+    after = _query_count(request, "after", 0, 0, None)
+    metrics, cursor = await server.blocking(server.store.list_metrics, branch.id, after=after, limit=limit)
+    return ok({"metrics": metrics, "next": cursor})
+
+
+def _query_count(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not is_decimal(text) or int(text) < low or (high is not None and int(text) > high):
+        bounds = f"from {low} to {high}" if high is not None else f"from {low}"
+        raise HttpProblem(400, f"Expected ?{name}= to be an integer {bounds}. Received: {name}={text[:40]!r}")
+    return int(text)
+
+
 def add_admin_routes(app: web.Application) -> None:
     trees, branches = ADMIN_PREFIX + "/trees", ADMIN_PREFIX + "/branches"
     app.router.add_post(trees, create_tree)
@@ -182,7 +205,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post(branches + "/{branch_id}/rounds/open/reset", reset_round)
     app.router.add_get(branches + "/{branch_id}/uploads", _listing("uploads", Store.list_uploads))
     app.router.add_get(branches + "/{branch_id}/aggregates", _listing("aggregates", lambda s, b: s.list_files(b, "aggregate")))
-    app.router.add_get(branches + "/{branch_id}/metrics", _listing("metrics", Store.list_metrics))
+    app.router.add_get(branches + "/{branch_id}/metrics", list_metrics)
 
 
 __all__ = ["add_admin_routes"]

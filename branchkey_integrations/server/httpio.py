@@ -23,6 +23,7 @@ from ..core.errors import (
     ArchiveError,
     ArchiveTooLargeError,
     InvalidValueError,
+    QuotaExceededError,
     RecordNotFoundError,
     RoundClosedError,
     RoundInProgressError,
@@ -51,6 +52,7 @@ DOMAIN_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (RoundInProgressError, 409),
     (StorageFullError, 507),
     (UploadInterruptedError, 408),
+    (QuotaExceededError, 429),
 )
 _DOMAIN_ERRORS = tuple(cls for cls, _ in DOMAIN_STATUSES)
 
@@ -89,14 +91,15 @@ def check_file_id(file_id: str) -> str:
     return file_id
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
+async def read_json_object(request: web.Request, max_bytes: int | None = None) -> dict[str, Any]:
     """The raw body as a JSON object, whatever the Content-Type (the metrics call sends none).
 
     A body that has not arrived within :data:`JSON_BODY_TIMEOUT_S` is answered 408 (a stalled client
-    must not hold its connection and handler forever).
+    must not hold its connection and handler forever); one over ``max_bytes`` (None: the app's
+    ``client_max_size``) 413, as soon as its Content-Length or its bytes so far say so.
     """
     try:
-        raw = await asyncio.wait_for(request.read(), JSON_BODY_TIMEOUT_S)
+        raw = await asyncio.wait_for(read_body(request, max_bytes), JSON_BODY_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise HttpProblem(408, f"The request body did not arrive within {JSON_BODY_TIMEOUT_S:g} s; send it again.") from None
     try:
@@ -107,6 +110,22 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise HttpProblem(400, f"Body is JSON {type(body).__name__}; expected a JSON object.")
     check_unicode(body, "Body")
     return body
+
+
+async def read_body(request: web.Request, max_bytes: int | None) -> bytes:
+    """The whole body, refused with 413 past ``max_bytes`` before more than that is held in memory."""
+    if max_bytes is None:
+        return await request.read()
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise HttpProblem(413, f"The body of {request.content_length} bytes is larger than this call accepts "
+                               f"({max_bytes} bytes).")
+    chunks, size = [], 0
+    while chunk := await request.content.read(max_bytes + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise HttpProblem(413, f"The body is larger than this call accepts ({max_bytes} bytes).")
+    return b"".join(chunks)
 
 
 def check_unicode(value: Any, where: str) -> None:
@@ -166,5 +185,5 @@ def _route_hint(status: int) -> str:
 
 __all__ = [
     "HttpProblem", "DOMAIN_STATUSES", "ok", "error_response", "domain_status", "is_decimal", "check_file_id",
-    "read_json_object", "check_unicode", "body_error_text", "error_middleware",
+    "read_json_object", "read_body", "check_unicode", "body_error_text", "error_middleware",
 ]

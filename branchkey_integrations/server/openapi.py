@@ -38,6 +38,7 @@ from ..core.protocol import (
     WS_PATH,
     WS_TICKET_PATH,
 )
+from .state import MAX_METRICS_BYTES, MAX_METRICS_PAGE, MAX_METRICS_PER_ROUND, METRICS_PAGE
 from .strategies import CATALOGUE
 
 Schema = dict[str, Any]
@@ -133,6 +134,7 @@ _ERRORS = {
     400: "malformed request (the text names the problem and the fix)", 401: "missing or wrong credentials",
     403: "not this caller's branch or file", 404: "no such record", 409: "the run or round does not take it now",
     410: "removed by the server's retention (serve --keep-rounds, --keep-uploads)", 413: "larger than the server accepts",
+    429: "past a limit per leaf (connections at once, metrics reports per round)",
 }
 
 
@@ -190,8 +192,12 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
             "Download blob", tag="leaf", security=None, ok=(200, {"type": "string", "format": "binary"}), wrapped=False,
             errors=(400, 403, 404, 410), params=("file_id",), query=("expires", "signature"),
             content_type="application/octet-stream", description="The signed, expiring URL a download answers.")},
-        METRICS_PATH: {"post": leaf("Send metrics", ok=(201, _ref("Created")), errors=(400, 401, 403),
-                                    body=_ref("MetricsRequest"))},
+        METRICS_PATH: {"post": leaf(
+            "Send metrics", ok=(201, _ref("Created")), errors=(400, 401, 403, 404, 413, 429),
+            body=_ref("MetricsRequest"),
+            description=f"A report names an aggregate of the leaf's branch (404 otherwise) or none (then it counts in "
+                        f"the branch's latest round); at most {MAX_METRICS_BYTES} bytes (413), at most "
+                        f"{MAX_METRICS_PER_ROUND} reports per leaf and round (429).")},
         BRANCH_CONFIG_PATH: {"get": leaf("Branch config", ok=(200, _ref("BranchConfig")), errors=(400, 401, 403, 404),
                                          params=("branch_id",))},
         WS_TICKET_PATH: {"post": leaf("WebSocket ticket", ok=(200, _ref("Ticket")))},
@@ -254,7 +260,13 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
                         "the round's progress.")},
         branch + "/uploads": {"get": listing("uploads", "uploads")},
         branch + "/aggregates": {"get": listing("aggregates", "aggregates")},
-        branch + "/metrics": {"get": listing("metrics", "metrics")},
+        branch + "/metrics": {"get": admin(
+            "List metrics", ok=(200, _obj({"metrics": {"type": "array", "items": {"type": "object"}},
+                                           "next": _null({**_INT, "description": "?after= of the next page"})})),
+            errors=found, params=("branch_id",), optional_query=("limit", "after"),
+            description=f"The branch's metrics reports, oldest first, a page at a time: ?limit=N (default "
+                        f"{METRICS_PAGE}, at most {MAX_METRICS_PAGE}) after ?after= (the previous page's next; null "
+                        "on the last page).")},
     }
 
 
