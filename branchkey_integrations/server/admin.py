@@ -74,10 +74,15 @@ async def create_branch(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     branch = await server.blocking(
         server.store.create_branch, request.match_info["tree_id"], body.get("name", "main"),
-        min_leaves=body.get("min_leaves"), round_deadline_s=body.get("round_deadline_s"),
+        min_leaves=_whole(body.get("min_leaves")), round_deadline_s=body.get("round_deadline_s"),
         strategy=body.get("strategy", DEFAULT_STRATEGY), strategy_params=_params(body),
     )
     return ok(branch.to_dict(), status=201)
+
+
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction as an int: JSON Schema's "integer" (and JavaScript) count 3.0 as 3."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -117,10 +122,12 @@ async def get_branch(request: web.Request, server: Server) -> web.Response:
 @admin
 async def create_leaves(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
-    leaves = await server.blocking(
-        server.store.create_leaves, request.match_info["branch_id"], body.get("count", 1),
-        name_prefix=str(body.get("name_prefix", "leaf")),
-    )
+    prefix = body.get("name_prefix", "leaf")
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise HttpProblem(400, f"Expected name_prefix to be a non-blank text such as 'site' (leaves site_1, site_2, "
+                               f"...) or absent ('leaf'). Received: {prefix!r:.80}")
+    leaves = await server.blocking(server.store.create_leaves, request.match_info["branch_id"],
+                                   _whole(body.get("count", 1)), name_prefix=prefix)
     await server.notifier.provision(leaves)
     return ok({"leaves": [leaf.credentials() for leaf in leaves]}, status=201)
 
@@ -143,7 +150,7 @@ async def drop_upload(request: web.Request, server: Server) -> web.Response:
     """Drop one leaf's upload (by leaf id or name) from the branch's open round; the leaf may upload again."""
     body = await read_json_object(request)
     result = await server.rounds.drop_uploads(request.match_info["branch_id"], request.match_info["leaf"],
-                                              note=str(body.get("note") or "")[:500])
+                                              note=_note(body))
     return ok(result)
 
 
@@ -151,9 +158,16 @@ async def drop_upload(request: web.Request, server: Server) -> web.Response:
 async def reset_round(request: web.Request, server: Server) -> web.Response:
     """Drop every upload of the branch's open round (same round number); every leaf may upload again."""
     body = await read_json_object(request)
-    result = await server.rounds.drop_uploads(request.match_info["branch_id"], None,
-                                              note=str(body.get("note") or "")[:500])
+    result = await server.rounds.drop_uploads(request.match_info["branch_id"], None, note=_note(body))
     return ok(result)
+
+
+def _note(body: dict[str, Any]) -> str:
+    """The operator's note to the leaves: a text (its first 500 characters) or absent."""
+    note = body.get("note")
+    if note is not None and not isinstance(note, str):
+        raise HttpProblem(400, f"Expected note to be a text for the leaves, or absent. Received: {note!r:.80}")
+    return (note or "")[:500]
 
 
 def _listing(name: str, fetch: Callable[[Store, str], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
