@@ -891,16 +891,21 @@ class Store:
         reports per round, so what one leaf stores grows with the rounds, not with its requests.
 
         Raises:
+            RecordNotFoundError: no such aggregate in the leaf's branch.
             QuotaExceededError: the leaf has sent ``max_per_round`` reports in that round already.
         """
         metric_id = new_id()
         with self._tx() as conn:
             if aggregation_id is not None:
-                sql, params = "SELECT run_number, round_index FROM files WHERE id = ?", (aggregation_id,)
+                sql, params = ("SELECT run_number, round_index FROM files WHERE id = ? AND kind = 'aggregate'"
+                               " AND branch_id = ?", (aggregation_id, leaf.branch_id))
             else:
                 sql, params = ("SELECT run_number, round_index FROM rounds WHERE branch_id = ?"
                                " ORDER BY run_number DESC, round_index DESC LIMIT 1", (leaf.branch_id,))
-            run_number, round_index = conn.execute(sql, params).fetchone() or (None, None)
+            row = conn.execute(sql, params).fetchone()
+            if row is None:
+                raise RecordNotFoundError(f"No aggregate {aggregation_id!r:.80} (or no round) in branch {leaf.branch_id}.")
+            run_number, round_index = row
             sent = conn.execute("SELECT COUNT(*) FROM metrics WHERE leaf_id = ? AND run_number = ? AND round_index = ?",
                                 (leaf.id, run_number, round_index)).fetchone()[0]
             if sent >= max_per_round:

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from branchkey_integrations.core import wire
-from branchkey_integrations.core.errors import QuotaExceededError
+from branchkey_integrations.core.errors import QuotaExceededError, RecordNotFoundError
 from branchkey_integrations.server.state import MAX_METRICS_BYTES, MAX_METRICS_PER_ROUND
 from branchkey_integrations.server.store import DB_NAME, Store
 
@@ -111,5 +111,17 @@ def test_a_store_made_before_the_limits_opens_with_its_metrics(tmp_path) -> None
         assert cursor is None
         assert [(row["mode"], row["run_number"], row["round_index"]) for row in rows] == [
             ("test", None, None), ("train", 1, 0)]
+    finally:
+        store.close()
+
+
+def test_the_store_counts_a_report_only_in_a_round_it_can_name(tmp_path) -> None:
+    store = Store(tmp_path)
+    try:
+        tree = store.create_tree("t")
+        [leaf] = store.create_leaves(store.create_branch(tree["id"], "b").id, 1)
+        with pytest.raises(RecordNotFoundError, match="no-such-aggregate"):
+            store.add_metric(mode="test", aggregation_id="no-such-aggregate", leaf=leaf, data="{}", max_per_round=1)
+        assert store.list_metrics(leaf.branch_id) == ([], None)
     finally:
         store.close()
