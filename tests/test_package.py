@@ -22,8 +22,8 @@ def test_public_names():
                 "RequestRejectedError", "ServerError", "NotificationError", "RunBlockedError", "RunStopped",
                 "AggregationTimeoutError", "LocalServerError", "RecordNotFoundError", "InvalidValueError",
                 "RunNotStartedError", "RoundClosedError", "RoundInProgressError", "AggregationError", "BrokerError", "BrokerArgumentError",
-                "StorageFullError", "UploadInterruptedError", "InsufficientStorageError", "RoundInterrupted",
-                "SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
+                "StorageFullError", "UploadInterruptedError", "QuotaExceededError", "InsufficientStorageError",
+                "RoundInterrupted", "SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
     assert set(branchkey_integrations.core.__all__) == expected
     for name in expected:
         assert getattr(branchkey_integrations, name) is getattr(branchkey_integrations.core, name)

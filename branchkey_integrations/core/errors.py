@@ -167,6 +167,10 @@ class UploadInterruptedError(LocalServerError):
     """An upload body stopped arriving: the client disconnected or sent nothing for the idle timeout."""
 
 
+class QuotaExceededError(LocalServerError):
+    """A leaf sent more of something than the server keeps per round (metrics reports)."""
+
+
 class BrokerError(LocalServerError):
     """RabbitMQ could not be provisioned or reached by ``branchkey-local``."""
 
@@ -228,6 +232,7 @@ __all__ = [
     "AggregationError",
     "StorageFullError",
     "UploadInterruptedError",
+    "QuotaExceededError",
     "BrokerError",
     "BrokerArgumentError",
     "SimulationError",

@@ -2,7 +2,8 @@
 
 Trees, branches and leaves are created here; runs are started, paused and stopped here (the
 CLI's ``run`` goes through it when a server is live, so leaves are notified); rounds, uploads,
-aggregates and metrics can be read. An operator unlocks a round with
+aggregates and metrics can be read (metrics a page at a time: they can outgrow one answer).
+An operator unlocks a round with
 ``DELETE .../branches/{branch_id}/rounds/open/uploads/{leaf id or name}`` (drop one upload) or
 ``POST .../branches/{branch_id}/rounds/open/reset`` (drop them all; the round keeps its number),
 each with an optional ``{"note": ...}`` that the leaves see in the round's progress.
@@ -24,8 +25,8 @@ from aiohttp import web
 
 from ..core.errors import BrokerError
 from ..core.protocol import ADMIN_PREFIX
-from .httpio import HttpProblem, ok, read_json_object
-from .state import Server, server_of
+from .httpio import HttpProblem, is_decimal, ok, read_json_object
+from .state import MAX_METRICS_PAGE, METRICS_PAGE, Server, server_of
 from .store import Store
 from .strategies import DEFAULT_STRATEGY
 
@@ -73,10 +74,15 @@ async def create_branch(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     branch = await server.blocking(
         server.store.create_branch, request.match_info["tree_id"], body.get("name", "main"),
-        min_leaves=body.get("min_leaves"), round_deadline_s=body.get("round_deadline_s"),
+        min_leaves=_whole(body.get("min_leaves")), round_deadline_s=body.get("round_deadline_s"),
         strategy=body.get("strategy", DEFAULT_STRATEGY), strategy_params=_params(body),
     )
     return ok(branch.to_dict(), status=201)
+
+
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction as an int: JSON Schema's "integer" (and JavaScript) count 3.0 as 3."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -116,10 +122,12 @@ async def get_branch(request: web.Request, server: Server) -> web.Response:
 @admin
 async def create_leaves(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
-    leaves = await server.blocking(
-        server.store.create_leaves, request.match_info["branch_id"], body.get("count", 1),
-        name_prefix=str(body.get("name_prefix", "leaf")),
-    )
+    prefix = body.get("name_prefix", "leaf")
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise HttpProblem(400, f"Expected name_prefix to be a non-blank text such as 'site' (leaves site_1, site_2, "
+                               f"...) or absent ('leaf'). Received: {prefix!r:.80}")
+    leaves = await server.blocking(server.store.create_leaves, request.match_info["branch_id"],
+                                   _whole(body.get("count", 1)), name_prefix=prefix)
     await server.notifier.provision(leaves)
     return ok({"leaves": [leaf.credentials() for leaf in leaves]}, status=201)
 
@@ -142,7 +150,7 @@ async def drop_upload(request: web.Request, server: Server) -> web.Response:
     """Drop one leaf's upload (by leaf id or name) from the branch's open round; the leaf may upload again."""
     body = await read_json_object(request)
     result = await server.rounds.drop_uploads(request.match_info["branch_id"], request.match_info["leaf"],
-                                              note=str(body.get("note") or "")[:500])
+                                              note=_note(body))
     return ok(result)
 
 
@@ -150,9 +158,16 @@ async def drop_upload(request: web.Request, server: Server) -> web.Response:
 async def reset_round(request: web.Request, server: Server) -> web.Response:
     """Drop every upload of the branch's open round (same round number); every leaf may upload again."""
     body = await read_json_object(request)
-    result = await server.rounds.drop_uploads(request.match_info["branch_id"], None,
-                                              note=str(body.get("note") or "")[:500])
+    result = await server.rounds.drop_uploads(request.match_info["branch_id"], None, note=_note(body))
     return ok(result)
+
+
+def _note(body: dict[str, Any]) -> str:
+    """The operator's note to the leaves: a text (its first 500 characters) or absent."""
+    note = body.get("note")
+    if note is not None and not isinstance(note, str):
+        raise HttpProblem(400, f"Expected note to be a text for the leaves, or absent. Received: {note!r:.80}")
+    return (note or "")[:500]
 
 
 def _listing(name: str, fetch: Callable[[Store, str], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -163,6 +178,28 @@ def _listing(name: str, fetch: Callable[[Store, str], Any]) -> Callable[[web.Req
 
     handler.__name__ = f"list_{name}"
     return handler
+
+
+@admin
+async def list_metrics(request: web.Request, server: Server) -> web.Response:
+    """One page of the branch's metrics reports, oldest first: ``?limit=N`` of them (default
+    :data:`METRICS_PAGE`, at most :data:`MAX_METRICS_PAGE`) stored after ``?after=`` (the previous
+    page's ``next``; the first page without it). ``next`` is null on the last page."""
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    limit = _query_count(request, "limit", METRICS_PAGE, 1, MAX_METRICS_PAGE)
+    after = _query_count(request, "after", 0, 0, None)
+    metrics, cursor = await server.blocking(server.store.list_metrics, branch.id, after=after, limit=limit)
+    return ok({"metrics": metrics, "next": cursor})
+
+
+def _query_count(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not is_decimal(text) or int(text) < low or (high is not None and int(text) > high):
+        bounds = f"from {low} to {high}" if high is not None else f"from {low}"
+        raise HttpProblem(400, f"Expected ?{name}= to be an integer {bounds}. Received: {name}={text[:40]!r}")
+    return int(text)
 
 
 def add_admin_routes(app: web.Application) -> None:
@@ -182,7 +219,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post(branches + "/{branch_id}/rounds/open/reset", reset_round)
     app.router.add_get(branches + "/{branch_id}/uploads", _listing("uploads", Store.list_uploads))
     app.router.add_get(branches + "/{branch_id}/aggregates", _listing("aggregates", lambda s, b: s.list_files(b, "aggregate")))
-    app.router.add_get(branches + "/{branch_id}/metrics", _listing("metrics", Store.list_metrics))
+    app.router.add_get(branches + "/{branch_id}/metrics", list_metrics)
 
 
 __all__ = ["add_admin_routes"]

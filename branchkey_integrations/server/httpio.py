@@ -17,11 +17,13 @@ import re
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..core.errors import (
     ArchiveError,
     ArchiveTooLargeError,
     InvalidValueError,
+    QuotaExceededError,
     RecordNotFoundError,
     RoundClosedError,
     RoundInProgressError,
@@ -50,6 +52,7 @@ DOMAIN_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (RoundInProgressError, 409),
     (StorageFullError, 507),
     (UploadInterruptedError, 408),
+    (QuotaExceededError, 429),
 )
 _DOMAIN_ERRORS = tuple(cls for cls, _ in DOMAIN_STATUSES)
 
@@ -92,11 +95,11 @@ async def read_json_object(request: web.Request, max_bytes: int | None = None) -
     """The raw body as a JSON object, whatever the Content-Type (the metrics call sends none).
 
     A body that has not arrived within :data:`JSON_BODY_TIMEOUT_S` is answered 408 (a stalled client
-    must not hold its connection and handler forever). ``max_bytes`` lowers the app's body limit for a
-    route that reads the body of a client not identified yet (the dashboard login): 413 past it.
+    must not hold its connection and handler forever); one over ``max_bytes`` (None: the app's
+    ``client_max_size``) 413, as soon as its Content-Length or its bytes so far say so.
     """
     try:
-        raw = await asyncio.wait_for(_read_body(request, max_bytes), JSON_BODY_TIMEOUT_S)
+        raw = await asyncio.wait_for(read_body(request, max_bytes), JSON_BODY_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise HttpProblem(408, f"The request body did not arrive within {JSON_BODY_TIMEOUT_S:g} s; send it again.") from None
     try:
@@ -109,19 +112,20 @@ async def read_json_object(request: web.Request, max_bytes: int | None = None) -
     return body
 
 
-async def _read_body(request: web.Request, max_bytes: int | None) -> bytes:
+async def read_body(request: web.Request, max_bytes: int | None) -> bytes:
+    """The whole body, refused with 413 past ``max_bytes`` before more than that is held in memory."""
     if max_bytes is None:
         return await request.read()
-    too_large = HttpProblem(413, f"The body is larger than this route accepts ({max_bytes} bytes); "
-                                 "expected a small JSON object.")
-    if (request.content_length or 0) > max_bytes:
-        raise too_large
-    raw = bytearray()
-    while chunk := await request.content.readany():
-        raw += chunk
-        if len(raw) > max_bytes:
-            raise too_large
-    return bytes(raw)
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise HttpProblem(413, f"The body of {request.content_length} bytes is larger than this call accepts "
+                               f"({max_bytes} bytes).")
+    chunks, size = [], 0
+    while chunk := await request.content.read(max_bytes + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise HttpProblem(413, f"The body is larger than this call accepts ({max_bytes} bytes).")
+    return b"".join(chunks)
 
 
 def check_unicode(value: Any, where: str) -> None:
@@ -148,12 +152,25 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}. {_route_hint(exc.status)}")
+        answer = error_response(exc.status, f"{exc.reason}: {request.method} {request.path}. {_route_hint(exc.status)}")
+        if "Allow" in exc.headers:  # a 405 says which methods the route has (RFC 9110)
+            answer.headers["Allow"] = exc.headers["Allow"]
+        return answer
+    except (HttpProcessingError, web.RequestPayloadError) as exc:  # a body aiohttp could not parse: chunks, encoding
+        return error_response(400, f"Malformed request body ({body_error_text(exc)}); send it as plain bytes, "
+                                   "without a Content-Encoding.")
     except asyncio.CancelledError:
         raise
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "Internal server error; the server log has the details.")
+
+
+def body_error_text(exc: Exception) -> str:
+    """What aiohttp's parser said of a body, on one line (its header errors quote the bad line on the next)."""
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc  # it wraps the parser's error
+    text = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    return " ".join(str(text).split())[:200]
 
 
 def _route_hint(status: int) -> str:
@@ -168,5 +185,5 @@ def _route_hint(status: int) -> str:
 
 __all__ = [
     "HttpProblem", "DOMAIN_STATUSES", "ok", "error_response", "domain_status", "is_decimal", "check_file_id",
-    "read_json_object", "check_unicode", "error_middleware",
+    "read_json_object", "read_body", "check_unicode", "body_error_text", "error_middleware",
 ]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +30,8 @@ from ..core.protocol import (
     DOWNLOAD_PATH,
     FILE_DIGEST_HEADER,
     IDEMPOTENCY_KEY_HEADER,
+    IDEMPOTENCY_KEY_PATTERN,
+    FILE_ID_PATTERN,
     FILE_SIZE_HEADER,
     METRIC_MODES,
     METRICS_PATH,
@@ -39,7 +43,9 @@ from ..core.protocol import (
     WS_PATH,
     WS_TICKET_PATH,
 )
-from .strategies import CATALOGUE
+from .events import KINDS
+from .state import MAX_METRICS_BYTES, MAX_METRICS_PAGE, MAX_METRICS_PER_ROUND, METRICS_PAGE
+from .strategies import CATALOGUE, DEFAULT_STRATEGY, Param
 
 Schema = dict[str, Any]
 
@@ -48,9 +54,34 @@ Schema = dict[str, Any]
 _STR: Schema = {"type": "string"}
 _INT: Schema = {"type": "integer", "minimum": 0}
 _TIME: Schema = {"type": "string", "format": "date-time"}
+_NAME: Schema = {"type": "string", "pattern": r"\S", "description": "not blank"}
 _STRATEGY: Schema = {"enum": sorted(CATALOGUE), "description": "the branch's aggregation (README: Strategies)"}
 _PARAMS: Schema = {"type": "object", "additionalProperties": {"type": "number"},
                    "description": "the strategy's parameters; those not given take their defaults"}
+
+
+#: schemas of parameters by name (path, query and header alike); any other is a plain string
+_ID: Schema = {"type": "string", "format": "uuid", "description": "an id the server made"}
+_SEGMENT: Schema = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\]+$",
+                    "description": "one path segment: no '/' or '\\', not '.' or '..'"}
+PARAMETERS: dict[str, Schema] = {
+    "branch_id": _ID, "tree_id": _ID,
+    "file_id": {"type": "string", "pattern": f"^{FILE_ID_PATTERN.pattern}$", "not": {"pattern": r"\.\."},
+                "description": "a plain token (letters, digits, '.', '_', '-'; never '..'), such as a UUID"},
+    "leaf": {**_SEGMENT, "description": "the leaf's id or name"},
+    "name": {**_SEGMENT, "description": "a file of the page, such as dashboard.js (and the vendor/ files, which "
+                                        "this one-segment schema leaves out)"},
+    "run": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "a run number (default: the latest)"},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_METRICS_PAGE, "description": "items per page"},
+    "after": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "the previous page's next"},
+    FILE_SIZE_HEADER: {"type": "integer", "minimum": 0, "maximum": 10**18 - 1,
+                       "description": "the bytes of part 'file' (3.x clients)"},
+    FILE_DIGEST_HEADER: {"type": "string", "pattern": "^sha256=[A-Za-z0-9+/]{43}=$",
+                         "description": "sha256=<base64 of the SHA-256 of part 'file'> (3.x clients)"},
+    IDEMPOTENCY_KEY_HEADER: {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY_PATTERN.pattern}$",
+                             "description": "one key per upload, the same on its retries: a retry of an upload "
+                                            "already counted is answered with that upload's 201 (branchkey-local)"},
+}
 
 
 def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None, *, extra: bool = True) -> Schema:
@@ -66,6 +97,30 @@ def _null(schema: Schema) -> Schema:
 
 def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _one_strategy(schema: Schema, *, default: str | None = None) -> Schema:
+    """``schema`` whose strategy_params are those of its strategy (``default`` where the strategy is left
+    out), each in the catalogue's range: the catalogue is the one source of names and ranges."""
+    def params(name: str) -> Schema:
+        return _null({"type": "object", "additionalProperties": False,
+                      "properties": {key: _param_range(param) for key, param in CATALOGUE[name].items()}})
+
+    choices = [{"properties": {"strategy": {"const": name}, "strategy_params": params(name)}, "required": ["strategy"]}
+               for name in sorted(CATALOGUE)]
+    if default is not None:
+        choices.append({"not": {"required": ["strategy"]}, "properties": {"strategy_params": params(default)}})
+    return {**schema, "oneOf": choices}
+
+
+def _param_range(param: Param) -> Schema:
+    schema: Schema = {"type": "number", "description": f"{param.meaning} (default {param.default:g})",
+                      "minimum" if param.low_inclusive else "exclusiveMinimum": param.low}
+    if math.isinf(param.high):
+        schema["maximum"] = sys.float_info.max  # any finite number
+    else:
+        schema["exclusiveMaximum"] = param.high
+    return schema
 
 
 SCHEMAS: dict[str, Schema] = {
@@ -87,7 +142,7 @@ SCHEMAS: dict[str, Schema] = {
     "MetricsRequest": _obj(
         {"mode": {"enum": list(METRIC_MODES)}, "leaf_id": _STR, "branch_id": _STR, "tree_id": _STR,
          "data": {"description": "the metrics as JSON text (or a JSON object or array)",
-                  "anyOf": [_STR, {"type": "object"}, {"type": "array"}]}},
+                  "anyOf": [{**_STR, "contentMediaType": "application/json"}, {"type": "object"}, {"type": "array"}]}},
         {"aggregation_id": _null(_STR)},
     ),
     "Created": _obj({"id": _STR}),
@@ -108,16 +163,16 @@ SCHEMAS: dict[str, Schema] = {
     "Leaf": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "tree_id": _STR, "branch_id": _STR}),
     "LeafCredentials": _obj({"id": _STR, "name": _STR, "session_token": _STR, "owner_id": _STR, "tree_id": _STR,
                              "branch_id": _STR}),
-    "TreeRequest": _obj({}, {"name": {"type": "string", "minLength": 1}, "owner_id": _STR}),
-    "BranchRequest": _obj({}, {
-        "name": {"type": "string", "minLength": 1},
+    "TreeRequest": _obj({}, {"name": _NAME, "owner_id": _null(_NAME)}),
+    "BranchRequest": _one_strategy(_obj({}, {
+        "name": _NAME,
         "min_leaves": _null({"type": "integer", "minimum": 1, "maximum": 1_000_000, "description": "null: every leaf"}),
         "round_deadline_s": _null({"type": "number", "exclusiveMinimum": 0, "description": "null: no deadline"}),
         "strategy": _STRATEGY, "strategy_params": _null(_PARAMS),
-    }),
-    "StrategyRequest": _obj({"strategy": _STRATEGY}, {"strategy_params": _null(_PARAMS)}),
+    }), default=DEFAULT_STRATEGY),
+    "StrategyRequest": _one_strategy(_obj({"strategy": _STRATEGY}, {"strategy_params": _null(_PARAMS)})),
     "LeavesRequest": _obj({}, {"count": {"type": "integer", "minimum": 1, "maximum": 10000},
-                               "name_prefix": {"type": "string", "minLength": 1}}),
+                               "name_prefix": _NAME}),
     "RunRequest": _obj({"run_status": {"enum": list(RUN_STATUSES)}}),
     "RunState": _obj({"branch_id": _STR, "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
     "DroppedUploads": _obj({"run_number": _INT, "round_index": _INT, "dropped": {"type": "array", "items": _STR}}),
@@ -134,13 +189,14 @@ _ERRORS = {
     400: "malformed request (the text names the problem and the fix)", 401: "missing or wrong credentials",
     403: "not this caller's branch or file", 404: "no such record", 409: "the run or round does not take it now",
     410: "removed by the server's retention (serve --keep-rounds, --keep-uploads)", 413: "larger than the server accepts",
+    429: "past a limit per leaf (connections at once, metrics reports per round)",
 }
 
 
 def _operation(summary: str, *, tag: str, ok: tuple[int, Schema | None], security: str | None,
                errors: tuple[int, ...] = (400, 401), body: Schema | None = None, multipart: bool = False,
                params: tuple[str, ...] = (), query: tuple[str, ...] = (), optional_query: tuple[str, ...] = (),
-               headers: tuple[str, ...] = (),
+               headers: tuple[str, ...] = (), body_required: bool = True,
                description: str | None = None, content_type: str = "application/json", wrapped: bool = True) -> Schema:
     status, data = ok
     answer: Schema = {"description": "success"}
@@ -154,16 +210,20 @@ def _operation(summary: str, *, tag: str, ok: tuple[int, Schema | None], securit
     }
     if description:
         operation["description"] = description
-    parameters = [{"name": name, "in": "path", "required": True, "schema": _STR} for name in params]
-    parameters += [{"name": name, "in": "query", "required": True, "schema": _STR} for name in query]
-    parameters += [{"name": name, "in": "query", "required": False, "schema": _STR} for name in optional_query]
-    parameters += [{"name": name, "in": "header", "required": False, "schema": _STR} for name in headers]
+    parameters = [_parameter(name, "path", True) for name in params]
+    parameters += [_parameter(name, "query", True) for name in query]
+    parameters += [_parameter(name, "query", False) for name in optional_query]
+    parameters += [_parameter(name, "header", False) for name in headers]
     if parameters:
         operation["parameters"] = parameters
-    if body is not None:
-        operation["requestBody"] = {"required": True, "content": {
+    if body is not None:  # a body whose every field is optional may be left out
+        operation["requestBody"] = {"required": body_required, "content": {
             "multipart/form-data" if multipart else "application/json": {"schema": body}}}
     return operation
+
+
+def _parameter(name: str, where: str, required: bool) -> Schema:
+    return {"name": name, "in": where, "required": required, "schema": PARAMETERS.get(name, _STR)}
 
 
 def _operation_id(summary: str) -> str:
@@ -191,8 +251,12 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
             "Download blob", tag="leaf", security=None, ok=(200, {"type": "string", "format": "binary"}), wrapped=False,
             errors=(400, 403, 404, 410), params=("file_id",), query=("expires", "signature"),
             content_type="application/octet-stream", description="The signed, expiring URL a download answers.")},
-        METRICS_PATH: {"post": leaf("Send metrics", ok=(201, _ref("Created")), errors=(400, 401, 403),
-                                    body=_ref("MetricsRequest"))},
+        METRICS_PATH: {"post": leaf(
+            "Send metrics", ok=(201, _ref("Created")), errors=(400, 401, 403, 404, 413, 429),
+            body=_ref("MetricsRequest"),
+            description=f"A report names an aggregate of the leaf's branch (404 otherwise) or none (then it counts in "
+                        f"the branch's latest round); at most {MAX_METRICS_BYTES} bytes (413), at most "
+                        f"{MAX_METRICS_PER_ROUND} reports per leaf and round (429).")},
         BRANCH_CONFIG_PATH: {"get": leaf("Branch config", ok=(200, _ref("BranchConfig")), errors=(400, 401, 403, 404),
                                          params=("branch_id",))},
         WS_TICKET_PATH: {"post": leaf("WebSocket ticket", ok=(200, _ref("Ticket")))},
@@ -218,21 +282,22 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
         return admin(f"List {what}", ok=(200, _list_of(key, {"type": "object"})), errors=found, params=("branch_id",))
 
     return {
-        trees: {"post": admin("Create tree", ok=(201, _ref("Tree")), body=_ref("TreeRequest")),
+        trees: {"post": admin("Create tree", ok=(201, _ref("Tree")), body=_ref("TreeRequest"), body_required=False),
                 "get": admin("List trees", ok=(200, _list_of("trees", _ref("Tree"))), errors=(401,))},
         trees + "/{tree_id}/broker": {"delete": admin(
             "Remove tree broker", ok=(200, _obj({"tree_id": _STR, "amqp": {"type": "boolean"}, "leaves": _INT})),
             errors=(401, 404, 502), params=("tree_id",),
             description="Deletes what the server made for the tree in RabbitMQ; the tree stays.")},
         trees + "/{tree_id}/branches": {"post": admin("Create branch", ok=(201, _ref("Branch")), errors=found,
-                                                      params=("tree_id",), body=_ref("BranchRequest"))},
+                                                      params=("tree_id",), body=_ref("BranchRequest"),
+                                                      body_required=False)},
         branches: {"get": admin("List branches", ok=(200, _list_of("branches", _ref("Branch"))), errors=(401,))},
         branch: {"get": admin("Get branch", ok=(200, {"allOf": [_ref("Branch"), _obj({
             "leaves": {"type": "array", "items": _ref("Leaf")}, "connected_websockets": _INT})]}),
             errors=found, params=("branch_id",))},
         branch + "/leaves": {
             "post": admin("Create leaves", ok=(201, _list_of("leaves", _ref("LeafCredentials"))), errors=found,
-                          params=("branch_id",), body=_ref("LeavesRequest")),
+                          params=("branch_id",), body=_ref("LeavesRequest"), body_required=False),
             "get": admin("List leaves", ok=(200, _list_of("leaves", _ref("Leaf"))), errors=found, params=("branch_id",)),
         },
         branch + "/run": {"post": admin("Set run status", ok=(200, _ref("RunState")), errors=found,
@@ -245,18 +310,32 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
         branch + "/rounds": {"get": listing("rounds", "rounds")},
         branch + "/rounds/open/uploads/{leaf}": {"delete": admin(
             "Drop upload", ok=(200, _ref("DroppedUploads")), errors=found, params=("branch_id", "leaf"),
-            body=_obj({}, {"note": _STR}),
+            body=_obj({}, {"note": _null(_STR)}), body_required=False,
             description="Drops one leaf's upload (leaf id or name) from the open round; the leaf sees the note in "
                         "the round's progress and may upload again, with another layout if it is the only one.")},
         branch + "/rounds/open/reset": {"post": admin(
             "Reset open round", ok=(200, _ref("DroppedUploads")), errors=found, params=("branch_id",),
-            body=_obj({}, {"note": _STR}),
+            body=_obj({}, {"note": _null(_STR)}), body_required=False,
             description="Drops every upload of the open round (same round number); the leaves see the note in "
                         "the round's progress.")},
         branch + "/uploads": {"get": listing("uploads", "uploads")},
         branch + "/aggregates": {"get": listing("aggregates", "aggregates")},
-        branch + "/metrics": {"get": listing("metrics", "metrics")},
+        branch + "/metrics": {"get": admin(
+            "List metrics", ok=(200, _obj({"metrics": {"type": "array", "items": {"type": "object"}},
+                                           "next": _null({**_INT, "description": "?after= of the next page"})})),
+            errors=found, params=("branch_id",), optional_query=("limit", "after"),
+            description=f"The branch's metrics reports, oldest first, a page at a time: ?limit=N (default "
+                        f"{METRICS_PAGE}, at most {MAX_METRICS_PAGE}) after ?after= (the previous page's next; null "
+                        "on the last page).")},
     }
+
+
+#: one server-sent event of the dashboard's stream: ``event: <kind>`` and ``data: <JSON of the event>``
+_EVENT: Schema = _obj({
+    "event": {"enum": ["hello", *KINDS]},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _obj(
+        {"kind": {"enum": ["hello", *KINDS]}}, {"branch_id": _null(_STR), "at": {"type": "number"}})},
+}, {"id": _STR, "retry": _INT})
 
 
 def _dashboard_paths() -> dict[str, dict[str, Schema]]:
@@ -268,7 +347,7 @@ def _dashboard_paths() -> dict[str, dict[str, Schema]]:
         "/": {"get": page("Dashboard page", ok=(200, {"type": "string"}),
                           description="The dashboard; it shows nothing until given the admin token.")},
         "/dashboard/static/{name}": {"get": page("Dashboard file", ok=(200, {"type": "string"}), params=("name",),
-                                                 content_type="text/javascript")},
+                                                 errors=(400, 404), content_type="text/javascript")},
         ADMIN_PREFIX + "/overview": {"get": admin("Dashboard overview", ok=(200, obj), errors=(401,),
                                                   description="Trees, branches, runs and each open round in brief.")},
         branch + "/live": {"get": admin("Open round live", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",),
@@ -283,8 +362,9 @@ def _dashboard_paths() -> dict[str, dict[str, Schema]]:
             "Aggregate download URL", ok=(200, _obj({"download_url": _STR})), errors=(400, 401, 404, 410),
             params=("file_id",), description="A signed, expiring URL of a stored aggregate.")},
         ADMIN_PREFIX + "/events": {"get": admin(
-            "Event stream", ok=(200, {"type": "string"}), errors=(401,), wrapped=False, content_type="text/event-stream",
-            description="Server-sent events: upload, refused, aggregation_status, run_status, metrics, presence.")},
+            "Event stream", ok=(200, _EVENT), errors=(401,), wrapped=False, content_type="text/event-stream",
+            description="Server-sent events (the schema is one event's): hello first, then "
+                        f"{', '.join(KINDS)}; comment lines keep the connection alive.")},
         ADMIN_PREFIX + "/dashboard/links": {"post": admin("Dashboard login link", ok=(201, _obj({"url": _STR})),
                                                           errors=(401,))},
         ADMIN_PREFIX + "/dashboard/login": {"post": _operation(

@@ -9,7 +9,9 @@ domain errors that :mod:`~branchkey_integrations.server.httpio` maps to statuses
 Two delivery rules live here: a leaf whose WebSocket connects is sent the aggregate of the round it
 took part in and has not downloaded yet (catch-up: a notification missed while it was away costs
 nothing), and downloading an aggregate acknowledges it. Metrics must name an aggregate of the
-leaf's branch (404 for an unknown id, 403 for another branch's).
+leaf's branch (404 for an unknown id, 403 for another branch's); a report is at most
+:data:`MAX_METRICS_BYTES` (413) and a leaf sends at most :data:`MAX_METRICS_PER_ROUND` per round (429),
+so what a leaf's metrics cost the server grows with rounds, not with its requests.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from .presence import presence_of
 from .openapi import add_openapi_route
 from .progress import round_progress
 from .records import FileRecord, Leaf
-from .state import Server, server_of
+from .state import MAX_METRICS_BYTES, MAX_METRICS_PER_ROUND, Server, server_of
 from .rounds import AcceptedUpload
 from .uploads import decode_upload, drain, receive_upload, storage_errors
 
@@ -234,7 +236,7 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
 async def performance_analysis(request: web.Request) -> web.Response:
     server = server_of(request)
     leaf = await server.auth.authenticate(request)
-    body = await read_json_object(request)
+    body = await read_json_object(request, MAX_METRICS_BYTES)
     mode = body.get("mode")
     if mode not in METRIC_MODES:
         raise HttpProblem(400, f"Expected mode in {list(METRIC_MODES)}. Received: mode={mode!r}")
@@ -255,7 +257,8 @@ async def performance_analysis(request: web.Request) -> web.Response:
     aggregation_id = None if aggregation_id in (None, "") else str(aggregation_id)
     if aggregation_id is not None:
         await check_own_aggregate(server, leaf, aggregation_id)
-    metric_id = await server.blocking(server.store.add_metric, mode=mode, aggregation_id=aggregation_id, leaf=leaf, data=data)
+    metric_id = await server.blocking(server.store.add_metric, mode=mode, aggregation_id=aggregation_id, leaf=leaf,
+                                      data=data, max_per_round=MAX_METRICS_PER_ROUND)
     events_of(request).emit("metrics", leaf.branch_id, leaf=leaf.name, mode=mode, aggregation_id=aggregation_id)
     return ok({"id": metric_id}, status=201)
 

@@ -32,6 +32,12 @@ DEFAULT_TICKET_TTL_S = 60
 DEFAULT_MAX_COMPRESSION_RATIO = 100.0
 #: aggregates of this many latest rounds per branch stay on disk (0: all); the latest always does
 DEFAULT_KEEP_ROUNDS = 5
+#: the most bytes of one metrics report (a few KB of numbers: 100 named values take about 4 KB): 413 beyond
+MAX_METRICS_BYTES = 16 * 1024
+#: metrics reports kept per leaf and round (the callbacks send one or two): 429 beyond
+MAX_METRICS_PER_ROUND = 32
+#: metrics reports per page of the admin listing, by default and at most
+METRICS_PAGE, MAX_METRICS_PAGE = 200, 1000
 
 
 @dataclass(frozen=True)

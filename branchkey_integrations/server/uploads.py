@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from aiohttp import BodyPartReader, ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..core import wire
 from ..core.errors import (
@@ -46,7 +47,7 @@ from ..core.errors import (
 from ..core.protocol import FILE_DIGEST_HEADER, FILE_SIZE_HEADER
 from .budget import ByteBudget
 from .durable import start_writeback
-from .httpio import check_unicode, is_decimal
+from .httpio import body_error_text, check_unicode, is_decimal
 from .workers import Workers
 
 _CHUNK = 4 << 20
@@ -180,10 +181,10 @@ async def receive_multipart(request: web.Request, temp: Path, limit: int, worker
         raise UploadInterruptedError(f"The upload body ended early ({type(exc).__name__}); send it again.") from exc
     except (InvalidValueError, ArchiveError):
         raise  # ours, and ValueErrors too: not to be mistaken for the parser's below
-    except ValueError as exc:  # aiohttp's multipart parser reports a malformed body as ValueError
-        raise InvalidValueError(
-            f"Malformed multipart body ({exc}); expected multipart/form-data with parts 'file' and 'data'."
-        ) from exc
+    except (ValueError, HttpProcessingError, web.RequestPayloadError) as exc:  # aiohttp's parsers: a malformed
+        raise InvalidValueError(  # body, a part's header holding a character no header may, a bad chunk or encoding
+            f"Malformed multipart body ({body_error_text(exc)}); expected multipart/form-data with parts 'file' and "
+            "'data'.") from exc
     if received is None:
         raise InvalidValueError("The multipart body has no part 'file'; expected the NPZ bytes in part 'file'.")
     return received, data_text

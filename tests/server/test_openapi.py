@@ -104,3 +104,48 @@ def test_real_answers_fit_the_document(live) -> None:
     answers.check("/api/v1/file/upload", "post", live.upload(a, wire.encode([np.ones(3, np.float32)], 2.0)))  # 409
     stopped = requests.get(live.url + round_path, headers=live.auth(b), timeout=10)
     assert answers.check(ROUND_PATH, "get", stopped)["data"]["run_status"] == "pause"
+
+
+def test_a_method_a_route_lacks_is_405_with_the_routes_methods_in_allow(live) -> None:
+    """RFC 9110: a 405 names the methods the route has (Schemathesis found it missing on every route)."""
+    document = openapi_document()
+    for path, item in document["paths"].items():
+        concrete = "/".join("x1" if part.startswith("{") else part for part in path.split("/"))
+        answer = requests.request("PATCH", live.url + concrete, timeout=10)
+        assert answer.status_code == 405, (path, answer.status_code)
+        allowed = {method.strip().lower() for method in answer.headers["Allow"].split(",")}
+        assert allowed >= set(item) and answer.json()["error"], (path, answer.headers["Allow"])
+
+
+BRANCH_BODIES = [
+    {}, {"name": "b", "min_leaves": 2.0}, {"min_leaves": 2.5}, {"name": " "}, {"round_deadline_s": 0},
+    {"strategy": "fedadam", "strategy_params": {"eta": 0.5}}, {"strategy": "fedadam", "strategy_params": {"momentum": 0.5}},
+    {"strategy_params": {"eta": 1}}, {"strategy_params": None}, {"strategy": "trimmed-mean", "strategy_params": {"beta": 0.5}},
+    {"strategy": "trimmed-mean", "strategy_params": {"beta": 0.49}}, {"strategy": "nope"},
+]
+
+
+def test_the_document_and_the_server_agree_on_admin_bodies(live) -> None:
+    """Disagreements Schemathesis found: JSON Schema's integer 2.0, a blank name, a strategy's own parameters and
+    their ranges, a body of optional fields left out, fields of the wrong kind."""
+    document = openapi_document()
+
+    def valid(schema_name: str, body: Any) -> bool:
+        schema = {"allOf": [{"$ref": f"#/components/schemas/{schema_name}"}], "components": document["components"]}
+        return jsonschema.Draft202012Validator(schema).is_valid(body)
+
+    tree = live.admin("POST", "/admin/v1/trees", None, expect=201)  # no body: every field is optional
+    for body in BRANCH_BODIES:
+        answer = requests.post(f"{live.url}/admin/v1/trees/{tree['id']}/branches", json=body, timeout=10,
+                               headers={"Authorization": f"Bearer {live.admin_token}"})
+        assert answer.status_code == (201 if valid("BranchRequest", body) else 400), (body, answer.text)
+    branch, _ = live.make_branch(1)
+    leaves = f"/admin/v1/branches/{branch['id']}/leaves"
+    assert [leaf["name"] for leaf in live.admin("POST", leaves, {"count": 2.0}, expect=201)["leaves"]] == \
+        ["leaf_2", "leaf_3"]
+    for body in ({"name_prefix": 5}, {"name_prefix": " "}):
+        assert not valid("LeavesRequest", body) and "name_prefix" in live.admin("POST", leaves, body, expect=400)["error"]
+    note = {"note": {"text": "x"}}
+    assert "note" in live.admin("POST", f"/admin/v1/branches/{branch['id']}/rounds/open/reset", note, expect=400)["error"]
+    assert "note" in live.admin("DELETE", f"/admin/v1/branches/{branch['id']}/rounds/open/uploads/leaf_1", note,
+                                expect=400)["error"]
