@@ -246,7 +246,8 @@ class ArchiveWriter:
         self._handle.write(header)
         self._handle.write(data)
 
-    def add_pieces(self, key: str, spec: LayerSpec, pieces: Iterable[np.ndarray], *, fortran_order: bool = False) -> None:
+    def add_pieces(self, key: str, spec: LayerSpec, pieces: Iterable[np.ndarray], *,
+                   fortran_order: bool = False) -> None:
         """Write a stored member from its values in pieces (each written before the next is asked for), in C
         order, or in Fortran order with ``fortran_order`` (the header says which, as numpy's does).
 
@@ -307,7 +308,8 @@ class ArchiveWriter:
         if info.file_size <= _SMALL_MEMBER:  # one read and a buffered write: no flush and no syscalls of its own
             data = os.pread(fd, info.file_size, start)
             if len(data) != info.file_size:
-                raise ArchiveError(f"{key} ended after {len(data)} of {info.file_size} bytes; the archive is truncated.")
+                raise ArchiveError(f"{key} ended after {len(data)} of {info.file_size} bytes; the archive is "
+                                   "truncated.")
             self._handle.write(data)
             return
         self._handle.flush()
@@ -836,10 +838,11 @@ class _MemberReader:
             rest = bytearray(min(needed, size, _MAX_HEADER) - got)
             head = head[:got] + rest[:self._read_raw(memoryview(rest))]
             got = len(head)
-        plain = _plain_header(bytes(head[10 if head[6] == 1 else 12:needed])) \
-            if needed is not None and needed <= got and head[6:8] in (b"\x01\x00", b"\x02\x00") else None
-        if plain is not None:  # as numpy writes it, parsed in place (this path is most of a small member's cost)
-            parsed, start = _checked_header(*plain, needed, self._info, self._key), needed  # type: ignore[misc]
+        plain = None
+        if needed is not None and needed <= got and head[6:8] in (b"\x01\x00", b"\x02\x00"):
+            plain = _plain_header(bytes(head[10 if head[6] == 1 else 12:needed]))  # parsed in place: no file calls
+        if plain is not None and needed is not None:
+            parsed, start = _checked_header(*plain, needed, self._info, self._key), needed
         else:
             reader = _BufferFile(memoryview(head)[:got])
             parsed, start = _read_header(reader, self._info, self._key), reader.tell()

@@ -90,7 +90,7 @@ def test_one_deflated_upload_becomes_its_mean_a_piece_at_a_time(tmp_path: Path) 
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 3 * FOLD_PIECE_BYTES, f"writing the mean of one {layer.nbytes >> 20} MiB upload peaked at {peak >> 20} MiB"
+    assert peak < 3 * FOLD_PIECE_BYTES, f"the mean of one {layer.nbytes >> 20} MiB upload peaked at {peak >> 20} MiB"
     got = wire.decode(tmp_path / "mean.npz").layers
     assert got[0].shape == layer.shape and not got[0].any() and got[1].tolist() == [1.0, 1.0, 1.0]
 
