@@ -107,12 +107,12 @@ class Bench:
 
 
 @contextlib.contextmanager
-def local_server(leaves: int, *init_args: str) -> Iterator[Bench]:
+def local_server(leaves: int, *init_args: str, serve_args: tuple[str, ...] = ()) -> Iterator[Bench]:
     """``branchkey-local init`` + ``serve`` in a temporary directory; stopped and removed on exit."""
     with tempfile.TemporaryDirectory(prefix="bk-bench-") as tmp:
         data_dir = Path(tmp) / "data"
         credentials = init_branch(data_dir, leaves, *init_args)
-        server = LocalServer(data_dir).start()
+        server = LocalServer(data_dir, serve_args=serve_args).start()
         try:
             yield Bench(server, credentials, Path(tmp))
         finally:

@@ -1,7 +1,8 @@
 """``branchkey-local``: set up, serve and steer a local BranchKey-compatible server, or simulate.
 
 Commands: ``init`` (tree, branch and leaf credential files), ``serve`` (run the server),
-``branch strategy NAME`` (change a branch's aggregation between rounds),
+``branch strategy NAME`` (change a branch's aggregation between rounds), ``branch max-model-mb MB|learn``
+(how large an upload to it may inflate),
 ``run start|pause|stop`` (through the live server's admin API when one serves the data
 directory, so leaves are notified; else directly in the store), ``round drop-upload LEAF|reset``
 (unlock an open round, the same way), ``status`` (disk use included), ``login-link`` (a one-time
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--round-deadline", type=_seconds, metavar="S",
                       help="aggregate what is there S seconds after a round's first upload")
     init.add_argument("--branch-name", default="main", help="the new branch's name")
+    init.add_argument("--max-model-mb", type=_positive_float, metavar="MB",
+                      help="refuse an upload that would inflate past MB megabytes, before inflating it (default: "
+                           "learned from the branch's first aggregate, twice its size + 16 MiB)")
     add_strategy_options(init)
     init.add_argument("--host-url", help="the URL leaves will use (printed in the summary)")
     init.add_argument("--force", action="store_true", help="overwrite existing leaf_*.json files")
@@ -163,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-compression-ratio", type=_ratio, metavar="R",
                        help="refuse an archive that inflates past 64 MiB to more than R times its compressed size, "
                             "a compression bomb (default 100; float weights deflate to about 0.9)")
+    serve.add_argument("--max-inflated-mb", type=_positive_float, metavar="MB",
+                       help="refuse an upload to any branch that would inflate past MB megabytes (default 17180, "
+                            "16 GiB); a branch's own limit ('init --max-model-mb', or learned) is usually lower")
+    serve.add_argument("--max-members", type=_positive_int, metavar="N",
+                       help="refuse an upload of more than N arrays (default 10000; each costs the server ~0.1 ms)")
     serve.set_defaults(func=cmd_serve)
 
     round_ = commands.add_parser("round", help="unlock a branch's open round: drop one leaf's upload, or reset it")
@@ -191,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_dir(strategy)
     strategy.add_argument("--branch-id", help="needed only when the store holds several branches")
     strategy.set_defaults(func=cmd_branch_strategy)
+    model_size = branch_commands.add_parser(
+        "max-model-mb", help="set how large (inflated) an upload to the branch may be, or 'learn' it from the "
+                             "branch's first aggregate (twice its size + 16 MiB); a larger one is refused with 413")
+    model_size.add_argument("megabytes", type=_megabytes_or_learn, metavar="MB", help="a number of MB > 0, or 'learn'")
+    add_data_dir(model_size)
+    model_size.add_argument("--branch-id", help="needed only when the store holds several branches")
+    model_size.set_defaults(func=cmd_branch_max_model)
 
     run = commands.add_parser("run", help="start, pause or stop a branch's run")
     run.add_argument("status", choices=RUN_STATUSES, help="the run status to set")
@@ -291,6 +307,17 @@ _ratio = _bounded(float, 1, "a ratio >= 1")
 _seconds = _bounded(float, 0, "a number of seconds > 0", strict=True)
 _positive_float = _bounded(float, 0, "a number > 0", strict=True)
 _non_negative_float = _bounded(float, 0, "a number >= 0")
+_model_megabytes = _bounded(float, 0, "a number of MB > 0, or 'learn'", strict=True)
+
+
+def _megabytes_or_learn(text: str) -> float | None:
+    """``branch max-model-mb``'s argument: a number of MB, or ``learn`` (None: learned from the first aggregate)."""
+    return None if text.strip().lower() == "learn" else _model_megabytes(text)
+
+
+def _bytes_of(megabytes: float | None) -> int | None:
+    """MB (10^6 bytes, as the CLI prints sizes) as a byte count, or None."""
+    return None if megabytes is None else max(int(megabytes * 1e6), 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,6 +409,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"strategy {branch['algorithm']} {json.dumps(branch['strategy_params'])}")
     print(f"rounds  complete with {branch['min_leaves'] or 'all'} of {args.leaves} leaves"
           + (f", deadline {branch['round_deadline_s']} s" if branch["round_deadline_s"] else ""))
+    print(f"models  uploads up to {_model_limit(branch['max_model_bytes'])}")
     for path in targets:
         print(f"leaf    {path}")
     if args.host_url:
@@ -401,7 +429,8 @@ def _init_in_store(data_dir: Path, args: argparse.Namespace) -> tuple[dict[str, 
         tree = store.create_tree("local")
         strategy, params = strategy_of(args)
         branch = store.create_branch(tree["id"], args.branch_name, min_leaves=args.min_leaves,
-                                     round_deadline_s=args.round_deadline, strategy=strategy, strategy_params=params)
+                                     round_deadline_s=args.round_deadline, strategy=strategy, strategy_params=params,
+                                     max_model_bytes=_bytes_of(args.max_model_mb))
         leaves = store.create_leaves(branch.id, args.leaves)
     finally:
         store.close()
@@ -414,7 +443,7 @@ def _init_via_server(live: tuple[str, str], args: argparse.Namespace) -> tuple[d
     strategy, params = strategy_of(args)
     branch = admin_call(live, "POST", f"{ADMIN_PREFIX}/trees/{tree['id']}/branches", {
         "name": args.branch_name, "min_leaves": args.min_leaves, "round_deadline_s": args.round_deadline,
-        "strategy": strategy, "strategy_params": params})
+        "strategy": strategy, "strategy_params": params, "max_model_bytes": _bytes_of(args.max_model_mb)})
     leaves = admin_call(live, "POST", f"{ADMIN_PREFIX}/branches/{branch['id']}/leaves", {"count": args.leaves})
     return branch, leaves["leaves"]
 
@@ -443,8 +472,11 @@ def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
     names = {"header_timeout": "header_timeout_s", "upload_idle_timeout": "upload_idle_timeout_s",
              "max_connections": "max_connections", "max_connections_per_leaf": "max_connections_per_leaf",
              "reserved_connections": "reserved_connections", "keep_rounds": "keep_rounds",
-             "max_compression_ratio": "max_compression_ratio"}
-    return {option: getattr(args, arg) for arg, option in names.items() if getattr(args, arg, None) is not None}
+             "max_compression_ratio": "max_compression_ratio", "max_members": "max_members"}
+    options = {option: getattr(args, arg) for arg, option in names.items() if getattr(args, arg, None) is not None}
+    if getattr(args, "max_inflated_mb", None) is not None:
+        options["max_total_bytes"] = _bytes_of(args.max_inflated_mb)
+    return options
 
 
 async def serve(args: argparse.Namespace, data_dir: Path) -> None:
@@ -580,6 +612,28 @@ def cmd_branch_strategy(args: argparse.Namespace) -> int:
     print(f"branch {branch.id}: strategy {result['algorithm']} {json.dumps(result['strategy_params'])}, set {how}; "
           f"the next round aggregates with it")
     return 0
+
+
+def cmd_branch_max_model(args: argparse.Namespace) -> int:
+    """``branch max-model-mb MB|learn``: through the live server, else in the store."""
+    value = _bytes_of(args.megabytes)
+
+    def in_store(store: Store, branch: Branch) -> tuple[dict[str, Any], str]:
+        return store.set_max_model_bytes(branch.id, value).to_dict(), "in the store (no live server)"
+
+    def through_live(live: tuple[str, str], branch: Branch) -> tuple[dict[str, Any], str]:
+        return (admin_call(live, "PUT", f"{ADMIN_PREFIX}/branches/{branch.id}/max-model-bytes",
+                           {"max_model_bytes": value}), f"through {live[0]}")
+
+    branch, result, how = change_branch(args, in_store, through_live)
+    print(f"branch {branch.id}: uploads up to {_model_limit(result['max_model_bytes'])}, set {how}")
+    return 0
+
+
+def _model_limit(max_model_bytes: int | None) -> str:
+    if max_model_bytes is None:
+        return "twice the branch's first aggregate + 16 MiB (learned), inflated; larger ones are refused"
+    return f"{_megabytes(max_model_bytes)} inflated; larger ones are refused"
 
 
 def cmd_round(args: argparse.Namespace) -> int:

@@ -120,6 +120,7 @@ class LocalServer(AdminCalls):
 
     data_dir: Path
     amqp_url: str | None = None
+    serve_args: tuple[str, ...] = ()  # more ``serve`` options, e.g. ("--max-compression-ratio", "2000")
     process: subprocess.Popen | None = None
     url: str = ""
     port: int = 0  # 0 on the first start; a restart reuses the port so clients can reconnect
@@ -135,6 +136,7 @@ class LocalServer(AdminCalls):
                 "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.amqp_url:
             args += ["--amqp-url", self.amqp_url, "--amqp-management-url", MANAGEMENT_URL]
+        args += self.serve_args
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()

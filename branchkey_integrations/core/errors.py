@@ -41,7 +41,15 @@ class ArchiveError(BranchKeyError, ValueError):
 
 
 class ArchiveTooLargeError(ArchiveError):
-    """An archive exceeds a size or member-count limit (it may be hostile)."""
+    """An archive exceeds a size or member-count limit (it may be hostile).
+
+    ``limit`` says which, where the raiser knows: ``"members"`` (their count), ``"bytes"`` (the size
+    the zip directory declares, inflated) or ``"ratio"`` (compressed to inflated); else None.
+    """
+
+    def __init__(self, message: str, *, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class AggregateMismatchError(ArchiveError):

@@ -15,6 +15,7 @@ the limits; splitting encode from decode would put the two halves of one byte la
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -71,6 +72,12 @@ _ALIGN_EXTRA_ID = 0xD935  # the extra-field id Android's zipalign uses for paddi
 _ZIP64_LIMIT = (1 << 31) - 1  # as Python's zipfile: beyond it, sizes and offsets go in zip64 records
 _MAX_HEADER = 1 << 20  # numpy itself refuses .npy headers over 10 000 bytes
 _HEADER_GUESS = 4096  # a .npy header is ~128 bytes: read this much first, the rest only for a longer one
+_SMALL_MEMBER = 64 << 10  # a member of at most this many (compressed) bytes is read with its local header at once
+_LOCAL_SLACK = 256  # room for a local header's name and extra field in that read (alignment padding is <= 67 bytes)
+_INFLATE_INPUT = 64 << 10  # compressed bytes handed to the inflater at a time
+_INFLATE_OUTPUT = 1 << 20  # bytes inflated at a time, at most: a bomb's piece costs no more memory than any other
+_SMALL_KEYS = 64 << 10  # bytes that 'weighting' or the payload kind (one value each) may declare, at most
+_ZERO = bytes(64)  # what a scanned layer's stand-in views (strides 0): one zero of any numeric dtype
 _DOS_DATE = 0x0021  # 1980-01-01 00:00: archives of the same arrays are byte-identical
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -243,12 +250,15 @@ class ArchiveWriter:
         self._handle.write(header)
         self._handle.write(data)
 
-    def add_pieces(self, key: str, spec: LayerSpec, pieces: Iterable[np.ndarray]) -> None:
-        """Write a stored member from its values in C-order pieces (each written before the next is asked for).
+    def add_pieces(self, key: str, spec: LayerSpec, pieces: Iterable[np.ndarray], *,
+                   fortran_order: bool = False) -> None:
+        """Write a stored member from its values in pieces (each written before the next is asked for), in C
+        order, or in Fortran order with ``fortran_order`` (the header says which, as numpy's does).
 
-        For a writer that never holds the whole layer (the server's mean): the local header goes out
-        with the CRC still unknown and is rewritten in place once the last piece is written, so the
-        handle must be seekable.
+        For a writer that never holds the whole layer (the server's mean): the local header of a member
+        over 64 KiB goes out with the CRC still unknown and is rewritten in place once the last piece is
+        written, so the handle must be seekable. A smaller one is gathered first and written once, CRC
+        in place (seeking back cost a flush, and a write, per member: seconds for 100,000 small layers).
 
         Raises:
             ArchiveError: the pieces do not hold exactly ``spec``'s values, or ``key`` was written before.
@@ -256,20 +266,24 @@ class ArchiveWriter:
         if key in self._keys:
             raise ArchiveError(f"Member {key!r} written twice.")
         self._keys.add(key)
-        header = _npy_header({"descr": np.lib.format.dtype_to_descr(spec.dtype), "fortran_order": False,
-                              "shape": spec.shape})
+        header = _spec_header(spec.dtype, spec.shape, fortran_order)
         size = len(header) + math.prod(spec.shape) * spec.dtype.itemsize
+        values = (memoryview(np.ascontiguousarray(piece, dtype=spec.dtype)).cast("B") for piece in pieces)
+        if size <= _SMALL_MEMBER:
+            data = b"".join([bytes(view) for view in values])  # each copied before the next piece overwrites it
+            _check_written(key, spec, len(header) + len(data), size, len(header))
+            self._handle.write(self._layout.member(key, ZIP_STORED, _crc32(data, _crc32(header)), size, size))
+            self._handle.write(header)
+            self._handle.write(data)
+            return
         start, offset = self._handle.tell(), self._layout.offset
         self._handle.write(self._layout.member(key, ZIP_STORED, 0, size, size))
         self._handle.write(header)
         crc, written = _crc32(header), len(header)
-        for piece in pieces:
-            data = memoryview(np.ascontiguousarray(piece, dtype=spec.dtype)).cast("B")
-            crc, written = _crc32(data, crc), written + data.nbytes
-            self._handle.write(data)
-        if written != size:
-            raise ArchiveError(
-                f"{key}: {written - len(header)} bytes of values written; {spec} holds {size - len(header)}.")
+        for view in values:
+            crc, written = _crc32(view, crc), written + view.nbytes
+            self._handle.write(view)
+        _check_written(key, spec, written, size, len(header))
         end = self._handle.tell()
         self._handle.seek(start)
         self._handle.write(self._layout.rewrite_crc(offset, crc))
@@ -295,6 +309,13 @@ class ArchiveWriter:
         start = info.header_offset + 30 + name_length + extra_length
         self._keys.add(key)
         self._handle.write(self._layout.member(key, ZIP_STORED, info.CRC, info.file_size, info.file_size))
+        if info.file_size <= _SMALL_MEMBER:  # one read and a buffered write: no flush and no syscalls of its own
+            data = os.pread(fd, info.file_size, start)
+            if len(data) != info.file_size:
+                raise ArchiveError(f"{key} ended after {len(data)} of {info.file_size} bytes; the archive is "
+                                   "truncated.")
+            self._handle.write(data)
+            return
         self._handle.flush()
         out, done = self._handle.fileno(), 0
         while done < info.file_size:
@@ -318,6 +339,11 @@ class ArchiveWriter:
             self.close()
 
 
+def _check_written(key: str, spec: LayerSpec, written: int, size: int, header: int) -> None:
+    if written != size:
+        raise ArchiveError(f"{key}: {written - header} bytes of values written; {spec} holds {size - header}.")
+
+
 def _npy_member(key: str, array: np.ndarray) -> tuple[bytes, memoryview]:
     """The ``.npy`` header (as ``np.save`` writes it) and a byte view of the data, copied only if strided."""
     if array.dtype.hasobject:
@@ -330,6 +356,12 @@ def _npy_member(key: str, array: np.ndarray) -> tuple[bytes, memoryview]:
     else:
         flat = np.ascontiguousarray(array).reshape(-1)
     return _npy_header(info), memoryview(flat.view(np.uint8))
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_header(dtype: np.dtype, shape: tuple[int, ...], fortran_order: bool) -> bytes:
+    """The ``.npy`` header of a layer of ``dtype`` and ``shape`` (cached: a model repeats a few shapes)."""
+    return _npy_header({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran_order, "shape": shape})
 
 
 def _npy_header(info: dict) -> bytes:
@@ -522,13 +554,15 @@ def _open_source(source: Source) -> BinaryIO:
 
 
 def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int) -> dict[str, zipfile.ZipInfo]:
+    """The members by key, from the zip directory alone: their count and declared sizes are checked
+    against the limits before a byte is inflated (:class:`_MemberReader` then holds each to its size)."""
     infos = zf.infolist()
     if len(infos) > max_members:
-        raise ArchiveTooLargeError(f"Archive has {len(infos)} members; the limit is {max_members}.")
+        raise ArchiveTooLargeError(f"Archive has {len(infos)} members; the limit is {max_members}.", limit="members")
     total = sum(info.file_size for info in infos)
     if total > max_total_bytes:
         raise ArchiveTooLargeError(
-            f"Archive would decompress to {total} bytes; the limit is {max_total_bytes} bytes."
+            f"Archive would decompress to {total} bytes; the limit is {max_total_bytes} bytes.", limit="bytes"
         )
     members: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
@@ -540,6 +574,9 @@ def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int
             )
         if key in members:
             raise ArchiveError(f"Member {key!r} appears twice in the archive.")
+        if (key == WEIGHTING_KEY or key == KIND_KEY) and info.file_size > _SMALL_KEYS:
+            raise ArchiveError(f"Member {info.filename!r} declares {info.file_size} bytes; it holds one value "
+                               f"(at most {_SMALL_KEYS} bytes with its header).")
         members[key] = info
     return members
 
@@ -570,14 +607,14 @@ def scan(
             arrays: dict[str, np.ndarray] = {}
             for key, info in infos.items():
                 if not LAYER_PATTERN.fullmatch(key):
-                    arrays[key] = _read_member(zf, info, key)  # weighting, payload kind: a few bytes
+                    arrays[key] = _load_member(zf, info, key, None)  # weighting, payload kind: a few bytes
                     continue
                 spec, _, pieces = layer_pieces(zf, int(key[len("layer_"):]), piece_bytes)
                 for piece in pieces:
                     if not all_finite(piece):
                         bad = int(piece.size - np.count_nonzero(np.isfinite(piece)))
                         raise ArchiveError(f"{key} holds {bad}+ non-finite value(s) (NaN or infinity).")
-                arrays[key] = np.broadcast_to(np.zeros((), spec.dtype), spec.shape)
+                arrays[key] = np.ndarray(spec.shape, spec.dtype, buffer=_ZERO, strides=(0,) * len(spec.shape))
     except _CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"Not a valid NPZ (zip) archive: {exc!r}.") from exc
     archive = _assemble(arrays)
@@ -601,7 +638,7 @@ def check_compression_ratio(infos: Sequence[zipfile.ZipInfo], max_ratio: float) 
         f"member {worst.filename!r} alone inflates {worst.file_size} bytes from {worst.compress_size} "
         f"({worst.file_size / max(worst.compress_size, 1):.0f}:1). The limit is {max_ratio:g}:1 (float weights "
         f"deflate to about 0.9 of their size); this looks like a compression bomb. Send real weights, or store "
-        f"the members uncompressed, or raise the server's --max-compression-ratio."
+        f"the members uncompressed, or raise the server's --max-compression-ratio.", limit="ratio"
     )
 
 
@@ -638,59 +675,48 @@ def layer_pieces(
         info = zf.getinfo(key + ".npy")
     except KeyError:
         raise ArchiveError(f"Archive has no member {key}.") from None
-    fd = _file_descriptor(zf.fp) if info.compress_type == ZIP_STORED else None
     try:
-        if fd is not None:
-            start, head, (shape, fortran_order, dtype) = _pread_header(fd, info, key)
-            crc = _crc32(head.getbuffer()[:head.tell()])
-            source: BinaryIO | int = fd
-            offset = start + head.tell()
-        else:
-            source = zf.open(info)
-            shape, fortran_order, dtype = _read_header(source, info, key)
-            crc, offset = 0, 0
+        reader = _member_reader(zf, info, key)
+        shape, fortran_order, dtype = reader.header()
     except _CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
     count = math.prod(shape)
     step = max(1, piece_bytes // max(dtype.itemsize, 1))
 
     def pieces() -> Iterator[np.ndarray]:
-        checksum, position = crc, offset
         buffer = np.empty(min(step, count), dtype=dtype)
         try:
             for first in range(0, count, step):
                 piece = buffer[:min(step, count - first)]
-                view, got = memoryview(piece.view(np.uint8).reshape(-1)), 0
+                view, got = memoryview(piece.view(np.uint8)), 0
                 while got < view.nbytes:
-                    read = (os.preadv(source, [view[got:]], position + got) if isinstance(source, int)
-                            else source.readinto(view[got:]))
+                    read = reader.readinto(view[got:])
                     if not read:
                         raise ArchiveError(f"{key} ended early; the archive is truncated.")
                     got += read
-                if isinstance(source, int):
-                    checksum, position = _crc32(view, checksum), position + got
                 yield piece
-            if isinstance(source, int) and checksum != info.CRC:
-                raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
-            if not isinstance(source, int) and source.read(1):
-                raise ArchiveError(f"{key} holds more data than its header declares; the archive is corrupt.")
-        except _CORRUPT_ZIP_ERRORS as exc:  # zipfile checks a deflated member's CRC when it ends
+            reader.finish()
+        except _CORRUPT_ZIP_ERRORS as exc:
             raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
-        finally:
-            if not isinstance(source, int):
-                source.close()
 
     return LayerSpec(tuple(int(n) for n in shape), np.dtype(dtype)), bool(fortran_order), pieces()
 
 
 def _load_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, buffer: memoryview | None) -> np.ndarray:
-    if info.compress_type == ZIP_STORED:
-        if buffer is not None:
-            return _view_member(buffer, info, key)
-        fd = _file_descriptor(zf.fp)
-        if fd is not None:
-            return _pread_member(fd, info, key)
-    return _read_member(zf, info, key)
+    if buffer is not None and info.compress_type == ZIP_STORED:
+        return _view_member(buffer, info, key)
+    reader = _member_reader(zf, info, key, buffer)
+    shape, fortran_order, dtype = reader.header()
+    array = np.empty(math.prod(shape), dtype=dtype)
+    view = memoryview(array.view(np.uint8)) if array.nbytes else memoryview(b"")
+    read = 0
+    while read < view.nbytes:
+        got = reader.readinto(view[read:])
+        if not got:
+            raise ArchiveError(f"{key} ended after {read} of {view.nbytes} bytes; the archive is truncated.")
+        read += got
+    reader.finish()
+    return _shaped(array, shape, fortran_order)
 
 
 def _file_descriptor(handle: object) -> int | None:
@@ -703,20 +729,152 @@ def _file_descriptor(handle: object) -> int | None:
         return None
 
 
-def _pread_header(fd: int, info: zipfile.ZipInfo, key: str) -> tuple[int, "_BufferFile", tuple]:
-    """Where a stored member's data starts, its ``.npy`` header read (and checked), found with ``pread``:
-    the member's local zip header says how far its name and extra field push the data back."""
-    local = os.pread(fd, 30, info.header_offset)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
-        raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    start = info.header_offset + 30 + name_length + extra_length
-    first = os.pread(fd, min(info.file_size, _HEADER_GUESS), start)
-    needed = _npy_header_size(first)
-    if needed is None or needed > len(first):  # a long or malformed header: read all any header may take
-        first = os.pread(fd, min(info.file_size, _MAX_HEADER), start)
-    head = _BufferFile(memoryview(first))
-    return start, head, _read_header(head, info, key)
+def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
+                   buffer: memoryview | None = None) -> "_MemberReader":
+    """A reader of one member of ``zf``: from ``buffer`` (the whole archive) when given, else from the OS
+    file under ``zf`` (``pread``), else from its file object (``seek`` and ``read``)."""
+    source = buffer if buffer is not None else _file_descriptor(zf.fp)
+    return _MemberReader(zf.fp if source is None else source, info, key)  # type: ignore[arg-type]
+
+
+class _MemberReader:
+    """The ``.npy`` bytes of one stored or deflated member, read from where its local header says they start.
+
+    Not zipfile's reader, for two reasons. Its overhead: a seek, the local header read again and a
+    ``ZipExtFile`` cost ~25 us a member before the first byte (a 99,999-layer upload spent seconds
+    there); here a member of a few KiB is one ``pread``, its local header included. And its trust:
+    it stops at the size the zip directory declares but accepts a deflate stream that goes on past
+    it. Here a member inflates in pieces (at most 64 KiB of input and 1 MiB of output at a time) and
+    never past its declared size: one that would (a bomb whose directory lies) is refused by
+    :meth:`finish`, as is one that ends short or fails its CRC. So the limits checked against the
+    directory before anything is inflated (:func:`_checked_members`) hold while inflating.
+    """
+
+    def __init__(self, source: int | memoryview | BinaryIO, info: zipfile.ZipInfo, key: str) -> None:
+        if info.flag_bits & 0x1:
+            raise ArchiveError(f"{key} is encrypted; a BranchKey archive's members are plain .npy files.")
+        if info.compress_type not in (ZIP_STORED, ZIP_DEFLATED):
+            raise ArchiveError(f"{key} is compressed with zip method {info.compress_type}; expected stored (0) or "
+                               "deflate (8), as numpy writes.")
+        if info.compress_type == ZIP_STORED and info.compress_size != info.file_size:
+            raise ArchiveError(f"{key} is stored in {info.compress_size} bytes but declares {info.file_size}; "
+                               "the archive is corrupt.")
+        self._source, self._info, self._key = source, info, key
+        first = self._read(info.header_offset, 30 + _LOCAL_SLACK + min(info.compress_size, _SMALL_MEMBER))
+        if len(first) < 30 or bytes(first[:4]) != b"PK\x03\x04":
+            raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
+        name_length, extra_length = struct.unpack("<HH", first[26:30])
+        skip = 30 + name_length + extra_length
+        self._ahead = first[skip:skip + info.compress_size]  # the member's first bytes, read with its header
+        self._offset = info.header_offset + skip + len(self._ahead)  # of the member's next unread bytes
+        self._unread = info.compress_size - len(self._ahead)
+        self._left = info.file_size  # .npy bytes still to come
+        self._inflate = zlib.decompressobj(-15) if info.compress_type == ZIP_DEFLATED else None
+        self._tail: bytes | memoryview = b""  # input the inflater has not consumed yet
+        self._crc = 0
+        self._spill = memoryview(b"")  # values that :meth:`header` read with the header
+
+    def _read(self, offset: int, size: int) -> bytes | memoryview:
+        source = self._source
+        if isinstance(source, int):
+            return os.pread(source, size, offset)
+        if isinstance(source, memoryview):
+            return source[offset:offset + size]
+        source.seek(offset)
+        return source.read(size)
+
+    def _next_input(self, limit: int) -> bytes | memoryview:
+        """The member's next stored or compressed bytes, at most ``limit``; empty at its end."""
+        if self._ahead:
+            chunk, self._ahead = self._ahead[:limit], self._ahead[limit:]
+            return chunk
+        if self._unread <= 0:
+            return b""
+        chunk = self._read(self._offset, min(limit, self._unread))
+        if not chunk:
+            raise ArchiveError(f"{self._key} ends early; the archive is truncated.")
+        self._offset += len(chunk)
+        self._unread -= len(chunk)
+        return chunk
+
+    def _fill(self, target: memoryview) -> int:
+        """Put the member's next bytes into ``target``; 0 only at the end of its data."""
+        if self._inflate is None:
+            if not self._ahead and isinstance(self._source, int) and self._unread > 0:  # straight into place
+                got = os.preadv(self._source, [target[:self._unread]], self._offset)
+                if not got:
+                    raise ArchiveError(f"{self._key} ends early; the archive is truncated.")
+                self._offset += got
+                self._unread -= got
+                return got
+            chunk = self._next_input(target.nbytes)
+            target[:len(chunk)] = chunk
+            return len(chunk)
+        while True:
+            if not self._tail:
+                if self._inflate.eof:
+                    return 0
+                self._tail = self._next_input(_INFLATE_INPUT)
+                if not self._tail:
+                    return 0
+            out = self._inflate.decompress(self._tail, min(target.nbytes, _INFLATE_OUTPUT))
+            self._tail = self._inflate.unconsumed_tail
+            if out:
+                target[:len(out)] = out
+                return len(out)
+
+    def _read_raw(self, view: memoryview) -> int:
+        """Fill ``view`` with the member's next bytes, never past its declared size; returns how many."""
+        want, got = min(view.nbytes, self._left), 0
+        while got < want and (filled := self._fill(view[got:want])):
+            got += filled
+        self._crc = _crc32(view[:got], self._crc)
+        self._left -= got
+        return got
+
+    def header(self) -> tuple[tuple[int, ...], bool, np.dtype]:
+        """Read and check the member's ``.npy`` header (:func:`_read_header`); its values follow in :meth:`readinto`."""
+        size = self._info.file_size
+        head = bytearray(min(size, _HEADER_GUESS))
+        got = self._read_raw(memoryview(head))
+        needed = _npy_header_size(bytes(head[:12]))
+        if needed is not None and got < min(needed, size, _MAX_HEADER):  # a long header: read the rest of it
+            rest = bytearray(min(needed, size, _MAX_HEADER) - got)
+            head = head[:got] + rest[:self._read_raw(memoryview(rest))]
+            got = len(head)
+        plain = None
+        if needed is not None and needed <= got and head[6:8] in (b"\x01\x00", b"\x02\x00"):
+            plain = _plain_header(bytes(head[10 if head[6] == 1 else 12:needed]))  # parsed in place: no file calls
+        if plain is not None and needed is not None:
+            parsed, start = _checked_header(*plain, needed, self._info, self._key), needed
+        else:
+            reader = _BufferFile(memoryview(head)[:got])
+            parsed, start = _read_header(reader, self._info, self._key), reader.tell()
+        self._spill = memoryview(head)[start:got]
+        return parsed
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` with the member's next values (after :meth:`header`); 0 at their end."""
+        spilled = min(self._spill.nbytes, view.nbytes)
+        if spilled:
+            view[:spilled] = self._spill[:spilled]
+            self._spill = self._spill[spilled:]
+        return spilled + (self._read_raw(view[spilled:]) if spilled < view.nbytes else 0)
+
+    def finish(self) -> None:
+        """Check, after the last value, that the member ends where its zip entry says and passes its CRC."""
+        key, info = self._key, self._info
+        if self._left or self._spill.nbytes:
+            raise ArchiveError(f"{key}: {self._left + self._spill.nbytes} of its {info.file_size} bytes were not read.")
+        if self._inflate is not None and not self._inflate.eof:
+            if self._fill(memoryview(bytearray(1))):
+                raise ArchiveError(
+                    f"{key} inflates past the {info.file_size} bytes its zip entry declares; refused (a compression "
+                    "bomb whose directory understates it, or a corrupt archive).")
+            if not self._inflate.eof:
+                raise ArchiveError(f"{key}: its deflate stream ends early; the archive is truncated or corrupt.")
+        if self._crc != info.CRC:
+            raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
 
 
 def _npy_header_size(prefix: bytes) -> int | None:
@@ -730,40 +888,6 @@ def _npy_header_size(prefix: bytes) -> int | None:
     if prefix[6] in (2, 3):
         return 12 + int.from_bytes(prefix[8:12], "little")
     return None
-
-
-def _pread_member(fd: int, info: zipfile.ZipInfo, key: str) -> np.ndarray:
-    """A stored member read from the file straight into its array (zipfile would copy it twice)."""
-    start, head, (shape, fortran_order, dtype) = _pread_header(fd, info, key)
-    header_length = head.tell()
-    array = np.empty(math.prod(shape), dtype=dtype)
-    view = memoryview(array.view(np.uint8).reshape(-1)) if array.nbytes else memoryview(b"")
-    read = 0
-    while read < view.nbytes:
-        got = os.preadv(fd, [view[read:]], start + header_length + read)
-        if not got:
-            raise ArchiveError(f"{key} ended after {read} of {view.nbytes} bytes; the archive is truncated.")
-        read += got
-    if _crc32(view, _crc32(head.getbuffer()[:header_length])) != info.CRC:
-        raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
-    return _shaped(array, shape, fortran_order)
-
-
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
-    """Read a member into a fresh array of the size its (checked) header declares."""
-    with zf.open(info) as member:
-        shape, fortran_order, dtype = _read_header(member, info, key)
-        count = math.prod(shape)
-        nbytes = count * dtype.itemsize
-        array = np.empty(count, dtype=dtype)
-        view = memoryview(array.view(np.uint8).reshape(-1)) if nbytes else memoryview(b"")
-        read = 0
-        while read < nbytes:
-            got = member.readinto(view[read:])
-            if not got:
-                raise ArchiveError(f"{key} ended after {read} of {nbytes} bytes; the archive is truncated.")
-            read += got
-    return _shaped(array, shape, fortran_order)
 
 
 def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str) -> np.ndarray:
@@ -793,17 +917,23 @@ _PLAIN_DTYPES: dict[str, np.dtype] = {}
 
 
 def _read_plain_header(member: BinaryIO, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype] | None:
-    """The header as numpy writes it, parsed with one regular expression (numpy's reader compiles it as
-    Python source: 60 layers x 100 uploads took 0.2-0.5 s of a round's folds); None, with ``member``
-    where it was, for anything else, which numpy's reader then parses (or refuses) as before."""
+    """The header as numpy writes it (:func:`_plain_header`); None, with ``member`` where it was, for
+    anything else, which numpy's reader then parses (or refuses) as before."""
     start = member.tell()
     width = 2 if version == (1, 0) else 4
     length = member.read(width)
     size = int.from_bytes(length, "little") if len(length) == width else 0
-    text = member.read(size) if 0 < size <= 10_000 else b""  # numpy refuses longer headers: let it say so
+    parsed = _plain_header(member.read(size)) if 0 < size <= 10_000 else None  # numpy refuses longer ones: it says so
+    if parsed is None:
+        member.seek(start)
+    return parsed
+
+
+def _plain_header(text: bytes) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """A header's text as numpy writes it, parsed with one regular expression (numpy's reader compiles it
+    as Python source: 60 layers x 100 uploads took 0.2-0.5 s of a round's folds); None for anything else."""
     match = _PLAIN_HEADER.fullmatch(text.decode("latin1")) if text.endswith(b"\n") else None
     if match is None:
-        member.seek(start)
         return None
     descr, fortran, dims = match.groups()
     dtype = _PLAIN_DTYPES.get(descr)
@@ -811,7 +941,6 @@ def _read_plain_header(member: BinaryIO, version: tuple[int, int]) -> tuple[tupl
         try:
             dtype = np.dtype(descr)
         except TypeError:
-            member.seek(start)
             return None
         _PLAIN_DTYPES[descr] = dtype
     shape = tuple(int(n) for n in dims.split(",") if n.strip()) if dims else ()
@@ -827,12 +956,16 @@ def _read_header(member: BinaryIO, info: zipfile.ZipInfo, key: str) -> tuple[tup
         shape, fortran_order, dtype = _read_plain_header(member, version) or _HEADER_READERS[version](member)
     except ValueError as exc:
         raise ArchiveError(f"{key} is not a valid .npy member: {exc}") from exc
+    return _checked_header(shape, fortran_order, dtype, member.tell(), info, key)
+
+
+def _checked_header(shape: tuple[int, ...], fortran_order: bool, dtype: np.dtype, header_length: int,
+                    info: zipfile.ZipInfo, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     if dtype.hasobject or dtype.fields is not None:
         raise ArchiveError(f"{key} has dtype {dtype}; only plain numeric dtypes are allowed (no pickle).")
     if dtype.kind not in "biufcU" or (dtype.kind == "U" and key != KIND_KEY):
         raise ArchiveError(f"{key} has dtype {dtype}; expected a numeric dtype (bool, int, uint, float, complex).")
     nbytes = math.prod(shape) * dtype.itemsize
-    header_length = member.tell()
     if header_length + nbytes != info.file_size:
         raise ArchiveError(
             f"{key}: its header declares {nbytes} bytes of data but the member holds "
@@ -908,6 +1041,8 @@ def all_finite(array: np.ndarray) -> bool:
     proves the layer finite; only a non-finite sum (or an overflow) needs the exact check."""
     if array.dtype.kind not in "fc":
         return True
+    if array.size <= 1024:  # a few values: checked at once, without errstate's cost (a model may have 10,000 such)
+        return bool(np.isfinite(array).all())
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(array.sum()):
             return True

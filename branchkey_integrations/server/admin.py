@@ -1,6 +1,7 @@
 """The admin API of branchkey-local (``/admin/v1``, ``Authorization: Bearer {admin_token}``).
 
-Trees, branches and leaves are created here; runs are started, paused and stopped here (the
+Trees, branches and leaves are created here (a branch's settings: ``min_leaves``, ``round_deadline_s``,
+its strategy, ``max_model_bytes``, the last two changeable later); runs are started, paused and stopped here (the
 CLI's ``run`` goes through it when a server is live, so leaves are notified); rounds, uploads,
 aggregates and metrics can be read (metrics a page at a time: they can outgrow one answer).
 An operator unlocks a round with
@@ -76,6 +77,7 @@ async def create_branch(request: web.Request, server: Server) -> web.Response:
         server.store.create_branch, request.match_info["tree_id"], body.get("name", "main"),
         min_leaves=_whole(body.get("min_leaves")), round_deadline_s=body.get("round_deadline_s"),
         strategy=body.get("strategy", DEFAULT_STRATEGY), strategy_params=_params(body),
+        max_model_bytes=body.get("max_model_bytes"),
     )
     return ok(branch.to_dict(), status=201)
 
@@ -102,6 +104,18 @@ async def set_strategy(request: web.Request, server: Server) -> web.Response:
     async with server.rounds.lock(branch_id):  # no upload is committed while the change is checked and made
         branch, stale = await server.blocking(server.store.set_strategy, branch_id, body.get("strategy"), _params(body))
     await server.blocking(server.store.remove_files, stale)
+    return ok(branch.to_dict())
+
+
+@admin
+async def set_max_model_bytes(request: web.Request, server: Server) -> web.Response:
+    """Set how many bytes an upload to the branch may inflate to (``{"max_model_bytes": N}``), or learn it (null)."""
+    body = await read_json_object(request)
+    if "max_model_bytes" not in body:
+        raise HttpProblem(400, "Expected {\"max_model_bytes\": N} (bytes an upload may inflate to) or "
+                               "{\"max_model_bytes\": null} (learned from the branch's first aggregate).")
+    branch = await server.blocking(server.store.set_max_model_bytes, request.match_info["branch_id"],
+                                   body["max_model_bytes"])
     return ok(branch.to_dict())
 
 
@@ -214,6 +228,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get(branches + "/{branch_id}/leaves", list_leaves)
     app.router.add_post(branches + "/{branch_id}/run", set_run)
     app.router.add_put(branches + "/{branch_id}/strategy", set_strategy)
+    app.router.add_put(branches + "/{branch_id}/max-model-bytes", set_max_model_bytes)
     app.router.add_get(branches + "/{branch_id}/rounds", _listing("rounds", Store.list_rounds))
     app.router.add_delete(branches + "/{branch_id}/rounds/open/uploads/{leaf}", drop_upload)
     app.router.add_post(branches + "/{branch_id}/rounds/open/reset", reset_round)

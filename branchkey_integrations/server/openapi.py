@@ -45,6 +45,7 @@ from ..core.protocol import (
 )
 from .events import KINDS
 from .state import MAX_METRICS_BYTES, MAX_METRICS_PAGE, MAX_METRICS_PER_ROUND, METRICS_PAGE
+from .store import MAX_MODEL_BYTES
 from .strategies import CATALOGUE, DEFAULT_STRATEGY, Param
 
 Schema = dict[str, Any]
@@ -122,6 +123,8 @@ def _param_range(param: Param) -> Schema:
         schema["exclusiveMaximum"] = param.high
     return schema
 
+_MODEL_BYTES = _null({"type": "integer", "minimum": 1, "maximum": MAX_MODEL_BYTES,
+                      "description": "bytes an upload may inflate to; null: learned from the branch's first aggregate"})
 
 SCHEMAS: dict[str, Schema] = {
     "Error": _obj({"error": _STR}),
@@ -159,6 +162,7 @@ SCHEMAS: dict[str, Schema] = {
         "id": _STR, "tree_id": _STR, "name": _STR, "min_leaves": _null(_INT),
         "round_deadline_s": _null({"type": "number"}), "algorithm": _STRATEGY, "strategy_params": _PARAMS,
         "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "created_at": _TIME, "updated_at": _TIME,
+        "max_model_bytes": _null(_INT),
     }),
     "Leaf": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "tree_id": _STR, "branch_id": _STR}),
     "LeafCredentials": _obj({"id": _STR, "name": _STR, "session_token": _STR, "owner_id": _STR, "tree_id": _STR,
@@ -168,9 +172,10 @@ SCHEMAS: dict[str, Schema] = {
         "name": _NAME,
         "min_leaves": _null({"type": "integer", "minimum": 1, "maximum": 1_000_000, "description": "null: every leaf"}),
         "round_deadline_s": _null({"type": "number", "exclusiveMinimum": 0, "description": "null: no deadline"}),
-        "strategy": _STRATEGY, "strategy_params": _null(_PARAMS),
+        "strategy": _STRATEGY, "strategy_params": _null(_PARAMS), "max_model_bytes": _MODEL_BYTES,
     }), default=DEFAULT_STRATEGY),
     "StrategyRequest": _one_strategy(_obj({"strategy": _STRATEGY}, {"strategy_params": _null(_PARAMS)})),
+    "MaxModelBytesRequest": _obj({"max_model_bytes": _MODEL_BYTES}),
     "LeavesRequest": _obj({}, {"count": {"type": "integer", "minimum": 1, "maximum": 10000},
                                "name_prefix": _NAME}),
     "RunRequest": _obj({"run_status": {"enum": list(RUN_STATUSES)}}),
@@ -307,6 +312,12 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
             body=_ref("StrategyRequest"),
             description="Changes the branch's strategy between rounds (409 while the open round holds uploads, "
                         "naming them); the server-optimizer state starts afresh.")},
+        branch + "/max-model-bytes": {"put": admin(
+            "Set max model bytes", ok=(200, _ref("Branch")), errors=found, params=("branch_id",),
+            body=_ref("MaxModelBytesRequest"),
+            description="How many bytes an upload to the branch may inflate to (its zip directory's sizes, checked "
+                        "before anything is inflated: 413 past it); null learns it from the branch's first aggregate "
+                        "(twice its size + 16 MiB).")},
         branch + "/rounds": {"get": listing("rounds", "rounds")},
         branch + "/rounds/open/uploads/{leaf}": {"delete": admin(
             "Drop upload", ok=(200, _ref("DroppedUploads")), errors=found, params=("branch_id", "leaf"),

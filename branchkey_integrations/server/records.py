@@ -31,6 +31,7 @@ class Branch:
     created_at: str
     updated_at: str
     strategy_params: str = "{}"  # JSON text, as stored: the checked parameters of ``algorithm``
+    max_model_bytes: int | None = None  # the operator's limit on an upload's inflated size; None: learned
 
     @property
     def params(self) -> dict[str, float]:
@@ -103,6 +104,13 @@ class UploadInput:
     specs: list[LayerSpec]
 
 
+class ModelSizeLimit(NamedTuple):
+    """How many bytes an upload to a branch may inflate to (as its zip directory declares), and why that many."""
+
+    max_bytes: int
+    source: str
+
+
 class StateUpdate(NamedTuple):
     """A server optimizer's new moments (temporary files, None where unused) and what they belong to."""
 
@@ -127,4 +135,5 @@ def _parsed_specs(text: str) -> tuple[LayerSpec, ...]:
     return tuple(LayerSpec(tuple(item["shape"]), np.dtype(item["dtype"])) for item in json.loads(text))
 
 
-__all__ = ["Branch", "Leaf", "Round", "FileRecord", "UploadInput", "StateUpdate", "specs_to_json", "specs_from_json"]
+__all__ = ["Branch", "Leaf", "Round", "FileRecord", "UploadInput", "ModelSizeLimit", "StateUpdate", "specs_to_json",
+           "specs_from_json"]

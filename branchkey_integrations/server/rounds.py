@@ -26,6 +26,10 @@ This module knows nothing of HTTP: a refusal is a domain error of
 :mod:`branchkey_integrations.core.errors` (:class:`RunNotStartedError`,
 :class:`RoundClosedError`, :class:`InvalidValueError`, :class:`RecordNotFoundError`), which
 the HTTP layer maps to a status in one table.
+
+Why one module of this size: receipt, folding, aggregation, retention and the operator's actions share
+one branch lock and the per-branch state that goes with it (running sums, files written ahead, retries,
+fsyncs in flight); split apart, each part would reach into the others'.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ class Rounds:
         self._next_pass: dict[str, asyncio.Future[None]] = {}  # branch -> done when its next fold pass is
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # branch -> failed attempts, next try
         self._unsynced: dict[str, tuple[str, asyncio.Future[bool]]] = {}  # branch -> its latest aggregate's fsync
-        self._prepared: dict[str, tuple[Path, asyncio.Future[None]]] = {}  # branch -> its next aggregate's file
+        # branch -> the file of its next aggregate written ahead, and the layout it was written for
+        self._prepared: dict[str, tuple[Path, asyncio.Future[None], list[wire.LayerSpec]]] = {}
 
     def lock(self, branch_id: str) -> asyncio.Lock:
         return self._locks[branch_id]
@@ -338,8 +343,11 @@ class Rounds:
         """Have the file of the branch's next aggregate written ahead while its round's uploads arrive
         (why: :meth:`RunningSum.prepare`); once per aggregate, for a round that has uploads."""
         held = self._sums.get(branch_id)
-        if held is None or held[1].specs is None or branch_id in self._prepared:
+        if held is None or held[1].specs is None:
             return
+        if branch_id in self._prepared and self._prepared[branch_id][2] == held[1].specs:
+            return
+        self._discard_prepared(branch_id)  # written for another layout: a round's only upload replaced (a bomb's, say)
         path, running = self.store.new_temp_path(), held[1]
 
         async def prepare() -> None:
@@ -353,14 +361,27 @@ class Rounds:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
-        self._prepared[branch_id] = (path, self.workers.spawn(prepare()))
+        self._prepared[branch_id] = (path, self.workers.spawn(prepare()), list(held[1].specs))
 
     async def _prepared_file(self, branch_id: str) -> Path:
         """Where the branch's aggregate is written: the file :meth:`_prepare_aggregate` wrote ahead, or a new name."""
-        path, preparing = self._prepared.pop(branch_id, (self.store.new_temp_path(), None))
+        path, preparing, _ = self._prepared.pop(branch_id, (self.store.new_temp_path(), None, None))
         if preparing is not None:
             await asyncio.shield(preparing)
         return path
+
+    def _discard_prepared(self, branch_id: str) -> None:
+        """Remove the file written ahead for the branch's next aggregate, once written (its round's uploads
+        changed: it would hold their disk until the round aggregates)."""
+        if branch_id not in self._prepared:
+            return
+        path, preparing, _ = self._prepared.pop(branch_id)
+
+        async def remove() -> None:
+            await asyncio.shield(preparing)  # its own failures are logged there: it never raises
+            await self.workers.blocking(self.store.remove_files, [path])
+
+        self.workers.spawn(remove())
 
     def _answer_waiting(self, branch_id: str) -> None:
         """Let the uploads waiting for the branch's next fold pass answer: the aggregation of their round
@@ -444,6 +465,7 @@ class Rounds:
                 run_number, round_index, names, paths = await self.workers.blocking(
                     self.store.drop_uploads, branch_id, leaf_ref, note)
                 self._sums.pop(branch_id, None)
+                self._discard_prepared(branch_id)
         await self.workers.blocking(self.store.remove_files, paths)
         logger.warning("branch %s run %d round %d: the operator dropped the upload(s) of %s%s", branch_id, run_number,
                        round_index, ", ".join(names) or "nobody", f" ({note})" if note else "")
@@ -481,6 +503,7 @@ class Rounds:
             self.workers.spawn(self.aggregate_if_ready(branch.id))
         elif status == STOP:
             self._sums.pop(branch.id, None)
+            self._discard_prepared(branch.id)
             await self.apply_retention(branch.id)  # the abandoned round's uploads
         return branch
 

@@ -128,7 +128,8 @@ async def upload_file(request: web.Request) -> web.Response:
     try:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
-        archive = await decode_upload(upload.path, limits, server.workers)
+        model_limit = await server.blocking(server.store.model_size_limit, branch.id)  # refused before inflating
+        archive = await decode_upload(upload.path, limits, server.workers, model_limit)
         try:
             with storage_errors():  # the commit's fsync and rename may meet a full disk too
                 accepted = await server.rounds.accept_upload(

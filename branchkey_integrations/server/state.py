@@ -30,6 +30,9 @@ DEFAULT_DOWNLOAD_TTL_S = 15 * 60
 DEFAULT_TICKET_TTL_S = 60
 #: an archive may inflate to at most this many times its compressed size (past wire's 64 MiB floor)
 DEFAULT_MAX_COMPRESSION_RATIO = 100.0
+#: members an upload may hold (``serve --max-members``): a real model has far fewer tensors (ResNet-152 ~930 with
+#: its buffers, a 70B-parameter LLM ~720), and each costs the server ~0.1 ms however small (99,999 took 14 s)
+DEFAULT_MAX_MEMBERS = 10_000
 #: aggregates of this many latest rounds per branch stay on disk (0: all); the latest always does
 DEFAULT_KEEP_ROUNDS = 5
 #: the most bytes of one metrics report (a few KB of numbers: 100 named values take about 4 KB): 413 beyond
@@ -46,7 +49,7 @@ class ServerConfig:
 
     public_url: str | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    max_members: int = wire.DEFAULT_MAX_MEMBERS
+    max_members: int = DEFAULT_MAX_MEMBERS
     max_total_bytes: int = wire.DEFAULT_MAX_TOTAL_BYTES
     download_ttl_s: int = DEFAULT_DOWNLOAD_TTL_S
     ticket_ttl_s: int = DEFAULT_TICKET_TTL_S
@@ -104,5 +107,5 @@ def server_of(request: web.Request) -> Server:
 
 __all__ = [
     "ServerConfig", "Server", "SERVER", "server_of", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_DOWNLOAD_TTL_S",
-    "DEFAULT_TICKET_TTL_S", "DEFAULT_MAX_COMPRESSION_RATIO", "DEFAULT_KEEP_ROUNDS",
+    "DEFAULT_TICKET_TTL_S", "DEFAULT_MAX_COMPRESSION_RATIO", "DEFAULT_KEEP_ROUNDS", "DEFAULT_MAX_MEMBERS",
 ]

@@ -63,7 +63,17 @@ from ..core.errors import (
 from ..core.protocol import RUN_STATUSES
 from ..core.wire import LayerSpec
 from .durable import TEMP_PREFIX, fsync_path, write_private_file
-from .records import Branch, FileRecord, Leaf, Round, StateUpdate, UploadInput, specs_from_json, specs_to_json
+from .records import (
+    Branch,
+    FileRecord,
+    Leaf,
+    ModelSizeLimit,
+    Round,
+    StateUpdate,
+    UploadInput,
+    specs_from_json,
+    specs_to_json,
+)
 from .strategies import DEFAULT_STRATEGY, check_strategy
 
 logger = logging.getLogger(__name__)
@@ -75,6 +85,11 @@ ADMIN_TOKEN_FILE = "admin_token"
 #: idempotency keys remembered per leaf (its latest uploads'): a retry comes within a round's timeout of its first try
 KEYS_PER_LEAF = 16
 MAX_MIN_LEAVES = 1_000_000  # a round needs at most every leaf; a huge value would overflow SQLite's integers
+#: a branch without an operator's max_model_bytes takes uploads of up to this many times its first aggregate's
+#: size, plus LEARNED_MODEL_SLACK: room for a model that grows a little between runs, none for a bomb
+LEARNED_MODEL_FACTOR = 2
+LEARNED_MODEL_SLACK = 16 << 20
+MAX_MODEL_BYTES = 1 << 50  # a limit SQLite's integers hold, far above any model
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -84,7 +99,7 @@ CREATE TABLE IF NOT EXISTS branches (
     id TEXT PRIMARY KEY, tree_id TEXT NOT NULL REFERENCES trees(id), name TEXT NOT NULL,
     min_leaves INTEGER, round_deadline_s REAL, algorithm TEXT NOT NULL DEFAULT 'fedavg',
     run_status TEXT NOT NULL, run_number INTEGER NOT NULL,
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, max_model_bytes INTEGER);
 CREATE TABLE IF NOT EXISTS leaves (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, session_token TEXT NOT NULL, owner_id TEXT NOT NULL,
     tree_id TEXT NOT NULL, branch_id TEXT NOT NULL REFERENCES branches(id), created_at TEXT NOT NULL);
@@ -177,7 +192,8 @@ class Store:
     def _migrate(self) -> None:
         """Add the columns that stores made by earlier versions lack (their rows get the defaults)."""
         added = {"files": [("removed_at", "TEXT")],  # retention
-                 "branches": [("strategy_params", "TEXT NOT NULL DEFAULT '{}'")],  # strategies
+                 "branches": [("strategy_params", "TEXT NOT NULL DEFAULT '{}'"),  # strategies
+                              ("max_model_bytes", "INTEGER")],  # an upload's inflated size, at most
                  "rounds": [("strategy", "TEXT"), ("strategy_note", "TEXT")],
                  "metrics": [("run_number", "INTEGER"), ("round_index", "INTEGER")]}  # the round a report counts in
         for table, columns in added.items():
@@ -241,21 +257,25 @@ class Store:
     def create_branch(
         self, tree_id: str, name: str, *, min_leaves: int | None = None, round_deadline_s: float | None = None,
         strategy: str = DEFAULT_STRATEGY, strategy_params: Mapping[str, float] | None = None,
+        max_model_bytes: int | None = None,
     ) -> Branch:
         """Create a branch whose run is ``start``/1 with round 0 open, aggregating with ``strategy``
-        (:mod:`~branchkey_integrations.server.strategies`; parameters not given take their defaults)."""
+        (:mod:`~branchkey_integrations.server.strategies`; parameters not given take their defaults);
+        ``max_model_bytes``: see :meth:`model_size_limit`."""
         _check_branch_settings(name, min_leaves, round_deadline_s)
+        _check_max_model_bytes(max_model_bytes)
         params = json.dumps(check_strategy(strategy, strategy_params))
         stamp = now_iso()
         branch = Branch(new_id(), tree_id, name, min_leaves, round_deadline_s, strategy, "start", 1, stamp, stamp,
-                        params)
+                        params, max_model_bytes)
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM trees WHERE id = ?", (tree_id,)).fetchone() is None:
                 raise RecordNotFoundError(f"No tree with id {tree_id!r}; create the tree first.")
             conn.execute(
                 "INSERT INTO branches (id, tree_id, name, min_leaves, round_deadline_s, algorithm, run_status,"
-                " run_number, created_at, updated_at, strategy_params) VALUES (:id, :tree_id, :name, :min_leaves,"
-                " :round_deadline_s, :algorithm, :run_status, :run_number, :created_at, :updated_at, :strategy_params)",
+                " run_number, created_at, updated_at, strategy_params, max_model_bytes) VALUES (:id, :tree_id, :name,"
+                " :min_leaves, :round_deadline_s, :algorithm, :run_status, :run_number, :created_at, :updated_at,"
+                " :strategy_params, :max_model_bytes)",
                 {**branch.to_dict(), "strategy_params": params},
             )
             _open_round(conn, branch.id, 1, 0)
@@ -306,6 +326,42 @@ class Store:
             stale = _drop_state(conn, branch_id)
         logger.info("branch %s: strategy %s %s (optimizer state reset)", branch_id, strategy, params)
         return self.require_branch(branch_id), [self.data_dir / path for path in stale]
+
+    def set_max_model_bytes(self, branch_id: str, max_model_bytes: int | None) -> Branch:
+        """Set how many bytes an upload to the branch may inflate to, or (None) learn it (:meth:`model_size_limit`).
+
+        Raises:
+            InvalidValueError: not an integer from 1 to :data:`MAX_MODEL_BYTES`, nor None.
+            RecordNotFoundError: no such branch.
+        """
+        _check_max_model_bytes(max_model_bytes)
+        with self._tx() as conn:
+            if not conn.execute("UPDATE branches SET max_model_bytes = ?, updated_at = ? WHERE id = ?",
+                                (max_model_bytes, now_iso(), branch_id)).rowcount:
+                raise RecordNotFoundError(f"No branch with id {branch_id!r}.")
+        logger.info("branch %s: max_model_bytes=%s", branch_id, max_model_bytes)
+        return self.require_branch(branch_id)
+
+    def model_size_limit(self, branch_id: str) -> ModelSizeLimit | None:
+        """How many bytes an upload to the branch may inflate to (what its zip directory declares), or None:
+        the server's limits alone.
+
+        The operator's ``max_model_bytes`` when set; else learned from the branch's first aggregate
+        (:data:`LEARNED_MODEL_FACTOR` times its size plus :data:`LEARNED_MODEL_SLACK`), so that once a round
+        has shown the model's size an upload far beyond it (a compression bomb under the ratio limit) is
+        refused before anything is inflated; None before the branch's first aggregate.
+        """
+        rows = self._query("SELECT max_model_bytes FROM branches WHERE id = ?", (branch_id,))
+        if rows and rows[0][0] is not None:
+            return ModelSizeLimit(rows[0][0], "set for this branch")
+        rows = self._query("SELECT size, run_number, round_index FROM files WHERE branch_id = ? AND kind = 'aggregate'"
+                           " ORDER BY run_number, round_index LIMIT 1", (branch_id,))
+        if not rows:
+            return None
+        size, run_number, round_index = rows[0]
+        return ModelSizeLimit(LEARNED_MODEL_FACTOR * size + LEARNED_MODEL_SLACK,
+                              f"learned from its first aggregate, run {run_number} round {round_index}: {size} bytes, "
+                              f"x{LEARNED_MODEL_FACTOR} + {LEARNED_MODEL_SLACK >> 20} MiB")
 
     def create_leaves(self, branch_id: str, count: int, *, name_prefix: str = "leaf") -> list[Leaf]:
         """Create ``count`` leaves; names continue the branch's numbering (leaf_1, leaf_2, ...)."""
@@ -1007,6 +1063,14 @@ def _check_round_accepts(conn: sqlite3.Connection, branch_id: str, run_number: i
     ).fetchone()
     if branch["run_number"] != run_number or row is None or row["status"] != "open":
         raise RoundClosedError(f"Round {run_number}/{round_index} closed while the upload was checked; upload again.")
+
+
+def _check_max_model_bytes(value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MODEL_BYTES:
+        raise InvalidValueError(f"Expected max_model_bytes to be an integer from 1 to {MAX_MODEL_BYTES} or null "
+                                f"(learned from the branch's first aggregate). Received: {value!r:.80}")
 
 
 def _check_branch_settings(name: str, min_leaves: int | None, round_deadline_s: float | None) -> None:

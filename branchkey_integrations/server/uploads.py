@@ -48,6 +48,7 @@ from ..core.protocol import FILE_DIGEST_HEADER, FILE_SIZE_HEADER
 from .budget import ByteBudget
 from .durable import start_writeback
 from .httpio import body_error_text, check_unicode, is_decimal
+from .records import ModelSizeLimit
 from .workers import Workers
 
 _CHUNK = 4 << 20
@@ -356,20 +357,27 @@ def parse_data_part(text: str | None) -> str | None:
     return json.dumps(metadata)
 
 
-async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> wire.Archive:
-    """Decode the archive at ``path`` within ``limits``, in a worker thread.
+async def decode_upload(path: Path, limits: UploadLimits, workers: Workers,
+                        model_limit: ModelSizeLimit | None = None) -> wire.Archive:
+    """Decode the archive at ``path`` within ``limits`` and the branch's ``model_limit``, in a worker thread.
+
+    The member count and the inflated size are checked against the zip directory before anything is
+    inflated (and each member is then held to its declared size); a refusal says which limit, and
+    who sets it.
 
     Raises:
-        ArchiveTooLargeError: too many members or too many decoded bytes.
+        ArchiveTooLargeError: too many members, too many decoded bytes, or a compression bomb.
         InvalidValueError: not a readable, safe NPZ archive.
     """
+    max_total = limits.max_total_bytes if model_limit is None else min(limits.max_total_bytes, model_limit.max_bytes)
     try:
         return await workers.blocking(  # streamed through one 1 MiB buffer: memory per upload is bounded
-            wire.scan, path, max_members=limits.max_members, max_total_bytes=limits.max_total_bytes,
+            wire.scan, path, max_members=limits.max_members, max_total_bytes=max_total,
             max_compression_ratio=limits.max_compression_ratio, piece_bytes=_SCAN_PIECE,
         )
     except ArchiveTooLargeError as exc:
-        raise ArchiveTooLargeError(f"Upload rejected: {exc}") from exc
+        raise ArchiveTooLargeError(f"Upload rejected: {exc}{_who_sets(exc.limit, limits, model_limit)}",
+                                   limit=exc.limit) from exc
     except ArchiveError as exc:
         raise InvalidValueError(f"Upload rejected: {exc}") from exc
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, OSError) as exc:
@@ -377,6 +385,21 @@ async def decode_upload(path: Path, limits: UploadLimits, workers: Workers) -> w
         raise InvalidValueError(
             f"Upload rejected: not a readable NPZ archive ({type(exc).__name__}: {exc})."
         ) from exc
+
+
+def _who_sets(limit: str | None, limits: UploadLimits, model_limit: ModelSizeLimit | None) -> str:
+    """What a refusal over ``limit`` adds: that nothing was inflated, and how the limit is raised."""
+    if limit == "members":
+        return (" Nothing was inflated. A model has far fewer tensors; if this one really has that many, the "
+                "server's operator raises the limit: branchkey-local serve --max-members N.")
+    if limit != "bytes":
+        return ""
+    if model_limit is not None and model_limit.max_bytes < limits.max_total_bytes:
+        return (f" Nothing was inflated. This branch takes models of up to {model_limit.max_bytes} bytes "
+                f"({model_limit.source}); if the model really grew, the branch's operator raises it: branchkey-local "
+                "branch max-model-mb MB (admin API: PUT /admin/v1/branches/{branch_id}/max-model-bytes).")
+    return (" Nothing was inflated. The server's operator sets that limit for every branch: branchkey-local serve "
+            "--max-inflated-mb MB.")
 
 
 __all__ = [

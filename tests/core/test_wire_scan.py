@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,66 @@ def test_layer_pieces_come_in_file_order_in_one_reused_buffer(tmp_path: Path) ->
     assert spec == wire.LayerSpec((100, 100), np.dtype(np.float32)) and not fortran_order
     assert len(collected) == 10 and all(piece.size == 1024 for piece in collected[:-1])
     np.testing.assert_array_equal(np.concatenate(collected), array.reshape(-1))
+
+
+def understate(path: Path, name: str, size: int, crc: int) -> None:
+    """Make the zip directory (central and local entries) of member ``name`` declare ``size`` and ``crc``."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        local, central = zf.getinfo(name).header_offset, zf.start_dir
+    while data[central + 46:central + 46 + len(name)] != name.encode():
+        central = data.index(b"PK\x01\x02", central + 1)
+    for at in (local + 14, central + 16):  # CRC, compressed size, size
+        data[at:at + 4] = crc.to_bytes(4, "little")
+        data[at + 8:at + 12] = size.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_a_member_that_inflates_past_its_declared_size_is_refused(tmp_path: Path) -> None:
+    """The zip directory's sizes are what the limits check, so a member may never inflate past its own:
+    zipfile stops there but accepts a stream that goes on (a bomb whose directory lies)."""
+    array = np.zeros(1000, np.float32)
+    member = wire.encode([array], 1.0, compression="none")  # its members, as .npy bytes, are copied below
+    with zipfile.ZipFile(io.BytesIO(member)) as zf:
+        npy = zf.read("layer_0.npy")
+        weighting = zf.read("weighting.npy")
+    path = tmp_path / "liar.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("weighting.npy", weighting)
+        zf.writestr("layer_0.npy", npy + bytes(8 << 20))  # 8 MiB more than the header and the directory say
+    understate(path, "layer_0.npy", len(npy), zlib.crc32(npy))
+    with pytest.raises(ArchiveError, match="layer_0 inflates past the 4128 bytes its zip entry declares"):
+        wire.scan(path)
+    with pytest.raises(ArchiveError, match="inflates past"):
+        wire.decode(path)
+    with pytest.raises(ArchiveError, match="inflates past"):
+        wire.decode(path.read_bytes())
+
+
+def test_a_weighting_declaring_more_than_one_value_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "heavy.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("weighting.npy", "w") as member:  # 64 MiB of zeros, ~64 KiB on disk: never inflated
+            member.write(b"\0" * 1024)  # not even a .npy header: only the directory is read
+            for _ in range(64):
+                member.write(bytes(1 << 20))
+        zf.writestr("layer_0.npy", b"")
+    for read in (wire.scan, wire.decode):
+        with pytest.raises(ArchiveError, match="'weighting.npy' declares 67109888 bytes; it holds one value"):
+            read(path)
+
+
+@pytest.mark.parametrize("compression", ["none", "deflate"])
+def test_a_layer_is_read_into_its_array_alone(tmp_path: Path, compression: str) -> None:
+    """Decoding holds the layer's array and a piece at a time, not the inflated member beside it."""
+    path = tmp_path / "big.npz"
+    layer = np.zeros(16 << 20, np.float32)  # 64 MiB
+    wire.encode([layer], 1.0, path, compression=compression)
+    tracemalloc.start()
+    try:
+        decoded = wire.decode(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded.layers[0].shape == layer.shape and not decoded.layers[0].any()
+    assert peak < layer.nbytes + (4 << 20), f"decoding a {layer.nbytes >> 20} MiB layer peaked at {peak >> 20} MiB"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from benchmarks import aggregation, memory, roundtrip, run, tail
+from benchmarks import aggregation, members, memory, roundtrip, run, tail
 
 
 def test_round_trip_paths_agree_and_report_every_field():
@@ -34,6 +34,14 @@ def test_tail_reports_the_last_fold_and_write_in_wall_and_cpu_seconds():
     result = tail.measure(2_000, repeat=2)
     assert len(result["runs"]["cpu_s"]) == 2 and result["cpu_s"] > 0 and result["wall_s"] > 0
     assert {"fsync_s", "cpu_s_per_100mb", "wall_s_per_100mb", "model_mb"} <= set(result)
+
+
+@pytest.mark.slow
+def test_members_reports_the_answer_the_aggregate_and_the_servers_cpu():
+    result = members.measure(20, "none")
+    assert result["status"] == 201 and result["aggregate_s"] >= result["answer_s"] > 0 and result["server_cpu_s"] >= 0
+    refused = members.measure(20, "deflate", ("--max-members", "10"))
+    assert refused["status"] == 413 and "--max-members" in refused["error"]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import requests
 
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.errors import AggregationError
-from branchkey_integrations.server.aggregation import RunningSum
+from branchkey_integrations.server.aggregation import FOLD_PIECE_BYTES, RunningSum
 from branchkey_integrations.server.store import Store
 
 
@@ -63,17 +64,35 @@ def test_the_running_mean_equals_numpy_bit_for_bit(tmp_path: Path, compression: 
 
 @pytest.mark.parametrize("compression", ["none", "deflate"])  # stored: copied in the kernel; deflated: decoded
 def test_one_upload_is_its_own_mean_exactly(tmp_path: Path, compression: str) -> None:
-    layers = [np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32), np.arange(3)]
+    layers = [np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32), np.arange(3),
+              np.asfortranarray(np.arange(12.0).reshape(3, 4))]
     running = RunningSum()
     running.sync(stored(tmp_path, [(layers, wire.MAX_WEIGHTING)], compression=compression))
     size, digest = running.write(tmp_path / "mean.npz")
     content = (tmp_path / "mean.npz").read_bytes()
     assert (size, digest) == (len(content), hashlib.sha256(content).hexdigest())
     archive = wire.decode(content)
-    assert archive.weighting is None and len(archive.layers) == 2
+    assert archive.weighting is None and len(archive.layers) == 3
     for got, want in zip(archive.layers, layers):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+def test_one_deflated_upload_becomes_its_mean_a_piece_at_a_time(tmp_path: Path) -> None:
+    """A round of one deflated upload (a bomb's 64 MiB of zeros, ~64 KiB sent) is copied to its aggregate
+    in 4 MiB pieces: it was read whole, twice (1.2 GB inflated peaked at 2.36 GB of server memory)."""
+    layer = np.zeros(16 << 20, np.float32)
+    running = RunningSum()
+    running.sync(stored(tmp_path, [([layer, np.ones(3)], 1.0)], compression="deflate"))
+    tracemalloc.start()
+    try:
+        running.write(tmp_path / "mean.npz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * FOLD_PIECE_BYTES, f"the mean of one {layer.nbytes >> 20} MiB upload peaked at {peak >> 20} MiB"
+    got = wire.decode(tmp_path / "mean.npz").layers
+    assert got[0].shape == layer.shape and not got[0].any() and got[1].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_a_replaced_upload_is_taken_out_exactly(tmp_path: Path) -> None:
