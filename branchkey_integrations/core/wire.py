@@ -22,6 +22,7 @@ import math
 import os
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -764,6 +765,7 @@ class _MemberReader:
         if len(first) < 30 or bytes(first[:4]) != b"PK\x03\x04":
             raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
         name_length, extra_length = struct.unpack("<HH", first[26:30])
+        _check_local_name(bytes(first[30:30 + name_length]), info, key)
         skip = 30 + name_length + extra_length
         self._ahead = first[skip:skip + info.compress_size]  # the member's first bytes, read with its header
         self._offset = info.header_offset + skip + len(self._ahead)  # of the member's next unread bytes
@@ -890,12 +892,22 @@ def _npy_header_size(prefix: bytes) -> int | None:
     return None
 
 
+def _check_local_name(local_name: bytes, info: zipfile.ZipInfo, key: str) -> None:
+    """A member's local header names what the central directory names (as zipfile checks): two names are two
+    readings of one archive, which another reader could take differently."""
+    expected = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+    if local_name != expected:
+        raise ArchiveError(f"{key}: its local header names {local_name[:80]!r}, the central directory "
+                           f"{expected[:80]!r}; the archive is corrupt.")
+
+
 def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str) -> np.ndarray:
     """A stored member as a view of the buffer (a copy only when its data is not aligned)."""
     local = buffer[info.header_offset:info.header_offset + 30]
     if local.nbytes < 30 or bytes(local[:4]) != b"PK\x03\x04":
         raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
+    _check_local_name(bytes(buffer[info.header_offset + 30:info.header_offset + 30 + name_length]), info, key)
     start = info.header_offset + 30 + name_length + extra_length
     member = buffer[start:start + info.file_size]
     if member.nbytes != info.file_size:
@@ -954,7 +966,7 @@ def _read_header(member: BinaryIO, info: zipfile.ZipInfo, key: str) -> tuple[tup
         if version not in _HEADER_READERS:
             raise ValueError(f".npy format version {version} is not supported")
         shape, fortran_order, dtype = _read_plain_header(member, version) or _HEADER_READERS[version](member)
-    except ValueError as exc:
+    except (ValueError, SyntaxError, tokenize.TokenError, RecursionError) as exc:  # numpy tokenizes the header text
         raise ArchiveError(f"{key} is not a valid .npy member: {exc}") from exc
     return _checked_header(shape, fortran_order, dtype, member.tell(), info, key)
 

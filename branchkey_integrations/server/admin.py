@@ -77,7 +77,7 @@ async def create_branch(request: web.Request, server: Server) -> web.Response:
         server.store.create_branch, request.match_info["tree_id"], body.get("name", "main"),
         min_leaves=_whole(body.get("min_leaves")), round_deadline_s=body.get("round_deadline_s"),
         strategy=body.get("strategy", DEFAULT_STRATEGY), strategy_params=_params(body),
-        max_model_bytes=body.get("max_model_bytes"),
+        max_model_bytes=_whole(body.get("max_model_bytes")),
     )
     return ok(branch.to_dict(), status=201)
 
@@ -115,7 +115,7 @@ async def set_max_model_bytes(request: web.Request, server: Server) -> web.Respo
         raise HttpProblem(400, "Expected {\"max_model_bytes\": N} (bytes an upload may inflate to) or "
                                "{\"max_model_bytes\": null} (learned from the branch's first aggregate).")
     branch = await server.blocking(server.store.set_max_model_bytes, request.match_info["branch_id"],
-                                   body["max_model_bytes"])
+                                   _whole(body["max_model_bytes"]))
     return ok(branch.to_dict())
 
 

@@ -11,9 +11,8 @@ subtracting the old contribution in floating point would not be exact). After a 
 sync refolds the round from its files. Writing the mean does not change the sum, so running the
 aggregation again after a failure writes the same bytes.
 
-Why streaming: a round can hold many leaves of a model of hundreds of MB. Strategies read
-one layer of every upload at a time (``LayerReader.read_layer``), so memory stays
-O(model size) (the finished aggregate plus one layer per leaf), not O(leaves x model).
+Why streaming: a round can hold many leaves of a model of hundreds of MB. Strategies read one layer of
+every upload at a time (``LayerReader.read_layer``): memory is O(model), not O(leaves x model).
 
 Why float64: summing float32 or float16 parameters of many leaves in their own precision
 loses digits; accumulating in float64 (complex128 for complex layers) and casting back to

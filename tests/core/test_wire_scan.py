@@ -137,3 +137,39 @@ def test_a_layer_is_read_into_its_array_alone(tmp_path: Path, compression: str) 
         tracemalloc.stop()
     assert decoded.layers[0].shape == layer.shape and not decoded.layers[0].any()
     assert peak < layer.nbytes + (4 << 20), f"decoding a {layer.nbytes >> 20} MiB layer peaked at {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize("compression", ["none", "deflate"])
+def test_a_local_header_naming_another_member_than_the_directory_is_refused(tmp_path: Path, compression: str) -> None:
+    """The fuzzer's find: 'weighting.npy' in the central directory, 'veighting.npy' in its local header. zipfile
+    refuses that; wire's own member reader accepted it, so two readers could read one upload two ways."""
+    content = bytearray(wire.encode(layers(), 1.0, compression=compression))
+    name_at = content.index(b"PK\x03\x04") + 30  # the first member's name, in its local header
+    assert bytes(content[name_at:name_at + 9]) in (b"weighting", b"layer_0.n")
+    content[name_at] ^= 0x20  # one letter's case, in the local header only
+    path = tmp_path / "u.npz"
+    path.write_bytes(bytes(content))
+    for read in (lambda: wire.scan(path), lambda: wire.decode(bytes(content))):
+        with pytest.raises(ArchiveError, match="its local header names"):
+            read()
+
+
+def test_a_npy_header_numpy_cannot_tokenize_is_an_archive_error(tmp_path: Path) -> None:
+    """numpy raises tokenize.TokenError (not ValueError) for an unterminated header dict: that was a 500."""
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, \n"
+    header = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("weighting.npy", _npy(np.array([1.0])))
+        zf.writestr("layer_0.npy", header + b"\x00" * 8)
+    path = tmp_path / "u.npz"
+    path.write_bytes(buffer.getvalue())
+    for read in (lambda: wire.scan(path), lambda: wire.decode(buffer.getvalue())):
+        with pytest.raises(ArchiveError, match="layer_0 is not a valid .npy member"):
+            read()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
