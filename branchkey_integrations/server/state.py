@@ -29,7 +29,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 DEFAULT_DOWNLOAD_TTL_S = 15 * 60
 DEFAULT_TICKET_TTL_S = 60
 #: an archive may inflate to at most this many times its compressed size (past wire's 64 MiB floor)
-DEFAULT_MAX_COMPRESSION_RATIO = 100.0
+DEFAULT_MAX_COMPRESSION_RATIO = wire.DEFAULT_MAX_COMPRESSION_RATIO
 #: aggregates of this many latest rounds per branch stay on disk (0: all); the latest always does
 DEFAULT_KEEP_ROUNDS = 5
 
