@@ -512,9 +512,7 @@ def serve(data_dir: Path, wait: bool = True) -> tuple[subprocess.Popen, str]:
     def ready() -> str | None:
         assert process.poll() is None, process.stderr.read().decode()
         if info.exists() and json.loads(info.read_text())["pid"] == process.pid:
-            url = json.loads(info.read_text())["url"]
-            recovering = requests.get(url + "/api/v1/run/none", timeout=5).status_code == 503
-            return None if recovering else url  # listening, but its rounds not recovered yet
+            return json.loads(info.read_text())["url"]
         return None
 
     deadline = time.monotonic() + 30
