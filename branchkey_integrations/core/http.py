@@ -130,6 +130,7 @@ def away_reason(exc: BaseException) -> str | None:
     Example:
         >>> away_reason(requests.exceptions.ConnectionError(ConnectionRefusedError(111, "Connection refused")))
         'connection refused'
+        >>> away_reason(requests.exceptions.ConnectionError(urllib3.exceptions.ReadTimeoutError(None, "/", "")))
         >>> away_reason(requests.exceptions.ReadTimeout()) is None
         True
     """
@@ -142,12 +143,14 @@ def away_reason(exc: BaseException) -> str | None:
         if id(error) in seen or len(seen) > 32:
             continue
         seen.add(id(error))
+        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+            return None  # it listens, but has not answered in time: sending again would not help
         if isinstance(error, ConnectionRefusedError):
             return "connection refused"
+        if isinstance(error, http.client.RemoteDisconnected):  # before its base class, ConnectionResetError
+            return "connection closed without an answer"
         if isinstance(error, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
             return "connection reset"
-        if isinstance(error, http.client.RemoteDisconnected):
-            return "connection closed without an answer"
         if isinstance(error, TimeoutError):
             return "connect timed out"
         pending += [e for e in (error.__cause__, error.__context__, getattr(error, "reason", None), *error.args)
@@ -161,7 +164,7 @@ class Away:
 
     Attributes:
         call: the request, such as ``"POST /api/v1/file/upload"``.
-        reason: why it did not get through, such as ``"connection refused"`` or ``"HTTP 503: ..."``.
+        reason: why it did not get through, such as ``"connection refused"`` or ``"HTTP 503"``.
         waited_s: seconds since its first failure.
         deadline: ``time.monotonic()`` at which trying ends, or None (no deadline).
         back: True in the last report, once the call got through.

@@ -328,3 +328,12 @@ def test_json_nested_past_the_recursion_limit_is_a_protocol_error(hostile):
     assert error.value.status_code == 503
     with pytest.raises(ProtocolError, match="not JSON"):
         parse_notification(NESTED)
+
+
+@pytest.mark.parametrize("module", ["http", "transfer", "download", "backoff"])
+def test_the_docstring_examples_run_as_written(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"branchkey_integrations.core.{module}"))
+    assert result.attempted > 0 and result.failed == 0
