@@ -37,6 +37,7 @@ import requests
 
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.client import Client, DownloadBuffer, MultipartBody
+from branchkey_integrations.core.download import Downloads
 
 from .common import Bench, count, local_server, make_layers, median, timed, wait_for_aggregate
 
@@ -77,7 +78,7 @@ class Floor:
         self.body = b"".join(multipart)
         self.headers = {**client._headers(), "Content-Type": multipart.content_type,
                         "x-bk-file-size": str(archive.size), "x-bk-file-digest": digest}
-        self.url = urlsplit(client._download_url(aggregate_id))
+        self.url = urlsplit(client._downloads.url(aggregate_id))
         host = urlsplit(client.host)
         self.address = (host.hostname, host.port)
         self.members, size = self._members(client, aggregate_id)
@@ -87,9 +88,9 @@ class Floor:
     def _members(client: Client, aggregate_id: str) -> tuple[list[tuple[np.dtype, tuple[int, ...], int]], int]:
         """(dtype, shape, data offset) of each stored member of the aggregate, and its size, read in advance."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "a.npz"
-            with open(path, "wb") as sink:
-                size = client._stream(client._download_url(aggregate_id), sink)
+            downloads = Downloads(client._http, Path(tmp), max_bytes=None, timeout_s=3600)
+            path = downloads.to_file(aggregate_id, downloads.limits())
+            size = path.stat().st_size
             raw = path.read_bytes()
             members = []
             with zipfile.ZipFile(path) as zf, np.load(path) as npz:

@@ -507,6 +507,8 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
         except OSError as exc:
             raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
         url = f"http://{_client_host(args.host)}:{runner.addresses[0][1]}"
+        if not await _recovered(app, stop, url):
+            return
         write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         logger.info("branchkey-local serving %s on %s", data_dir, url)
         announce_dashboard(app, (args.public_url or url).rstrip("/"), args.host, data_dir)
@@ -516,6 +518,25 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             (data_dir / SERVER_FILE).unlink()
         await runner.cleanup()
+
+
+async def _recovered(app: Any, stop: asyncio.Event, url: str) -> bool:
+    """Wait (listening: API calls are answered 503) until the rounds are recovered; False when stopped first.
+
+    ``server.json`` and the dashboard's link come after it, so whoever finds them finds a server that serves.
+    """
+    from .server.app import RECOVERED
+
+    if app[RECOVERED].is_set():
+        return True
+    waits = [asyncio.ensure_future(app[RECOVERED].wait()), asyncio.ensure_future(stop.wait())]
+    done, _ = await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+    if not done:  # a long one: a complete round of a large model to aggregate
+        logger.info("listening on %s; recovering the rounds first (API calls are answered 503 until then)", url)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    return app[RECOVERED].is_set() and not stop.is_set()
 
 
 def announce_dashboard(app: Any, url: str, host: str, data_dir: Path) -> None:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from branchkey_integrations.server.app import SERVER, Server, create_app
+from branchkey_integrations.server.app import RECOVERED, SERVER, Server, create_app
 
 from .conftest import AdminCalls
 
@@ -22,13 +22,15 @@ from .conftest import AdminCalls
 class ServerThread:
     """Runs the aiohttp app on 127.0.0.1:<free port> in its own event loop thread."""
 
-    def __init__(self, data_dir: Path, **options: Any) -> None:
+    def __init__(self, data_dir: Path, *, recovered: bool = True, **options: Any) -> None:
         self.app = create_app(data_dir, **options)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.runner = self._call(self._start())
         self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        if recovered:  # it listens first; until its rounds are recovered it answers 503
+            self._call(self.app[RECOVERED].wait())
 
     async def _start(self) -> Any:
         from aiohttp import web

@@ -69,12 +69,13 @@ def runtime_imports(path: Path) -> set[str]:
 #: module -> the layers below it that it may import (first level of the package: core, server, ...)
 CORE_LAYERS = {
     # the transport layer: knows the protocol, nothing of rounds or frameworks
-    "errors": set(), "protocol": {"errors"}, "wire": {"errors"}, "credentials": {"errors"},
-    "http": {"errors"}, "transfer": {"errors", "wire"}, "client_options": {"errors", "protocol"},
-    "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol"}, "progress": {"errors"},
-    "watch": {"errors", "progress", "waiter"},
+    "errors": set(), "backoff": set(), "protocol": {"errors"}, "wire": {"errors"}, "credentials": {"errors"},
+    "http": {"errors", "backoff"}, "transfer": {"errors", "wire"}, "client_options": {"errors", "protocol"},
+    "download": {"errors", "protocol", "wire", "http", "transfer"},
+    "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
+    "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "waiter"},
     "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
-               "notifications", "progress", "watch"},
+               "notifications", "progress", "watch", "download"},
 }
 
 

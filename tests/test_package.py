@@ -18,6 +18,7 @@ def test_public_names():
     assert set(branchkey_integrations.__all__) == {"__version__", *branchkey_integrations.core.__all__}
     expected = {"Client", "Credentials", "DownloadBuffer", "Notification", "BranchKeyError", "CredentialsError",
                 "WeightingError", "ArchiveError", "ArchiveTooLargeError", "AggregateMismatchError", "TransportError",
+                "DownloadTimeoutError",
                 "ProtocolError", "ApiError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
                 "RequestRejectedError", "ServerError", "NotificationError", "RunBlockedError", "RunStopped",
                 "AggregationTimeoutError", "LocalServerError", "RecordNotFoundError", "InvalidValueError",

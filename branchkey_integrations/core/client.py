@@ -9,18 +9,19 @@ and the client logs instead of printing.
 
 This module owns the calls of PROTOCOL.md and their bodies, and nothing under them: HTTP
 (session, retries, error translation) is :mod:`.http`, moving bytes (the streamed upload body,
-download memory) is :mod:`.transfer`, the run status and aggregation ids it waits on are a
-:class:`~.waiter.RoundWaiter`, and its settings are checked by :mod:`.client_options`.
+download memory) is :mod:`.transfer`, what a download may cost is :mod:`.download`, the run status
+and aggregation ids it waits on are a :class:`~.waiter.RoundWaiter`, and its settings are checked by
+:mod:`.client_options`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 import warnings
@@ -28,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -36,19 +37,17 @@ import numpy as np
 from . import wire
 from .client_options import DEFAULT_OUTPUT_DIR, TRANSPORTS, check_client_options, check_host
 from .credentials import Credentials, CredentialsLike
+from .download import DEFAULT_DOWNLOAD_TIMEOUT_S, Downloads, checked_file_id
 from .errors import AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RunBlockedError
-from .http import HttpSession
+from .http import Away, HttpSession
 from .notifications import NotificationTransport, start_transport
 from .protocol import (
-    AGGREGATION_STATUS, BRANCH_CONFIG_PATH, DEFAULT_HOST, DOWNLOAD_PATH, FILE_DIGEST_HEADER, FILE_SIZE_HEADER,
-    IDEMPOTENCY_KEY_HEADER, METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START,
-    UPLOAD_PATH, WS_TICKET_PATH, Notification, is_file_id,
+    AGGREGATION_STATUS, BRANCH_CONFIG_PATH, DEFAULT_HOST, FILE_DIGEST_HEADER, FILE_SIZE_HEADER, IDEMPOTENCY_KEY_HEADER,
+    METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START, UPLOAD_PATH, WS_TICKET_PATH,
+    Notification, is_file_id,
 )
 from .progress import RoundView, parse_round_view
-from .transfer import (
-    Buffer, DownloadBuffer, MultipartBody, file_chunks, read_to_buffer, read_to_file, size_and_digest,
-    upload_compression,
-)
+from .transfer import Buffer, DownloadBuffer, MultipartBody, file_chunks, size_and_digest, upload_compression
 from .waiter import Every, RoundWaiter
 from .watch import find_missed_aggregate
 
@@ -80,7 +79,10 @@ class Client:
         output_dir: where :meth:`file_download` writes ``{file_id}.npz``.
         timeout: seconds for each HTTP request (connect and read).
         max_retries, backoff_factor: retries on 408/429/5xx and connection errors,
-            with exponential backoff ``backoff_factor * 2**n`` seconds.
+            with exponential backoff ``backoff_factor * 2**n`` seconds (for longer, see :meth:`retrying_until`).
+        max_download_bytes: the most an aggregate may hold; None: 4 times what this leaf uploaded plus
+            1 MiB (see :class:`~.download.Downloads`). Beyond it a download is refused (``ArchiveTooLargeError``).
+        download_timeout: seconds a whole download may take (``DownloadTimeoutError`` after).
 
     Raises:
         CredentialsError: a credential field is missing or malformed.
@@ -113,12 +115,15 @@ class Client:
         timeout: float = 30.0,
         max_retries: int = 3,
         backoff_factor: float = 0.5,
+        max_download_bytes: int | None = None,
+        download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
     ) -> None:
         self._credentials = c = Credentials.load(credentials)
         settings = check_client_options({
             "host": host, "rbmq_host": rbmq_host, "rbmq_port": rbmq_port, "ssl": ssl, "wait_for_run": wait_for_run,
             "run_check_interval_s": run_check_interval_s, "proxies": proxies, "transport": transport,
             "output_dir": output_dir, "timeout": timeout, "max_retries": max_retries, "backoff_factor": backoff_factor,
+            "max_download_bytes": max_download_bytes, "download_timeout": download_timeout,
         })
         self._api_host = settings["host"]
         self._rbmq_host = rbmq_host or urlsplit(self._api_host).hostname or "localhost"
@@ -129,6 +134,8 @@ class Client:
         self._http = HttpSession(self._api_host, {"Authorization": f"Bearer {c.id}:{c.session_token}", "LEAF": "true"},
                                  verify=ssl, proxies=settings["proxies"], timeout=settings["timeout"],
                                  max_retries=max_retries, backoff_factor=settings["backoff_factor"])
+        self._downloads = Downloads(self._http, self._output_dir, max_bytes=max_download_bytes,
+                                    timeout_s=settings["download_timeout"])
         self._waiter = RoundWaiter(c.branch_id)
         self.queue = self._waiter.queue  # 2.7.1's LifoQueue(maxsize=1): the newest unread aggregation id
         self._authenticated = False
@@ -336,69 +343,50 @@ class Client:
         answer = self._http.request_data("POST", UPLOAD_PATH, "upload", expected=HTTPStatus.CREATED, headers=headers,
                                          data=body)
         file_id = answer.get("file_id")
-        if not isinstance(file_id, str) or not file_id:
-            raise ProtocolError(f"upload: no file_id in {answer!r}")
+        if not is_file_id(file_id):
+            raise ProtocolError(f"upload: the answer's file_id is not a plain token: {str(answer)[:200]}")
         run, index = answer.get("run_number"), answer.get("round_index")
+        self._downloads.record_upload(size)  # the aggregate is sized after it
         self._upload_mark = mark
         self._upload_round = (run, index) if isinstance(run, int) and isinstance(index, int) and min(run, index) >= 0 \
             else None
         logger.info("Uploaded %s (%.2f MB) as %s", filename, size / 1e6, file_id)
         return file_id
 
-    @staticmethod
-    def _checked_file_id(file_id: str) -> str:
-        if not is_file_id(file_id):
-            raise ValueError(
-                f"Invalid file_id {file_id!r}: expected letters, digits, '.', '_' or '-' only "
-                "(no path separators or '..')."
-            )
-        return file_id
-
-    def _download_url(self, file_id: str) -> str:
-        answer = self._http.request_data("GET", DOWNLOAD_PATH.format(file_id=file_id), "download", accept="*/*")
-        url = answer.get("download_url")
-        if not isinstance(url, str) or not url:
-            raise ProtocolError(f"download: no download_url in {answer!r}")
-        return url
-
-    def _stream(self, url: str, sink: BinaryIO) -> int:
-        """GET the signed URL into ``sink`` in 1 MiB chunks; return the byte count."""
-        with self._http.get_blob(url) as response:
-            return read_to_file(response, sink)
-
-    def file_download(self, file_id: str) -> str:
+    def file_download(self, file_id: str, *, timeout: float | None = None) -> str:
         """Download an aggregate to ``{output_dir}/{file_id}.npz``; return that path.
 
         The file id is checked before anything touches the disk, so an id such as
-        ``../x`` can never write outside ``output_dir``. The file appears atomically.
+        ``../x`` can never write outside ``output_dir``. The file appears atomically. The body is
+        limited as :meth:`download_aggregate`'s is, without the archive checks.
         """
-        self._checked_file_id(file_id)
-        url = self._download_url(file_id)
-        self._output_dir.mkdir(parents=True, exist_ok=True)
-        target = self._output_dir / f"{file_id}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self._output_dir, prefix=".download-", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as sink:
-                size = self._stream(url, sink)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        logger.info("Downloaded %s (%.2f MB) to %s", file_id, size / 1e6, target)
-        return str(target)
+        checked_file_id(file_id)
+        return str(self._downloads.to_file(file_id, self._downloads.limits(timeout=timeout)))
 
-    def download_aggregate(self, file_id: str, *, buffer: DownloadBuffer | None = None) -> wire.Archive:
+    def download_aggregate(self, file_id: str, *, buffer: DownloadBuffer | None = None,
+                           expected_bytes: int | None = None, timeout: float | None = None) -> wire.Archive:
         """Download and decode an aggregate in memory (no file left behind).
 
         The layers of a stored aggregate are views of the one download buffer: no copies. Give a
         :class:`DownloadBuffer` to reuse its memory (the previous download's layers are then
-        overwritten); without one, each call downloads into new memory.
+        overwritten); without one, each call downloads into new memory. The server is not trusted
+        (:mod:`.download`): ``ArchiveTooLargeError`` past ``max_download_bytes`` (default: 4 times
+        ``expected_bytes``, the model's size as the caller knows it, else what this leaf uploaded) or the
+        compression-ratio limit; ``DownloadTimeoutError`` when it takes over ``timeout`` s (``download_timeout``).
         """
-        self._checked_file_id(file_id)
-        url = self._download_url(file_id)
-        with self._http.get_blob(url) as response:
-            view = read_to_buffer(response, buffer or DownloadBuffer())
-        return wire.decode(view)
+        checked_file_id(file_id)
+        limits = self._downloads.limits(expected_bytes=expected_bytes, timeout=timeout)
+        return self._downloads.archive(file_id, limits, buffer)
+
+    @contextlib.contextmanager
+    def retrying_until(self, deadline: float | None, on_away: Callable[[Away], None] | None = None) -> Iterator[None]:
+        """Within this block, a call of this thread that finds the platform away (refused, reset, 502-504: a
+        restart) tries again until ``deadline`` (``time.monotonic()``; None: until it answers), not only
+        ``max_retries`` times; ``on_away`` hears of each try. ``waiter.interrupt`` ends it. Example (not run):
+        ``with client.retrying_until(time.monotonic() + 600): client.file_upload(path)``.
+        """
+        with self._http.patience(deadline, sleep=self._waiter.sleep, on_away=on_away):
+            yield
 
     # ---------------------------------------------------------------- metrics
     def send_performance_metrics(self, aggregation_id: str, data: str | dict[str, Any], mode: str) -> bool:

@@ -77,6 +77,13 @@ def _factor(name: str, value: Any) -> float:
     return float(value)
 
 
+def _optional_bytes(name: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"Expected {name} to be a byte count >= 1 or None (sized after the leaf's upload). "
+                         f"Received: {name}={value!r}")
+    return value
+
+
 def _optional_hostname(name: str, value: Any) -> str | None:
     if value is not None and not (isinstance(value, str) and value):
         raise ValueError(f"Expected {name} to be a hostname or None (the API host's). Received: {name}={value!r}")
@@ -122,6 +129,8 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "timeout": _seconds,
     "max_retries": _count,
     "backoff_factor": _factor,
+    "max_download_bytes": _optional_bytes,
+    "download_timeout": _seconds,
 }
 CLIENT_OPTIONS = tuple(_RULES)
 

@@ -9,7 +9,8 @@ The tree, by who raises what:
 
 - a leaf's own input: :class:`CredentialsError`, :class:`WeightingError`, :class:`ArchiveError`
   (and :class:`ArchiveTooLargeError`, :class:`AggregateMismatchError`);
-- talking to the platform: :class:`TransportError` (unreachable), :class:`ApiError` and its
+- talking to the platform: :class:`TransportError` (unreachable; :class:`DownloadTimeoutError`, a
+  download that did not arrive by its deadline), :class:`ApiError` and its
   status classes (an error answer), :class:`ProtocolError` (an answer or message that does not
   follow PROTOCOL.md), :class:`NotificationError` (the channel failed);
 - the round: :class:`RunBlockedError`, :class:`RunStopped`, :class:`AggregationTimeoutError`;
@@ -61,6 +62,10 @@ class AggregateMismatchError(ArchiveError):
 
 class TransportError(BranchKeyError):
     """The platform could not be reached (connection refused, DNS, TLS, timeout, a cut connection)."""
+
+
+class DownloadTimeoutError(TransportError, TimeoutError):
+    """A download did not arrive by its deadline (the server sent too slowly, or stopped sending)."""
 
 
 class ProtocolError(BranchKeyError):
@@ -218,6 +223,7 @@ __all__ = [
     "ArchiveTooLargeError",
     "AggregateMismatchError",
     "TransportError",
+    "DownloadTimeoutError",
     "ProtocolError",
     "ApiError",
     "AuthenticationError",

@@ -22,6 +22,7 @@ round; accepting it would load a model that does not contain this leaf's contrib
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,9 +30,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import wire
+from .backoff import Backoff
 from .client import Client, DownloadBuffer
 from .client_options import check_client_options, check_seconds as _seconds
-from .notifications import Backoff
 from .protocol import DEFAULT_HOST, METRIC_MODES, START
 from .credentials import Credentials, CredentialsLike
 from .errors import (
@@ -46,7 +47,7 @@ from .errors import (
     TransportError,
 )
 from .outcome import Layers, Outcome, RoundResult, Weighting, exchange as _exchange
-from .progress import AGGREGATE, RUN_START, AggregateRef, ProgressListener, WaitProgress, rounds_behind
+from .progress import AGGREGATE, RUN_START, SERVER, AggregateRef, ProgressListener, WaitProgress, rounds_behind
 from .waiter import Every
 from .watch import RoundNotes, WaitWatch
 from .wire import LayerSpec
@@ -69,8 +70,9 @@ class Federation:
         credentials: :class:`Credentials`, a dict, a JSON file path, or None for ``BRANCHKEY_*``
             environment variables. Checked here; the platform is contacted only by :meth:`connect`.
         host: the API host (``https://app.branchkey.com`` or a ``branchkey-local`` URL).
-        timeout: seconds a round may wait (run paused plus waiting for the aggregate) before
-            ``on_timeout`` applies. None waits forever, and must be asked for explicitly.
+        timeout: seconds a round may take (run paused, waiting for the aggregate, downloading it) before
+            ``on_timeout`` applies; until then a server that is away (a restart) is asked again with
+            backoff, and the wait line says so. None waits forever, and must be asked for explicitly.
         on_timeout: ``"raise"`` (:class:`AggregationTimeoutError`) or ``"continue"`` (the round
             returns without an aggregate and the local model keeps training; so does a round whose
             platform cannot be reached or answers 5xx).
@@ -270,19 +272,20 @@ class Federation:
         notes = RoundNotes()
         started = time.monotonic()
         target: tuple[int, int] | None = None
-        try:
-            mark, target, behind = self._upload(layers, float(weighting), number, deadline, notes)
-            if behind is not None:
-                return self._catch_up(number, behind, expected, names)
-            started = time.monotonic()
-            logger.info("Round %d: uploaded %.1f MB%s; waiting for the aggregate (timeout %s)", number, upload_mb,
-                        "" if target is None else f" into run {target[0]} round {target[1]}",
-                        "none" if self.timeout is None else f"{self.timeout:.0f} s")
-            aggregation_id = self._wait_for_aggregate(number, deadline, mark, target, notes)
-            wait_s = time.monotonic() - started
-            if aggregation_id is None:
-                return RoundResult(None, None, wait_s, upload_mb, self.round, *_split(target), skipped="timeout")
-            archive = self.client.download_aggregate(aggregation_id, buffer=self._download_buffer)
+        try:  # a call that finds the server away (a restart) is tried again until the round's deadline
+            with self.client.retrying_until(deadline, on_away=self._watch(number, SERVER, notes).on_away):
+                mark, target, behind = self._upload(layers, float(weighting), number, deadline, notes)
+                if behind is not None:
+                    return self._catch_up(number, behind, expected, names, deadline)
+                started = time.monotonic()
+                logger.info("Round %d: uploaded %.1f MB%s; waiting for the aggregate (timeout %s)", number,
+                            upload_mb, "" if target is None else f" into run {target[0]} round {target[1]}",
+                            "none" if self.timeout is None else f"{self.timeout:.0f} s")
+                aggregation_id = self._wait_for_aggregate(number, deadline, mark, target, notes)
+                wait_s = time.monotonic() - started
+                if aggregation_id is None:
+                    return RoundResult(None, None, wait_s, upload_mb, self.round, *_split(target), skipped="timeout")
+                archive = self._download(aggregation_id, expected, deadline)
         except (TransportError, ServerError) as exc:
             if self.on_timeout != "continue":
                 raise
@@ -296,6 +299,13 @@ class Federation:
         logger.info("Round %d done: aggregate %s after %.1f s", number, aggregation_id, wait_s)
         return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number, run_number, round_index)
 
+    def _download(self, aggregation_id: str, expected: Sequence[LayerSpec], deadline: float | None) -> wire.Archive:
+        """The aggregate, limited to a multiple of the local model's size and to the round's deadline."""
+        return self.client.download_aggregate(
+            aggregation_id, buffer=self._download_buffer,
+            expected_bytes=sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in expected),
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+
     def _record(self, number: int, aggregate: AggregateRef) -> None:
         self.round, self.last_aggregation_id = number, aggregate.aggregation_id
         self.last_run_number, self.last_round_index = aggregate.run_number, aggregate.round_index
@@ -308,9 +318,9 @@ class Federation:
 
     # ------------------------------------------------------------- catching up
     def _catch_up(self, number: int, latest: AggregateRef, expected: Sequence[LayerSpec],
-                  names: Sequence[str] | None) -> RoundResult:
+                  names: Sequence[str] | None, deadline: float | None) -> RoundResult:
         """Load the branch's latest aggregate instead of uploading (the leaf is more than a round behind)."""
-        archive = self.client.download_aggregate(latest.aggregation_id, buffer=self._download_buffer)
+        archive = self._download(latest.aggregation_id, expected, deadline)
         aggregate = self.check_aggregate(archive.layers, expected, names)
         self._record(number, latest)
         logger.info("Round %d: caught up with aggregate %s", number, latest.aggregation_id)

@@ -3,11 +3,13 @@
 This module owns the ``requests.Session`` (its connection pool and urllib3 ``Retry`` on 408, 429,
 500, 502-504 and connection errors, with exponential backoff; never 507, out of space, whose body
 would be sent again for nothing), timeouts, TLS verification and proxies;
-the translation of every ``requests`` failure and every error status into the core error tree
-(:mod:`.errors`); the ``{"data": ...}`` envelope every JSON answer wears (a malformed one is a
-:class:`ProtocolError`); and the streamed GET of a signed download URL, which carries no
-credentials. It knows no BranchKey call: paths, bodies and their meaning belong to
-:mod:`.client`.
+the translation of every ``requests`` (and ``urllib3``) failure and every error status into the core
+error tree (:mod:`.errors`); the ``{"data": ...}`` envelope every JSON answer wears (a malformed or
+absurdly nested one is a :class:`ProtocolError`); the streamed GET of a signed download URL, which
+carries no credentials; and :meth:`HttpSession.patience`: while a round has time left, a platform
+that is away (connection refused or reset, 502-504: a restart) is asked again with backoff until
+that deadline, instead of only the few seconds of ``max_retries``. It knows no BranchKey call:
+paths, bodies and their meaning belong to :mod:`.client`.
 
 Why one boundary: a caller (the client, a callback, a user) can then rely on ``except
 BranchKeyError`` alone, and the lower-level error is always kept as ``__cause__``.
@@ -20,18 +22,25 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
+import threading
+import time
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from .backoff import Backoff
 from .errors import (
     ApiError,
     AuthenticationError,
+    BranchKeyError,
     InsufficientStorageError,
     NotFoundError,
     PermissionDeniedError,
@@ -44,8 +53,13 @@ from .errors import (
 logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+#: answers of a platform that is away for a moment (restarting behind a proxy, or branchkey-local recovering)
+AWAY_STATUSES = (502, 503, 504)
 JSON = "application/json"
 ONCE_TIMEOUT_S = 5.0  # the most a request sent ``once`` waits: it is asked again soon anyway
+#: the delays between tries of a call under :meth:`HttpSession.patience` (after ``max_retries`` quick ones):
+#: a refused connection costs nothing, so a restarted platform is found within about a second
+PATIENCE_BACKOFF = (0.25, 2.0, 1.0)
 
 
 def error_class(status: int) -> type[ApiError]:
@@ -67,7 +81,7 @@ def error_text(response: requests.Response) -> str:
     """The platform's ``{"error": text}``, else the start of the body, else the reason phrase."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return response.text[:300] or response.reason
     if isinstance(body, dict) and "error" in body:
         return str(body["error"])
@@ -78,7 +92,7 @@ def json_data(response: requests.Response, context: str) -> dict[str, Any]:
     """Unwrap ``{"data": {...}}``; :class:`ProtocolError` naming ``context`` when the answer is not that."""
     try:
         data = response.json()["data"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise ProtocolError(f"{context}: expected JSON {{'data': {{...}}}}, got {response.text[:200]!r}") from exc
     if not isinstance(data, dict):
         raise ProtocolError(f"{context}: 'data' is not an object: {data!r}")
@@ -109,6 +123,72 @@ def make_session(max_retries: int, backoff_factor: float) -> requests.Session:
     return session
 
 
+def away_reason(exc: BaseException) -> str | None:
+    """A few words on why a failed request never reached a listening platform ("connection refused"), or
+    None when ``exc`` is not that (a read timeout: the platform is there but slow; a TLS failure; a bug).
+
+    Example:
+        >>> away_reason(requests.exceptions.ConnectionError(ConnectionRefusedError(111, "Connection refused")))
+        'connection refused'
+        >>> away_reason(requests.exceptions.ConnectionError(urllib3.exceptions.ReadTimeoutError(None, "/", "")))
+        >>> away_reason(requests.exceptions.ReadTimeout()) is None
+        True
+    """
+    if not isinstance(exc, requests.exceptions.ConnectionError) or isinstance(exc, requests.exceptions.SSLError):
+        return None
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:  # the cause sits a few wrappers down: MaxRetryError.reason, NewConnectionError.__cause__, args
+        error = pending.pop()
+        if id(error) in seen or len(seen) > 32:
+            continue
+        seen.add(id(error))
+        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+            return None  # it listens, but has not answered in time: sending again would not help
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, http.client.RemoteDisconnected):  # before its base class, ConnectionResetError
+            return "connection closed without an answer"
+        if isinstance(error, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            return "connection reset"
+        if isinstance(error, TimeoutError):
+            return "connect timed out"
+        pending += [e for e in (error.__cause__, error.__context__, getattr(error, "reason", None), *error.args)
+                    if isinstance(e, BaseException)]
+    return "connection failed"
+
+
+@dataclass(frozen=True)
+class Away:
+    """What :meth:`HttpSession.patience` reports while a call waits for the platform to come back.
+
+    Attributes:
+        call: the request, such as ``"POST /api/v1/file/upload"``.
+        reason: why it did not get through, such as ``"connection refused"`` or ``"HTTP 503"``.
+        waited_s: seconds since its first failure.
+        deadline: ``time.monotonic()`` at which trying ends, or None (no deadline).
+        back: True in the last report, once the call got through.
+    """
+
+    call: str
+    reason: str
+    waited_s: float
+    deadline: float | None
+    back: bool = False
+
+    @property
+    def left_s(self) -> float | None:
+        """Seconds until trying ends, or None without a deadline."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+
+@dataclass(frozen=True)
+class _Patience:
+    deadline: float | None
+    sleep: Callable[[float], None]
+    on_away: Callable[[Away], None] | None
+
+
 class HttpSession:
     """Authenticated requests to one API host, every failure raised as a :class:`BranchKeyError`.
 
@@ -136,6 +216,25 @@ class HttpSession:
         self.max_retries = max_retries
         self._session = make_session(max_retries, backoff_factor)
         self._single = make_session(0, 0.0)  # for requests sent once: a periodic look that is repeated anyway
+        self._local = threading.local()  # the patience of the thread that runs a round (never the notifications')
+
+    @contextlib.contextmanager
+    def patience(self, deadline: float | None, *, sleep: Callable[[float], None] = time.sleep,
+                 on_away: Callable[[Away], None] | None = None) -> Iterator[None]:
+        """Within this block, on this thread, a request that finds the platform away tries again until ``deadline``.
+
+        Away means: the connection was refused, reset or closed without an answer, or the answer was
+        502, 503 or 504, after the quick ``max_retries``. Each further try waits :data:`PATIENCE_BACKOFF`
+        (through ``sleep``: a round passes an interruptible one); ``on_away`` hears of each failure and of
+        the call getting through (:class:`Away`). ``deadline`` is a ``time.monotonic()`` value; None tries
+        until the platform answers. Requests sent ``once`` are not affected; nor are other threads.
+        """
+        previous = getattr(self._local, "patience", None)
+        self._local.patience = _Patience(deadline, sleep, on_away)
+        try:
+            yield
+        finally:
+            self._local.patience = previous
 
     def request(self, method: str, path: str, *, expected: int = HTTPStatus.OK, accept: str = JSON,
                 headers: Mapping[str, str] | None = None, once: bool = False, **kwargs: Any) -> requests.Response:
@@ -145,41 +244,100 @@ class HttpSession:
         wait stays quick to interrupt while the platform is away).
         """
         url = self.base_url + path
-        session, timeout = (self._single, min(self.timeout, ONCE_TIMEOUT_S)) if once else (self._session, self.timeout)
-        try:
-            response = session.request(method, url, headers={**self.headers, "accept": accept, **(headers or {})},
-                                       verify=self.verify, proxies=self.proxies, timeout=timeout, **kwargs)
-        except requests.exceptions.RetryError as exc:
-            raise ServerError(f"{method} {path} kept failing after retries: {exc}", 503) from exc
-        except requests.exceptions.RequestException as exc:
-            raise TransportError(f"{method} {url} failed: {exc}") from exc
-        if response.status_code != expected:
-            text = error_text(response)
-            if response.status_code in RETRY_STATUSES and not once:
-                text += f" (still failing after {self.max_retries} retries)"
-            raise error_class(response.status_code)(f"{method} {path}: {text}", response.status_code)
-        return response
+        timeout = min(self.timeout, ONCE_TIMEOUT_S) if once else self.timeout
+
+        def send(session: requests.Session) -> requests.Response:
+            try:
+                response = session.request(method, url, headers={**self.headers, "accept": accept, **(headers or {})},
+                                           verify=self.verify, proxies=self.proxies, timeout=timeout, **kwargs)
+            except requests.exceptions.RetryError as exc:
+                raise ServerError(f"{method} {path} kept failing after retries: {exc}", 503) from exc
+            except requests.exceptions.RequestException as exc:
+                raise TransportError(f"{method} {url} failed: {exc}") from exc
+            if response.status_code != expected:
+                text = error_text(response)
+                if response.status_code in RETRY_STATUSES and session is self._session:
+                    text += f" (still failing after {self.max_retries} retries)"
+                raise error_class(response.status_code)(f"{method} {path}: {text}", response.status_code)
+            return response
+
+        return send(self._single) if once else self._patiently(f"{method} {path}", send)
+
+    def _patiently(self, call: str, send: Callable[[requests.Session], requests.Response]) -> requests.Response:
+        """``send(session)``, tried again while the platform is away and this thread's :meth:`patience` lasts.
+
+        The first try has the session's quick retries; each later one is a single request after a
+        :data:`PATIENCE_BACKOFF` delay.
+        """
+        patience: _Patience | None = getattr(self._local, "patience", None)
+        first: float | None = None
+        backoff = Backoff(*PATIENCE_BACKOFF)
+        while True:
+            try:
+                response = send(self._session if first is None else self._single)
+            except (TransportError, ServerError) as exc:
+                reason = (away_reason(exc.__cause__) if isinstance(exc, TransportError) and exc.__cause__ else
+                          f"HTTP {exc.status_code}" if isinstance(exc, ServerError) and exc.status_code in AWAY_STATUSES
+                          else None)
+                if patience is None or reason is None:
+                    raise
+                now = time.monotonic()
+                first = now if first is None else first
+                if patience.deadline is not None and now >= patience.deadline:
+                    raise _gave_up(exc, now - first) from exc.__cause__
+                if patience.on_away is not None:
+                    patience.on_away(Away(call, reason, now - first, patience.deadline))
+                delay = backoff.next()
+                patience.sleep(delay if patience.deadline is None else min(delay, patience.deadline - now))
+                continue
+            if first is not None:
+                logger.info("%s got through after %.1f s of the platform being away", call, time.monotonic() - first)
+                if patience is not None and patience.on_away is not None:
+                    patience.on_away(Away(call, "", time.monotonic() - first, patience.deadline, back=True))
+            return response
 
     def request_data(self, method: str, path: str, context: str, **kwargs: Any) -> dict[str, Any]:
         """:meth:`request`, then the ``data`` object of its JSON answer (see :func:`json_data`)."""
         return json_data(self.request(method, path, **kwargs), context)
 
     @contextlib.contextmanager
-    def get_blob(self, url: str) -> Iterator[requests.Response]:
-        """GET a signed URL, streamed and without credentials; errors while reading it are translated too."""
-        try:
-            with self._session.get(url, stream=True, verify=self.verify, proxies=self.proxies,
-                                   timeout=self.timeout) as response:
-                if response.status_code != HTTPStatus.OK:
+    def get_blob(self, url: str, *, deadline: float | None = None) -> Iterator[requests.Response]:
+        """GET a signed URL, streamed and without credentials; errors while reading it are translated too.
+
+        Asks for the body as it is stored (``Accept-Encoding: identity``). With ``deadline`` (a
+        ``time.monotonic()`` value), no single read waits past it; the reader checks the whole body's time.
+        """
+        def send(session: requests.Session) -> requests.Response:
+            read = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
+            try:
+                response = session.get(url, stream=True, verify=self.verify, proxies=self.proxies,
+                                             headers={"Accept-Encoding": "identity"}, timeout=(self.timeout, read))
+            except requests.exceptions.RequestException as exc:
+                raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}") from exc
+            if response.status_code != HTTPStatus.OK:
+                with response:
                     raise error_class(response.status_code)(f"GET download_url: {error_text(response)}",
                                                             response.status_code)
+            return response
+
+        with self._patiently(f"GET {urlsplit(url).path}", send) as response:
+            try:
                 yield response
-        except requests.exceptions.RequestException as exc:
-            raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}") from exc
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+                raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}") from exc
 
     def close(self) -> None:
         self._session.close()
         self._single.close()
 
 
-__all__ = ["HttpSession", "RETRY_STATUSES", "error_class", "error_text", "json_data", "make_session"]
+def _gave_up(exc: TransportError | ServerError, waited_s: float) -> BranchKeyError:
+    """``exc`` again, saying that the call was tried for ``waited_s`` s, until its deadline."""
+    note = f" (tried again for {waited_s:.0f} s, until the round's deadline)"
+    if isinstance(exc, ServerError):
+        return type(exc)(exc.message + note, exc.status_code)
+    return type(exc)(f"{exc}{note}")
+
+
+__all__ = ["AWAY_STATUSES", "Away", "HttpSession", "RETRY_STATUSES", "away_reason", "error_class", "error_text",
+           "json_data", "make_session"]

@@ -22,28 +22,13 @@ import threading
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from .backoff import Backoff
 from .errors import BranchKeyError, NotFoundError, NotificationError, ProtocolError, RequestRejectedError
 from .protocol import AGGREGATION_STATUS, RUN_STATUS, RUN_STATUSES, WS_PATH, Notification, parse_notification
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Notification], None]
-
-
-class Backoff:
-    """Exponential backoff delays: initial, initial*factor, ... capped at maximum."""
-
-    def __init__(self, initial: float = 0.5, factor: float = 2.0, maximum: float = 30.0) -> None:
-        self.initial, self.factor, self.maximum = initial, factor, maximum
-        self.current = initial
-
-    def next(self) -> float:
-        delay = self.current
-        self.current = min(self.current * self.factor, self.maximum)
-        return delay
-
-    def reset(self) -> None:
-        self.current = self.initial
 
 
 class NotificationTransport(abc.ABC):

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ProtocolError
+from .protocol import is_file_id
 
-#: what a wait waits for
-RUN_START, AGGREGATE = "run start", "aggregate"
-WAITING_FOR = (RUN_START, AGGREGATE)
+#: what a wait waits for: the run to start, the round's aggregate, or the server to answer again (a restart)
+RUN_START, AGGREGATE, SERVER = "run start", "aggregate", "server"
+WAITING_FOR = (RUN_START, AGGREGATE, SERVER)
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ def parse_round_view(data: dict[str, Any], context: str = "round progress") -> R
     latest = data.get("latest_aggregate")
     ref = None
     if latest is not None:
-        if not isinstance(latest, dict) or not isinstance(latest.get("aggregation_id"), str):
-            raise ProtocolError(f"{context}: latest_aggregate={latest!r}; expected an object with aggregation_id.")
+        if not isinstance(latest, dict) or not is_file_id(latest.get("aggregation_id")):
+            raise ProtocolError(f"{context}: latest_aggregate={str(latest)[:200]}; expected an object with an "
+                                "aggregation_id that is a plain token (a file id).")
         ref = AggregateRef(latest["aggregation_id"], _int_or_none(latest, "run_number", context),
                            _int_or_none(latest, "round_index", context))
     return RoundView(run_status, run_number, _int_or_none(data, "round_index", context),
@@ -160,8 +162,9 @@ class WaitProgress:
 
     Attributes:
         round: the leaf's round number (rounds this leaf completed so far, plus one).
-        waiting_for: ``"run start"`` (the run is paused; the upload waits) or ``"aggregate"`` (uploaded;
-            the round's aggregate is awaited).
+        waiting_for: ``"run start"`` (the run is paused; the upload waits), ``"aggregate"`` (uploaded;
+            the round's aggregate is awaited) or ``"server"`` (a call of the round finds the server away, as
+            during a restart, and is tried again until the round's timeout).
         waited_s: seconds this wait has lasted.
         run_number, round_index: the server's run and round this wait is about (the round the upload went
             into, else the open round), or None when the platform does not say.
@@ -174,6 +177,10 @@ class WaitProgress:
         known: whether the server's round progress (``uploaded``, ``missing``, ``required``, ``refused``)
             is known: False on a platform without branchkey-local's round endpoint, or while it is unreachable.
         final: True for the last report of a wait (it ended: aggregate, timeout, stop or interrupt).
+        unreachable: while waiting for the server, the call and why it did not get through, such as
+            ``"POST /api/v1/file/upload: connection refused"``; else empty.
+        retry_left_s: while waiting for the server, seconds until the round's timeout ends the tries
+            (None: the round has no timeout).
     """
 
     round: int
@@ -188,6 +195,8 @@ class WaitProgress:
     run_status: str | None = None
     known: bool = False
     final: bool = False
+    unreachable: str = ""
+    retry_left_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.waiting_for not in WAITING_FOR:
@@ -200,8 +209,12 @@ class WaitProgress:
         where = ""
         if self.run_number is not None and self.round_index is not None:
             where = f" (run {self.run_number}, round index {self.round_index})"
-        what = "the run to start" if self.waiting_for == RUN_START else "the aggregate"
+        what = {RUN_START: "the run to start", AGGREGATE: "the aggregate", SERVER: "the server"}[self.waiting_for]
         text = f"Round {self.round}{where}: waiting for {what} for {self.waited_s:.0f} s"
+        if self.unreachable:
+            text += f" ({self.unreachable}); trying again " + (
+                "until it answers (the round has no timeout)" if self.retry_left_s is None else
+                f"until the round's timeout, {self.retry_left_s:.0f} s from now")
         if self.waiting_for == RUN_START and self.run_status is not None:
             text += f" (run is {self.run_status!r})"
         if self.known and self.required is not None:
@@ -217,12 +230,12 @@ class WaitProgress:
         if other is None:
             return False
         fields = ("round", "waiting_for", "run_number", "round_index", "uploaded", "missing", "required",
-                  "refused", "run_status", "known")
+                  "refused", "run_status", "known", "unreachable")
         return all(getattr(self, name) == getattr(other, name) for name in fields)
 
 
 #: what :meth:`Federation.add_progress_listener` accepts
 ProgressListener = Callable[[WaitProgress], None]
 
-__all__ = ["RUN_START", "AGGREGATE", "WAITING_FOR", "RefusedUpload", "AggregateRef", "RoundView",
+__all__ = ["RUN_START", "AGGREGATE", "SERVER", "WAITING_FOR", "RefusedUpload", "AggregateRef", "RoundView",
            "parse_round_view", "rounds_behind", "WaitProgress", "ProgressListener"]

@@ -144,15 +144,16 @@ def parse_notification(raw: bytes | str) -> Notification:
     """
     try:
         message = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"Notification is not JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise ProtocolError(f"Notification is not JSON: {exc!r}") from exc
     if not isinstance(message, dict) or not isinstance(message.get("body"), dict):
         raise ProtocolError(f"Expected {{'message_type': ..., 'body': {{...}}}}. Received: {str(raw)[:200]!r}")
     message_type = message.get("message_type")
     body = message["body"]
     if message_type == AGGREGATION_STATUS:
-        if not isinstance(body.get("aggregation_id"), str) or not body["aggregation_id"]:
-            raise ProtocolError(f"aggregation_status without an aggregation_id: {body!r}")
+        if not is_file_id(body.get("aggregation_id")):
+            raise ProtocolError(f"aggregation_status without an aggregation_id that is a plain token (a file id): "
+                                f"{str(body)[:200]}")
         for name in ("run_number", "round_index"):
             value = body.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):

@@ -8,6 +8,9 @@ every ``check_every_s`` and right after the notification channel reconnects. Whe
 the round this leaf uploaded into has been aggregated, the aggregate is handed to the client's
 :class:`~.waiter.RoundWaiter` as if its notification had come: a missed notification costs seconds, not
 the timeout. A refused upload in the open round is said once at WARNING, naming the leaf and the reason.
+While a call of the round finds the server away and is tried again (:meth:`Client.retrying_until`), a
+watch of ``"server"`` (:meth:`WaitWatch.on_away`) says so: at WARNING and to the listeners at once, then
+every ``log_every_s``, and once more when the server answers again.
 
 The watch never raises for a platform that cannot be reached or lacks the round endpoint: the wait goes
 on, on notifications alone, and the first failure of a round is said once at WARNING.
@@ -25,6 +28,7 @@ from .waiter import Every
 
 if TYPE_CHECKING:
     from .client import Client
+    from .http import Away
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,8 @@ class WaitWatch:
         self.view: RoundView | None = None
         self.last: WaitProgress | None = None
         self.since = time.monotonic()
+        self.away: Away | None = None
+        self._reported = self.since
 
     # ------------------------------------------------------------- the wait
     def periodic(self) -> list[Every]:
@@ -132,9 +138,28 @@ class WaitWatch:
                 logger.debug("Round %d: round progress still unreadable: %s", self.number, exc)
             return None
 
+    def on_away(self, away: Away) -> None:
+        """:meth:`Client.retrying_until`'s listener: report a call that waits for the server (at once, at
+        WARNING; then every ``log_every_s``) and, once it got through, the end of that wait."""
+        if away.back:
+            if self.away is not None:
+                self.away = away
+                self.report(final=True)
+            self.away = None
+            return
+        first, self.away = self.away is None, away
+        if first or time.monotonic() - self._reported >= self.log_every_s:
+            self.report(level=logging.WARNING if first else logging.INFO)
+
     # ------------------------------------------------------------- reports
     def progress(self, final: bool = False) -> WaitProgress:
         """The wait as it stands."""
+        away = self.away
+        if away is not None:
+            return WaitProgress(round=self.number, waiting_for=self.waiting_for, waited_s=away.waited_s,
+                                run_number=self.client.run_number, run_status=self.client.run_status, final=final,
+                                unreachable="" if away.back else f"{away.call}: {away.reason}",
+                                retry_left_s=away.left_s)
         view, target = self.view, self.target
         run_number = target[0] if target is not None else (view.run_number if view is not None else
                                                            self.client.run_number)
@@ -150,11 +175,11 @@ class WaitWatch:
             run_status=self.client.run_status, known=same_round, final=final,
         )
 
-    def report(self, final: bool = False) -> WaitProgress:
-        """Log the progress at INFO and hand it to every listener."""
+    def report(self, final: bool = False, level: int = logging.INFO) -> WaitProgress:
+        """Log the progress (at ``level``; DEBUG when final) and hand it to every listener."""
         progress = self.progress(final)
-        self.last = progress
-        logger.log(logging.DEBUG if final else logging.INFO, "%s", progress.message)
+        self.last, self._reported = progress, time.monotonic()
+        logger.log(logging.DEBUG if final else level, "%s", progress.message)
         for listener in self.listeners:
             try:
                 listener(progress)

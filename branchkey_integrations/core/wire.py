@@ -50,6 +50,8 @@ DEFAULT_MAX_TOTAL_BYTES = 16 * 1024**3
 #: *and* beyond ``max_compression_ratio`` times its compressed size is refused before anything is inflated.
 #: Below the floor a high ratio (a small all-zero bias) costs nothing worth refusing.
 COMPRESSION_RATIO_FLOOR_BYTES = 64 * 1024**2
+#: The ratio both sides apply by default: the server to an upload, the client to an aggregate.
+DEFAULT_MAX_COMPRESSION_RATIO = 100.0
 
 #: How the layers travel: ``"deflate"`` (what the official client writes) or ``"none"`` (stored).
 COMPRESSIONS = {"deflate": zipfile.ZIP_DEFLATED, "none": zipfile.ZIP_STORED}

@@ -17,25 +17,31 @@ The app is assembled from modules with one concern each:
   (:class:`GuardedAppRunner` serves an app through them);
 - :mod:`~branchkey_integrations.server.outbox`: AMQP notifications kept until the broker confirms.
 
-Start-up raises the open-files limit and fits the connection cap below it, connects the broker
-(if any; notifications left in the outbox go out), aggregates rounds that were complete when the
-server died, and starts the round-deadline loop, all before the server listens. Such a recovered
-round reaches AMQP leaves through the outbox and WebSocket leaves when they connect (catch-up in
-:mod:`~branchkey_integrations.server.routes`). Shutdown waits for aggregations in flight, then
-releases the broker, the worker threads and the store.
+Start-up raises the open-files limit and fits the connection cap below it and connects the broker
+(if any; notifications left in the outbox go out) before the server listens. Recovery (aggregating
+rounds that were complete when the server died, O(model) each: seconds for a large model) runs once
+it listens, behind :func:`recovery_gate`: until it is done every API call (``/api``, ``/admin``; not the
+OpenAPI document, nor the dashboard's page) is answered 503 with ``Retry-After``, so nothing reads or
+writes a round half recovered, and a leaf sees a server that is coming back (and keeps asking) rather
+than a refused connection. The round-deadline
+loop starts after it. A recovered round reaches AMQP leaves through the outbox and WebSocket leaves
+when they connect (catch-up in :mod:`~branchkey_integrations.server.routes`). Shutdown waits for
+aggregations in flight, then releases the broker, the worker threads and the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import WSCloseCode, web
 
 from ..core import wire
+from ..core.protocol import ADMIN_PREFIX, API_PREFIX, OPENAPI_PATH
 from .admin import add_admin_routes
 from .connections import (
     DEFAULT_HEADER_TIMEOUT_S,
@@ -50,7 +56,7 @@ from .connections import (
     guard_middleware,
 )
 from .dashboard import add_dashboard_routes
-from .httpio import HttpProblem, error_middleware
+from .httpio import HttpProblem, error_middleware, error_response
 from .notify import Notifier
 from .routes import add_leaf_routes
 from .state import (
@@ -65,6 +71,13 @@ from .state import (
     ServerConfig,
 )
 from .store import Store
+
+logger = logging.getLogger(__name__)
+
+#: set once the rounds are recovered after a start; until then :func:`recovery_gate` answers 503
+RECOVERED = web.AppKey("recovered", asyncio.Event)
+#: what a client is told to wait before asking again while the server recovers
+RECOVERY_RETRY_AFTER_S = 1
 
 
 def create_app(
@@ -114,9 +127,10 @@ def create_app(
     # read_bufsize: aiohttp buffers up to twice it per connection before it stops reading the socket; a
     # large upload raises that for itself by reading 1 MiB at a time (uploads.py), the rest stay small
     # the guard's middleware inside the error middleware: a request whose client went away is its to answer quietly
-    app = web.Application(middlewares=[error_middleware, guard_middleware], client_max_size=16 * 1024**2,
-                          handler_args={"read_bufsize": 64 * 1024})
+    app = web.Application(middlewares=[error_middleware, guard_middleware, recovery_gate],
+                          client_max_size=16 * 1024**2, handler_args={"read_bufsize": 64 * 1024})
     app[SERVER] = server
+    app[RECOVERED] = asyncio.Event()
     app[GUARD] = ConnectionGuard(limits)
     add_leaf_routes(app)
     add_admin_routes(app)
@@ -126,26 +140,51 @@ def create_app(
     return app
 
 
+@web.middleware
+async def recovery_gate(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Answer API calls 503 with ``Retry-After`` until the rounds are recovered."""
+    if request.app[RECOVERED].is_set() or request.path == OPENAPI_PATH or not request.path.startswith(
+            (API_PREFIX + "/", ADMIN_PREFIX + "/")):
+        return await handler(request)
+    response = error_response(503, "branchkey-local is recovering after a restart (aggregating the rounds that were "
+                                   "complete when it stopped); ask again in a moment.")
+    response.headers["Retry-After"] = str(RECOVERY_RETRY_AFTER_S)
+    return response
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Startup: broker, recovery, deadline loop. Cleanup: wait for aggregations, release everything."""
+    """Startup: broker, then (listening) recovery and the deadline loop. Cleanup: wait for aggregations, release."""
     server = app[SERVER]
     app[GUARD].fit_to_fd_limit()
     try:
         await server.notifier.start(await server.blocking(server.store.list_leaves))
-        await server.rounds.recover()
-        deadlines = asyncio.ensure_future(server.rounds.deadline_loop())
     except BaseException:
         await _release(server)
         app[GUARD].close()  # its filter on asyncio's logger goes too
         raise
+    recovery = asyncio.ensure_future(_recover(server, app[RECOVERED]))
     yield
-    deadlines.cancel()
+    recovery.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await deadlines
+        await recovery
     server.rounds.cancel_retries()
     await server.workers.wait_for_tasks()
     await _release(server)
     app[GUARD].close()
+
+
+async def _recover(server: Server, recovered: asyncio.Event) -> None:
+    """Recover the rounds (requests wait behind :func:`recovery_gate`), open the gate, then watch deadlines."""
+    started = asyncio.get_running_loop().time()
+    try:
+        await server.rounds.recover()
+    except Exception:  # the server still serves what it has: a branch that failed stays as it was
+        logger.exception("recovering the rounds after the start failed; serving the store as it is")
+    took = asyncio.get_running_loop().time() - started
+    logger.log(logging.INFO if took >= 1 else logging.DEBUG, "rounds recovered in %.1f s", took)
+    recovered.set()
+    await server.rounds.deadline_loop()
 
 
 async def _release(server: Server) -> None:
@@ -160,5 +199,6 @@ async def _close_websockets(app: web.Application) -> None:
 
 
 __all__ = [
-    "create_app", "ServerConfig", "Server", "HttpProblem", "SERVER", "DEFAULT_MAX_UPLOAD_BYTES", "GuardedAppRunner",
+    "create_app", "ServerConfig", "Server", "HttpProblem", "SERVER", "RECOVERED", "DEFAULT_MAX_UPLOAD_BYTES",
+    "GuardedAppRunner", "recovery_gate",
 ]

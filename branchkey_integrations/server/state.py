@@ -29,7 +29,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024**3
 DEFAULT_DOWNLOAD_TTL_S = 15 * 60
 DEFAULT_TICKET_TTL_S = 60
 #: an archive may inflate to at most this many times its compressed size (past wire's 64 MiB floor)
-DEFAULT_MAX_COMPRESSION_RATIO = 100.0
+DEFAULT_MAX_COMPRESSION_RATIO = wire.DEFAULT_MAX_COMPRESSION_RATIO
 #: members an upload may hold (``serve --max-members``): a real model has far fewer tensors (ResNet-152 ~930 with
 #: its buffers, a 70B-parameter LLM ~720), and each costs the server ~0.1 ms however small (99,999 took 14 s)
 DEFAULT_MAX_MEMBERS = 10_000

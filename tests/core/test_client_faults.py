@@ -8,6 +8,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -22,6 +23,8 @@ from branchkey_integrations.core.errors import (
     ProtocolError,
     AuthenticationError,
     InsufficientStorageError,
+    RequestRejectedError,
+    RoundInterrupted,
     RunBlockedError,
     ServerError,
     TransportError,
@@ -39,8 +42,8 @@ class Scripted(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, script):
-        super().__init__(("127.0.0.1", 0), Handler)
+    def __init__(self, script, port=0):
+        super().__init__(("127.0.0.1", port), Handler)
         self.script = {path: list(answers) for path, answers in script.items()}
         self.requests = []
 
@@ -294,3 +297,61 @@ def test_the_round_view_is_asked_once_without_retries(scripted):
         client.get_round()  # a look that the waits repeat every few seconds: never retried, never long
     assert "retries" not in str(failed.value)
     assert [path for _, path, _, _ in server.requests].count("/api/v1/round/b") == 1
+
+
+# ------------------------------------------------------------------ a platform that is away for a while
+def restartable(port: int, script):
+    """A scripted server on ``port`` (a restart of one that stopped there)."""
+    server = Scripted(script, port)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def test_retrying_until_rides_out_a_restart_and_reports_each_try(scripted):
+    script = {"/api/v1/run/b": [RUN_OK], "/api/v1/config/branch/b": [(200, {"data": {"branch": {}}})]}
+    first = scripted(script)
+    port = first.server_address[1]
+    client = client_for(first, max_retries=1)
+    first.shutdown()
+    first.server_close()  # the port refuses connections now
+    with pytest.raises(TransportError, match="Connection refused"):
+        client.get_branch_config()  # without patience: the session's few quick retries, then an error
+    reports, restarted = [], []
+
+    def on_away(away):
+        reports.append(away)
+        if not restarted:  # the platform comes back after the first failure was reported
+            restarted.append(restartable(port, script))
+
+    try:
+        with client.retrying_until(time.monotonic() + 30, on_away=on_away):
+            assert client.get_branch_config() == {"branch": {}}
+    finally:
+        for server in restarted:
+            server.shutdown()
+    assert reports[0].reason == "connection refused" and reports[0].call == "GET /api/v1/config/branch/b"
+    assert 0 < reports[0].left_s <= 30 and reports[-1].back
+
+
+def test_retrying_until_ends_at_its_deadline_or_an_interrupt(scripted):
+    server = scripted({"/api/v1/run/b": [RUN_OK], "/api/v1/config/branch/b": [(503, {"error": "recovering"})]})
+    client = client_for(server, max_retries=0)
+    started = time.monotonic()
+    with client.retrying_until(time.monotonic() + 1.0):
+        with pytest.raises(ServerError, match=r"recovering \(tried again for \d s, until the round's deadline\)"):
+            client.get_branch_config()  # 503: away (branchkey-local recovering, a proxy before a restart)
+    assert 1.0 <= time.monotonic() - started < 4
+    assert [path for _, path, _, _ in server.requests].count("/api/v1/config/branch/b") > 2
+    with client.retrying_until(None, on_away=lambda away: client.waiter.interrupt("SIGTERM")):
+        with pytest.raises(RoundInterrupted, match="SIGTERM"):
+            client.get_branch_config()  # no deadline: only the answer or an interrupt ends it
+    client.waiter.clear_interrupt()
+    server.script["/api/v1/round/b"] = [(503, {"error": "recovering"})]
+    server.script["/api/v1/file/upload"] = [(409, {"error": "run is paused"})]
+    started = time.monotonic()
+    with client.retrying_until(time.monotonic() + 30):
+        with pytest.raises(ServerError):
+            client.get_round()  # a look sent once is never prolonged
+        with pytest.raises(RequestRejectedError):
+            client.upload_weights(1.0, [np.zeros(4, np.float32)])  # a refusal is not "away": raised at once
+    assert time.monotonic() - started < 5

@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -244,18 +245,27 @@ def test_a_leaf_two_rounds_behind_catches_up_and_then_completes_a_round_with_the
 
 
 def test_continue_skips_a_round_whose_server_is_gone_and_says_so_once(tmp_path, federations, caplog):
+    """A server that stays away is asked again until the round's timeout (the wait line says so), not longer;
+    then the round is skipped (``continue``) or raises a TransportError that says how long it tried."""
     server = InProcessServer(tmp_path / "data")  # stopped by the test itself
     credentials = server.create_branch(1)
-    leaf = connect(credentials[0], server, federations, on_timeout="continue",
-                   client_options={"max_retries": 0})
+    lines: list[WaitProgress] = []
+    leaf = connect(credentials[0], server, federations, on_timeout="continue", timeout=2.0,
+                   client_options={"max_retries": 0}, on_progress=lines.append)
     assert leaf.run_round(layers_for(0), 1.0).round == 1
     server.stop()
+    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="branchkey_integrations"):
         skipped = leaf.run_round(layers_for(1), 1.0)
+    assert 2.0 <= time.monotonic() - started < 10
     assert skipped.skipped == "unreachable" and skipped.timed_out and skipped.round == 1
     assert caplog.text.count("Round 2 skipped") == 1
+    away = [line for line in lines if line.waiting_for == "server"]
+    assert away and "POST /api/v1/file/upload: connection refused" in away[0].message, lines
+    assert re.search(r"trying again until the round's timeout, [12] s from now", away[0].message)
+    assert caplog.text.count("waiting for the server") == 1  # at WARNING once; later lines at INFO
     leaf.on_timeout = "raise"
-    with pytest.raises(TransportError):
+    with pytest.raises(TransportError, match=r"tried again for \d+ s, until the round's deadline"):
         leaf.run_round(layers_for(1), 1.0)
 
 

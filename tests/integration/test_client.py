@@ -214,3 +214,45 @@ def test_server_restart_mid_round_loses_nothing(tmp_path, clients, request):
     ids = [c.wait_for_aggregation(30) for c in (first, second)]
     assert ids[0] == ids[1]
     assert_aggregate(weighted_mean(uploads, [30.0, 10.0]), first.download_aggregate(ids[0]))
+
+
+@pytest.mark.slow
+def test_a_leaf_rides_out_a_restart_longer_than_its_quick_retries(tmp_path, request):
+    """kill -9 while one leaf waits for the aggregate, before the other uploads: the second leaf's upload finds
+    the port closed, is tried again until its round's timeout (its wait line says so), and lands once the server
+    is back on the same port; both leaves complete the round with the right aggregate."""
+    from ..core.test_federation import in_thread
+    from branchkey_integrations.core.federation import Federation
+
+    data_dir = tmp_path / "data"
+    credentials = init_branch(data_dir, 2)
+    server = LocalServer(data_dir).start()
+    request.addfinalizer(server.stop)
+    lines: dict[str, list] = {"first": [], "second": []}
+    first, second = (Federation(c, server.url, transport="websocket", timeout=120, on_progress=lines[name].append,
+                                client_options={"max_retries": 1})
+                     for c, name in zip(credentials, lines))
+    for leaf in (first, second):
+        leaf.connect()
+        request.addfinalizer(leaf.close)
+    uploads = [layers_for(50), layers_for(51)]
+    waiting = in_thread(first.run_round, uploads[0], 30.0)
+    wait_until(lambda: any(p.waiting_for == "aggregate" for p in lines["first"]), 30, "the first leaf to upload")
+
+    server.kill()
+    uploading = in_thread(second.run_round, uploads[1], 10.0)
+    wait_until(lambda: "error" in uploading or any(p.waiting_for == "server" for p in lines["second"]), 30,
+               "the second leaf to find the server away")
+    server.start()  # the same port; the quick retries (max_retries=1) are long over by now
+
+    results = []
+    for box in (uploading, waiting):
+        box["thread"].join(60)
+        assert "error" not in box, box.get("error")
+        results.append(box["result"])
+    away = next(p for p in lines["second"] if p.waiting_for == "server")
+    assert "POST /api/v1/file/upload: connection refused" in away.message
+    assert "trying again until the round's timeout" in away.message
+    assert results[0].aggregation_id == results[1].aggregation_id
+    for got, want in zip(results[0].layers, weighted_mean(uploads, [30.0, 10.0])):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

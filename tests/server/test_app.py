@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import http.client
@@ -24,6 +25,8 @@ from websockets.sync.client import connect
 
 from branchkey_integrations.core import wire
 from branchkey_integrations.server.store import Store
+
+from ..conftest import wait_until
 
 LAYERS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2, 3], dtype=np.int64)]
 
@@ -466,10 +469,48 @@ def test_rounds_complete_when_the_server_died_before_aggregating(tmp_path: Path,
     store.new_temp_path().write_bytes(b"interrupted upload")
     store.close()
     live = start_server(data_dir)
-    rounds = live.rounds(branch.id)  # recovery runs before the server listens: no waiting
+    rounds = live.rounds(branch.id)  # start_server returns once the rounds are recovered: no waiting
     assert rounds[0]["status"] == "aggregated"
     assert_layers(live.fetch(leaves[0].credentials(), rounds[0]["aggregate_id"]), weighted_mean(uploads))
     assert not [p for p in (data_dir / "files").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_the_server_listens_while_it_recovers_and_answers_503_until_done(tmp_path: Path, monkeypatch) -> None:
+    """A long recovery (a large complete round to aggregate) no longer keeps the port closed: API calls are
+    answered 503 with Retry-After (a leaf keeps asking, see Client.retrying_until) until it is done; the
+    OpenAPI document and the dashboard's page are served at once."""
+    from branchkey_integrations.server.rounds import Rounds
+
+    from ..inprocess import ServerThread
+
+    data_dir = tmp_path / "data"
+    store = Store(data_dir)
+    branch = store.create_branch(store.create_tree("t")["id"], "b")
+    leaf = store.create_leaves(branch.id, 1)[0].credentials()
+    store.close()
+    release, recover = threading.Event(), Rounds.recover
+
+    async def slow_recover(self: Rounds) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        await recover(self)
+
+    monkeypatch.setattr(Rounds, "recover", slow_recover)
+    thread = ServerThread(data_dir, recovered=False)
+    try:
+        run = f"{thread.url}/api/v1/run/{branch.id}"
+        headers = {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}
+        answer = requests.get(run, headers=headers, timeout=10)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+        assert "recovering after a restart" in answer.json()["error"]
+        assert requests.get(thread.url + "/admin/v1/branches", timeout=10).status_code == 503
+        assert requests.get(thread.url + "/api/v1/openapi.json", timeout=10).status_code == 200
+        assert requests.get(thread.url + "/", timeout=10).status_code == 200
+        release.set()
+        wait_until(lambda: requests.get(run, headers=headers, timeout=10).status_code == 200, 10,
+                   "the recovery to end")
+    finally:
+        release.set()
+        thread.stop()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
