@@ -125,10 +125,14 @@ def test_idle_connections_do_not_starve_the_server(tmp_path: Path) -> None:
         assert grown < 4096, f"the server log grew by {grown} bytes:\n{log_path.read_text()[-3000:]}"
         assert process.poll() is None
     finally:
-        for sock in idle:
-            sock.close()
-        process.terminate()
-        process.wait(15)
+        stop(process, idle)
+
+
+def stop(process: subprocess.Popen, sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+    process.terminate()
+    process.wait(15)
 
 
 STALLED = 1000
@@ -220,7 +224,4 @@ def test_a_thousand_stalled_bodies_shut_out_no_identified_client(tmp_path: Path)
         assert len(flood) <= 3 and "Traceback" not in log and " ERROR " not in log, log[-3000:]
         assert process.poll() is None
     finally:
-        for sock in stalled:
-            sock.close()
-        process.terminate()
-        process.wait(15)
+        stop(process, stalled)
