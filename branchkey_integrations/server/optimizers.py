@@ -86,13 +86,13 @@ class ServerOptimizer(Strategy):
             return Combined.of_mean(round_, f"first round of run {round_.run_number}: {self.name} starts from the "
                                             "FedAvg mean")
         if not previous[1].exists():
-            note = (f"the aggregate of round {previous[0]} of run {round_.run_number}, which {self.name} steps from, is "
+            gone = (f"the aggregate of round {previous[0]} of run {round_.run_number}, which {self.name} steps from, is "
                     f"missing from the store ({previous[1].name}): this round's aggregate is the FedAvg mean")
-            logger.error("%s: %s", where, note)
-            return Combined.of_mean(round_, note)
+            logger.error("%s: %s", where, gone)
+            return Combined.of_mean(round_, gone)
         state_in = store.optimizer_state(round_.branch_id, round_.run_number, previous[0], self.name, self.params)
         lost = [path.name for path in state_in or () if path is not None and not path.exists()]
-        note = None
+        note: str | None = None
         if lost:
             note = (f"the {self.name} state after round {previous[0]} of run {round_.run_number} is missing from the "
                     f"store ({', '.join(lost)}): its moments start again from zero")

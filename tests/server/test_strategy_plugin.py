@@ -1,4 +1,5 @@
-"""A strategy added from outside the package: one class, registered, runs rounds through the real server.
+"""A strategy added from outside the package: one class, registered, runs rounds through the real server
+(the README's worked example among them).
 
 Also: the robust strategies do no running-sum work (their uploads are answered once committed), and the
 round state machine names no strategy.
@@ -7,6 +8,7 @@ round state machine names no strategy.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -114,6 +116,20 @@ def test_a_strategy_registered_from_outside_runs_rounds_through_the_server(live:
                                                    ([np.full(2, 6.0, np.float32)], 3.0)]])
     assert shrunk.layers[0].tolist() == [2.5, 2.5]  # the weighted mean 5.0, times the default factor 0.5
     assert set(fold_calls) == {a["id"], b["id"]}  # folded on arrival, as fedavg is
+
+
+def test_the_readmes_example_strategy_runs_a_round(live: Handle) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    [block] = re.findall(r"^```python\n(# A strategy in one file.*?)^```", readme, re.M | re.S)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # registers it
+    try:
+        assert STRATEGIES["quantile"] is namespace["Quantile"]
+        branch, leaves = live.make_branch(3, strategy="quantile", strategy_params={"q": 0})
+        [got] = play_rounds(live, branch, leaves, [[([np.array([v], np.float64)], 1.0) for v in (5.0, -2.0, 7.0)]])
+        assert got.layers[0].tolist() == [-2.0]  # q=0: the minimum
+    finally:
+        unregister_strategy("quantile")
 
 
 def test_a_registered_strategys_parameters_are_checked_where_any_are(live: Handle, toys: None) -> None:
