@@ -12,8 +12,9 @@ answer leaves only the mean to write); a round's first fold also has the aggrega
 (:meth:`RunningSum.prepare`). A strategy that folds nothing (the robust ones) is answered once the
 upload is committed. When the open round holds ``min_leaves`` uploads (default: every leaf), or its
 round deadline passes with at least one upload, the strategy combines it (``Strategy.combine``; the
-running sum's mean first where it uses it: O(model) however many leaves), the next round opens, every leaf of the branch is notified, and retention removes the round's
-uploads (``keep_uploads``) and aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is
+running sum's mean first where it uses it: O(model) however many leaves), the next round opens,
+every leaf of the branch is notified, and retention removes the round's uploads (``keep_uploads``)
+and aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is
 fsynced after the leaves are told, not before (it can be made again from the round's uploads, which
 retention keeps until then; :meth:`Rounds.recover` checks and remakes it after a crash). An operator may drop one leaf's upload or reset the
 open round (:meth:`Rounds.drop_uploads`); the leaves concerned see why in the round's progress
@@ -59,7 +60,7 @@ from .progress import round_progress
 from .records import Branch, Leaf, Round, UploadInput
 from .recovery import remake_lost_aggregate
 from .store import Store
-from .strategies import RoundInputs, strategy_for
+from .strategies import STRATEGIES, RoundInputs, strategy_for
 from .workers import Workers
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class Rounds:
         if replaced:
             self.workers.spawn(blocking(self.store.remove_files, replaced))
         folded = self._fold_soon(branch.id)  # a strategy that folds nothing: the pass only checks the round
-        if not strategy_for(branch.algorithm, branch.params).folds:
+        if not folds(branch):  # counted once committed
             folded = asyncio.get_running_loop().create_future()
             folded.set_result(None)
         return AcceptedUpload(file_id, current.run_number, current.round_index, folded)
@@ -412,7 +413,7 @@ class Rounds:
         nothing. Runs in a worker thread."""
         branch = self.store.get_branch(branch_id)
         current = self.store.open_round(branch_id) if branch is not None else None
-        if branch is None or current is None or not strategy_for(branch.algorithm, branch.params).folds:
+        if branch is None or current is None or not folds(branch):
             return None, []
         return current, self.store.round_uploads(branch_id, current.run_number, current.round_index)
 
@@ -534,6 +535,13 @@ class Rounds:
                     await self.aggregate_if_ready(branch_id, deadline=True)
             except Exception:  # the loop must outlive one bad round
                 logger.exception("round deadline check failed")
+
+
+def folds(branch: Branch) -> bool:
+    """Whether the branch's strategy folds each upload on arrival (``Strategy.folds``). An unknown name
+    (a store written by another version) folds: its aggregation says why it cannot run, and retries."""
+    strategy = STRATEGIES.get(branch.algorithm)
+    return strategy is None or strategy.folds
 
 
 def _resolve(waiting: asyncio.Future[None] | None) -> None:

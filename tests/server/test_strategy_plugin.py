@@ -141,6 +141,18 @@ def test_a_registered_strategys_parameters_are_checked_where_any_are(live: Handl
         Shrunk(factor=0)
 
 
+def test_the_cli_offers_a_registered_strategy_with_its_summary(toys: None, capsys: pytest.CaptureFixture) -> None:
+    from branchkey_integrations.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["branch", "strategy", "toy-quantile", "--strategy-param", "q=0.2", "--data-dir", "d"])
+    assert (args.strategy, args.strategy_param) == ("toy-quantile", [("q", 0.2)])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["init", "--help"])
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines (and at hyphens)
+    assert "toy-quantile:thecoordinate-wiseq-quantile(unweighted)" in shown and "q=0.5in[0,1)" in shown
+
+
 def test_a_name_is_registered_once_and_unregistered_strategies_are_gone(toys: None) -> None:
     class Impostor(Quantile):
         pass
