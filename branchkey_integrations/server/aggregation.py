@@ -1,4 +1,4 @@
-"""Aggregation: the running FedAvg of an open round, and strategies over stored uploads.
+"""Aggregation: the running FedAvg of an open round, and combiners over stored uploads (one layer at a time).
 
 Why a running sum (:class:`RunningSum`): the server folds each accepted upload into the open
 round's float64 sum as it arrives, so what is left after the round's last upload is that upload's
