@@ -13,8 +13,8 @@ The federation is an in-process replica of the Lightning simulation, so a run ta
 the simulation's own test split, Dirichlet partition and ``DigitsMLP`` (same initial model on every leaf),
 Adam with the learning rate cosine-annealed per epoch, batches of 32, 5 local epochs per round, each leaf
 keeping its optimizer between rounds (as its ``Trainer`` does), the aggregate weighted by sample count and
-the server step taken by the server's own ``optimizer_step``. ``--check`` prints the replica's FedAvg next to
-the real simulation's results in ``results/strategies/`` (the same seeds), to show the replica is faithful.
+the server step taken by the server's own optimizer (its strategy object's ``step``). ``--check`` prints the
+replica's FedAvg next to the real simulation's results in ``results/strategies/`` (the same seeds), to show the replica is faithful.
 
 ``python -m benchmarks.head_calibration [--seeds 0 1 2] [--json out.json]``
 """
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from branchkey_integrations.server.strategies import check_strategy, optimizer_step
+from branchkey_integrations.server.strategies import check_strategy, strategy_for
 from branchkey_integrations.simulation.data import Split, load_digits_split, partition
 from branchkey_integrations.simulation.lightning_model import DigitsMLP, accuracy
 
@@ -93,8 +93,8 @@ def federate(seed: int, train: Split, strategy: str, params: dict[str, float]) -
         if strategy == "fedavg":
             global_weights = mean
         else:
-            steps = [optimizer_step(strategy, server_params, x, m_new, m, None)
-                     for x, m_new, m in zip(global_weights, mean, momenta)]
+            optimizer = strategy_for(strategy, server_params)
+            steps = [optimizer.step(x, m_new, m, None) for x, m_new, m in zip(global_weights, mean, momenta)]
             global_weights, momenta = [s[0] for s in steps], [s[1] for s in steps]
         for leaf in leaves:
             leaf.load(global_weights)

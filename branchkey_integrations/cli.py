@@ -47,7 +47,7 @@ from .server.history import latest_metrics, metric_summary
 from .server.lock import FileLock
 from .server.progress import round_progress
 from .server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
-from .server.strategies import CATALOGUE, DEFAULT_STRATEGY, check_strategy, describe, fallback_reason
+from .server.strategies import CATALOGUE, DEFAULT_STRATEGY, STRATEGIES, check_strategy, describe, strategy_for
 
 logger = logging.getLogger("branchkey_integrations.server")
 
@@ -193,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     strategy = branch_commands.add_parser(
         "strategy", help="set the branch's aggregation strategy (refused while its open round holds uploads; "
                          "the server-optimizer state starts afresh)")
-    strategy.add_argument("strategy", choices=sorted(CATALOGUE), metavar="NAME",
-                          help=f"one of {', '.join(sorted(CATALOGUE))}")
+    strategy.add_argument("strategy", choices=sorted(CATALOGUE), metavar="NAME", help=_strategies_help())
     strategy.add_argument("--strategy-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                           help="a parameter of NAME, repeatable (see 'init --help'); unset ones take their defaults")
     add_data_dir(strategy)
@@ -259,11 +258,16 @@ def add_simulate_parser(commands: Any) -> None:
 
 def add_strategy_options(parser: argparse.ArgumentParser) -> None:
     """``--strategy NAME`` and the repeatable ``--strategy-param KEY=VALUE`` (a branch's aggregation)."""
-    parser.add_argument("--strategy", choices=sorted(CATALOGUE), default=DEFAULT_STRATEGY,
-                        help="how the server aggregates each round (README: Strategies)")
+    parser.add_argument("--strategy", choices=sorted(CATALOGUE), default=DEFAULT_STRATEGY, metavar="NAME",
+                        help="how the server aggregates each round (README: Strategies): " + _strategies_help())
     parser.add_argument("--strategy-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="a parameter of --strategy, repeatable, e.g. eta=0.01; unset ones take their defaults: "
                              + " | ".join(f"{name}: {describe(name)}" for name in sorted(CATALOGUE) if CATALOGUE[name]))
+
+
+def _strategies_help() -> str:
+    """Every registered strategy with its one-line summary, from the classes."""
+    return "; ".join(f"{name}: {STRATEGIES[name].summary}" for name in sorted(STRATEGIES))
 
 
 def strategy_of(args: argparse.Namespace) -> tuple[str, dict[str, float]]:
@@ -416,7 +420,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"host    leaves connect to {args.host_url}")
     if not live:
         print(f"serve   branchkey-local serve --data-dir {data_dir}")
-    too_few = fallback_reason(branch["algorithm"], branch["strategy_params"], branch["min_leaves"] or args.leaves)
+    strategy = strategy_for(branch["algorithm"], branch["strategy_params"])
+    too_few = strategy.fallback_reason(branch["min_leaves"] or args.leaves)
     if too_few:  # every round would fall back: say it now, not only in each round's record
         print(f"branchkey-local init: warning: rounds of {branch['min_leaves'] or args.leaves} uploads will fall back "
               f"to fedavg ({too_few})", file=sys.stderr)

@@ -10,8 +10,8 @@ listed fails :func:`test_every_readme_block_is_run_here`, so the README cannot g
   prose says the reader already has (``model``, ``datamodule``, ``x_train``, ...) is made by ``SETUP``, a
   tiny model on random data, and ``CHECK`` then asserts what the block promises (rounds completed).
 - The simulation commands run as written, in a temporary directory.
-- Two blocks are run elsewhere: ``# 1.`` and ``# 2.`` by ``.ci/run`` (verbatim), and the fast lane is a
-  subset of this very suite.
+- Three blocks are run elsewhere: ``# 1.`` and ``# 2.`` by ``.ci/run`` (verbatim), the fast lane is a
+  subset of this very suite, and the contributors' strategy example runs in tests/server/test_strategy_plugin.py.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ HOW = {
     "# 1. Set up and run the main job": "elsewhere: .ci/run runs the commands of # 1. and # 2. verbatim",
     "trainer = Trainer(callbacks=[BranchKeyCallback(": "overview",
     "branchkey-local simulate --framework keras": "simulate",
+    "# A strategy in one file": "elsewhere: tests/server/test_strategy_plugin.py runs it through the real server",
     "branchkey-local init --data-dir bk-data --leaves 3 --credentials-dir credentials": "branch",
     "from lightning.pytorch import Trainer": "lightning",
     "from branchkey_integrations.keras import BranchKeyKerasCallback": "keras",

@@ -1,4 +1,4 @@
-"""Aggregation: the running FedAvg of an open round, and strategies over stored uploads.
+"""Aggregation: the running FedAvg of an open round, and combiners over stored uploads (one layer at a time).
 
 Why a running sum (:class:`RunningSum`): the server folds each accepted upload into the open
 round's float64 sum as it arrives, so what is left after the round's last upload is that upload's
@@ -11,8 +11,8 @@ subtracting the old contribution in floating point would not be exact). After a 
 sync refolds the round from its files. Writing the mean does not change the sum, so running the
 aggregation again after a failure writes the same bytes.
 
-Why streaming: a round can hold many leaves of a model of hundreds of MB. Strategies read one layer of
-every upload at a time (``LayerReader.read_layer``): memory is O(model), not O(leaves x model).
+Why streaming: a round can hold many leaves of a model of hundreds of MB. A :class:`Combiner` (the
+robust strategies', or :class:`FedAvg` over stored files) reads one layer of every upload at a time (``LayerReader.read_layer``): memory is O(model), not O(leaves x model).
 
 Why float64: summing float32 or float16 parameters of many leaves in their own precision
 loses digits; accumulating in float64 (complex128 for complex layers) and casting back to
@@ -32,7 +32,7 @@ import shutil
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Iterator, Protocol, Sequence
+from typing import Any, BinaryIO, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -82,17 +82,16 @@ class NpzLayerReader:
         self.close()
 
 
-class Strategy(abc.ABC):
-    """An aggregation strategy; add one by subclassing and registering it in :data:`STRATEGIES`."""
-
-    name: ClassVar[str]
+class Combiner(abc.ABC):
+    """Combines stored uploads one layer of every upload at a time (for :func:`aggregate_files`); a server
+    strategy (:mod:`~branchkey_integrations.server.strategy`) that reads all uploads at the end uses one."""
 
     @abc.abstractmethod
     def aggregate(self, readers: Sequence[LayerReader], specs: Sequence[LayerSpec]) -> Iterator[np.ndarray]:
         """Yield the aggregate's layers in order, each with the dtype and shape of ``specs``."""
 
 
-class FedAvg(Strategy):
+class FedAvg(Combiner):
     """Weighted federated averaging: ``sum_k w_k x_k / sum_k w_k``, layer by layer.
 
     The weights are normalised before multiplying (``w_k / sum w``), which is the same mean
@@ -108,8 +107,6 @@ class FedAvg(Strategy):
         >>> layer.tolist(), layer.dtype.name
         ([3.0, 5.0], 'float32')
     """
-
-    name = "fedavg"
 
     def aggregate(self, readers: Sequence[LayerReader], specs: Sequence[LayerSpec]) -> Iterator[np.ndarray]:
         if not readers:
@@ -140,16 +137,6 @@ def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind in "biu":
         values = np.rint(values.real)
     return values.astype(dtype)
-
-
-STRATEGIES: dict[str, Strategy] = {FedAvg.name: FedAvg()}
-
-
-def get_strategy(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise AggregationError(f"Unknown aggregation algorithm {name!r}; expected one of {sorted(STRATEGIES)}.") from None
 
 
 #: bytes of an upload read per fold step
@@ -485,22 +472,22 @@ def aggregate_files(
     uploads: Sequence[tuple[str | os.PathLike, float]],
     specs: Sequence[LayerSpec],
     destination: str | os.PathLike,
-    strategy: Strategy | str = "fedavg",
+    combiner: Combiner | None = None,
 ) -> tuple[int, str]:
     """Aggregate upload archives ``(path, weighting)`` into an uncompressed archive at ``destination``;
     return its size and hex SHA-256, computed while writing (the store records both).
 
     The result holds ``layer_0..n-1`` only (no weighting). Each layer is checked finite and
     written as soon as it is done, so memory holds one layer of the result, not all of them;
-    on an error ``destination`` is left incomplete, for the caller to delete.
+    on an error ``destination`` is left incomplete, for the caller to delete. ``combiner``: FedAvg unless given.
     """
-    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    combiner = combiner or FedAvg()
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(NpzLayerReader(path, weighting)) for path, weighting in uploads]
         handle = stack.enter_context(open(destination, "w+b"))
         hashing = _FileHasher(handle, stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sha256")))
         writer = wire.ArchiveWriter(handle)
-        for index, layer in enumerate(strategy.aggregate(readers, specs)):
+        for index, layer in enumerate(combiner.aggregate(readers, specs)):
             try:
                 wire.check_finite([layer], [wire.layer_key(index)])
             except ArchiveError as exc:
@@ -515,6 +502,5 @@ def aggregate_files(
 
 
 __all__ = [
-    "LayerReader", "NpzLayerReader", "Strategy", "FedAvg", "STRATEGIES",
-    "get_strategy", "aggregate_files", "cast_like", "RunningSum", "FOLD_PIECE_BYTES", "file_sha256",
+    "LayerReader", "NpzLayerReader", "Combiner", "FedAvg", "aggregate_files", "cast_like", "RunningSum", "FOLD_PIECE_BYTES", "file_sha256",
 ]

@@ -46,7 +46,7 @@ from ..core.protocol import (
 from .events import KINDS
 from .state import MAX_METRICS_BYTES, MAX_METRICS_PAGE, MAX_METRICS_PER_ROUND, METRICS_PAGE
 from .store import MAX_MODEL_BYTES
-from .strategies import CATALOGUE, DEFAULT_STRATEGY, Param
+from .strategies import CATALOGUE, DEFAULT_STRATEGY, STRATEGIES, Param
 
 Schema = dict[str, Any]
 
@@ -56,7 +56,6 @@ _STR: Schema = {"type": "string"}
 _INT: Schema = {"type": "integer", "minimum": 0}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _NAME: Schema = {"type": "string", "pattern": r"\S", "description": "not blank"}
-_STRATEGY: Schema = {"enum": sorted(CATALOGUE), "description": "the branch's aggregation (README: Strategies)"}
 _PARAMS: Schema = {"type": "object", "additionalProperties": {"type": "number"},
                    "description": "the strategy's parameters; those not given take their defaults"}
 
@@ -126,62 +125,66 @@ def _param_range(param: Param) -> Schema:
 _MODEL_BYTES = _null({"type": "integer", "minimum": 1, "maximum": MAX_MODEL_BYTES,
                       "description": "bytes an upload may inflate to; null: learned from the branch's first aggregate"})
 
-SCHEMAS: dict[str, Schema] = {
-    "Error": _obj({"error": _STR}),
-    "RunDetails": _obj({"run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
-    "UploadAccepted": _obj({"file_id": _STR, "run_number": _INT, "round_index": _INT}),
-    "LatestAggregate": _obj({"aggregation_id": _STR, "run_number": _INT, "round_index": _INT}, {
-        "strategy": _null(_STRATEGY),
-        "strategy_note": _null({**_STR, "description": "why not the branch's strategy, or its state lost"})}),
-    "Refusal": _obj({"leaf": _STR, "reason": _STR, "at": _TIME}),
-    "RoundProgress": _obj({
-        "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "round_index": _null(_INT),
-        "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
-        "refused": {"type": "array", "items": _ref("Refusal")}, "opened_at": _null(_TIME),
-        "deadline_at": _null(_TIME), "latest_aggregate": _null(_ref("LatestAggregate")),
-        "strategy": _STRATEGY, "strategy_params": _PARAMS,
-    }),
-    "DownloadUrl": _obj({"download_url": {"type": "string", "format": "uri"}}),
-    "MetricsRequest": _obj(
-        {"mode": {"enum": list(METRIC_MODES)}, "leaf_id": _STR, "branch_id": _STR, "tree_id": _STR,
-         "data": {"description": "the metrics as JSON text (or a JSON object or array)",
-                  "anyOf": [{**_STR, "contentMediaType": "application/json"}, {"type": "object"}, {"type": "array"}]}},
-        {"aggregation_id": _null(_STR)},
-    ),
-    "Created": _obj({"id": _STR}),
-    "BranchConfig": _obj({
-        "branch": _obj({"id": _STR, "name": _STR, "tree_id": _STR}),
-        "service": _obj({"algorithm": _STRATEGY, "config": {**_obj({
-            "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})}),
-            "description": "min_leaves, round_deadline_s and the strategy's parameters (eta, beta_1, ...)"}}),
-        "model_config": {"type": "object"}, "created_at": _TIME, "updated_at": _TIME,
-    }),
-    "Ticket": _obj({"ticket_id": _STR, "request_id": _STR, "expires_at": _TIME}),
-    "Tree": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "created_at": _TIME}),
-    "Branch": _obj({
-        "id": _STR, "tree_id": _STR, "name": _STR, "min_leaves": _null(_INT),
-        "round_deadline_s": _null({"type": "number"}), "algorithm": _STRATEGY, "strategy_params": _PARAMS,
-        "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "created_at": _TIME, "updated_at": _TIME,
-        "max_model_bytes": _null(_INT),
-    }),
-    "Leaf": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "tree_id": _STR, "branch_id": _STR}),
-    "LeafCredentials": _obj({"id": _STR, "name": _STR, "session_token": _STR, "owner_id": _STR, "tree_id": _STR,
-                             "branch_id": _STR}),
-    "TreeRequest": _obj({}, {"name": _NAME, "owner_id": _null(_NAME)}),
-    "BranchRequest": _one_strategy(_obj({}, {
-        "name": _NAME,
-        "min_leaves": _null({"type": "integer", "minimum": 1, "maximum": 1_000_000, "description": "null: every leaf"}),
-        "round_deadline_s": _null({"type": "number", "exclusiveMinimum": 0, "description": "null: no deadline"}),
-        "strategy": _STRATEGY, "strategy_params": _null(_PARAMS), "max_model_bytes": _MODEL_BYTES,
-    }), default=DEFAULT_STRATEGY),
-    "StrategyRequest": _one_strategy(_obj({"strategy": _STRATEGY}, {"strategy_params": _null(_PARAMS)})),
-    "MaxModelBytesRequest": _obj({"max_model_bytes": _MODEL_BYTES}),
-    "LeavesRequest": _obj({}, {"count": {"type": "integer", "minimum": 1, "maximum": 10000},
-                               "name_prefix": _NAME}),
-    "RunRequest": _obj({"run_status": {"enum": list(RUN_STATUSES)}}),
-    "RunState": _obj({"branch_id": _STR, "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
-    "DroppedUploads": _obj({"run_number": _INT, "round_index": _INT, "dropped": {"type": "array", "items": _STR}}),
-}
+
+def schemas() -> dict[str, Schema]:
+    """The document's schemas; the strategies' names and parameters are those registered now."""
+    strategy: Schema = {"enum": sorted(CATALOGUE), "description": "the branch's aggregation (README: Strategies)"}
+    return {
+        "Error": _obj({"error": _STR}),
+        "RunDetails": _obj({"run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
+        "UploadAccepted": _obj({"file_id": _STR, "run_number": _INT, "round_index": _INT}),
+        "LatestAggregate": _obj({"aggregation_id": _STR, "run_number": _INT, "round_index": _INT}, {
+            "strategy": _null(strategy),
+            "strategy_note": _null({**_STR, "description": "why not the branch's strategy, or its state lost"})}),
+        "Refusal": _obj({"leaf": _STR, "reason": _STR, "at": _TIME}),
+        "RoundProgress": _obj({
+            "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "round_index": _null(_INT),
+            "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
+            "refused": {"type": "array", "items": _ref("Refusal")}, "opened_at": _null(_TIME),
+            "deadline_at": _null(_TIME), "latest_aggregate": _null(_ref("LatestAggregate")),
+            "strategy": strategy, "strategy_params": _PARAMS,
+        }),
+        "DownloadUrl": _obj({"download_url": {"type": "string", "format": "uri"}}),
+        "MetricsRequest": _obj(
+            {"mode": {"enum": list(METRIC_MODES)}, "leaf_id": _STR, "branch_id": _STR, "tree_id": _STR,
+             "data": {"description": "the metrics as JSON text (or a JSON object or array)",
+                      "anyOf": [{**_STR, "contentMediaType": "application/json"}, {"type": "object"}, {"type": "array"}]}},
+            {"aggregation_id": _null(_STR)},
+        ),
+        "Created": _obj({"id": _STR}),
+        "BranchConfig": _obj({
+            "branch": _obj({"id": _STR, "name": _STR, "tree_id": _STR}),
+            "service": _obj({"algorithm": strategy, "config": {**_obj({
+                "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})}),
+                "description": "min_leaves, round_deadline_s and the strategy's parameters (eta, beta_1, ...)"}}),
+            "model_config": {"type": "object"}, "created_at": _TIME, "updated_at": _TIME,
+        }),
+        "Ticket": _obj({"ticket_id": _STR, "request_id": _STR, "expires_at": _TIME}),
+        "Tree": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "created_at": _TIME}),
+        "Branch": _obj({
+            "id": _STR, "tree_id": _STR, "name": _STR, "min_leaves": _null(_INT),
+            "round_deadline_s": _null({"type": "number"}), "algorithm": strategy, "strategy_params": _PARAMS,
+            "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "created_at": _TIME, "updated_at": _TIME,
+            "max_model_bytes": _null(_INT),
+        }),
+        "Leaf": _obj({"id": _STR, "name": _STR, "owner_id": _STR, "tree_id": _STR, "branch_id": _STR}),
+        "LeafCredentials": _obj({"id": _STR, "name": _STR, "session_token": _STR, "owner_id": _STR, "tree_id": _STR,
+                                 "branch_id": _STR}),
+        "TreeRequest": _obj({}, {"name": _NAME, "owner_id": _null(_NAME)}),
+        "BranchRequest": _one_strategy(_obj({}, {
+            "name": _NAME,
+            "min_leaves": _null({"type": "integer", "minimum": 1, "maximum": 1_000_000, "description": "null: every leaf"}),
+            "round_deadline_s": _null({"type": "number", "exclusiveMinimum": 0, "description": "null: no deadline"}),
+            "strategy": strategy, "strategy_params": _null(_PARAMS), "max_model_bytes": _MODEL_BYTES,
+        }), default=DEFAULT_STRATEGY),
+        "StrategyRequest": _one_strategy(_obj({"strategy": strategy}, {"strategy_params": _null(_PARAMS)})),
+        "MaxModelBytesRequest": _obj({"max_model_bytes": _MODEL_BYTES}),
+        "LeavesRequest": _obj({}, {"count": {"type": "integer", "minimum": 1, "maximum": 10000},
+                                   "name_prefix": _NAME}),
+        "RunRequest": _obj({"run_status": {"enum": list(RUN_STATUSES)}}),
+        "RunState": _obj({"branch_id": _STR, "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
+        "DroppedUploads": _obj({"run_number": _INT, "round_index": _INT, "dropped": {"type": "array", "items": _STR}}),
+    }
 
 
 def _list_of(key: str, item: Schema) -> Schema:
@@ -384,8 +387,13 @@ def _dashboard_paths() -> dict[str, dict[str, Schema]]:
     }
 
 
-@functools.lru_cache(maxsize=1)
 def _document() -> Schema:
+    return _document_of(tuple(STRATEGIES.items()))
+
+
+@functools.lru_cache(maxsize=4)
+def _document_of(strategies: tuple[tuple[str, type], ...]) -> Schema:
+    """The document for these registered strategies (built once per catalogue)."""
     responses = {f"E{code}": {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
                  for code, text in {**_ERRORS, 502: "RabbitMQ refused the change"}.items()}
     return {
@@ -397,7 +405,7 @@ def _document() -> Schema:
         },
         "paths": {**_leaf_paths(), **_admin_paths(), **_dashboard_paths()},
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": schemas(),
             "responses": responses,
             "securitySchemes": {
                 "leafBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "{leaf_id}:{session_token}"},
@@ -422,4 +430,4 @@ def add_openapi_route(app: web.Application) -> None:
     app.router.add_get(OPENAPI_PATH, serve_openapi)
 
 
-__all__ = ["openapi_document", "serve_openapi", "add_openapi_route", "SCHEMAS"]
+__all__ = ["openapi_document", "serve_openapi", "add_openapi_route", "schemas"]

@@ -4,15 +4,17 @@ An upload that passed :mod:`~branchkey_integrations.server.uploads` is checked (
 weighting) and its memory map released *before* it waits for its branch's ``asyncio.Lock``; under
 the lock it is checked against the round's layer layout (:meth:`Store.expected_layout`: from the
 second round of a run the previous aggregate's; in the first round the other leaves'; a leaf
-whose upload is the only one may replace it with another) and committed to the store. It is then
-folded into the round's running FedAvg (:class:`~branchkey_integrations.server.aggregation.RunningSum`)
-outside the branch lock, one fold at a time per branch, and the caller answers 201 once it is (so a
-round's last answer leaves only the mean to write); a round's first fold also has the aggregate's
-file written ahead (:meth:`RunningSum.prepare`). When the open round holds ``min_leaves`` uploads
-(default: every leaf), or its round deadline passes with at least one upload, the running sum is
-brought up to the committed uploads and written as the aggregate (O(model) however many leaves),
-the next round opens, every leaf of the branch is notified, and retention removes the round's
-uploads (``keep_uploads``) and aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is
+whose upload is the only one may replace it with another) and committed to the store. Where the
+branch's strategy folds (``Strategy.folds``: FedAvg and the server optimizers) it is then folded into
+the round's running FedAvg (:class:`~branchkey_integrations.server.aggregation.RunningSum`) outside the
+branch lock, one fold at a time per branch, and the caller answers 201 once it is (so a round's last
+answer leaves only the mean to write); a round's first fold also has the aggregate's file written ahead
+(:meth:`RunningSum.prepare`). A strategy that folds nothing (the robust ones) is answered once the
+upload is committed. When the open round holds ``min_leaves`` uploads (default: every leaf), or its
+round deadline passes with at least one upload, the strategy combines it (``Strategy.combine``; the
+running sum's mean first where it uses it: O(model) however many leaves), the next round opens,
+every leaf of the branch is notified, and retention removes the round's uploads (``keep_uploads``)
+and aggregates beyond the latest ``keep_rounds``. A FedAvg aggregate is
 fsynced after the leaves are told, not before (it can be made again from the round's uploads, which
 retention keeps until then; :meth:`Rounds.recover` checks and remakes it after a crash). An operator may drop one leaf's upload or reset the
 open round (:meth:`Rounds.drop_uploads`); the leaves concerned see why in the round's progress
@@ -52,14 +54,13 @@ from ..core.errors import (
     RunNotStartedError,
 )
 from ..core.protocol import START, STOP, aggregation_message, run_status_message
-from .aggregation import RunningSum, aggregate_files
+from .aggregation import RunningSum
 from .notify import Notifier
 from .progress import round_progress
-from .records import Branch, Leaf, UploadInput
+from .records import Branch, Leaf, Round, UploadInput
 from .recovery import remake_lost_aggregate
 from .store import Store
-from .optimizer_step import optimizer_step
-from .strategies import OPTIMIZERS, ROBUST, fallback_reason, robust_strategy
+from .strategies import STRATEGIES, RoundInputs, strategy_for
 from .workers import Workers
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,11 @@ class Rounds:
                     current.run_number, current.round_index)
         if replaced:
             self.workers.spawn(blocking(self.store.remove_files, replaced))
-        return AcceptedUpload(file_id, current.run_number, current.round_index, self._fold_soon(branch.id))
+        folded = self._fold_soon(branch.id)  # a strategy that folds nothing: the pass only checks the round
+        if not folds(branch):  # counted once committed
+            folded = asyncio.get_running_loop().create_future()
+            folded.set_result(None)
+        return AcceptedUpload(file_id, current.run_number, current.round_index, folded)
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
         """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress.
@@ -213,11 +218,11 @@ class Rounds:
     async def aggregate_if_ready(self, branch_id: str, *, deadline: bool = False) -> str | None:
         """Aggregate the branch's open round if it is complete (or past its deadline); returns the id.
 
-        With the branch's strategy (:mod:`~branchkey_integrations.server.strategies`): ``fedavg`` and the
-        server optimizers start from the running sum's mean (an optimizer then steps from the run's
-        previous aggregate, its state committed with the aggregate); ``median`` and ``trimmed-mean`` read
-        the stored uploads layer by layer. A strategy that cannot run on the round's uploads aggregates
-        with FedAvg, logs a warning and records why in the round (``strategy_note``).
+        The branch's strategy (:mod:`~branchkey_integrations.server.strategy`) combines the round: this method
+        first brings the running sum up to the committed uploads and writes their weighted mean where the
+        aggregate goes when the strategy uses it (a folding strategy, or one that falls back to FedAvg for
+        this round), then hands the round to :meth:`Strategy.combine` in a worker thread and commits what it
+        made, with its state and note.
         """
         blocking = self.workers.blocking
         async with self.lock(branch_id):
@@ -229,33 +234,23 @@ class Rounds:
             temps = [temp]
             specs = uploads[0].specs
             try:
-                name, params = branch.algorithm, branch.params
-                note = fallback_reason(name, params, len(uploads))
-                if note is not None:
-                    logger.warning("branch %s run %d round %d: %s", branch_id, run_number, round_index, note)
-                if name in ROBUST and note is None:  # unweighted, layer by layer from the stored uploads
-                    size, digest = await blocking(aggregate_files, [(u.path, u.weighting) for u in uploads], specs,
-                                                  temp, robust_strategy(name, params))
-                    applied, state = name, None
-                else:  # the running sum: what is left is O(model); a server optimizer steps from its mean
+                strategy = strategy_for(branch.algorithm, branch.params)
+                mean = None
+                if strategy.uses_mean(len(uploads)):  # the running sum: what is left is O(model)
                     async with self._fold_locks[branch_id]:
                         running = self._running_sum(branch_id, run_number, round_index)
                         await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads],
                                        specs)
                         self._answer_waiting(branch_id)  # uploads committed during the last fold pass: folded now
-                        size, digest = await blocking(running.write, temp, durable=False)
-                    applied, state = "fedavg", None
-                    if name in OPTIMIZERS:
-                        applied, note, state, stepped = await blocking(
-                            optimizer_step, self.store, branch, run_number, round_index, specs, temp, temps)
-                        if stepped is not None:
-                            size, digest = stepped
-                durable = len(temps) > 1 or applied != "fedavg"  # a FedAvg mean can be made again: fsynced later
+                        mean = await blocking(running.write, temp, durable=False)
+                made = await blocking(strategy.combine, RoundInputs(branch_id, run_number, round_index, uploads, specs,
+                                                                    temp, mean, self.store, temps))
+                durable = not made.remakeable  # a FedAvg mean can be made again: fsynced later
                 await self._settle(branch_id)  # at most one aggregate per branch waits for its fsync
                 aggregate_id = await blocking(
-                    self.store.commit_aggregate, temps[-1], branch_id=branch_id, run_number=run_number,
-                    round_index=round_index, specs=specs, size=size, sha256=digest, strategy=applied,
-                    strategy_note=note, state=state, durable=durable,
+                    self.store.commit_aggregate, made.path, branch_id=branch_id, run_number=run_number,
+                    round_index=round_index, specs=specs, size=made.size, sha256=made.sha256, strategy=made.strategy,
+                    strategy_note=made.note, state=made.state, durable=durable,
                 )
             except Exception as exc:  # a full disk, a damaged upload, a bug: the round stays open and says why
                 problem = exc if isinstance(exc, (AggregationError, LocalServerError, OSError, sqlite3.Error)) else repr(exc)
@@ -353,7 +348,7 @@ class Rounds:
         async def prepare() -> None:
             try:
                 now = await self.workers.blocking(round_progress, self.store, branch_id)
-                if now.round_index is not None and now.strategy not in ROBUST:  # those write their aggregate themselves
+                if now.round_index is not None:
                     await self.workers.blocking(running.prepare, path, max(now.required - len(now.uploaded), 0))
             except Exception as exc:  # a full disk, say; only time is lost: the aggregate is written when due
                 logger.warning("writing the next aggregate of branch %s ahead failed (%r); it is written when its "
@@ -398,11 +393,10 @@ class Rounds:
         """
         blocking = self.workers.blocking
         async with self._fold_locks[branch_id]:
-            current = await blocking(self.store.open_round, branch_id)
+            current, uploads = await blocking(self._fold_inputs, branch_id)
             if current is None:
                 self._sums.pop(branch_id, None)
                 return
-            uploads = await blocking(self.store.round_uploads, branch_id, current.run_number, current.round_index)
             running = self._running_sum(branch_id, current.run_number, current.round_index)
             try:
                 await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads],
@@ -413,6 +407,15 @@ class Rounds:
             except Exception as exc:  # never the end of the fold task: the aggregation syncs, and retries, itself
                 logger.error("folding branch %s run %d round %d failed (%r); its aggregation folds it again",
                              branch_id, current.run_number, current.round_index, exc)
+
+    def _fold_inputs(self, branch_id: str) -> tuple[Round | None, list[UploadInput]]:
+        """The open round and its committed uploads, or (None, []) with no open round or a strategy that folds
+        nothing. Runs in a worker thread."""
+        branch = self.store.get_branch(branch_id)
+        current = self.store.open_round(branch_id) if branch is not None else None
+        if branch is None or current is None or not folds(branch):
+            return None, []
+        return current, self.store.round_uploads(branch_id, current.run_number, current.round_index)
 
     async def _sync_aggregate(self, file_id: str) -> bool:
         """fsync an aggregate committed before its fsync; False (logged) when the disk refused."""
@@ -532,6 +535,13 @@ class Rounds:
                     await self.aggregate_if_ready(branch_id, deadline=True)
             except Exception:  # the loop must outlive one bad round
                 logger.exception("round deadline check failed")
+
+
+def folds(branch: Branch) -> bool:
+    """Whether the branch's strategy folds each upload on arrival (``Strategy.folds``). An unknown name
+    (a store written by another version) folds: its aggregation says why it cannot run, and retries."""
+    strategy = STRATEGIES.get(branch.algorithm)
+    return strategy is None or strategy.folds
 
 
 def _resolve(waiting: asyncio.Future[None] | None) -> None:
