@@ -514,9 +514,10 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
         url = f"http://{_client_host(args.host)}:{runner.addresses[0][1]}"
         if not await _recovered(app, stop, url):
             return
-        write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         logger.info("branchkey-local serving %s on %s", data_dir, url)
         announce_dashboard(app, (args.public_url or url).rstrip("/"), args.host, data_dir)
+        # last: whoever finds server.json finds the start-up lines written before it
+        write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
         await stop.wait()
         logger.info("shutting down")
     finally:
