@@ -79,7 +79,7 @@ class FileRecords(StoreDatabase):
             logger.info("removed %d stray file(s) left by an interrupted write", removed)
         return removed
 
-    # -- retention and operator actions -------------------------------------------------
+    # -- retention ------------------------------------------------------------------------
 
     def prune(self, branch_id: str, *, keep_uploads: bool, keep_rounds: int) -> list[Path]:
         """Mark removed what retention drops; return those files for the caller to unlink after the commit.
