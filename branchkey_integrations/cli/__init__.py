@@ -40,6 +40,7 @@ from .failures import EXIT_FAILURE, CliError
 from .parser import DATA_DIR_ENV, build_parser
 from .serving import announce_dashboard
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (argparse exits with 2 itself on a usage error)."""
     args = build_parser().parse_args(argv)
