@@ -1,6 +1,6 @@
 """The store's model files: the ``files`` table and ``files/`` directory (uploads and aggregates, immutable
 once written), installing a file in the write order of :mod:`.store_db`, retention, start-up cleanup
-and disk use."""
+and disk use; the last two cover the whole data directory, ``state/`` (:mod:`.store_optimizer`) included."""
 
 from __future__ import annotations
 
