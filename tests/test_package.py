@@ -42,7 +42,7 @@ def test_every_error_class_has_one_home():
                for path in package.rglob("*.py")}
     elsewhere = {path: names for path, names in defined.items() if names and path != "core/errors.py"}
     # two boundary signals that never leave their module: an HTTP answer and a CLI exit
-    assert elsewhere == {"server/httpio.py": ["HttpProblem"], "cli.py": ["CliError"]}
+    assert elsewhere == {"server/httpio.py": ["HttpProblem"], "cli/failures.py": ["CliError"]}
 
 
 def test_every_error_survives_pickling_with_its_details():

@@ -1,6 +1,6 @@
 """How branchkey-local's bytes reach the disk: fsync by path, atomic private files, early writeback.
 
-The store's crash guarantees (see :mod:`branchkey_integrations.server.store`) rest on these three
+The store's crash guarantees (see :mod:`branchkey_integrations.server.store_db`) rest on these three
 calls, and the upload receiver (:mod:`branchkey_integrations.server.uploads`) and the CLI use them
 too, so they live in one small module that imports nothing of the server.
 """

@@ -217,3 +217,23 @@ def test_commit_aggregate_leaves_no_file_when_a_state_file_cannot_be_installed(s
     assert sorted(p.name for p in store.files_dir.iterdir()) == before
     assert list(store.state_dir.iterdir()) == []
     assert store.open_round(branch.id).round_index == 0
+
+
+def test_each_table_and_each_method_belongs_to_one_record_family(store: Store) -> None:
+    """Store composes the record families (store_*.py): every table of the database is created by exactly one
+    of them, and no two define a method of the same name (Store would silently use the first one's)."""
+    import re
+
+    from branchkey_integrations.server.store_db import StoreDatabase
+
+    declared = [name for tables in Store.TABLES for name in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", tables.schema)]
+    present = {row[0] for row in store._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert sorted(declared) == sorted(set(declared)) and present - {"sqlite_sequence"} == {*declared, "kv"}
+    owner: dict[str, str] = {}
+    for family in Store.__mro__[1:Store.__mro__.index(StoreDatabase)]:
+        for name in vars(family):
+            if not name.startswith("__"):
+                assert name not in owner, f"{family.__name__} and {owner[name]} both define {name}"
+                owner[name] = family.__name__
+    assert {"create_branch", "commit_upload", "prune", "optimizer_state", "record_refusal", "add_outbox",
+            "add_metric"} <= owner.keys()

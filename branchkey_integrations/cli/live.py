@@ -1,0 +1,84 @@
+"""Acting on a data directory: through the live server that serves it (found by its ``server.json`` and
+admin token, called on the admin API), else directly in its store; and which branch a command means."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+from ..core.protocol import ADMIN_PREFIX
+from ..server.store import ADMIN_TOKEN_FILE, DB_NAME, Branch, Store
+from .failures import CliError
+
+SERVER_FILE = "server.json"
+
+
+def live_server(data_dir: Path) -> tuple[str, str] | None:
+    """(url, admin token) of the server that serves ``data_dir``, if one answers."""
+    try:
+        info = json.loads((data_dir / SERVER_FILE).read_text(encoding="utf-8"))
+        token = (data_dir / ADMIN_TOKEN_FILE).read_text(encoding="utf-8").strip()
+        if sys.platform != "win32":  # on Windows signal 0 is CTRL_C_EVENT: the HTTP answer below must do
+            os.kill(int(info["pid"]), 0)
+        answer = requests.get(info["url"] + ADMIN_PREFIX + "/branches", headers=_admin_headers(token), timeout=3)
+    except (OSError, ValueError, KeyError, TypeError, requests.RequestException):
+        return None
+    return (info["url"], token) if answer.status_code == 200 else None
+
+
+def _admin_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "accept": "application/json"}
+
+
+def admin_call(live: tuple[str, str], method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    url, token = live
+    try:
+        answer = requests.request(method, url + path, json=body, headers=_admin_headers(token), timeout=30)
+    except requests.RequestException as exc:
+        raise CliError(f"the server at {url} did not answer {method} {path}: {exc}") from exc
+    try:
+        payload = answer.json() if answer.content else {}
+    except ValueError:  # not JSON (a proxy's or aiohttp's own error page): its text says what happened
+        payload = {}
+    if answer.status_code >= 300 or not isinstance(payload, dict) or "data" not in payload:
+        detail = payload.get("error", answer.text) if isinstance(payload, dict) else answer.text
+        raise CliError(f"{method} {path} failed with HTTP {answer.status_code}: {detail}")
+    return payload["data"]
+
+
+def open_existing_store(data_dir: Path) -> Store:
+    if not (data_dir / DB_NAME).exists():
+        raise CliError(f"{data_dir} holds no branchkey-local store; create one with 'branchkey-local init'.")
+    return Store(data_dir)
+
+
+def resolve_branch(store: Store, branch_id: str | None) -> Branch:
+    if branch_id:
+        return store.require_branch(branch_id)
+    branches = store.list_branches()
+    if len(branches) != 1:
+        listed = ", ".join(f"{b.id} ({b.name})" for b in branches) or "none"
+        raise CliError(f"the store holds {len(branches)} branches ({listed}); pass --branch-id.")
+    return branches[0]
+
+
+def change_branch(args: argparse.Namespace, in_store: Callable[[Store, Branch], tuple[dict[str, Any], str]],
+                  through_live: Callable[[tuple[str, str], Branch], tuple[dict[str, Any], str]]
+                  ) -> tuple[Branch, dict[str, Any], str]:
+    """Resolve ``--branch-id``, then change the branch through the live server when one runs (so its
+    state and the leaves follow), else directly in the store. Returns (branch, result, how)."""
+    data_dir = Path(args.data_dir)
+    store = open_existing_store(data_dir)
+    try:
+        branch = resolve_branch(store, args.branch_id)
+        live = live_server(data_dir)
+        result, how = in_store(store, branch) if live is None else through_live(live, branch)
+    finally:
+        store.close()
+    return branch, result, how
