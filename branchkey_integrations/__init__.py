@@ -7,7 +7,7 @@ imported only when used.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 from .core import *  # noqa: F403,E402 - the core's public names are the package's
 from .core.errors import *  # noqa: F403,E402 - again, for type checkers: they do not follow core's computed __all__

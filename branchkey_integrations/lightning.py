@@ -120,7 +120,10 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here (named tensors).
         transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
         log_every_s: while waiting, report progress at least this often.
-        client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
+        client_options: further keyword arguments for :class:`~branchkey_integrations.Client`
+            (``request_timeout``: seconds for each HTTP request, ...).
+        check_every_s: while waiting, ask the platform for the round's progress this often.
+        connect_timeout: seconds to wait for the notification channel when training begins.
         proximal_mu: FedProx's ``mu`` (Li et al. 2020), a number >= 0; 0 (the default) turns it off. Local
             training then minimises ``loss(w) + mu/2 * ||w - w_g||^2``, where ``w_g`` is the last global
             model: the trainable parameters as they stand when ``fit`` starts (after a checkpoint is restored),

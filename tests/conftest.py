@@ -301,13 +301,13 @@ def uploads(monkeypatch):
     from branchkey_integrations import Client
 
     seen: list = []
-    original = Client._upload_arrays  # the one path both upload_weights and Federation take
+    original = Client.upload_arrays  # the one path both upload_weights and Federation take
 
     def spy(self, weighting, parameters, **kwargs):
         seen.append((weighting, [np.array(p, copy=True) for p in parameters]))
         return original(self, weighting, parameters, **kwargs)
 
-    monkeypatch.setattr(Client, "_upload_arrays", spy)
+    monkeypatch.setattr(Client, "upload_arrays", spy)
     return seen
 
 

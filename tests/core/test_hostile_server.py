@@ -188,7 +188,7 @@ UPLOAD_OK = {"/api/v1/file/upload": json_route({"data": {"file_id": "up-1", "run
 
 
 def client_for(server: Hostile, **kwargs: object) -> Client:
-    return Client(CREDS, host=server.url, transport="none", backoff_factor=0, max_retries=0, timeout=5, **kwargs)
+    return Client(CREDS, host=server.url, transport="none", backoff_factor=0, max_retries=0, request_timeout=5, **kwargs)
 
 
 def zip_bomb(inflated: int) -> bytes:
