@@ -7,7 +7,6 @@ Also owns the ``slow`` marker's rule (one place, so test modules need no marker 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -22,8 +21,10 @@ from typing import Iterator
 import pytest
 import requests
 
+# written once, for the benchmarks and the tests: the official client's venv, the CLI's init, polling
+from benchmarks.harness import AMQP_URL, build_official_python, init_branch, wait_until  # noqa: F401 - re-exported
+
 REPO = Path(__file__).resolve().parent.parent
-AMQP_URL = os.environ.get("BRANCHKEY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MANAGEMENT_URL = os.environ.get("BRANCHKEY_TEST_AMQP_MANAGEMENT_URL", "http://127.0.0.1:15672")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -73,18 +74,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if not item.get_closest_marker("slow") and slow_reason(item):
             item.add_marker(pytest.mark.slow)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -179,15 +168,6 @@ class LocalServer(AdminCalls):
         return (self.data_dir / "admin_token").read_text().strip()
 
 
-def init_branch(data_dir: Path, leaves: int, *extra: str, creds_dir: Path | None = None) -> list[Path]:
-    """``branchkey-local init``: a new tree and branch, one credentials file per leaf."""
-    creds_dir = creds_dir or data_dir.parent / f"{data_dir.name}-credentials"
-    cli("init", "--data-dir", str(data_dir), "--leaves", str(leaves), "--credentials-dir", str(creds_dir), *extra)
-    files = sorted(creds_dir.glob("*.json"))
-    assert len(files) == leaves, files
-    return files
-
-
 @pytest.fixture
 def server_factory(tmp_path) -> Iterator:
     """Make branchkey-local servers; every one is stopped at the end of the test."""
@@ -255,28 +235,6 @@ def rabbitmq() -> str:
             pytest.fail(f"{problem}; CI needs a broker (.ci/setup starts one).")
         pytest.skip(f"{problem}; run .ci/setup to start one")
     return AMQP_URL
-
-
-OFFICIAL_VERSIONS = ("2.7.1", "3.0.1")
-
-
-def build_official_python(version: str) -> Path:
-    """Path to a Python that has ``branchkey==<version>`` from PyPI, in a venv of its own under
-    .official-venvs (2.7.1 pins numpy 1.26.4, which cannot live beside ours). Built once under a file
-    lock, so test workers and benchmarks share it; a venv without its ``ok`` marker is rebuilt."""
-    assert version in OFFICIAL_VERSIONS
-    root = REPO / ".official-venvs"
-    root.mkdir(exist_ok=True)
-    venv = root / f"branchkey-{version}"
-    python = venv / "bin" / "python"
-    with open(root / f"{version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (venv / "ok").exists():
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", f"branchkey=={version}"],
-                           check=True, timeout=600)
-            (venv / "ok").write_text(version)
-    return python
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ class Client:
         host: str = ClientOptions.host,
         rbmq_host: str | None = ClientOptions.rbmq_host,
         rbmq_port: int = ClientOptions.rbmq_port,
-        ssl: bool | str = ClientOptions.ssl,
+        ssl: bool = ClientOptions.ssl,
         wait_for_run: bool = ClientOptions.wait_for_run,
         run_check_interval_s: float = ClientOptions.run_check_interval_s,
         proxies: dict[str, str] | None = ClientOptions.proxies,
@@ -360,7 +360,7 @@ class Client:
         run, index = answer.get("run_number"), answer.get("round_index")
         tagged = isinstance(run, int) and isinstance(index, int) and min(run, index) >= 0
         self._downloads.record_upload(size)  # the aggregate is sized after it
-        self.last_upload = UploadReceipt(file_id, run if tagged else None, index if tagged else None, size, mark)
+        self.last_upload = UploadReceipt(str(file_id), run if tagged else None, index if tagged else None, size, mark)
         self._upload_mark, self._upload_round = mark, self.last_upload.round
         logger.info("Uploaded %s (%.2f MB) as %s", filename, size / 1e6, file_id)
         return self.last_upload

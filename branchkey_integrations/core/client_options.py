@@ -191,7 +191,7 @@ class ClientOptions:
     host: str = DEFAULT_HOST
     rbmq_host: str | None = None
     rbmq_port: int = 5672
-    ssl: bool | str = True
+    ssl: bool = True  # or the path of a CA bundle, which requests takes too
     wait_for_run: bool = False
     run_check_interval_s: float = 30.0
     proxies: dict[str, str] | None = None

@@ -60,6 +60,10 @@ _REFRESH_S = 5.0  # how often a paused round re-reads the run status over REST, 
 _CONFLICT_BACKOFF = (0.1, 2.0, 2.0)  # initial, factor, maximum seconds between retries of an upload refused with 409
 
 
+def _split(target: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    return (None, None) if target is None else target
+
+
 class Federation:
     """A leaf's side of federated rounds, independent of any deep-learning framework.
 
@@ -284,14 +288,14 @@ class Federation:
                 aggregation_id = self._wait_for_aggregate(number, deadline, mark, target, notes)
                 wait_s = time.monotonic() - started
                 if aggregation_id is None:
-                    return RoundResult(None, None, wait_s, upload_mb, self.round, *(target or (None, None)), skipped="timeout")
+                    return RoundResult(None, None, wait_s, upload_mb, self.round, *_split(target), skipped="timeout")
                 archive = self._download(aggregation_id, expected, deadline)
         except (TransportError, ServerError) as exc:
             if self.on_timeout != "continue":
                 raise
             logger.warning("Round %d skipped: %s. Training goes on with the local model; the next round tries "
                            "again (on_timeout='continue').", number, exc)
-            return RoundResult(None, None, time.monotonic() - started, upload_mb, self.round, *(target or (None, None)),
+            return RoundResult(None, None, time.monotonic() - started, upload_mb, self.round, *_split(target),
                                skipped="unreachable")
         aggregate = self.check_aggregate(archive.layers, expected, names)
         run_number, round_index = self.client.waiter.round_of(aggregation_id)
