@@ -158,7 +158,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             not fit the model (the model is then left untouched);
             ``AggregationTimeoutError`` on timeout with ``on_timeout="raise"``.
 
-    Example:
+    Example (skipped: it needs a branchkey-local and credentials; tests/keras runs it for real):
         >>> import numpy as np, keras
         >>> from branchkey_integrations.keras import BranchKeyKerasCallback
         >>> x, y = np.random.rand(64, 4), np.random.rand(64, 1)

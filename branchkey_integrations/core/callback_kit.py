@@ -153,7 +153,7 @@ class CallbackSettings:
         CredentialsError: a credential field is missing or malformed.
         ImportError: ``snapshot_dir`` is given and safetensors is not installed.
 
-    Example:
+    Example (skipped: it reads a credentials file):
         >>> settings = CallbackSettings("leaf_1.json", "http://127.0.0.1:8080", every_n_epochs=2)  # doctest: +SKIP
         >>> settings.federation.round  # doctest: +SKIP
         0

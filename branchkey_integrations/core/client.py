@@ -88,7 +88,7 @@ class Client:
             (see :func:`~.client_options.check_client_options`).
         BranchKeyError: the run details could not be read (wrong host or token).
 
-    Example:
+    Example (skipped: it needs a running branchkey-local and credentials; tests/integration runs it):
         >>> from branchkey_integrations import Client
         >>> with Client("leaf_1.json", host="http://127.0.0.1:8080") as client:  # doctest: +SKIP
         ...     path = client.save_weights("model", weighting=120, parameters=[w, b])

@@ -80,7 +80,7 @@ class Federation:
         ValueError: another argument (``transport`` and ``client_options`` included) is out of range,
             or a client option is unknown.
 
-    Example:
+    Example (skipped: it needs a running branchkey-local and credentials; tests/core runs it):
         >>> import numpy as np
         >>> federation = Federation("leaf_1.json", host="http://127.0.0.1:8080")  # doctest: +SKIP
         >>> federation.connect()  # doctest: +SKIP
