@@ -28,6 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 MANAGEMENT_URL = os.environ.get("BRANCHKEY_TEST_AMQP_MANAGEMENT_URL", "http://127.0.0.1:15672")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+#: a leaf's six credentials, well formed, for tests that never reach a server with them (written once here)
+CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
+         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
+         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+#: short ones, for tests against a scripted server that checks the headers and the leaf name they make
+SHORT_CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+
 # What makes a test slow, measured on a 2-core machine: each of these costs seconds to minutes.
 SLOW_DIRECTORIES = {
     "lightning": "trains Lightning models, some in ddp_spawn subprocesses",

@@ -19,9 +19,8 @@ from branchkey_integrations.core.errors import RequestRejectedError, RunStopped
 from branchkey_integrations.core.federation import Federation, RoundResult
 from branchkey_integrations.core.outcome import Outcome
 
-CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
-         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
-         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+from ..conftest import CREDS
+
 HOST = "http://127.0.0.1:1"
 NAMES = ["encoder.weight", "encoder.bias"]
 LAYERS = [np.ones((2, 3), np.float32), np.zeros(3, np.float32)]

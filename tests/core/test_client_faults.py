@@ -33,9 +33,9 @@ from branchkey_integrations.core.errors import (
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.protocol import AGGREGATION_STATUS, RUN_STATUS, Notification
 
+from ..conftest import SHORT_CREDS as CREDS
 from ..conftest import wait_until
 
-CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
 
 
 class Scripted(ThreadingHTTPServer):

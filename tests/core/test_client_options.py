@@ -14,7 +14,8 @@ from branchkey_integrations.core.client_options import CLIENT_OPTIONS, TRANSPORT
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.leaf_options import LeafOptions
 
-CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+from ..conftest import SHORT_CREDS as CREDS
+
 HOST = "http://127.0.0.1:9"  # nothing listens: a check that let a bad value through would fail on the network instead
 
 BAD_VALUES = [

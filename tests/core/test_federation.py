@@ -15,11 +15,8 @@ from branchkey_integrations.core.errors import AggregateMismatchError, RunStoppe
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.wire import LayerSpec
 
-from ..conftest import wait_until
+from ..conftest import CREDS, wait_until
 
-CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
-         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
-         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
 NAMES = ["encoder.weight", "encoder.bias"]
 
 

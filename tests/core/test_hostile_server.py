@@ -30,7 +30,8 @@ from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.protocol import parse_notification
 from branchkey_integrations.core.transfer import DownloadBuffer
 
-CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+from ..conftest import SHORT_CREDS as CREDS
+
 RUN = {"data": {"run_status": "start", "run_number": 1}}
 MiB = 1024**2
 HUGE_BODY = 256 * MiB  # what a lying server would send when nobody stops it: far over any limit here

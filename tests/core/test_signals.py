@@ -20,10 +20,9 @@ from branchkey_integrations.core.progress import WaitProgress
 from branchkey_integrations.core.signals import InterruptOnSignals, exit_status, interactive, signal_name
 from branchkey_integrations.core.waiter import RoundWaiter
 
+from ..conftest import CREDS
 
-CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf_1", "session_token": "t" * 32,
-         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
-         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+
 
 
 @pytest.fixture
