@@ -2,7 +2,8 @@
 
 The Lightning and the Keras callback take the same options with the same meaning (``every_n_epochs``,
 ``num_samples``, ``buffers``, ``snapshot_dir``, ...). This module owns them once: :class:`CallbackSettings`
-checks every option when the callback is constructed (with the same messages for both callbacks) and builds the
+checks every option when the callback is constructed (with the same messages for both callbacks; the round's
+options, with their defaults, are :class:`~.leaf_options.LeafOptions`') and builds the
 :class:`~branchkey_integrations.core.federation.Federation`; :class:`FederatedCallbackMixin` gives both callbacks
 the same read-only options, ``round`` and ``repr``; the functions below fix the weighting, the round epochs and
 the dtypes that travel as float32. What remains in ``lightning.py`` and ``keras.py`` is translation only: tensors

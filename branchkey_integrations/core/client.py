@@ -10,8 +10,8 @@ and the client logs instead of printing.
 This module owns the calls of PROTOCOL.md and their bodies, and nothing under them: HTTP
 (session, retries, error translation) is :mod:`.http`, moving bytes (the streamed upload body,
 download memory) is :mod:`.transfer`, what a download may cost is :mod:`.download`, the run status
-and aggregation ids it waits on are a :class:`~.waiter.RoundWaiter`, and its settings are checked by
-:mod:`.client_options`.
+and aggregation ids it waits on are a :class:`~.waiter.RoundWaiter`, and its settings are a
+:class:`~.client_options.ClientOptions`, checked once when made.
 """
 
 from __future__ import annotations

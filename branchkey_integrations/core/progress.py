@@ -1,6 +1,6 @@
 """What a waiting leaf knows about its round, as values: the server's view and the progress of a wait.
 
-This module owns two read-only values and nothing that talks to the platform:
+This module owns read-only values about rounds, and nothing that talks to the platform:
 
 - :class:`RoundView`: one answer of ``GET`` :data:`~.protocol.ROUND_PATH` (branchkey-local): the branch's
   run, its open round (who has uploaded, who is missing, whose upload was refused and why) and its latest
@@ -9,6 +9,9 @@ This module owns two read-only values and nothing that talks to the platform:
   waits (at the start of a wait, whenever the progress changes, and at least every ``log_every_s``). The
   Lightning and Keras callbacks print it in the framework's own output; :attr:`WaitProgress.message` is
   the one line they show.
+- :class:`AggregateRef` and :class:`UploadReceipt`: an aggregate, or an upload (what
+  :meth:`~.client.Client.upload_arrays` returns), and the run and round it belongs to; with
+  :func:`rounds_behind` and :func:`rounds_after_catching_up`, the arithmetic of a leaf behind its branch.
 
 Why values: a listener runs on the training thread between two waits, and may keep or print what it was
 given; nothing in it changes behind its back.
