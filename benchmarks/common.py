@@ -15,7 +15,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from branchkey_integrations.core import wire
-from tests.conftest import LocalServer, init_branch, wait_until  # the test suite's real-server helpers
+from branchkey_integrations.simulation.local_server import EmbeddedServer
+
+from .harness import init_branch, serve, wait_until
 
 #: ResNet-18's parameter shapes (11.69M parameters); other sizes scale its widths.
 _RESNET18_PARAMS = 11_689_512
@@ -101,7 +103,7 @@ def load_average() -> float:
 class Bench:
     """A running branchkey-local and the credential files of one branch."""
 
-    server: LocalServer
+    server: EmbeddedServer
     credentials: list[Path]
     workdir: Path
 
@@ -112,7 +114,7 @@ def local_server(leaves: int, *init_args: str, serve_args: tuple[str, ...] = ())
     with tempfile.TemporaryDirectory(prefix="bk-bench-") as tmp:
         data_dir = Path(tmp) / "data"
         credentials = init_branch(data_dir, leaves, *init_args)
-        server = LocalServer(data_dir, serve_args=serve_args).start()
+        server = serve(data_dir, serve_args=serve_args)
         try:
             yield Bench(server, credentials, Path(tmp))
         finally:
@@ -124,7 +126,7 @@ def wait_for_aggregate(bench: Bench, timeout: float = 600) -> str:
     branch_id = json.loads(bench.credentials[0].read_text())["branch_id"]
 
     def newest() -> str | None:
-        items = bench.server.admin("GET", f"/admin/v1/branches/{branch_id}/aggregates").json()["data"]["aggregates"]
+        items = bench.server.admin("GET", f"/admin/v1/branches/{branch_id}/aggregates")["aggregates"]
         return items[-1]["id"] if items else None
 
     return wait_until(newest, timeout, "the aggregate", interval=0.1)

@@ -38,10 +38,8 @@ from typing import Any
 import requests
 
 from branchkey_integrations.server.store import Store
-from tests.conftest import LocalServer  # the test suite's subprocess server
-from tests.dashboard.conftest import CHROMIUM, CHROMIUM_ARGS
-
 from .common import load_average
+from .harness import CHROMIUM, CHROMIUM_ARGS, serve
 
 
 def fill_store(data_dir: Path, leaves: int, rounds: int, seed: int = 0) -> str:
@@ -123,7 +121,7 @@ def measure(data: Path, repeat: int) -> dict[str, list[float]]:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             for _ in range(repeat):
-                server = LocalServer(data).start()
+                server = serve(data)
                 try:
                     visit(browser, server.url, None)  # the login form: Chromium has the page's files cached
                     for state in ("cold", "warm"):
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         branch = fill_store(data, args.leaves, args.rounds)
         filled_s = time.perf_counter() - began
         browser = measure(data, args.repeat)
-        server = LocalServer(data).start()
+        server = serve(data)
         try:
             routes = time_routes(server.url, (data / "admin_token").read_text().strip(), branch, args.repeat)
         finally:

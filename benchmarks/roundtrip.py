@@ -26,7 +26,6 @@ import http.client
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +36,7 @@ import requests
 
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.client import Client, DownloadBuffer, MultipartBody
-from branchkey_integrations.core.download import Downloads
+from branchkey_integrations.core.protocol import DOWNLOAD_PATH
 
 from .common import Bench, count, local_server, make_layers, median, timed, wait_for_aggregate
 
@@ -45,12 +44,18 @@ logger = logging.getLogger(__name__)
 METHODS = ("ours", "ours_fresh", "official", "floor")
 
 
+def api_headers(client: Client) -> dict[str, str]:
+    """The headers of a leaf's API call (PROTOCOL.md, "Identity"), for the raw requests below."""
+    c = client.credentials
+    return {"Authorization": f"Bearer {c.id}:{c.session_token}", "LEAF": "true", "accept": "application/json"}
+
+
 def official_round_trip(client: Client, layers: list[np.ndarray], aggregate_id: str, workdir: Path) -> None:
     """The official 2.7.1 client's save_weights + file_upload + file_download + np.load, step for step."""
     path = workdir / "official-upload.npz"
     np.savez_compressed(path, weighting=np.array([10.0], dtype=np.float64),
                         **{f"layer_{i}": a for i, a in enumerate(layers)})
-    headers = client._headers()
+    headers = api_headers(client)
     with open(path, "rb") as f:
         data = np.load(f, allow_pickle=False)  # validate_weight_shape reads every member
         assert data["weighting"].size == 1 and all(isinstance(data[k], np.ndarray) for k in data.files)
@@ -76,9 +81,10 @@ class Floor:
         data = json.dumps({"leaf_name": client.name, "metadata": "{}"})
         multipart = MultipartBody(data, "w.npz", archive.chunks, archive.size)
         self.body = b"".join(multipart)
-        self.headers = {**client._headers(), "Content-Type": multipart.content_type,
+        self.headers = {**api_headers(client), "Content-Type": multipart.content_type,
                         "x-bk-file-size": str(archive.size), "x-bk-file-digest": digest}
-        self.url = urlsplit(client._downloads.url(aggregate_id))
+        answer = requests.get(client.host + DOWNLOAD_PATH.format(file_id=aggregate_id), headers=api_headers(client))
+        self.url = urlsplit(answer.json()["data"]["download_url"])
         host = urlsplit(client.host)
         self.address = (host.hostname, host.port)
         self.members, size = self._members(client, aggregate_id)
@@ -87,18 +93,17 @@ class Floor:
     @staticmethod
     def _members(client: Client, aggregate_id: str) -> tuple[list[tuple[np.dtype, tuple[int, ...], int]], int]:
         """(dtype, shape, data offset) of each stored member of the aggregate, and its size, read in advance."""
-        with tempfile.TemporaryDirectory() as tmp:
-            downloads = Downloads(client._http, Path(tmp), max_bytes=None, timeout_s=3600)
-            path = downloads.to_file(aggregate_id, downloads.limits())
-            size = path.stat().st_size
-            raw = path.read_bytes()
-            members = []
-            with zipfile.ZipFile(path) as zf, np.load(path) as npz:
-                for info in zf.infolist():
-                    name_len, extra_len = np.frombuffer(raw, "<u2", 2, info.header_offset + 26)
-                    start = info.header_offset + 30 + int(name_len) + int(extra_len)
-                    array = npz[info.filename[:-4]]
-                    members.append((array.dtype, array.shape, start + info.file_size - array.nbytes))
+        path = Path(client.file_download(aggregate_id))  # into the client's output_dir
+        size = path.stat().st_size
+        raw = path.read_bytes()
+        members = []
+        with zipfile.ZipFile(path) as zf, np.load(path) as npz:
+            for info in zf.infolist():
+                name_len, extra_len = np.frombuffer(raw, "<u2", 2, info.header_offset + 26)
+                start = info.header_offset + 30 + int(name_len) + int(extra_len)
+                array = npz[info.filename[:-4]]
+                members.append((array.dtype, array.shape, start + info.file_size - array.nbytes))
+        path.unlink()
         return members, size
 
     def round_trip(self) -> None:

@@ -148,7 +148,7 @@ def measure(leaves: int, params: int, rounds: int = 3) -> dict[str, Any]:
                             "rss_before_mb": rss_before, "peak_rss_mb": peak, "peak_reset": reset,
                             "peak_rss_growth_mb": peak - rss_before, "disk_mb": disk / 1e6,
                             "disk_growth_mb": (disk - disk_before) / 1e6,
-                            "server_tail_s": _server_tail(bench.server.log(), number)})
+                            "server_tail_s": _server_tail(bench.server.log_path.read_text(errors="replace"), number)})
             disk_before = disk
         notifications.close()
     growth = max(r["peak_rss_growth_mb"] for r in results)

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from branchkey_integrations.core.client import Client, DownloadBuffer
-from tests.conftest import AMQP_URL, LocalServer, build_official_python, forget_broker_state, init_branch
 
 from .common import count, load_average, make_layers, save_report
+from .harness import AMQP_URL, build_official_python, init_branch, serve
 
 def _answer(child: subprocess.Popen) -> dict[str, Any]:
     """The child's next JSON line (the official client prints lines of its own on stdout too)."""
@@ -50,7 +50,7 @@ def measure(params: int, repeat: int) -> dict[str, Any]:
         data_dir = Path(tmp) / "data"
         [ours_credentials] = init_branch(data_dir, 1, creds_dir=Path(tmp) / "ours")
         [official_credentials] = init_branch(data_dir, 1, creds_dir=Path(tmp) / "official")
-        server = LocalServer(data_dir, amqp_url=AMQP_URL).start()
+        server = serve(data_dir, amqp_url=AMQP_URL)
         child = None
         try:
             spec = {"credentials": str(official_credentials), "host": server.url,
@@ -87,8 +87,8 @@ def measure(params: int, repeat: int) -> dict[str, Any]:
             if child is not None:
                 child.stdin.close()
                 child.wait(30)
+            server.forget_broker_leaves([json.loads(p.read_text()) for p in (ours_credentials, official_credentials)])
             server.stop()
-            forget_broker_state([ours_credentials, official_credentials])
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {"params": count(layers), "model_mb": sum(a.nbytes for a in layers) / 1e6, "repeat": repeat,
             "seconds": medians, "all_seconds": times, "speedup": medians["official"] / medians["ours"]}

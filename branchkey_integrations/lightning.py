@@ -15,12 +15,13 @@ from typing import Any, cast
 import numpy as np
 
 from .core.callback_kit import BUFFER_POLICIES, FederatedCallbackMixin, is_round_epoch, require_framework
-from .core.callback_kit import resolve_weighting, travels_as_float32
+from .core.callback_kit import resolve_weighting
 from .core.outcome import Outcome
 
 require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pytorch"))
 
 import torch  # noqa: E402 - after the check that gives an install hint
+from .torch_tensors import add_proximal_gradient, federated_tensors, load_arrays, to_numpy  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
@@ -28,44 +29,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 
 #: strategies that shard parameters: rank 0 does not hold the whole model, so it cannot upload it
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def federated_tensors(module: torch.nn.Module, buffers: str = "local") -> list[tuple[str, torch.Tensor]]:
-    """The tensors a round exchanges, in registration order: trainable parameters, then float buffers
-    when ``buffers="average"`` (integer buffers such as ``num_batches_tracked`` are counters, never averaged)."""
-    tensors = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    if buffers == "average":
-        tensors += [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
-    return tensors
-
-
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU copy for upload; bfloat16 and float16 travel as float32."""
-    tensor = tensor.detach()
-    if travels_as_float32(tensor.dtype):
-        tensor = tensor.float()
-    return tensor.cpu().numpy().copy()
-
-
-def load_arrays(tensors: list[tuple[str, torch.Tensor]], arrays: list[np.ndarray]) -> None:
-    """Copy checked arrays into the same tensor objects, keeping each tensor's device and dtype
-    (the optimizer holds references to these Parameters, so they must not be replaced)."""
-    with torch.no_grad():
-        for (_, tensor), array in zip(tensors, arrays):
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(tensor.device, tensor.dtype))
-
-
-def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor], optimizer: Any, mu: float) -> None:
-    """FedProx's gradient term: ``grad += mu * (w - w_g)`` for each of ``params`` (with ``anchors`` its w_g)
-    that ``optimizer`` steps and that has a gradient, in place, in one fused pass per tensor list. The difference
-    is taken first (one temporary per step): ``grad + mu*w - mu*w_g`` would cancel away a bf16 gradient."""
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    pairs = [(p, g) for p, g in zip(params, anchors) if p.grad is not None and id(p) in stepped]
-    if not pairs:
-        return
-    with torch.no_grad():
-        weights, anchor = [p for p, _ in pairs], [g for _, g in pairs]
-        torch._foreach_add_([p.grad for p in weights], torch._foreach_sub(weights, anchor), alpha=mu)
 
 
 def amp_scale_left_in(trainer: Trainer, optimizer: Any) -> float:
@@ -120,7 +83,10 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         snapshot_dir: write each received aggregate to ``round_<n>.safetensors`` here (named tensors).
         transport: notification transport: ``"auto"``, ``"websocket"`` or ``"amqp"``.
         log_every_s: while waiting, report progress at least this often.
-        client_options: further keyword arguments for :class:`~branchkey_integrations.Client`.
+        client_options: further keyword arguments for :class:`~branchkey_integrations.Client`
+            (``request_timeout``: seconds for each HTTP request, ...).
+        check_every_s: while waiting, ask the platform for the round's progress this often.
+        connect_timeout: seconds to wait for the notification channel when training begins.
         proximal_mu: FedProx's ``mu`` (Li et al. 2020), a number >= 0; 0 (the default) turns it off. Local
             training then minimises ``loss(w) + mu/2 * ||w - w_g||^2``, where ``w_g`` is the last global
             model: the trainable parameters as they stand when ``fit`` starts (after a checkpoint is restored),
@@ -139,7 +105,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         BranchKeyError: the platform failed; :class:`~branchkey_integrations.core.federation.AggregateMismatchError`
             when an aggregate does not fit the model (the model is then left untouched).
 
-    Example:
+    Example (skipped: it needs a branchkey-local, credentials and a model; tests/lightning runs it for real):
         >>> from lightning.pytorch import Trainer
         >>> from branchkey_integrations.lightning import BranchKeyCallback
         >>> callback = BranchKeyCallback("leaf_1.json", host="http://127.0.0.1:8080")  # doctest: +SKIP

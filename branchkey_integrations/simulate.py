@@ -4,7 +4,7 @@ compares the federated model with local-only training and a centralized baseline
 
 ``branchkey-local simulate`` is this module's :func:`run` with a terminal progress display.
 
-Example:
+Example (skipped: a whole simulation takes minutes; tests/simulate runs it):
     >>> from branchkey_integrations.simulate import run
     >>> report = run(framework="lightning", leaves=3, rounds=2, epochs_per_round=1)  # doctest: +SKIP
     >>> print(report.table())  # doctest: +SKIP

@@ -7,7 +7,6 @@ Also owns the ``slow`` marker's rule (one place, so test modules need no marker 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -22,10 +21,19 @@ from typing import Iterator
 import pytest
 import requests
 
+# written once, for the benchmarks and the tests: the official client's venv, the CLI's init, polling
+from benchmarks.harness import AMQP_URL, build_official_python, init_branch, wait_until  # noqa: F401 - re-exported
+
 REPO = Path(__file__).resolve().parent.parent
-AMQP_URL = os.environ.get("BRANCHKEY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MANAGEMENT_URL = os.environ.get("BRANCHKEY_TEST_AMQP_MANAGEMENT_URL", "http://127.0.0.1:15672")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+#: a leaf's six credentials, well formed, for tests that never reach a server with them (written once here)
+CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
+         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
+         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+#: short ones, for tests against a scripted server that checks the headers and the leaf name they make
+SHORT_CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
 
 # What makes a test slow, measured on a 2-core machine: each of these costs seconds to minutes.
 SLOW_DIRECTORIES = {
@@ -73,18 +81,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if not item.get_closest_marker("slow") and slow_reason(item):
             item.add_marker(pytest.mark.slow)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -179,15 +175,6 @@ class LocalServer(AdminCalls):
         return (self.data_dir / "admin_token").read_text().strip()
 
 
-def init_branch(data_dir: Path, leaves: int, *extra: str, creds_dir: Path | None = None) -> list[Path]:
-    """``branchkey-local init``: a new tree and branch, one credentials file per leaf."""
-    creds_dir = creds_dir or data_dir.parent / f"{data_dir.name}-credentials"
-    cli("init", "--data-dir", str(data_dir), "--leaves", str(leaves), "--credentials-dir", str(creds_dir), *extra)
-    files = sorted(creds_dir.glob("*.json"))
-    assert len(files) == leaves, files
-    return files
-
-
 @pytest.fixture
 def server_factory(tmp_path) -> Iterator:
     """Make branchkey-local servers; every one is stopped at the end of the test."""
@@ -257,28 +244,6 @@ def rabbitmq() -> str:
     return AMQP_URL
 
 
-OFFICIAL_VERSIONS = ("2.7.1", "3.0.1")
-
-
-def build_official_python(version: str) -> Path:
-    """Path to a Python that has ``branchkey==<version>`` from PyPI, in a venv of its own under
-    .official-venvs (2.7.1 pins numpy 1.26.4, which cannot live beside ours). Built once under a file
-    lock, so test workers and benchmarks share it; a venv without its ``ok`` marker is rebuilt."""
-    assert version in OFFICIAL_VERSIONS
-    root = REPO / ".official-venvs"
-    root.mkdir(exist_ok=True)
-    venv = root / f"branchkey-{version}"
-    python = venv / "bin" / "python"
-    with open(root / f"{version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (venv / "ok").exists():
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", f"branchkey=={version}"],
-                           check=True, timeout=600)
-            (venv / "ok").write_text(version)
-    return python
-
-
 @pytest.fixture(scope="session")
 def official_python() -> "callable":
     """``build_official_python``: ``official_python(version)`` is the official client's Python."""
@@ -301,13 +266,13 @@ def uploads(monkeypatch):
     from branchkey_integrations import Client
 
     seen: list = []
-    original = Client._upload_arrays  # the one path both upload_weights and Federation take
+    original = Client.upload_arrays  # the one path both upload_weights and Federation take
 
     def spy(self, weighting, parameters, **kwargs):
         seen.append((weighting, [np.array(p, copy=True) for p in parameters]))
         return original(self, weighting, parameters, **kwargs)
 
-    monkeypatch.setattr(Client, "_upload_arrays", spy)
+    monkeypatch.setattr(Client, "upload_arrays", spy)
     return seen
 
 

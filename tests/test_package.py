@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import branchkey_integrations
 import branchkey_integrations.core
 
@@ -15,21 +17,43 @@ def test_import_needs_neither_torch_nor_tensorflow_nor_keras():
 
 
 def test_public_names():
+    """The top level holds what a leaf's code uses; the server's and the simulation's errors have their own homes."""
+    import warnings
+
+    import branchkey_integrations.server
+    import branchkey_integrations.simulation
+    from branchkey_integrations.core import errors
+
     assert set(branchkey_integrations.__all__) == {"__version__", *branchkey_integrations.core.__all__}
-    expected = {"Client", "Credentials", "DownloadBuffer", "Notification", "BranchKeyError", "CredentialsError",
-                "WeightingError", "ArchiveError", "ArchiveTooLargeError", "AggregateMismatchError", "TransportError",
-                "DownloadTimeoutError",
-                "ProtocolError", "ApiError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
-                "RequestRejectedError", "ServerError", "NotificationError", "RunBlockedError", "RunStopped",
-                "AggregationTimeoutError", "LocalServerError", "RecordNotFoundError", "InvalidValueError",
-                "RunNotStartedError", "RoundClosedError", "RoundInProgressError", "AggregationError", "BrokerError", "BrokerArgumentError",
-                "StorageFullError", "UploadInterruptedError", "QuotaExceededError", "InsufficientStorageError",
-                "RoundInterrupted", "SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
-    assert set(branchkey_integrations.core.__all__) == expected
-    for name in expected:
+    leaf = {"Client", "ClientOptions", "Credentials", "DownloadBuffer", "Federation", "LeafOptions", "Notification",
+            "Outcome", "RoundResult", "UploadReceipt", "WaitProgress", "BranchKeyError", "CredentialsError",
+            "WeightingError", "ArchiveError", "ArchiveTooLargeError", "AggregateMismatchError", "TransportError",
+            "DownloadTimeoutError", "ProtocolError", "ApiError", "AuthenticationError", "PermissionDeniedError",
+            "NotFoundError", "RequestRejectedError", "ServerError", "InsufficientStorageError", "NotificationError",
+            "RunBlockedError", "RunStopped", "AggregationTimeoutError", "RoundInterrupted"}
+    server = {"LocalServerError", "RecordNotFoundError", "InvalidValueError", "RunNotStartedError", "RoundClosedError",
+              "RoundInProgressError", "AggregationError", "BrokerError", "BrokerArgumentError", "StorageFullError",
+              "UploadInterruptedError", "QuotaExceededError"}
+    simulation = {"SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
+    assert set(branchkey_integrations.core.__all__) == leaf == {*errors.LEAF_ERRORS, *leaf - set(errors.__all__)}
+    assert set(branchkey_integrations.server.__all__) == {"Store", "create_app", *server}
+    assert set(branchkey_integrations.simulation.__all__) == simulation
+    assert set(errors.__all__) <= leaf | server | simulation
+    for name in leaf:
         assert getattr(branchkey_integrations, name) is getattr(branchkey_integrations.core, name)
-    assert all(issubclass(getattr(branchkey_integrations, n), branchkey_integrations.BranchKeyError)
-               for n in expected if n.endswith(("Error", "Stopped", "Terminated")) and n != "BranchKeyError")
+    for module, names in ((branchkey_integrations.server, server), (branchkey_integrations.simulation, simulation)):
+        for name in names:
+            assert getattr(module, name) is getattr(errors, name)
+            with pytest.warns(DeprecationWarning, match=f"import it from {module.__name__}"):
+                assert getattr(branchkey_integrations, name) is getattr(errors, name)  # the old place still works
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert branchkey_integrations.Federation is branchkey_integrations.core.federation.Federation
+    with pytest.raises(AttributeError):
+        branchkey_integrations.NoSuchThing  # noqa: B018
+    all_errors = leaf | server | simulation
+    assert all(issubclass(getattr(errors, n), errors.BranchKeyError)
+               for n in all_errors if n.endswith(("Error", "Stopped", "Terminated")) and n != "BranchKeyError")
 
 
 def test_every_error_class_has_one_home():

@@ -1,9 +1,34 @@
-"""The federation core: credentials, wire format, REST client, notifications. No framework imports."""
+"""The federation core: what a leaf's code uses, framework-free (the package's top level exports the same names).
+
+The client (:class:`Client`, its :class:`ClientOptions`, the :class:`UploadReceipt` of an upload), one
+leaf's rounds (:class:`Federation`, its :class:`LeafOptions`, the :class:`RoundResult` and :class:`Outcome`
+of a round, the :class:`WaitProgress` of a wait), credentials, and the errors a leaf meets. The errors of
+``branchkey-local`` and of the simulation are exported by ``branchkey_integrations.server`` and
+``branchkey_integrations.simulation``. No framework imports.
+"""
 
 from .client import Client, DownloadBuffer
+from .client_options import ClientOptions
 from .credentials import Credentials
-from .errors import *  # noqa: F403 - the exception classes are part of the public surface
-from .errors import __all__ as _error_names
+from .errors import (
+    AggregateMismatchError, AggregationTimeoutError, ApiError, ArchiveError, ArchiveTooLargeError, AuthenticationError,
+    BranchKeyError, CredentialsError, DownloadTimeoutError, InsufficientStorageError, NotFoundError, NotificationError,
+    PermissionDeniedError, ProtocolError, RequestRejectedError, RoundInterrupted, RunBlockedError, RunStopped,
+    ServerError, TransportError, WeightingError,
+)
+from .federation import Federation
+from .leaf_options import LeafOptions
+from .outcome import Outcome, RoundResult
+from .progress import UploadReceipt, WaitProgress
 from .protocol import Notification
 
-__all__ = ["Client", "Credentials", "DownloadBuffer", "Notification", *_error_names]
+__all__ = [
+    "Client", "ClientOptions", "Credentials", "DownloadBuffer", "Federation", "LeafOptions", "Notification",
+    "Outcome", "RoundResult", "UploadReceipt", "WaitProgress",
+    # the errors a leaf meets: errors.LEAF_ERRORS (a test ties the two)
+    "BranchKeyError", "CredentialsError", "WeightingError", "ArchiveError", "ArchiveTooLargeError",
+    "AggregateMismatchError", "TransportError", "DownloadTimeoutError", "ProtocolError", "ApiError",
+    "AuthenticationError", "PermissionDeniedError", "NotFoundError", "RequestRejectedError", "ServerError",
+    "InsufficientStorageError", "NotificationError", "RunBlockedError", "RunStopped", "AggregationTimeoutError",
+    "RoundInterrupted",
+]

@@ -2,7 +2,8 @@
 
 The Lightning and the Keras callback take the same options with the same meaning (``every_n_epochs``,
 ``num_samples``, ``buffers``, ``snapshot_dir``, ...). This module owns them once: :class:`CallbackSettings`
-checks every option when the callback is constructed (with the same messages for both callbacks) and builds the
+checks every option when the callback is constructed (with the same messages for both callbacks; the round's
+options, with their defaults, are :class:`~.leaf_options.LeafOptions`') and builds the
 :class:`~branchkey_integrations.core.federation.Federation`; :class:`FederatedCallbackMixin` gives both callbacks
 the same read-only options, ``round`` and ``repr``; the functions below fix the weighting, the round epochs and
 the dtypes that travel as float32. What remains in ``lightning.py`` and ``keras.py`` is translation only: tensors
@@ -32,15 +33,15 @@ import logging
 import math
 import os
 import signal
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, Union
 
 from .credentials import CredentialsLike
 from .federation import Federation
-from .outcome import Layers, Outcome, RoundResult, Weighting, layer_names_in
+from .outcome import Layers, Outcome, Weighting, layer_names_in
 from .progress import WaitProgress
-from .protocol import DEFAULT_HOST
+from .leaf_options import LeafOptions
 from .signals import InterruptOnSignals, exit_status, signal_name
 from .snapshots import require_safetensors
 
@@ -153,28 +154,30 @@ class CallbackSettings:
         CredentialsError: a credential field is missing or malformed.
         ImportError: ``snapshot_dir`` is given and safetensors is not installed.
 
-    Example:
+    Example (skipped: it reads a credentials file):
         >>> settings = CallbackSettings("leaf_1.json", "http://127.0.0.1:8080", every_n_epochs=2)  # doctest: +SKIP
         >>> settings.federation.round  # doctest: +SKIP
         0
     """
 
     credentials: CredentialsLike | None = field(repr=False)
-    host: str = DEFAULT_HOST
+    host: str = LeafOptions.host
     every_n_epochs: int = 1
     num_samples: NumSamples = None
     num_samples_required: bool = False
-    timeout: float | None = 3600.0
-    on_timeout: str = "raise"
+    timeout: float | None = LeafOptions.timeout
+    on_timeout: str = LeafOptions.on_timeout
     buffers: str = "local"
     reset_optimizer: bool = False
     send_metrics: bool = True
     snapshot_dir: str | Path | None = None
-    transport: str = "auto"
-    log_every_s: float = 60.0
-    client_options: dict[str, Any] | None = field(default=None, repr=False)
+    transport: str = LeafOptions.transport
+    log_every_s: float = LeafOptions.log_every_s
+    client_options: dict[str, Any] | None = field(default=LeafOptions.client_options, repr=False)
     proximal_mu: float = 0.0
     install_extra: str | None = None
+    check_every_s: float = LeafOptions.check_every_s
+    connect_timeout: float = LeafOptions.connect_timeout
     federation: Federation = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -191,17 +194,13 @@ class CallbackSettings:
             snapshot_dir = Path(self.snapshot_dir)
             require_safetensors(snapshot_dir, self.install_extra)
             object.__setattr__(self, "snapshot_dir", snapshot_dir)  # frozen: settled once, here
-        # credentials, host, timeout, on_timeout, log_every_s, transport and client_options: Federation checks them
-        federation = Federation(self.credentials, self.host, timeout=self.timeout, on_timeout=self.on_timeout,
-                                log_every_s=self.log_every_s, transport=self.transport,
-                                client_options=self.client_options)
-        object.__setattr__(self, "federation", federation)
+        # the round's options are LeafOptions' to check, once; the federation is made of them
+        leaf = LeafOptions(**{name: getattr(self, name) for name in LEAF_OPTION_NAMES})
+        object.__setattr__(self, "federation", Federation.from_options(self.credentials, leaf))
 
 
-def shared_options(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The arguments of :class:`FederatedCallbackMixin` among a callback's own ``locals()``: a callback that
-    spells out its full signature (as Keras does, to add ``validation_data``) passes these on unchanged."""
-    return {name: arguments[name] for name in _MIXIN_ARGUMENTS if name in arguments}
+#: the options of :class:`LeafOptions`, which every callback takes too
+LEAF_OPTION_NAMES = tuple(f.name for f in fields(LeafOptions) if f.init)
 
 
 def _setting(name: str) -> property:
@@ -226,27 +225,30 @@ class FederatedCallbackMixin:
     def __init__(
         self,
         credentials: CredentialsLike | None,
-        host: str = DEFAULT_HOST,
+        host: str = CallbackSettings.host,
         *,
-        every_n_epochs: int = 1,
-        num_samples: NumSamples = None,
-        timeout: float | None = 3600.0,
-        on_timeout: str = "raise",
-        buffers: str = "local",
-        reset_optimizer: bool = False,
-        send_metrics: bool = True,
-        snapshot_dir: str | Path | None = None,
-        transport: str = "auto",
-        log_every_s: float = 60.0,
-        client_options: dict[str, Any] | None = None,
-        proximal_mu: float = 0.0,
+        every_n_epochs: int = CallbackSettings.every_n_epochs,
+        num_samples: NumSamples = CallbackSettings.num_samples,
+        timeout: float | None = CallbackSettings.timeout,
+        on_timeout: str = CallbackSettings.on_timeout,
+        buffers: str = CallbackSettings.buffers,
+        reset_optimizer: bool = CallbackSettings.reset_optimizer,
+        send_metrics: bool = CallbackSettings.send_metrics,
+        snapshot_dir: str | Path | None = CallbackSettings.snapshot_dir,
+        transport: str = CallbackSettings.transport,
+        log_every_s: float = CallbackSettings.log_every_s,
+        client_options: dict[str, Any] | None = CallbackSettings.client_options,
+        proximal_mu: float = CallbackSettings.proximal_mu,
+        check_every_s: float = CallbackSettings.check_every_s,
+        connect_timeout: float = CallbackSettings.connect_timeout,
     ) -> None:
         super().__init__()  # the framework's Callback
         self.settings = CallbackSettings(
             credentials, host, every_n_epochs=every_n_epochs, num_samples=num_samples, timeout=timeout,
             on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
-            proximal_mu=proximal_mu, num_samples_required=self._num_samples_required, install_extra=self._install_extra)
+            proximal_mu=proximal_mu, check_every_s=check_every_s, connect_timeout=connect_timeout,
+            num_samples_required=self._num_samples_required, install_extra=self._install_extra)
         self.federation: Federation = self.settings.federation
         self.federation.add_progress_listener(self._on_progress)
         self.interrupted_by: int | None = None  # the signal (SIGTERM, SIGINT) that ended the last round, if any
@@ -276,15 +278,9 @@ class FederatedCallbackMixin:
         federation = self.federation
         self._round_names = tuple(names)  # to name the layers a refusal mentions, while the round waits
         federation.clear_interrupt()  # an earlier interrupt (a caught Ctrl-C in a notebook) is over
-        before = (federation.round, federation.last_run_number, federation.last_round_index)
         with InterruptOnSignals(federation.interrupt) as signals:
             outcome = federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir)
         self.interrupted_by = signals.received
-        result = outcome.result
-        if outcome.kind == "done" and result is not None and result.caught_up:
-            result = replace(result, round=rounds_after_catching_up(*before, result))
-            federation.record_round(result.round, result.aggregation_id, result.run_number, result.round_index)
-            outcome = replace(outcome, result=result)
         self._say_outcome(outcome)
         return outcome
 
@@ -326,7 +322,6 @@ class FederatedCallbackMixin:
                 f"every_n_epochs={self.every_n_epochs}, buffers={self.buffers!r}{fedprox}, round={self.round})")
 
 
-_MIXIN_ARGUMENTS = tuple(inspect.signature(FederatedCallbackMixin.__init__).parameters)[1:]  # without self
 
 
 def local_layer_names(progress: WaitProgress, names: Sequence[str]) -> str:
@@ -341,22 +336,6 @@ def local_layer_names(progress: WaitProgress, names: Sequence[str]) -> str:
     """
     local = layer_names_in((refusal.reason for refusal in progress.refused), names)
     return f"; on this leaf {local}" if local else ""
-
-
-def rounds_after_catching_up(rounds: int, run_number: int | None, round_index: int | None,
-                             result: RoundResult) -> int:
-    """The round count of a leaf that caught up: its count before, plus the rounds its branch went through since
-    the leaf's last aggregate (of ``run_number``, ``round_index``), so that it numbers the next rounds as the
-    other leaves do. When the platform did not name both rounds (or the run changed), ``result.round``.
-
-    Example:
-        >>> result = RoundResult("agg-3", [], 0.0, 0.0, round=2, run_number=1, round_index=2, caught_up=True)
-        >>> rounds_after_catching_up(1, 1, 0, result)  # resumed after round 1; the branch holds round 3
-        3
-    """
-    if run_number is None or round_index is None or result.round_index is None or result.run_number != run_number:
-        return result.round
-    return rounds + max(1, result.round_index - round_index)
 
 
 def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str:
@@ -378,6 +357,6 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
     return f"round {result.round} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
 
 
-__all__ = ["describe_outcome", "local_layer_names", "rounds_after_catching_up", "shared_options", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+__all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

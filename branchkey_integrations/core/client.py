@@ -10,8 +10,8 @@ and the client logs instead of printing.
 This module owns the calls of PROTOCOL.md and their bodies, and nothing under them: HTTP
 (session, retries, error translation) is :mod:`.http`, moving bytes (the streamed upload body,
 download memory) is :mod:`.transfer`, what a download may cost is :mod:`.download`, the run status
-and aggregation ids it waits on are a :class:`~.waiter.RoundWaiter`, and its settings are checked by
-:mod:`.client_options`.
+and aggregation ids it waits on are a :class:`~.waiter.RoundWaiter`, and its settings are a
+:class:`~.client_options.ClientOptions`, checked once when made.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from . import wire
-from .client_options import DEFAULT_OUTPUT_DIR, TRANSPORTS, check_client_options, check_host
+from .client_options import TRANSPORTS, ClientOptions, check_client_options, check_host
 from .credentials import Credentials, CredentialsLike
-from .download import DEFAULT_DOWNLOAD_TIMEOUT_S, Downloads, checked_file_id
+from .download import Downloads, checked_file_id
 from .errors import AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RunBlockedError
 from .http import Away, HttpSession
 from .notifications import NotificationTransport, start_transport
@@ -46,18 +46,13 @@ from .protocol import (
     METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START, UPLOAD_PATH, WS_TICKET_PATH,
     Notification, is_file_id,
 )
-from .progress import RoundView, parse_round_view
+from .progress import RoundView, UploadReceipt, parse_round_view
 from .transfer import Buffer, DownloadBuffer, MultipartBody, file_chunks, size_and_digest, upload_compression
+from .version import __version__
 from .waiter import Every, RoundWaiter
 from .watch import find_missed_aggregate
 
 logger = logging.getLogger(__name__)
-
-
-def _client_version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 class Client:
@@ -77,12 +72,15 @@ class Client:
         transport: ``"auto"`` (WebSocket where the platform offers tickets, else AMQP),
             ``"amqp"``, ``"websocket"`` or ``"none"`` (REST only).
         output_dir: where :meth:`file_download` writes ``{file_id}.npz``.
-        timeout: seconds for each HTTP request (connect and read).
+        request_timeout: seconds for each HTTP request (connect and read).
         max_retries, backoff_factor: retries on 408/429/5xx and connection errors,
             with exponential backoff ``backoff_factor * 2**n`` seconds (for longer, see :meth:`retrying_until`).
         max_download_bytes: the most an aggregate may hold; None: 4 times what this leaf uploaded plus
             1 MiB (see :class:`~.download.Downloads`). Beyond it a download is refused (``ArchiveTooLargeError``).
         download_timeout: seconds a whole download may take (``DownloadTimeoutError`` after).
+        timeout: the old name of ``request_timeout`` (a ``DeprecationWarning``).
+
+    The defaults are :class:`ClientOptions`'; after an upload, :attr:`last_upload` is its :class:`UploadReceipt`.
 
     Raises:
         CredentialsError: a credential field is missing or malformed.
@@ -90,7 +88,7 @@ class Client:
             (see :func:`~.client_options.check_client_options`).
         BranchKeyError: the run details could not be read (wrong host or token).
 
-    Example:
+    Example (skipped: it needs a running branchkey-local and credentials; tests/integration runs it):
         >>> from branchkey_integrations import Client
         >>> with Client("leaf_1.json", host="http://127.0.0.1:8080") as client:  # doctest: +SKIP
         ...     path = client.save_weights("model", weighting=120, parameters=[w, b])
@@ -102,64 +100,72 @@ class Client:
     def __init__(
         self,
         credentials: CredentialsLike | None,
-        host: str = DEFAULT_HOST,
-        rbmq_host: str | None = None,
-        rbmq_port: int = 5672,
-        ssl: bool = True,
-        wait_for_run: bool = False,
-        run_check_interval_s: float = 30,
-        proxies: dict[str, str] | None = None,
+        host: str = ClientOptions.host,
+        rbmq_host: str | None = ClientOptions.rbmq_host,
+        rbmq_port: int = ClientOptions.rbmq_port,
+        ssl: bool = ClientOptions.ssl,
+        wait_for_run: bool = ClientOptions.wait_for_run,
+        run_check_interval_s: float = ClientOptions.run_check_interval_s,
+        proxies: dict[str, str] | None = ClientOptions.proxies,
         *,
-        transport: str = "auto",
-        output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
-        timeout: float = 30.0,
-        max_retries: int = 3,
-        backoff_factor: float = 0.5,
-        max_download_bytes: int | None = None,
-        download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_S,
+        transport: str = ClientOptions.transport,
+        output_dir: str | os.PathLike = ClientOptions.output_dir,
+        request_timeout: float = ClientOptions.request_timeout,
+        max_retries: int = ClientOptions.max_retries,
+        backoff_factor: float = ClientOptions.backoff_factor,
+        max_download_bytes: int | None = ClientOptions.max_download_bytes,
+        download_timeout: float = ClientOptions.download_timeout,
+        timeout: float | None = None,
     ) -> None:
-        self._credentials = c = Credentials.load(credentials)
-        settings = check_client_options({
-            "host": host, "rbmq_host": rbmq_host, "rbmq_port": rbmq_port, "ssl": ssl, "wait_for_run": wait_for_run,
-            "run_check_interval_s": run_check_interval_s, "proxies": proxies, "transport": transport,
-            "output_dir": output_dir, "timeout": timeout, "max_retries": max_retries, "backoff_factor": backoff_factor,
-            "max_download_bytes": max_download_bytes, "download_timeout": download_timeout,
-        })
-        self._api_host = settings["host"]
-        self._rbmq_host = rbmq_host or urlsplit(self._api_host).hostname or "localhost"
-        self._rbmq_port = rbmq_port
-        self._wait_for_run = wait_for_run
-        self._run_check_interval_s = settings["run_check_interval_s"]
-        self._output_dir = Path(output_dir)
+        options = {"host": host, "rbmq_host": rbmq_host, "rbmq_port": rbmq_port, "ssl": ssl, "wait_for_run": wait_for_run,
+                   "run_check_interval_s": run_check_interval_s, "proxies": proxies, "transport": transport,
+                   "output_dir": output_dir, "request_timeout": request_timeout, "max_retries": max_retries,
+                   "backoff_factor": backoff_factor, "max_download_bytes": max_download_bytes,
+                   "download_timeout": download_timeout}
+        if timeout is not None:  # the old name: ClientOptions.checked warns (and refuses both names at once)
+            options = {**{k: v for k, v in options.items() if k != "request_timeout" or v != ClientOptions.request_timeout},
+                       "timeout": timeout}
+        self._start(Credentials.load(credentials), ClientOptions.checked(options))
+
+    @classmethod
+    def from_options(cls, credentials: CredentialsLike | None, options: ClientOptions) -> Client:
+        """A client of ``options``, checked when they were made (:class:`~.federation.Federation` connects so)."""
+        client = cls.__new__(cls)
+        client._start(Credentials.load(credentials), options)
+        return client
+
+    def _start(self, credentials: Credentials, settings: ClientOptions) -> None:
+        self._credentials = c = credentials
+        self.options = settings  # read-only: checked when made
+        self._api_host = settings.host
+        self._rbmq_host = settings.rbmq_host or urlsplit(self._api_host).hostname or "localhost"
+        self._output_dir = Path(settings.output_dir)
         self._http = HttpSession(self._api_host, {"Authorization": f"Bearer {c.id}:{c.session_token}", "LEAF": "true"},
-                                 verify=ssl, proxies=settings["proxies"], timeout=settings["timeout"],
-                                 max_retries=max_retries, backoff_factor=settings["backoff_factor"])
-        self._downloads = Downloads(self._http, self._output_dir, max_bytes=max_download_bytes,
-                                    timeout_s=settings["download_timeout"])
+                                 verify=settings.ssl, proxies=settings.proxies, timeout=settings.request_timeout,
+                                 max_retries=settings.max_retries, backoff_factor=settings.backoff_factor)
+        self._downloads = Downloads(self._http, self._output_dir, max_bytes=settings.max_download_bytes,
+                                    timeout_s=settings.download_timeout)
         self._waiter = RoundWaiter(c.branch_id)
         self.queue = self._waiter.queue  # 2.7.1's LifoQueue(maxsize=1): the newest unread aggregation id
         self._authenticated = False
         self._transport: NotificationTransport | None = None
         self._round_endpoint = True  # False once the platform answered 404: it has no round view
         self._upload_mark = 0  # aggregation ids received before the last upload
-        self._upload_round: tuple[int, int] | None = None  # (run_number, round_index) it went into, if said
+        self._upload_round: tuple[int, int] | None = None  # the round wait_for_aggregation waits on, if said
+        self.last_upload: UploadReceipt | None = None  # what the last upload was, and where it went
 
         self.get_run_details()
         self._authenticated = True
-        self._start_notifications(transport)
+        self._start_notifications(settings.transport)
 
     # ----------------------------------------------------------------- set-up
     def _start_notifications(self, transport: str) -> None:
         c = self._credentials
         self._transport = start_transport(
             transport, self._api_host, self.request_ws_ticket, verify_ssl=bool(self.ssl), rbmq=(self._rbmq_host,
-            self._rbmq_port), amqp_login=(c.id, c.session_token, c.tree_id), handler=self._on_notification,
+            self.options.rbmq_port), amqp_login=(c.id, c.session_token, c.tree_id), handler=self._on_notification,
             # after a (re)connect, waits ask the server at once: a notification sent while away may be lost
             on_connect=self._waiter.request_refresh)
-
-    def _headers(self, accept: str = "application/json") -> dict[str, str]:
-        """The headers of an API call (the benchmarks replay them on raw connections)."""
-        return {**self._http.headers, "accept": accept}
 
     # ------------------------------------------------------------- run status
     def get_run_details(self, *, once: bool = False) -> dict[str, Any]:
@@ -182,16 +188,16 @@ class Client:
         if self.run_status == START:
             return
         logger.info("run is %r: waiting for start (re-checking every %.0f s)", self.run_status,
-                    self._run_check_interval_s)
+                    self.options.run_check_interval_s)
         deadline = None if timeout is None else time.monotonic() + timeout
-        recheck = Every(self._run_check_interval_s, lambda waited: self.get_run_details())
+        recheck = Every(self.options.run_check_interval_s, lambda waited: self.get_run_details())
         if not self._waiter.wait_for_start(deadline, [recheck]):
             raise RunBlockedError(f"run is blocked: still {self.run_status!r} after {timeout} s")
 
     def _ensure_run_started(self) -> None:
         if self.run_status == START:
             return
-        if not self._wait_for_run:
+        if not self.options.wait_for_run:
             raise RunBlockedError(
                 f"run is blocked: branch {self.branch_id} is {self.run_status!r}. Start the run, or create the "
                 "client with wait_for_run=True to wait for it."
@@ -289,33 +295,38 @@ class Client:
         return True
 
     def file_upload(self, file_path: str | os.PathLike) -> str:
-        """Upload an NPZ written by :meth:`save_weights`; return the platform's ``file_id``."""
+        """Upload an NPZ written by :meth:`save_weights`; return the platform's ``file_id`` (see :attr:`last_upload`)."""
         self._ensure_run_started()
         with open(file_path, "rb") as f:
             self.validate_weight_shape(f)
             size, digest = size_and_digest(f)
-        return self._post_upload(functools.partial(file_chunks, file_path), Path(file_path).name, size, digest)
+        return self._post_upload(functools.partial(file_chunks, file_path), Path(file_path).name, size, digest).file_id
 
     def upload_weights(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
                        compresslevel: int | None = None) -> str:
-        """Encode and upload in one step, streaming from the arrays themselves; return the ``file_id``.
+        """Encode and upload in one step, streaming from the arrays themselves; return the ``file_id``
+        (:meth:`upload_arrays` returns the whole :class:`UploadReceipt`).
 
-        ``compression="auto"`` stores members on loopback and private-network hosts, and
-        deflates them at level 1 elsewhere when isal is installed (see
-        :func:`~.transfer.upload_compression`); ``"none"`` or ``"deflate"`` (with ``compresslevel``)
-        force a choice. The arrays must not change until this returns: the body is sent from
-        them directly. The weighting and every value are checked before a byte is sent.
+        ``compression="auto"`` stores members on loopback and private-network hosts, and deflates them at level
+        1 elsewhere when isal is installed (see :func:`~.transfer.upload_compression`); ``"none"`` or ``"deflate"``
+        (with ``compresslevel``) force a choice. The arrays must not change until this returns: the body is sent
+        from them directly. The weighting and every value are checked before a byte is sent.
         """
-        return self._upload_arrays(weighting, parameters, compression=compression, compresslevel=compresslevel)
+        return self.upload_arrays(weighting, parameters, compression=compression, compresslevel=compresslevel).file_id
 
-    def _upload_arrays(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
-                       compresslevel: int | None = None, finite_checked: bool = False) -> str:
-        """:meth:`upload_weights`; ``finite_checked=True`` for a caller that checked the values (Federation)."""
+    def upload_arrays(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
+                      compresslevel: int | None = None, values_checked: bool = False) -> UploadReceipt:
+        """:meth:`upload_weights`, returning what was uploaded into which run and round (:class:`UploadReceipt`).
+
+        ``values_checked=True``: the caller already checked that every value is finite
+        (:func:`~.wire.check_finite`, as :meth:`Federation.run_round` does when a round begins), so it is not
+        checked twice.
+        """
         self._ensure_run_started()
         # wire.prepare checks the weighting as it encodes that member: the one weighting check of this path
         archive = wire.prepare(parameters, weighting, compresslevel=compresslevel,
                                compression=upload_compression(compression, urlsplit(self._api_host).hostname or ""))
-        if not finite_checked:
+        if not values_checked:
             # The digest header must precede the body, so hashing is on the critical path; the finite check
             # runs beside it (both release the GIL), which hides it on a machine with two cores.
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -326,9 +337,10 @@ class Client:
             sha = archive.sha256()
         return self._post_upload(archive.chunks, "weights.npz", archive.size, base64.b64encode(sha).decode())
 
-    def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int, digest: str) -> str:
+    def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int,
+                     digest: str) -> UploadReceipt:
         metadata = {
-            "client_version": f"branchkey-integrations/{_client_version()}",
+            "client_version": f"branchkey-integrations/{__version__}",
             "timestamp": datetime.now(timezone.utc).isoformat(),
             "file_size": size,
             "file_digest": f"sha256={digest}",
@@ -346,12 +358,12 @@ class Client:
         if not is_file_id(file_id):
             raise ProtocolError(f"upload: the answer's file_id is not a plain token: {str(answer)[:200]}")
         run, index = answer.get("run_number"), answer.get("round_index")
+        tagged = isinstance(run, int) and isinstance(index, int) and min(run, index) >= 0
         self._downloads.record_upload(size)  # the aggregate is sized after it
-        self._upload_mark = mark
-        self._upload_round = (run, index) if isinstance(run, int) and isinstance(index, int) and min(run, index) >= 0 \
-            else None
+        self.last_upload = UploadReceipt(str(file_id), run if tagged else None, index if tagged else None, size, mark)
+        self._upload_mark, self._upload_round = mark, self.last_upload.round
         logger.info("Uploaded %s (%.2f MB) as %s", filename, size / 1e6, file_id)
-        return file_id
+        return self.last_upload
 
     def file_download(self, file_id: str, *, timeout: float | None = None) -> str:
         """Download an aggregate to ``{output_dir}/{file_id}.npz``; return that path.
@@ -505,4 +517,4 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "DownloadBuffer", "MultipartBody", "TRANSPORTS", "check_client_options", "check_host"]
+__all__ = ["Client", "ClientOptions", "UploadReceipt", "DownloadBuffer", "MultipartBody", "TRANSPORTS", "check_client_options", "check_host"]

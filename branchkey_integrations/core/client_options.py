@@ -1,27 +1,37 @@
-"""The settings of :class:`~.client.Client`: their names and the rule each value must follow.
+"""The settings of :class:`~.client.Client`: their names, their defaults and the rule each value must follow.
 
-This module owns the one validator of client settings, :func:`check_client_options`. ``Client``
-runs it on its own arguments, and :class:`~.federation.Federation` (and so both callbacks) runs
-it on ``transport`` and ``client_options`` at construction, so a misspelt option or a negative
-timeout fails when it is written, not when the first round connects, an epoch later. The API
-host rule is public here too (:func:`check_host`), for every layer that takes a host.
+This module owns the one validator of client settings, :func:`check_client_options`, and
+:class:`ClientOptions`, the checked settings with every default written once. ``Client`` checks its
+own arguments through it; :class:`~.federation.Federation` (and so both callbacks) builds its
+``ClientOptions`` at construction, so a misspelt option or a negative timeout fails when it is
+written, not when the first round connects, an epoch later, and the client it connects later is
+made from those options without checking them again (:meth:`Client.from_options`). The API host
+rule is public here too (:func:`check_host`), for every layer that takes a host.
+
+The per-request HTTP timeout is ``request_timeout``; the old name ``timeout`` (which on a callback means
+the round's wait) is still accepted, with a ``DeprecationWarning``.
 
 Example:
-    >>> check_client_options({"host": "http://127.0.0.1:8080/", "timeout": 5})
-    {'host': 'http://127.0.0.1:8080', 'timeout': 5.0}
-    >>> check_client_options({"timeout": -5})
+    >>> check_client_options({"host": "http://127.0.0.1:8080/", "request_timeout": 5})
+    {'host': 'http://127.0.0.1:8080', 'request_timeout': 5.0}
+    >>> check_client_options({"request_timeout": -5})
     Traceback (most recent call last):
     ...
-    ValueError: Expected timeout to be a number of seconds > 0. Received: timeout=-5
+    ValueError: Expected request_timeout to be a number of seconds > 0. Received: request_timeout=-5
+    >>> ClientOptions(transport="none").request_timeout
+    30.0
 """
 
 from __future__ import annotations
 
 import math
-
 import os
+import warnings
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
+
+from .protocol import DEFAULT_HOST
 
 DEFAULT_OUTPUT_DIR = "./aggregated_output"
 TRANSPORTS = ("auto", "amqp", "websocket", "none")
@@ -126,11 +136,12 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "proxies": _proxies,
     "transport": _transport,
     "output_dir": _directory,
-    "timeout": _seconds,
+    "request_timeout": _seconds,
     "max_retries": _count,
     "backoff_factor": _factor,
     "max_download_bytes": _optional_bytes,
     "download_timeout": _seconds,
+    "timeout": _seconds,  # the old name of request_timeout: see check_client_options
 }
 CLIENT_OPTIONS = tuple(_RULES)
 
@@ -138,18 +149,72 @@ CLIENT_OPTIONS = tuple(_RULES)
 def check_client_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Check keyword arguments for ``Client`` without creating one; return them normalized.
 
-    Names come first (one not in :data:`CLIENT_OPTIONS` raises, listing the allowed ones), then
-    each value against the rule ``Client`` applies. Normalized means: the host without its
-    trailing slash, seconds as floats, proxies as a plain dict.
+    Names come first (one not in :data:`CLIENT_OPTIONS` raises, listing the allowed ones; ``timeout``
+    becomes ``request_timeout``, with a ``DeprecationWarning``), then each value against the rule
+    ``Client`` applies. Normalized means: the host without its trailing slash, seconds as floats,
+    proxies as a plain dict.
 
     Raises:
         ValueError: naming the option and the value received, and what is expected.
     """
+    named = _renamed(options)
+    return {name: _RULES[name](name, value) for name, value in named.items()}
+
+
+def _renamed(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with known names only (ValueError otherwise), the old ``timeout`` as ``request_timeout``."""
     unknown = [name for name in options if name not in _RULES]
     if unknown:
         received = ", ".join(f"{name}={options[name]!r}" for name in unknown)
         raise ValueError(f"Expected client options among {CLIENT_OPTIONS}. Received: {received}")
-    return {name: _RULES[name](name, value) for name, value in options.items()}
+    named = dict(options)
+    if named.get("timeout") is None:
+        named.pop("timeout", None)
+        return named
+    if "request_timeout" in named:
+        raise ValueError(f"Expected request_timeout or its old name timeout, not both. Received: "
+                         f"request_timeout={named['request_timeout']!r}, timeout={named['timeout']!r}")
+    _RULES["timeout"]("timeout", named["timeout"])  # the message names what the user wrote
+    warnings.warn("The client option 'timeout' is now called 'request_timeout' (seconds for each HTTP request); "
+                  "'timeout' still works but will be removed.", DeprecationWarning, stacklevel=4)
+    named["request_timeout"] = named.pop("timeout")
+    return named
 
 
-__all__ = ["CLIENT_OPTIONS", "DEFAULT_OUTPUT_DIR", "TRANSPORTS", "check_client_options", "check_host"]
+@dataclass(frozen=True)
+class ClientOptions:
+    """Every setting of :class:`~.client.Client` but the credentials, checked when made (see
+    :func:`check_client_options`; ``timeout``, the old name of ``request_timeout``, is not a field).
+    The one place their defaults are written: ``Client``'s signature reads them from here.
+    """
+
+    host: str = DEFAULT_HOST
+    rbmq_host: str | None = None
+    rbmq_port: int = 5672
+    ssl: bool = True  # or the path of a CA bundle, which requests takes too
+    wait_for_run: bool = False
+    run_check_interval_s: float = 30.0
+    proxies: dict[str, str] | None = None
+    transport: str = "auto"
+    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR
+    request_timeout: float = 30.0
+    max_retries: int = 3
+    backoff_factor: float = 0.5
+    max_download_bytes: int | None = None
+    download_timeout: float = 3600.0  # seconds a whole download may take when the call does not say
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # normalized: the host without its slash, seconds as floats
+            object.__setattr__(self, f.name, _RULES[f.name](f.name, getattr(self, f.name)))
+
+    @classmethod
+    def checked(cls, options: Mapping[str, Any]) -> ClientOptions:
+        """The options named in ``options`` (an unknown name raises, listing the known ones; ``timeout`` is
+        accepted as ``request_timeout``, with a ``DeprecationWarning``), the rest at their defaults."""
+        return cls(**_renamed(options))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+__all__ = ["ClientOptions", "CLIENT_OPTIONS", "DEFAULT_OUTPUT_DIR", "TRANSPORTS", "check_client_options", "check_host"]

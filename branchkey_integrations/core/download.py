@@ -37,10 +37,6 @@ from .transfer import DownloadBuffer, DownloadLimits, aggregate_limit, read_to_b
 
 logger = logging.getLogger(__name__)
 
-#: seconds a whole download may take when neither the call nor the client says
-DEFAULT_DOWNLOAD_TIMEOUT_S = 3600.0
-
-
 def checked_file_id(file_id: str) -> str:
     """``file_id`` when it is a plain token (see :data:`~.protocol.FILE_ID_PATTERN`); ValueError otherwise."""
     if not is_file_id(file_id):
@@ -119,4 +115,4 @@ class Downloads:
         return self._http.get_blob(url, deadline=limits.deadline)
 
 
-__all__ = ["DEFAULT_DOWNLOAD_TIMEOUT_S", "Downloads", "checked_file_id"]
+__all__ = ["Downloads", "checked_file_id"]

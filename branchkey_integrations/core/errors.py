@@ -255,3 +255,9 @@ __all__ = [
     "LeafFailedError",
     "SimulationTerminated",
 ]
+
+#: which surface exports each error: ``branchkey_integrations.server`` those of ``branchkey-local``, and
+#: ``branchkey_integrations.simulation`` the simulation's; the package's top level the rest, a leaf's
+SERVER_ERRORS = tuple(name for name in __all__ if issubclass(globals()[name], LocalServerError))
+SIMULATION_ERRORS = tuple(name for name in __all__ if issubclass(globals()[name], SimulationError))
+LEAF_ERRORS = tuple(name for name in __all__ if name not in SERVER_ERRORS + SIMULATION_ERRORS)

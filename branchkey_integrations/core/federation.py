@@ -32,8 +32,9 @@ import numpy as np
 from . import wire
 from .backoff import Backoff
 from .client import Client, DownloadBuffer
-from .client_options import check_client_options, check_seconds as _seconds
-from .protocol import DEFAULT_HOST, METRIC_MODES, START
+from .client_options import ClientOptions
+from .leaf_options import ON_TIMEOUT, LeafOptions, option_property as _option
+from .protocol import START
 from .credentials import Credentials, CredentialsLike
 from .errors import (
     AggregateMismatchError,
@@ -47,14 +48,14 @@ from .errors import (
     TransportError,
 )
 from .outcome import Layers, Outcome, RoundResult, Weighting, exchange as _exchange
-from .progress import AGGREGATE, RUN_START, SERVER, AggregateRef, ProgressListener, WaitProgress, rounds_behind
+from .progress import AGGREGATE, RUN_START, SERVER, AggregateRef, ProgressListener, WaitProgress
+from .progress import rounds_after_catching_up, rounds_behind
 from .waiter import Every
 from .watch import RoundNotes, WaitWatch
 from .wire import LayerSpec
 
 logger = logging.getLogger(__name__)
 
-ON_TIMEOUT = ("raise", "continue")
 _REFRESH_S = 5.0  # how often a paused round re-reads the run status over REST, in case a notification was lost
 _CONFLICT_BACKOFF = (0.1, 2.0, 2.0)  # initial, factor, maximum seconds between retries of an upload refused with 409
 
@@ -69,29 +70,17 @@ class Federation:
     Args:
         credentials: :class:`Credentials`, a dict, a JSON file path, or None for ``BRANCHKEY_*``
             environment variables. Checked here; the platform is contacted only by :meth:`connect`.
-        host: the API host (``https://app.branchkey.com`` or a ``branchkey-local`` URL).
-        timeout: seconds a round may take (run paused, waiting for the aggregate, downloading it) before
-            ``on_timeout`` applies; until then a server that is away (a restart) is asked again with
-            backoff, and the wait line says so. None waits forever, and must be asked for explicitly.
-        on_timeout: ``"raise"`` (:class:`AggregationTimeoutError`) or ``"continue"`` (the round
-            returns without an aggregate and the local model keeps training; so does a round whose
-            platform cannot be reached or answers 5xx).
-        log_every_s: while waiting, report progress (log at INFO, call the progress listeners) at least
-            this often.
+        host, timeout, on_timeout, log_every_s, transport, connect_timeout, client_options, check_every_s:
+            the options of :class:`~.leaf_options.LeafOptions` (what each means, its default), checked here,
+            once; all of them are ``options``. :meth:`from_options` takes a ``LeafOptions`` instead.
         on_progress: a progress listener (see :meth:`add_progress_listener`).
-        check_every_s: while waiting, ask the platform for the round's progress and a missed aggregate
-            this often (and at once after the notification channel reconnects).
-        transport: notification transport for :class:`Client` (``"auto"``, ``"websocket"``, ``"amqp"``).
-        connect_timeout: seconds :meth:`connect` waits for the notification channel to open.
-        client_options: further keyword arguments for :class:`Client` (``ssl``, ``rbmq_host``, ...),
-            checked here with :func:`~.client_options.check_client_options`.
 
     Raises:
         CredentialsError: a credential field is missing or malformed.
         ValueError: another argument (``transport`` and ``client_options`` included) is out of range,
             or a client option is unknown.
 
-    Example:
+    Example (skipped: it needs a running branchkey-local and credentials; tests/core runs it):
         >>> import numpy as np
         >>> federation = Federation("leaf_1.json", host="http://127.0.0.1:8080")  # doctest: +SKIP
         >>> federation.connect()  # doctest: +SKIP
@@ -103,37 +92,37 @@ class Federation:
     def __init__(
         self,
         credentials: CredentialsLike | None,
-        host: str = DEFAULT_HOST,
+        host: str = LeafOptions.host,
         *,
-        timeout: float | None = 3600.0,
-        on_timeout: str = "raise",
-        log_every_s: float = 60.0,
-        transport: str = "auto",
-        connect_timeout: float = 30.0,
-        client_options: dict[str, Any] | None = None,
+        timeout: float | None = LeafOptions.timeout,
+        on_timeout: str = LeafOptions.on_timeout,
+        log_every_s: float = LeafOptions.log_every_s,
+        transport: str = LeafOptions.transport,
+        connect_timeout: float = LeafOptions.connect_timeout,
+        client_options: dict[str, Any] | None = LeafOptions.client_options,
         on_progress: ProgressListener | None = None,
-        check_every_s: float = 5.0,
+        check_every_s: float = LeafOptions.check_every_s,
     ) -> None:
-        self._credentials = Credentials.load(credentials)
-        self.host = check_client_options({"host": host, "transport": transport})["host"]
-        self.timeout = None if timeout is None else _seconds("timeout", timeout, allow_none=True)
-        if on_timeout not in ON_TIMEOUT:
-            raise ValueError(f"Expected on_timeout in {ON_TIMEOUT}. Received: on_timeout={on_timeout!r}")
-        self.on_timeout = on_timeout
-        self.log_every_s = _seconds("log_every_s", log_every_s)
-        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self.check_every_s = _seconds("check_every_s", check_every_s)
+        options = LeafOptions(host, timeout=timeout, on_timeout=on_timeout, log_every_s=log_every_s,
+                              check_every_s=check_every_s, transport=transport, connect_timeout=connect_timeout,
+                              client_options=client_options)
+        self._start(Credentials.load(credentials), options, on_progress)
+
+    @classmethod
+    def from_options(cls, credentials: CredentialsLike | None, options: LeafOptions,
+                     on_progress: ProgressListener | None = None) -> Federation:
+        """A federation of ``options``, checked already (what the callbacks build theirs with)."""
+        federation = cls.__new__(cls)
+        federation._start(Credentials.load(credentials), options, on_progress)
+        return federation
+
+    def _start(self, credentials: Credentials, options: LeafOptions, on_progress: ProgressListener | None) -> None:
+        self._credentials = credentials
+        self.options = options
         if on_progress is not None and not callable(on_progress):
             raise ValueError(f"Expected on_progress to be a function of one WaitProgress. Received: {on_progress!r}")
         self._listeners: list[ProgressListener] = [on_progress] if on_progress is not None else []
         self._interrupted: str | None = None
-        self.transport = transport
-        self.client_options = dict(client_options or {})
-        for reserved in ("credentials", "host", "transport", "wait_for_run"):
-            if reserved in self.client_options:
-                raise ValueError(f"Expected client_options without {reserved!r} (set it on Federation itself). "
-                                 f"Received: client_options={self.client_options!r}")
-        check_client_options(self.client_options)  # a bad option fails here, not when the first round connects
         self.round = 0
         self.last_aggregation_id: str | None = None
         self.last_run_number: int | None = None  # run and round of last_aggregation_id, when the platform said
@@ -141,15 +130,23 @@ class Federation:
         self._client: Client | None = None
         self._download_buffer = DownloadBuffer()  # reused round after round: see DownloadBuffer
 
+    host = _option("host")
+    timeout = _option("timeout")
+    on_timeout = _option("on_timeout")
+    log_every_s = _option("log_every_s")
+    check_every_s = _option("check_every_s")
+    transport = _option("transport")
+    connect_timeout = _option("connect_timeout")
+    client_options = _option("client_options")
+
     # ------------------------------------------------------------ connection
-    def connect(self, client_factory: Callable[..., Client] = Client) -> Client:
-        """Create the client (once) and wait for its notification channel; return it.
+    def connect(self, client_factory: Callable[[Credentials, ClientOptions], Client] = Client.from_options) -> Client:
+        """Create the client (once, of ``options.client``) and wait for its notification channel; return it.
 
         :meth:`interrupt` ends the wait for the channel at once (the next round then raises).
         """
         if self._client is None:
-            client = client_factory(self._credentials, host=self.host, transport=self.transport,
-                                    wait_for_run=False, **self.client_options)
+            client = client_factory(self._credentials, self.options.client)
             self._client = client
             if self._interrupted is not None:
                 client.waiter.interrupt(self._interrupted)
@@ -234,6 +231,13 @@ class Federation:
         if self.last_run_number is not None and self.last_round_index is not None:
             state.update(last_run_number=self.last_run_number, last_round_index=self.last_round_index)
         return state
+
+    @property
+    def last_aggregate(self) -> AggregateRef | None:
+        """The last aggregate this leaf loaded, with its run and round when the platform said; None before one."""
+        if self.last_aggregation_id is None:
+            return None
+        return AggregateRef(self.last_aggregation_id, self.last_run_number, self.last_round_index)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = int(state.get("round", 0))
@@ -322,6 +326,7 @@ class Federation:
         """Load the branch's latest aggregate instead of uploading (the leaf is more than a round behind)."""
         archive = self._download(latest.aggregation_id, expected, deadline)
         aggregate = self.check_aggregate(archive.layers, expected, names)
+        number = rounds_after_catching_up(self.round, self.last_aggregate, latest)  # numbered as the branch's other leaves number it
         self._record(number, latest)
         logger.info("Round %d: caught up with aggregate %s", number, latest.aggregation_id)
         return RoundResult(latest.aggregation_id, aggregate, 0.0, 0.0, number, latest.run_number, latest.round_index,
@@ -334,9 +339,7 @@ class Federation:
         except BranchKeyError as exc:
             logger.debug("Round %d: round view unreadable before the upload: %s", number, exc)
             return None
-        last = None if self.last_aggregation_id is None else AggregateRef(
-            self.last_aggregation_id, self.last_run_number, self.last_round_index)
-        behind = 0 if view is None else rounds_behind(view, last, self.round)
+        behind = 0 if view is None else rounds_behind(view, self.last_aggregate, self.round)
         if view is None or behind < 2:
             return None
         latest = view.latest_aggregate
@@ -374,9 +377,9 @@ class Federation:
                 return 0, None, behind
             mark = self._drain_stale()
             try:
-                # run_round checked the weighting and every value already: the client does not check again
-                self.client._upload_arrays(weighting, layers, finite_checked=True)
-                return mark, self.client._upload_round, None  # where the platform said the upload went
+                # run_round checked every value already: the client does not check them again
+                receipt = self.client.upload_arrays(weighting, layers, values_checked=True)
+                return mark, receipt.round, None  # where the platform said the upload went
             except RunBlockedError:
                 continue  # the status changed between the check and the call
             except ApiError as exc:
@@ -475,9 +478,8 @@ class Federation:
     # --------------------------------------------------------------- metrics
     def send_metrics(self, data: dict[str, Any] | str, mode: str = "train",
                      aggregation_id: str | None = None) -> bool:
-        """Send metrics for ``aggregation_id`` (default: the last aggregate); False when refused or none yet."""
-        if mode not in METRIC_MODES:
-            raise ValueError(f"Expected mode in {METRIC_MODES}. Received: mode={mode!r}")
+        """Send metrics for ``aggregation_id`` (default: the last aggregate); False when refused or none yet.
+        ``mode`` is checked by :meth:`Client.send_performance_metrics`, the one check of it."""
         aggregation_id = aggregation_id or self.last_aggregation_id
         if aggregation_id is None:
             logger.debug("No aggregate yet: metrics not sent")
@@ -495,7 +497,7 @@ class Federation:
         called inside, so that a failure to produce them is an outcome as well (a DDP rank 0 must reach its
         broadcast whatever happens).
         """
-        return _exchange(self, layers, weighting, names, snapshot_dir)
+        return _exchange(self.run_round, layers, weighting, names, snapshot_dir)
 
     def record_round(self, number: int, aggregation_id: str | None = None, run_number: int | None = None,
                      round_index: int | None = None) -> None:

@@ -16,16 +16,13 @@ import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 
 from . import wire
 from .errors import BranchKeyError, RequestRejectedError, RoundInterrupted, RunStopped
 from .snapshots import save_snapshot
-
-if TYPE_CHECKING:  # run-time import would be circular: Federation.exchange delegates to this module
-    from .federation import Federation
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +106,22 @@ class Outcome:
             return replace(self, error=BranchKeyError(f"{type(self.error).__name__} on global rank 0: {self.error}"))
 
 
-def exchange(federation: Federation, layers: Layers, weighting: Weighting, names: Sequence[str] | None = None,
+#: how :func:`exchange` runs the round: :meth:`Federation.run_round` (arrays, weighting, names=...)
+RunRound = Callable[..., RoundResult]
+
+
+def exchange(run_round: RunRound, layers: Layers, weighting: Weighting, names: Sequence[str] | None = None,
              snapshot_dir: Path | None = None) -> Outcome:
-    """One round as an :class:`Outcome`; see :meth:`Federation.exchange`, which is the way to call it."""
+    """One ``run_round`` as an :class:`Outcome`; see :meth:`Federation.exchange`, which is the way to call it."""
     try:
         arrays = list(layers() if callable(layers) else layers)
-        result = federation.run_round(arrays, weighting() if callable(weighting) else weighting, names=names)
+        result = run_round(arrays, weighting() if callable(weighting) else weighting, names=names)
         if result.timed_out:
             return Outcome("timeout", result)
         if snapshot_dir is not None:
-            save_snapshot(snapshot_dir, result, names if names is not None else
-                          [wire.layer_key(i) for i in range(len(arrays))])
+            assert result.aggregation_id is not None and result.layers is not None
+            save_snapshot(snapshot_dir, result.round, result.aggregation_id, result.layers,
+                          names if names is not None else [wire.layer_key(i) for i in range(len(arrays))])
         return Outcome("done", result)
     except (RunStopped, RoundInterrupted) as exc:
         logger.info("%s Stopping training.", exc)
@@ -153,4 +155,4 @@ def name_refused_layers(error: RequestRejectedError, names: Sequence[str]) -> Re
                                 "the same parameters)", error.status_code)
 
 
-__all__ = ["OUTCOME_KINDS", "RoundResult", "Outcome", "Layers", "Weighting", "exchange", "layer_names_in", "name_refused_layers"]
+__all__ = ["OUTCOME_KINDS", "RoundResult", "Outcome", "Layers", "Weighting", "RunRound", "exchange", "layer_names_in", "name_refused_layers"]

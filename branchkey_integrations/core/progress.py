@@ -1,6 +1,6 @@
 """What a waiting leaf knows about its round, as values: the server's view and the progress of a wait.
 
-This module owns two read-only values and nothing that talks to the platform:
+This module owns read-only values about rounds, and nothing that talks to the platform:
 
 - :class:`RoundView`: one answer of ``GET`` :data:`~.protocol.ROUND_PATH` (branchkey-local): the branch's
   run, its open round (who has uploaded, who is missing, whose upload was refused and why) and its latest
@@ -9,6 +9,9 @@ This module owns two read-only values and nothing that talks to the platform:
   waits (at the start of a wait, whenever the progress changes, and at least every ``log_every_s``). The
   Lightning and Keras callbacks print it in the framework's own output; :attr:`WaitProgress.message` is
   the one line they show.
+- :class:`AggregateRef` and :class:`UploadReceipt`: an aggregate, or an upload (what
+  :meth:`~.client.Client.upload_arrays` returns), and the run and round it belongs to; with
+  :func:`rounds_behind` and :func:`rounds_after_catching_up`, the arithmetic of a leaf behind its branch.
 
 Why values: a listener runs on the training thread between two waits, and may keep or print what it was
 given; nothing in it changes behind its back.
@@ -125,6 +128,51 @@ def parse_round_view(data: dict[str, Any], context: str = "round progress") -> R
                      data.get("deadline_at"), ref)
 
 
+@dataclass(frozen=True)
+class UploadReceipt:
+    """What one upload was: the platform's ``file_id``, the run and round it went into (None when the
+    platform did not say: the hosted platform), its ``size`` in bytes, and ``mark``, the count of aggregation
+    ids this client had received just before it (its round's aggregate comes after: see
+    :meth:`~.waiter.RoundWaiter.drain`).
+
+    Example:
+        >>> receipt = UploadReceipt("f00d", 1, 4, 1024)
+        >>> receipt.round
+        (1, 4)
+    """
+
+    file_id: str
+    run_number: int | None
+    round_index: int | None
+    size: int
+    mark: int = 0
+
+    @property
+    def round(self) -> tuple[int, int] | None:
+        """``(run_number, round_index)``, or None when the platform did not say."""
+        if self.run_number is None or self.round_index is None:
+            return None
+        return self.run_number, self.round_index
+
+
+
+def rounds_after_catching_up(rounds_done: int, last: AggregateRef | None, latest: AggregateRef) -> int:
+    """The round count of a leaf that caught up with ``latest``: its count before, plus the rounds its branch went
+    through since the leaf's ``last`` aggregate, so that it numbers the next rounds as the other leaves do. When
+    the platform did not tag both aggregates (or the run changed), one more than before.
+
+    Example:
+        >>> rounds_after_catching_up(1, AggregateRef("a1", 1, 0), AggregateRef("a3", 1, 2))  # the branch holds round 3
+        3
+        >>> rounds_after_catching_up(1, None, AggregateRef("a3", 1, 2))
+        2
+    """
+    if last is None or not (last.tagged and latest.tagged) or last.run_number != latest.run_number:
+        return rounds_done + 1
+    assert latest.round_index is not None and last.round_index is not None
+    return rounds_done + max(1, latest.round_index - last.round_index)
+
+
 def rounds_behind(view: RoundView, last: AggregateRef | None, rounds_done: int) -> int:
     """How many of the branch's aggregates a leaf has missed: 0 when it holds the latest or cannot tell.
 
@@ -237,5 +285,5 @@ class WaitProgress:
 #: what :meth:`Federation.add_progress_listener` accepts
 ProgressListener = Callable[[WaitProgress], None]
 
-__all__ = ["RUN_START", "AGGREGATE", "SERVER", "WAITING_FOR", "RefusedUpload", "AggregateRef", "RoundView",
-           "parse_round_view", "rounds_behind", "WaitProgress", "ProgressListener"]
+__all__ = ["UploadReceipt", "RUN_START", "AGGREGATE", "SERVER", "WAITING_FOR", "RefusedUpload", "AggregateRef", "RoundView",
+           "parse_round_view", "rounds_behind", "rounds_after_catching_up", "WaitProgress", "ProgressListener"]

@@ -11,10 +11,9 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:  # run-time import would be circular: outcome.py writes snapshots through this module
-    from .outcome import RoundResult
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +30,17 @@ def require_safetensors(snapshot_dir: Path, extra: str | None = None) -> None:
         ) from exc
 
 
-def save_snapshot(directory: Path, result: RoundResult, names: Sequence[str]) -> Path:
-    """Write the aggregate of ``result`` as ``round_<n>.safetensors``: named tensors, loadable without pickle."""
+def save_snapshot(directory: Path, round_number: int, aggregation_id: str, layers: Sequence[np.ndarray],
+                  names: Sequence[str]) -> Path:
+    """Write the aggregate ``layers`` of round ``round_number`` as ``round_<n>.safetensors``: named tensors,
+    loadable without pickle."""
     from safetensors.numpy import save_file  # optional: checked by require_safetensors at construction
 
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"round_{result.round:05d}.safetensors"
-    save_file(dict(zip(names, result.layers)), str(path),
-              metadata={"aggregation_id": str(result.aggregation_id), "round": str(result.round)})
-    logger.debug("Saved the aggregate of round %d to %s", result.round, path)
+    path = directory / f"round_{round_number:05d}.safetensors"
+    save_file(dict(zip(names, layers)), str(path),
+              metadata={"aggregation_id": str(aggregation_id), "round": str(round_number)})
+    logger.debug("Saved the aggregate of round %d to %s", round_number, path)
     return path
 
 

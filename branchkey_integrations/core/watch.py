@@ -20,20 +20,38 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from .errors import BranchKeyError
 from .progress import AGGREGATE, ProgressListener, RefusedUpload, RoundView, WaitProgress
-from .waiter import Every
+from .waiter import Every, RoundWaiter
 
 if TYPE_CHECKING:
-    from .client import Client
     from .http import Away
 
 logger = logging.getLogger(__name__)
 
 
-def hand_over_latest(client: Client, view: RoundView | None, target: tuple[int, int]) -> str | None:
+class RoundSource(Protocol):
+    """What a watch reads of the leaf's client (:class:`~.client.Client` is one): its round view, its waiter,
+    and the run it knows of. A structural type, so that this module, which the client uses, needs nothing of it."""
+
+    @property
+    def branch_id(self) -> str: ...
+
+    @property
+    def run_number(self) -> int | None: ...
+
+    @property
+    def run_status(self) -> str | None: ...
+
+    @property
+    def waiter(self) -> RoundWaiter: ...
+
+    def get_round(self) -> RoundView | None: ...
+
+
+def hand_over_latest(client: RoundSource, view: RoundView | None, target: tuple[int, int]) -> str | None:
     """Give the waiter the branch's latest aggregate when it closes ``target`` (run, round index) or a later
     round, and it was not received yet; return its id then, else None."""
     latest = view.latest_aggregate if view is not None else None
@@ -46,7 +64,7 @@ def hand_over_latest(client: Client, view: RoundView | None, target: tuple[int, 
     return None
 
 
-def find_missed_aggregate(client: Client, target: tuple[int, int]) -> None:
+def find_missed_aggregate(client: RoundSource, target: tuple[int, int]) -> None:
     """Ask the platform for the aggregate of ``target`` (see :func:`hand_over_latest`); errors are only logged."""
     try:
         view = client.get_round()
@@ -80,7 +98,7 @@ class WaitWatch:
         notes: the round's :class:`RoundNotes`, shared by its waits.
     """
 
-    def __init__(self, client: Client, number: int, waiting_for: str, listeners: Sequence[ProgressListener], *,
+    def __init__(self, client: RoundSource, number: int, waiting_for: str, listeners: Sequence[ProgressListener], *,
                  log_every_s: float, check_every_s: float, target: tuple[int, int] | None = None,
                  notes: RoundNotes | None = None) -> None:
         self.client = client
@@ -188,4 +206,4 @@ class WaitWatch:
         return progress
 
 
-__all__ = ["RoundNotes", "WaitWatch", "hand_over_latest", "find_missed_aggregate"]
+__all__ = ["RoundSource", "RoundNotes", "WaitWatch", "hand_over_latest", "find_missed_aggregate"]

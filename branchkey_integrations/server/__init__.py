@@ -9,16 +9,23 @@ Example:
     >>> store.close()
 
 ``create_app`` needs aiohttp and is imported on first use, so the store (and the CLI's
-``init``) work without it.
+``init``) work without it. The server's errors (:class:`LocalServerError` and its subclasses) are
+exported here; their classes live in ``core/errors.py`` with every other.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..core.errors import (
+    AggregationError, BrokerArgumentError, BrokerError, InvalidValueError, LocalServerError, QuotaExceededError,
+    RecordNotFoundError, RoundClosedError, RoundInProgressError, RunNotStartedError, StorageFullError,
+    UploadInterruptedError,
+)
+from ..core.errors import SERVER_ERRORS
 from .store import Store
 
-__all__ = ["Store", "create_app"]
+__all__ = ["Store", "create_app", *SERVER_ERRORS]
 
 
 def __getattr__(name: str) -> Any:

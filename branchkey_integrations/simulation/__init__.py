@@ -2,4 +2,12 @@
 settings), ``data`` (digits and partitions), ``frameworks`` with ``lightning_model`` and ``keras_model``
 (the model and its training, per framework), ``leaf`` (the leaf process), ``local_server`` (the embedded
 server), ``supervisor`` (child processes and signals), ``orchestrator`` (one run), ``progress``,
-``report`` and ``errors``. Nothing here is imported by ``import branchkey_integrations``."""
+``report``. Nothing here is imported by ``import branchkey_integrations``. The simulation's errors
+(:class:`SimulationError` and its subclasses) are exported here; their classes live in ``core/errors.py``.
+"""
+
+from ..core.errors import (
+    SIMULATION_ERRORS, EmbeddedServerError, LeafFailedError, PartitionError, SimulationError, SimulationTerminated,
+)
+
+__all__ = [*SIMULATION_ERRORS]

@@ -32,6 +32,8 @@ class EmbeddedServer:
     data_dir: Path
     amqp_url: str | None = None
     start_timeout_s: float = 60.0
+    log_level: str = "WARNING"
+    serve_args: tuple[str, ...] = ()  # more ``serve`` options, e.g. ("--max-compression-ratio", "2000")
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
@@ -41,10 +43,11 @@ class EmbeddedServer:
 
     def start(self) -> "EmbeddedServer":
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        command = [sys.executable, "-m", "branchkey_integrations.cli", "--log-level", "WARNING", "serve",
+        command = [sys.executable, "-m", "branchkey_integrations.cli", "--log-level", self.log_level, "serve",
                    "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", "0"]
         if self.amqp_url:
             command += ["--amqp-url", self.amqp_url]
+        command += self.serve_args
         with open(self.log_path, "ab") as log:
             # a session of its own: Ctrl-C in the terminal reaches the parent only, which stops us in order
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,15 +11,16 @@ import sys
 import numpy as np
 import pytest
 
-from branchkey_integrations.core.callback_kit import CallbackSettings, FederatedCallbackMixin, travels_as_float32
+from branchkey_integrations.core.callback_kit import LEAF_OPTION_NAMES, CallbackSettings, FederatedCallbackMixin
+from branchkey_integrations.core.callback_kit import travels_as_float32
+from branchkey_integrations.core.leaf_options import LeafOptions
 from branchkey_integrations.core.errors import AggregationTimeoutError, BranchKeyError, CredentialsError
 from branchkey_integrations.core.errors import RequestRejectedError, RunStopped
 from branchkey_integrations.core.federation import Federation, RoundResult
 from branchkey_integrations.core.outcome import Outcome
 
-CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
-         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
-         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+from ..conftest import CREDS
+
 HOST = "http://127.0.0.1:1"
 NAMES = ["encoder.weight", "encoder.bias"]
 LAYERS = [np.ones((2, 3), np.float32), np.zeros(3, np.float32)]
@@ -80,6 +81,21 @@ def test_the_shared_constructor_has_the_settings_defaults():
     shared = [name for name in signature if name != "self"]
     assert all(signature[name].default == fields[name].default for name in shared)
     assert set(fields) - set(shared) == {"num_samples_required", "install_extra"}
+
+
+def test_every_leaf_option_is_a_callback_option_with_the_same_default_and_reaches_the_federation():
+    """LeafOptions writes the round's defaults once: the callbacks take every one of them (check_every_s and
+    connect_timeout included) and hand them to their Federation."""
+    signature = inspect.signature(FederatedCallbackMixin.__init__).parameters
+    for name in LEAF_OPTION_NAMES:
+        assert signature[name].default == getattr(LeafOptions, name), name
+    settings = CallbackSettings(CREDS, HOST, check_every_s=0.5, connect_timeout=2, timeout=9,
+                                client_options={"request_timeout": 4})
+    options = settings.federation.options
+    assert (options.check_every_s, options.connect_timeout, options.timeout) == (0.5, 2.0, 9.0)
+    assert options.client.request_timeout == 4.0 and options.client.host == HOST
+    with pytest.raises(ValueError, match="Received: check_every_s=0"):
+        CallbackSettings(CREDS, HOST, check_every_s=0)
 
 
 def test_dtypes_that_travel_as_float32_are_matched_by_name():

@@ -4,6 +4,7 @@ the real protocol paths are exercised against branchkey-local in tests/integrati
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import socket
@@ -32,9 +33,9 @@ from branchkey_integrations.core.errors import (
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.protocol import AGGREGATION_STATUS, RUN_STATUS, Notification
 
+from ..conftest import SHORT_CREDS as CREDS
 from ..conftest import wait_until
 
-CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
 
 
 class Scripted(ThreadingHTTPServer):
@@ -212,7 +213,7 @@ def test_wait_for_run_start_rechecks_over_rest_and_wakes_on_a_notification(scrip
     assert client.run_status == "start"
     notifier.join(10)  # it re-reads the run details after 'start': let that finish before pausing again
     client._on_notification(Notification(RUN_STATUS, {"run_status": "pause"}))
-    client._run_check_interval_s = 30.0
+    client.options = dataclasses.replace(client.options, run_check_interval_s=30.0)
     with pytest.raises(RunBlockedError, match="still 'pause' after 0.2 s"):
         client.wait_for_run_start(timeout=0.2)
 

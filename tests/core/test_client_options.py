@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from branchkey_integrations import Client
 from branchkey_integrations.core.client import check_client_options, check_host
-from branchkey_integrations.core.client_options import CLIENT_OPTIONS, TRANSPORTS
+from branchkey_integrations.core.client_options import CLIENT_OPTIONS, TRANSPORTS, ClientOptions
 from branchkey_integrations.core.federation import Federation
+from branchkey_integrations.core.leaf_options import LeafOptions
 
-CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+from ..conftest import SHORT_CREDS as CREDS
+
 HOST = "http://127.0.0.1:9"  # nothing listens: a check that let a bad value through would fail on the network instead
 
 BAD_VALUES = [
@@ -31,9 +34,9 @@ def test_every_client_argument_has_a_rule():
 
 
 def test_good_options_come_back_normalized():
-    checked = check_client_options({"host": HOST + "/", "timeout": 5, "proxies": None, "output_dir": Path("out"),
+    checked = check_client_options({"host": HOST + "/", "request_timeout": 5, "proxies": None, "output_dir": Path("out"),
                                     "ssl": "ca.pem", "transport": "websocket", "backoff_factor": 0})
-    assert checked == {"host": HOST, "timeout": 5.0, "proxies": None, "output_dir": Path("out"), "ssl": "ca.pem",
+    assert checked == {"host": HOST, "request_timeout": 5.0, "proxies": None, "output_dir": Path("out"), "ssl": "ca.pem",
                        "transport": "websocket", "backoff_factor": 0.0}
     assert check_host("https://app.branchkey.com/") == "https://app.branchkey.com"
 
@@ -54,6 +57,25 @@ def test_a_bad_value_fails_the_same_way_in_client_and_federation(name, value):
     with pytest.raises(ValueError) as by_federation:
         Federation(CREDS, **{"host": HOST, **federation_kwargs})
     assert message in str(by_federation.value)
+
+
+def test_the_per_request_timeout_is_request_timeout_and_the_old_name_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="now called 'request_timeout'"):
+        assert check_client_options({"timeout": 5}) == {"request_timeout": 5.0}
+    with pytest.warns(DeprecationWarning):
+        federation = Federation(CREDS, HOST, timeout=60, client_options={"timeout": 5})
+    assert federation.options.client.request_timeout == 5.0 and federation.timeout == 60.0  # the round's is apart
+    assert ClientOptions().request_timeout == inspect.signature(Client).parameters["request_timeout"].default
+    with pytest.raises(ValueError, match="request_timeout or its old name timeout, not both"):
+        ClientOptions.checked({"timeout": 5, "request_timeout": 6})
+
+
+def test_client_and_federation_read_their_defaults_from_the_options_objects():
+    for function, options in ((Client, ClientOptions()), (Federation, LeafOptions())):
+        defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()
+                    if p.default is not inspect.Parameter.empty and hasattr(options, name)}
+        assert len(defaults) >= 8 and defaults == {name: getattr(type(options), name) for name in defaults}
+    assert {f.name for f in fields(LeafOptions) if f.init} <= set(inspect.signature(Federation).parameters)
 
 
 def test_federation_refuses_a_bogus_transport_at_construction_listing_the_allowed_ones():

@@ -15,11 +15,8 @@ from branchkey_integrations.core.errors import AggregateMismatchError, RunStoppe
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.wire import LayerSpec
 
-from ..conftest import wait_until
+from ..conftest import CREDS, wait_until
 
-CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
-         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
-         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
 NAMES = ["encoder.weight", "encoder.bias"]
 
 
@@ -225,3 +222,22 @@ def test_stop_while_waiting_for_the_aggregate_raises_run_stopped(inprocess_serve
     assert "stopped during round 1" in str(box["error"])
     with pytest.raises(RunStopped, match="stopped before round 1"):
         leaf.run_round(layers_for(0), 1.0)
+
+
+def test_an_upload_says_what_it_uploaded_into_which_run_and_round(inprocess_server, federations, tmp_path):
+    """Client.upload_arrays returns an UploadReceipt (Federation reads where its upload went from it, not from a
+    private); upload_weights and file_upload still return the file id, as 2.7.1's do, and last_upload holds it."""
+    server, credentials = inprocess_server(2)
+    a, b = (connect(c, server, federations) for c in credentials)
+    client = a.client
+    file_id = client.upload_weights(5, layers_for(1))
+    receipt = client.last_upload
+    assert isinstance(file_id, str) and receipt is not None and receipt.file_id == file_id
+    assert receipt.round == (receipt.run_number, receipt.round_index) == (1, 0) and receipt.size > 16 * 4
+    path = client.save_weights(tmp_path / "w", 5, layers_for(2))
+    assert client.file_upload(path) == client.last_upload.file_id and client.last_upload.round == (1, 0)
+    again = client.upload_arrays(5, layers_for(3))  # the leaf's upload of the round, replaced
+    assert again is client.last_upload and again.round == (1, 0)
+    result = b.run_round(layers_for(4), 5)
+    assert (result.run_number, result.round_index) == (1, 0)
+    assert b.client.last_upload.round == (1, 0) and b.client.last_upload.file_id != again.file_id

@@ -30,7 +30,8 @@ from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.protocol import parse_notification
 from branchkey_integrations.core.transfer import DownloadBuffer
 
-CREDS = {"id": "leaf-1", "name": "site-a", "session_token": "tok", "owner_id": "o", "tree_id": "t", "branch_id": "b"}
+from ..conftest import SHORT_CREDS as CREDS
+
 RUN = {"data": {"run_status": "start", "run_number": 1}}
 MiB = 1024**2
 HUGE_BODY = 256 * MiB  # what a lying server would send when nobody stops it: far over any limit here
@@ -188,7 +189,7 @@ UPLOAD_OK = {"/api/v1/file/upload": json_route({"data": {"file_id": "up-1", "run
 
 
 def client_for(server: Hostile, **kwargs: object) -> Client:
-    return Client(CREDS, host=server.url, transport="none", backoff_factor=0, max_retries=0, timeout=5, **kwargs)
+    return Client(CREDS, host=server.url, transport="none", backoff_factor=0, max_retries=0, request_timeout=5, **kwargs)
 
 
 def zip_bomb(inflated: int) -> bytes:

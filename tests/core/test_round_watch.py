@@ -235,13 +235,14 @@ def test_a_leaf_two_rounds_behind_catches_up_and_then_completes_a_round_with_the
     with caplog.at_level(logging.WARNING, logger="branchkey_integrations"):
         caught = resumed.run_round(layers_for(4), 1.0)
     assert caught.caught_up and caught.upload_mb == 0 and caught.aggregation_id == latest.aggregation_id
+    assert caught.round == resumed.round == latest.round == 3  # the Federation numbers rounds as its branch does
     for got, want in zip(caught.layers, latest.layers):
         np.testing.assert_array_equal(got, want)
     assert "is 2 rounds behind branch" in caplog.text and "resumed from an older checkpoint?" in caplog.text
     together = resumed.run_round(layers_for(5), 1.0)
     box["thread"].join(30)
     assert not together.caught_up and together.aggregation_id == box["result"].aggregation_id
-    assert (together.run_number, together.round_index) == (1, 3)
+    assert (together.run_number, together.round_index) == (1, 3) and together.round == 4
 
 
 def test_continue_skips_a_round_whose_server_is_gone_and_says_so_once(tmp_path, federations, caplog):

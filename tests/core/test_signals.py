@@ -12,17 +12,17 @@ from dataclasses import replace
 
 import pytest
 
-from branchkey_integrations.core.callback_kit import FederatedCallbackMixin, describe_outcome, rounds_after_catching_up
+from branchkey_integrations.core.callback_kit import FederatedCallbackMixin, describe_outcome
+from branchkey_integrations.core.progress import AggregateRef, rounds_after_catching_up
 from branchkey_integrations.core.errors import AggregationTimeoutError, RoundInterrupted, RunStopped
 from branchkey_integrations.core.outcome import Outcome, RoundResult
 from branchkey_integrations.core.progress import WaitProgress
 from branchkey_integrations.core.signals import InterruptOnSignals, exit_status, interactive, signal_name
 from branchkey_integrations.core.waiter import RoundWaiter
 
+from ..conftest import CREDS
 
-CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf_1", "session_token": "t" * 32,
-         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
-         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
+
 
 
 @pytest.fixture
@@ -104,11 +104,12 @@ def test_exit_status_and_names():
 
 
 def test_a_leaf_that_caught_up_counts_the_rounds_its_branch_went_through():
-    result = RoundResult("agg-5", [], 0.0, 0.0, round=2, run_number=1, round_index=4, caught_up=True)
-    assert rounds_after_catching_up(1, 1, 0, result) == 5  # resumed after round 1 (index 0); the branch holds index 4
-    assert rounds_after_catching_up(3, 1, 2, result) == 5
-    assert rounds_after_catching_up(1, None, None, result) == 2  # untagged: the core's count
-    assert rounds_after_catching_up(1, 0, 7, result) == 2  # another run: the core's count
+    latest = AggregateRef("agg-5", 1, 4)
+    assert rounds_after_catching_up(1, AggregateRef("a", 1, 0), latest) == 5  # resumed after round 1 (index 0)
+    assert rounds_after_catching_up(3, AggregateRef("a", 1, 2), latest) == 5
+    assert rounds_after_catching_up(1, AggregateRef("a"), latest) == 2  # untagged: one more than before
+    assert rounds_after_catching_up(1, None, latest) == 2
+    assert rounds_after_catching_up(1, AggregateRef("a", 0, 7), latest) == 2  # another run: one more than before
 
 
 @pytest.mark.parametrize("outcome, signum, line", [

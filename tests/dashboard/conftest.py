@@ -12,11 +12,9 @@ from typing import Iterator
 
 import pytest
 
-from ..conftest import IN_CI
+from benchmarks.harness import CHROMIUM, CHROMIUM_ARGS  # shared with the dashboard benchmark
 
-CHROMIUM = os.environ.get("BRANCHKEY_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from ..conftest import IN_CI
 
 
 def _missing() -> str | None:

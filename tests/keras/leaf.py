@@ -45,8 +45,8 @@ def main(config: dict) -> None:
     from .models import Recorder, data, tiny_model
 
     uploads = []
-    original = Client._upload_arrays  # the one path both upload_weights and Federation take
-    Client._upload_arrays = lambda self, *a, **k: uploads.append(1) or original(self, *a, **k)
+    original = Client.upload_arrays  # the one path both upload_weights and Federation take
+    Client.upload_arrays = lambda self, *a, **k: uploads.append(1) or original(self, *a, **k)
     x, y = data(config["samples"], config["seed"])
     with scope:
         model = tiny_model(seed=config["seed"])

@@ -18,13 +18,10 @@ from branchkey_integrations.core.errors import AggregateMismatchError
 from branchkey_integrations.core.wire import Archive
 from branchkey_integrations.keras import BranchKeyKerasCallback, federated_variables, to_numpy
 
-from ..conftest import partner_upload, wait_until
+from ..conftest import CREDS, partner_upload, wait_until
 from .models import Recorder, data, snapshot, tiny_model
 from .test_leaves import PARAMS, weighted_mean
 
-CREDS = {"id": "5b2a1f0e-7c3d-4e5f-8a9b-0c1d2e3f4a5b", "name": "leaf-a", "session_token": "t" * 32,
-         "owner_id": "6c3b2a1f-8d4e-4f60-9bac-1d2e3f4a5b6c", "tree_id": "7d4c3b2a-9e5f-4071-acbd-2e3f4a5b6c7d",
-         "branch_id": "8e5d4c3b-af60-4182-bdce-3f4a5b6c7d8e"}
 HOST = "http://127.0.0.1:1"
 X, Y = data(8, 0)
 NORM = ["tiny/norm/gamma", "tiny/norm/beta"]

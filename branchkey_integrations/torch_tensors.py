@@ -1,0 +1,73 @@
+"""PyTorch tensors to BranchKey's arrays and back, for any adapter that trains a ``torch.nn.Module``.
+
+Framework-neutral: it needs torch, nothing of Lightning, so the Lightning callback and any other torch
+adapter (a Hugging Face ``Trainer`` callback) share one definition of which tensors a round exchanges
+(:func:`federated_tensors`), how a tensor travels (:func:`to_numpy`: a host copy, bfloat16 and float16 as
+float32), how an aggregate is loaded (:func:`load_arrays`: in place, each tensor keeping its device and
+dtype) and FedProx's gradient term (:func:`add_proximal_gradient`).
+
+Example:
+    >>> import numpy as np, torch
+    >>> layer = torch.nn.Linear(2, 1).to(torch.bfloat16)
+    >>> tensors = federated_tensors(layer)
+    >>> [(name, to_numpy(t).dtype) for name, t in tensors]
+    [('weight', dtype('float32')), ('bias', dtype('float32'))]
+    >>> load_arrays(tensors, [np.ones((1, 2), np.float32), np.zeros(1, np.float32)])
+    >>> layer.weight.dtype, float(layer.weight.detach().sum())
+    (torch.bfloat16, 2.0)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .core.callback_kit import travels_as_float32
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("branchkey_integrations.torch_tensors needs PyTorch: pip install torch "
+                      "(the 'branchkey-integrations[lightning]' extra includes it)") from exc
+
+
+def federated_tensors(module: torch.nn.Module, buffers: str = "local") -> list[tuple[str, torch.Tensor]]:
+    """The tensors a round exchanges, in registration order: trainable parameters, then float buffers
+    when ``buffers="average"`` (integer buffers such as ``num_batches_tracked`` are counters, never averaged)."""
+    tensors = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if buffers == "average":
+        tensors += [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
+    return tensors
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU copy for upload; bfloat16 and float16 travel as float32."""
+    tensor = tensor.detach()
+    if travels_as_float32(tensor.dtype):
+        tensor = tensor.float()
+    return tensor.cpu().numpy().copy()
+
+
+def load_arrays(tensors: list[tuple[str, torch.Tensor]], arrays: list[np.ndarray]) -> None:
+    """Copy checked arrays into the same tensor objects, keeping each tensor's device and dtype
+    (the optimizer holds references to these Parameters, so they must not be replaced)."""
+    with torch.no_grad():
+        for (_, tensor), array in zip(tensors, arrays):
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(tensor.device, tensor.dtype))
+
+
+def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor], optimizer: Any, mu: float) -> None:
+    """FedProx's gradient term: ``grad += mu * (w - w_g)`` for each of ``params`` (with ``anchors`` its w_g)
+    that ``optimizer`` steps and that has a gradient, in place, in one fused pass per tensor list. The difference
+    is taken first (one temporary per step): ``grad + mu*w - mu*w_g`` would cancel away a bf16 gradient."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    pairs = [(p, g) for p, g in zip(params, anchors) if p.grad is not None and id(p) in stepped]
+    if not pairs:
+        return
+    with torch.no_grad():
+        weights, anchor = [p for p, _ in pairs], [g for _, g in pairs]
+        torch._foreach_add_([p.grad for p in weights], torch._foreach_sub(weights, anchor), alpha=mu)
+
+
+__all__ = ["federated_tensors", "to_numpy", "load_arrays", "add_proximal_gradient"]
