@@ -107,3 +107,18 @@ def test_codec_names_are_checked_when_registered(bz2_codec) -> None:
     with pytest.raises(ValueError, match="built in"):
         codecs.unregister_codec("deflate")
     assert "bz2-toy" in codecs.codec_names() and codecs.codec_named("none") is codecs.STORED
+
+
+def test_the_readme_codec_example_runs_as_written(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    start = "```python\nfrom branchkey_integrations.core.codecs import Codec"
+    block = text[text.index(start) + len("```python\n"):]
+    block = block[:block.index("```")]
+    exec(compile(block, "README.md", "exec"), {})  # registers "bz2"
+    try:
+        layers = model()[:2]
+        data = wire.encode(layers, 2.0, compression="bz2")
+        for got, want in zip(wire.decode(data).layers, layers):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        codecs.unregister_codec("bz2")
