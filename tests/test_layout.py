@@ -70,13 +70,13 @@ def runtime_imports(path: Path) -> set[str]:
 CORE_LAYERS = {
     # the transport layer: knows the protocol, nothing of rounds or frameworks
     "errors": set(), "backoff": set(), "protocol": {"errors"}, "credentials": {"errors"},
-    # the model archive: codecs and the zip container below the archive rules; wire is their facade
-    "codecs": {"errors"}, "zipformat": {"errors", "codecs"}, "npy": {"errors", "zipformat"},
+    # the model archive: tensor codecs and the zip container below the archive rules; wire is their facade
+    "tensor_codecs": {"errors"}, "zipformat": {"errors", "tensor_codecs"}, "npy": {"errors", "zipformat"},
     "archive": {"errors", "protocol"}, "payload_kinds": {"errors", "protocol", "archive"},
-    "archive_write": {"errors", "archive", "codecs", "npy", "payload_kinds", "zipformat"},
-    "archive_read": {"errors", "protocol", "archive", "codecs", "npy", "payload_kinds", "zipformat"},
-    "wire": {"errors", "protocol", "archive", "archive_read", "archive_write", "codecs", "payload_kinds", "zipformat"},
-    "http": {"errors", "backoff"}, "transfer": {"errors", "wire", "codecs"}, "client_options": {"errors", "protocol"},
+    "archive_write": {"errors", "archive", "tensor_codecs", "npy", "payload_kinds", "zipformat"},
+    "archive_read": {"errors", "protocol", "archive", "tensor_codecs", "npy", "payload_kinds", "zipformat"},
+    "wire": {"errors", "protocol", "archive", "archive_read", "archive_write", "tensor_codecs", "payload_kinds", "zipformat"},
+    "http": {"errors", "backoff"}, "transfer": {"errors", "wire", "tensor_codecs"}, "client_options": {"errors", "protocol"},
     "download": {"errors", "protocol", "wire", "http", "transfer"},
     "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
     "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "waiter"},

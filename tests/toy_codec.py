@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bz2
 
-from branchkey_integrations.core.codecs import Codec
+from branchkey_integrations.core.tensor_codecs import Codec
 
 
 class Bz2Codec(Codec):

@@ -3,7 +3,7 @@
 Decoding reads each member's ``.npy`` header itself and checks it against the zip entry before
 allocating anything, so a hostile archive (a zip bomb, a header that claims a terabyte, an object
 dtype that would need pickle) is refused with :class:`ArchiveTooLargeError` or :class:`ArchiveError`
-instead of exhausting memory. Each member is decoded by the codec it names (:mod:`.codecs`); the
+instead of exhausting memory. Each member is decoded by the codec it names (:mod:`.tensor_codecs`); the
 members an archive may hold are its payload kind's (:mod:`.payload_kinds`).
 
 Example:
@@ -23,7 +23,7 @@ import numpy as np
 
 from .archive import (DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, Archive, LayerSpec, all_finite,
                       check_compression_ratio, layer_key)
-from .codecs import ZIP_STORED, codec_of, crc32
+from .tensor_codecs import ZIP_STORED, codec_of, crc32
 from .errors import ArchiveError, ArchiveTooLargeError
 from .npy import read_header, read_member_header, shaped
 from .payload_kinds import FEDERATED_LEARNING, SMALL_KEY_BYTES, PayloadKind, supported_kind

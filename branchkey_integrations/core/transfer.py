@@ -36,7 +36,7 @@ import numpy as np
 import requests
 
 from . import wire
-from .codecs import FAST_DEFLATE, codec_names
+from .tensor_codecs import FAST_DEFLATE, codec_names
 from .errors import ArchiveTooLargeError, DownloadTimeoutError, ProtocolError, TransportError
 
 CHUNK = 1024 * 1024

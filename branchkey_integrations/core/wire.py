@@ -6,7 +6,7 @@ and ``layer_0``, ``layer_1``, ...; an aggregate holds the layers only. Where eac
 - :mod:`.archive`: the decoded :class:`Archive`, :class:`LayerSpec`, the limits and the value checks;
 - :mod:`.payload_kinds`: what each payload kind holds and how an upload of it is validated;
 - :mod:`.archive_write` and :mod:`.archive_read`: the archive written (without copies) and read safely;
-- :mod:`.codecs`: how a member's bytes are compressed (stored, deflate, or a registered codec);
+- :mod:`.tensor_codecs`: how a member's bytes are compressed (stored, deflate, or a registered codec);
 - :mod:`.zipformat` and :mod:`.npy`: the zip container and the ``.npy`` member format.
 
 Example:
@@ -24,14 +24,14 @@ from .archive import (COMPRESSION_RATIO_FLOOR_BYTES, DEFAULT_MAX_COMPRESSION_RAT
                       check_compression_ratio, check_finite, check_weighting, layer_key, spec_mismatch)
 from .archive_read import Source, decode, layer_pieces, read_layer, scan
 from .archive_write import ArchiveWriter, EncodedArchive, encode, prepare, stored_members
-from .codecs import (DEFAULT_DEFLATE_LEVEL, FAST_DEFLATE, ZIP_DEFLATED, ZIP_STORED, Codec, codec_named, codec_names,
+from .tensor_codecs import (DEFAULT_DEFLATE_LEVEL, FAST_DEFLATE, ZIP_DEFLATED, ZIP_STORED, Codec, codec_named, codec_names,
                      register_codec, unregister_codec)
 from .payload_kinds import validate_upload
 from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY
 from .zipformat import CORRUPT_ZIP_ERRORS
 
 
-#: The built-in ``compression=`` names and their zip methods (:func:`~.codecs.codec_names` adds registered codecs).
+#: The built-in ``compression=`` names and their zip methods (:func:`~.tensor_codecs.codec_names` adds registered codecs).
 COMPRESSIONS = {"deflate": ZIP_DEFLATED, "none": ZIP_STORED}
 
 __all__ = [

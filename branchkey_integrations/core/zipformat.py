@@ -2,7 +2,7 @@
 
 It knows zip's byte layout (local and central headers, zip64 records, the end record) and how
 to read a member's bytes from where its local header says they start, through the member's
-codec (:mod:`.codecs`), never past the size the central directory declares. It knows nothing of
+codec (:mod:`.tensor_codecs`), never past the size the central directory declares. It knows nothing of
 ``.npy`` or of which members an archive holds (:mod:`.archive` and :mod:`.npy` do).
 
 Example:
@@ -21,7 +21,7 @@ import zipfile
 import zlib
 from typing import BinaryIO
 
-from .codecs import MARKED_METHOD, ZIP_STORED, Codec, crc32
+from .tensor_codecs import MARKED_METHOD, ZIP_STORED, Codec, crc32
 from .errors import ArchiveError
 
 #: what reading a damaged or unsupported archive raises, besides :class:`ArchiveError`: bad structure,
@@ -45,7 +45,7 @@ class ZipLayout:
     Stored members are padded (an extra field, as Android's zipalign does) so that each
     member's ``.npy`` data starts 64-byte aligned in the archive: a reader can then view
     the arrays in the downloaded buffer instead of copying them. A member of a marked codec
-    (:data:`~.codecs.MARKED_METHOD`) carries the codec's marker as its extra field.
+    (:data:`~.tensor_codecs.MARKED_METHOD`) carries the codec's marker as its extra field.
     """
 
     def __init__(self) -> None:
@@ -73,7 +73,8 @@ class ZipLayout:
         name = (key + ".npy").encode("ascii")
         big = max(size, csize) > _ZIP64_LIMIT
         extra = struct.pack("<HHQQ", 1, 16, size, csize) if big else b""
-        extra += marker
+        if marker:
+            extra += marker
         if method == ZIP_STORED:
             extra += _padding(offset + 30 + len(name) + len(extra))
         version = 45 if big else 20
@@ -89,7 +90,8 @@ class ZipLayout:
         wide = [value for value in fields if value > _ZIP64_LIMIT]
         size_, csize_, offset_ = (0xFFFFFFFF if value > _ZIP64_LIMIT else value for value in fields)
         extra = struct.pack(f"<HH{len(wide)}Q", 1, 8 * len(wide), *wide) if wide else b""
-        extra += marker
+        if marker:
+            extra += marker
         version = 45 if wide else 20
         return struct.pack(
             "<4s4B4HL2L5HLL", b"PK\x01\x02", version, 3, version, 0, 0, method, 0, _DOS_DATE, crc,

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from branchkey_integrations.core import codecs, wire
+from branchkey_integrations.core import tensor_codecs as codecs, wire
 from branchkey_integrations.core.errors import ArchiveError
 
 from ..toy_codec import Bz2Codec, LiarCodec
@@ -111,7 +111,7 @@ def test_codec_names_are_checked_when_registered(bz2_codec) -> None:
 
 def test_the_readme_codec_example_runs_as_written(tmp_path: Path) -> None:
     text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    start = "```python\nfrom branchkey_integrations.core.codecs import Codec"
+    start = "```python\nfrom branchkey_integrations.core.tensor_codecs import Codec"
     block = text[text.index(start) + len("```python\n"):]
     block = block[:block.index("```")]
     exec(compile(block, "README.md", "exec"), {})  # registers "bz2"

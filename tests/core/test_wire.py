@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from branchkey_integrations.core import codecs, npy, wire, zipformat
+from branchkey_integrations.core import tensor_codecs as codecs, npy, wire, zipformat
 from branchkey_integrations.core.errors import ArchiveError, ArchiveTooLargeError, WeightingError
 
 

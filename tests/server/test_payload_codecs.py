@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 
-from branchkey_integrations.core import codecs, wire
+from branchkey_integrations.core import tensor_codecs as codecs, wire
 from branchkey_integrations.core.errors import ArchiveError
 from branchkey_integrations.core.payload_kinds import FEDERATED_ANALYTICS, validate_upload
 

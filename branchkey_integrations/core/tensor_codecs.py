@@ -26,7 +26,7 @@ import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar, Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence, Union
 
 from .errors import ArchiveError
 
@@ -52,6 +52,8 @@ PIECE_BYTES = 4 << 20
 
 #: one member before compression: its ``.npy`` header and a byte view of its values
 RawMember = tuple[bytes, memoryview]
+#: one member's encoded bytes, as pieces that concatenate: bytes, or flat byte views
+Pieces = tuple[Union[bytes, memoryview], ...]
 
 
 class Decoder(Protocol):
@@ -81,9 +83,9 @@ class Codec:
     def decode(self, data: bytes) -> bytes:
         raise NotImplementedError(f"codec {self.name!r} defines no decode()")
 
-    def encode_members(self, raws: Sequence[RawMember], level: int) -> list[list[bytes | memoryview]]:
+    def encode_members(self, raws: Sequence[RawMember], level: int) -> list[Pieces]:
         """Each member's encoded bytes, as pieces that concatenate (``level``: a codec's effort, if it has one)."""
-        return [[self.encode(header + bytes(data))] for header, data in raws]
+        return [(self.encode(header + bytes(data)),) for header, data in raws]
 
     def decoder(self, compressed_size: int) -> Decoder:
         """A decoder of one member of ``compressed_size`` encoded bytes."""
@@ -130,8 +132,8 @@ class StoredCodec(Codec):
     def decode(self, data: bytes) -> bytes:
         return data
 
-    def encode_members(self, raws: Sequence[RawMember], level: int) -> list[list[bytes | memoryview]]:
-        return [[header, data] for header, data in raws]
+    def encode_members(self, raws: Sequence[RawMember], level: int) -> list[Pieces]:
+        return list(raws)  # (header, values): a member's pieces as they are
 
 
 class DeflateCodec(Codec):
@@ -150,7 +152,7 @@ class DeflateCodec(Codec):
     def decode(self, data: bytes) -> bytes:
         return zlib.decompress(data, -15)
 
-    def encode_members(self, raws: Sequence[RawMember], level: int) -> list[list[bytes | memoryview]]:
+    def encode_members(self, raws: Sequence[RawMember], level: int) -> list[Pieces]:
         """Compress every member, its pieces spread over one thread per core (zlib and isal release the GIL)."""
         jobs: list[tuple[int, bytes, memoryview, bool]] = []
         for index, (header, data) in enumerate(raws):
@@ -164,10 +166,10 @@ class DeflateCodec(Codec):
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 results = list(pool.map(lambda job: _deflate_piece(job[1], job[2], job[3], level), jobs))
-        out: list[list[bytes | memoryview]] = [[] for _ in raws]
+        out: list[list[bytes]] = [[] for _ in raws]
         for (index, *_), compressed in zip(jobs, results):
             out[index].append(compressed)
-        return out
+        return [tuple(pieces) for pieces in out]
 
     def decoder(self, compressed_size: int) -> Decoder:
         return zlib.decompressobj(-15)  # type: ignore[return-value]
