@@ -164,15 +164,19 @@ def read_layer(zf: zipfile.ZipFile, index: int) -> np.ndarray:
 
     Lets the server aggregate layer by layer without holding whole archives in memory.
     """
-    key = layer_key(index)
-    try:
-        info = zf.getinfo(key + ".npy")
-    except KeyError:
-        raise ArchiveError(f"Archive has no member {key}.") from None
+    key, info = _layer_member(zf, index)
     try:
         return _load_member(zf, info, key, None)
     except CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
+
+
+def _layer_member(zf: zipfile.ZipFile, index: int) -> tuple[str, zipfile.ZipInfo]:
+    key = layer_key(index)
+    try:
+        return key, zf.getinfo(key + ".npy")
+    except KeyError:
+        raise ArchiveError(f"Archive has no member {key}.") from None
 
 
 def layer_pieces(
@@ -187,11 +191,7 @@ def layer_pieces(
     so a consumer that cannot undo what it did with the pieces must treat an :class:`ArchiveError`
     from the iterator as spoiling it.
     """
-    key = layer_key(index)
-    try:
-        info = zf.getinfo(key + ".npy")
-    except KeyError:
-        raise ArchiveError(f"Archive has no member {key}.") from None
+    key, info = _layer_member(zf, index)
     try:
         reader = _member_reader(zf, info, key)
         shape, fortran_order, dtype = read_member_header(reader)

@@ -133,7 +133,7 @@ def supported_kind(name: str) -> PayloadKind:
     """The kind named ``name`` when this version handles it; else :class:`ArchiveError` saying why."""
     kind = payload_kind(name)
     if not kind.supported:
-        kind.validate(Archive(layers=[], kind=name))  # raises its own refusal
+        raise ArchiveError(kind.member_rule())  # an unsupported kind's rule is its refusal
     return kind
 
 
