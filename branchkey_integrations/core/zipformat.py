@@ -173,32 +173,6 @@ def check_local_name(local_name: bytes, info: zipfile.ZipInfo, key: str) -> None
                            f"{expected[:80]!r}; the archive is corrupt.")
 
 
-def local_data_start(read: "Reader", info: zipfile.ZipInfo, key: str) -> int:
-    """Where the data of the member ``info`` starts, from its local header (read with ``read(offset, size)``)."""
-    local = read(info.header_offset, 30)
-    if len(local) < 30 or bytes(local[:4]) != b"PK\x03\x04":
-        raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    check_local_name(bytes(read(info.header_offset + 30, name_length)), info, key)
-    return info.header_offset + 30 + name_length + extra_length
-
-
-class Reader:
-    """``read(offset, size)`` on an archive's OS file, buffer or file object."""
-
-    def __init__(self, source: int | memoryview | BinaryIO) -> None:
-        self.source = source
-
-    def __call__(self, offset: int, size: int) -> bytes | memoryview:
-        source = self.source
-        if isinstance(source, int):
-            return os.pread(source, size, offset)
-        if isinstance(source, memoryview):
-            return source[offset:offset + size]
-        source.seek(offset)
-        return source.read(size)
-
-
 class MemberReader:
     """The bytes of one member, read from where its local header says they start and decoded by its codec.
 
@@ -218,8 +192,7 @@ class MemberReader:
         if codec.method == ZIP_STORED and info.compress_size != info.file_size:
             raise ArchiveError(f"{key} is stored in {info.compress_size} bytes but declares {info.file_size}; "
                                "the archive is corrupt.")
-        self._read, self.info, self.key, self._codec = Reader(source), info, key, codec
-        self._fd = source if isinstance(source, int) else None
+        self._source, self.info, self.key, self._codec = source, info, key, codec
         first = self._read(info.header_offset, 30 + _LOCAL_SLACK + min(info.compress_size, SMALL_MEMBER))
         if len(first) < 30 or bytes(first[:4]) != b"PK\x03\x04":
             raise ArchiveError(f"{key}: its local header is missing; the archive is corrupt.")
@@ -234,6 +207,15 @@ class MemberReader:
         self._tail: bytes | memoryview = b""  # input the decoder has not consumed yet
         self._crc = 0
         self.spill = memoryview(b"")  # decoded bytes read ahead by a caller and handed back (:meth:`readinto`)
+
+    def _read(self, offset: int, size: int) -> bytes | memoryview:
+        source = self._source
+        if isinstance(source, int):
+            return os.pread(source, size, offset)
+        if isinstance(source, memoryview):
+            return source[offset:offset + size]
+        source.seek(offset)
+        return source.read(size)
 
     def _next_input(self, limit: int) -> bytes | memoryview:
         """The member's next stored or encoded bytes, at most ``limit``; empty at its end."""
@@ -253,8 +235,8 @@ class MemberReader:
         """Put the member's next bytes into ``target``; 0 only at the end of its data."""
         decoder = self._decoder
         if decoder is None:
-            if not self._ahead and self._fd is not None and self._unread > 0:  # straight into place
-                got = os.preadv(self._fd, [target[:self._unread]], self._offset)
+            if not self._ahead and isinstance(self._source, int) and self._unread > 0:  # straight into place
+                got = os.preadv(self._source, [target[:self._unread]], self._offset)
                 if not got:
                     raise ArchiveError(f"{self.key} ends early; the archive is truncated.")
                 self._offset += got
@@ -310,5 +292,5 @@ class MemberReader:
             raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
 
 
-__all__ = ["ZipLayout", "BufferFile", "MemberReader", "Reader", "file_descriptor", "check_local_name",
-           "local_data_start", "CORRUPT_ZIP_ERRORS", "MARKED_METHOD", "SMALL_MEMBER", "ALIGN"]
+__all__ = ["ZipLayout", "BufferFile", "MemberReader", "file_descriptor", "check_local_name", "CORRUPT_ZIP_ERRORS",
+           "MARKED_METHOD", "SMALL_MEMBER", "ALIGN"]
