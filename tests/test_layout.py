@@ -70,12 +70,18 @@ def runtime_imports(path: Path) -> set[str]:
 #: module -> the layers below it that it may import (first level of the package: core, server, ...)
 CORE_LAYERS = {
     # the transport layer: knows the protocol, nothing of rounds or frameworks
-    "errors": set(), "backoff": set(), "version": set(), "protocol": {"errors"}, "wire": {"errors"}, "credentials": {"errors"},
-    "http": {"errors", "backoff"}, "transfer": {"errors", "wire"}, "client_options": {"errors", "protocol"},
+    "errors": set(), "backoff": set(), "version": set(), "protocol": {"errors"}, "credentials": {"errors"},
+    # the model archive: tensor codecs and the zip container below the archive rules; wire is their facade
+    "tensor_codecs": {"errors"}, "zipformat": {"errors", "tensor_codecs"}, "npy": {"errors", "zipformat"},
+    "archive": {"errors", "protocol"}, "payload_kinds": {"errors", "protocol", "archive"},
+    "archive_write": {"errors", "archive", "tensor_codecs", "npy", "payload_kinds", "zipformat"},
+    "archive_read": {"errors", "protocol", "archive", "tensor_codecs", "npy", "payload_kinds", "zipformat"},
+    "wire": {"errors", "protocol", "archive", "archive_read", "archive_write", "tensor_codecs", "payload_kinds", "zipformat"},
+    "http": {"errors", "backoff"}, "transfer": {"errors", "wire", "tensor_codecs"}, "client_options": {"errors", "protocol"},
     "download": {"errors", "protocol", "wire", "http", "transfer"},
     "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
     "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "waiter"},
-    "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
+    "client": {"errors", "protocol", "wire", "payload_kinds", "credentials", "http", "transfer", "client_options", "waiter",
                "notifications", "progress", "watch", "download", "version"},
 }
 

@@ -103,6 +103,7 @@ HOW = {
     "callback = BranchKeyKerasCallback(": "keras-monitor",
     "from branchkey_integrations import Client": "client",
     '.venv/bin/python -m pytest -m "not slow"': "elsewhere: the fast lane is a subset of this suite",
+    "from branchkey_integrations.core.tensor_codecs import Codec": "elsewhere: tests/core/test_codecs.py runs it",
 }
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import wire
 from .errors import BranchKeyError, RequestRejectedError, RoundInterrupted, RunStopped
+from .protocol import LAYER_PATTERN
 from .snapshots import save_snapshot
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ Layers = Union[Sequence[np.ndarray], Callable[[], Sequence[np.ndarray]]]
 #: a weighting, or a function that returns one (called once, inside the round)
 Weighting = Union[float, Callable[[], float]]
 
-_LAYER_KEY = re.compile(r"\blayer_(0|[1-9][0-9]*)\b")  # how the platform names a layer: by its position
+_LAYER_KEY = re.compile(rf"\b{LAYER_PATTERN.pattern}\b")  # how the platform names a layer: by its position
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,16 @@ RUN_STATUSES = (START, PAUSE, STOP)
 # -- metrics --------------------------------------------------------------------------------------
 METRIC_MODES = ("test", "train", "non-federated")
 
+# -- payload kinds (what an upload archive holds; core/payload_kinds.py says how each is checked) -------
+#: the archive member, and the upload metadata field (``"kind"``), that name an upload's payload kind
+KIND_KEY = "__bk_payload_kind__"
+KIND_FEDERATED_LEARNING = "federated_learning"
+KIND_FEDERATED_ANALYTICS = "federated_analytics"
+PAYLOAD_KINDS = (KIND_FEDERATED_LEARNING, KIND_FEDERATED_ANALYTICS)
+#: a model archive's members: its weighting and its layers, ``layer_0``, ``layer_1``, ... in numeric order
+WEIGHTING_KEY = "weighting"
+LAYER_PATTERN = re.compile(r"layer_(0|[1-9][0-9]*)")
+
 # -- file ids -------------------------------------------------------------------------------------
 #: A file id is a plain token: letters, digits, '.', '_' and '-', starting with a letter or digit,
 #: at most 128 characters, never '..': it names a file on disk on both sides.
@@ -167,7 +177,8 @@ def parse_notification(raw: bytes | str) -> Notification:
 
 
 __all__ = [
-    "DEFAULT_HOST", "START", "PAUSE", "STOP", "RUN_STATUSES", "METRIC_MODES", "FILE_ID_PATTERN", "is_file_id",
+    "DEFAULT_HOST", "START", "PAUSE", "STOP", "RUN_STATUSES", "METRIC_MODES", "KIND_KEY", "KIND_FEDERATED_LEARNING",
+    "KIND_FEDERATED_ANALYTICS", "PAYLOAD_KINDS", "WEIGHTING_KEY", "LAYER_PATTERN", "FILE_ID_PATTERN", "is_file_id",
     "API_PREFIX", "ADMIN_PREFIX", "RUN_PATH", "UPLOAD_PATH", "DOWNLOAD_PATH", "BLOB_PATH", "METRICS_PATH",
     "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "ROUND_PATH", "OPENAPI_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
     "IDEMPOTENCY_KEY_HEADER", "IDEMPOTENCY_KEY_PATTERN",

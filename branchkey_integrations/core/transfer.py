@@ -36,6 +36,7 @@ import numpy as np
 import requests
 
 from . import wire
+from .tensor_codecs import FAST_DEFLATE, codec_names
 from .errors import ArchiveTooLargeError, DownloadTimeoutError, ProtocolError, TransportError
 
 CHUNK = 1024 * 1024
@@ -67,11 +68,12 @@ def upload_compression(compression: str, hostname: str) -> str:
     ~50 MB/s (~400 Mbit/s) of upload bandwidth, with plain zlib only below ~4 MB/s. So "auto"
     stores on local links, and deflates elsewhere only when isal is installed.
     """
-    if compression not in (AUTO, *wire.COMPRESSIONS):
-        raise ValueError(f"Expected compression in ('auto', 'deflate', 'none'). Received: compression={compression!r}")
+    choices = (AUTO, *codec_names())
+    if compression not in choices:
+        raise ValueError(f"Expected compression in {choices}. Received: compression={compression!r}")
     if compression != AUTO:
         return compression
-    return "deflate" if wire.FAST_DEFLATE and not is_local_host(hostname) else "none"
+    return "deflate" if FAST_DEFLATE and not is_local_host(hostname) else "none"
 
 
 def file_chunks(path: str | os.PathLike) -> Iterator[bytes]:

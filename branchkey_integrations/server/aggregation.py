@@ -320,7 +320,7 @@ class RunningSum:
         keys = [wire.layer_key(index) for index in range(len(self.specs or ()))]
         try:
             with zipfile.ZipFile(path) as zf:
-                if any(zf.getinfo(key + ".npy").compress_type != zipfile.ZIP_STORED for key in keys):
+                if not wire.stored_members(zf, keys):
                     return None
                 with open(destination, "w+b") as handle, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
                     hashing = _FileHasher(handle, hasher)

@@ -27,8 +27,6 @@ import hashlib
 import hmac
 import json
 import logging
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -380,8 +378,8 @@ async def decode_upload(path: Path, limits: UploadLimits, workers: Workers,
                                    limit=exc.limit) from exc
     except ArchiveError as exc:
         raise InvalidValueError(f"Upload rejected: {exc}") from exc
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, OSError) as exc:
-        # wire.decode translates only BadZipFile; a corrupt deflate stream or an encrypted member lands here.
+    except (*wire.CORRUPT_ZIP_ERRORS, ValueError, OSError) as exc:
+        # what wire.scan did not translate (a damaged container, an unreadable file) lands here
         raise InvalidValueError(
             f"Upload rejected: not a readable NPZ archive ({type(exc).__name__}: {exc})."
         ) from exc

@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from branchkey_integrations.core import wire
+from branchkey_integrations.core import tensor_codecs as codecs, npy, wire, zipformat
 from branchkey_integrations.core.errors import ArchiveError, ArchiveTooLargeError, WeightingError
 
 
@@ -113,7 +113,7 @@ def test_a_stored_members_header_of_any_length_is_read_in_place(tmp_path, pad):
 def test_numpys_own_headers_are_read_as_numpy_reads_them(array):
     member = io.BytesIO(_member(array))
     version = np.lib.format.read_magic(member)
-    fast = wire._read_plain_header(member, version)
+    fast = npy.read_plain_header(member, version)
     member.seek(0)
     np.lib.format.read_magic(member)
     assert fast == np.lib.format.read_array_header_1_0(member)
@@ -248,7 +248,7 @@ def test_a_flipped_byte_in_a_stored_member_fails_the_crc_on_every_path(tmp_path)
 
 
 def test_zip64_records_are_written_where_sizes_and_offsets_need_them(monkeypatch):
-    monkeypatch.setattr(wire, "_ZIP64_LIMIT", 100)  # every member and the directory now "exceed 2 GiB"
+    monkeypatch.setattr(zipformat, "_ZIP64_LIMIT", 100)  # every member and the directory now "exceed 2 GiB"
     original = layers(3) + [np.zeros(0, np.float32)]
     for compression in ("none", "deflate"):
         data = wire.encode(original, 5.0, compression=compression)
@@ -262,7 +262,7 @@ def test_zip64_records_are_written_where_sizes_and_offsets_need_them(monkeypatch
 
 
 def test_large_members_are_deflated_in_pieces_that_form_one_valid_stream(monkeypatch):
-    monkeypatch.setattr(wire, "_CHUNK", 1000)  # many sync-flushed pieces per member
+    monkeypatch.setattr(codecs, "PIECE_BYTES", 1000)  # many sync-flushed pieces per member
     original = [np.random.default_rng(1).standard_normal(5000).astype(np.float32)]
     data = wire.encode(original, 1.0, compression="deflate")
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
