@@ -81,7 +81,7 @@ CORE_LAYERS = {
     "download": {"errors", "protocol", "wire", "http", "transfer"},
     "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
     "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "waiter"},
-    "client": {"errors", "protocol", "wire", "payload_kinds", "credentials", "http", "transfer", "client_options", "waiter",
+    "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
                "notifications", "progress", "watch", "download", "version"},
 }
 

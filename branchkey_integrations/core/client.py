@@ -43,10 +43,9 @@ from .http import Away, HttpSession
 from .notifications import NotificationTransport, start_transport
 from .protocol import (
     AGGREGATION_STATUS, BRANCH_CONFIG_PATH, DEFAULT_HOST, FILE_DIGEST_HEADER, FILE_SIZE_HEADER, IDEMPOTENCY_KEY_HEADER,
-    METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START, UPLOAD_PATH, WS_TICKET_PATH,
-    Notification, is_file_id,
+    KIND_FEDERATED_LEARNING, METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START,
+    UPLOAD_PATH, WS_TICKET_PATH, Notification, is_file_id,
 )
-from .payload_kinds import FEDERATED_LEARNING
 from .progress import RoundView, UploadReceipt, parse_round_view
 from .transfer import Buffer, DownloadBuffer, MultipartBody, file_chunks, size_and_digest, upload_compression
 from .version import __version__
@@ -345,7 +344,7 @@ class Client:
             "timestamp": datetime.now(timezone.utc).isoformat(),
             "file_size": size,
             "file_digest": f"sha256={digest}",
-            "kind": FEDERATED_LEARNING.name,
+            "kind": KIND_FEDERATED_LEARNING,
         }
         data = json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata)})
         body = MultipartBody(data, filename, payload, size)
