@@ -294,3 +294,18 @@ def test_benchmarks_use_the_public_api_only_and_nothing_of_the_tests() -> None:
         assert not from_tests, f"benchmarks/{path.name} imports {sorted(from_tests)}: the test suite is not an API"
         found = private_names_used(path.read_text(), on_any_object=True) - KNOWN_PRIVATE_IN_BENCHMARKS.get(path.name, set())
         assert not found, f"benchmarks/{path.name} uses private names {sorted(found)}"
+
+
+def test_every_module_has_its_row_in_the_readmes_where_things_live_table() -> None:
+    """The README's map names every module (or, for the simulation, its folder): a module moved or added
+    without its row is a room a newcomer cannot find."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme.split("## Contributing: where things live", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if path.name == "__init__.py" and path.parent != PACKAGE / "cli" or "/static/" in relative:
+            continue
+        if f"`{relative}`" not in table and f"`{relative.split('/')[0]}/`" not in table:
+            missing.append(relative)
+    assert not missing, f"modules without a row in README's 'where things live' table: {missing}"
