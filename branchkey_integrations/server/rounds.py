@@ -140,10 +140,9 @@ class Rounds:
         file_id, run_number, round_index = counted
         current = await self.workers.blocking(self.store.open_round, leaf.branch_id)
         if current is not None and (current.run_number, current.round_index) == (run_number, round_index):
-            folded = self._fold_soon(leaf.branch_id)
+            folded = self._counted(await self.workers.blocking(self.store.require_branch, leaf.branch_id))
         else:
-            folded = asyncio.get_running_loop().create_future()
-            folded.set_result(None)
+            folded = _done()
         logger.info("leaf %s (%s) sent upload %s again (idempotency key %s): answered as first counted, run %d "
                     "round %d", leaf.name, leaf.id, file_id, key, run_number, round_index)
         return AcceptedUpload(file_id, run_number, round_index, folded)
@@ -196,11 +195,13 @@ class Rounds:
                     current.run_number, current.round_index)
         if replaced:
             self.workers.spawn(blocking(self.store.remove_files, replaced))
-        folded = self._fold_soon(branch.id)  # a strategy that folds nothing: the pass only checks the round
-        if not folds(branch):  # counted once committed
-            folded = asyncio.get_running_loop().create_future()
-            folded.set_result(None)
-        return AcceptedUpload(file_id, current.run_number, current.round_index, folded)
+        return AcceptedUpload(file_id, current.run_number, current.round_index, self._counted(branch))
+
+    def _counted(self, branch: Branch) -> asyncio.Future[None]:
+        """Done once an upload committed to the branch's open round counts: after the fold pass that folds it,
+        or at once for a strategy that folds nothing (its pass then only checks whether the round is complete)."""
+        folded = self._fold_soon(branch.id)
+        return folded if folds(branch) else _done()
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
         """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress.
@@ -550,3 +551,9 @@ def _resolve(waiting: asyncio.Future[None] | None) -> None:
 
 
 __all__ = ["Rounds", "AcceptedUpload", "run_blocked_message"]
+
+
+def _done() -> asyncio.Future[None]:
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
