@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -55,7 +55,8 @@ class LayerSpec:
 
 @dataclass
 class Archive:
-    """A decoded archive. ``weighting`` is None for an aggregate."""
+    """A decoded archive. ``weighting`` is None for an aggregate; ``fields`` holds an analytics archive's named
+    fields (``layers`` is then empty)."""
 
     layers: list[np.ndarray]
     weighting: float | None = None
@@ -63,14 +64,20 @@ class Archive:
     #: True when :func:`~.archive_read.scan` made it: ``layers`` are zero-byte stand-ins of the right shape
     #: and dtype, whose values were checked finite while they streamed past
     scanned: bool = False
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def specs(self) -> list[LayerSpec]:
         return [LayerSpec.of(a) for a in self.layers]
 
     @property
+    def field_specs(self) -> dict[str, LayerSpec]:
+        """Each field's shape and dtype, by name (empty for a model archive)."""
+        return {name: LayerSpec.of(a) for name, a in self.fields.items()}
+
+    @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.layers)
+        return sum(a.nbytes for a in self.layers) + sum(a.nbytes for a in self.fields.values())
 
 
 def layer_key(index: int) -> str:

@@ -27,7 +27,7 @@ from .tensor_codecs import ZIP_STORED, codec_of, crc32
 from .errors import ArchiveError, ArchiveTooLargeError
 from .npy import read_header, read_member_header, shaped
 from .payload_kinds import FEDERATED_LEARNING, SMALL_KEY_BYTES, PayloadKind, supported_kind
-from .protocol import KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY
+from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY
 from .zipformat import CORRUPT_ZIP_ERRORS, BufferFile, MemberReader, check_local_name, file_descriptor
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
@@ -60,10 +60,10 @@ def decode(
     opened = BufferFile(buffer) if buffer is not None else _open_source(source)
     try:
         with zipfile.ZipFile(opened) as zf:
-            infos = _checked_members(zf, max_members, max_total_bytes, buffer)
+            kind, infos = _checked_members(zf, max_members, max_total_bytes, buffer)
             if max_compression_ratio is not None:
                 check_compression_ratio(list(infos.values()), max_compression_ratio)
-            arrays = {key: _load_member(zf, info, key, buffer) for key, info in infos.items()}
+            arrays = {key: _load_member(zf, info, key, buffer, kind.allows_text(key)) for key, info in infos.items()}
     except CORRUPT_ZIP_ERRORS as exc:
         raise ArchiveError(f"Not a valid NPZ (zip) archive: {exc!r}.") from exc
     finally:
@@ -79,8 +79,8 @@ def _open_source(source: Source) -> BinaryIO:
 
 
 def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int,
-                     buffer: memoryview | None = None) -> dict[str, zipfile.ZipInfo]:
-    """The members by key, from the zip directory alone: their count and declared sizes are checked
+                     buffer: memoryview | None = None) -> tuple[PayloadKind, dict[str, zipfile.ZipInfo]]:
+    """The payload kind and the members by key, from the zip directory alone: their count and declared sizes are checked
     against the limits before a byte is inflated (:class:`~.zipformat.MemberReader` then holds each to its
     size), and their names against the payload kind (read first: one value)."""
     infos = zf.infolist()
@@ -103,7 +103,7 @@ def _checked_members(zf: zipfile.ZipFile, max_members: int, max_total_bytes: int
             raise ArchiveError(f"Member {info.filename!r} declares {info.file_size} bytes; it holds one value "
                                f"(at most {SMALL_KEY_BYTES} bytes with its header).")
         members[key] = info
-    return members
+    return kind, members
 
 
 def _payload_kind(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], buffer: memoryview | None) -> PayloadKind:
@@ -138,13 +138,13 @@ def scan(
     """
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = _checked_members(zf, max_members, max_total_bytes)
+            kind, infos = _checked_members(zf, max_members, max_total_bytes)
             if max_compression_ratio is not None:
                 check_compression_ratio(list(infos.values()), max_compression_ratio)
             arrays: dict[str, np.ndarray] = {}
             for key, info in infos.items():
-                if not LAYER_PATTERN.fullmatch(key):
-                    arrays[key] = _load_member(zf, info, key, None)  # weighting, payload kind: a few bytes
+                if not LAYER_PATTERN.fullmatch(key):  # weighting, payload kind: a few bytes; analytics fields
+                    arrays[key] = _load_member(zf, info, key, None, kind.allows_text(key))
                     continue
                 spec, _, pieces = layer_pieces(zf, int(key[len("layer_"):]), piece_bytes)
                 for piece in pieces:
@@ -219,11 +219,13 @@ def layer_pieces(
     return LayerSpec(tuple(int(n) for n in shape), np.dtype(dtype)), bool(fortran_order), pieces()
 
 
-def _load_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, buffer: memoryview | None) -> np.ndarray:
+def _load_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, buffer: memoryview | None,
+                 allow_text: bool = False) -> np.ndarray:
+    allow_text = allow_text or key == KIND_KEY
     if buffer is not None and info.compress_type == ZIP_STORED:
-        return _view_member(buffer, info, key)
+        return _view_member(buffer, info, key, allow_text)
     reader = _member_reader(zf, info, key, buffer)
-    shape, fortran_order, dtype = read_member_header(reader, allow_text=key == KIND_KEY)
+    shape, fortran_order, dtype = read_member_header(reader, allow_text=allow_text)
     array = np.empty(math.prod(shape), dtype=dtype)
     view = memoryview(array.view(np.uint8)) if array.nbytes else memoryview(b"")
     read = 0
@@ -245,7 +247,7 @@ def _member_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str,
     return MemberReader(zf.fp if source is None else source, info, key, codec)  # type: ignore[arg-type]
 
 
-def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str, allow_text: bool) -> np.ndarray:
     """A stored member as a view of the buffer (a copy only when its data is not aligned)."""
     local = buffer[info.header_offset:info.header_offset + 30]
     if local.nbytes < 30 or bytes(local[:4]) != b"PK\x03\x04":
@@ -259,7 +261,7 @@ def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str) -> np.ndar
     if crc32(member) != info.CRC:
         raise ArchiveError(f"{key} fails its CRC check; the archive is corrupt.")
     reader = BufferFile(member)
-    shape, fortran_order, dtype = read_header(reader, info.file_size, key, allow_text=key == KIND_KEY)
+    shape, fortran_order, dtype = read_header(reader, info.file_size, key, allow_text=allow_text)
     array = np.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=start + reader.tell())
     if not array.flags.aligned:
         array = array.copy()
@@ -279,6 +281,8 @@ def _assemble(arrays: dict[str, np.ndarray]) -> Archive:
     kind = KIND_FEDERATED_LEARNING
     if KIND_KEY in arrays:
         kind = str(arrays.pop(KIND_KEY).reshape(-1)[0])
+    if kind == KIND_FEDERATED_ANALYTICS:  # every other member is a named field (its kind allowed only those)
+        return Archive(layers=[], weighting=weighting, kind=kind, fields=arrays)
     indices = sorted(int(key[len("layer_"):]) for key in arrays)
     if not indices:
         raise ArchiveError("Archive holds no layers; expected 'layer_0', 'layer_1', ...")

@@ -20,7 +20,7 @@ import math
 import os
 import struct
 import zipfile
-from typing import BinaryIO, Iterable, Iterator, Sequence, Union
+from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from .archive import LayerSpec
 from .tensor_codecs import DEFAULT_DEFLATE_LEVEL, ZIP_STORED, codec_named, crc32, marker
 from .errors import ArchiveError
 from .npy import npy_member, spec_header
-from .payload_kinds import FEDERATED_LEARNING, PayloadKind
+from .payload_kinds import FEDERATED_ANALYTICS, FEDERATED_LEARNING, PayloadKind
 from .zipformat import SMALL_MEMBER, ZipLayout, file_descriptor
 
 CHUNK = 4 << 20
@@ -77,12 +77,31 @@ def prepare(
     (levels 1-3; zlib does 0 and 4-9); ``compresslevel`` defaults to 1, which on float weights
     saves as much as zlib's default level (~7.5 %) at ~20x its speed.
     """
+    return _lay_out(kind.members(layers, weighting), kind, compression, compresslevel)
+
+
+def prepare_fields(
+    fields: Mapping[str, object],
+    *,
+    compression: str = "deflate",
+    compresslevel: int | None = None,
+) -> "EncodedArchive":
+    """Lay out a ``federated_analytics`` archive of named ``fields`` as the official 3.x client writes one: each
+    field (a scalar becomes one element), ``weighting`` 0.0 and the payload-kind key; compression as :func:`prepare`.
+
+    Raises:
+        ArchiveError: no fields, a reserved or ``layer_<n>`` name, or a value that is not numbers or text.
+    """
+    return _lay_out(FEDERATED_ANALYTICS.field_members(fields), FEDERATED_ANALYTICS, compression, compresslevel)
+
+
+def _lay_out(members: list[tuple[str, np.ndarray]], kind: PayloadKind, compression: str,
+             compresslevel: int | None) -> "EncodedArchive":
     codec = codec_named(compression)
     level = DEFAULT_DEFLATE_LEVEL if compresslevel is None else compresslevel
     if not (isinstance(level, int) and 0 <= level <= 9):
         raise ValueError(f"Expected compresslevel between 0 and 9. Received: compresslevel={compresslevel!r}")
-    members = kind.members(layers, weighting)
-    raws = [npy_member(key, array) for key, array in members]
+    raws = [npy_member(key, array, kind.allows_text(key)) for key, array in members]
     layout, tag = ZipLayout(), marker(codec)
     pieces: list[memoryview] = []
     method, member = codec.method, layout.member
@@ -143,11 +162,12 @@ class ArchiveWriter:
         self._layout = ZipLayout()
         self._keys: set[str] = set()
 
-    def add(self, key: str, array: np.ndarray) -> None:
+    def add(self, key: str, array: np.ndarray, allow_text: bool = False) -> None:
+        """Write one stored member (fixed-width text only where ``allow_text``: an analytics field)."""
         if key in self._keys:
             raise ArchiveError(f"Member {key!r} written twice.")
         self._keys.add(key)
-        header, data = npy_member(key, np.asarray(array))
+        header, data = npy_member(key, np.asarray(array), allow_text)
         size = len(header) + data.nbytes
         self._handle.write(self._layout.member(key, ZIP_STORED, crc32(data, crc32(header)), size, size))
         self._handle.write(header)
@@ -260,4 +280,4 @@ def stored_members(source: zipfile.ZipFile, keys: Sequence[str]) -> bool:
         raise ArchiveError(f"Archive has no member {exc.args[0]!r}.") from None
 
 
-__all__ = ["encode", "prepare", "EncodedArchive", "ArchiveWriter", "stored_members"]
+__all__ = ["encode", "prepare", "prepare_fields", "EncodedArchive", "ArchiveWriter", "stored_members"]

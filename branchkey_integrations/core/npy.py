@@ -33,11 +33,13 @@ _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.f
 Header = tuple[tuple[int, ...], bool, np.dtype]
 
 
-def npy_member(key: str, array: np.ndarray) -> tuple[bytes, memoryview]:
-    """The ``.npy`` header (as ``np.save`` writes it) and a byte view of the data, copied only if strided."""
+def npy_member(key: str, array: np.ndarray, allow_text: bool = False) -> tuple[bytes, memoryview]:
+    """The ``.npy`` header (as ``np.save`` writes it) and a byte view of the data, copied only if strided;
+    fixed-width text (``U``, ``S``) only where ``allow_text`` (an analytics field, the payload kind)."""
     if array.dtype.hasobject:
         raise ArchiveError(f"{key} has dtype {array.dtype}, which would need pickle; convert it to a numeric dtype.")
-    if array.dtype.fields is not None or array.dtype.kind not in "biufc":
+    text = allow_text and array.dtype.kind in "US"
+    if not text and (array.dtype.fields is not None or array.dtype.kind not in "biufc"):
         raise ArchiveError(f"{key} has dtype {array.dtype}; expected a numeric dtype (bool, int, uint, float, complex).")
     info = np.lib.format.header_data_from_array_1_0(array)
     if info["fortran_order"]:
@@ -154,7 +156,7 @@ def checked_header(shape: tuple[int, ...], fortran_order: bool, dtype: np.dtype,
     """The header, once its dtype is numeric (text only where ``allow_text``) and its data fills the member."""
     if dtype.hasobject or dtype.fields is not None:
         raise ArchiveError(f"{key} has dtype {dtype}; only plain numeric dtypes are allowed (no pickle).")
-    if dtype.kind not in "biufcU" or (dtype.kind == "U" and not allow_text):
+    if dtype.kind not in "biufcUS" or (dtype.kind in "US" and not allow_text):
         raise ArchiveError(f"{key} has dtype {dtype}; expected a numeric dtype (bool, int, uint, float, complex).")
     nbytes = math.prod(shape) * dtype.itemsize
     if header_length + nbytes != file_size:

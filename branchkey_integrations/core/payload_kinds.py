@@ -5,19 +5,20 @@ The kind travels in the archive (:data:`~.protocol.KIND_KEY`; absent means
 :class:`PayloadKind`: the client's encoder asks it which members to write
 (:meth:`PayloadKind.members`), the decoder which member names it may hold
 (:meth:`PayloadKind.allows_member`), and the server's upload check whether an upload may count
-(:meth:`PayloadKind.validate`). ``federated_learning`` is the model archive; ``federated_analytics``
-is declared and refused as not supported yet.
+(:meth:`PayloadKind.validate`). ``federated_learning`` is the model archive (layers and a weighting);
+``federated_analytics`` holds named fields, which the server combines field by field (its rules:
+:mod:`branchkey_integrations.server.analytics`).
 
 Example:
     >>> payload_kind("federated_learning").allows_member("layer_3"), FEDERATED_LEARNING.allows_member("bias")
     (True, False)
-    >>> payload_kind("federated_analytics").supported
-    False
+    >>> payload_kind("federated_analytics").allows_member("age_sum"), FEDERATED_ANALYTICS.allows_member("layer_0")
+    (True, False)
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +40,10 @@ class PayloadKind:
     def allows_member(self, key: str) -> bool:
         """Whether an archive of this kind may hold a member named ``key`` (``.npy`` removed)."""
         raise NotImplementedError
+
+    def allows_text(self, key: str) -> bool:
+        """Whether member ``key`` may hold text (the kind key always may)."""
+        return key == KIND_KEY
 
     def member_rule(self) -> str:
         """What an archive of this kind holds, for a refusal's message."""
@@ -66,7 +71,9 @@ class FederatedLearning(PayloadKind):
         return key == WEIGHTING_KEY or key == KIND_KEY or LAYER_PATTERN.fullmatch(key) is not None
 
     def member_rule(self) -> str:
-        return f"a BranchKey archive holds only '{WEIGHTING_KEY}', 'layer_0', 'layer_1', ... (numbered from 0)."
+        return (f"a BranchKey archive holds only '{WEIGHTING_KEY}', 'layer_0', 'layer_1', ... (numbered from 0); "
+                f"an archive of named fields must declare {KIND_KEY!r} = {KIND_FEDERATED_ANALYTICS!r} "
+                "(save_fields and save_analytics write it).")
 
     def members(self, layers: Sequence[np.ndarray], weighting: float | None) -> list[tuple[str, np.ndarray]]:
         # no kind member: the archive stays what the official clients write, which means this kind
@@ -91,26 +98,95 @@ class FederatedLearning(PayloadKind):
 
 
 class FederatedAnalytics(PayloadKind):
-    """Named statistics combined field by field (PROTOCOL.md); declared here, not handled yet."""
+    """Named statistics combined field by field (PROTOCOL.md): what the official 3.x client's ``save_fields`` and
+    ``save_analytics`` write. Each member but ``weighting`` (written as 0.0, read by nothing) and the kind key is
+    one field, at least 1-D, of dtype kind ``b i u f c U S``; ``layer_<n>`` names are the learning kind's."""
 
     name = KIND_FEDERATED_ANALYTICS
-    supported = False
 
     def allows_member(self, key: str) -> bool:
-        return False
+        return key in RESERVED_FIELD_NAMES or field_name_problem(key) is None
+
+    def allows_text(self, key: str) -> bool:
+        return True
 
     def member_rule(self) -> str:
-        return self._refusal()
+        return (f"a {self.name!r} archive holds named fields (not 'layer_<n>', '{WEIGHTING_KEY}' or "
+                f"'{KIND_KEY}', which are reserved), each a name of 1-{MAX_FIELD_NAME} printable characters without "
+                "'/' or '\\'.")
 
     def members(self, layers: Sequence[np.ndarray], weighting: float | None) -> list[tuple[str, np.ndarray]]:
-        raise ArchiveError(self._refusal())
+        raise ArchiveError(f"A {self.name!r} archive holds named fields, not layers: write it with "
+                           "prepare_fields (Client.save_fields / save_analytics).")
+
+    def field_members(self, fields: Mapping[str, object]) -> list[tuple[str, np.ndarray]]:
+        """The members the encoder writes for ``fields``: each field as a 1-D-at-least array, then ``weighting``
+        (0.0) and the kind key, as the official 3.x client writes them.
+
+        Raises:
+            ArchiveError: no fields, a reserved or positional name, or a value that is not a plain array.
+        """
+        if not fields:
+            raise ArchiveError("No fields to send: pass at least one name -> value.")
+        members: list[tuple[str, np.ndarray]] = []
+        for name, value in fields.items():
+            problem = field_name_problem(name) if isinstance(name, str) else "it is not a string"
+            if problem is not None:
+                raise ArchiveError(f"Field name {str(name)[:80]!r}: {problem}.")
+            members.append((name, field_array(name, value)))
+        return members + [(WEIGHTING_KEY, np.array([0.0])), (KIND_KEY, np.array(self.name))]
 
     def validate(self, archive: Archive, expected: Sequence[LayerSpec] | None = None) -> None:
-        raise ArchiveError(self._refusal())
+        if not archive.fields:
+            raise ArchiveError(f"A {self.name!r} archive holds no fields; expected at least one named field.")
+        for name, array in archive.fields.items():
+            if array.ndim == 0:
+                raise ArchiveError(f"Field {name!r} is a bare scalar; every field is at least 1-D (a single value is "
+                                   "a one-element array, as save_fields writes it).")
+            if array.dtype.kind not in FIELD_DTYPE_KINDS:
+                raise ArchiveError(f"Field {name!r} has dtype {array.dtype}; fields are bool, int, uint, float, "
+                                   "complex or fixed-width text.")
 
-    def _refusal(self) -> str:
-        return (f"Payload kind {self.name!r} is not supported yet by this version; send a "
-                f"{KIND_FEDERATED_LEARNING!r} archive (layers and a weighting).")
+
+#: the dtype kinds a field may have (3.x: numbers, booleans, fixed-width text)
+FIELD_DTYPE_KINDS = "biufcUS"
+#: a field name's longest length (the official client sets none; a zip name holds 65,535 bytes)
+MAX_FIELD_NAME = 256
+#: member names no field may take
+RESERVED_FIELD_NAMES = frozenset({WEIGHTING_KEY, KIND_KEY})
+
+
+def field_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a field's name, or None when it can.
+
+    >>> field_name_problem("age_sum") is None, field_name_problem("layer_3")
+    (True, "'layer_<n>' names are the model's (federated_learning)")
+    """
+    if name in RESERVED_FIELD_NAMES:
+        return f"{name!r} is reserved by the protocol"
+    if LAYER_PATTERN.fullmatch(name):
+        return "'layer_<n>' names are the model's (federated_learning)"
+    if not 0 < len(name) <= MAX_FIELD_NAME:
+        return f"a field name has 1 to {MAX_FIELD_NAME} characters"
+    if not name.isprintable() or "/" in name or "\\" in name:
+        return "a field name holds printable characters only, without '/' or '\\'"
+    return None
+
+
+def field_array(name: str, value: object) -> np.ndarray:
+    """``value`` as a field's array (a scalar becomes one element), refused when it would need pickle.
+
+    >>> field_array("n_cases", 312)
+    array([312])
+    """
+    try:
+        array = np.atleast_1d(np.asarray(value))
+    except (TypeError, ValueError) as exc:
+        raise ArchiveError(f"Field {name!r} cannot be stored in an archive: {exc}") from None
+    if array.dtype.kind not in FIELD_DTYPE_KINDS or array.dtype.fields is not None:
+        raise ArchiveError(f"Field {name!r} has dtype {array.dtype} ({type(value).__name__}); fields are numbers, "
+                           "booleans or text (numpy arrays, scalars or nested lists of them).")
+    return array
 
 
 FEDERATED_LEARNING, FEDERATED_ANALYTICS = FederatedLearning(), FederatedAnalytics()
@@ -125,7 +201,8 @@ def payload_kind(name: str) -> PayloadKind:
     """
     kind = PAYLOAD_KIND_OBJECTS.get(name)
     if kind is None:
-        raise ArchiveError(f"Payload kind {name[:80]!r} is not supported; expected {KIND_FEDERATED_LEARNING!r}.")
+        raise ArchiveError(f"Payload kind {name[:80]!r} is not supported; expected {KIND_FEDERATED_LEARNING!r} or "
+                           f"{KIND_FEDERATED_ANALYTICS!r}.")
     return kind
 
 
@@ -143,4 +220,5 @@ def validate_upload(archive: Archive, expected: Sequence[LayerSpec] | None = Non
 
 
 __all__ = ["PayloadKind", "FederatedLearning", "FederatedAnalytics", "FEDERATED_LEARNING", "FEDERATED_ANALYTICS",
-           "PAYLOAD_KIND_OBJECTS", "payload_kind", "supported_kind", "validate_upload", "SMALL_KEY_BYTES"]
+           "PAYLOAD_KIND_OBJECTS", "payload_kind", "supported_kind", "validate_upload", "SMALL_KEY_BYTES",
+           "FIELD_DTYPE_KINDS", "MAX_FIELD_NAME", "RESERVED_FIELD_NAMES", "field_name_problem", "field_array"]

@@ -23,7 +23,7 @@ from .archive import (COMPRESSION_RATIO_FLOOR_BYTES, DEFAULT_MAX_COMPRESSION_RAT
                       DEFAULT_MAX_TOTAL_BYTES, MAX_WEIGHTING, MIN_WEIGHTING, Archive, LayerSpec, all_finite,
                       check_compression_ratio, check_finite, check_weighting, layer_key, spec_mismatch)
 from .archive_read import Source, decode, layer_pieces, read_layer, scan
-from .archive_write import ArchiveWriter, EncodedArchive, encode, prepare, stored_members
+from .archive_write import ArchiveWriter, EncodedArchive, encode, prepare, prepare_fields, stored_members
 from .tensor_codecs import (DEFAULT_DEFLATE_LEVEL, FAST_DEFLATE, ZIP_DEFLATED, ZIP_STORED, Codec, codec_named, codec_names,
                      register_codec, unregister_codec)
 from .payload_kinds import validate_upload
@@ -36,7 +36,7 @@ COMPRESSIONS = {"deflate": ZIP_DEFLATED, "none": ZIP_STORED}
 
 __all__ = [
     "Archive", "LayerSpec", "COMPRESSIONS", "WEIGHTING_KEY", "KIND_KEY", "KIND_FEDERATED_LEARNING",
-    "KIND_FEDERATED_ANALYTICS", "LAYER_PATTERN", "encode", "prepare", "EncodedArchive", "ArchiveWriter", "decode",
+    "KIND_FEDERATED_ANALYTICS", "LAYER_PATTERN", "encode", "prepare", "prepare_fields", "EncodedArchive", "ArchiveWriter", "decode",
     "scan", "check_weighting", "MIN_WEIGHTING", "MAX_WEIGHTING", "check_compression_ratio",
     "COMPRESSION_RATIO_FLOOR_BYTES", "DEFAULT_MAX_COMPRESSION_RATIO", "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_TOTAL_BYTES",
     "check_finite", "all_finite", "spec_mismatch", "validate_upload", "layer_key", "read_layer", "layer_pieces",
