@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 from .core import (  # the core's public names are the package's
-    AggregateMismatchError, AggregationTimeoutError, ApiError, ArchiveError, ArchiveTooLargeError, AuthenticationError,
+    AnalyticsResult, AggregateMismatchError, AggregationTimeoutError, AnalyticsError, AnalyticsRoundMissedError, ApiError, ArchiveError, ArchiveTooLargeError, AuthenticationError,
     BranchKeyError, Client, ClientOptions, Credentials, CredentialsError, DownloadBuffer, DownloadTimeoutError,
     Federation, InsufficientStorageError, LeafOptions, NotFoundError, Notification, NotificationError, Outcome,
     PermissionDeniedError, ProtocolError, RequestRejectedError, RoundInterrupted, RoundResult, RunBlockedError,
@@ -24,10 +24,10 @@ from .core.version import __version__
 
 __all__ = [
     "__version__",
-    "Client", "ClientOptions", "Credentials", "DownloadBuffer", "Federation", "LeafOptions", "Notification",
+    "AnalyticsResult", "Client", "ClientOptions", "Credentials", "DownloadBuffer", "Federation", "LeafOptions", "Notification",
     "Outcome", "RoundResult", "UploadReceipt", "WaitProgress",
     "BranchKeyError", "CredentialsError", "WeightingError", "ArchiveError", "ArchiveTooLargeError",
-    "AggregateMismatchError", "TransportError", "DownloadTimeoutError", "ProtocolError", "ApiError",
+    "AggregateMismatchError", "AnalyticsError", "AnalyticsRoundMissedError", "TransportError", "DownloadTimeoutError", "ProtocolError", "ApiError",
     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "RequestRejectedError", "ServerError",
     "InsufficientStorageError", "NotificationError", "RunBlockedError", "RunStopped", "AggregationTimeoutError",
     "RoundInterrupted",

@@ -80,9 +80,9 @@ CORE_LAYERS = {
     "http": {"errors", "backoff"}, "transfer": {"errors", "wire", "tensor_codecs"}, "client_options": {"errors", "protocol"},
     "download": {"errors", "protocol", "wire", "http", "transfer"},
     "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
-    "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "waiter"},
+    "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "protocol", "waiter"},
     "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
-               "notifications", "progress", "watch", "download", "version"},
+               "notifications", "progress", "watch", "download", "version", "client_payloads"},
 }
 
 

@@ -25,7 +25,7 @@ def test_public_names():
     from branchkey_integrations.core import errors
 
     assert set(branchkey_integrations.__all__) == {"__version__", *branchkey_integrations.core.__all__}
-    leaf = {"Client", "ClientOptions", "Credentials", "DownloadBuffer", "Federation", "LeafOptions", "Notification",
+    leaf = {"AnalyticsResult", "AnalyticsError", "AnalyticsRoundMissedError", "Client", "ClientOptions", "Credentials", "DownloadBuffer", "Federation", "LeafOptions", "Notification",
             "Outcome", "RoundResult", "UploadReceipt", "WaitProgress", "BranchKeyError", "CredentialsError",
             "WeightingError", "ArchiveError", "ArchiveTooLargeError", "AggregateMismatchError", "TransportError",
             "DownloadTimeoutError", "ProtocolError", "ApiError", "AuthenticationError", "PermissionDeniedError",

@@ -3,7 +3,8 @@
 A user of ``branchkey`` 2.7.1 finds the same calls here (``save_weights``,
 ``file_upload``, ``file_download``, ``send_performance_metrics``, ``queue``, ...),
 plus what 3.x added (retries with backoff, timeouts, integrity headers, ``output_dir``,
-``get_branch_config``, ``get_latest_aggregation_id``) and both notification transports.
+``get_branch_config``, ``get_latest_aggregation_id``, federated analytics' ``save_fields`` and
+``save_analytics``: :class:`~.client_payloads.PayloadCalls`) and both notification transports.
 Differences, on purpose: errors are typed (:mod:`.errors`) instead of bare ``Exception``,
 and the client logs instead of printing.
 
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -38,12 +39,13 @@ from . import wire
 from .client_options import TRANSPORTS, ClientOptions, check_client_options, check_host
 from .credentials import Credentials, CredentialsLike
 from .download import Downloads, checked_file_id
+from .client_payloads import PayloadCalls
 from .errors import AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RunBlockedError
 from .http import Away, HttpSession
 from .notifications import NotificationTransport, start_transport
 from .protocol import (
     AGGREGATION_STATUS, BRANCH_CONFIG_PATH, DEFAULT_HOST, FILE_DIGEST_HEADER, FILE_SIZE_HEADER, IDEMPOTENCY_KEY_HEADER,
-    KIND_FEDERATED_LEARNING, METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START,
+    KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START,
     UPLOAD_PATH, WS_TICKET_PATH, Notification, is_file_id,
 )
 from .progress import RoundView, UploadReceipt, parse_round_view
@@ -55,7 +57,7 @@ from .watch import find_missed_aggregate
 logger = logging.getLogger(__name__)
 
 
-class Client:
+class Client(PayloadCalls):
     """A BranchKey leaf: REST calls plus a background notification consumer.
 
     Args:
@@ -207,9 +209,13 @@ class Client:
     # ----------------------------------------------------------- notifications
     def _on_notification(self, notification: Notification) -> None:
         if notification.message_type == AGGREGATION_STATUS:
-            aggregation_id = notification.body["aggregation_id"]
-            if self._waiter.add_aggregation(aggregation_id, notification.run_number, notification.round_index):
-                logger.info("Aggregation %s is ready", aggregation_id)
+            aggregation_id, kind = notification.body["aggregation_id"], notification.body.get("kind")
+            if kind not in (None, KIND_FEDERATED_LEARNING, KIND_FEDERATED_ANALYTICS):  # never taken for a model
+                logger.warning("Ignoring aggregate %s of payload kind %r, which this version does not know",
+                               aggregation_id, kind)
+            elif self._waiter.add_aggregation(aggregation_id, notification.run_number, notification.round_index,
+                                              kind=kind or KIND_FEDERATED_LEARNING):
+                logger.info("Aggregation %s (%s) is ready", aggregation_id, kind or KIND_FEDERATED_LEARNING)
         elif notification.message_type == RUN_STATUS:
             status = notification.body["run_status"]
             self._set_run_status(status)
@@ -268,39 +274,17 @@ class Client:
             raise ProtocolError(f"WebSocket ticket: missing {exc} in {sorted(data)}") from None
 
     # ------------------------------------------------------------------ files
-    def convert_pytorch_numpy(self, model: Iterable[Any], weighting: float = 1) -> tuple[float, list[np.ndarray]]:
-        """Turn ``model.named_parameters()`` into ``(weighting, [arrays])``; bf16 becomes float32."""
-        params = []
-        for item in model:
-            tensor = item[1] if isinstance(item, tuple) else item
-            tensor = tensor.detach().cpu()
-            if str(tensor.dtype) == "torch.bfloat16":
-                tensor = tensor.float()
-            params.append(tensor.numpy())
-        return weighting, params
-
-    def save_weights(self, file_path: str | os.PathLike, weighting: float,
-                     parameters: Sequence[np.ndarray], *, compression: str = "deflate") -> str:
-        """Write a BranchKey NPZ (``.npz`` is appended when missing) and return its path."""
-        path = str(file_path)
-        if not path.endswith(".npz"):
-            path += ".npz"
-        wire.encode(parameters, weighting, path, compression=compression)
-        return path
-
-    def validate_weight_shape(self, file: BinaryIO) -> bool:
-        """Check an upload archive before sending it (as the official client does); rewinds ``file``."""
-        wire.validate_upload(wire.decode(file))
-        file.seek(0)
-        return True
-
     def file_upload(self, file_path: str | os.PathLike) -> str:
-        """Upload an NPZ written by :meth:`save_weights`; return the platform's ``file_id`` (see :attr:`last_upload`)."""
+        """Upload an NPZ written by :meth:`save_weights` (or ``save_fields``, ``save_analytics``: its kind is sent as
+        the archive declares it); return the platform's ``file_id`` (see :attr:`last_upload`)."""
         self._ensure_run_started()
         with open(file_path, "rb") as f:
-            self.validate_weight_shape(f)
+            archive = wire.decode(f)
+            wire.validate_upload(archive)
+            f.seek(0)
             size, digest = size_and_digest(f)
-        return self._post_upload(functools.partial(file_chunks, file_path), Path(file_path).name, size, digest).file_id
+        return self._post_upload(functools.partial(file_chunks, file_path), Path(file_path).name, size, digest,
+                                 archive.kind).file_id
 
     def upload_weights(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
                        compresslevel: int | None = None) -> str:
@@ -335,23 +319,27 @@ class Client:
                 sha = hashing.result()
         else:
             sha = archive.sha256()
-        return self._post_upload(archive.chunks, "weights.npz", archive.size, base64.b64encode(sha).decode())
+        return self.upload_encoded(archive, "weights.npz", sha256=sha)
 
-    def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int,
-                     digest: str) -> UploadReceipt:
-        metadata = {
-            "client_version": f"branchkey-integrations/{__version__}",
-            "timestamp": datetime.now(timezone.utc).isoformat(),
-            "file_size": size,
-            "file_digest": f"sha256={digest}",
-            "kind": KIND_FEDERATED_LEARNING,
-        }
+    def upload_encoded(self, archive: wire.EncodedArchive, filename: str, *, kind: str = KIND_FEDERATED_LEARNING,
+                       sha256: bytes | None = None) -> UploadReceipt:
+        """Upload an archive laid out by ``wire.prepare`` or ``wire.prepare_fields`` as ``kind``; retried with one
+        ``Idempotency-Key`` as every upload is. ``sha256``: its digest, when the caller computed it already."""
+        self._ensure_run_started()
+        digest = base64.b64encode(archive.sha256() if sha256 is None else sha256).decode()
+        return self._post_upload(archive.chunks, filename, archive.size, digest, kind)
+
+    def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int, digest: str,
+                     kind: str = KIND_FEDERATED_LEARNING) -> UploadReceipt:
+        metadata = {"client_version": f"branchkey-integrations/{__version__}",
+                    "timestamp": datetime.now(timezone.utc).isoformat(), "file_size": size,
+                    "file_digest": f"sha256={digest}", "kind": kind}
         data = json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata)})
         body = MultipartBody(data, filename, payload, size)
         # one key for every try: a retry of a counted upload (its 201 lost) gets that 201, not the next round
         headers = {FILE_SIZE_HEADER: str(size), FILE_DIGEST_HEADER: f"sha256={digest}",
                    IDEMPOTENCY_KEY_HEADER: uuid.uuid4().hex, "Content-Type": body.content_type}
-        mark = self._waiter.received
+        mark = self._waiter.received_of(kind)  # its round's aggregate is one received after it
         answer = self._http.request_data("POST", UPLOAD_PATH, "upload", expected=HTTPStatus.CREATED, headers=headers,
                                          data=body)
         file_id = answer.get("file_id")
@@ -360,8 +348,10 @@ class Client:
         run, index = answer.get("run_number"), answer.get("round_index")
         tagged = isinstance(run, int) and isinstance(index, int) and min(run, index) >= 0
         self._downloads.record_upload(size)  # the aggregate is sized after it
-        self.last_upload = UploadReceipt(str(file_id), run if tagged else None, index if tagged else None, size, mark)
-        self._upload_mark, self._upload_round = mark, self.last_upload.round
+        self.last_upload = UploadReceipt(str(file_id), run if tagged else None, index if tagged else None, size, mark,
+                                         kind)
+        if kind == KIND_FEDERATED_LEARNING:  # what wait_for_aggregation waits on: a model's round
+            self._upload_mark, self._upload_round = mark, self.last_upload.round
         logger.info("Uploaded %s (%.2f MB) as %s", filename, size / 1e6, file_id)
         return self.last_upload
 

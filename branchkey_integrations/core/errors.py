@@ -8,12 +8,13 @@ layer, the notification transports) and kept as ``__cause__``.
 The tree, by who raises what:
 
 - a leaf's own input: :class:`CredentialsError`, :class:`WeightingError`, :class:`ArchiveError`
-  (and :class:`ArchiveTooLargeError`, :class:`AggregateMismatchError`);
+  (and :class:`ArchiveTooLargeError`, :class:`AggregateMismatchError`), :class:`AnalyticsError`;
 - talking to the platform: :class:`TransportError` (unreachable; :class:`DownloadTimeoutError`, a
   download that did not arrive by its deadline), :class:`ApiError` and its
   status classes (an error answer), :class:`ProtocolError` (an answer or message that does not
   follow PROTOCOL.md), :class:`NotificationError` (the channel failed);
-- the round: :class:`RunBlockedError`, :class:`RunStopped`, :class:`AggregationTimeoutError`;
+- the round: :class:`RunBlockedError`, :class:`RunStopped`, :class:`AggregationTimeoutError` (and
+  :class:`AnalyticsRoundMissedError`);
 - ``branchkey-local`` (:class:`LocalServerError`) and its simulation (:class:`SimulationError`).
 
 The module imports nothing, so every layer (server and simulation included) can use it.
@@ -55,6 +56,11 @@ class ArchiveTooLargeError(ArchiveError):
 
 class AggregateMismatchError(ArchiveError):
     """The aggregate does not fit the local model (layer count, shape, dtype kind, or non-finite values)."""
+
+
+class AnalyticsError(BranchKeyError, ValueError):
+    """A column or field given to federated analytics cannot be sent as it is (not numeric, not 1-D, empty,
+    infinite, NaN under ``nan_policy="raise"``, a name two entries share), or an aggregate is not an analytics one."""
 
 
 # -- talking to the platform ---------------------------------------------------------------------
@@ -131,6 +137,11 @@ class RunStopped(BranchKeyError):
 
 class AggregationTimeoutError(BranchKeyError, TimeoutError):
     """No aggregate arrived within the allowed time."""
+
+
+class AnalyticsRoundMissedError(AggregationTimeoutError):
+    """An analytics round's aggregate will not arrive: a later analytics round of the branch completed, and its
+    own aggregate was never received (a later round's result holds other uploads, so it is not taken instead)."""
 
 
 class RoundInterrupted(BranchKeyError):
@@ -222,6 +233,7 @@ __all__ = [
     "ArchiveError",
     "ArchiveTooLargeError",
     "AggregateMismatchError",
+    "AnalyticsError",
     "TransportError",
     "DownloadTimeoutError",
     "ProtocolError",
@@ -236,6 +248,7 @@ __all__ = [
     "RunBlockedError",
     "RunStopped",
     "AggregationTimeoutError",
+    "AnalyticsRoundMissedError",
     "RoundInterrupted",
     "LocalServerError",
     "RecordNotFoundError",

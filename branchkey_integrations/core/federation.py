@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,7 +47,10 @@ from .errors import (
     ServerError,
     TransportError,
 )
-from .outcome import Layers, Outcome, RoundResult, Weighting, exchange as _exchange
+from .analytics_result import AnalyticsResult
+from .analytics_round import AnalyticsRound
+from .client_payloads import analytics_entries
+from .outcome import Layers, Outcome, RoundResult, Weighting, check_layers, checked_model, exchange as _exchange
 from .progress import AGGREGATE, RUN_START, SERVER, AggregateRef, ProgressListener, WaitProgress
 from .progress import rounds_after_catching_up, rounds_behind
 from .waiter import Every
@@ -124,6 +127,7 @@ class Federation:
         self._listeners: list[ProgressListener] = [on_progress] if on_progress is not None else []
         self._interrupted: str | None = None
         self.round = 0
+        self.analytics_rounds = 0  # analytics rounds this leaf completed (counted apart from the model's)
         self.last_aggregation_id: str | None = None
         self.last_run_number: int | None = None  # run and round of last_aggregation_id, when the platform said
         self.last_round_index: int | None = None
@@ -297,7 +301,7 @@ class Federation:
                            "again (on_timeout='continue').", number, exc)
             return RoundResult(None, None, time.monotonic() - started, upload_mb, self.round, *_split(target),
                                skipped="unreachable")
-        aggregate = self.check_aggregate(archive.layers, expected, names)
+        aggregate = checked_model(archive, expected, names)
         run_number, round_index = self.client.waiter.round_of(aggregation_id)
         self._record(number, AggregateRef(aggregation_id, run_number, round_index))
         logger.info("Round %d done: aggregate %s after %.1f s", number, aggregation_id, wait_s)
@@ -325,7 +329,7 @@ class Federation:
                   names: Sequence[str] | None, deadline: float | None) -> RoundResult:
         """Load the branch's latest aggregate instead of uploading (the leaf is more than a round behind)."""
         archive = self._download(latest.aggregation_id, expected, deadline)
-        aggregate = self.check_aggregate(archive.layers, expected, names)
+        aggregate = checked_model(archive, expected, names)
         number = rounds_after_catching_up(self.round, self.last_aggregate, latest)  # numbered as the branch's other leaves number it
         self._record(number, latest)
         logger.info("Round %d: caught up with aggregate %s", number, latest.aggregation_id)
@@ -450,30 +454,24 @@ class Federation:
             "Raise timeout, or pass on_timeout='continue' to keep training locally."
         )
 
-    # ------------------------------------------------------------ validation
-    @staticmethod
-    def check_aggregate(
-        received: Sequence[np.ndarray], expected: Sequence[LayerSpec], names: Sequence[str] | None = None
-    ) -> list[np.ndarray]:
-        """Check every layer of an aggregate before any is used; return them cast to the expected dtypes."""
-        if len(received) != len(expected):
-            raise AggregateMismatchError(
-                f"The aggregate has {len(received)} layers but the local model has {len(expected)}: "
-                "every leaf of the branch must federate the same parameters."
-            )
-        checked = []
-        for index, (array, spec) in enumerate(zip(received, expected)):
-            name = names[index] if names is not None else wire.layer_key(index)
-            if tuple(array.shape) != spec.shape:
-                raise AggregateMismatchError(
-                    f"{name}: the aggregate has shape {tuple(array.shape)}, the local model {spec.shape}.")
-            if array.dtype.kind != spec.dtype.kind:
-                raise AggregateMismatchError(
-                    f"{name}: the aggregate has dtype {array.dtype}, the local model {spec.dtype}.")
-            if not wire.all_finite(array):
-                raise AggregateMismatchError(f"{name}: the aggregate holds NaN or infinity.")
-            checked.append(array.astype(spec.dtype, copy=False))
-        return checked
+    check_aggregate = staticmethod(check_layers)  # every layer of an aggregate checked before any is used
+
+    # ------------------------------------------------------------- analytics
+    def analytics_round(self, columns: Mapping[str, Any] | None = None, fields: Mapping[str, Any] | None = None, *,
+                        nan_policy: str = "omit", timeout: float | None = None) -> AnalyticsResult:
+        """One federated analytics round: raw ``columns`` reduced here to their bundles (``save_analytics``' rules;
+        raw values never leave) and ``fields`` as given (``save_fields``'), sent as one upload; then the wait for
+        that analytics round's aggregate, visible and interruptible as a model's round (progress listeners,
+        :meth:`interrupt`), and its :class:`AnalyticsResult`. Usable between model rounds, from a training
+        callback's hook, or from a thread beside them. ``timeout``: seconds (None: the federation's ``timeout``).
+        Raises what :meth:`~.analytics_round.AnalyticsRound.run` raises (a timeout always raises), and
+        :class:`AnalyticsError` for a column or field that cannot be sent, before anything is sent."""
+        entries = analytics_entries(columns, fields, nan_policy)
+        number = self.analytics_rounds + 1
+        result = AnalyticsRound(self.client, number, self._listeners, log_every_s=self.log_every_s,
+                                check_every_s=self.check_every_s).run(entries, self.timeout if timeout is None else timeout)
+        self.analytics_rounds = number
+        return result
 
     # --------------------------------------------------------------- metrics
     def send_metrics(self, data: dict[str, Any] | str, mode: str = "train",

@@ -1,6 +1,7 @@
 """How one round ends for a training callback: the :class:`Outcome` of :meth:`Federation.exchange`.
 
-This module owns :class:`RoundResult` (what :meth:`Federation.run_round` returns), the four ways a round can end for a leaf that is training (``"done"``, ``"timeout"``,
+This module owns :class:`RoundResult` (what :meth:`Federation.run_round` returns), the check of an aggregate
+before it may be loaded (:func:`checked_model`: a model's kind, then every layer against the local model), the four ways a round can end for a leaf that is training (``"done"``, ``"timeout"``,
 ``"stopped"``, ``"error"``), the mapping of :meth:`Federation.run_round`'s exceptions onto them, and making an
 outcome portable between processes. Why an outcome instead of exceptions: under DDP only global rank 0 runs the
 round, and every rank must then act identically. An exception raised on rank 0 before the broadcast would leave
@@ -21,8 +22,8 @@ from typing import Callable, Iterable, Sequence, Union
 import numpy as np
 
 from . import wire
-from .errors import BranchKeyError, RequestRejectedError, RoundInterrupted, RunStopped
-from .protocol import LAYER_PATTERN
+from .errors import AggregateMismatchError, BranchKeyError, RequestRejectedError, RoundInterrupted, RunStopped
+from .protocol import KIND_FEDERATED_LEARNING, LAYER_PATTERN
 from .snapshots import save_snapshot
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,43 @@ Layers = Union[Sequence[np.ndarray], Callable[[], Sequence[np.ndarray]]]
 Weighting = Union[float, Callable[[], float]]
 
 _LAYER_KEY = re.compile(rf"\b{LAYER_PATTERN.pattern}\b")  # how the platform names a layer: by its position
+
+
+def check_layers(received: Sequence[np.ndarray], expected: Sequence[wire.LayerSpec],
+                 names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Check every layer of an aggregate before any is used; return them cast to the expected dtypes.
+
+    Raises:
+        AggregateMismatchError: the layer count, a shape or a dtype kind differs, or a value is not finite.
+    """
+    if len(received) != len(expected):
+        raise AggregateMismatchError(
+            f"The aggregate has {len(received)} layers but the local model has {len(expected)}: "
+            "every leaf of the branch must federate the same parameters."
+        )
+    checked = []
+    for index, (array, spec) in enumerate(zip(received, expected)):
+        name = names[index] if names is not None else wire.layer_key(index)
+        if tuple(array.shape) != spec.shape:
+            raise AggregateMismatchError(
+                f"{name}: the aggregate has shape {tuple(array.shape)}, the local model {spec.shape}.")
+        if array.dtype.kind != spec.dtype.kind:
+            raise AggregateMismatchError(
+                f"{name}: the aggregate has dtype {array.dtype}, the local model {spec.dtype}.")
+        if not wire.all_finite(array):
+            raise AggregateMismatchError(f"{name}: the aggregate holds NaN or infinity.")
+        checked.append(array.astype(spec.dtype, copy=False))
+    return checked
+
+
+def checked_model(archive: wire.Archive, expected: Sequence[wire.LayerSpec],
+                  names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """The layers of a downloaded aggregate, checked (:func:`check_layers`); an aggregate of another payload kind
+    (an analytics round's) is never a model: :class:`AggregateMismatchError`."""
+    if archive.kind != KIND_FEDERATED_LEARNING:
+        raise AggregateMismatchError(f"The aggregate is a {archive.kind!r} archive ({len(archive.fields)} fields), not "
+                                     "a model: it was an analytics round's, and is never loaded into a model.")
+    return check_layers(archive.layers, expected, names)
 
 
 @dataclass(frozen=True)
@@ -156,4 +194,5 @@ def name_refused_layers(error: RequestRejectedError, names: Sequence[str]) -> Re
                                 "the same parameters)", error.status_code)
 
 
-__all__ = ["OUTCOME_KINDS", "RoundResult", "Outcome", "Layers", "Weighting", "RunRound", "exchange", "layer_names_in", "name_refused_layers"]
+__all__ = ["OUTCOME_KINDS", "RoundResult", "Outcome", "Layers", "Weighting", "RunRound", "exchange", "layer_names_in",
+           "name_refused_layers", "check_layers", "checked_model"]

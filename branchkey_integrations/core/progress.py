@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ProtocolError
-from .protocol import is_file_id
+from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, is_file_id
 
 #: what a wait waits for: the run to start, the round's aggregate, or the server to answer again (a restart)
 RUN_START, AGGREGATE, SERVER = "run start", "aggregate", "server"
@@ -49,12 +49,15 @@ class RefusedUpload:
 class AggregateRef:
     """An aggregate and the round it closed: ``run_number`` and ``round_index`` (from 0 within the run).
 
-    Either number is None when the platform did not say (the hosted platform's notifications).
+    Either number is None when the platform did not say (the hosted platform's notifications); so is
+    ``contributors``, how many leaves' uploads it combines (``contributor_names``: theirs, when said).
     """
 
     aggregation_id: str
     run_number: int | None = None
     round_index: int | None = None
+    contributors: int | None = None
+    contributor_names: tuple[str, ...] = ()
 
     @property
     def tagged(self) -> bool:
@@ -74,6 +77,8 @@ class RoundView:
         refused: uploads refused in the open round (the latest per leaf).
         opened_at, deadline_at: ISO 8601 UTC, or None.
         latest_aggregate: the branch's latest aggregate, or None before the first.
+        analytics: the branch's analytics rounds, seen the same way (their own round index, from 0 within the
+            run; ``round_index`` None while none is open), or None where the platform has none.
     """
 
     run_status: str
@@ -86,6 +91,7 @@ class RoundView:
     opened_at: str | None = None
     deadline_at: str | None = None
     latest_aggregate: AggregateRef | None = None
+    analytics: RoundView | None = None
 
 
 def _int_or_none(data: dict[str, Any], name: str, context: str) -> int | None:
@@ -120,20 +126,30 @@ def parse_round_view(data: dict[str, Any], context: str = "round progress") -> R
         if not isinstance(latest, dict) or not is_file_id(latest.get("aggregation_id")):
             raise ProtocolError(f"{context}: latest_aggregate={str(latest)[:200]}; expected an object with an "
                                 "aggregation_id that is a plain token (a file id).")
+        contributors = latest.get("contributors")
+        names = _names(latest, "contributors", context) if isinstance(contributors, list) else ()
         ref = AggregateRef(latest["aggregation_id"], _int_or_none(latest, "run_number", context),
-                           _int_or_none(latest, "round_index", context))
+                           _int_or_none(latest, "round_index", context),
+                           len(names) if isinstance(contributors, list) else _int_or_none(latest, "contributors", context),
+                           names)
+    analytics = data.get("analytics")
+    if analytics is not None and not isinstance(analytics, dict):
+        raise ProtocolError(f"{context}: analytics={str(analytics)[:200]}; expected an object or null.")
     return RoundView(run_status, run_number, _int_or_none(data, "round_index", context),
                      _names(data, "uploaded", context), _names(data, "missing", context),
                      _int_or_none(data, "required", context), tuple(refused), data.get("opened_at"),
-                     data.get("deadline_at"), ref)
+                     data.get("deadline_at"), ref, None if analytics is None else parse_round_view(
+                         {"run_status": run_status, "run_number": run_number, **analytics, "analytics": None},
+                         f"{context} (analytics)"))
 
 
 @dataclass(frozen=True)
 class UploadReceipt:
     """What one upload was: the platform's ``file_id``, the run and round it went into (None when the
     platform did not say: the hosted platform), its ``size`` in bytes, and ``mark``, the count of aggregation
-    ids this client had received just before it (its round's aggregate comes after: see
-    :meth:`~.waiter.RoundWaiter.drain`).
+    ids of its ``kind`` this client had received just before it (its round's aggregate comes after: see
+    :meth:`~.waiter.RoundWaiter.drain`), and its payload ``kind`` (a model's round and an analytics round are
+    counted apart).
 
     Example:
         >>> receipt = UploadReceipt("f00d", 1, 4, 1024)
@@ -146,6 +162,7 @@ class UploadReceipt:
     round_index: int | None
     size: int
     mark: int = 0
+    kind: str = KIND_FEDERATED_LEARNING
 
     @property
     def round(self) -> tuple[int, int] | None:
@@ -229,6 +246,8 @@ class WaitProgress:
             ``"POST /api/v1/file/upload: connection refused"``; else empty.
         retry_left_s: while waiting for the server, seconds until the round's timeout ends the tries
             (None: the round has no timeout).
+        kind: the round's payload kind: ``"federated_learning"`` (a model's round) or ``"federated_analytics"``
+            (:meth:`Federation.analytics_round`; ``round`` then counts this leaf's analytics rounds).
     """
 
     round: int
@@ -245,6 +264,7 @@ class WaitProgress:
     final: bool = False
     unreachable: str = ""
     retry_left_s: float | None = None
+    kind: str = KIND_FEDERATED_LEARNING
 
     def __post_init__(self) -> None:
         if self.waiting_for not in WAITING_FOR:
@@ -258,7 +278,8 @@ class WaitProgress:
         if self.run_number is not None and self.round_index is not None:
             where = f" (run {self.run_number}, round index {self.round_index})"
         what = {RUN_START: "the run to start", AGGREGATE: "the aggregate", SERVER: "the server"}[self.waiting_for]
-        text = f"Round {self.round}{where}: waiting for {what} for {self.waited_s:.0f} s"
+        name = "Analytics round" if self.kind == KIND_FEDERATED_ANALYTICS else "Round"
+        text = f"{name} {self.round}{where}: waiting for {what} for {self.waited_s:.0f} s"
         if self.unreachable:
             text += f" ({self.unreachable}); trying again " + (
                 "until it answers (the round has no timeout)" if self.retry_left_s is None else
@@ -278,7 +299,7 @@ class WaitProgress:
         if other is None:
             return False
         fields = ("round", "waiting_for", "run_number", "round_index", "uploaded", "missing", "required",
-                  "refused", "run_status", "known", "unreachable")
+                  "refused", "run_status", "known", "unreachable", "kind")
         return all(getattr(self, name) == getattr(other, name) for name in fields)
 
 

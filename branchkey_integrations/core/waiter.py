@@ -20,6 +20,10 @@ once; each then raises :class:`RoundInterrupted`, and so does every later wait u
 :meth:`RoundWaiter.clear_interrupt`. :meth:`RoundWaiter.request_refresh` (a notification channel that
 reconnected) makes the waits run their ``on_refresh`` actions now instead of at their next interval.
 
+Analytics aggregates (``federated_analytics``: their notification says so) are kept apart, counted and
+waited on by :meth:`RoundWaiter.wait_for_analytics`: a model's round never sees one, and an analytics round
+never sees a model's (neither reaches ``queue``, which holds models' aggregates, as the official client's does).
+
 Why a count of aggregation ids: a round must accept only an aggregate that arrived after its
 own upload. Taking :meth:`RoundWaiter.drain` before the upload and waiting for
 :meth:`RoundWaiter.wait_for_aggregate_after` that mark cannot mistake an earlier id for this
@@ -45,8 +49,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-from .errors import RoundInterrupted, RunStopped
-from .protocol import START, STOP
+from .errors import AnalyticsRoundMissedError, RoundInterrupted, RunStopped
+from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, START, STOP
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class RoundWaiter:
         self._latest: str | None = None
         self._rounds: dict[str, tuple[int | None, int | None]] = {}  # aggregation id -> (run, round index)
         self._history: list[str] = []  # aggregation ids in arrival order; index i is the (i+1)-th received
+        self._analytics: list[str] = []  # analytics aggregates' ids in arrival order (their rounds in _rounds)
         self._interrupted: str | None = None
         self._refreshes = 0
 
@@ -109,8 +114,12 @@ class RoundWaiter:
 
     @property
     def received(self) -> int:
-        """How many aggregation ids have arrived so far."""
+        """How many aggregation ids of models have arrived so far."""
         return self._received
+
+    def received_of(self, kind: str) -> int:
+        """How many aggregation ids of payload ``kind`` have arrived so far (the mark of an upload of it)."""
+        return len(self._analytics) if kind == KIND_FEDERATED_ANALYTICS else self._received
 
     # ---------------------------------------------------------------- updates
     def set_run(self, status: str, number: int | None = None) -> bool:
@@ -128,12 +137,18 @@ class RoundWaiter:
         return self._rounds.get(aggregation_id, (None, None))
 
     def add_aggregation(self, aggregation_id: str, run_number: int | None = None,
-                        round_index: int | None = None) -> bool:
+                        round_index: int | None = None, *, kind: str = KIND_FEDERATED_LEARNING) -> bool:
         """Record a new aggregate (of that run and round, when known), keep it as the only unread id (LIFO of
         size 1) and wake waiters. An id already received (a notification and a REST look-up both found it)
-        is not counted twice; returns whether it was new.
+        is not counted twice; returns whether it was new. An analytics aggregate (``kind``) is kept apart, for
+        :meth:`wait_for_analytics` only.
         """
         with self._condition:
+            if kind == KIND_FEDERATED_ANALYTICS and aggregation_id not in self._rounds:
+                self._rounds[aggregation_id] = (run_number, round_index)
+                self._analytics.append(aggregation_id)
+                self._condition.notify_all()
+                return True
             if aggregation_id in self._rounds:
                 known = self._rounds[aggregation_id]
                 if known == (None, None) and (run_number, round_index) != (None, None):
@@ -255,6 +270,32 @@ class RoundWaiter:
             if found is not None:
                 self._take_unread()  # read now, whether or not someone else took it from the queue first
             return found
+
+        return self._wait(ready, deadline, periodic)
+
+    def wait_for_analytics(self, mark: int, deadline: float | None, periodic: Sequence[Every] = (), *,
+                           stopped: str | None, target: tuple[int, int] | None = None) -> str | None:
+        """The id of the analytics aggregate that ends an analytics round whose upload took ``mark``
+        (:meth:`received_of`); as :meth:`wait_for_aggregate_after`, but of analytics aggregates only, and of
+        ``target``'s round only: a later round's result holds other uploads, so once one arrives without this
+        round's, :class:`AnalyticsRoundMissedError`. Without ``target``, the first to arrive after ``mark``.
+        """
+        def ready() -> str | None:
+            if stopped is not None and self._run_status == STOP:
+                raise RunStopped(f"The run of branch {self.branch_id} was stopped {stopped}.")
+            later = None
+            for aggregation_id in self._analytics[mark:]:
+                run, index = self._rounds[aggregation_id]
+                if target is None or run is None or index is None or (run, index) == target:
+                    return aggregation_id
+                if (run, index) > target:
+                    later = later or (aggregation_id, run, index)
+            if later is not None and target is not None:
+                raise AnalyticsRoundMissedError(
+                    f"The analytics aggregate of run {target[0]} round index {target[1]} (branch {self.branch_id}) "
+                    f"was not received, and a later analytics round's ({later[0]}, run {later[1]} round index "
+                    f"{later[2]}) was: run the analytics round again.")
+            return None
 
         return self._wait(ready, deadline, periodic)
 

@@ -12,6 +12,9 @@ While a call of the round finds the server away and is tried again (:meth:`Clien
 watch of ``"server"`` (:meth:`WaitWatch.on_away`) says so: at WARNING and to the listeners at once, then
 every ``log_every_s``, and once more when the server answers again.
 
+A watch of an analytics round (``kind="federated_analytics"``) reads the round view's ``analytics`` part
+instead, and hands a missed analytics aggregate over as one, so each kind of round sees only its own.
+
 The watch never raises for a platform that cannot be reached or lacks the round endpoint: the wait goes
 on, on notifications alone, and the first failure of a round is said once at WARNING.
 """
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from .errors import BranchKeyError
 from .progress import AGGREGATE, ProgressListener, RefusedUpload, RoundView, WaitProgress
+from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING
 from .waiter import Every, RoundWaiter
 
 if TYPE_CHECKING:
@@ -51,15 +55,16 @@ class RoundSource(Protocol):
     def get_round(self) -> RoundView | None: ...
 
 
-def hand_over_latest(client: RoundSource, view: RoundView | None, target: tuple[int, int]) -> str | None:
-    """Give the waiter the branch's latest aggregate when it closes ``target`` (run, round index) or a later
-    round, and it was not received yet; return its id then, else None."""
+def hand_over_latest(client: RoundSource, view: RoundView | None, target: tuple[int, int],
+                     kind: str = KIND_FEDERATED_LEARNING) -> str | None:
+    """Give the waiter the branch's latest aggregate (of ``kind``: ``view`` is that kind's) when it closes
+    ``target`` (run, round index) or a later round, and it was not received yet; return its id then, else None."""
     latest = view.latest_aggregate if view is not None else None
     if latest is None or latest.run_number is None or latest.round_index is None:
         return None
     if (latest.run_number, latest.round_index) < target:
         return None
-    if client.waiter.add_aggregation(latest.aggregation_id, latest.run_number, latest.round_index):
+    if client.waiter.add_aggregation(latest.aggregation_id, latest.run_number, latest.round_index, kind=kind):
         return latest.aggregation_id
     return None
 
@@ -96,11 +101,12 @@ class WaitWatch:
         check_every_s: how often the round view is read (and at once after a reconnect).
         target: ``(run_number, round_index)`` the upload went into, when the platform said.
         notes: the round's :class:`RoundNotes`, shared by its waits.
+        kind: the round's payload kind; an analytics round's watch reads the round view's ``analytics`` part.
     """
 
     def __init__(self, client: RoundSource, number: int, waiting_for: str, listeners: Sequence[ProgressListener], *,
                  log_every_s: float, check_every_s: float, target: tuple[int, int] | None = None,
-                 notes: RoundNotes | None = None) -> None:
+                 notes: RoundNotes | None = None, kind: str = KIND_FEDERATED_LEARNING) -> None:
         self.client = client
         self.number = number
         self.waiting_for = waiting_for
@@ -109,6 +115,7 @@ class WaitWatch:
         self.check_every_s = check_every_s
         self.target = target
         self.notes = notes or RoundNotes()
+        self.kind = kind
         self.view: RoundView | None = None
         self.last: WaitProgress | None = None
         self.since = time.monotonic()
@@ -136,7 +143,7 @@ class WaitWatch:
                 logger.warning("Round %d of branch %s cannot complete as it is: the server refused the upload of "
                                "leaf %s: %s", self.number, self.client.branch_id, refusal.leaf, refusal.reason)
         if self.waiting_for == AGGREGATE and self.target is not None:
-            found = hand_over_latest(self.client, view, self.target)
+            found = hand_over_latest(self.client, view, self.target, self.kind)
             if found is not None:
                 logger.info("Round %d: aggregate %s found by asking the server (its notification did not arrive)",
                             self.number, found)
@@ -144,9 +151,11 @@ class WaitWatch:
             self.report()
 
     def read_view(self) -> RoundView | None:
-        """The round view, or None (no such endpoint, or unreachable: said once per round, at WARNING)."""
+        """The round view (of this watch's kind), or None (no such endpoint, none for analytics, or unreachable:
+        said once per round, at WARNING)."""
         try:
-            return self.client.get_round()
+            view = self.client.get_round()
+            return view.analytics if view is not None and self.kind == KIND_FEDERATED_ANALYTICS else view
         except BranchKeyError as exc:
             if not self.notes.unreachable:
                 self.notes.unreachable = True
@@ -177,7 +186,7 @@ class WaitWatch:
             return WaitProgress(round=self.number, waiting_for=self.waiting_for, waited_s=away.waited_s,
                                 run_number=self.client.run_number, run_status=self.client.run_status, final=final,
                                 unreachable="" if away.back else f"{away.call}: {away.reason}",
-                                retry_left_s=away.left_s)
+                                retry_left_s=away.left_s, kind=self.kind)
         view, target = self.view, self.target
         run_number = target[0] if target is not None else (view.run_number if view is not None else
                                                            self.client.run_number)
@@ -190,7 +199,7 @@ class WaitWatch:
             missing=view.missing if same_round and view is not None else (),
             required=view.required if view is not None else None,
             refused=view.refused if view is not None else (),
-            run_status=self.client.run_status, known=same_round, final=final,
+            run_status=self.client.run_status, known=same_round, final=final, kind=self.kind,
         )
 
     def report(self, final: bool = False, level: int = logging.INFO) -> WaitProgress:
