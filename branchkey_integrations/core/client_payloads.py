@@ -135,9 +135,10 @@ class PayloadCalls:
                 "write a model with save_weights(file_path, weighting, parameters).")
         if not isinstance(entries, Mapping):
             raise AnalyticsError(f"Expected entries as a dict of name -> value. Received: {type(entries).__name__}")
+        archive = wire.prepare_fields(entries, compression="deflate")  # refused before a file is made
         path = npz_path(file_path)
         with open(path, "wb") as handle:
-            wire.prepare_fields(entries, compression="deflate").write_to(handle)
+            archive.write_to(handle)
         return path
 
     def save_analytics(self, columns: Mapping[str, object], file_path: str | os.PathLike = "analytics",
