@@ -77,6 +77,7 @@ SETUP = {
     "keras": _KERAS,
     "keras-monitor": _KERAS + "from branchkey_integrations.keras import BranchKeyKerasCallback\n",
     "client": "import numpy as np\nw, b = np.ones((4, 2), np.float32), np.zeros(2, np.float32)\n",
+    "analytics": "",
     "overview": _LIGHTNING.replace("model, datamodule", "lightning_model, datamodule") + _KERAS + (
         "from lightning.pytorch import Trainer\n"
         "from branchkey_integrations.lightning import BranchKeyCallback\n"
@@ -88,6 +89,7 @@ CHECK = {
     "keras": 'assert history.history["branchkey_round"] == [float(n) for n in range(1, 21)], history.history\n',
     "keras-monitor": 'assert callback.round >= 1 and "branchkey_test_loss" in model.history.history\n',
     "client": "assert [a.shape for a in aggregate.layers] == [(4, 2), (2,)]\nassert aggregation_id\n",
+    "analytics": 'assert result.statistics["age"].count == 1500 and result.round_index == 0, result\n',
     "overview": 'assert model.history.history["branchkey_round"] == [1.0] and len(trainer.callbacks) >= 1\n',
 }
 # first line of a block -> how it runs: a SETUP key (three leaves), "branch", "simulate", or a reason it runs elsewhere
@@ -102,6 +104,7 @@ HOW = {
     "import keras": "keras",
     "callback = BranchKeyKerasCallback(": "keras-monitor",
     "from branchkey_integrations import Client": "client",
+    "from branchkey_integrations import Federation": "analytics",
     '.venv/bin/python -m pytest -m "not slow"': "elsewhere: the fast lane is a subset of this suite",
     "from branchkey_integrations.core.tensor_codecs import Codec": "elsewhere: tests/core/test_codecs.py runs it",
 }
@@ -126,7 +129,8 @@ def blocks_run_as(way: str) -> list[str]:
 def test_every_readme_block_is_run_here():
     unknown = [f"README.md:{line}: {code.splitlines()[0]}" for line, _, code in readme_blocks() if how(code) is None]
     assert not unknown, f"add these blocks to tests/test_readme.py HOW (and make them run): {unknown}"
-    assert {"branch", "simulate", "lightning", "keras", "client", "overview"} <= {how(c) for _, _, c in readme_blocks()}
+    assert {"branch", "simulate", "lightning", "keras", "client", "overview", "analytics"} <= \
+        {how(c) for _, _, c in readme_blocks()}
 
 
 def test_the_readme_names_no_missing_extra_or_stale_module():
@@ -196,7 +200,7 @@ def run_leaves(way: str, workdir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("way", ["lightning", "keras", "keras-monitor", "client", "overview"])
+@pytest.mark.parametrize("way", ["lightning", "keras", "keras-monitor", "client", "overview", "analytics"])
 def test_a_readme_block_runs_as_three_leaves_of_a_branch(way, tmp_path):
     if way == "keras-monitor" and not blocks_run_as(way):
         pytest.fail("the README lost its block that monitors branchkey_test_loss")

@@ -5,25 +5,29 @@ official 3.0.1 client's names, arguments and rules: ``save_weights`` (a model), 
 the caller computed, each combined by the operation its branch configures) and ``save_analytics`` (raw columns
 reduced here to their six-entry bundles, :func:`~.analytics.reduce_column`, so raw values never leave the
 site), each writing an ``.npz`` that ``file_upload`` sends; the same without a file (``upload_fields``,
-``upload_analytics``: one retried, idempotent upload, as a model's); and ``download_analytics``, an analytics
-aggregate read as an :class:`~.analytics_result.AnalyticsResult`. Differences from 3.0.1, on purpose: typed
+``upload_analytics``: one retried, idempotent upload, as a model's); ``wait_for_analytics``, the wait for that
+upload's analytics aggregate (a model's never ends it); and ``download_analytics``, an analytics aggregate read
+as an :class:`~.analytics_result.AnalyticsResult`. Differences from 3.0.1, on purpose: typed
 errors (:class:`~.errors.AnalyticsError`, :class:`~.errors.ArchiveError`) instead of bare ``Exception``, and
 ``save_fields(kind="federated_learning")`` is refused, since named entries are not a model archive (3.0.1 writes
 one that its own upload check then refuses).
 
-Why a class of its own: it needs nothing of the client but two calls, the upload of an encoded archive and the
-download of an aggregate, which :class:`~.client.Client` provides; this keeps the client to its protocol calls.
+Why a class of its own: it needs of the client only its public calls (the upload of an encoded archive, the
+download of an aggregate, its waiter and round view), which :class:`~.client.Client` provides; this keeps the
+client to its protocol calls.
 
 Example (skipped: it needs a running branchkey-local and credentials; tests/integration runs it):
     >>> from branchkey_integrations import Client
     >>> with Client("leaf_1.json", host="http://127.0.0.1:8080") as client:  # doctest: +SKIP
     ...     path = client.save_analytics({"age": ages}, nan_policy="omit")
     ...     client.file_upload(path)
+    ...     result = client.download_analytics(client.wait_for_analytics(timeout=600))
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
@@ -32,10 +36,12 @@ import numpy as np
 from . import wire
 from .analytics import check_nan_policy, reduce_columns
 from .analytics_result import AnalyticsResult
-from .errors import AnalyticsError
-from .progress import UploadReceipt
+from .errors import AggregationTimeoutError, AnalyticsError
+from .progress import RoundView, UploadReceipt
 from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, PAYLOAD_KINDS
 from .transfer import DownloadBuffer, upload_compression
+from .waiter import Every, RoundWaiter
+from .watch import find_missed_aggregate
 
 
 def npz_path(file_path: str | os.PathLike) -> str:
@@ -78,6 +84,19 @@ class PayloadCalls:
 
     @property
     def host(self) -> str:  # the client's API host
+        raise NotImplementedError
+
+    last_upload: UploadReceipt | None  # the client's: its last upload
+
+    @property
+    def branch_id(self) -> str:  # the client's
+        raise NotImplementedError
+
+    @property
+    def waiter(self) -> RoundWaiter:  # the client's: its run status and aggregation ids
+        raise NotImplementedError
+
+    def get_round(self) -> RoundView | None:  # the client's: its round view
         raise NotImplementedError
 
     def upload_encoded(self, archive: wire.EncodedArchive, filename: str, *, kind: str = KIND_FEDERATED_LEARNING,
@@ -169,6 +188,30 @@ class PayloadCalls:
         """:meth:`save_analytics` and ``file_upload`` in one step, without a file; ``fields`` (values computed
         by the caller, as :meth:`save_fields` sends them) go in the same upload. Return the :class:`UploadReceipt`."""
         return self.upload_fields(analytics_entries(columns, fields, nan_policy), compression=compression)
+
+    def wait_for_analytics(self, timeout: float | None = None, *, receipt: UploadReceipt | None = None,
+                           check_every_s: float = 5.0) -> str:
+        """Block until the aggregate of the analytics round of ``receipt`` (default: :attr:`last_upload`, an
+        analytics upload) arrives and return its id; a model's aggregate never ends this wait. Also asked of the
+        platform every ``check_every_s`` s (its round view), in case a notification was lost.
+
+        Raises:
+            AnalyticsError: no analytics upload to wait for.
+            AggregationTimeoutError: none within ``timeout`` s (:class:`AnalyticsRoundMissedError`: a later
+                analytics round completed without this one's aggregate arriving).
+        """
+        receipt = receipt or self.last_upload
+        if receipt is None or receipt.kind != KIND_FEDERATED_ANALYTICS:
+            raise AnalyticsError("No analytics upload to wait for: upload one first (file_upload of a save_fields or "
+                                 "save_analytics file, upload_fields, upload_analytics), or pass its receipt.")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        target = receipt.round
+        safety_net = [] if target is None else [Every(check_every_s, lambda waited: find_missed_aggregate(
+            self, target, KIND_FEDERATED_ANALYTICS), first=check_every_s, on_refresh=True)]
+        found = self.waiter.wait_for_analytics(receipt.mark, deadline, safety_net, stopped=None, target=target)
+        if found is None:
+            raise AggregationTimeoutError(f"No analytics aggregate for branch {self.branch_id} within {timeout} s.")
+        return found
 
     def download_analytics(self, file_id: str, *, timeout: float | None = None, **known: Any) -> AnalyticsResult:
         """Download an analytics aggregate and read it as an :class:`AnalyticsResult` (``known``: its

@@ -69,14 +69,17 @@ def hand_over_latest(client: RoundSource, view: RoundView | None, target: tuple[
     return None
 
 
-def find_missed_aggregate(client: RoundSource, target: tuple[int, int]) -> None:
-    """Ask the platform for the aggregate of ``target`` (see :func:`hand_over_latest`); errors are only logged."""
+def find_missed_aggregate(client: RoundSource, target: tuple[int, int], kind: str = KIND_FEDERATED_LEARNING) -> None:
+    """Ask the platform for the aggregate of ``target`` (see :func:`hand_over_latest`), of a model's round or
+    (``kind``) an analytics round's; errors are only logged."""
     try:
         view = client.get_round()
     except BranchKeyError as exc:
         logger.debug("Round view unreadable: %s", exc)
         return
-    if hand_over_latest(client, view, target) is not None:
+    if view is not None and kind == KIND_FEDERATED_ANALYTICS:
+        view = view.analytics
+    if hand_over_latest(client, view, target, kind) is not None:
         logger.info("Aggregate of run %d round %d found by asking the server (its notification did not arrive)",
                     *target)
 
