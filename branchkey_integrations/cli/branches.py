@@ -1,5 +1,6 @@
-"""``branchkey-local init`` (a tree, a branch, N leaves and their credential files) and ``branch strategy`` /
-``branch max-model-mb`` (a branch's settings, between rounds)."""
+"""``branchkey-local init`` (a tree, a branch, N leaves and their credential files), ``branch strategy`` /
+``branch max-model-mb`` (a branch's settings, between rounds) and ``branch --field-op`` (how its analytics rounds
+combine each field)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..core.errors import InvalidValueError
 from ..core.protocol import ADMIN_PREFIX
 from ..server.durable import write_private_file
 from ..server.store import Branch, Store
+from ..server.analytics import check_field_ops
 from ..server.strategies import check_strategy, strategy_for
 from .failures import CliError
 from .live import admin_call, change_branch, live_server
@@ -121,4 +123,29 @@ def cmd_branch_max_model(args: argparse.Namespace) -> int:
 
     branch, result, how = change_branch(args, in_store, through_live)
     print(f"branch {branch.id}: uploads up to {model_limit(result['max_model_bytes'])}, set {how}")
+    return 0
+
+
+def cmd_branch_field_ops(args: argparse.Namespace) -> int:
+    """``branch --field-op NAME=OP ...``: through the live server (under its analytics lock), else in the store."""
+    if not args.field_op:
+        raise CliError("branch: give an ACTION (strategy, max-model-mb) or --field-op NAME=OP (see branch --help).")
+    if not args.data_dir:
+        raise CliError("branch --field-op: give --data-dir DIR (or set BRANCHKEY_DATA_DIR).")
+    ops: dict[str, str | None] = dict(args.field_op)
+    try:
+        check_field_ops({name: op for name, op in ops.items() if op is not None})
+    except InvalidValueError as exc:
+        raise CliError(str(exc)) from exc
+
+    def in_store(store: Store, branch: Branch) -> tuple[dict[str, Any], str]:
+        return {"field_ops": store.set_field_ops(branch.id, ops)}, "in the store (no live server)"
+
+    def through_live(live: tuple[str, str], branch: Branch) -> tuple[dict[str, Any], str]:
+        return (admin_call(live, "PUT", f"{ADMIN_PREFIX}/branches/{branch.id}/field-ops", {"field_ops": ops}),
+                f"through {live[0]}")
+
+    branch, result, how = change_branch(args, in_store, through_live)
+    shown = ", ".join(f"{name}={op}" for name, op in result["field_ops"].items()) or "none"
+    print(f"branch {branch.id}: field operations {shown}, set {how}; the next analytics upload is checked by them")
     return 0

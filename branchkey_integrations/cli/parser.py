@@ -14,7 +14,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..core.protocol import RUN_STATUSES
 from ..server.strategies import CATALOGUE, DEFAULT_STRATEGY, STRATEGIES, describe
-from .branches import cmd_branch_max_model, cmd_branch_strategy, cmd_init
+from .branches import cmd_branch_field_ops, cmd_branch_max_model, cmd_branch_strategy, cmd_init
 from .runs import cmd_round, cmd_run, cmd_status
 from .serving import cmd_login_link, cmd_serve
 from .simulating import cmd_simulate
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "16 GiB); a branch's own limit ('init --max-model-mb', or learned) is usually lower")
     serve.add_argument("--max-members", type=_positive_int, metavar="N",
                        help="refuse an upload of more than N arrays (default 10000; each costs the server ~0.1 ms)")
+    serve.add_argument("--max-fields", type=_positive_int, metavar="N",
+                       help="refuse an analytics upload of more than N fields (default 10000)")
     serve.set_defaults(func=cmd_serve)
 
     round_ = commands.add_parser("round", help="unlock a branch's open round: drop one leaf's upload, or reset it")
@@ -132,8 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--note", help="why, shown to the leaves in the round's progress")
         action.set_defaults(func=cmd_round)
 
-    branch = commands.add_parser("branch", help="change a branch's settings between rounds")
-    branch_commands = branch.add_subparsers(dest="branch_command", required=True, metavar="ACTION",
+    branch = commands.add_parser(
+        "branch", help="change a branch's settings between rounds; with --field-op, how analytics rounds combine "
+                       "a field")
+    branch.add_argument("--field-op", type=_field_op, action="append", default=[], metavar="NAME=OP",
+                        help="how an analytics round combines field NAME: sum, min, max or must_match (every leaf "
+                             "sends the same value); NAME= removes it; repeatable. Bundle entries of save_analytics "
+                             "(<column>_n, _sum, _sumsq, _min, _max, _nan) need none")
+    branch.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV) or None, metavar="DIR",
+                        help=f"the server's data directory (default: ${DATA_DIR_ENV})")
+    branch.add_argument("--branch-id", help="needed only when the store holds several branches")
+    branch.set_defaults(func=cmd_branch_field_ops)
+    branch_commands = branch.add_subparsers(dest="branch_command", required=False, metavar="ACTION",
                                             parser_class=CommandParser)
     strategy = branch_commands.add_parser(
         "strategy", help="set the branch's aggregation strategy (refused while its open round holds uploads; "
@@ -214,6 +226,14 @@ def _strategies_help() -> str:
     """Every registered strategy with its one-line summary, from the classes."""
     return "; ".join(f"{name}: {STRATEGIES[name].summary}" for name in sorted(STRATEGIES))
 
+
+
+def _field_op(text: str) -> tuple[str, str | None]:
+    """``NAME=OP`` of ``branch --field-op`` (``NAME=`` removes NAME's operation)."""
+    name, sep, op = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=OP such as labels=sum, received {text!r}")
+    return name, op or None
 
 
 def _key_value(text: str) -> tuple[str, float]:

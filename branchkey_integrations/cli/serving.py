@@ -48,7 +48,8 @@ def _connection_options(args: argparse.Namespace) -> dict[str, Any]:
     names = {"header_timeout": "header_timeout_s", "upload_idle_timeout": "upload_idle_timeout_s",
              "max_connections": "max_connections", "max_connections_per_leaf": "max_connections_per_leaf",
              "reserved_connections": "reserved_connections", "keep_rounds": "keep_rounds",
-             "max_compression_ratio": "max_compression_ratio", "max_members": "max_members"}
+             "max_compression_ratio": "max_compression_ratio", "max_members": "max_members",
+             "max_fields": "max_fields"}
     options = {option: getattr(args, arg) for arg, option in names.items() if getattr(args, arg, None) is not None}
     if getattr(args, "max_inflated_mb", None) is not None:
         options["max_total_bytes"] = bytes_of(args.max_inflated_mb)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -112,8 +113,8 @@ class FederatedAnalytics(PayloadKind):
 
     def member_rule(self) -> str:
         return (f"a {self.name!r} archive holds named fields (not 'layer_<n>', '{WEIGHTING_KEY}' or "
-                f"'{KIND_KEY}', which are reserved), each a name of 1-{MAX_FIELD_NAME} printable characters without "
-                "'/' or '\\'.")
+                f"'{KIND_KEY}', which are reserved), each a name of 1-{MAX_FIELD_NAME} characters without control "
+                "characters, '/' or '\\'.")
 
     def members(self, layers: Sequence[np.ndarray], weighting: float | None) -> list[tuple[str, np.ndarray]]:
         raise ArchiveError(f"A {self.name!r} archive holds named fields, not layers: write it with "
@@ -152,6 +153,8 @@ class FederatedAnalytics(PayloadKind):
 FIELD_DTYPE_KINDS = "biufcUS"
 #: a field name's longest length (the official client sets none; a zip name holds 65,535 bytes)
 MAX_FIELD_NAME = 256
+#: what a field name may not hold: control characters (a zip name would carry them), path separators
+FIELD_NAME_REFUSED = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
 #: member names no field may take
 RESERVED_FIELD_NAMES = frozenset({WEIGHTING_KEY, KIND_KEY})
 
@@ -168,8 +171,8 @@ def field_name_problem(name: str) -> str | None:
         return "'layer_<n>' names are the model's (federated_learning)"
     if not 0 < len(name) <= MAX_FIELD_NAME:
         return f"a field name has 1 to {MAX_FIELD_NAME} characters"
-    if not name.isprintable() or "/" in name or "\\" in name:
-        return "a field name holds printable characters only, without '/' or '\\'"
+    if FIELD_NAME_REFUSED.search(name):
+        return "a field name holds no control character, '/' or '\\'"
     return None
 
 
@@ -221,4 +224,4 @@ def validate_upload(archive: Archive, expected: Sequence[LayerSpec] | None = Non
 
 __all__ = ["PayloadKind", "FederatedLearning", "FederatedAnalytics", "FEDERATED_LEARNING", "FEDERATED_ANALYTICS",
            "PAYLOAD_KIND_OBJECTS", "payload_kind", "supported_kind", "validate_upload", "SMALL_KEY_BYTES",
-           "FIELD_DTYPE_KINDS", "MAX_FIELD_NAME", "RESERVED_FIELD_NAMES", "field_name_problem", "field_array"]
+           "FIELD_DTYPE_KINDS", "FIELD_NAME_REFUSED", "MAX_FIELD_NAME", "RESERVED_FIELD_NAMES", "field_name_problem", "field_array"]

@@ -25,7 +25,8 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from ..core.errors import BrokerError
-from ..core.protocol import ADMIN_PREFIX
+from ..core.protocol import ADMIN_PREFIX, KIND_FEDERATED_ANALYTICS, STOP
+from .analytics import check_field_ops
 from .httpio import HttpProblem, is_decimal, ok, read_json_object
 from .state import MAX_METRICS_PAGE, METRICS_PAGE, Server, server_of
 from .store import Store
@@ -129,8 +130,25 @@ async def list_branches(request: web.Request, server: Server) -> web.Response:
 async def get_branch(request: web.Request, server: Server) -> web.Response:
     branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
     leaves = await server.blocking(server.store.list_leaves, branch.id)
-    return ok({**branch.to_dict(), "leaves": [leaf.public() for leaf in leaves],
+    field_ops = await server.blocking(server.store.field_ops, branch.id)
+    return ok({**branch.to_dict(), "leaves": [leaf.public() for leaf in leaves], "field_ops": field_ops,
                "connected_websockets": server.notifier.connected(branch.id)})
+
+
+@admin
+async def set_field_ops(request: web.Request, server: Server) -> web.Response:
+    """Set how analytics rounds combine fields: ``{"field_ops": {"name": "sum"|"min"|"max"|"must_match"|null}}``
+    (null removes a field's operation); the next analytics upload is checked by them."""
+    body = await read_json_object(request)
+    ops = body.get("field_ops")
+    if not isinstance(ops, dict) or not ops:
+        raise HttpProblem(400, "Expected {\"field_ops\": {\"NAME\": \"sum\"|\"min\"|\"max\"|\"must_match\"|null, ...}}. "
+                               f"Received: field_ops={ops!r:.80}")
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    check_field_ops({name: op for name, op in ops.items() if op is not None})
+    async with server.analytics.lock(branch.id):  # no analytics upload is checked while they change
+        result = await server.blocking(server.store.set_field_ops, branch.id, ops)
+    return ok({"branch_id": branch.id, "field_ops": result})
 
 
 @admin
@@ -156,6 +174,8 @@ async def list_leaves(request: web.Request, server: Server) -> web.Response:
 async def set_run(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     branch = await server.rounds.set_run_status(request.match_info["branch_id"], body.get("run_status"))
+    if branch.run_status == STOP:  # a stopped run abandons its open rounds, of both kinds
+        await server.analytics.abandon(branch.id)
     return ok({"branch_id": branch.id, "run_status": branch.run_status, "run_number": branch.run_number})
 
 
@@ -174,6 +194,29 @@ async def reset_round(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     result = await server.rounds.drop_uploads(request.match_info["branch_id"], None, note=_note(body))
     return ok(result)
+
+
+@admin
+async def drop_analytics_upload(request: web.Request, server: Server) -> web.Response:
+    """Drop one leaf's upload (by leaf id or name) from the branch's open analytics round."""
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    ref = request.match_info["leaf"]
+    leaf = next((leaf for leaf in await server.blocking(server.store.list_leaves, branch.id) if ref in (leaf.id, leaf.name)),
+                None)
+    if leaf is None:
+        raise HttpProblem(404, f"No leaf {ref[:80]!r} in branch {branch.id}.")
+    dropped = await server.analytics.drop_uploads(branch.id, leaf.id)
+    if not dropped:
+        raise HttpProblem(404, f"Leaf {leaf.name} has no upload in branch {branch.id}'s open analytics round.")
+    return ok({"dropped": [leaf.name], "kind": KIND_FEDERATED_ANALYTICS})
+
+
+@admin
+async def reset_analytics_round(request: web.Request, server: Server) -> web.Response:
+    """Abandon the branch's open analytics round (its uploads dropped); the next analytics upload opens another."""
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    dropped = await server.analytics.drop_uploads(branch.id, None)
+    return ok({"dropped_uploads": dropped, "kind": KIND_FEDERATED_ANALYTICS})
 
 
 def _note(body: dict[str, Any]) -> str:
@@ -229,6 +272,10 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post(branches + "/{branch_id}/run", set_run)
     app.router.add_put(branches + "/{branch_id}/strategy", set_strategy)
     app.router.add_put(branches + "/{branch_id}/max-model-bytes", set_max_model_bytes)
+    app.router.add_put(branches + "/{branch_id}/field-ops", set_field_ops)
+    app.router.add_delete(branches + "/{branch_id}/analytics/open/uploads/{leaf}", drop_analytics_upload)
+    app.router.add_post(branches + "/{branch_id}/analytics/open/reset", reset_analytics_round)
+    app.router.add_get(branches + "/{branch_id}/analytics", _listing("analytics", Store.analytics_history))
     app.router.add_get(branches + "/{branch_id}/rounds", _listing("rounds", Store.list_rounds))
     app.router.add_delete(branches + "/{branch_id}/rounds/open/uploads/{leaf}", drop_upload)
     app.router.add_post(branches + "/{branch_id}/rounds/open/reset", reset_round)

@@ -59,6 +59,7 @@ from .dashboard import add_dashboard_routes
 from .httpio import HttpProblem, error_middleware, error_response
 from .notify import Notifier
 from .routes import add_leaf_routes
+from .analytics import DEFAULT_MAX_FIELDS
 from .state import (
     DEFAULT_DOWNLOAD_TTL_S,
     DEFAULT_KEEP_ROUNDS,
@@ -101,6 +102,7 @@ def create_app(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_connections_per_leaf: int = DEFAULT_MAX_CONNECTIONS_PER_LEAF,
     reserved_connections: int = DEFAULT_RESERVED_CONNECTIONS,
+    max_fields: int = DEFAULT_MAX_FIELDS,
 ) -> web.Application:
     """Build the branchkey-local application over the store in ``data_dir`` (created if missing).
 
@@ -116,7 +118,7 @@ def create_app(
     """
     config = ServerConfig(public_url, max_upload_bytes, max_members, max_total_bytes, download_ttl_s,
                           ticket_ttl_s, deadline_check_interval_s, max_compression_ratio=max_compression_ratio,
-                          keep_uploads=keep_uploads, keep_rounds=keep_rounds)
+                          keep_uploads=keep_uploads, keep_rounds=keep_rounds, max_fields=max_fields)
     if amqp_url is not None and not amqp_url.startswith(("amqp://", "amqps://")):
         raise ValueError(f"Expected amqp_url like 'amqp://user:pass@host:5672/'. Received a value starting {amqp_url[:8]!r}")
     limits = ConnectionLimits(header_timeout_s, upload_idle_timeout_s, max_connections, max_connections_per_leaf,
@@ -179,12 +181,13 @@ async def _recover(server: Server, recovered: asyncio.Event) -> None:
     started = asyncio.get_running_loop().time()
     try:
         await server.rounds.recover()
+        await server.analytics.recover()
     except Exception:  # the server still serves what it has: a branch that failed stays as it was
         logger.exception("recovering the rounds after the start failed; serving the store as it is")
     took = asyncio.get_running_loop().time() - started
     logger.log(logging.INFO if took >= 1 else logging.DEBUG, "rounds recovered in %.1f s", took)
     recovered.set()
-    await server.rounds.deadline_loop()
+    await asyncio.gather(server.rounds.deadline_loop(), server.analytics.deadline_loop())
 
 
 async def _release(server: Server) -> None:

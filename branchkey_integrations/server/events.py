@@ -67,6 +67,8 @@ class EventHub:
         body = message.get("body")
         fields = {k: v for k, v in body.items() if isinstance(v, (str, int, float, bool)) or v is None} \
             if isinstance(body, dict) else {}
+        if "kind" in fields:  # an analytics round's payload kind; "kind" is the event's own
+            fields["payload_kind"] = fields.pop("kind")
         self.emit(str(message.get("message_type", "notification")), branch_id, **fields)
 
     def close(self) -> None:

@@ -23,8 +23,12 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..core.analytics import FIELD_OPS
+from ..core.payload_kinds import FIELD_NAME_REFUSED, MAX_FIELD_NAME, RESERVED_FIELD_NAMES
 from ..core.protocol import (
     ADMIN_PREFIX,
+    LAYER_PATTERN,
+    PAYLOAD_KINDS,
     BLOB_PATH,
     BRANCH_CONFIG_PATH,
     DOWNLOAD_PATH,
@@ -122,6 +126,11 @@ def _param_range(param: Param) -> Schema:
         schema["exclusiveMaximum"] = param.high
     return schema
 
+#: a field's name: 1-256 characters, no control character, '/' or '\\', not reserved, not a layer's
+_FIELD_NAME: Schema = {"type": "string", "allOf": [
+    {"pattern": "^[^" + FIELD_NAME_REFUSED.pattern[1:-1] + "]{1,%d}$" % MAX_FIELD_NAME},
+    {"not": {"pattern": "^" + LAYER_PATTERN.pattern + "$"}}, {"not": {"enum": sorted(RESERVED_FIELD_NAMES)}}]}
+_KIND: Schema = {"enum": list(PAYLOAD_KINDS), "description": "the payload kind (federated_learning: a model)"}
 _MODEL_BYTES = _null({"type": "integer", "minimum": 1, "maximum": MAX_MODEL_BYTES,
                       "description": "bytes an upload may inflate to; null: learned from the branch's first aggregate"})
 
@@ -132,7 +141,7 @@ def schemas() -> dict[str, Schema]:
     return {
         "Error": _obj({"error": _STR}),
         "RunDetails": _obj({"run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
-        "UploadAccepted": _obj({"file_id": _STR, "run_number": _INT, "round_index": _INT}),
+        "UploadAccepted": _obj({"file_id": _STR, "run_number": _INT, "round_index": _INT, "kind": _KIND}),
         "LatestAggregate": _obj({"aggregation_id": _STR, "run_number": _INT, "round_index": _INT}, {
             "strategy": _null(strategy),
             "strategy_note": _null({**_STR, "description": "why not the branch's strategy, or its state lost"})}),
@@ -142,8 +151,20 @@ def schemas() -> dict[str, Schema]:
             "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
             "refused": {"type": "array", "items": _ref("Refusal")}, "opened_at": _null(_TIME),
             "deadline_at": _null(_TIME), "latest_aggregate": _null(_ref("LatestAggregate")),
-            "strategy": strategy, "strategy_params": _PARAMS,
+            "strategy": strategy, "strategy_params": _PARAMS, "kind": _KIND,
+            "analytics": _null(_ref("AnalyticsProgress")),
         }),
+        "AnalyticsProgress": _obj({
+            "kind": _KIND, "run_number": _INT, "round_index": _null({**_INT, "description": "the open analytics round"}),
+            "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
+            "opened_at": _null(_TIME), "deadline_at": _null(_TIME), "latest_aggregate": _null(_obj({
+                "aggregation_id": _STR, "run_number": _INT, "round_index": _INT, "contributors": _INT,
+                "aggregated_at": _TIME}))}),
+        "FieldOps": {"type": "object", "additionalProperties": {"enum": list(FIELD_OPS)},
+                     "description": "how analytics rounds combine each field (bundle entries need none)"},
+        "FieldOpsRequest": _obj({"field_ops": {"type": "object", "minProperties": 1, "propertyNames": _FIELD_NAME,
+                                               "additionalProperties": _null({"enum": list(FIELD_OPS)}),
+                                               "description": "field name -> operation; null removes it"}}),
         "DownloadUrl": _obj({"download_url": {"type": "string", "format": "uri"}}),
         "MetricsRequest": _obj(
             {"mode": {"enum": list(METRIC_MODES)}, "leaf_id": _STR, "branch_id": _STR, "tree_id": _STR,
@@ -156,7 +177,8 @@ def schemas() -> dict[str, Schema]:
             "branch": _obj({"id": _STR, "name": _STR, "tree_id": _STR}),
             "service": _obj({"algorithm": strategy, "config": {**_obj({
                 "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})}),
-                "description": "min_leaves, round_deadline_s and the strategy's parameters (eta, beta_1, ...)"}}),
+                "description": "min_leaves, round_deadline_s and the strategy's parameters (eta, beta_1, ...)"},
+                "field_ops": _ref("FieldOps")}),
             "model_config": {"type": "object"}, "created_at": _TIME, "updated_at": _TIME,
         }),
         "Ticket": _obj({"ticket_id": _STR, "request_id": _STR, "expires_at": _TIME}),
@@ -301,7 +323,8 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
                                                       body_required=False)},
         branches: {"get": admin("List branches", ok=(200, _list_of("branches", _ref("Branch"))), errors=(401,))},
         branch: {"get": admin("Get branch", ok=(200, {"allOf": [_ref("Branch"), _obj({
-            "leaves": {"type": "array", "items": _ref("Leaf")}, "connected_websockets": _INT})]}),
+            "leaves": {"type": "array", "items": _ref("Leaf")}, "connected_websockets": _INT,
+            "field_ops": _ref("FieldOps")})]}),
             errors=found, params=("branch_id",))},
         branch + "/leaves": {
             "post": admin("Create leaves", ok=(201, _list_of("leaves", _ref("LeafCredentials"))), errors=found,
@@ -332,6 +355,22 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
             body=_obj({}, {"note": _null(_STR)}), body_required=False,
             description="Drops every upload of the open round (same round number); the leaves see the note in "
                         "the round's progress.")},
+        branch + "/field-ops": {"put": admin(
+            "Set field operations", ok=(200, _obj({"branch_id": _STR, "field_ops": _ref("FieldOps")})), errors=found,
+            params=("branch_id",), body=_ref("FieldOpsRequest"),
+            description="How analytics rounds combine each named field: sum, min, max or must_match (every leaf "
+                        "sends the identical value); null removes one. An analytics upload with a field that has no "
+                        "operation (and is no save_analytics bundle entry) is refused with 400 naming it.")},
+        branch + "/analytics": {"get": listing("analytics", "analytics rounds")},
+        branch + "/analytics/open/uploads/{leaf}": {"delete": admin(
+            "Drop analytics upload", ok=(200, _obj({"dropped": {"type": "array", "items": _STR}, "kind": _KIND})),
+            errors=found, params=("branch_id", "leaf"),
+            description="Drops one leaf's upload (leaf id or name) from the open analytics round.")},
+        branch + "/analytics/open/reset": {"post": admin(
+            "Reset analytics round", ok=(200, _obj({"dropped_uploads": _INT, "kind": _KIND})), errors=found,
+            params=("branch_id",),
+            description="Abandons the open analytics round and drops its uploads; the next analytics upload opens "
+                        "the next round.")},
         branch + "/uploads": {"get": listing("uploads", "uploads")},
         branch + "/aggregates": {"get": listing("aggregates", "aggregates")},
         branch + "/metrics": {"get": admin(

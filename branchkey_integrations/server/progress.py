@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from ..core.protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING
+from .records import Branch
 from .store import Store
 
 
@@ -36,6 +38,8 @@ class RoundProgress:
     ``deadline_at`` is None unless the branch has a round deadline and the round an upload.
     ``strategy``/``strategy_params``: how the branch aggregates; ``latest_aggregate`` also says what
     aggregated that round (``strategy``) and, when it was not the branch's strategy, why (``strategy_note``).
+    ``kind``: the learning round's payload kind; ``analytics``: the branch's analytics rounds
+    (:func:`analytics_progress`), or None.
     """
 
     branch_id: str
@@ -51,6 +55,8 @@ class RoundProgress:
     latest_aggregate: dict[str, Any] | None = None
     strategy: str = "fedavg"
     strategy_params: dict[str, float] = field(default_factory=dict)
+    kind: str = KIND_FEDERATED_LEARNING
+    analytics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``data`` of the ROUND_PATH answer (without ``branch_id``, which the path names)."""
@@ -66,7 +72,8 @@ class RoundProgress:
         head += f" ({', '.join(self.uploaded)})" if self.uploaded else ""
         head += f"; missing {', '.join(self.missing)}" if self.missing else ""
         head += f"; aggregated by {self.deadline_at} (round deadline)" if self.deadline_at else ""
-        return [head, *self._strategy_lines()] + [f"refused {r.leaf} at {r.at}: {r.reason}" for r in self.refused]
+        return [head, *self._strategy_lines()] + [f"refused {r.leaf} at {r.at}: {r.reason}" for r in self.refused] \
+            + analytics_lines(self.analytics)
 
     def _strategy_lines(self) -> list[str]:
         params = ", ".join(f"{key}={value:g}" for key, value in self.strategy_params.items())
@@ -100,10 +107,12 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
         current = store.open_round(branch_id)
         required = store.required_uploads(branch)
         latest = store.latest_aggregate(branch_id)
+        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
+        analytics = analytics_progress(store, branch, required, names)
         if current is None:
             return RoundProgress(branch.id, branch.run_status, branch.run_number, None, required,
-                                 latest_aggregate=latest, strategy=branch.algorithm, strategy_params=branch.params)
-        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
+                                 latest_aggregate=latest, strategy=branch.algorithm, strategy_params=branch.params,
+                                 analytics=analytics)
         uploaded_ids = store.round_uploaders(branch_id, current.run_number, current.round_index)
         refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
     uploaded = [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids]
@@ -115,8 +124,47 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
     return RoundProgress(
         branch.id, branch.run_status, current.run_number, current.round_index, required, uploaded, missing,
         [Refusal(r["leaf_name"], r["reason"], r["refused_at"]) for r in refusals],
-        current.opened_at, deadline_at, latest, branch.algorithm, branch.params,
+        current.opened_at, deadline_at, latest, branch.algorithm, branch.params, analytics=analytics,
     )
+
+
+def analytics_progress(store: Store, branch: Branch, required: int, names: dict[str, str]) -> dict[str, Any] | None:
+    """The branch's analytics rounds in the round view: the open one (of the current run) and the latest combined
+    one, or None when the branch has had neither. Blocking, inside the caller's :meth:`Store.reading`."""
+    current = store.open_analytics_round(branch.id, branch.run_number)
+    latest = store.latest_analytics_aggregate(branch.id)
+    if current is None and latest is None:
+        return None
+    uploaded_ids = [u["leaf_id"] for u in store.analytics_uploads(branch.id, branch.run_number, current["round_index"])] \
+        if current is not None else []
+    deadline_at = None
+    if current is not None and branch.round_deadline_s is not None and current["first_upload_at"] is not None:
+        deadline_at = iso_time(current["first_upload_at"] + branch.round_deadline_s)
+    return {
+        "kind": KIND_FEDERATED_ANALYTICS, "run_number": branch.run_number,
+        "round_index": current["round_index"] if current is not None else None, "required": required,
+        "uploaded": [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids],
+        "missing": [name for leaf_id, name in names.items() if leaf_id not in uploaded_ids] if current else [],
+        "opened_at": current["opened_at"] if current is not None else None, "deadline_at": deadline_at,
+        "latest_aggregate": latest,
+    }
+
+
+def analytics_lines(analytics: dict[str, Any] | None) -> list[str]:
+    """Human lines of :func:`analytics_progress` for ``branchkey-local status``."""
+    if analytics is None:
+        return []
+    lines = []
+    if analytics["round_index"] is not None:
+        line = (f"open analytics round {analytics['round_index']} of run {analytics['run_number']}: "
+                f"{len(analytics['uploaded'])}/{analytics['required']} uploaded")
+        line += f" ({', '.join(analytics['uploaded'])})" if analytics["uploaded"] else ""
+        lines.append(line + (f"; missing {', '.join(analytics['missing'])}" if analytics["missing"] else ""))
+    latest = analytics["latest_aggregate"]
+    if latest:
+        lines.append(f"latest analytics result: run {latest['run_number']} analytics round {latest['round_index']}, "
+                     f"{latest['contributors']} leaves, aggregate {latest['aggregation_id']}")
+    return lines
 
 
 def iso_time(epoch_s: float) -> str:
@@ -124,4 +172,4 @@ def iso_time(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds")
 
 
-__all__ = ["Refusal", "RoundProgress", "round_progress", "iso_time"]
+__all__ = ["Refusal", "RoundProgress", "round_progress", "analytics_progress", "analytics_lines", "iso_time"]

@@ -15,6 +15,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from ..core.protocol import KIND_FEDERATED_LEARNING
 from ..core.wire import LayerSpec
 
 
@@ -87,6 +88,7 @@ class FileRecord:
     metadata: str | None
     created_at: str
     removed_at: str | None = None  # set when retention deleted the file (the row stays)
+    payload_kind: str = KIND_FEDERATED_LEARNING  # an analytics file's ``specs`` is its field layout
 
     @property
     def layer_specs(self) -> list[LayerSpec]:

@@ -142,7 +142,7 @@ class Rounds:
         if current is not None and (current.run_number, current.round_index) == (run_number, round_index):
             folded = self._counted(await self.workers.blocking(self.store.require_branch, leaf.branch_id))
         else:
-            folded = _done()
+            folded = done_future()
         logger.info("leaf %s (%s) sent upload %s again (idempotency key %s): answered as first counted, run %d "
                     "round %d", leaf.name, leaf.id, file_id, key, run_number, round_index)
         return AcceptedUpload(file_id, run_number, round_index, folded)
@@ -201,7 +201,7 @@ class Rounds:
         """Done once an upload committed to the branch's open round counts: after the fold pass that folds it,
         or at once for a strategy that folds nothing (its pass then only checks whether the round is complete)."""
         folded = self._fold_soon(branch.id)
-        return folded if folds(branch) else _done()
+        return folded if folds(branch) else done_future()
 
     async def record_refusal(self, leaf: Leaf, reason: str) -> None:
         """Remember (and log, by leaf name) an upload refused in the open round, for the round's progress.
@@ -550,10 +550,11 @@ def _resolve(waiting: asyncio.Future[None] | None) -> None:
         waiting.set_result(None)
 
 
-__all__ = ["Rounds", "AcceptedUpload", "run_blocked_message"]
-
-
-def _done() -> asyncio.Future[None]:
+def done_future() -> asyncio.Future[None]:
+    """A future already done: the answer of an upload that waits for nothing more."""
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     done.set_result(None)
     return done
+
+
+__all__ = ["Rounds", "AcceptedUpload", "run_blocked_message", "done_future"]

@@ -31,6 +31,8 @@ from ..core.protocol import (
     DOWNLOAD_PATH,
     IDEMPOTENCY_KEY_HEADER,
     IDEMPOTENCY_KEY_PATTERN,
+    KIND_FEDERATED_ANALYTICS,
+    KIND_FEDERATED_LEARNING,
     METRIC_MODES,
     METRICS_PATH,
     ROUND_PATH,
@@ -42,6 +44,7 @@ from ..core.protocol import (
     encode_message,
     is_file_id,
 )
+from .analytics_rounds import analytics_message
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
 from .httpio import HttpProblem, check_file_id, ok, read_json_object
@@ -85,12 +88,14 @@ async def branch_config(request: web.Request) -> web.Response:
     leaf = await server.auth.authenticate(request)
     require_own_branch(leaf, request.match_info["branch_id"])
     branch = await server.blocking(server.store.require_branch, leaf.branch_id)
+    field_ops = await server.blocking(server.store.field_ops, branch.id)
     return ok({
         "branch": {"id": branch.id, "name": branch.name, "tree_id": branch.tree_id},
         "service": {
             "algorithm": branch.algorithm,
             "config": {"min_leaves": branch.min_leaves, "round_deadline_s": branch.round_deadline_s,
                        **branch.params},  # the strategy's parameters, as the 3.x platform reports its service's
+            "field_ops": field_ops,  # how an analytics round combines each field (bundle entries: by suffix)
         },
         "model_config": {},
         "created_at": branch.created_at,
@@ -107,50 +112,58 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def upload_answer(accepted: AcceptedUpload) -> web.Response:
-    # the official clients read file_id only; run_number and round_index are branchkey-local's
-    return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index},
-              status=201)
+def upload_answer(accepted: AcceptedUpload, kind: str) -> web.Response:
+    # the official clients read file_id only; run_number, round_index and kind are branchkey-local's
+    return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index,
+               "kind": kind}, status=201)
 
 
 async def upload_file(request: web.Request) -> web.Response:
     server = server_of(request)
     leaf = await server.auth.authenticate(request)
     key = idempotency_key(request)
-    if (counted := await server.rounds.counted_upload(leaf, key)) is not None:  # a retry whose 201 was lost
-        await drain(request, server.config.upload_limits.max_upload_bytes)
-        await asyncio.shield(counted.folded)
-        return upload_answer(counted)
+    for rounds, kind in ((server.rounds, KIND_FEDERATED_LEARNING), (server.analytics, KIND_FEDERATED_ANALYTICS)):
+        if (counted := await rounds.counted_upload(leaf, key)) is not None:  # a retry whose 201 was lost
+            await drain(request, server.config.upload_limits.max_upload_bytes)
+            await asyncio.shield(counted.folded)
+            return upload_answer(counted, kind)
     branch = await server.blocking(server.store.require_branch, leaf.branch_id)
     server.rounds.check_accepting(branch)  # refuse before reading a body of hundreds of MB
     limits = server.config.upload_limits
     temp = server.store.new_temp_path()
+    kind = KIND_FEDERATED_LEARNING  # until the archive says otherwise
     try:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
         model_limit = await server.blocking(server.store.model_size_limit, branch.id)  # refused before inflating
         archive = await decode_upload(upload.path, limits, server.workers, model_limit)
+        kind = archive.kind
+        rounds = server.analytics if kind == KIND_FEDERATED_ANALYTICS else server.rounds
         try:
             with storage_errors():  # the commit's fsync and rename may meet a full disk too
-                accepted = await server.rounds.accept_upload(
+                accepted = await rounds.accept_upload(
                     leaf, archive, upload.path, size=upload.size, sha256=upload.sha256.hex(), metadata=upload.metadata,
                     key=key,
                 )
         finally:
             archive.layers.clear()  # views of the upload's memory map: unmap before the file is removed
     except (InvalidValueError, ArchiveError) as exc:  # a refused body (400/413): the round's progress shows it
-        await server.rounds.record_refusal(leaf, str(exc))
-        events_of(request).emit("refused", leaf.branch_id, leaf=leaf.name, reason=str(exc)[:500])
+        if kind == KIND_FEDERATED_ANALYTICS:  # never in the learning round's refusals: its leaves would read them
+            logger.warning("analytics upload of leaf %s (%s) to branch %s refused: %s", leaf.name, leaf.id,
+                           leaf.branch_id, exc)
+        else:
+            await server.rounds.record_refusal(leaf, str(exc))
+        events_of(request).emit("refused", leaf.branch_id, leaf=leaf.name, reason=str(exc)[:500], payload_kind=kind)
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
     events_of(request).emit("upload", leaf.branch_id, leaf=leaf.name, run_number=accepted.run_number,
-                            round_index=accepted.round_index)
+                            round_index=accepted.round_index, payload_kind=kind)
     # answered once folded: what follows a round's last answer is writing the mean, O(model), however many
     # uploads finished with it; sockets are read meanwhile (a budget owed until folds stalled receipt)
     await asyncio.shield(accepted.folded)
-    return upload_answer(accepted)
+    return upload_answer(accepted, kind)
 
 
 async def round_status(request: web.Request) -> web.Response:
@@ -303,7 +316,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def catch_up(server: Server, leaf: Leaf, socket: web.WebSocketResponse) -> None:
-    """Send a (re)connected leaf the aggregate of the round it took part in and has not downloaded.
+    """Send a (re)connected leaf the aggregate of the round it took part in and has not downloaded (of each kind).
 
     Registered first, then looked up: an aggregate committed in between reaches the leaf twice at
     worst, never not at all (a repeat is harmless; the official clients keep the newest id).
@@ -314,6 +327,12 @@ async def catch_up(server: Server, leaf: Leaf, socket: web.WebSocketResponse) ->
                     leaf.name, leaf.id, *missed)
         with contextlib.suppress(ConnectionError, RuntimeError):  # the leaf went away again
             await socket.send_str(encode_message(aggregation_message(*missed)))
+    combined = await server.blocking(server.store.unacknowledged_analytics, leaf)
+    if combined is not None:
+        logger.info("leaf %s (%s) connected after analytics aggregate %s of run %d round %d: sending it (catch-up)",
+                    leaf.name, leaf.id, *combined)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await socket.send_str(encode_message(analytics_message(*combined)))
 
 
 def add_leaf_routes(app: web.Application) -> None:

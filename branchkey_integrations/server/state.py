@@ -16,6 +16,8 @@ from typing import Any, Callable, TypeVar
 from aiohttp import web
 
 from ..core import wire
+from .analytics import DEFAULT_MAX_FIELDS
+from .analytics_rounds import AnalyticsRounds
 from .auth import Auth
 from .notify import Notifier
 from .rounds import Rounds
@@ -57,9 +59,11 @@ class ServerConfig:
     max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO
     keep_uploads: bool = False
     keep_rounds: int = DEFAULT_KEEP_ROUNDS
+    max_fields: int = DEFAULT_MAX_FIELDS
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_members", "max_total_bytes", "download_ttl_s", "ticket_ttl_s"):
+        for name in ("max_upload_bytes", "max_members", "max_total_bytes", "download_ttl_s", "ticket_ttl_s",
+                     "max_fields"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected {name} to be an integer >= 1. Received: {name}={value!r}")
@@ -82,7 +86,7 @@ class ServerConfig:
 
 
 class Server:
-    """The services of one app: store, notifier, worker threads, authentication and rounds."""
+    """The services of one app: store, notifier, worker threads, authentication, learning and analytics rounds."""
 
     def __init__(self, store: Store, notifier: Notifier, executor: ThreadPoolExecutor, config: ServerConfig) -> None:
         self.store = store
@@ -92,6 +96,10 @@ class Server:
         self.auth = Auth(store, self.workers, ticket_ttl_s=config.ticket_ttl_s)
         self.rounds = Rounds(store, notifier, self.workers, deadline_check_interval_s=config.deadline_check_interval_s,
                              keep_uploads=config.keep_uploads, keep_rounds=config.keep_rounds)
+        self.analytics = AnalyticsRounds(store, notifier, self.workers,
+                                         deadline_check_interval_s=config.deadline_check_interval_s,
+                                         keep_uploads=config.keep_uploads, keep_rounds=config.keep_rounds,
+                                         max_fields=config.max_fields)
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (SQLite, archives, aggregation) in a worker thread."""

@@ -1,6 +1,7 @@
 """The store's model files: the ``files`` table and ``files/`` directory (uploads and aggregates, immutable
 once written), installing a file in the write order of :mod:`.store_db`, retention, start-up cleanup
-and disk use; the last two cover the whole data directory, ``state/`` (:mod:`.store_optimizer`) included."""
+and disk use; the last two cover the whole data directory, ``state/`` (:mod:`.store_optimizer`) and the
+analytics files (:mod:`.store_analytics`, whose table names them) included."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class FileRecords(StoreDatabase):
 
     def cleanup_stray_files(self) -> int:
         """Delete temp files and files without a row (a crash before commit); call only with no server running."""
-        known = {row[0] for row in self._query("SELECT path FROM files WHERE removed_at IS NULL")}
+        known = {row[0] for row in self._query("SELECT path FROM files WHERE removed_at IS NULL UNION ALL"
+                                               " SELECT path FROM analytics_files WHERE removed_at IS NULL")}
         removed = 0
         for entry in self.files_dir.iterdir():
             relative = f"{FILES_DIR}/{entry.name}"
@@ -112,7 +114,8 @@ class FileRecords(StoreDatabase):
     def disk_usage(self) -> dict[str, int]:
         """Bytes on disk: ``uploads``, ``aggregates`` (files present), ``optimizer_state`` (server-optimizer
         moments), ``other`` (temporary and stray files), ``database`` (SQLite and its journal)."""
-        kinds = {row[0]: row[1] for row in self._query("SELECT path, kind FROM files WHERE removed_at IS NULL")}
+        kinds = {row[0]: row[1] for row in self._query("SELECT path, kind FROM files WHERE removed_at IS NULL UNION ALL"
+                                                       " SELECT path, kind FROM analytics_files WHERE removed_at IS NULL")}
         usage = {"uploads": 0, "aggregates": 0, "optimizer_state": 0, "other": 0, "database": 0}
         for entry in self.files_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):

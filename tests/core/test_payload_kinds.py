@@ -62,7 +62,7 @@ def test_a_malformed_analytics_archive_is_refused_naming_the_member(members, mes
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({}, "No fields"), ({"weighting": 1.0}, "'weighting' is reserved"), ({"layer_0": 1.0}, "'layer_<n>' names"),
-    ({"a/b": 1}, "without '/'"), ({"x": {"a": 1}}, "fields are numbers, booleans or text"),
+    ({"a/b": 1}, "no control character, '/'"), ({"x": {"a": 1}}, "fields are numbers, booleans or text"),
 ])
 def test_the_encoder_refuses_what_the_official_client_refuses(fields, message) -> None:
     with pytest.raises(ArchiveError, match=message):

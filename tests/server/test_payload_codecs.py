@@ -44,17 +44,11 @@ def test_an_upload_in_a_codec_the_server_does_not_know_is_a_400_naming_it(live) 
     assert "encoded with codec 'bz2-toy', which this reader does not know" in answer.json()["error"]
 
 
-def test_a_federated_analytics_upload_is_refused_as_not_supported_yet(live) -> None:
+def test_a_federated_analytics_upload_goes_to_the_analytics_round_not_the_learning_one(live) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, __bk_payload_kind__=np.array("federated_analytics"), weighting=np.array([0.0]),
              loss_n=np.array([3.0]), loss_sum=np.array([1.5]))
-    _, leaves = live.make_branch(1)
+    branch, leaves = live.make_branch(2)
     answer = live.upload(leaves[0], buffer.getvalue())
-    assert answer.status_code == 400
-    assert "Payload kind 'federated_analytics' is not supported yet" in answer.json()["error"]
-    try:
-        validate_upload(wire.Archive(layers=[np.ones(1)], weighting=1.0, kind=FEDERATED_ANALYTICS.name))
-    except ArchiveError as exc:
-        assert "not supported yet" in str(exc)
-    else:
-        raise AssertionError("a federated_analytics archive passed validation")
+    assert answer.status_code == 201 and answer.json()["data"]["kind"] == "federated_analytics"
+    assert live.rounds(branch["id"])[0]["upload_count"] == 0
