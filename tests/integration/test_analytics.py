@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -159,7 +160,11 @@ def test_model_rounds_and_analytics_rounds_at_the_same_time_lose_nothing(inproce
 
     def learning(federation, seed):
         barrier.wait(10)
-        return [federation.run_round(layers_for(seed + 10 * r), float(seed + 1)) for r in range(3)]
+        results = []
+        for r in range(3):
+            result = federation.run_round(layers_for(seed + 10 * r), float(seed + 1))
+            results.append(replace(result, layers=[layer.copy() for layer in result.layers]))  # the buffer is reused
+        return results
 
     def analytics(federation, seed):
         barrier.wait(10)
