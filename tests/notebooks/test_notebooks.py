@@ -19,7 +19,7 @@ REGENERATE = "python examples/notebooks/regenerate.py"
 
 def test_the_tutorials_are_there():
     assert [p.name for p in NOTEBOOKS] == ["01_lightning_quickstart.ipynb", "02_keras_quickstart.ipynb",
-                                           "03_non_iid.ipynb"]
+                                           "03_non_iid.ipynb", "05_federated_analytics.ipynb"]
 
 
 def _texts(output: nbformat.NotebookNode) -> list[str]:
