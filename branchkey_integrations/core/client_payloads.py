@@ -96,6 +96,14 @@ class PayloadCalls:
     def waiter(self) -> RoundWaiter:  # the client's: its run status and aggregation ids
         raise NotImplementedError
 
+    @property
+    def run_number(self) -> int | None:  # the client's
+        raise NotImplementedError
+
+    @property
+    def run_status(self) -> str | None:  # the client's
+        raise NotImplementedError
+
     def get_round(self) -> RoundView | None:  # the client's: its round view
         raise NotImplementedError
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from branchkey_integrations import AggregationTimeoutError, BranchKeyError, Client
+from branchkey_integrations import AggregationTimeoutError, AnalyticsResult, BranchKeyError, Client
 from branchkey_integrations.core.federation import Federation
 from branchkey_integrations.core.outcome import Outcome
 from branchkey_integrations.keras import BranchKeyKerasCallback
@@ -38,6 +38,18 @@ def one_round_with_federation(weights: list[np.ndarray]) -> bool:
     finally:
         federation.close()
     return outcome.kind == "done"
+
+
+def analytics(ages: np.ndarray, histogram: np.ndarray) -> float:
+    with Client("leaf_1.json", host=HOST) as client:
+        path: str = client.save_analytics({"age": ages}, nan_policy="raise")
+        client.file_upload(path)
+        result: AnalyticsResult = client.download_analytics(client.wait_for_analytics(timeout=60.0))
+        client.upload_fields({"labels": histogram})
+    federation = Federation("leaf_1.json", HOST)
+    pooled = federation.analytics_round(columns={"age": ages}, fields={"labels": histogram}, timeout=600.0)
+    print(result.table(), pooled.contributors, pooled.fields["labels"])
+    return pooled.statistics["age"].variance
 
 
 def callbacks() -> tuple[BranchKeyCallback, BranchKeyKerasCallback]:
