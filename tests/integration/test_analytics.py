@@ -16,6 +16,7 @@ from branchkey_integrations import AnalyticsResult, Client, Federation, RequestR
 from branchkey_integrations.core.analytics import BUNDLE_OPS, reduce_column
 from branchkey_integrations.core.protocol import KIND_FEDERATED_ANALYTICS
 
+from ..conftest import wait_until
 from ..core.test_federation import in_thread, layers_for, weighted_mean
 
 
@@ -187,3 +188,29 @@ def test_model_rounds_and_analytics_rounds_at_the_same_time_lose_nothing(inproce
         assert stats[0][r].statistics["x"].mean == pooled.mean() and stats[0][r].statistics["x"].count == 15
     assert not {m[r].aggregation_id for m in models for r in range(3)} & {s[r].aggregation_id for s in stats for r in range(3)}
     assert "AggregateMismatchError" not in caplog.text
+
+
+def test_an_analytics_wait_times_out_is_interrupted_and_ends_on_a_stopped_run(inprocess_server, clients):
+    from branchkey_integrations import AggregationTimeoutError, RoundInterrupted, RunStopped
+
+    server, credentials = inprocess_server(2)  # the second leaf never sends: the round cannot complete
+    federation = Federation(credentials[0], host=server.url, transport="websocket", timeout=0.5)
+    federation.connect()
+    clients.append(federation)
+    with pytest.raises(AggregationTimeoutError, match="Analytics round 1 of branch .*: still waiting for the "
+                                                      "analytics aggregate after timeout=0.5 s"):
+        federation.analytics_round(columns={"x": [1.0, 2.0]})
+    waiting, first = federation.client.waiter, federation.client.last_upload
+    box = in_thread(federation.analytics_round, columns={"x": [1.0, 2.0]}, timeout=30)
+    wait_until(lambda: federation.client.last_upload is not first, 10, "the second upload")  # now it waits
+    federation.interrupt("test")
+    box["thread"].join(10)
+    assert isinstance(box.get("error"), RoundInterrupted) and waiting.interrupted == "test"
+    federation.clear_interrupt()
+    second = federation.client.last_upload
+    box = in_thread(federation.analytics_round, columns={"x": [1.0, 2.0]}, timeout=30)
+    wait_until(lambda: federation.client.last_upload is not second, 10, "the third upload")
+    server.set_run(credentials[0]["branch_id"], "stop")
+    box["thread"].join(10)
+    assert isinstance(box.get("error"), RunStopped), box
+    assert federation.analytics_rounds == 0
