@@ -148,3 +148,75 @@ def test_official_2_7_1_client_follows_run_control_over_rabbitmq(official_python
         assert after["status"] == "start" and after["run_number"] == 2 and after["file_id"]
     finally:
         leaf.kill()
+
+
+ANALYTICS_LEAF = HERE.parent / "official_analytics_leaf.py"
+
+
+def run_official_analytics(python, server, credentials, specs, tmp_path, timeout=60):
+    """Each official 3.0.1 leaf sends its spec (columns or fields) in one analytics round; their results."""
+    processes = []
+    for index, (creds, spec) in enumerate(zip(credentials, specs)):
+        workdir = tmp_path / f"analytics{index}"
+        workdir.mkdir()
+        full = {"credentials": str(creds), "host": server.url, "output_dir": str(workdir), "timeout": timeout,
+                "result": str(workdir / "result.json"), **spec}
+        (workdir / "spec.json").write_text(json.dumps(full))
+        processes.append((subprocess.Popen([str(python), str(ANALYTICS_LEAF), str(workdir / "spec.json")], cwd=workdir,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), workdir))
+    results = []
+    for process, workdir in processes:
+        output, _ = process.communicate(timeout=timeout * 3)
+        assert process.returncode == 0, f"official leaf failed:\n{output}\n--- server log ---\n{server.log()}"
+        results.append(json.loads((workdir / "result.json").read_text()))
+    return results
+
+
+@pytest.mark.official
+def test_official_3_0_1_save_analytics_round_combines_every_entry_exactly(official_python, server_factory, tmp_path):
+    python = official_python("3.0.1")
+    server, credentials = server_factory(3)
+    sites = [{"age": [31.0, 45.5, float("nan"), 62.0], "volume": [1.5, 2.25]},
+             {"age": [18.0, 90.0], "volume": [0.5, 7.0, 3.0]},
+             {"age": [40.0], "volume": [2.0]}]
+    results = run_official_analytics(python, server, credentials, [{"columns": site} for site in sites], tmp_path)
+    assert len({r["aggregation_id"] for r in results}) == 1
+    for column in ("age", "volume"):
+        raw = np.concatenate([np.asarray(site[column]) for site in sites])
+        kept = raw[~np.isnan(raw)]
+        expected = {"n": (kept.size, "int64"), "nan": (raw.size - kept.size, "int64"),
+                    "sum": (float(sum(float(np.sum(np.asarray(s[column])[~np.isnan(s[column])])) for s in sites)), "float64"),
+                    "sumsq": (float(sum(float(np.sum(np.square(np.asarray(s[column])[~np.isnan(s[column])]))) for s in sites)),
+                              "float64"),
+                    "min": (float(kept.min()), "float64"), "max": (float(kept.max()), "float64")}
+        for result in results:
+            for suffix, (value, dtype) in expected.items():
+                entry = result["entries"][f"{column}_{suffix}"]
+                assert (entry["values"], entry["dtype"]) == ([value], dtype), (column, suffix, entry)
+    for result in results:
+        assert set(result["entries"]) == {f"{c}_{s}" for c in ("age", "volume")
+                                          for s in ("n", "sum", "sumsq", "min", "max", "nan")} | {"__bk_payload_kind__"}
+        assert result["entries"]["__bk_payload_kind__"]["values"] == ["federated_analytics"]
+
+
+@pytest.mark.official
+def test_official_3_0_1_save_fields_round_and_branch_config(official_python, server_factory, tmp_path):
+    python = official_python("3.0.1")
+    server, credentials = server_factory(3)
+    branch = json.loads(credentials[0].read_text())["branch_id"]
+    ops = {"labels": "sum", "spacing": "must_match", "earliest": "min", "latest": "max", "n_cases": "sum"}
+    answer = server.admin("PUT", f"/admin/v1/branches/{branch}/field-ops", json={"field_ops": ops})
+    assert answer.status_code == 200, answer.text
+    sites = [{"labels": [3, 0, 5], "spacing": [1.0, 0.8, 0.8], "earliest": [2001], "latest": [2019], "n_cases": 40},
+             {"labels": [1, 1, 1], "spacing": [1.0, 0.8, 0.8], "earliest": [1998], "latest": [2024], "n_cases": 12},
+             {"labels": [0, 9, 2], "spacing": [1.0, 0.8, 0.8], "earliest": [2010], "latest": [2011], "n_cases": 7}]
+    results = run_official_analytics(python, server, credentials, [{"fields": site} for site in sites], tmp_path)
+    for result in results:
+        service = result["config"]["service"]
+        assert service["algorithm"] == "fedavg" and service["field_ops"] == dict(sorted(ops.items()))
+        entries = result["entries"]
+        assert entries["labels"] == {"dtype": "int64", "values": [4, 10, 8]}
+        assert entries["spacing"] == {"dtype": "float64", "values": [1.0, 0.8, 0.8]}
+        assert entries["earliest"]["values"] == [1998] and entries["latest"]["values"] == [2024]
+        assert entries["n_cases"] == {"dtype": "int64", "values": [59]}
+        assert "weighting" not in entries

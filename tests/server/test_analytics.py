@@ -216,3 +216,17 @@ def test_a_stopped_run_abandons_the_open_analytics_round_and_a_reset_drops_it(li
     assert statuses == ["abandoned", "abandoned"]
     refused = live.upload(leaves[1], fields_archive(**bundle([4.0])))
     assert refused.status_code == 409 and "run is stopped" in refused.json()["error"]
+
+
+def test_retention_keeps_the_latest_analytics_aggregates_and_answers_410_for_older_ones(start_server) -> None:
+    live = start_server(keep_rounds=1)
+    _, leaves = live.make_branch(1)
+    ids = []
+    for index, value in enumerate((1.0, 2.0)):
+        assert live.upload(leaves[0], fields_archive(**bundle([value]))).status_code == 201
+        latest = live.wait_for(lambda: (round_view(live, leaves[0])["analytics"]["latest_aggregate"] or {}).get(
+            "round_index") == index and round_view(live, leaves[0])["analytics"]["latest_aggregate"])
+        ids.append(latest["aggregation_id"])
+    gone = live.wait_for(lambda: (answer := live.download(leaves[0], ids[0])).status_code == 410 and answer.json())
+    assert "removed by the server's retention" in gone["error"]
+    assert live.fetch(leaves[0], ids[1]).fields["age_sum"].tolist() == [2.0]
