@@ -110,7 +110,8 @@ class AnalyticsRound:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise self._timeout_error("the upload to be accepted", timeout) from exc
                 delay = conflicts.next()
-                self.client.waiter.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self.client.waiter.sleep(delay if left is None else min(delay, left))
 
     def _wait_for_start(self, deadline: float | None, timeout: float | None) -> None:
         if self.client.run_status == START:

@@ -45,8 +45,8 @@ from .http import Away, HttpSession
 from .notifications import NotificationTransport, start_transport
 from .protocol import (
     AGGREGATION_STATUS, BRANCH_CONFIG_PATH, DEFAULT_HOST, FILE_DIGEST_HEADER, FILE_SIZE_HEADER, IDEMPOTENCY_KEY_HEADER,
-    KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS, RUN_STATUSES, START,
-    UPLOAD_PATH, WS_TICKET_PATH, Notification, is_file_id,
+    KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, METRIC_MODES, METRICS_PATH, ROUND_PATH, RUN_PATH, RUN_STATUS,
+    RUN_STATUSES, START, UPLOAD_PATH, WS_TICKET_PATH, Notification, is_file_id,
 )
 from .progress import RoundView, UploadReceipt, parse_round_view
 from .transfer import Buffer, DownloadBuffer, MultipartBody, file_chunks, size_and_digest, upload_compression

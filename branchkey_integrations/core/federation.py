@@ -468,8 +468,9 @@ class Federation:
         :class:`AnalyticsError` for a column or field that cannot be sent, before anything is sent."""
         entries = analytics_entries(columns, fields, nan_policy)
         number = self.analytics_rounds + 1
-        result = AnalyticsRound(self.client, number, self._listeners, log_every_s=self.log_every_s,
-                                check_every_s=self.check_every_s).run(entries, self.timeout if timeout is None else timeout)
+        analytics_round = AnalyticsRound(self.client, number, self._listeners, log_every_s=self.log_every_s,
+                                         check_every_s=self.check_every_s)
+        result = analytics_round.run(entries, self.timeout if timeout is None else timeout)
         self.analytics_rounds = number
         return result
 

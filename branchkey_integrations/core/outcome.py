@@ -1,8 +1,9 @@
 """How one round ends for a training callback: the :class:`Outcome` of :meth:`Federation.exchange`.
 
 This module owns :class:`RoundResult` (what :meth:`Federation.run_round` returns), the check of an aggregate
-before it may be loaded (:func:`checked_model`: a model's kind, then every layer against the local model), the four ways a round can end for a leaf that is training (``"done"``, ``"timeout"``,
-``"stopped"``, ``"error"``), the mapping of :meth:`Federation.run_round`'s exceptions onto them, and making an
+before it may be loaded (:func:`checked_model`: a model's kind, then every layer against the local model), the
+four ways a round can end for a leaf that is training (``"done"``, ``"timeout"``, ``"stopped"``, ``"error"``),
+the mapping of :meth:`Federation.run_round`'s exceptions onto them, and making an
 outcome portable between processes. Why an outcome instead of exceptions: under DDP only global rank 0 runs the
 round, and every rank must then act identically. An exception raised on rank 0 before the broadcast would leave
 the other ranks waiting for it forever; an outcome is a value that can always be broadcast, and every rank then

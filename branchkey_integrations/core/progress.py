@@ -127,11 +127,11 @@ def parse_round_view(data: dict[str, Any], context: str = "round progress") -> R
             raise ProtocolError(f"{context}: latest_aggregate={str(latest)[:200]}; expected an object with an "
                                 "aggregation_id that is a plain token (a file id).")
         contributors = latest.get("contributors")
-        names = _names(latest, "contributors", context) if isinstance(contributors, list) else ()
+        listed = isinstance(contributors, list)  # the leaves' names, or how many they are
+        names = _names(latest, "contributors", context) if listed else ()
         ref = AggregateRef(latest["aggregation_id"], _int_or_none(latest, "run_number", context),
                            _int_or_none(latest, "round_index", context),
-                           len(names) if isinstance(contributors, list) else _int_or_none(latest, "contributors", context),
-                           names)
+                           len(names) if listed else _int_or_none(latest, "contributors", context), names)
     analytics = data.get("analytics")
     if analytics is not None and not isinstance(analytics, dict):
         raise ProtocolError(f"{context}: analytics={str(analytics)[:200]}; expected an object or null.")
