@@ -214,3 +214,19 @@ def test_an_analytics_wait_times_out_is_interrupted_and_ends_on_a_stopped_run(in
     box["thread"].join(10)
     assert isinstance(box.get("error"), RunStopped), box
     assert federation.analytics_rounds == 0
+
+
+def test_file_upload_sends_an_analytics_file_written_as_the_official_client_writes_it(inprocess_server, clients,
+                                                                                      tmp_path):
+    from branchkey_integrations.core.protocol import KIND_KEY
+
+    server, credentials = inprocess_server(1)
+    (leaf,) = [connect(c, server, clients) for c in credentials]
+    bundle = reduce_column("age", [30, 40, 50])
+    path = tmp_path / "official.npz"  # np.savez_compressed, a weighting given (3.0.1 writes it, nothing reads it)
+    np.savez_compressed(path, **bundle, weighting=np.array([5.0]), **{KIND_KEY: np.array(KIND_FEDERATED_ANALYTICS)})
+    leaf.file_upload(path)
+    assert leaf.last_upload.kind == KIND_FEDERATED_ANALYTICS and leaf.last_upload.round == (1, 0)
+    result = leaf.download_analytics(leaf.wait_for_analytics(timeout=30))
+    assert {name: result.fields[name].tolist() for name in bundle} == {name: v.tolist() for name, v in bundle.items()}
+    assert result.statistics["age"].mean == 40.0
