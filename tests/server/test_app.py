@@ -86,7 +86,8 @@ def test_round_completes_and_leaves_download_the_weighted_mean(live) -> None:
         answer = live.upload(leaf, wire.encode(arrays, weighting))
         assert answer.status_code == 201, answer.text
         assert answer.json()["data"]["run_number"] == 1 and answer.json()["data"]["round_index"] == 0
-        assert set(answer.json()["data"]) == {"file_id", "run_number", "round_index"}
+        assert set(answer.json()["data"]) == {"file_id", "run_number", "round_index", "kind"}
+        assert answer.json()["data"]["kind"] == "federated_learning"
     aggregate_id = live.wait_aggregate(branch["id"])
     for leaf in leaves:
         assert_layers(live.fetch(leaf, aggregate_id), weighted_mean(uploads))
@@ -447,7 +448,8 @@ def test_branch_config(live) -> None:
     answer = requests.get(f"{live.url}/api/v1/config/branch/{branch['id']}", headers=live.auth(leaf), timeout=10)
     data = answer.json()["data"]
     assert data["branch"] == {"id": branch["id"], "name": "b", "tree_id": branch["tree_id"]}
-    assert data["service"] == {"algorithm": "fedavg", "config": {"min_leaves": 2, "round_deadline_s": 30}}
+    assert data["service"] == {"algorithm": "fedavg", "config": {"min_leaves": 2, "round_deadline_s": 30},
+                               "field_ops": {}}
     assert data["model_config"] == {} and data["created_at"] and data["updated_at"]
 
 

@@ -39,6 +39,7 @@ def test_round_progress_names_uploaded_missing_and_refused_leaves_until_the_roun
         "run_status": "start", "run_number": 1, "round_index": 0, "required": 3, "uploaded": [],
         "missing": ["leaf_1", "leaf_2", "leaf_3"], "refused": [], "opened_at": empty["opened_at"],
         "deadline_at": None, "latest_aggregate": None, "strategy": "fedavg", "strategy_params": {},
+        "kind": "federated_learning", "analytics": None,
     }
     datetime.fromisoformat(empty["opened_at"])
 
