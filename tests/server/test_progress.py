@@ -45,7 +45,8 @@ def test_round_progress_names_uploaded_missing_and_refused_leaves_until_the_roun
 
     accepted = live.upload(a, wire.encode(layers(1), 1.0))
     assert accepted.status_code == 201, accepted.text
-    assert {k: v for k, v in accepted.json()["data"].items() if k != "file_id"} == {"run_number": 1, "round_index": 0}
+    assert {k: v for k, v in accepted.json()["data"].items() if k != "file_id"} == {"run_number": 1, "round_index": 0,
+                                                                                    "kind": "federated_learning"}
     assert (data(live, b)["uploaded"], data(live, b)["missing"]) == (["leaf_1"], ["leaf_2", "leaf_3"])
 
     wrong = live.upload(b, wire.encode([np.zeros(4, np.float32)], 1.0))  # another model: refused, named
