@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from .archive import LayerSpec
+from .archive import LayerSpec, check_weighting
 from .tensor_codecs import DEFAULT_DEFLATE_LEVEL, ZIP_STORED, codec_named, crc32, marker
 from .errors import ArchiveError
 from .npy import npy_member, spec_header
@@ -67,8 +67,11 @@ def prepare(
     compression: str = "deflate",
     compresslevel: int | None = None,
     kind: PayloadKind = FEDERATED_LEARNING,
+    checked: bool = False,
 ) -> "EncodedArchive":
     """Lay out a BranchKey NPZ without writing it: headers plus the bytes of each member.
+
+    The weighting is checked here (:func:`~.archive.check_weighting`) unless ``checked`` says the caller did.
 
     ``compression`` names a codec (:func:`~.tensor_codecs.codec_names`). ``"none"`` stores members: the
     archive is headers plus views of the arrays themselves (no copy; the arrays must not change
@@ -77,6 +80,8 @@ def prepare(
     (levels 1-3; zlib does 0 and 4-9); ``compresslevel`` defaults to 1, which on float weights
     saves as much as zlib's default level (~7.5 %) at ~20x its speed.
     """
+    if weighting is not None and not checked:
+        weighting = check_weighting(weighting)
     return _lay_out(kind.members(layers, weighting), kind, compression, compresslevel)
 
 

@@ -302,13 +302,13 @@ class Client(PayloadCalls):
                       compresslevel: int | None = None, values_checked: bool = False) -> UploadReceipt:
         """:meth:`upload_weights`, returning what was uploaded into which run and round (:class:`UploadReceipt`).
 
-        ``values_checked=True``: the caller already checked that every value is finite
-        (:func:`~.wire.check_finite`, as :meth:`Federation.run_round` does when a round begins), so it is not
-        checked twice.
+        ``values_checked=True``: the caller already checked the weighting (:func:`~.wire.check_weighting`) and that
+        every value is finite (:func:`~.wire.check_finite`), as :meth:`Federation.run_round` does when a round
+        begins, so neither is checked twice.
         """
         self._ensure_run_started()
-        # wire.prepare checks the weighting as it encodes that member: the one weighting check of this path
-        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel,
+        # wire.prepare checks the weighting as it encodes that member unless the caller already did
+        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel, checked=values_checked,
                                compression=upload_compression(compression, urlsplit(self._api_host).hostname or ""))
         if not values_checked:
             # The digest header must precede the body, so hashing is on the critical path; the finite check

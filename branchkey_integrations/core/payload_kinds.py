@@ -51,7 +51,7 @@ class PayloadKind:
         raise NotImplementedError
 
     def members(self, layers: Sequence[np.ndarray], weighting: float | None) -> list[tuple[str, np.ndarray]]:
-        """The members the encoder writes for ``layers`` and ``weighting``, in order."""
+        """The members the encoder writes for ``layers`` and ``weighting`` (checked by the encoder), in order."""
         raise NotImplementedError
 
     def validate(self, archive: Archive, expected: Sequence[LayerSpec] | None = None) -> None:
@@ -80,7 +80,7 @@ class FederatedLearning(PayloadKind):
         # no kind member: the archive stays what the official clients write, which means this kind
         members: list[tuple[str, np.ndarray]] = []
         if weighting is not None:
-            members.append((WEIGHTING_KEY, np.array([check_weighting(weighting)], dtype=np.float64)))
+            members.append((WEIGHTING_KEY, np.array([weighting], dtype=np.float64)))  # checked by prepare's caller
         return members + [(layer_key(index), np.asarray(array)) for index, array in enumerate(layers)]
 
     def validate(self, archive: Archive, expected: Sequence[LayerSpec] | None = None) -> None:
