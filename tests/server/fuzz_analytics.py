@@ -49,12 +49,15 @@ def savez(**members: Any) -> bytes:
 def valid_fields(draw: st.DrawFn) -> dict[str, np.ndarray]:
     """One leaf's fields in the watched branches' layout, with drawn values."""
     column = np.array(draw(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=5)))
+    # big values now and then: two leaves' sums of them overflow int64 (count) or float64 (age_sumsq)
+    count = draw(st.integers(0, 10 ** 6) | st.sampled_from([2 ** 62, INT64_MAX, -2 ** 62]))
+    sumsq = draw(st.sampled_from([float(np.square(column).sum()), 1.7e308]))
     return {"age_n": np.array([column.size], np.int64), "age_sum": np.array([column.sum()]),
-            "age_sumsq": np.array([np.square(column).sum()]), "age_min": np.array([column.min()]),
+            "age_sumsq": np.array([sumsq]), "age_min": np.array([column.min()]),
             "age_max": np.array([column.max()]), "age_nan": np.array([draw(st.integers(0, 3))], np.int64),
             "labels": np.array(draw(st.lists(st.integers(0, 1000), min_size=3, max_size=3)), np.int64),
             "size": np.array([8, 8], np.int64), "lowest": np.array([draw(st.floats(-1e3, 1e3))]),
-            "site": np.array(["A"]), "count": np.array([draw(st.integers(0, 10 ** 6))], np.int64)}
+            "site": np.array(["A"]), "count": np.array([count], np.int64)}
 
 
 FIELD_CHANGES = ["raw", "string_sum", "nonfinite", "overflow", "uint", "huge_float", "mismatch", "fewer", "more",
@@ -65,8 +68,9 @@ ARCHIVE_CHANGES = ["layer_name", "weighting", "no_kind", "learning_declares", "w
 
 @st.composite
 def analytics_archives(draw: st.DrawFn) -> bytes:
-    """Analytics upload bodies: well formed ones (about a third), nearly right ones and wrong ones."""
-    change = draw(st.sampled_from(["valid"] * 10 + FIELD_CHANGES + ARCHIVE_CHANGES))
+    """Analytics upload bodies: well formed ones (about a fifth), nearly right ones (their fields changed: twice
+    as likely as each archive change) and wrong ones."""
+    change = draw(st.sampled_from(["valid"] * 8 + FIELD_CHANGES * 2 + ARCHIVE_CHANGES))
     fields = draw(valid_fields())
     if change == "raw":  # a raw column sent as a field: no operation
         fields["age"] = np.array([31.0, 40.0])
@@ -80,7 +84,8 @@ def analytics_archives(draw: st.DrawFn) -> bytes:
     elif change == "uint":
         fields["count"] = np.array([draw(st.sampled_from([2 ** 63, 2 ** 64 - 1, 5]))], np.uint64)
     elif change == "huge_float":
-        fields["age_sum"] = np.array([draw(st.sampled_from([1.7e308, -1.7e308, 1e308]))])
+        name, value = draw(st.sampled_from([("age_sumsq", 1.7e308), ("age_sumsq", 1.7e308), ("age_sum", -1.7e308)]))
+        fields[name] = np.array([value])
     elif change == "mismatch":
         fields["size"] = np.array([8, draw(st.integers(0, 16))], np.int64)
     elif change == "fewer":

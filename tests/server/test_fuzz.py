@@ -72,7 +72,7 @@ SPECS = [wire.LayerSpec((2, 3), np.dtype(np.float32)), wire.LayerSpec((3,), np.d
 #: requests per operation (30 unless named): ~40 operations run in ~30 s on two shared cores
 EXAMPLES = {UPLOAD_PATH: 200, METRICS_PATH: 60, WS_PATH: 40, BLOB_PATH: 40}
 #: honest analytics uploads of real leaves (the round's combination reached, not only the door)
-ANALYTICS_EXAMPLES = 150
+ANALYTICS_EXAMPLES = 200
 
 
 def model(value: float = 1.0) -> list[np.ndarray]:
