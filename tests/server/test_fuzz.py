@@ -70,7 +70,9 @@ OPERATIONS = sorted((path, method) for path, item in DOCUMENT["paths"].items() f
 STATIC = Path(openapi_module.__file__).parent / "static"
 SPECS = [wire.LayerSpec((2, 3), np.dtype(np.float32)), wire.LayerSpec((3,), np.dtype(np.int64))]
 #: requests per operation (30 unless named): ~40 operations run in ~30 s on two shared cores
-EXAMPLES = {UPLOAD_PATH: 200, METRICS_PATH: 60, WS_PATH: 40, BLOB_PATH: 40}
+EXAMPLES = {UPLOAD_PATH: 200, METRICS_PATH: 60, WS_PATH: 40, BLOB_PATH: 40,
+            ADMIN_PREFIX + "/branches/{branch_id}/field-ops": 60,
+            ADMIN_PREFIX + "/branches/{branch_id}/analytics/open/uploads/{leaf}": 60}
 #: honest analytics uploads of real leaves (the round's combination reached, not only the door)
 ANALYTICS_EXAMPLES = 200
 
@@ -110,6 +112,13 @@ class World:
                                                          .read_bytes()).hexdigest())
                       for r in rounds if r["aggregate_id"]]
         return [tuple(r.values()) for r in rounds], uploads, aggregates
+
+    def open_scratch_analytics(self) -> None:
+        """An upload of scratch_0 in the scratch branch's open analytics round (under the fuzzer's operations)."""
+        branch = self.ids["scratch_branch"]
+        _admin(self.url, self.admin_token, "POST", f"/admin/v1/branches/{branch}/run", {"run_status": "start"})
+        _admin(self.url, self.admin_token, "PUT", f"/admin/v1/branches/{branch}/field-ops", {"field_ops": FIELD_OPS})
+        _upload(self.url, self.leaves["scratch_0"], _fields(7.0))
 
     def round_fields(self, leaf_key: str) -> tuple[dict[str, str], list[dict[str, np.ndarray]]]:
         """The field operations of the leaf's branch and the fields of the other leaves' uploads in its open
@@ -250,6 +259,10 @@ def _conforming(schema: Any) -> st.SearchStrategy[Any]:
     kind = schema.get("type")
     if kind == "object":
         properties = schema.get("properties", {})
+        if not properties and isinstance(schema.get("additionalProperties"), dict):  # a map: field-ops, params
+            keys = st.sampled_from(["labels", "age_sum", "x", "layer_2", "weighting", "eta"]) | JUNK_TEXT
+            return st.dictionaries(keys, from_schema(schema["additionalProperties"]),
+                                   min_size=schema.get("minProperties", 0), max_size=4)
         if not properties:
             return st.dictionaries(JUNK_TEXT, JSON_VALUES, max_size=4)
         required = set(schema.get("required", []))
@@ -285,7 +298,9 @@ def id_strategy(world: World, name: str, admin_write: bool, leaf_key: str | None
     """Mostly real ids of the right kind (of the scratch tree and branch only, for an admin call that may
     change things), else hostile ones."""
     ids = world.ids
-    if admin_write:
+    if admin_write and name in ("tree_id", "branch_id"):  # the scratch one of the kind the route takes
+        real = [ids["scratch_tree"] if name == "tree_id" else ids["scratch_branch"]]
+    elif admin_write and name != "leaf":
         real = [ids["scratch_tree"], ids["scratch_branch"]]
     elif name == "branch_id":
         real = [ids["main_branch"], ids["other_branch"], ids["scratch_branch"]]
@@ -297,7 +312,7 @@ def id_strategy(world: World, name: str, admin_write: bool, leaf_key: str | None
         real = [ids["main_aggregate"], ids["other_aggregate"], ids["main_upload"], ids["main_analytics_aggregate"],
                 ids["scratch_analytics_aggregate"]]
     elif name == "leaf":
-        real = [world.leaves[key][field] for key in ("scratch_0", "scratch_1") for field in ("id", "name")]
+        real = [world.leaves["scratch_0"]["id"], world.leaves["scratch_0"]["name"]]  # its upload is in the round
     elif name == "name":
         real = STATIC_NAMES
     else:
@@ -564,6 +579,9 @@ SCALE = float(os.environ.get("BRANCHKEY_FUZZ_SCALE", "1"))
 @pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{m.upper()} {p}" for p, m in OPERATIONS])
 def test_no_route_fails_accepts_a_malformed_upload_or_changes_the_round_when_it_refuses(world, path, method) -> None:
     seen: set[int] = set()
+
+    if "/analytics/open/" in path:  # the scratch branch's open analytics round, for the drop and reset to act on
+        world.open_scratch_analytics()
 
     @settings(max_examples=int(EXAMPLES.get(path, 30) * SCALE), deadline=None, database=None, derandomize=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
