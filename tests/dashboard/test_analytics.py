@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import numpy as np
 import pytest
 import requests
 
 from branchkey_integrations.core import wire
 from branchkey_integrations.server.analytics_report import PREVIEW_VALUES, analytics_result
+from branchkey_integrations.server.openapi import openapi_document
 
 from ..conftest import cli, wait_until
 
@@ -41,9 +43,16 @@ def set_ops(server, branch_id: str, ops: dict[str, str]) -> None:
     assert answer.status_code == 200, answer.text
 
 
+DOCUMENT = openapi_document()
+
+
 def result_route(server, branch_id: str) -> dict:
+    """The dashboard's JSON, checked against its OpenAPI schema."""
     answer = server.admin("GET", f"/admin/v1/branches/{branch_id}/analytics/result")
     assert answer.status_code == 200, answer.text
+    schema = DOCUMENT["paths"]["/admin/v1/branches/{branch_id}/analytics/result"]["get"]["responses"]["200"]
+    jsonschema.validate(answer.json(), {"allOf": [schema["content"]["application/json"]["schema"]],
+                                        "components": DOCUMENT["components"]})
     return answer.json()["data"]
 
 
@@ -135,3 +144,20 @@ def test_an_unknown_branch_is_a_404(inprocess_server) -> None:
     answer = server.admin("GET", "/admin/v1/branches/00000000-0000-0000-0000-000000000000/analytics/result")
     assert answer.status_code == 404 and "error" in answer.json()
     assert requests.get(server.url + "/admin/v1/branches/x/analytics/result", timeout=10).status_code == 401
+
+
+def test_a_column_without_values_has_no_mean_and_a_complex_sum_shows_as_text(inprocess_server) -> None:
+    server, leaves = inprocess_server(1)
+    set_ops(server, leaves[0]["branch_id"], {"phase": "sum"})
+    empty = {"empty_n": np.array([0]), "empty_sum": np.array([0.0]), "empty_sumsq": np.array([0.0]),
+             "empty_min": np.array([0.0]), "empty_max": np.array([0.0]), "empty_nan": np.array([4])}
+    send(server, leaves[0], {**empty, "phase": np.array([1 + 2j])})
+    result = wait_until(lambda: result_route(server, leaves[0]["branch_id"])["result"], 30, "the analytics round")
+    column = result["columns"]["empty"]
+    assert (column["count"], column["nan"], column["completeness"], column["leaves"]) == (0, 4, 0, 1)
+    assert column["mean"] is column["variance"] is column["std"] is None  # no NaN in JSON
+    assert result["fields"] == [{"name": "phase", "op": "sum", "dtype": "<c16", "shape": [1], "values": ["(1+2j)"],
+                                 "truncated": False}]
+    text = cli("status", "--data-dir", str(server.server.store.data_dir)).stdout
+    assert [line.split() for line in text.splitlines() if line.strip().startswith("empty ")] == [
+        ["empty", "0", "-", "-", "0", "0", "0", "0", "1"]]
