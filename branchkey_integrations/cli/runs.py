@@ -10,6 +10,7 @@ from typing import Any
 
 from ..core.errors import InvalidValueError, RecordNotFoundError
 from ..core.protocol import ADMIN_PREFIX
+from ..server.analytics_report import analytics_result, field_ops_lines, result_lines
 from ..server.history import latest_metrics, metric_summary
 from ..server.progress import round_progress
 from ..server.store import Branch, Store
@@ -89,13 +90,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             for item in store.list_rounds(branch.id)[-5:]:
                 print(f"  run {item['run_number']} round {item['round_index']}: {item['status']}, "
                       f"{item['upload_count']} upload(s), aggregate {item['aggregate_id'] or '-'}")
+            result = analytics_result(store, branch.id)  # the round view's lines named its round: the table here
+            for line in result_lines(result, head=False) if result else field_ops_lines(store.field_ops(branch.id)):
+                print(f"  {line}")
     finally:
         store.close()
     return 0
 
 
 def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any]:
-    """What ``status --json`` prints: the server's URL (or null) and every branch with all its rounds."""
+    """What ``status --json`` prints: the server's URL (or null) and every branch with all its rounds, and its
+    analytics: the field operations, the round view's analytics progress and the latest result."""
     branches = [{
         "id": branch.id, "name": branch.name, "run_status": branch.run_status, "run_number": branch.run_number,
         "leaves": len(store.list_leaves(branch.id)), "required_uploads": store.required_uploads(branch),
@@ -105,8 +110,14 @@ def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any
         "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id",
                                                    "strategy", "strategy_note")}
                    for item in store.list_rounds(branch.id)],
+        "analytics": _analytics(store, branch),
     } for branch in store.list_branches()]
     return {"server": live[0] if live else None, "disk": store.disk_usage(), "branches": branches}
+
+
+def _analytics(store: Store, branch: Branch) -> dict[str, Any]:
+    return {"field_ops": store.field_ops(branch.id), "progress": round_progress(store, branch.id).analytics,
+            "result": analytics_result(store, branch.id)}
 
 
 def _aggregated_metrics(store: Store, branch_id: str) -> dict[str, Any]:

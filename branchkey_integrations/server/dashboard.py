@@ -10,6 +10,9 @@ Everything it shows comes from admin routes, which need the admin token like the
   every leaf's state (uploaded, missing, refused and why) and connection (WebSocket, AMQP, last seen);
 - ``GET /admin/v1/branches/{id}/history[?run=N]`` and ``.../metrics/summary[?run=N]``: the rounds
   table and the metrics across rounds (:mod:`~.history`);
+- ``GET /admin/v1/branches/{id}/analytics/result``: the branch's latest analytics round's result (per column the
+  derived statistics and how many leaves contributed, the other fields) and its field operations
+  (:mod:`~.analytics_report`), beside the learning history;
 - ``GET /admin/v1/aggregates/{id}/download``: a signed, expiring URL of a stored aggregate;
 - ``GET /admin/v1/events``: a server-sent event stream of what changed (:mod:`~.events`), so the page
   refreshes one part when something happens instead of polling.
@@ -39,6 +42,7 @@ from aiohttp import web
 
 from ..core.protocol import ADMIN_PREFIX
 from .admin import admin
+from .analytics_report import analytics_result
 from .events import EVENTS, EventHub
 from .history import metric_summary, round_history
 from .httpio import HttpProblem, check_file_id, is_decimal, ok, read_json_object
@@ -225,6 +229,17 @@ async def metrics(request: web.Request, server: Server) -> web.Response:
     return ok(await request.app[SUMMARIES].get(server, "metrics", request.match_info["branch_id"], _run_query(request)))
 
 
+def _analytics(store: Store, branch_id: str) -> dict[str, Any]:
+    result = analytics_result(store, branch_id)  # checks the branch exists
+    return {"branch_id": branch_id, "field_ops": store.field_ops(branch_id), "result": result}
+
+
+@admin
+async def analytics(request: web.Request, server: Server) -> web.Response:
+    """The branch's latest analytics result (null before its first analytics round is combined)."""
+    return ok(await server.blocking(_analytics, server.store, request.match_info["branch_id"]))
+
+
 @admin
 async def aggregate_download(request: web.Request, server: Server) -> web.Response:
     """A signed URL of a stored aggregate (the blob route serves it without credentials, until it expires)."""
@@ -359,6 +374,7 @@ def add_dashboard_routes(app: web.Application) -> None:
     app.router.add_get(branches + "/live", live)
     app.router.add_get(branches + "/history", history)
     app.router.add_get(branches + "/metrics/summary", metrics)
+    app.router.add_get(branches + "/analytics/result", analytics)
     app.router.add_get(ADMIN_PREFIX + "/aggregates/{file_id}/download", aggregate_download)
     app.router.add_get(ADMIN_PREFIX + "/events", event_stream)
     app.router.add_post(ADMIN_PREFIX + "/dashboard/links", create_login_link)

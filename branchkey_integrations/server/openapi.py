@@ -391,6 +391,20 @@ _EVENT: Schema = _obj({
 }, {"id": _STR, "retry": _INT})
 
 
+_STAT: Schema = _null({"type": "number"})
+#: the dashboard's analytics result (server/analytics_report.py)
+_ANALYTICS_RESULT: Schema = _obj({"branch_id": _STR, "field_ops": _ref("FieldOps"), "result": _null(_obj({
+    "kind": _KIND, "run_number": _INT, "round_index": _INT, "aggregation_id": _STR, "aggregated_at": _TIME,
+    "contributors": _INT, "field_ops": _ref("FieldOps"),
+    "columns": {"type": "object", "additionalProperties": _obj({name: _STAT for name in (
+        "count", "sum", "mean", "variance", "std", "min", "max", "range", "nan", "completeness")} | {"leaves": _INT})},
+    "fields": {"type": "array", "items": _obj({
+        "name": _STR, "op": _null({"enum": list(FIELD_OPS)}), "dtype": _STR, "shape": {"type": "array", "items": _INT},
+        "values": {"type": "array", "description": "the first values (strings for non-finite or complex ones)"},
+        "truncated": {"type": "boolean"}})},
+    "note": _null({**_STR, "description": "why no columns or fields are shown (the file was removed)"})}))})
+
+
 def _dashboard_paths() -> dict[str, dict[str, Schema]]:
     """The dashboard (server/dashboard.py): its page and files, and the admin JSON it reads."""
     admin = functools.partial(_operation, tag="dashboard", security="adminBearer")
@@ -411,6 +425,12 @@ def _dashboard_paths() -> dict[str, dict[str, Schema]]:
         branch + "/metrics/summary": {"get": admin(
             "Metrics summary", ok=(200, obj), errors=(400, 401, 404), params=("branch_id",), optional_query=("run",),
             description="Per mode and metric: the sample-weighted mean over leaves and each leaf's value, by round.")},
+        branch + "/analytics/result": {"get": admin(
+            "Analytics result", ok=(200, _ANALYTICS_RESULT), errors=(400, 401, 404), params=("branch_id",),
+            description="The branch's latest combined analytics round (null before the first): per column with a "
+                        "complete save_analytics bundle the derived statistics (null where a column had no values) "
+                        "and how many leaves contributed; every other field with its operation and first values; "
+                        "and the branch's field operations.")},
         ADMIN_PREFIX + "/aggregates/{file_id}/download": {"get": admin(
             "Aggregate download URL", ok=(200, _obj({"download_url": _STR})), errors=(400, 401, 404, 410),
             params=("file_id",), description="A signed, expiring URL of a stored aggregate.")},

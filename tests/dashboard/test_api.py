@@ -113,7 +113,8 @@ def test_live_history_metrics_and_events_follow_the_rounds(inprocess_server):
     upload(leaves[0], server, 10, 1.0)
     event = stream.next("upload")
     assert event["at"] > 0 and {k: v for k, v in event.items() if k != "at"} == {
-        "kind": "upload", "branch_id": branch, "leaf": "leaf_1", "run_number": 1, "round_index": 0}
+        "kind": "upload", "branch_id": branch, "leaf": "leaf_1", "run_number": 1, "round_index": 0,
+        "payload_kind": "federated_learning"}
     live = get(server, f"/admin/v1/branches/{branch}/live")
     states = {leaf["name"]: leaf["state"] for leaf in live["leaves"]}
     assert states == {"leaf_1": "uploaded", "leaf_2": "missing", "leaf_3": "missing"}

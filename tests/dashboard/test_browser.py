@@ -1,7 +1,9 @@
 """The dashboard in a real headless Chromium during a live 3-leaf simulation (Lightning leaves in processes
 of their own, the embedded server, the real callback): it shows the branch, follows the open round as
 leaves upload without a reload, plots the metrics after two rounds, and its pause button pauses the run
-(the leaves log the pause). Without the token it shows nothing and its calls are refused.
+(the leaves log the pause). Without the token it shows nothing and its calls are refused. An analytics round's
+result shows as a table (per column the derived statistics and the leaves that contributed), and the next analytics
+round replaces it live.
 
 ``BRANCHKEY_DASHBOARD_SCREENSHOT=docs/dashboard.png`` saves the page mid-run (the README's picture).
 """
@@ -14,6 +16,7 @@ import threading
 from pathlib import Path
 from queue import Queue
 
+import numpy as np
 import pytest
 import requests
 from playwright.sync_api import expect
@@ -126,3 +129,40 @@ def test_without_the_token_the_page_shows_nothing_and_its_calls_are_refused(inpr
     expect(page.get_by_test_id("leaf-row")).to_have_count(2)  # the open round's rows come with a later call
     assert all(leaf["session_token"] not in page.content() for leaf in leaves)
     assert requests.get(server.url + "/admin/v1/overview", timeout=10).status_code == 401
+
+
+def test_the_dashboard_shows_an_analytics_result_and_follows_the_next_round(inprocess_server, page):
+    from .test_analytics import POOLED, SITES, bundle, send, set_ops
+
+    server, leaves = inprocess_server(3)
+    set_ops(server, leaves[0]["branch_id"], {"labels": "sum"})
+    page.goto(server.url + "/")
+    page.fill("#token", server.admin_token)
+    page.click("#login-form button")
+    page.get_by_test_id("branch-row").wait_for()
+    expect(page.get_by_test_id("analytics-title")).to_have_text("(no result yet)")
+    expect(page.get_by_test_id("analytics-facts")).to_contain_text("field operations: labels=sum")
+    loaded = page.evaluate("performance.timeOrigin")
+
+    send(server, leaves[0], {**bundle(SITES[0]), "labels": np.array([1, 2])})  # the open analytics round shows
+    expect(page.get_by_test_id("analytics-facts")).to_contain_text("open analytics round 0: 1 of 3 uploads")
+    for leaf, values in zip(leaves[1:], SITES[1:]):
+        send(server, leaf, {**bundle(values), "labels": np.array([1, 2])})
+    row = page.locator("[data-testid=analytics-row][data-column=age]")
+    expect(row.locator("[data-stat=mean]")).to_have_text(f"{POOLED.mean():.4f}")  # 43.3333
+    expect(row.locator("[data-stat=std]")).to_have_text(f"{POOLED.std():.4f}")
+    for stat, shown in {"count": "6", "min": "10", "max": "90", "range": "80", "nan": "1", "completeness": "0.8571",
+                        "leaves": "3"}.items():
+        expect(row.locator(f"[data-stat={stat}]")).to_have_text(shown)
+    expect(page.get_by_test_id("analytics-title")).to_have_text("(run 1, analytics round 0)")
+    field = page.locator("[data-testid=analytics-field][data-field=labels]")
+    expect(field).to_contain_text("sum")
+    expect(field).to_contain_text("[3, 6]")
+    expect(page.get_by_test_id("round-row")).to_have_count(0)  # the learning history is its own: no round aggregated
+
+    for leaf in leaves:  # the next analytics round replaces the table, live, without a reload
+        send(server, leaf, {**bundle([2.0, 4.0]), "labels": np.array([0, 1])})
+    expect(row.locator("[data-stat=mean]")).to_have_text("3")
+    expect(row.locator("[data-stat=count]")).to_have_text("6")
+    expect(page.get_by_test_id("analytics-title")).to_have_text("(run 1, analytics round 1)")
+    assert page.evaluate("performance.timeOrigin") == loaded

@@ -5,20 +5,25 @@ documented schemas, or nearly: a field of the wrong kind, a required one left ou
 variants: ids that are not ids, every kind of credentials, real WebSocket tickets and download signatures
 used twice or spoilt, JSON that is not an object, bodies that are not JSON, and uploads that are wrong in
 every way we know (random bytes, truncated or bit-flipped archives, other layouts, NaN, bad weightings,
-pickled members, integrity headers that lie). After every request:
+pickled members, integrity headers that lie), and ``federated_analytics`` uploads right and wrong in every way
+issue 24 names (fuzz_analytics.py). After every request:
 
 - no answer is a 5xx, and every refusal (4xx) is ``{"error": text}``;
 - a JSON success answer has a status the document lists for the operation and fits its schema;
 - an upload is accepted (201) only if it is well formed by a check written here, independent of the
   server's code (zip CRCs, ``numpy.load`` without pickle, the round's layout, finite values, a finite
-  weighting > 0, a JSON ``data`` part, honest integrity headers);
+  weighting > 0, a JSON ``data`` part, honest integrity headers); an analytics upload only if it is well
+  formed by the rules written in fuzz_analytics.py (its kind key, field names and dtypes, an operation per
+  field, finite summed values, and against the round's other uploads: the same fields, identical must_match
+  values, sums within int64 or float64);
 - a refused request (4xx) leaves the watched branches exactly as they were: their rounds, the uploads
-  that count, and their aggregates' rows and bytes.
+  that count, and their aggregates' rows and bytes, of both kinds.
 
 Admin requests with the real token may change things, so they are aimed at a scratch tree and branch
 (or ids that do not exist); the watched branches only ever see leaf calls, admin reads, and anonymous or
-wrong admin calls. Leaves upload, but no round can complete: each watched branch has a leaf that never
-uploads (``main``: three leaves, ``other``: two).
+wrong admin calls. Leaves upload, but no round of either kind can complete: each watched branch has a leaf
+that never uploads (``main``: three leaves, ``other``: two). The scratch branch has a combined analytics round
+and an open one, for the analytics admin routes to act on.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from branchkey_integrations.server.openapi import openapi_document
 
 from ..conftest import wait_until
 from ..inprocess import ServerThread
+from .fuzz_analytics import FIELD_OPS, KIND, analytics_archives, analytics_well_formed, fields_of, read_members
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +69,12 @@ DOCUMENT = openapi_document()
 OPERATIONS = sorted((path, method) for path, item in DOCUMENT["paths"].items() for method in item)
 STATIC = Path(openapi_module.__file__).parent / "static"
 SPECS = [wire.LayerSpec((2, 3), np.dtype(np.float32)), wire.LayerSpec((3,), np.dtype(np.int64))]
-#: requests per operation (30 unless named): ~35 operations run in ~30 s on two shared cores
-EXAMPLES = {UPLOAD_PATH: 200, METRICS_PATH: 60, WS_PATH: 40, BLOB_PATH: 40}
+#: requests per operation (30 unless named): ~40 operations run in ~30 s on two shared cores
+EXAMPLES = {UPLOAD_PATH: 200, METRICS_PATH: 60, WS_PATH: 40, BLOB_PATH: 40,
+            ADMIN_PREFIX + "/branches/{branch_id}/field-ops": 60,
+            ADMIN_PREFIX + "/branches/{branch_id}/analytics/open/uploads/{leaf}": 60}
+#: honest analytics uploads of real leaves (the round's combination reached, not only the door)
+ANALYTICS_EXAMPLES = 200
 
 
 def model(value: float = 1.0) -> list[np.ndarray]:
@@ -90,7 +100,36 @@ class World:
 
     def snapshot(self) -> Any:
         """Everything a refused request must not change on the watched branches (``main`` and ``other``)."""
-        return [self._branch_state(self.ids[name]) for name in ("main_branch", "other_branch")]
+        return [(self._branch_state(self.ids[name]), self._analytics_state(self.ids[name]))
+                for name in ("main_branch", "other_branch")]
+
+    def _analytics_state(self, branch: str) -> Any:
+        store = self.thread.server.store
+        rounds = store.analytics_history(branch)
+        uploads = [(u["leaf_id"], u["id"], hashlib.sha256(u["path"].read_bytes()).hexdigest())
+                   for r in rounds for u in store.analytics_uploads(branch, r["run_number"], r["round_index"])]
+        aggregates = [(r["aggregate_id"], hashlib.sha256(store.file_path(store.analytics_file(r["aggregate_id"]))
+                                                         .read_bytes()).hexdigest())
+                      for r in rounds if r["aggregate_id"]]
+        return [tuple(r.values()) for r in rounds], uploads, aggregates
+
+    def open_scratch_analytics(self) -> None:
+        """An upload of scratch_0 in the scratch branch's open analytics round (under the fuzzer's operations)."""
+        branch = self.ids["scratch_branch"]
+        _admin(self.url, self.admin_token, "POST", f"/admin/v1/branches/{branch}/run", {"run_status": "start"})
+        _admin(self.url, self.admin_token, "PUT", f"/admin/v1/branches/{branch}/field-ops", {"field_ops": FIELD_OPS})
+        _upload(self.url, self.leaves["scratch_0"], _fields(7.0))
+
+    def round_fields(self, leaf_key: str) -> tuple[dict[str, str], list[dict[str, np.ndarray]]]:
+        """The field operations of the leaf's branch and the fields of the other leaves' uploads in its open
+        analytics round, oldest first (read with numpy, as the acceptance check reads the upload)."""
+        leaf = self.leaves[leaf_key]
+        store = self.thread.server.store
+        branch = store.require_branch(leaf["branch_id"])
+        current = store.open_analytics_round(branch.id, branch.run_number)
+        uploads = store.analytics_uploads(branch.id, branch.run_number, current["round_index"]) if current else []
+        others = [read_members(u["path"].read_bytes()) for u in uploads if u["leaf_id"] != leaf["id"]]
+        return store.field_ops(branch.id), [fields_of(members) for members in others if members is not None]
 
     def _branch_state(self, branch: str) -> Any:
         store = self.thread.server.store
@@ -110,10 +149,20 @@ def _admin(url: str, token: str, method: str, path: str, body: dict[str, Any]) -
     return answer.json()["data"]
 
 
-def _upload(url: str, leaf: dict[str, str], content: bytes) -> None:
+def _upload(url: str, leaf: dict[str, str], content: bytes) -> dict[str, Any]:
     answer = requests.post(url + "/api/v1/file/upload", files={"file": ("w.npz", content)},
                            headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}, timeout=30)
     assert answer.status_code == 201, answer.text
+    return answer.json()["data"]
+
+
+def _fields(value: float) -> bytes:
+    """A well formed analytics upload of the fuzzer's layout (fuzz_analytics.valid_fields)."""
+    return wire.prepare_fields({
+        "age_n": np.array([2]), "age_sum": np.array([2 * value]), "age_sumsq": np.array([2 * value * value]),
+        "age_min": np.array([value]), "age_max": np.array([value]), "age_nan": np.array([0]),
+        "labels": np.array([1, 2, 3]), "size": np.array([8, 8]), "lowest": np.array([value]), "site": np.array(["A"]),
+        "count": np.array([1])}).getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +171,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     url, token = thread.url, thread.server.store.admin_token
     ids: dict[str, str] = {}
     leaves: dict[str, dict[str, str]] = {}
-    for name, count in (("main", 3), ("other", 2), ("scratch", 1)):
+    for name, count in (("main", 3), ("other", 2), ("scratch", 2)):
         tree = _admin(url, token, "POST", "/admin/v1/trees", {"name": name})
         branch = _admin(url, token, "POST", f"/admin/v1/trees/{tree['id']}/branches", {"name": name})
         made = _admin(url, token, "POST", f"/admin/v1/branches/{branch['id']}/leaves", {"count": count})["leaves"]
         ids[f"{name}_tree"], ids[f"{name}_branch"] = tree["id"], branch["id"]
         for index, leaf in enumerate(made):
             leaves[f"{name}_{index}"] = leaf
+        _admin(url, token, "PUT", f"/admin/v1/branches/{branch['id']}/field-ops", {"field_ops": FIELD_OPS})
+    for name, count in (("main", 3), ("other", 2), ("scratch", 2)):  # analytics round 0 combined on each
+        for index in range(count):
+            _upload(url, leaves[f"{name}_{index}"], _fields(float(index)))
+        ids[f"{name}_analytics_aggregate"] = wait_until(
+            lambda: (thread.server.store.latest_analytics_aggregate(ids[f"{name}_branch"]) or {}).get("aggregation_id"),
+            10, f"analytics round 0 of branch {name}")
+    for name in ("main", "scratch"):  # analytics round 1: one upload (main_0's, scratch_0's)
+        _upload(url, leaves[f"{name}_0"], _fields(5.0))
     for name, count in (("main", 3), ("other", 2)):  # round 0 aggregated: every later round has a fixed layout
         for index in range(count):
             _upload(url, leaves[f"{name}_{index}"], wire.encode(model(index + 1), float(index + 1)))
@@ -201,6 +259,10 @@ def _conforming(schema: Any) -> st.SearchStrategy[Any]:
     kind = schema.get("type")
     if kind == "object":
         properties = schema.get("properties", {})
+        if not properties and isinstance(schema.get("additionalProperties"), dict):  # a map: field-ops, params
+            keys = st.sampled_from(["labels", "age_sum", "x", "layer_2", "weighting", "eta"]) | JUNK_TEXT
+            return st.dictionaries(keys, from_schema(schema["additionalProperties"]),
+                                   min_size=schema.get("minProperties", 0), max_size=4)
         if not properties:
             return st.dictionaries(JUNK_TEXT, JSON_VALUES, max_size=4)
         required = set(schema.get("required", []))
@@ -236,7 +298,9 @@ def id_strategy(world: World, name: str, admin_write: bool, leaf_key: str | None
     """Mostly real ids of the right kind (of the scratch tree and branch only, for an admin call that may
     change things), else hostile ones."""
     ids = world.ids
-    if admin_write:
+    if admin_write and name in ("tree_id", "branch_id"):  # the scratch one of the kind the route takes
+        real = [ids["scratch_tree"] if name == "tree_id" else ids["scratch_branch"]]
+    elif admin_write and name != "leaf":
         real = [ids["scratch_tree"], ids["scratch_branch"]]
     elif name == "branch_id":
         real = [ids["main_branch"], ids["other_branch"], ids["scratch_branch"]]
@@ -245,7 +309,10 @@ def id_strategy(world: World, name: str, admin_write: bool, leaf_key: str | None
     elif name == "tree_id":
         real = [ids["main_tree"], ids["other_tree"], ids["scratch_tree"]]
     elif name == "file_id":
-        real = [ids["main_aggregate"], ids["other_aggregate"], ids["main_upload"]]
+        real = [ids["main_aggregate"], ids["other_aggregate"], ids["main_upload"], ids["main_analytics_aggregate"],
+                ids["scratch_analytics_aggregate"]]
+    elif name == "leaf":
+        real = [world.leaves["scratch_0"]["id"], world.leaves["scratch_0"]["name"]]  # its upload is in the round
     elif name == "name":
         real = STATIC_NAMES
     else:
@@ -263,7 +330,9 @@ RAW_IDS = st.sampled_from(["%ED%A0%80", "%FF", "%00", "a%2Fb", "%2e%2e", "%C0%AF
 
 @st.composite
 def archives(draw: st.DrawFn) -> bytes:
-    """Upload bodies: right ones, nearly right ones and wrong ones."""
+    """Upload bodies: right ones, nearly right ones and wrong ones; of either payload kind."""
+    if draw(st.integers(0, 9)) < 4:
+        return draw(analytics_archives())
     kind = draw(st.sampled_from(["valid"] * 5 + ["random", "truncated", "flipped", "flipped", "layout", "nonfinite",
                                                  "weighting", "pickle", "extra", "empty", "no_weighting"]))
     values = draw(st.floats(-1e6, 1e6, allow_nan=False, width=32))
@@ -337,6 +406,7 @@ class Call:
     headers: dict[str, str]
     kwargs: dict[str, Any]
     upload: tuple[bytes, bool] | None = None  # (file content, whether the rest of the request is honest)
+    leaf_key: str | None = None  # whose credentials it carries (an upload's acceptance check reads its round)
     real_query: tuple[str, str] | None = None  # ("ticket" | "signed", how to spoil it): filled in when sent
 
 
@@ -390,7 +460,9 @@ def calls(draw: st.DrawFn, world: World, path: str, method: str) -> Call:
     kwargs: dict[str, Any] = {}
     content = operation.get("requestBody", {}).get("content", {})
     if "multipart/form-data" in content:
-        return draw(upload_calls(world, url, headers))
+        upload = draw(upload_calls(world, url, headers))
+        upload.leaf_key = leaf_key
+        return upload
     if "application/json" in content:
         schema = resolve(content["application/json"]["schema"])
         bodies = [from_schema(schema), JSON_VALUES]
@@ -508,12 +580,16 @@ SCALE = float(os.environ.get("BRANCHKEY_FUZZ_SCALE", "1"))
 def test_no_route_fails_accepts_a_malformed_upload_or_changes_the_round_when_it_refuses(world, path, method) -> None:
     seen: set[int] = set()
 
+    if "/analytics/open/" in path:  # the scratch branch's open analytics round, for the drop and reset to act on
+        world.open_scratch_analytics()
+
     @settings(max_examples=int(EXAMPLES.get(path, 30) * SCALE), deadline=None, database=None, derandomize=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
     @given(call=calls(world, path, method))
     def check(call: Call) -> None:
         url = fill_query(world, call) if call.real_query else call.url
         before = world.snapshot()
+        round_fields = world.round_fields(call.leaf_key) if call.upload is not None and call.leaf_key else None
         answer = requests.request(call.method, url, headers=call.headers, timeout=30, allow_redirects=False,
                                   stream=True, **call.kwargs)
         where = f"{call.method.upper()} {call.url[len(world.url):][:120]}"
@@ -529,15 +605,60 @@ def test_no_route_fails_accepts_a_malformed_upload_or_changes_the_round_when_it_
             check_documented(path, method, answer.status_code, answer.json(), where)
         if call.upload is not None and answer.status_code == 201:
             content, honest = call.upload
-            assert honest and well_formed(content), f"{where} accepted a malformed upload: {answer.text[:300]}"
-            assert answer.json()["data"]["round_index"] >= 1
+            accepted = answer.json()["data"]
+            if accepted["kind"] == KIND:
+                assert round_fields is not None, f"{where}: an upload without a leaf's credentials was accepted"
+                assert honest and analytics_well_formed(content, *round_fields), \
+                    f"{where} accepted a malformed analytics upload: {answer.text[:300]}"
+            else:
+                assert honest and well_formed(content), f"{where} accepted a malformed upload: {answer.text[:300]}"
+                assert accepted["round_index"] >= 1
         if answer.status_code >= 400:
             assert world.snapshot() == before, f"{where} was refused ({answer.status_code}) yet changed the round"
 
     check()
     assert seen - {401}, f"every {method.upper()} {path} request was refused at the door; the fuzzer reached no handler"
+    assert_no_round_completed(world)
+
+
+def assert_no_round_completed(world: World) -> None:
     store = world.thread.server.store
     for name in ("main", "other"):  # no round was completed, and round 0's aggregate is the one made at set-up
         rounds = store.list_rounds(world.ids[f"{name}_branch"])
         assert [r["status"] for r in rounds] == ["aggregated", "open"], (name, rounds)
         assert rounds[0]["aggregate_id"] == world.ids[f"{name}_aggregate"]
+        analytics = store.analytics_history(world.ids[f"{name}_branch"])[::-1]  # oldest first
+        assert [r["status"] for r in analytics] in (["aggregated"], ["aggregated", "open"]), (name, analytics)
+        assert analytics[0]["aggregate_id"] == world.ids[f"{name}_analytics_aggregate"]
+
+
+def test_analytics_uploads_are_accepted_only_well_formed_and_a_refusal_changes_nothing(world) -> None:
+    """Honest requests of the watched branches' leaves carrying analytics bodies right and wrong
+    (fuzz_analytics.py): two leaves of ``main`` share a round (its layout, must_match values and sums meet each
+    other's), ``other_0`` is its round's sole uploader (it may change its layout)."""
+    outcomes: dict[str, int] = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=int(ANALYTICS_EXAMPLES * SCALE), deadline=None, database=None, derandomize=False,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(content=analytics_archives(), leaf_key=st.sampled_from(LEAVES), declared=st.sampled_from([KIND, None]))
+    def check(content: bytes, leaf_key: str, declared: str | None) -> None:
+        leaf = world.leaves[leaf_key]
+        before, (ops, others) = world.snapshot(), world.round_fields(leaf_key)
+        data = {"leaf_name": leaf["name"], "metadata": "{}"} | ({"kind": declared} if declared else {})
+        answer = requests.post(world.url + UPLOAD_PATH, files={"file": ("a.npz", content), "data": (None, json.dumps(data))},
+                               headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}, timeout=30)
+        assert answer.status_code < 500, answer.text[:300]
+        if answer.status_code == 201:
+            outcomes["accepted"] += 1
+            if answer.json()["data"]["kind"] == KIND:
+                assert analytics_well_formed(content, ops, others), f"accepted a malformed analytics upload: {answer.text}"
+            else:
+                assert well_formed(content), f"accepted a malformed upload: {answer.text}"
+        else:
+            outcomes["refused"] += 1
+            assert answer.status_code in (400, 413) and set(answer.json()) == {"error"}, answer.text[:300]
+            assert world.snapshot() == before, f"a refused analytics upload changed the branch: {answer.text[:300]}"
+
+    check()
+    assert outcomes["accepted"] and outcomes["refused"], outcomes
+    assert_no_round_completed(world)

@@ -4,7 +4,8 @@
 "use strict";
 
 const TOKEN_KEY = "branchkey-local-admin-token";
-const state = { branch: null, run: null, overview: null, live: null, timers: {}, stream: null, plots: [] };
+const state = { branch: null, run: null, overview: null, live: null, analytics: null, timers: {}, stream: null,
+  plots: [] };
 
 const $ = (id) => document.getElementById(id);
 
@@ -69,7 +70,10 @@ function showLogin(message) {
 }
 
 function clearTables() {
-  for (const id of ["branches", "leaves", "rounds"]) $(id).querySelector("tbody").replaceChildren();
+  for (const id of ["branches", "leaves", "rounds", "analytics", "analytics-fields"]) {
+    $(id).querySelector("tbody").replaceChildren();
+  }
+  state.analytics = null;
   $("plots").replaceChildren();
   $("branch").hidden = true;
   state.branch = null;
@@ -103,7 +107,7 @@ async function start() {
   await guarded(async () => {
     await loadOverview();
     if (state.branch) {
-      await Promise.all([loadLive(), loadRounds()]);
+      await Promise.all([loadLive(), loadRounds(), loadAnalytics()]);
       await mark("paintedAt");  // the tables are on screen before the biggest answer is asked for
       await loadPlots();
     }
@@ -159,7 +163,8 @@ async function selectBranch(id) {
   if (id === state.branch) return;
   state.branch = id;
   state.run = null;
-  await guarded(() => Promise.all([loadOverview(), loadLive(), loadHistory()]));
+  state.analytics = null;
+  await guarded(() => Promise.all([loadOverview(), loadLive(), loadHistory(), loadAnalytics()]));
 }
 
 // -- the open round -------------------------------------------------------------------------
@@ -198,6 +203,7 @@ function renderFacts() {
   facts.push(data.deadline_at ? "deadline " + new Date(data.deadline_at).toLocaleTimeString() : "no deadline");
   if (data.latest_aggregate) facts.push("latest aggregate: round " + data.latest_aggregate.round_index);
   $("round-facts").textContent = facts.join(" · ");
+  renderAnalyticsFacts();
 }
 
 function tick() {  // seconds since the round opened and "last seen" move on without asking the server
@@ -286,6 +292,63 @@ function drawPlots(summary) {
   }
 }
 
+// -- federated analytics -------------------------------------------------------------------
+
+const STATS = ["count", "mean", "variance", "std", "min", "max", "range", "nan", "completeness"];
+
+function stat(v) { return v === null || v === undefined ? "-" : number(v); }
+
+async function loadAnalytics() {
+  const branch = state.branch;
+  const data = await api("/admin/v1/branches/" + branch + "/analytics/result");
+  if (branch !== state.branch) return;  // another branch was chosen meanwhile
+  state.analytics = data;
+  const result = data.result;
+  $("analytics-title").textContent = result
+    ? "(run " + result.run_number + ", analytics round " + result.round_index + ")" : "(no result yet)";
+  renderAnalyticsFacts();
+  const body = $("analytics").querySelector("tbody");
+  body.replaceChildren();
+  for (const [column, stats] of Object.entries(result ? result.columns : {})) {
+    const row = el("tr", null, { "data-testid": "analytics-row", "data-column": column });
+    row.append(el("td", column));
+    for (const key of STATS) row.append(el("td", stat(stats[key]), { "data-stat": key }));
+    row.append(el("td", stats.leaves, { "data-stat": "leaves" }));
+    body.append(row);
+  }
+  const fields = $("analytics-fields").querySelector("tbody");
+  fields.replaceChildren();
+  for (const f of result ? result.fields : []) {
+    const values = f.values.map((v) => typeof v === "number" ? number(v) : String(v)).join(", ");
+    fields.append(el("tr", null, { "data-testid": "analytics-field", "data-field": f.name }));
+    fields.lastChild.append(el("td", f.name), el("td", f.op || "none"),
+      el("td", f.dtype + " [" + f.shape.join(", ") + "]"), el("td", "[" + values + (f.truncated ? ", …" : "") + "]"));
+  }
+  $("analytics-fields").hidden = !(result && result.fields.length);
+}
+
+function renderAnalyticsFacts() {  // the open analytics round (from the round view) and the latest result
+  const facts = [];
+  const open = state.live && state.live.analytics;
+  if (open && open.round_index !== null) {
+    facts.push("open analytics round " + open.round_index + ": " + open.uploaded.length + " of " + open.required
+      + " uploads" + (open.missing.length ? " (missing: " + open.missing.join(", ") + ")" : ""));
+  }
+  const data = state.analytics;
+  const result = data && data.result;
+  if (result) {
+    facts.push(result.contributors + " leaves contributed, combined " + ago(Date.parse(result.aggregated_at) / 1000));
+    if (result.note) facts.push(result.note);
+  } else if (data) {
+    facts.push("no analytics round combined yet (leaves send them with save_analytics or save_fields)");
+  }
+  if (data) {
+    const ops = Object.entries(data.field_ops).map(([name, op]) => name + "=" + op);
+    facts.push(ops.length ? "field operations: " + ops.join(", ") : "no field operations configured");
+  }
+  $("analytics-facts").textContent = facts.join(" · ");
+}
+
 // -- the live stream ------------------------------------------------------------------------
 
 function soon(name, work, delayMs) {  // coalesce bursts of events into one refresh per part
@@ -299,7 +362,11 @@ function onEvent(kind, event) {
   if (["upload", "refused", "presence", "run_status", "aggregation_status", "overflow"].includes(kind)) {
     soon("live", loadLive, 100);
   }
-  if (["aggregation_status", "metrics", "overflow"].includes(kind)) soon("history", loadHistory, 300);
+  const analytics = event.payload_kind === "federated_analytics";
+  if ((kind === "aggregation_status" && analytics) || kind === "overflow") soon("analytics", loadAnalytics, 100);
+  if ((kind === "aggregation_status" && !analytics) || ["metrics", "overflow"].includes(kind)) {
+    soon("history", loadHistory, 300);
+  }
 }
 
 async function openStream() {
@@ -324,7 +391,9 @@ async function openStream() {
     $("live-state").className = "pill off";
     await new Promise((resolve) => setTimeout(resolve, delay));
     delay = Math.min(delay * 2, 10000);
-    if (state.stream === controller) guarded(() => Promise.all([loadOverview(), state.branch ? loadLive() : null]));
+    if (state.stream === controller) {
+      guarded(() => Promise.all([loadOverview(), state.branch ? loadLive() : null, state.branch ? loadAnalytics() : null]));
+    }
   }
 }
 
