@@ -269,6 +269,12 @@ def _view_member(buffer: memoryview, info: zipfile.ZipInfo, key: str, allow_text
 
 
 def _assemble(arrays: dict[str, np.ndarray]) -> Archive:
+    kind = KIND_FEDERATED_LEARNING
+    if KIND_KEY in arrays:
+        kind = str(arrays.pop(KIND_KEY).reshape(-1)[0])
+    if kind == KIND_FEDERATED_ANALYTICS:  # every other member is a named field; 'weighting' is read by nothing
+        arrays.pop(WEIGHTING_KEY, None)
+        return Archive(layers=[], weighting=None, kind=kind, fields=arrays)
     weighting = None
     if WEIGHTING_KEY in arrays:
         raw = arrays.pop(WEIGHTING_KEY)
@@ -278,11 +284,6 @@ def _assemble(arrays: dict[str, np.ndarray]) -> Archive:
                 f"Received: dtype={raw.dtype}, shape={raw.shape}."
             )
         weighting = float(raw.reshape(-1)[0])
-    kind = KIND_FEDERATED_LEARNING
-    if KIND_KEY in arrays:
-        kind = str(arrays.pop(KIND_KEY).reshape(-1)[0])
-    if kind == KIND_FEDERATED_ANALYTICS:  # every other member is a named field (its kind allowed only those)
-        return Archive(layers=[], weighting=weighting, kind=kind, fields=arrays)
     indices = sorted(int(key[len("layer_"):]) for key in arrays)
     if not indices:
         raise ArchiveError("Archive holds no layers; expected 'layer_0', 'layer_1', ...")

@@ -33,6 +33,7 @@ from ..core.protocol import (
     IDEMPOTENCY_KEY_PATTERN,
     KIND_FEDERATED_ANALYTICS,
     KIND_FEDERATED_LEARNING,
+    PAYLOAD_KINDS,
     METRIC_MODES,
     METRICS_PATH,
     ROUND_PATH,
@@ -112,6 +113,16 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
+def declared_kind(metadata: str | None) -> str:
+    """The payload kind an upload's metadata declares (3.x sends ``"kind"``): which round a refusal of its body
+    belongs to before the archive is read; ``federated_learning`` when it says none (2.7.1, older 3.x)."""
+    try:
+        kind = json.loads(metadata or "").get("kind")
+    except (ValueError, AttributeError, RecursionError):
+        return KIND_FEDERATED_LEARNING
+    return kind if kind in PAYLOAD_KINDS else KIND_FEDERATED_LEARNING
+
+
 def upload_answer(accepted: AcceptedUpload, kind: str) -> web.Response:
     # the official clients read file_id only; run_number, round_index and kind are branchkey-local's
     return ok({"file_id": accepted.file_id, "run_number": accepted.run_number, "round_index": accepted.round_index,
@@ -131,10 +142,11 @@ async def upload_file(request: web.Request) -> web.Response:
     server.rounds.check_accepting(branch)  # refuse before reading a body of hundreds of MB
     limits = server.config.upload_limits
     temp = server.store.new_temp_path()
-    kind = KIND_FEDERATED_LEARNING  # until the archive says otherwise
+    kind = KIND_FEDERATED_LEARNING  # until the metadata (3.x sends "kind"), then the archive, says otherwise
     try:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
+        kind = declared_kind(upload.metadata)
         model_limit = await server.blocking(server.store.model_size_limit, branch.id)  # refused before inflating
         archive = await decode_upload(upload.path, limits, server.workers, model_limit)
         kind = archive.kind

@@ -35,7 +35,7 @@ def test_an_analytics_archive_reads_back_as_the_official_client_writes_it() -> N
                      age_n=np.array([3], np.int64), age_sum=np.array([90.0]), site=np.array(["A"]),
                      tag=np.array([b"x"]))
     archive = wire.decode(official)
-    assert archive.kind == FEDERATED_ANALYTICS.name and archive.layers == [] and archive.weighting == 0.0
+    assert archive.kind == FEDERATED_ANALYTICS.name and archive.layers == [] and archive.weighting is None
     assert sorted(archive.fields) == ["age_n", "age_sum", "site", "tag"]
     validate_upload(archive)
     ours = wire.decode(wire.prepare_fields({"age_n": np.array([3], np.int64), "age_sum": 90.0, "site": "A",

@@ -230,3 +230,13 @@ def test_retention_keeps_the_latest_analytics_aggregates_and_answers_410_for_old
     gone = live.wait_for(lambda: (answer := live.download(leaves[0], ids[0])).status_code == 410 and answer.json())
     assert "removed by the server's retention" in gone["error"]
     assert live.fetch(leaves[0], ids[1]).fields["age_sum"].tolist() == [2.0]
+
+
+def test_an_analytics_archive_refused_while_read_is_not_held_against_the_learning_round(live) -> None:
+    _, leaves = live.make_branch(2)
+    bad = savez(__bk_payload_kind__=np.array(KIND), weighting=np.array([0.0]), when=np.array(["2026"], "datetime64[Y]"))
+    answer = live.upload(leaves[0], bad, data=json.dumps({"leaf_name": "leaf_1", "metadata": json.dumps({"kind": KIND})}))
+    assert answer.status_code == 400 and "datetime64" in answer.json()["error"]
+    assert round_view(live, leaves[1])["refused"] == []  # the learning round's leaves never read it as theirs
+    odd = savez(__bk_payload_kind__=np.array(KIND), weighting=np.array(["x"]), age_n=np.array([1]))
+    assert live.upload(leaves[0], odd).status_code == 201  # 'weighting' is read by nothing in this kind
