@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "16 GiB); a branch's own limit ('init --max-model-mb', or learned) is usually lower")
     serve.add_argument("--max-members", type=_positive_int, metavar="N",
                        help="refuse an upload of more than N arrays (default 10000; each costs the server ~0.1 ms)")
+    add_tls_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     round_ = commands.add_parser("round", help="unlock a branch's open round: drop one leaf's upload, or reset it")
@@ -168,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     link.set_defaults(func=cmd_login_link)
     add_simulate_parser(commands)
     return parser
+
+
+def add_tls_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s TLS options (docs/deployment.md)."""
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS and WSS with this PEM certificate (then any "
+                                                         "intermediates); SIGHUP reloads it")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key, readable by its owner "
+                                                        "only (chmod 600)")
+    serve.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA "
+                                                              "(mutual TLS: others are refused at the handshake)")
 
 
 def add_simulate_parser(commands: Any) -> None:
