@@ -27,6 +27,7 @@ from aiohttp import web
 from ..core.errors import BrokerError
 from ..core.protocol import ADMIN_PREFIX
 from .httpio import HttpProblem, is_decimal, ok, read_json_object
+from .lifecycle import record_action
 from .state import MAX_METRICS_PAGE, METRICS_PAGE, Server, server_of
 from .store import Store
 from .strategies import DEFAULT_STRATEGY
@@ -67,6 +68,7 @@ async def remove_tree_broker(request: web.Request, server: Server) -> web.Respon
         removed = await server.notifier.forget_tree(tree["id"], leaves)
     except BrokerError as exc:
         raise HttpProblem(502, f"RabbitMQ refused to remove tree {tree['id']}: {exc}") from exc
+    await record_action(request, server, "tree.remove_broker", tree["id"])
     return ok({"tree_id": tree["id"], "amqp": removed, "leaves": len(leaves) if removed else 0})
 
 
@@ -79,6 +81,7 @@ async def create_branch(request: web.Request, server: Server) -> web.Response:
         strategy=body.get("strategy", DEFAULT_STRATEGY), strategy_params=_params(body),
         max_model_bytes=_whole(body.get("max_model_bytes")),
     )
+    await record_action(request, server, "branch.create", branch.id, name=branch.name, strategy=branch.algorithm)
     return ok(branch.to_dict(), status=201)
 
 
@@ -104,6 +107,8 @@ async def set_strategy(request: web.Request, server: Server) -> web.Response:
     async with server.rounds.lock(branch_id):  # no upload is committed while the change is checked and made
         branch, stale = await server.blocking(server.store.set_strategy, branch_id, body.get("strategy"), _params(body))
     await server.blocking(server.store.remove_files, stale)
+    await record_action(request, server, "branch.strategy", branch_id, strategy=branch.algorithm,
+                        strategy_params=branch.params)
     return ok(branch.to_dict())
 
 
@@ -116,6 +121,7 @@ async def set_max_model_bytes(request: web.Request, server: Server) -> web.Respo
                                "{\"max_model_bytes\": null} (learned from the branch's first aggregate).")
     branch = await server.blocking(server.store.set_max_model_bytes, request.match_info["branch_id"],
                                    _whole(body["max_model_bytes"]))
+    await record_action(request, server, "branch.max_model_bytes", branch.id, max_model_bytes=branch.max_model_bytes)
     return ok(branch.to_dict())
 
 
@@ -143,6 +149,8 @@ async def create_leaves(request: web.Request, server: Server) -> web.Response:
     leaves = await server.blocking(server.store.create_leaves, request.match_info["branch_id"],
                                    _whole(body.get("count", 1)), name_prefix=prefix)
     await server.notifier.provision(leaves)
+    for leaf in leaves:
+        await record_action(request, server, "leaf.add", leaf.id, branch_id=leaf.branch_id, leaf=leaf.name)
     return ok({"leaves": [leaf.credentials() for leaf in leaves]}, status=201)
 
 
@@ -156,6 +164,8 @@ async def list_leaves(request: web.Request, server: Server) -> web.Response:
 async def set_run(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     branch = await server.rounds.set_run_status(request.match_info["branch_id"], body.get("run_status"))
+    await record_action(request, server, "run.set", branch.id, run_status=branch.run_status,
+                        run_number=branch.run_number)
     return ok({"branch_id": branch.id, "run_status": branch.run_status, "run_number": branch.run_number})
 
 
@@ -165,6 +175,8 @@ async def drop_upload(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     result = await server.rounds.drop_uploads(request.match_info["branch_id"], request.match_info["leaf"],
                                               note=_note(body))
+    await record_action(request, server, "round.drop_upload", request.match_info["branch_id"],
+                        leaf=request.match_info["leaf"], dropped=result["dropped"], note=_note(body))
     return ok(result)
 
 
@@ -173,6 +185,8 @@ async def reset_round(request: web.Request, server: Server) -> web.Response:
     """Drop every upload of the branch's open round (same round number); every leaf may upload again."""
     body = await read_json_object(request)
     result = await server.rounds.drop_uploads(request.match_info["branch_id"], None, note=_note(body))
+    await record_action(request, server, "round.reset", request.match_info["branch_id"], dropped=result["dropped"],
+                        note=_note(body))
     return ok(result)
 
 

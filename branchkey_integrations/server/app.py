@@ -3,7 +3,8 @@
 The app is assembled from modules with one concern each:
 
 - :mod:`~branchkey_integrations.server.routes`: the leaf API of PROTOCOL.md (``/api/v1``);
-- :mod:`~branchkey_integrations.server.admin`: the admin API (``/admin/v1``);
+- :mod:`~branchkey_integrations.server.admin`: the admin API (``/admin/v1``), with
+  :mod:`~branchkey_integrations.server.lifecycle` (leaf revoke/rotate, admin token, audit trail);
 - :mod:`~branchkey_integrations.server.httpio`: ``{"data"}``/``{"error"}`` answers and the one
   middleware that maps domain errors to statuses;
 - :mod:`~branchkey_integrations.server.auth`: bearer tokens, signed URLs, WebSocket tickets;
@@ -57,6 +58,7 @@ from .connections import (
 )
 from .dashboard import add_dashboard_routes
 from .httpio import HttpProblem, error_middleware, error_response
+from .lifecycle import add_lifecycle_routes
 from .notify import Notifier
 from .routes import add_leaf_routes
 from .state import (
@@ -134,6 +136,7 @@ def create_app(
     app[GUARD] = ConnectionGuard(limits)
     add_leaf_routes(app)
     add_admin_routes(app)
+    add_lifecycle_routes(app)
     add_dashboard_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_websockets)

@@ -103,12 +103,13 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
         if current is None:
             return RoundProgress(branch.id, branch.run_status, branch.run_number, None, required,
                                  latest_aggregate=latest, strategy=branch.algorithm, strategy_params=branch.params)
-        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
+        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id, include_revoked=True)}
+        active = {leaf.id for leaf in store.list_leaves(branch_id)}
         uploaded_ids = store.round_uploaders(branch_id, current.run_number, current.round_index)
         refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
     uploaded = [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids]
     done = set(uploaded_ids)
-    missing = [name for leaf_id, name in names.items() if leaf_id not in done]
+    missing = [name for leaf_id, name in names.items() if leaf_id not in done and leaf_id in active]
     deadline_at = None
     if branch.round_deadline_s is not None and current.first_upload_at is not None:
         deadline_at = iso_time(current.first_upload_at + branch.round_deadline_s)

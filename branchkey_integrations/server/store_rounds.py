@@ -106,8 +106,16 @@ class RoundRecords(StoreDatabase):
         return [dict(row) for row in rows]
 
     def required_uploads(self, branch: Branch) -> int:
-        """Uploads that complete a round: min_leaves (capped at the leaf count) or every leaf."""
-        count = self._query("SELECT COUNT(*) FROM leaves WHERE branch_id = ?", (branch.id,))[0][0]
+        """Uploads that complete a round: min_leaves (capped at the leaf count) or every leaf.
+
+        The leaves counted are those not revoked that the open round knew: a leaf added once the round holds an
+        upload counts from the next round on (it may still upload to this one)."""
+        count = self._query(
+            "SELECT COUNT(*) FROM leaves l WHERE l.branch_id = ? AND l.revoked_at IS NULL AND NOT EXISTS (SELECT 1"
+            " FROM rounds r JOIN branches b ON b.id = r.branch_id AND b.run_number = r.run_number WHERE r.branch_id"
+            " = l.branch_id AND r.status = 'open' AND r.first_upload_at IS NOT NULL"
+            " AND l.created_at > strftime('%Y-%m-%dT%H:%M:%f+00:00', r.first_upload_at, 'unixepoch'))",
+            (branch.id,))[0][0]
         if branch.min_leaves is None:
             return max(count, 1)
         return max(min(branch.min_leaves, count), 1)

@@ -33,7 +33,7 @@ from typing import Any, Callable, cast
 
 from aiohttp import web
 
-from ..core.errors import LocalServerError
+from ..core.errors import TlsConfigError
 from .connections import GUARD, GuardedAppRunner
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_LOG_INTERVAL_S = 60.0
 #: peers remembered for that interval at most (a scan of many addresses costs this much memory, no more)
 MAX_PEERS_REMEMBERED = 4096
-
-
-class TlsConfigError(LocalServerError):
-    """A certificate, key or CA file that cannot serve TLS (missing, unreadable, too open, mismatched)."""
 
 
 def check_key_permissions(key_file: str | os.PathLike) -> None:
