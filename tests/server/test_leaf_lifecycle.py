@@ -155,3 +155,28 @@ def test_the_cli_adds_lists_revokes_and_rotates_leaves_in_a_store(tmp_path: Path
         ("leaf.add", "cli"), ("leaf.rotate", "cli"), ("leaf.revoke", "cli"), ("admin_token.rotate", "cli")]
     assert status["branches"][0]["leaves"] == 2 and status["tls"] is False
     assert "session_token" not in json.dumps(status["audit"])
+
+
+@pytest.mark.amqp
+def test_a_revoked_leaf_loses_its_rabbitmq_login_and_a_rotated_one_logs_in_with_its_new_token(start_server,
+                                                                                             rabbitmq) -> None:
+    import pika.exceptions
+
+    from ..conftest import AMQP_URL, MANAGEMENT_URL
+    from .test_rabbitmq import connect_as_leaf
+
+    live = start_server(amqp_url=AMQP_URL, amqp_management_url=MANAGEMENT_URL)
+    branch, (one, two) = live.make_branch(2)
+    try:
+        connect_as_leaf(one["tree_id"], one["id"], one["session_token"]).close()
+        answer = live.admin("POST", f"/admin/v1/branches/{branch['id']}/leaves/leaf_1/revoke", {}, expect=200)
+        assert answer["amqp"] == "done"
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            connect_as_leaf(one["tree_id"], one["id"], one["session_token"])
+        rotated = live.admin("POST", f"/admin/v1/branches/{branch['id']}/leaves/leaf_2/rotate", expect=200)
+        assert rotated["amqp"] == "done"
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            connect_as_leaf(two["tree_id"], two["id"], two["session_token"])
+        connect_as_leaf(two["tree_id"], two["id"], rotated["leaf"]["session_token"]).close()
+    finally:
+        live.admin("DELETE", f"/admin/v1/trees/{branch['tree_id']}/broker", expect=200)
