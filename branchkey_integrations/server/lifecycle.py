@@ -132,13 +132,14 @@ async def rotate_admin_token(request: web.Request) -> web.Response:
 
 async def list_audit(request: web.Request) -> web.Response:
     """One page of the audit trail, oldest first: ``?limit=N`` entries (default 100, at most
-    :data:`~.store_audit.MAX_AUDIT_PAGE`: more are cut) after entry ``?after=`` (the previous page's ``next``)."""
+    :data:`~.store_audit.MAX_AUDIT_PAGE`) after entry ``?after=`` (the previous page's ``next``)."""
     server = _admin(request)
     after, limit = request.query.get("after", "0"), request.query.get("limit", "100")
-    if not is_decimal(after) or not is_decimal(limit) or int(limit) < 1 or int(after) >= 1 << 62:
-        raise HttpProblem(400, f"Expected ?after= an entry id (0: from the start) and ?limit= a count >= 1. "
-                               f"Received: after={after[:40]!r}, limit={limit[:40]!r}")
-    page = min(int(limit), MAX_AUDIT_PAGE)
+    if not is_decimal(after) or not is_decimal(limit) or not 1 <= int(limit) <= MAX_AUDIT_PAGE \
+            or len(after) > 18:
+        raise HttpProblem(400, f"Expected ?after= an entry id (0: from the start, at most 18 digits) and ?limit= a "
+                               f"count from 1 to {MAX_AUDIT_PAGE}. Received: after={after[:40]!r}, limit={limit[:40]!r}")
+    page = int(limit)
     entries = await server.blocking(server.store.list_audit, after=int(after), limit=page)
     return ok({"entries": entries, "next": entries[-1]["id"] if len(entries) == page else None})
 
