@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
 from aiohttp import web
 
@@ -90,8 +90,8 @@ async def revoke_leaf(request: web.Request) -> web.Response:
     dropped: list[str] = []
     if drop:
         with contextlib.suppress(RecordNotFoundError):  # no upload in the open round: nothing to drop
-            dropped = list((await server.rounds.drop_uploads(branch_id, leaf.id, note=note or "leaf revoked"))
-                           ["dropped"])
+            result = await server.rounds.drop_uploads(branch_id, leaf.id, note=note or "leaf revoked")
+            dropped = [str(name) for name in cast(list, result["dropped"])]
     aggregated = await server.rounds.aggregate_if_ready(branch_id)  # the round may need one leaf fewer now
     await record_action(request, server, "leaf.revoke", leaf.id, branch_id=branch_id, leaf=leaf.name,
                         drop_upload=drop, dropped=dropped, note=note)

@@ -170,11 +170,11 @@ class TlsAcceptor(asyncio.Protocol):
         host = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown peer"
         loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(transport, self, self.context, server_side=True,  # type: ignore[arg-type]
+            tls = await loop.start_tls(cast(asyncio.Transport, transport), self, self.context, server_side=True,
                                        ssl_handshake_timeout=self.handshake_timeout_s)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             self.log.failed(host, exc)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         if tls is None:  # closed meanwhile
             return
