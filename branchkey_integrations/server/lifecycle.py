@@ -12,7 +12,7 @@ Routes (``Authorization: Bearer {admin_token}``):
   is refused at once, the leaf's WebSocket closed, its RabbitMQ password set to the new token;
 - ``POST /admin/v1/admin-token/rotate``: a new admin token (answered once, and written to
   ``<data_dir>/admin_token``); the old one is refused, dashboard sessions end;
-- ``GET /admin/v1/audit?after=ID&limit=N``: the audit trail, oldest first.
+- ``GET /admin/v1/audit?after=ID&limit=N``: the audit trail, oldest first (``?latest=N``: the latest N).
 
 Leaves are added with ``POST .../branches/{branch_id}/leaves`` (:mod:`.admin`). Every admin action that
 changes something is recorded with :func:`record_action` (time, action, target, the caller's address,
@@ -134,6 +134,11 @@ async def list_audit(request: web.Request) -> web.Response:
     """One page of the audit trail, oldest first: ``?limit=N`` entries (default 100, at most
     :data:`~.store_audit.MAX_AUDIT_PAGE`) after entry ``?after=`` (the previous page's ``next``)."""
     server = _admin(request)
+    if "latest" in request.query:  # the dashboard's view: the latest N, oldest first
+        latest = request.query["latest"]
+        if not is_decimal(latest) or not 1 <= int(latest) <= MAX_AUDIT_PAGE:
+            raise HttpProblem(400, f"Expected ?latest= a count from 1 to {MAX_AUDIT_PAGE}. Received: {latest[:40]!r}")
+        return ok({"entries": await server.blocking(server.store.latest_audit, int(latest)), "next": None})
     after, limit = request.query.get("after", "0"), request.query.get("limit", "100")
     if not is_decimal(after) or not is_decimal(limit) or not 1 <= int(limit) <= MAX_AUDIT_PAGE \
             or len(after) > 18:

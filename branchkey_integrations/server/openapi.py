@@ -74,6 +74,7 @@ PARAMETERS: dict[str, Schema] = {
     "run": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "a run number (default: the latest)"},
     "limit": {"type": "integer", "minimum": 1, "maximum": MAX_METRICS_PAGE, "description": "items per page"},
     "after": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "the previous page's next"},
+    "latest": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "the latest N entries instead"},
     FILE_SIZE_HEADER: {"type": "integer", "minimum": 0, "maximum": 10**18 - 1,
                        "description": "the bytes of part 'file' (3.x clients)"},
     FILE_DIGEST_HEADER: {"type": "string", "pattern": "^sha256=[A-Za-z0-9+/]{43}=$",
@@ -372,8 +373,9 @@ def _lifecycle_paths() -> dict[str, dict[str, Schema]]:
         ADMIN_PREFIX + "/audit": {"get": admin(
             "List audit trail", ok=(200, _obj({"entries": {"type": "array", "items": entry},
                                                "next": _null({**_INT, "description": "?after= of the next page"})})),
-            errors=(400, 401), optional_query=("after", "limit"),
-            description="Admin actions, oldest first: when, what, on what, from which address; never a secret.")},
+            errors=(400, 401), optional_query=("after", "limit", "latest"),
+            description="Admin actions, oldest first: when, what, on what, from which address; never a secret. "
+                        "?latest=N answers the latest N (next: null) instead of a page.")},
     }
 
 
