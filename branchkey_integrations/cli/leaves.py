@@ -99,7 +99,7 @@ def _revoke(store: Store, live: tuple[str, str] | None, branch_id: str, args: ar
                 dropped = []
         store.record_audit("leaf.revoke", revoked.id, CLI_ORIGIN, {"branch_id": branch_id, "leaf": revoked.name,
                                                                    "drop_upload": args.drop_upload, "dropped": dropped})
-        extra = "; a RabbitMQ user of it stays until the next 'serve --amqp-url' removes it"
+        extra = "; a RabbitMQ user of it is removed when a server with --amqp-url starts"
     kept = "dropped" if dropped else ("none in the open round" if args.drop_upload else "kept")
     print(f"leaf {leaf['name']} ({leaf['id']}) revoked {how}: its token is refused from now on; open-round upload "
           f"{kept}{extra}")

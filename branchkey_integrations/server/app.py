@@ -161,7 +161,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     server = app[SERVER]
     app[GUARD].fit_to_fd_limit()
     try:
-        await server.notifier.start(await server.blocking(server.store.list_leaves))
+        leaves = await server.blocking(server.store.list_leaves, include_revoked=True)
+        active = {leaf.id for leaf in await server.blocking(server.store.list_leaves)}
+        await server.notifier.start([lf for lf in leaves if lf.id in active],
+                                    revoked=[lf for lf in leaves if lf.id not in active])
     except BaseException:
         await _release(server)
         app[GUARD].close()  # its filter on asyncio's logger goes too

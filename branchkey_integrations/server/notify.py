@@ -97,8 +97,9 @@ class Notifier:
     def amqp_enabled(self) -> bool:
         return self._amqp_url is not None
 
-    async def start(self, leaves: Iterable["Leaf"]) -> None:
-        """Connect to RabbitMQ (if configured) and provision every existing leaf (idempotent)."""
+    async def start(self, leaves: Iterable["Leaf"], revoked: Iterable["Leaf"] = ()) -> None:
+        """Connect to RabbitMQ (if configured), provision every existing leaf (idempotent) and remove the users of
+        ``revoked`` leaves (revoked while no server with a broker ran; missing ones are fine)."""
         if self._amqp_url is None:
             return
         from .rabbitmq import RabbitMQBroker  # lazy: only servers with a broker need pika wiring
@@ -108,6 +109,8 @@ class Notifier:
         await loop.run_in_executor(self._executor, broker.check)  # a misconfigured broker fails the start, not a round
         self._broker = broker
         await self.provision(leaves)
+        for leaf in revoked:
+            await self.remove_leaf(leaf)
         if self._store is not None:
             from .outbox import Outbox
             from .workers import Workers

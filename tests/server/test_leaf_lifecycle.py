@@ -180,3 +180,27 @@ def test_a_revoked_leaf_loses_its_rabbitmq_login_and_a_rotated_one_logs_in_with_
         connect_as_leaf(two["tree_id"], two["id"], rotated["leaf"]["session_token"]).close()
     finally:
         live.admin("DELETE", f"/admin/v1/trees/{branch['tree_id']}/broker", expect=200)
+
+
+@pytest.mark.amqp
+def test_a_leaf_revoked_with_no_server_running_loses_its_rabbitmq_login_when_one_starts(start_server, rabbitmq,
+                                                                                       tmp_path) -> None:
+    import pika.exceptions
+
+    from ..conftest import AMQP_URL, MANAGEMENT_URL
+    from .test_rabbitmq import connect_as_leaf
+
+    first = start_server(tmp_path / "data", amqp_url=AMQP_URL, amqp_management_url=MANAGEMENT_URL)
+    branch, (one, _) = first.make_branch(2)
+    store = Store(tmp_path / "data")  # beside the first server, as a CLI would be with no live server found
+    try:
+        store.revoke_leaf(branch["id"], "leaf_1")  # what 'branchkey-local leaf revoke' does with no server
+    finally:
+        store.close()
+    connect_as_leaf(one["tree_id"], one["id"], one["session_token"]).close()  # the broker does not know yet
+    second = start_server(tmp_path / "data", amqp_url=AMQP_URL, amqp_management_url=MANAGEMENT_URL)
+    try:
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            connect_as_leaf(one["tree_id"], one["id"], one["session_token"])
+    finally:
+        second.admin("DELETE", f"/admin/v1/trees/{branch['tree_id']}/broker", expect=200)
