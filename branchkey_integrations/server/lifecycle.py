@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, cast
 
 from aiohttp import web
 
-from ..core.errors import BrokerError, RecordNotFoundError
+from ..core.errors import BrokerError, LocalServerError, RecordNotFoundError
 from ..core.protocol import ADMIN_PREFIX
 from .events import EVENTS
 from .httpio import HttpProblem, is_decimal, ok, read_json_object
@@ -92,7 +92,11 @@ async def revoke_leaf(request: web.Request) -> web.Response:
         with contextlib.suppress(RecordNotFoundError):  # no upload in the open round: nothing to drop
             result = await server.rounds.drop_uploads(branch_id, leaf.id, note=note or "leaf revoked")
             dropped = [str(name) for name in cast(list, result["dropped"])]
-    aggregated = await server.rounds.aggregate_if_ready(branch_id)  # the round may need one leaf fewer now
+    try:  # the round may need one leaf fewer now
+        aggregated = await server.rounds.aggregate_if_ready(branch_id)
+    except LocalServerError as exc:  # the revocation stands; the next upload or deadline tries again
+        logger.error("branch %s: aggregating after revoking leaf %s failed: %s", branch_id, leaf.name, exc)
+        aggregated = None
     await record_action(request, server, "leaf.revoke", leaf.id, branch_id=branch_id, leaf=leaf.name,
                         drop_upload=drop, dropped=dropped, note=note)
     return ok({"leaf": leaf.public(), "websockets_closed": closed, "amqp": broker, "dropped": dropped,
