@@ -72,8 +72,8 @@ def _add(store: Store, live: tuple[str, str] | None, branch_id: str, args: argpa
         leaves = admin_call(live, "POST", f"{ADMIN_PREFIX}/branches/{branch_id}/leaves", {"count": args.count})["leaves"]
     else:
         leaves = [leaf.credentials() for leaf in store.create_leaves(branch_id, args.count)]
-        for leaf in leaves:
-            store.record_audit("leaf.add", leaf["id"], CLI_ORIGIN, {"branch_id": branch_id, "leaf": leaf["name"]})
+        store.record_audit("leaf.add", branch_id, CLI_ORIGIN, {"count": len(leaves),
+                                                               "leaves": [leaf["name"] for leaf in leaves[:50]]})
     for leaf in leaves:
         path = _credentials_path(args.credentials_dir, leaf["name"], args.force)
         _write_credentials(path, leaf)

@@ -149,8 +149,8 @@ async def create_leaves(request: web.Request, server: Server) -> web.Response:
     leaves = await server.blocking(server.store.create_leaves, request.match_info["branch_id"],
                                    _whole(body.get("count", 1)), name_prefix=prefix)
     await server.notifier.provision(leaves)
-    for leaf in leaves:
-        await record_action(request, server, "leaf.add", leaf.id, branch_id=leaf.branch_id, leaf=leaf.name)
+    await record_action(request, server, "leaf.add", request.match_info["branch_id"], count=len(leaves),
+                        leaves=[leaf.name for leaf in leaves[:50]])  # one action, however many leaves
     return ok({"leaves": [leaf.credentials() for leaf in leaves]}, status=201)
 
 

@@ -119,10 +119,11 @@ def test_a_leaf_added_mid_round_counts_from_the_next_round_and_the_audit_has_eac
     live.admin_token = token
     entries = live.admin("GET", "/admin/v1/audit?limit=1000", expect=200)["entries"]
     actions = [entry["action"] for entry in entries]
-    assert actions == ["branch.create", "leaf.add", "leaf.add", "leaf.add", "run.set", "round.reset",
+    assert actions == ["branch.create", "leaf.add", "leaf.add", "run.set", "round.reset",
                        "branch.strategy", "run.set", "round.drop_upload", "leaf.rotate", "leaf.revoke",
                        "dashboard.login_link", "dashboard.login", "admin_token.rotate"]
     assert {entry["peer"] for entry in entries} == {"127.0.0.1"}
+    assert [e["detail"]["leaves"] for e in entries if e["action"] == "leaf.add"] == [["leaf_1", "leaf_2"], ["leaf_3"]]
     text = json.dumps(entries)
     for secret in (old_admin, token, one["session_token"], two["session_token"], new["session_token"], code):
         assert secret not in text
