@@ -117,6 +117,7 @@ class LocalServer(AdminCalls):
     data_dir: Path
     amqp_url: str | None = None
     serve_args: tuple[str, ...] = ()  # more ``serve`` options, e.g. ("--max-compression-ratio", "2000")
+    probe: dict = field(default_factory=dict)  # requests options of the readiness probe (a TLS client certificate)
     process: subprocess.Popen | None = None
     url: str = ""
     port: int = 0  # 0 on the first start; a restart reuses the port so clients can reconnect
@@ -144,7 +145,7 @@ class LocalServer(AdminCalls):
                 return None
             url = json.loads(info.read_text())["url"]
             try:
-                requests.get(url + "/api/v1/run/none", timeout=2)
+                requests.get(url + "/api/v1/run/none", timeout=2, **self.probe)
             except requests.ConnectionError:
                 return None
             return url

@@ -3,7 +3,8 @@
 Usage: python official_leaf.py SPEC.json   (writes SPEC["result"] as JSON)
 
 Optional SPEC keys: "rbmq_port" (2.7.1: the broker's AMQP port, default 5672), "upload": false (only wait
-for each round's aggregate, as a leaf restarted after its upload does).
+for each round's aggregate, as a leaf restarted after its upload does), "ca": a CA bundle to verify an https
+server with (the clients' `ssl` option; without it, plain http and ssl=False).
 
 It does what a user of the official client does: read run details, save and upload weights,
 wait for the aggregation id on the client's queue (2.7.1: AMQP; 3.0.1: WebSocket), download the
@@ -26,12 +27,13 @@ from branchkey.client import Client  # noqa: E402
 if major >= 3:
     from branchkey import APIConfig, Credentials
 
-    client = Client(Credentials.from_dict(credentials), api_config=APIConfig(host=spec["host"], ssl=False),
+    config = APIConfig(host=spec["host"], ssl=spec.get("ca", False))
+    client = Client(Credentials.from_dict(credentials), api_config=config,
                     output_dir=spec["output_dir"])
 else:
     # 2.7.1 derives the RabbitMQ host from `host` without removing the port: name it explicitly
     client = Client(credentials, host=spec["host"], rbmq_host="127.0.0.1", rbmq_port=spec.get("rbmq_port", 5672),
-                    ssl=False)
+                    ssl=spec.get("ca", False))
 
 result = {"version": version("branchkey"), "run_status": client.run_status, "run_number": client.run_number,
           "rounds": []}

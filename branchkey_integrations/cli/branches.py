@@ -53,8 +53,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"models  uploads up to {model_limit(branch['max_model_bytes'])}")
     for path in targets:
         print(f"leaf    {path}")
-    if args.host_url:
-        print(f"host    leaves connect to {args.host_url}")
+    host_url = args.host_url or (live[0] if live else None)
+    if host_url:
+        print(f"host    leaves connect to {host_url}" + (" (https: give them the server certificate's CA bundle, "
+                                                         "ssl=...)" if host_url.startswith("https://") else ""))
     if not live:
         print(f"serve   branchkey-local serve --data-dir {data_dir}")
     strategy = strategy_for(branch["algorithm"], branch["strategy_params"])

@@ -15,6 +15,7 @@ from .. import __version__
 from ..core.protocol import RUN_STATUSES
 from ..server.strategies import CATALOGUE, DEFAULT_STRATEGY, STRATEGIES, describe
 from .branches import cmd_branch_field_ops, cmd_branch_max_model, cmd_branch_strategy, cmd_init
+from .leaves import cmd_admin_token, cmd_leaf
 from .runs import cmd_round, cmd_run, cmd_status
 from .serving import cmd_login_link, cmd_serve
 from .simulating import cmd_simulate
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refuse an upload of more than N arrays (default 10000; each costs the server ~0.1 ms)")
     serve.add_argument("--max-fields", type=_positive_int, metavar="N",
                        help="refuse an analytics upload of more than N fields (default 10000)")
+    add_tls_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     round_ = commands.add_parser("round", help="unlock a branch's open round: drop one leaf's upload, or reset it")
@@ -178,8 +180,53 @@ def build_parser() -> argparse.ArgumentParser:
     link = commands.add_parser("login-link", help="print a new one-time login link to the live server's dashboard")
     add_data_dir(link)
     link.set_defaults(func=cmd_login_link)
+    add_lifecycle_parsers(commands)
     add_simulate_parser(commands)
     return parser
+
+
+def add_lifecycle_parsers(commands: Any) -> None:
+    """``leaf add|list|revoke|rotate`` and ``admin-token rotate`` (:mod:`.leaves`)."""
+    leaf = commands.add_parser("leaf", help="add, list, revoke or rotate a branch's leaves")
+    actions = leaf.add_subparsers(dest="leaf_command", required=True, metavar="ACTION", parser_class=CommandParser)
+    add = actions.add_parser("add", help="add leaves to the branch and write their credential files (0600); they "
+                                         "count in rounds from the next round on")
+    add.add_argument("--count", type=_positive_int, default=1, help="how many leaves")
+    add.add_argument("--force", action="store_true", help="overwrite existing credential files")
+    listing = actions.add_parser("list", help="the branch's leaves, revoked ones included (no tokens)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = actions.add_parser("revoke", help="refuse the leaf's token on every route at once, close its WebSocket, "
+                                               "delete its RabbitMQ user")
+    revoke.add_argument("leaf", help="the leaf's name (leaf_2) or id")
+    revoke.add_argument("--drop-upload", action="store_true",
+                        help="drop its upload from the open round (default: kept, it counts)")
+    revoke.add_argument("--note", help="why, shown to the leaves in the round's progress when an upload is dropped")
+    rotate = actions.add_parser("rotate", help="give the leaf a new token and rewrite its credential file; the old "
+                                               "token is refused")
+    rotate.add_argument("leaf", help="the leaf's name (leaf_2) or id")
+    for action in (add, listing, revoke, rotate):
+        add_data_dir(action)
+        action.add_argument("--branch-id", help="needed only when the store holds several branches")
+        action.set_defaults(func=cmd_leaf)
+    for action in (add, rotate):
+        action.add_argument("--credentials-dir", required=True, help="where <leaf name>.json is written")
+    token = commands.add_parser("admin-token", help="rotate the admin token")
+    token_actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION",
+                                         parser_class=CommandParser)
+    rotate_token = token_actions.add_parser("rotate", help="write a new admin token to DIR/admin_token; the old one "
+                                                           "is refused and dashboard sessions end")
+    add_data_dir(rotate_token)
+    rotate_token.set_defaults(func=cmd_admin_token)
+
+
+def add_tls_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s TLS options (docs/deployment.md)."""
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS and WSS with this PEM certificate (then any "
+                                                         "intermediates); SIGHUP reloads it")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key, readable by its owner "
+                                                        "only (chmod 600)")
+    serve.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA "
+                                                              "(mutual TLS: others are refused at the handshake)")
 
 
 def add_simulate_parser(commands: Any) -> None:

@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(status_document(store, live), indent=2, default=str))
             return 0
-        print(f"server  {live[0] if live else 'not running'}")
+        print(f"server  {live[0] if live else 'not running'}{tls_note(live)}")
         disk = store.disk_usage()
         print(f"disk    {megabytes(sum(disk.values()))} in {data_dir}: uploads {megabytes(disk['uploads'])}, "
               f"aggregates {megabytes(disk['aggregates'])}, database {megabytes(disk['database'])}, "
@@ -112,7 +112,21 @@ def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any
                    for item in store.list_rounds(branch.id)],
         "analytics": _analytics(store, branch),
     } for branch in store.list_branches()]
-    return {"server": live[0] if live else None, "disk": store.disk_usage(), "branches": branches}
+    return {"server": live[0] if live else None, "tls": bool(live and live[0].startswith("https://")),
+            "disk": store.disk_usage(), "branches": branches, "audit": store.latest_audit(AUDIT_SHOWN)}
+
+
+#: the latest audit-trail entries ``status --json`` shows (the admin API's /admin/v1/audit has them all)
+AUDIT_SHOWN = 50
+
+
+def tls_note(live: tuple[str, str] | None) -> str:
+    """What leaves need to reach the live server: https and the CA of its certificate, or plain http."""
+    if live is None:
+        return ""
+    if live[0].startswith("https://"):
+        return "  (TLS: leaves need an https:// host and, for a private CA, its bundle: Client(ssl=...))"
+    return "  (plain HTTP: across a network, serve with --tls-cert/--tls-key or behind a TLS proxy)"
 
 
 def _analytics(store: Store, branch: Branch) -> dict[str, Any]:

@@ -61,6 +61,7 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
 
     from ..server.app import DEFAULT_MAX_UPLOAD_BYTES, GuardedAppRunner, create_app
     from ..server.budget import limit_allocator_retention
+    from ..server.tls import TlsAppRunner
 
     limit_allocator_retention()
     try:
@@ -69,10 +70,12 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
                          keep_uploads=args.keep_uploads, **_connection_options(args))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    runner = GuardedAppRunner(app, handle_signals=False, access_log=None)
+    loop = asyncio.get_running_loop()
+    tls = _tls_context(args, loop)
+    runner = (GuardedAppRunner(app, handle_signals=False, access_log=None) if tls is None else
+              TlsAppRunner(app, tls, handle_signals=False, access_log=None))
     await runner.setup()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(signum, stop.set)
@@ -83,19 +86,55 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
             await web.TCPSite(runner, args.host, args.port).start()
         except OSError as exc:
             raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
-        url = f"http://{_client_host(args.host)}:{runner.addresses[0][1]}"
+        url = f"{'https' if tls else 'http'}://{_client_host(args.host)}:{runner.addresses[0][1]}"
         if not await _recovered(app, stop, url):
             return
         logger.info("branchkey-local serving %s on %s", data_dir, url)
         announce_dashboard(app, (args.public_url or url).rstrip("/"), args.host, data_dir)
         # last: whoever finds server.json finds the start-up lines written before it
-        write_private_file(data_dir / SERVER_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        info = {"url": url, "pid": os.getpid(), **({"tls_cert": str(Path(args.tls_cert).resolve())} if tls else {})}
+        write_private_file(data_dir / SERVER_FILE, json.dumps(info) + "\n")
         await stop.wait()
         logger.info("shutting down")
     finally:
         with contextlib.suppress(FileNotFoundError):
             (data_dir / SERVER_FILE).unlink()
         await runner.cleanup()
+
+
+def _tls_context(args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> Any:
+    """The server's TLS context from ``--tls-cert``/``--tls-key`` (None without them), reloaded on SIGHUP;
+    SSL errors asyncio reports itself become one line each (:func:`~..server.tls.quiet_ssl_errors`)."""
+    from ..server.tls import TlsConfigError, quiet_ssl_errors, reload_certificate, server_context
+
+    cert, key, client_ca = getattr(args, "tls_cert", None), getattr(args, "tls_key", None), \
+        getattr(args, "tls_client_ca", None)
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise CliError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if cert is None or key is None:
+        raise CliError("pass both --tls-cert FILE and --tls-key FILE (the certificate chain and its private key)")
+    if args.public_url and not args.public_url.startswith("https://"):
+        logger.warning("--public-url %s is not https: download and login links will send clients off TLS",
+                       args.public_url)
+    try:
+        context = server_context(cert, key, client_ca)
+    except TlsConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+    def reload() -> None:
+        try:
+            reload_certificate(context, cert, key)
+        except TlsConfigError as exc:  # the old pair keeps serving
+            logger.error("SIGHUP: %s; still serving the previous certificate", exc)
+
+    loop.set_exception_handler(quiet_ssl_errors)
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    logger.info("TLS on (TLS 1.2+), certificate %s%s; SIGHUP reloads it", cert,
+                f", client certificates required (CA {client_ca})" if client_ca else "")
+    return context
 
 
 async def _recovered(app: Any, stop: asyncio.Event, url: str) -> bool:

@@ -164,7 +164,7 @@ class Client(PayloadCalls):
     def _start_notifications(self, transport: str) -> None:
         c = self._credentials
         self._transport = start_transport(
-            transport, self._api_host, self.request_ws_ticket, verify_ssl=bool(self.ssl), rbmq=(self._rbmq_host,
+            transport, self._api_host, self.request_ws_ticket, verify_ssl=self.ssl, rbmq=(self._rbmq_host,
             self.options.rbmq_port), amqp_login=(c.id, c.session_token, c.tree_id), handler=self._on_notification,
             # after a (re)connect, waits ask the server at once: a notification sent while away may be lost
             on_connect=self._waiter.request_refresh)

@@ -195,6 +195,10 @@ class QuotaExceededError(LocalServerError):
     """A leaf sent more of something than the server keeps per round (metrics reports)."""
 
 
+class TlsConfigError(LocalServerError):
+    """A certificate, key or CA file that cannot serve TLS (missing, unreadable, readable by others, mismatched)."""
+
+
 class BrokerError(LocalServerError):
     """RabbitMQ could not be provisioned or reached by ``branchkey-local``."""
 
@@ -260,6 +264,7 @@ __all__ = [
     "StorageFullError",
     "UploadInterruptedError",
     "QuotaExceededError",
+    "TlsConfigError",
     "BrokerError",
     "BrokerArgumentError",
     "SimulationError",

@@ -234,7 +234,7 @@ class WebSocketTransport(NotificationTransport):
         host: str,
         ticket_provider: TicketProvider,
         *,
-        verify_ssl: bool = True,
+        verify_ssl: bool | str = True,
         open_timeout: float = 10.0,
         poll_interval: float = 0.5,
         backoff: Backoff | None = None,
@@ -257,7 +257,9 @@ class WebSocketTransport(NotificationTransport):
     def _ssl_context(self) -> ssl_module.SSLContext | None:
         if not self.host.startswith("https://"):
             return None
-        context = ssl_module.create_default_context()
+        # a path: the CA bundle to verify the server with, as requests takes it for the HTTP calls
+        cafile = self.verify_ssl if isinstance(self.verify_ssl, str) else None
+        context = ssl_module.create_default_context(cafile=cafile)
         if not self.verify_ssl:
             context.check_hostname = False
             context.verify_mode = ssl_module.CERT_NONE
@@ -299,7 +301,7 @@ class WebSocketTransport(NotificationTransport):
         """The receive loop polls the closing flag every ``poll_interval`` seconds."""
 
 
-def start_transport(kind: str, api_host: str, ticket_provider: TicketProvider, *, verify_ssl: bool,
+def start_transport(kind: str, api_host: str, ticket_provider: TicketProvider, *, verify_ssl: bool | str,
                     rbmq: tuple[str, int], amqp_login: tuple[str, str, str], handler: Handler,
                     on_connect: Callable[[], None]) -> NotificationTransport | None:
     """Start the notification consumer of a leaf: ``kind`` is ``"websocket"``, ``"amqp"``, ``"none"`` or

@@ -20,7 +20,7 @@ from typing import Any
 from ..core.errors import (
     AggregationError, BrokerArgumentError, BrokerError, InvalidValueError, LocalServerError, QuotaExceededError,
     RecordNotFoundError, RoundClosedError, RoundInProgressError, RunNotStartedError, StorageFullError,
-    UploadInterruptedError,
+    TlsConfigError, UploadInterruptedError,
 )
 from ..core.errors import SERVER_ERRORS
 from .store import Store

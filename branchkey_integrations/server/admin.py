@@ -28,6 +28,7 @@ from ..core.errors import BrokerError
 from ..core.protocol import ADMIN_PREFIX, KIND_FEDERATED_ANALYTICS, STOP
 from .analytics import check_field_ops
 from .httpio import HttpProblem, is_decimal, ok, read_json_object
+from .lifecycle import record_action
 from .state import MAX_METRICS_PAGE, METRICS_PAGE, Server, server_of
 from .store import Store
 from .strategies import DEFAULT_STRATEGY
@@ -68,6 +69,7 @@ async def remove_tree_broker(request: web.Request, server: Server) -> web.Respon
         removed = await server.notifier.forget_tree(tree["id"], leaves)
     except BrokerError as exc:
         raise HttpProblem(502, f"RabbitMQ refused to remove tree {tree['id']}: {exc}") from exc
+    await record_action(request, server, "tree.remove_broker", tree["id"])
     return ok({"tree_id": tree["id"], "amqp": removed, "leaves": len(leaves) if removed else 0})
 
 
@@ -80,6 +82,7 @@ async def create_branch(request: web.Request, server: Server) -> web.Response:
         strategy=body.get("strategy", DEFAULT_STRATEGY), strategy_params=_params(body),
         max_model_bytes=_whole(body.get("max_model_bytes")),
     )
+    await record_action(request, server, "branch.create", branch.id, name=branch.name, strategy=branch.algorithm)
     return ok(branch.to_dict(), status=201)
 
 
@@ -105,6 +108,8 @@ async def set_strategy(request: web.Request, server: Server) -> web.Response:
     async with server.rounds.lock(branch_id):  # no upload is committed while the change is checked and made
         branch, stale = await server.blocking(server.store.set_strategy, branch_id, body.get("strategy"), _params(body))
     await server.blocking(server.store.remove_files, stale)
+    await record_action(request, server, "branch.strategy", branch_id, strategy=branch.algorithm,
+                        strategy_params=branch.params)
     return ok(branch.to_dict())
 
 
@@ -117,6 +122,7 @@ async def set_max_model_bytes(request: web.Request, server: Server) -> web.Respo
                                "{\"max_model_bytes\": null} (learned from the branch's first aggregate).")
     branch = await server.blocking(server.store.set_max_model_bytes, request.match_info["branch_id"],
                                    _whole(body["max_model_bytes"]))
+    await record_action(request, server, "branch.max_model_bytes", branch.id, max_model_bytes=branch.max_model_bytes)
     return ok(branch.to_dict())
 
 
@@ -148,6 +154,7 @@ async def set_field_ops(request: web.Request, server: Server) -> web.Response:
     check_field_ops({name: op for name, op in ops.items() if op is not None})
     async with server.analytics.lock(branch.id):  # no analytics upload is checked while they change
         result = await server.blocking(server.store.set_field_ops, branch.id, ops)
+    await record_action(request, server, "branch.field_ops", branch.id, changed=ops)
     return ok({"branch_id": branch.id, "field_ops": result})
 
 
@@ -161,6 +168,8 @@ async def create_leaves(request: web.Request, server: Server) -> web.Response:
     leaves = await server.blocking(server.store.create_leaves, request.match_info["branch_id"],
                                    _whole(body.get("count", 1)), name_prefix=prefix)
     await server.notifier.provision(leaves)
+    await record_action(request, server, "leaf.add", request.match_info["branch_id"], count=len(leaves),
+                        leaves=[leaf.name for leaf in leaves[:50]])  # one action, however many leaves
     return ok({"leaves": [leaf.credentials() for leaf in leaves]}, status=201)
 
 
@@ -174,6 +183,8 @@ async def list_leaves(request: web.Request, server: Server) -> web.Response:
 async def set_run(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     branch = await server.rounds.set_run_status(request.match_info["branch_id"], body.get("run_status"))
+    await record_action(request, server, "run.set", branch.id, run_status=branch.run_status,
+                        run_number=branch.run_number)
     if branch.run_status == STOP:  # a stopped run abandons its open rounds, of both kinds
         await server.analytics.abandon(branch.id)
     return ok({"branch_id": branch.id, "run_status": branch.run_status, "run_number": branch.run_number})
@@ -185,6 +196,8 @@ async def drop_upload(request: web.Request, server: Server) -> web.Response:
     body = await read_json_object(request)
     result = await server.rounds.drop_uploads(request.match_info["branch_id"], request.match_info["leaf"],
                                               note=_note(body))
+    await record_action(request, server, "round.drop_upload", request.match_info["branch_id"],
+                        leaf=request.match_info["leaf"], dropped=result["dropped"], note=_note(body))
     return ok(result)
 
 
@@ -193,6 +206,8 @@ async def reset_round(request: web.Request, server: Server) -> web.Response:
     """Drop every upload of the branch's open round (same round number); every leaf may upload again."""
     body = await read_json_object(request)
     result = await server.rounds.drop_uploads(request.match_info["branch_id"], None, note=_note(body))
+    await record_action(request, server, "round.reset", request.match_info["branch_id"], dropped=result["dropped"],
+                        note=_note(body))
     return ok(result)
 
 
@@ -208,6 +223,7 @@ async def drop_analytics_upload(request: web.Request, server: Server) -> web.Res
     dropped = await server.analytics.drop_uploads(branch.id, leaf.id)
     if not dropped:
         raise HttpProblem(404, f"Leaf {leaf.name} has no upload in branch {branch.id}'s open analytics round.")
+    await record_action(request, server, "analytics.drop_upload", branch.id, leaf=leaf.name)
     return ok({"dropped": [leaf.name], "kind": KIND_FEDERATED_ANALYTICS})
 
 
@@ -216,6 +232,7 @@ async def reset_analytics_round(request: web.Request, server: Server) -> web.Res
     """Abandon the branch's open analytics round (its uploads dropped); the next analytics upload opens another."""
     branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
     dropped = await server.analytics.drop_uploads(branch.id, None)
+    await record_action(request, server, "analytics.reset", branch.id, dropped_uploads=dropped)
     return ok({"dropped_uploads": dropped, "kind": KIND_FEDERATED_ANALYTICS})
 
 

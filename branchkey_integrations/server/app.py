@@ -3,7 +3,8 @@
 The app is assembled from modules with one concern each:
 
 - :mod:`~branchkey_integrations.server.routes`: the leaf API of PROTOCOL.md (``/api/v1``);
-- :mod:`~branchkey_integrations.server.admin`: the admin API (``/admin/v1``);
+- :mod:`~branchkey_integrations.server.admin`: the admin API (``/admin/v1``), with
+  :mod:`~branchkey_integrations.server.lifecycle` (leaf revoke/rotate, admin token, audit trail);
 - :mod:`~branchkey_integrations.server.httpio`: ``{"data"}``/``{"error"}`` answers and the one
   middleware that maps domain errors to statuses;
 - :mod:`~branchkey_integrations.server.auth`: bearer tokens, signed URLs, WebSocket tickets;
@@ -57,6 +58,7 @@ from .connections import (
 )
 from .dashboard import add_dashboard_routes
 from .httpio import HttpProblem, error_middleware, error_response
+from .lifecycle import add_lifecycle_routes
 from .notify import Notifier
 from .routes import add_leaf_routes
 from .analytics import DEFAULT_MAX_FIELDS
@@ -136,6 +138,7 @@ def create_app(
     app[GUARD] = ConnectionGuard(limits)
     add_leaf_routes(app)
     add_admin_routes(app)
+    add_lifecycle_routes(app)
     add_dashboard_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_websockets)
@@ -160,7 +163,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     server = app[SERVER]
     app[GUARD].fit_to_fd_limit()
     try:
-        await server.notifier.start(await server.blocking(server.store.list_leaves))
+        leaves = await server.blocking(server.store.list_leaves, include_revoked=True)
+        active = {leaf.id for leaf in await server.blocking(server.store.list_leaves)}
+        await server.notifier.start([lf for lf in leaves if lf.id in active],
+                                    revoked=[lf for lf in leaves if lf.id not in active])
     except BaseException:
         await _release(server)
         app[GUARD].close()  # its filter on asyncio's logger goes too

@@ -96,6 +96,11 @@ class Auth:
         self.tickets[ticket_id] = ticket = Ticket(ticket_id, leaf, request_id, now + self.ticket_ttl_s)
         return ticket
 
+    def forget_leaf(self, leaf_id: str) -> None:
+        """Spend every unused ticket of the leaf (revoked or rotated: its tickets die with its token)."""
+        for ticket_id in [t for t, v in self.tickets.items() if v.leaf.id == leaf_id]:
+            del self.tickets[ticket_id]
+
     def redeem_ticket(self, ticket_id: str, request_id: str) -> Leaf:
         """The leaf of a valid, unused, unexpired ticket, which is spent.
 

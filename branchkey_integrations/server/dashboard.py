@@ -46,6 +46,7 @@ from .analytics_report import analytics_result
 from .events import EVENTS, EventHub
 from .history import metric_summary, round_history
 from .httpio import HttpProblem, check_file_id, is_decimal, ok, read_json_object
+from .lifecycle import record_action
 from .presence import PRESENCE, Presence
 from .progress import round_progress
 from .routes import public_base_url, signed_download_url
@@ -256,6 +257,7 @@ async def aggregate_download(request: web.Request, server: Server) -> web.Respon
 
 @admin
 async def create_login_link(request: web.Request, server: Server) -> web.Response:
+    await record_action(request, server, "dashboard.login_link", "admin")
     return ok({"url": login_url(request.app, public_base_url(server, request)),
                "expires_in_s": request.app[LOGIN_CODES].ttl_s}, status=201)
 
@@ -271,7 +273,9 @@ async def login(request: web.Request) -> web.Response:
     if not isinstance(code, str) or not code.isascii() or not request.app[LOGIN_CODES].redeem(code):
         raise HttpProblem(401, "This login link was already used or has expired; enter the admin token "
                                "(<data_dir>/admin_token) or ask the server for a new link.")
-    return ok({"token": server_of(request).store.admin_token})
+    server = server_of(request)
+    await record_action(request, server, "dashboard.login", "admin")
+    return ok({"token": server.store.admin_token})
 
 
 # -- live stream ----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def metric_summary(store: Store, branch_id: str, run_number: int | None = None) 
         rounds, run = _rounds_and_run(store, branch_id, run_number)
         values = store.metric_values(branch_id, PLOTTED_MODES, run)
         uploads = store.upload_weightings(branch_id, run)
-        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
+        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id, include_revoked=True)}
     round_of = {r["aggregate_id"]: r["round_index"] for r in rounds if r["run_number"] == run and r["aggregate_id"]}
     weights = {(index, leaf): weighting for index, leaf, weighting in uploads}
     latest_weight = {leaf: weighting for _, leaf, weighting in uploads}  # ordered by round: the latest wins

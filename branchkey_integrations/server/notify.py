@@ -77,6 +77,10 @@ class Notifier:
         """How many sockets of the branch are connected (for tests and status)."""
         return sum(len(s) for s in self._sockets.get(branch_id, {}).values())
 
+    def sockets_of(self, leaf: "Leaf") -> list[web.WebSocketResponse]:
+        """The leaf's open WebSockets (a revocation or rotation closes them)."""
+        return list(self._sockets.get(leaf.branch_id, {}).get(leaf.id, ()))
+
     def all_sockets(self) -> list[web.WebSocketResponse]:
         return [ws for leaves in self._sockets.values() for group in leaves.values() for ws in group]
 
@@ -93,8 +97,9 @@ class Notifier:
     def amqp_enabled(self) -> bool:
         return self._amqp_url is not None
 
-    async def start(self, leaves: Iterable["Leaf"]) -> None:
-        """Connect to RabbitMQ (if configured) and provision every existing leaf (idempotent)."""
+    async def start(self, leaves: Iterable["Leaf"], revoked: Iterable["Leaf"] = ()) -> None:
+        """Connect to RabbitMQ (if configured), provision every existing leaf (idempotent) and remove the users of
+        ``revoked`` leaves (revoked while no server with a broker ran; missing ones are fine)."""
         if self._amqp_url is None:
             return
         from .rabbitmq import RabbitMQBroker  # lazy: only servers with a broker need pika wiring
@@ -104,6 +109,8 @@ class Notifier:
         await loop.run_in_executor(self._executor, broker.check)  # a misconfigured broker fails the start, not a round
         self._broker = broker
         await self.provision(leaves)
+        for leaf in revoked:
+            await self.remove_leaf(leaf)
         if self._store is not None:
             from .outbox import Outbox
             from .workers import Workers
@@ -137,6 +144,12 @@ class Notifier:
         await loop.run_in_executor(self._executor, self._broker.remove_tree, tree_id)
         logger.info("removed tree %s from RabbitMQ", tree_id)
         return True
+
+    async def remove_leaf(self, leaf: "Leaf") -> None:
+        """Delete the leaf's RabbitMQ user and queue (a revocation); RabbitMQ closes the user's connections."""
+        if self._broker is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._broker.remove_leaf, leaf.tree_id, leaf.id)
 
     async def amqp_consumers(self, tree_id: str) -> dict[str, int]:
         """Consumers per leaf queue of a tree ({} without a broker); raises BrokerError when RabbitMQ fails."""

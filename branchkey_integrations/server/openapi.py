@@ -78,6 +78,7 @@ PARAMETERS: dict[str, Schema] = {
     "run": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "a run number (default: the latest)"},
     "limit": {"type": "integer", "minimum": 1, "maximum": MAX_METRICS_PAGE, "description": "items per page"},
     "after": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "the previous page's next"},
+    "latest": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "the latest N entries instead"},
     FILE_SIZE_HEADER: {"type": "integer", "minimum": 0, "maximum": 10**18 - 1,
                        "description": "the bytes of part 'file' (3.x clients)"},
     FILE_DIGEST_HEADER: {"type": "string", "pattern": "^sha256=[A-Za-z0-9+/]{43}=$",
@@ -383,6 +384,40 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
     }
 
 
+def _lifecycle_paths() -> dict[str, dict[str, Schema]]:
+    """The leaf lifecycle, the admin token and the audit trail (server/lifecycle.py)."""
+    admin = functools.partial(_operation, tag="admin", security="adminBearer")
+    leaf = ADMIN_PREFIX + "/branches/{branch_id}/leaves/{leaf}"
+    broker = {"type": "string", "description": "done, none (no broker) or failed: why"}
+    entry = _obj({"id": _INT, "at": _STR, "action": _STR, "target": _STR, "peer": _STR, "detail": {"type": "object"}})
+    return {
+        leaf + "/revoke": {"post": admin(
+            "Revoke leaf", ok=(200, _obj({"leaf": _ref("Leaf"), "websockets_closed": _INT, "amqp": broker,
+                                          "dropped": {"type": "array", "items": _STR},
+                                          "aggregated": _null(_STR)})),
+            errors=(400, 401, 404), params=("branch_id", "leaf"), body_required=False,
+            body=_obj({}, {"drop_upload": {"type": "boolean"}, "note": _null(_STR)}),
+            description="Refuses the leaf (id or name) on every leaf route at once, closes its WebSockets, deletes "
+                        "its RabbitMQ user and queue, keeps (default) or drops its open-round upload; the open round "
+                        "needs one leaf fewer and is aggregated if that completes it.")},
+        leaf + "/rotate": {"post": admin(
+            "Rotate leaf token", ok=(200, _obj({"leaf": _ref("LeafCredentials"), "websockets_closed": _INT,
+                                                "amqp": broker})),
+            errors=(400, 401, 404), params=("branch_id", "leaf"),
+            description="A new session token, answered in the leaf's credentials; the old one is refused at once.")},
+        ADMIN_PREFIX + "/admin-token/rotate": {"post": admin(
+            "Rotate admin token", ok=(200, _obj({"token": _STR, "token_file": _STR})), errors=(401,),
+            description="A new admin token, answered once and written to <data_dir>/admin_token; the old one is "
+                        "refused and dashboard sessions end.")},
+        ADMIN_PREFIX + "/audit": {"get": admin(
+            "List audit trail", ok=(200, _obj({"entries": {"type": "array", "items": entry},
+                                               "next": _null({**_INT, "description": "?after= of the next page"})})),
+            errors=(400, 401), optional_query=("after", "limit", "latest"),
+            description="Admin actions, oldest first: when, what, on what, from which address; never a secret. "
+                        "?latest=N answers the latest N (next: null) instead of a page.")},
+    }
+
+
 #: one server-sent event of the dashboard's stream: ``event: <kind>`` and ``data: <JSON of the event>``
 _EVENT: Schema = _obj({
     "event": {"enum": ["hello", *KINDS]},
@@ -462,7 +497,7 @@ def _document_of(strategies: tuple[tuple[str, type], ...]) -> Schema:
             "description": "The leaf API of the BranchKey protocol (PROTOCOL.md), branchkey-local's extensions, and "
                            "its admin API. Answers are {\"data\": ...} or {\"error\": text}.",
         },
-        "paths": {**_leaf_paths(), **_admin_paths(), **_dashboard_paths()},
+        "paths": {**_leaf_paths(), **_admin_paths(), **_lifecycle_paths(), **_dashboard_paths()},
         "components": {
             "schemas": schemas(),
             "responses": responses,

@@ -107,8 +107,9 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
         current = store.open_round(branch_id)
         required = store.required_uploads(branch)
         latest = store.latest_aggregate(branch_id)
-        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id)}
-        analytics = analytics_progress(store, branch, required, names)
+        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id, include_revoked=True)}
+        active = {leaf.id for leaf in store.list_leaves(branch_id)}
+        analytics = analytics_progress(store, branch, required, names, active)
         if current is None:
             return RoundProgress(branch.id, branch.run_status, branch.run_number, None, required,
                                  latest_aggregate=latest, strategy=branch.algorithm, strategy_params=branch.params,
@@ -117,7 +118,7 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
         refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
     uploaded = [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids]
     done = set(uploaded_ids)
-    missing = [name for leaf_id, name in names.items() if leaf_id not in done]
+    missing = [name for leaf_id, name in names.items() if leaf_id not in done and leaf_id in active]
     deadline_at = None
     if branch.round_deadline_s is not None and current.first_upload_at is not None:
         deadline_at = iso_time(current.first_upload_at + branch.round_deadline_s)
@@ -128,9 +129,11 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
     )
 
 
-def analytics_progress(store: Store, branch: Branch, required: int, names: dict[str, str]) -> dict[str, Any] | None:
+def analytics_progress(store: Store, branch: Branch, required: int, names: dict[str, str],
+                       active: set[str] | None = None) -> dict[str, Any] | None:
     """The branch's analytics rounds in the round view: the open one (of the current run) and the latest combined
-    one, or None when the branch has had neither. Blocking, inside the caller's :meth:`Store.reading`."""
+    one, or None when the branch has had neither; ``names`` names every leaf, ``active`` (default: all) those not
+    revoked, which alone can be missing. Blocking, inside the caller's :meth:`Store.reading`."""
     current = store.open_analytics_round(branch.id, branch.run_number)
     latest = store.latest_analytics_aggregate(branch.id)
     if current is None and latest is None:
@@ -144,7 +147,8 @@ def analytics_progress(store: Store, branch: Branch, required: int, names: dict[
         "kind": KIND_FEDERATED_ANALYTICS, "run_number": branch.run_number,
         "round_index": current["round_index"] if current is not None else None, "required": required,
         "uploaded": [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids],
-        "missing": [name for leaf_id, name in names.items() if leaf_id not in uploaded_ids] if current else [],
+        "missing": [name for leaf_id, name in names.items()
+                    if leaf_id not in uploaded_ids and (active is None or leaf_id in active)] if current else [],
         "opened_at": current["opened_at"] if current is not None else None, "deadline_at": deadline_at,
         "latest_aggregate": latest,
     }

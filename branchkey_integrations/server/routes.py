@@ -314,6 +314,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     socket = web.WebSocketResponse(heartbeat=30)
     await socket.prepare(request)
     server.notifier.register(leaf, socket)
+    current = await server.blocking(server.store.get_leaf, leaf.id)
+    if current is None or current.session_token != leaf.session_token:  # revoked or rotated while it connected
+        server.notifier.unregister(leaf, socket)
+        await socket.close(code=1008, message=b"leaf credentials revoked or rotated")
+        return socket
     try:  # a catch-up that fails or is cancelled (the leaf left) must not leave the socket registered
         await catch_up(server, leaf, socket)
         presence_of(request).websocket_opened(leaf)

@@ -5,8 +5,8 @@ each a module that owns its tables and queries: :mod:`.store_identity` (trees, b
 model-size limits), :mod:`.store_rounds` (runs and their semantics, rounds, uploads and their
 idempotency keys, committing an upload or an aggregate), :mod:`.store_files` (model files,
 retention, disk use), :mod:`.store_optimizer` (server-optimizer state), :mod:`.store_refusals`,
-:mod:`.store_delivery` (the AMQP outbox, acknowledgments), :mod:`.store_metrics` and :mod:`.store_analytics`
-(field operations, analytics rounds and their files). They share
+:mod:`.store_delivery` (the AMQP outbox, acknowledgments), :mod:`.store_metrics`, :mod:`.store_analytics`
+(field operations, analytics rounds and their files) and :mod:`.store_audit` (the admin actions). They share
 one connection, lock and transaction helper and the write order of :mod:`.store_db`, which also
 describes the data directory's layout. The row types live in
 :mod:`~branchkey_integrations.server.records` and the fsync/rename primitives in
@@ -15,8 +15,10 @@ describes the data directory's layout. The row types live in
 
 from __future__ import annotations
 
-from . import store_analytics, store_delivery, store_files, store_identity, store_metrics, store_optimizer, store_refusals, store_rounds
+from . import (store_analytics, store_audit, store_delivery, store_files, store_identity, store_metrics, store_optimizer,
+               store_refusals, store_rounds)
 from .records import Branch, FileRecord, Leaf, Round, UploadInput
+from .store_audit import AuditRecords
 from .store_db import ADMIN_TOKEN_FILE, DB_NAME, FILES_DIR, STATE_DIR, new_id, now_iso
 from .store_analytics import AnalyticsRecords
 from .store_delivery import DeliveryRecords
@@ -35,7 +37,7 @@ from .store_rounds import KEYS_PER_LEAF, RoundRecords
 
 
 class Store(IdentityRecords, RoundRecords, FileRecords, OptimizerRecords, RefusalRecords, DeliveryRecords,
-            MetricRecords, AnalyticsRecords):
+            MetricRecords, AnalyticsRecords, AuditRecords):
     """SQLite metadata plus model files under one data directory; safe to share between threads.
 
     Example:
@@ -50,7 +52,8 @@ class Store(IdentityRecords, RoundRecords, FileRecords, OptimizerRecords, Refusa
     """
 
     TABLES = tuple(family.TABLES for family in (store_identity, store_files, store_rounds, store_metrics,
-                                                 store_refusals, store_delivery, store_optimizer, store_analytics))
+                                                 store_refusals, store_delivery, store_optimizer, store_analytics,
+                                                 store_audit))
 
     def get_file(self, file_id: str) -> FileRecord | None:
         """A model file, or an analytics one (:mod:`.store_analytics`): a download finds either kind."""

@@ -1,5 +1,8 @@
-"""The store's identity records: trees, branches (their settings, strategy and model-size limit) and
-leaves with their session tokens.
+"""The store's identity records: trees, branches (their settings, strategy and model-size limit),
+leaves with their session tokens (revoked or rotated by the operator), and the admin token's rotation.
+
+A revoked leaf keeps its row (its uploads, metrics and name stay in the history) with ``revoked_at``
+set: it no longer authenticates nor counts in a round. Rotating a leaf replaces its session token.
 
 A branch is created with its run ``start``/1 and round 0 open (the round's row belongs to
 :mod:`.store_rounds`); changing its strategy drops its server-optimizer state
@@ -11,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sqlite3
 from pathlib import Path
 from typing import Mapping
 
 from ..core.errors import InvalidValueError, RecordNotFoundError, RoundInProgressError
 from .records import Branch, Leaf, ModelSizeLimit
-from .store_db import StoreDatabase, Tables, new_id, now_iso
+from .durable import write_private_file
+from .store_db import ADMIN_TOKEN_FILE, StoreDatabase, Tables, new_id, now_iso
 from .store_optimizer import drop_state
 from .store_rounds import insert_open_round
 from .strategies import DEFAULT_STRATEGY, check_strategy
@@ -45,7 +50,8 @@ CREATE TABLE IF NOT EXISTS leaves (
 CREATE INDEX IF NOT EXISTS leaves_branch ON leaves(branch_id);
 """,
     added_columns={"branches": [("strategy_params", "TEXT NOT NULL DEFAULT '{}'"),  # strategies
-                                ("max_model_bytes", "INTEGER")]},  # an upload's inflated size, at most
+                                ("max_model_bytes", "INTEGER")],
+                   "leaves": [("revoked_at", "TEXT")]},  # the leaf lifecycle: null while the leaf may call  # an upload's inflated size, at most
 )
 
 
@@ -204,21 +210,76 @@ class IdentityRecords(StoreDatabase):
         return leaves
 
     def get_leaf(self, leaf_id: str) -> Leaf | None:
+        """The leaf with this id, or None (also for a revoked leaf: it may no longer call)."""
         rows = self._query(
-            "SELECT id, name, session_token, owner_id, tree_id, branch_id FROM leaves WHERE id = ?", (leaf_id,)
-        )
+            "SELECT id, name, session_token, owner_id, tree_id, branch_id FROM leaves WHERE id = ? AND revoked_at IS NULL",
+            (leaf_id,))
         return Leaf(**dict(rows[0])) if rows else None
 
-    def list_leaves(self, branch_id: str | None = None, *, tree_id: str | None = None) -> list[Leaf]:
-        """Leaves of one branch, of one tree, or (neither given) all of them."""
-        sql = "SELECT id, name, session_token, owner_id, tree_id, branch_id FROM leaves"
+    def list_leaves(self, branch_id: str | None = None, *, tree_id: str | None = None,
+                    include_revoked: bool = False) -> list[Leaf]:
+        """Leaves of one branch, of one tree, or (neither given) all of them; revoked ones only when asked."""
+        sql = "SELECT id, name, session_token, owner_id, tree_id, branch_id FROM leaves WHERE "
+        sql += "1" if include_revoked else "revoked_at IS NULL"
         if branch_id:
-            rows = self._query(sql + " WHERE branch_id = ? ORDER BY created_at, name", (branch_id,))
+            rows = self._query(sql + " AND branch_id = ? ORDER BY created_at, name", (branch_id,))
         elif tree_id:
-            rows = self._query(sql + " WHERE tree_id = ? ORDER BY created_at, name", (tree_id,))
+            rows = self._query(sql + " AND tree_id = ? ORDER BY created_at, name", (tree_id,))
         else:
             rows = self._query(sql + " ORDER BY created_at, name")
         return [Leaf(**dict(row)) for row in rows]
+
+    def leaf_states(self, branch_id: str) -> list[dict[str, str | None]]:
+        """Every leaf of the branch with ``created_at`` and ``revoked_at`` (null while it may call), no token."""
+        rows = self._query("SELECT id, name, created_at, revoked_at FROM leaves WHERE branch_id = ?"
+                           " ORDER BY created_at, name", (branch_id,))
+        return [dict(row) for row in rows]
+
+    def _active_leaf(self, conn: sqlite3.Connection, branch_id: str, leaf_ref: str) -> Leaf:
+        row = conn.execute("SELECT id, name, session_token, owner_id, tree_id, branch_id, revoked_at FROM leaves"
+                           " WHERE branch_id = ? AND (id = ? OR name = ?)", (branch_id, leaf_ref, leaf_ref)).fetchone()
+        if row is None:
+            raise RecordNotFoundError(f"No leaf {leaf_ref[:80]!r} (id or name) in branch {branch_id}; "
+                                      f"'branchkey-local leaf list' shows them.")
+        if row["revoked_at"] is not None:
+            raise RecordNotFoundError(f"Leaf {row['name']} ({row['id']}) was revoked at {row['revoked_at']}; "
+                                      f"add a new leaf instead ('branchkey-local leaf add').")
+        return Leaf(*(row[k] for k in ("id", "name", "session_token", "owner_id", "tree_id", "branch_id")))
+
+    def revoke_leaf(self, branch_id: str, leaf_ref: str) -> Leaf:
+        """Revoke a leaf (by id or name): its token is refused from now on and it no longer counts in rounds.
+
+        Raises:
+            RecordNotFoundError: no such leaf in the branch, or it is revoked already.
+        """
+        with self._tx() as conn:
+            leaf = self._active_leaf(conn, branch_id, leaf_ref)
+            conn.execute("UPDATE leaves SET revoked_at = ? WHERE id = ?", (now_iso(), leaf.id))
+        logger.warning("leaf %s (%s) of branch %s revoked", leaf.name, leaf.id, branch_id)
+        return leaf
+
+    def rotate_leaf(self, branch_id: str, leaf_ref: str) -> Leaf:
+        """Give a leaf (by id or name) a new session token; the old one is refused from now on.
+
+        Raises:
+            RecordNotFoundError: no such leaf in the branch, or it is revoked.
+        """
+        with self._tx() as conn:
+            leaf = self._active_leaf(conn, branch_id, leaf_ref)
+            token = secrets.token_urlsafe(32)
+            conn.execute("UPDATE leaves SET session_token = ? WHERE id = ?", (token, leaf.id))
+        logger.warning("leaf %s (%s) of branch %s: session token rotated", leaf.name, leaf.id, branch_id)
+        return Leaf(leaf.id, leaf.name, token, leaf.owner_id, leaf.tree_id, leaf.branch_id)
+
+    def rotate_admin_token(self) -> str:
+        """A new admin token, in the store and ``<data_dir>/admin_token`` (0600); the old one is refused."""
+        token = secrets.token_urlsafe(32)
+        with self._tx() as conn:
+            conn.execute("UPDATE kv SET value = ? WHERE key = 'admin_token'", (token,))
+        write_private_file(self.data_dir / ADMIN_TOKEN_FILE, token + "\n")
+        self.admin_token = token
+        logger.warning("admin token rotated (written to %s)", self.data_dir / ADMIN_TOKEN_FILE)
+        return token
 
 
 def check_max_model_bytes(value: int | None) -> None:

@@ -106,8 +106,21 @@ class RoundRecords(StoreDatabase):
         return [dict(row) for row in rows]
 
     def required_uploads(self, branch: Branch) -> int:
-        """Uploads that complete a round: min_leaves (capped at the leaf count) or every leaf."""
-        count = self._query("SELECT COUNT(*) FROM leaves WHERE branch_id = ?", (branch.id,))[0][0]
+        """Uploads that complete a round: min_leaves (capped at the leaf count) or every leaf.
+
+        The leaves counted are those the open round knew, not revoked: a leaf added once the round holds an
+        upload counts from the next round on (it may still upload to this one), and a revoked leaf whose upload the
+        operator kept in the open round still counts there (the round waits for the others as before)."""
+        open_round = ("FROM rounds r JOIN branches b ON b.id = r.branch_id AND b.run_number = r.run_number"
+                      " WHERE r.branch_id = l.branch_id AND r.status = 'open'")
+        count = self._query(
+            f"SELECT COUNT(*) FROM leaves l WHERE l.branch_id = ? AND NOT EXISTS (SELECT 1 {open_round}"
+            " AND r.first_upload_at IS NOT NULL"
+            " AND l.created_at > strftime('%Y-%m-%dT%H:%M:%f+00:00', r.first_upload_at, 'unixepoch'))"
+            f" AND (l.revoked_at IS NULL OR EXISTS (SELECT 1 {open_round} AND EXISTS (SELECT 1 FROM uploads u"
+            " WHERE u.branch_id = r.branch_id AND u.run_number = r.run_number AND u.round_index = r.round_index"
+            " AND u.leaf_id = l.id)))",
+            (branch.id,))[0][0]
         if branch.min_leaves is None:
             return max(count, 1)
         return max(min(branch.min_leaves, count), 1)

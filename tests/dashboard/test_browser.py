@@ -10,6 +10,7 @@ round replaces it live.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -166,3 +167,28 @@ def test_the_dashboard_shows_an_analytics_result_and_follows_the_next_round(inpr
     expect(row.locator("[data-stat=count]")).to_have_text("6")
     expect(page.get_by_test_id("analytics-title")).to_have_text("(run 1, analytics round 1)")
     assert page.evaluate("performance.timeOrigin") == loaded
+
+
+def test_the_dashboard_revokes_and_rotates_a_leaf_and_shows_the_audit_trail(inprocess_server, page):
+    server, leaves = inprocess_server(2)
+    page.goto(server.url + "/")
+    page.get_by_test_id("login").wait_for()
+    page.fill("#token", server.admin_token)
+    page.click("#login-form button")
+    expect(page.get_by_test_id("leaf-row")).to_have_count(2)
+    page.on("dialog", lambda dialog: dialog.accept())  # the confirmation
+    page.locator('[data-leaf="leaf_1"] [data-testid="revoke-leaf"]').click()
+    expect(page.get_by_test_id("leaf-row")).to_have_count(1)  # a revoked leaf leaves the open round's table
+    with page.expect_download() as download:
+        page.locator('[data-leaf="leaf_2"] [data-testid="rotate-leaf"]').click()
+    credentials = json.loads(Path(download.value.path()).read_text())
+    assert credentials["id"] == leaves[1]["id"] and credentials["session_token"] != leaves[1]["session_token"]
+    # the branch made, its two leaves added, the revocation, the rotation: the latest first
+    expect(page.get_by_test_id("audit-row")).to_have_count(4)
+    rows = page.get_by_test_id("audit-row").all_inner_texts()
+    assert rows[0].startswith(tuple("0123456789")) and "leaf.rotate" in rows[0] and "leaf.revoke" in rows[1]
+    assert credentials["session_token"] not in page.content()
+    run = f"{server.url}/api/v1/run/{leaves[0]['branch_id']}"
+    for leaf, status in ((leaves[0], 401), (leaves[1], 401), (credentials, 200)):
+        answer = requests.get(run, headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}, timeout=10)
+        assert answer.status_code == status

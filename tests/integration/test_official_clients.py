@@ -37,14 +37,14 @@ def weighted_mean(layer_sets, weights):
     return out
 
 
-def run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path, timeout=60):
+def run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path, timeout=60, extra=None):
     processes = []
     for index, creds in enumerate(credentials):
         workdir = tmp_path / f"leaf{index}"
         workdir.mkdir()
         spec = {"credentials": str(creds), "host": server.url, "output_dir": str(workdir),
                 "rounds": [[a.tolist() for a in r] for r in per_leaf[index]], "weightings": weightings[index],
-                "timeout": timeout, "result": str(workdir / "result.json")}
+                "timeout": timeout, "result": str(workdir / "result.json"), **(extra or {})}
         (workdir / "spec.json").write_text(json.dumps(spec))
         processes.append((subprocess.Popen([str(python), str(LEAF_SCRIPT), str(workdir / "spec.json")], cwd=workdir,
                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), workdir))

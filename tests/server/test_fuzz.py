@@ -594,6 +594,7 @@ def test_no_route_fails_accepts_a_malformed_upload_or_changes_the_round_when_it_
                                   stream=True, **call.kwargs)
         where = f"{call.method.upper()} {call.url[len(world.url):][:120]}"
         seen.add(answer.status_code)
+        world.admin_token = world.thread.server.store.admin_token  # POST /admin/v1/admin-token/rotate changes it
         if answer.headers.get("Content-Type", "").startswith("text/event-stream"):
             answer.close()  # an endless stream: its status and headers are the answer
         assert answer.status_code < 500, f"{where} answered {answer.status_code}: {answer.text[:300]}"

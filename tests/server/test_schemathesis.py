@@ -58,6 +58,12 @@ EXCEPTIONS: dict[str | None, tuple[dict[str, Any], str]] = {
 }
 
 
+#: operations left out, each with why: rotating the admin token mid-run would answer every later admin call 401
+#: (documented, so no check fails) and leave the rest of the admin API untested; tests/server/test_leaf_lifecycle.py
+#: covers it
+SKIPPED = ("/admin/v1/admin-token/rotate",)
+
+
 def config(parameters: dict[str, str]) -> str:
     """schemathesis.toml (json.dumps writes the TOML of the strings, numbers and arrays used here)."""
     lines = [
@@ -68,6 +74,8 @@ def config(parameters: dict[str, str]) -> str:
         "[generation]", f"max-examples = {EXAMPLES}", 'database = "none"',
         "[parameters]", *(f"{json.dumps(key)} = {json.dumps(value)}" for key, value in parameters.items()),
     ]
+    for path in SKIPPED:
+        lines += ["[[operations]]", f"include-path = {json.dumps(path)}", "enabled = false"]
     for path, (checks, _) in EXCEPTIONS.items():
         lines += ["[checks]"] if path is None else ["[[operations]]", f"include-path = {json.dumps(path)}"]
         lines += [f"{'' if path is None else 'checks.'}{name} = "

@@ -111,6 +111,7 @@ async function start() {
       await mark("paintedAt");  // the tables are on screen before the biggest answer is asked for
       await loadPlots();
     }
+    loadAudit().catch((err) => console.error(err));  // below the fold: never holds the page up
     document.body.dataset.ready = "1";
     await mark("completeAt");
   });
@@ -187,8 +188,57 @@ async function loadLive() {
       el("td", leaf.websocket ? "connected" : "not connected", { class: leaf.websocket ? "on" : "off" }),
       el("td", leaf.amqp === null ? "-" : leaf.amqp ? "connected" : "not connected",
         { class: leaf.amqp ? "on" : "off" }),
-      el("td", ago(leaf.last_seen), { "data-seen": leaf.last_seen || "" }));
+      el("td", ago(leaf.last_seen), { "data-seen": leaf.last_seen || "" }), leafButtons(leaf));
     body.append(row);
+  }
+}
+
+// -- the leaf lifecycle and the audit trail ---------------------------------------------------
+
+function leafButtons(leaf) {
+  const cell = el("td");
+  for (const action of ["rotate", "revoke"]) {
+    const button = el("button", action, { type: "button", "data-testid": action + "-leaf" });
+    button.addEventListener("click", () => leafAction(leaf, action));
+    cell.append(button);
+  }
+  return cell;
+}
+
+async function leafAction(leaf, action) {
+  const what = action === "revoke"
+    ? "Revoke " + leaf.name + "? Its token is refused at once and its connections close (its upload in the open round is kept)."
+    : "Rotate " + leaf.name + "'s token? The old one is refused at once; the new credentials file is downloaded.";
+  if (!window.confirm(what)) return;
+  $("leaf-error").textContent = "";
+  try {
+    const data = await api("/admin/v1/branches/" + state.branch + "/leaves/" + leaf.id + "/" + action, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+    });
+    if (action === "rotate") saveCredentials(data.leaf);
+  } catch (err) {
+    if (err instanceof Unauthorized) return showLogin("The server refused the token: " + err.message);
+    $("leaf-error").textContent = "Could not " + action + " " + leaf.name + ": " + err.message;
+    return;
+  }
+  await guarded(() => Promise.all([loadOverview(), loadLive(), loadAudit()]));
+}
+
+function saveCredentials(credentials) {  // straight to a file: the token is never put in the page
+  const url = URL.createObjectURL(new Blob([JSON.stringify(credentials, null, 2) + "\n"], { type: "application/json" }));
+  const link = el("a", null, { href: url, download: credentials.name + ".json" });
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+async function loadAudit() {
+  const data = await api("/admin/v1/audit?latest=50");
+  const body = $("audit").querySelector("tbody");
+  body.replaceChildren();
+  for (const entry of data.entries.slice().reverse()) {
+    body.append(el("tr", null, { "data-testid": "audit-row" }));
+    body.lastChild.append(el("td", entry.at), el("td", entry.action), el("td", entry.target), el("td", entry.peer),
+      el("td", JSON.stringify(entry.detail), { class: "reason" }));
   }
 }
 
@@ -429,6 +479,7 @@ document.addEventListener("DOMContentLoaded", async () => {
     start();
   });
   $("logout").addEventListener("click", () => showLogin("Logged out."));
+  $("audit-refresh").addEventListener("click", () => guarded(loadAudit));
   $("run-select").addEventListener("change", () => {
     state.run = parseInt($("run-select").value, 10);
     guarded(loadHistory);
