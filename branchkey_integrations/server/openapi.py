@@ -10,6 +10,9 @@ Conventions the document spells out: every answer is ``{"data": ...}`` or ``{"er
 routes take ``Authorization: Bearer {leaf_id}:{session_token}``, admin routes
 ``Bearer {admin_token}``; the signed blob URL and the WebSocket need no header (a signature or a
 one-use ticket instead).
+
+Why one module of this size: it is one document, data more than code; its schemas and the paths that name
+them by ``$ref`` are checked whole, against the router, by the tests.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ def test_admin_api_changes_the_strategy_between_rounds_only(live: Handle) -> Non
     assert (changed["algorithm"], changed["strategy_params"]) == ("trimmed-mean", {"beta": 0.25})
     config = live.session.get(f"{live.url}/api/v1/config/branch/{branch['id']}", headers=live.auth(a), timeout=10)
     assert config.json()["data"]["service"] == {
-        "algorithm": "trimmed-mean", "config": {"min_leaves": None, "round_deadline_s": None, "beta": 0.25}}
+        "algorithm": "trimmed-mean", "config": {"min_leaves": None, "round_deadline_s": None, "beta": 0.25},
+        "field_ops": {}}
 
     assert live.upload(a, wire.encode(layers(1), 1.0)).status_code == 201
     refused = live.admin("PUT", path, {"strategy": "median"}, expect=409)
