@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class Framework(Protocol):
     def train(self, data: Split, test: Split, plan: TrainPlan, on_round: RoundHook) -> None: ...
 
     def train_turn(self, data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
-                   proximal_mu: float = 0.0) -> list[np.ndarray]: ...
+                   proximal_mu: float = 0.0, state: Any = None) -> tuple[list[np.ndarray], Any]: ...
 
     def score(self, layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float: ...
 

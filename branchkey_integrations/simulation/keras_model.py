@@ -45,7 +45,8 @@ def digits_mlp(plan: TrainPlan) -> keras.Model:
     """64 -> hidden -> 10 with ReLU, Adam; the learning rate is annealed per epoch (see :func:`cosine`)."""
     keras.utils.set_random_seed(plan.seed)  # the same initial model on every leaf
     model = _ProximalSequential([keras.Input((NUM_FEATURES,)),
-                                 keras.layers.Dense(plan.hidden, activation="relu"), keras.layers.Dense(NUM_CLASSES)])
+                                 keras.layers.Dense(plan.hidden, activation="relu"), keras.layers.Dense(NUM_CLASSES)],
+                                name="digits_mlp")  # a class name with "_" is no valid scope name
     model.compile(optimizer=keras.optimizers.Adam(plan.learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -83,18 +84,24 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
 
 
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
-               proximal_mu: float = 0.0) -> list[np.ndarray]:
+               proximal_mu: float = 0.0, state: Any = None) -> tuple[list[np.ndarray], Any]:
     """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
-    ``epochs_per_round`` epochs (a fresh Adam, the budget's cosine schedule from this round's first epoch)."""
+    ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
+    ``state``, this leaf's previous turn's); return the trained weights and Adam's state."""
     model = digits_mlp(plan)
     if start is not None:
         model.set_weights([np.asarray(layer) for layer in start])
+    if state is not None:
+        model.optimizer.build(model.trainable_variables)
+        for variable, value in zip(model.optimizer.variables, state):
+            variable.assign(value)
     model.pin_anchor(proximal_mu)
     keras.utils.set_random_seed(plan.data_seed)  # this leaf's and round's own batch order
     first = (number - 1) * plan.epochs_per_round
     model.fit(data.x, data.y, batch_size=plan.batch_size, initial_epoch=first, epochs=first + plan.epochs_per_round,
               shuffle=True, verbose=0, callbacks=[cosine(plan)])
-    return [np.asarray(w) for w in model.get_weights()]
+    return [np.asarray(w) for w in model.get_weights()], \
+        [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
 
 
 def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook) -> None:

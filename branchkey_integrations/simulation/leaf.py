@@ -77,7 +77,7 @@ def serve(workdir: Path, name: str) -> None:
     data_path, test_path = workdir / f"{name}.npz", workdir / "test.npz"
     data = Split.load(data_path) if data_path.exists() else None
     test = Split.load(test_path) if test_path.exists() else None
-    folder, number = workdir / f"{name}.inbox", 1
+    folder, number, state = workdir / f"{name}.inbox", 1, None
     while True:
         path = folder / f"{number:06d}.json"
         if not path.exists():
@@ -86,7 +86,8 @@ def serve(workdir: Path, name: str) -> None:
         task = LeafTask.from_dict(json.loads(path.read_text(encoding="utf-8")))
         if task.role == "exit":
             return
-        answer = run_task(task, data, test)
+        answer, new_state = run_task(task, data, test, state)
+        state = new_state if task.role == "turn" else state  # the optimizer's, for this leaf's next turn
         done = folder / f"{number:06d}.answer.json"
         done.with_suffix(".tmp").write_text(json.dumps(answer), encoding="utf-8")
         done.with_suffix(".tmp").replace(done)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ class DigitsMLP(LightningModule):
         self.proximal_mu = proximal_mu
         self.net = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
         self.anchor: list[torch.Tensor] = []
+        self.optimizer_state: dict[str, Any] | None = None  # Adam's, from this leaf's previous turn
 
     def pin_anchor(self) -> None:
         """FedProx's ``w_g``: the weights as they stand now (after the aggregate was loaded)."""
@@ -50,6 +51,8 @@ class DigitsMLP(LightningModule):
 
     def configure_optimizers(self) -> dict[str, object]:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        if self.optimizer_state is not None:  # before the schedule, which keeps the saved initial_lr
+            optimizer.load_state_dict(self.optimizer_state)
         first, total = self.first_epoch, self.epochs  # cosine annealing to 0 over the whole budget, per epoch
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * (first + epoch) / total)))
@@ -82,10 +85,11 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
 
 
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
-               proximal_mu: float = 0.0) -> list[np.ndarray]:
+               proximal_mu: float = 0.0, state: Any = None) -> tuple[list[np.ndarray], Any]:
     """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
-    ``epochs_per_round`` epochs (a fresh Adam, the budget's cosine schedule from this round's first epoch);
-    return the trained parameters."""
+    ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
+    ``state``, this leaf's previous turn's, as it does under the callback); return the trained parameters
+    and Adam's state."""
     torch.set_num_threads(1)
     torch.manual_seed(plan.seed)
     model = DigitsMLP(plan.hidden, plan.learning_rate, plan.rounds * plan.epochs_per_round,
@@ -93,12 +97,15 @@ def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.nda
     if start is not None:
         load_layers(model, start)
     model.pin_anchor()
+    model.optimizer_state = state
     batches = torch.Generator().manual_seed(plan.data_seed)
     loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
                         batch_size=plan.batch_size, shuffle=True, generator=batches)
-    Trainer(max_epochs=plan.epochs_per_round, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(model, loader)
-    return [p.detach().numpy().copy() for p in model.parameters()]
+    trainer = Trainer(max_epochs=plan.epochs_per_round, accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0)
+    trainer.fit(model, loader)
+    return [p.detach().numpy().copy() for p in model.parameters()], trainer.optimizers[0].state_dict()
 
 
 class _EvaluateEachRound(Callback):

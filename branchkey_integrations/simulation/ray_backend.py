@@ -52,9 +52,10 @@ def import_ray() -> Any:
     return ray
 
 
-def _task_in_worker(raw: dict[str, Any], data: dict[str, np.ndarray] | None,
-                    test: dict[str, np.ndarray]) -> dict[str, Any]:
-    """What a Ray worker runs: the task, with its log lines kept to report a failure."""
+def _task_in_worker(raw: dict[str, Any], data: dict[str, np.ndarray] | None, test: dict[str, np.ndarray],
+                    state: Any) -> tuple[dict[str, Any], Any]:
+    """What a Ray worker runs: the task, with its log lines kept to report a failure; returns the answer and
+    the leaf's optimizer state (two objects: the state stays in the store for the leaf's next turn)."""
     import ray
 
     buffer = io.StringIO()
@@ -68,14 +69,14 @@ def _task_in_worker(raw: dict[str, Any], data: dict[str, np.ndarray] | None,
         task = LeafTask.from_dict(raw)
         # the store's arrays are read-only views: the frameworks want their own
         shard = None if data is None else Split(np.array(data["x"]), np.array(data["y"]))
-        answer = run_task(task, shard, Split(np.array(test["x"]), np.array(test["y"])))
+        answer, state = run_task(task, shard, Split(np.array(test["x"]), np.array(test["y"])), state)
     except Exception:  # noqa: BLE001  (any error of the leaf is its report, with its log)
         return {"key": f"{raw['name']}.{raw['role']}.r{raw['round']}", "name": raw["name"],
-                "error": traceback.format_exc(), "log": buffer.getvalue()[-4000:]}
+                "error": traceback.format_exc(), "log": buffer.getvalue()[-4000:]}, None
     finally:
         root.removeHandler(handler)
     answer["node"] = ray.get_runtime_context().get_node_id()[:8]
-    return answer
+    return answer, state
 
 
 class RayBackend:
@@ -90,7 +91,8 @@ class RayBackend:
         self.refs: dict[str, Any] = {}  # worker name -> its shard in the object store
         self.test_ref: Any = None
         self.waiting: list[tuple[LeafTask, str]] = []
-        self.running: dict[Any, LeafTask] = {}  # ObjectRef -> task
+        self.running: dict[Any, LeafTask] = {}  # ObjectRef of the answer -> task
+        self.states: dict[str, Any] = {}  # worker name -> ObjectRef of its optimizer state after its last turn
         self._remote: Any = None
 
     def start(self, shards: dict[str, Split | None], test: Split) -> str:
@@ -111,7 +113,7 @@ class RayBackend:
         if main:  # ray.init sets its own SIGTERM handler (exit at once): the simulation's stops in order
             signal.signal(signal.SIGTERM, sigterm)
         self._remote = ray.remote(_task_in_worker).options(
-            num_cpus=self.leaf_cpus, num_gpus=self.leaf_gpus, max_retries=0, scheduling_strategy="SPREAD")
+            num_cpus=self.leaf_cpus, num_gpus=self.leaf_gpus, max_retries=0, scheduling_strategy="SPREAD", num_returns=2)
         for name, shard in shards.items():  # once per leaf: every turn of the leaf reads it from the store
             self.refs[name] = None if shard is None else ray.put({"x": shard.x, "y": shard.y})
         self.test_ref = ray.put({"x": test.x, "y": test.y})
@@ -127,7 +129,10 @@ class RayBackend:
     def _launch(self) -> None:
         while self.waiting and len(self.running) < self.max_concurrent:
             task, worker = self.waiting.pop(0)
-            ref = self._remote.remote(task.as_dict(), self.refs.get(worker), self.test_ref)
+            ref, state = self._remote.remote(task.as_dict(), self.refs.get(worker), self.test_ref,
+                                             self.states.get(worker) if task.role == "turn" else None)
+            if task.role == "turn":  # the next turn of this leaf waits for it, in Ray, if it must
+                self.states[worker] = state
             self.running[ref] = task
 
     def poll(self) -> list[dict[str, Any]]:

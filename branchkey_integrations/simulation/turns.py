@@ -3,7 +3,8 @@ branch's latest aggregate, train ``epochs_per_round`` epochs, upload), the scori
 or a baseline (a leaf alone, or all the data); :func:`run_task` runs any of them and returns a plain dict.
 
 Why turns and not one long ``fit`` per leaf: a turn ends with its upload, so a leaf that waits for its
-round holds no process, no model and no core. That is what lets 100 leaves share 4 training slots
+round holds no process, no model and no core (only its optimizer's state, a few hundred kB, which the
+backend keeps and hands to its next turn). That is what lets 100 leaves share 4 training slots
 (``max_concurrent_leaves``) and lets a leaf sit out the rounds it was not sampled for: its next turn starts
 from the branch's latest aggregate, whatever round that was. A turn is a pure function of (its leaf's data,
 the aggregate it starts from, the round, the seed), so the process and the Ray backend give the same
@@ -71,11 +72,13 @@ class LeafTask:
         return cls(**{**raw, "plan": TrainPlan(**raw["plan"])})
 
 
-def run_task(task: LeafTask, data: Split | None, test: Split | None) -> dict[str, Any]:
-    """Run ``task`` to its end; the answer says what it did and where (``node``: the machine's name).
+def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any = None) -> tuple[dict[str, Any], Any]:
+    """Run ``task`` to its end; return its answer, which says what it did and where (``node``: the machine's
+    name), and the leaf's optimizer state for its next turn (``turn`` only; else None).
 
     ``turn`` answers ``{"samples": n}`` after its upload, ``evaluate`` ``{"accuracy": a}``, the baselines
-    ``{"accuracy": [a_1, ..., a_R]}`` (one per round's worth of epochs).
+    ``{"accuracy": [a_1, ..., a_R]}`` (one per round's worth of epochs). ``state`` is what this leaf's
+    previous turn returned (None on its first): the optimizer goes on from it, as it does under the callbacks.
     """
     started = time.monotonic()
     framework = load_framework(task.framework)
@@ -83,7 +86,7 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None) -> dict[str
                               "node": platform.node()}
     if task.role == "turn":
         assert data is not None
-        answer["samples"] = _turn(task, framework, data)
+        answer["samples"], state = _turn(task, framework, data, state)
     elif task.role == "evaluate":
         assert test is not None
         with _client(task) as client:
@@ -94,20 +97,22 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None) -> dict[str
         scores: dict[int, float] = {}
         framework.train(data, test, task.plan, lambda number, accuracy: scores.__setitem__(number, accuracy))
         answer["accuracy"] = [scores[number] for number in sorted(scores)]
+    else:
+        state = None
     answer["seconds"] = round(time.monotonic() - started, 3)
-    return answer
+    return answer, state
 
 
-def _turn(task: LeafTask, framework: Any, data: Split) -> int:
+def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int, Any]:
     """Start from the latest aggregate (or the seeded initial model), train one round's epochs, upload."""
     with _client(task) as client:
         start = _download(client, task.aggregate_id) if task.aggregate_id else None
         # each round its own batch order, the same on every backend
         plan = replace(task.plan, data_seed=task.plan.data_seed * 1000 + task.round)
-        layers = framework.train_turn(data, plan, task.round, start, task.proximal_mu)
+        layers, state = framework.train_turn(data, plan, task.round, start, task.proximal_mu, state)
         client.upload_weights(len(data), layers)
     logger.info("%s uploaded round %d (%d samples)", task.name, task.round, len(data))
-    return len(data)
+    return len(data), state
 
 
 def _client(task: LeafTask) -> Any:
