@@ -21,12 +21,13 @@ import math
 import os
 import signal
 import threading
+import time
 import traceback
 from typing import Any
 
 import numpy as np
 
-from ..core.errors import LeafFailedError
+from ..core.errors import LeafFailedError, SimulationTerminated
 from .data import Split
 from .turns import LeafTask, run_task
 
@@ -104,14 +105,20 @@ class RayBackend:
                                    "logging_level": logging.WARNING}
         main = threading.current_thread() is threading.main_thread()
         sigterm = signal.getsignal(signal.SIGTERM) if main else None
-        if self.address is None:
-            cpus = max(os.cpu_count() or 1, math.ceil(self.max_concurrent * self.leaf_cpus))
-            ray.init(num_cpus=cpus, **options)
-            self.started_ray = True
-        else:
-            ray.init(address=self.address, **options)
-        if main:  # ray.init sets its own SIGTERM handler (exit at once): the simulation's stops in order
-            signal.signal(signal.SIGTERM, sigterm)
+        try:
+            if self.address is None:
+                cpus = max(os.cpu_count() or 1, math.ceil(self.max_concurrent * self.leaf_cpus))
+                self.started_ray = True
+                ray.init(num_cpus=cpus, **options)
+            else:
+                ray.init(address=self.address, **options)
+        except SystemExit as exc:  # ray.init's own SIGTERM handler (sys.exit) while Ray starts
+            if exc.code == signal.SIGTERM:
+                raise SimulationTerminated("received SIGTERM") from None
+            raise
+        finally:
+            if main:  # ray.init sets its own SIGTERM handler (exit at once): the simulation's stops in order
+                signal.signal(signal.SIGTERM, sigterm)
         self._remote = ray.remote(_task_in_worker).options(
             num_cpus=self.leaf_cpus, num_gpus=self.leaf_gpus, max_retries=0, scheduling_strategy="SPREAD", num_returns=2)
         for name, shard in shards.items():  # once per leaf: every turn of the leaf reads it from the store
@@ -157,8 +164,9 @@ class RayBackend:
 
     def close(self) -> None:
         ray = self.ray
-        if not ray.is_initialized():
+        if not ray.is_initialized() and not self.started_ray:
             return
+        started = _local_ray_processes(ray) if self.started_ray else []
         for ref in list(self.running):
             try:
                 ray.cancel(ref, force=True)
@@ -166,5 +174,74 @@ class RayBackend:
                 logger.debug("Could not cancel a Ray task: %s", exc)
         self.running.clear()
         self.waiting.clear()
-        ray.shutdown()  # a local Ray stops with it; a cluster's driver only disconnects
+        # a local Ray stops with it (even one stopped half-way up), and is waited for; a cluster's driver disconnects
+        try:
+            ray.shutdown(wait_for_processes=True)
+        except TypeError:  # a Ray without the argument: it does not wait
+            ray.shutdown()
+        _end(started)
         logger.info("Ray %s", "stopped" if self.started_ray else "disconnected")
+        self.started_ray = False
+
+
+def _local_ray_processes(ray: Any) -> list[int]:
+    """The processes of the Ray this run started (GCS, raylet, ...) and their children (workers, the per-node
+    agents, which ``ray.shutdown`` leaves to end by themselves, and which linger); Linux only (``/proc``).
+    Ray's node knows its processes; when SIGTERM stopped ``ray.init`` half-way it may not exist yet, and this
+    process's children that run Ray's programs are taken instead."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    roots = [info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos
+             if getattr(info, "process", None) is not None]
+    if not os.path.isdir("/proc"):
+        return roots
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone meanwhile
+    if not roots:
+        roots = [pid for pid, ppid in parents.items() if ppid == os.getpid() and _runs_ray(pid)]
+    found, frontier = list(roots), list(roots)
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in found]
+        found += children
+        frontier += children
+    return found
+
+
+def _runs_ray(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"/ray/" in handle.read()
+    except OSError:
+        return False
+
+
+def _end(pids: list[int], timeout_s: float = 5.0) -> None:
+    """SIGTERM what is left of ``pids`` (the run's own Ray processes), SIGKILL it after ``timeout_s``."""
+    for number in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, number)
+                alive.append(pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + timeout_s
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _running(pid)]
+            time.sleep(0.05)
+        if not alive:
+            return
+        pids = alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
