@@ -8,9 +8,12 @@ connect first; then, on one signal, each uploads the same ``--mb`` MB float32 mo
 
 - **errors**: any exception of any leaf (a refused connection, a 5xx, a timeout), by kind; 0 is the goal;
 - **got the aggregate**: leaves whose download decoded to the model's size (the goal: all N);
-- **round time**: from the signal to the last leaf's notification; the **receive floor** beside it: the same
+- **round time**: from the signal to the last leaf's notification (and, from the server's round record, to
+  the aggregate's commit: ``server_aggregated_s``); the **receive floor** beside it: the same
   N x MB POSTed with the same threads to a sink that only reads the bytes (aiohttp, its own process), the
   time the server needs just to receive them; the goal: round time <= 3x the floor;
+- **refused connections** in the server's log (its connection cap: ``serve --max-connections``, set to 3 per
+  leaf here, as a leaf holds a WebSocket and an HTTP keep-alive connection; the default 1,000 is too few);
 - **server RSS growth**: the server's peak resident memory (``VmHWM``) during the run minus its RSS
   once every leaf was connected (goal <= 300 MB); its RSS at start, idle, beside it.
 
@@ -20,6 +23,7 @@ connect first; then, on one signal, each uploads the same ``--mb`` MB float32 mo
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import subprocess
 import sys
@@ -199,9 +203,11 @@ def receive_floor(leaves: int, mb: float, processes: int, workdir: Path) -> dict
 
 
 def run(leaves: int, mb: float, processes: int, timeout: float) -> dict[str, Any]:
+    # each leaf holds two connections (its WebSocket and its HTTP keep-alive), past serve's default cap of 1,000
+    serve_args = ("--max-connections", str(max(1000, 3 * leaves)))
     report: dict[str, Any] = {"leaves": leaves, "mb_per_leaf": mb, "processes": processes,
-                              "load_before": load_average()}
-    with local_server(leaves) as bench:
+                              "serve_args": list(serve_args), "load_before": load_average()}
+    with local_server(leaves, serve_args=serve_args) as bench:
         pid = bench.server.process.pid  # type: ignore[union-attr]
         report["server_rss_idle_mb"] = round(proc_status_mb("VmRSS", pid), 1)
         paths = [str(p) for p in bench.credentials]
@@ -230,6 +236,13 @@ def run(leaves: int, mb: float, processes: int, timeout: float) -> dict[str, Any
         report["last_upload_s"] = round(max(uploaded) - started, 3) if uploaded else None
         report["round_s"] = round(max(notified) - started, 3) if notified else None
         report["all_downloaded_s"] = round(max(r.get("downloaded", 0) for r in results) - started, 3)
+        branch_id = json.loads(bench.credentials[0].read_text())["branch_id"]
+        first = bench.server.admin("GET", f"/admin/v1/branches/{branch_id}/rounds")["rounds"][0]
+        if first.get("closed_at"):  # the server's own view: the round's first upload to its aggregate
+            closed = datetime.datetime.fromisoformat(first["closed_at"]).timestamp()
+            report["server_aggregated_s"] = round(closed - started, 3)
+            report["server_first_upload_s"] = round(float(first["first_upload_at"]) - started, 3)
+        report["refused_in_server_log"] = bench.server.log_tail(10_000_000).count("connections refused at the cap")
         report["floor"] = receive_floor(leaves, mb, processes, bench.workdir)
     report["round_over_floor"] = round(report["round_s"] / report["floor"]["seconds"], 2) \
         if report["round_s"] and report["floor"]["seconds"] else None

@@ -97,7 +97,8 @@ class TerminalProgress:
 
     @staticmethod
     def _format(event: RoundProgress) -> str:
-        uploaded = ", ".join(event.uploaded) or "-"
+        shown = event.uploaded if len(event.uploaded) <= 10 else (*event.uploaded[:5], f"... {len(event.uploaded) - 5} more")
+        uploaded = ", ".join(shown) or "-"  # 100 names would bury the line
         text = (f"round {event.round:>2}/{event.rounds}  uploaded {len(event.uploaded)}/{event.leaves} "
                 f"[{uploaded}]  wait {event.wait_s:5.1f} s")
         if event.global_accuracy is not None:

@@ -80,6 +80,9 @@ def test_progress_printer_prints_finished_rounds_when_not_a_terminal():
     printer(RoundProgress(1, 3, ("leaf_1", "leaf_2"), 2, 0.5, 0.875))
     assert out.getvalue().splitlines() == [
         "starting", "round  1/3  uploaded 2/2 [leaf_1, leaf_2]  wait   0.5 s  global accuracy 87.5%"]
+    printer(RoundProgress(2, 3, tuple(f"leaf_{i}" for i in range(1, 101)), 100, 9.5, 0.7))
+    assert out.getvalue().splitlines()[-1].startswith(
+        "round  2/3  uploaded 100/100 [leaf_1, leaf_2, leaf_3, leaf_4, leaf_5, ... 95 more]  wait   9.5 s")
 
 
 def test_report_table_json_and_plot(tmp_path):
