@@ -15,7 +15,8 @@ connect first; then, on one signal, each uploads the same ``--mb`` MB float32 mo
 - **refused connections** in the server's log (its connection cap: ``serve --max-connections``, set to 3 per
   leaf here, as a leaf holds a WebSocket and an HTTP keep-alive connection; the default 1,000 is too few);
 - **server RSS growth**: the server's peak resident memory (``VmHWM``) during the run minus its RSS
-  once every leaf was connected (goal <= 300 MB); its RSS at start, idle, beside it.
+  once every leaf was connected (goal <= 300 MB); its RSS at start, idle, beside it; and, from RSS sampled
+  every 50 ms, the growth while the uploads arrive and while the aggregate is downloaded, apart.
 
 ``python -m benchmarks.many_leaves [--leaves 1000] [--mb 1] [--processes 4] [--json PATH]``
 """
@@ -221,8 +222,20 @@ def run(leaves: int, mb: float, processes: int, timeout: float) -> dict[str, Any
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the current RSS
         except OSError:
             report["note"] = "could not reset VmHWM: the peak may date from connecting"
+        samples: list[tuple[float, float]] = []  # (time, server RSS MB): the peak before and after the aggregate
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                samples.append((time.time(), proc_status_mb("VmRSS", pid)))
+                sampling.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         started = _go(workers)
         results = _collect(workers)
+        sampling.set()
+        sampler.join()
         report["server_rss_connected_mb"] = round(rss_connected, 1)
         report["server_peak_rss_mb"] = round(proc_status_mb("VmHWM", pid), 1)
         report["server_rss_growth_mb"] = round(report["server_peak_rss_mb"] - rss_connected, 1)
@@ -242,6 +255,11 @@ def run(leaves: int, mb: float, processes: int, timeout: float) -> dict[str, Any
             closed = datetime.datetime.fromisoformat(first["closed_at"]).timestamp()
             report["server_aggregated_s"] = round(closed - started, 3)
             report["server_first_upload_s"] = round(float(first["first_upload_at"]) - started, 3)
+            before = [rss for when, rss in samples if when <= closed]
+            after = [rss for when, rss in samples if when > closed]
+            # uploads arriving and folded / the aggregate served to every leaf (sampled every 50 ms)
+            report["server_rss_growth_uploads_mb"] = round(max(before, default=rss_connected) - rss_connected, 1)
+            report["server_rss_growth_downloads_mb"] = round(max(after, default=rss_connected) - rss_connected, 1)
         report["refused_in_server_log"] = bench.server.log_tail(10_000_000).count("connections refused at the cap")
         report["floor"] = receive_floor(leaves, mb, processes, bench.workdir)
     report["round_over_floor"] = round(report["round_s"] / report["floor"]["seconds"], 2) \
