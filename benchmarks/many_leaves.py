@@ -57,7 +57,9 @@ def _leaf_worker(creds_paths: list[str], host: str, mb: float, timeout: float) -
 
     def connect(index: int) -> None:
         try:
-            clients[index] = Client(creds_paths[index], host=host, transport="websocket", request_timeout=timeout)
+            # no retries: a 5xx or a refused connection must show as an error, not be ridden out
+            clients[index] = Client(creds_paths[index], host=host, transport="websocket", request_timeout=timeout,
+                                    max_retries=0)
         except Exception as exc:  # noqa: BLE001  (every error is counted, by kind)
             results[index]["error"] = f"connect: {type(exc).__name__}: {exc}"[:300]
 
