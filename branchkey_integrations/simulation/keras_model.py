@@ -84,10 +84,11 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
 
 
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
-               proximal_mu: float = 0.0, state: Any = None) -> tuple[list[np.ndarray], Any]:
+               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu") -> tuple[list[np.ndarray], Any]:
     """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
     ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
-    ``state``, this leaf's previous turn's); return the trained weights and Adam's state."""
+    ``state``, this leaf's previous turn's); return the trained weights and Adam's state. ``accelerator`` is
+    Keras' own choice (a GPU it sees), so the argument is only the interface's."""
     model = digits_mlp(plan)
     if start is not None:
         model.set_weights([np.asarray(layer) for layer in start])

@@ -85,11 +85,11 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
 
 
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
-               proximal_mu: float = 0.0, state: Any = None) -> tuple[list[np.ndarray], Any]:
+               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu") -> tuple[list[np.ndarray], Any]:
     """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
     ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
     ``state``, this leaf's previous turn's, as it does under the callback); return the trained parameters
-    and Adam's state."""
+    and Adam's state. ``accelerator="gpu"``: the GPU Ray gave the task."""
     torch.set_num_threads(1)
     torch.manual_seed(plan.seed)
     model = DigitsMLP(plan.hidden, plan.learning_rate, plan.rounds * plan.epochs_per_round,
@@ -101,11 +101,11 @@ def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.nda
     batches = torch.Generator().manual_seed(plan.data_seed)
     loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
                         batch_size=plan.batch_size, shuffle=True, generator=batches)
-    trainer = Trainer(max_epochs=plan.epochs_per_round, accelerator="cpu", devices=1, logger=False,
+    trainer = Trainer(max_epochs=plan.epochs_per_round, accelerator=accelerator, devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0)
     trainer.fit(model, loader)
-    return [p.detach().numpy().copy() for p in model.parameters()], trainer.optimizers[0].state_dict()
+    return [p.detach().cpu().numpy().copy() for p in model.parameters()], trainer.optimizers[0].state_dict()
 
 
 class _EvaluateEachRound(Callback):

@@ -88,9 +88,10 @@ class Simulation:
     def task(self, role: str, name: str, number: int, index: int = 0, credentials: dict[str, str] | None = None,
              host: str = "", aggregate_id: str | None = None) -> LeafTask:
         plan = dataclasses.replace(self.config.plan(), data_seed=self.config.seed * 1000 + index)
+        gpu = self.config.backend == "ray" and self.config.leaf_gpus > 0 and role == "turn"
         return LeafTask(role=role, name=name, framework=self.config.framework, round=number, plan=plan,
                         credentials=credentials or {}, host=host, aggregate_id=aggregate_id,
-                        proximal_mu=self.config.proximal_mu)
+                        proximal_mu=self.config.proximal_mu, accelerator="gpu" if gpu else "cpu")
 
     def _report(self, run: "_Run", names: list[str], parts: list[Split]) -> Report:
         config = self.config

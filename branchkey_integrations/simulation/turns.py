@@ -54,6 +54,7 @@ class LeafTask:
     host: str = ""
     aggregate_id: str | None = None
     proximal_mu: float = 0.0
+    accelerator: str = "cpu"  # "gpu": a turn of the ray backend given a GPU (--leaf-gpus)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -109,7 +110,8 @@ def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int,
         start = _download(client, task.aggregate_id) if task.aggregate_id else None
         # each round its own batch order, the same on every backend
         plan = replace(task.plan, data_seed=task.plan.data_seed * 1000 + task.round)
-        layers, state = framework.train_turn(data, plan, task.round, start, task.proximal_mu, state)
+        layers, state = framework.train_turn(data, plan, task.round, start, task.proximal_mu, state,
+                                             accelerator=task.accelerator)
         client.upload_weights(len(data), layers)
     logger.info("%s uploaded round %d (%d samples)", task.name, task.round, len(data))
     return len(data), state
