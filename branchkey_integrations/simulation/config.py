@@ -26,8 +26,9 @@ class SimulationConfig:
         partition: ``"iid"`` (equal random shares) or ``"dirichlet"`` (label skew, see ``alpha``).
         alpha: Dirichlet concentration: 0.1 gives each leaf few classes, 100 is close to IID.
         seed: seeds the test split, the partition and the initial model.
-        amqp_url: have the server publish to this RabbitMQ and the leaves listen over AMQP
-            (default: WebSocket notifications, which need nothing but the server).
+        amqp_url: have the server publish its notifications to this RabbitMQ (default: WebSocket only). The
+            leaves' turns listen to neither: the simulation hands out a round once the server has aggregated
+            the one before.
         min_samples: the fewest training samples a leaf may get.
         round_timeout_s: how long a leaf waits for one round's aggregate before failing.
         timeout_s: how long the whole simulation may take.
