@@ -58,7 +58,9 @@ class Simulation:
                         f"common test set {len(test)}; {strategy_label(config.as_dict())}"))
         backend = make_backend(config.backend, self.workdir, address=config.ray_address, leaf_cpus=config.leaf_cpus,
                                leaf_gpus=config.leaf_gpus, max_concurrent_leaves=config.max_concurrent_leaves)
-        with EmbeddedServer(self.workdir / "server", config.amqp_url, host=config.advertise_host) as server:
+        # every aggregate kept (a throwaway store): the evaluator may score a round after later ones closed
+        with EmbeddedServer(self.workdir / "server", config.amqp_url, serve_args=("--keep-rounds", "0"),
+                            host=config.advertise_host) as server:
             min_leaves = config.per_round if config.per_round < config.leaves else None
             branch, credentials = server.create_branch(config.leaves, config.strategy, config.strategy_params,
                                                        min_leaves=min_leaves)
