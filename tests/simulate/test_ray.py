@@ -67,7 +67,7 @@ def test_ray_backend_on_a_local_ray_gives_the_process_backends_accuracies(tmp_pa
 def test_two_node_cluster_runs_leaves_on_both_nodes_and_names_them():
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
