@@ -1,6 +1,6 @@
 """Federated learning on one machine, in one call: an embedded ``branchkey-local``, a branch of N
-leaves, each leaf a process of its own training with the real framework callback, and a report that
-compares the federated model with local-only training and a centralized baseline.
+leaves training round by round with the framework (a worker process per leaf, or Ray tasks on a local Ray
+or a cluster: :mod:`.simulation.backends`), and a report that compares the federated model with local-only training and a centralized baseline.
 
 ``branchkey-local simulate`` is this module's :func:`run` with a terminal progress display.
 
@@ -24,6 +24,7 @@ from .simulation.config import SimulationConfig
 from .simulation.frameworks import check_installed
 from .core.errors import EmbeddedServerError, LeafFailedError, SimulationError, SimulationTerminated
 from .simulation.orchestrator import Simulation
+from .simulation.ray_backend import check_ray_installed
 from .simulation.progress import ProgressHook, RoundProgress, Stage, TerminalProgress
 from .simulation.report import Report, RoundRow, plot_rounds
 from .simulation.supervisor import sigterm_raises
@@ -53,6 +54,8 @@ def run(config: SimulationConfig | None = None, *, output: str | Path | None = N
     """
     config = dataclasses.replace(config, **options) if config else SimulationConfig(**options)
     check_installed(config.framework)  # a missing framework fails here, not in N leaf logs
+    if config.backend == "ray":
+        check_ray_installed()
     check_strategy(config.strategy, config.strategy_params)  # and a strategy typo here, not in the server's log
     emit = progress or _log_event
     started = time.monotonic()

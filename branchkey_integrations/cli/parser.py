@@ -257,7 +257,26 @@ def add_simulate_parser(commands: Any) -> None:
     add_strategy_options(simulate)
     simulate.add_argument("--proximal-mu", type=_non_negative_float, default=0.0, metavar="MU",
                           help="FedProx on every leaf: the callbacks' proximal_mu (0: plain FedAvg leaves)")
+    add_backend_options(simulate)
     simulate.set_defaults(func=cmd_simulate)
+
+
+def add_backend_options(simulate: argparse.ArgumentParser) -> None:
+    """Where the leaves run (``--backend``, Ray's options) and how many train each round."""
+    simulate.add_argument("--leaves-per-round", type=_positive_int, metavar="M",
+                          help="each round M of the leaves, drawn by the seed, train and upload (default: all)")
+    simulate.add_argument("--backend", choices=["process", "ray"], default="process",
+                          help="process: a worker process per leaf on this machine; ray: Ray tasks "
+                               "(pip install 'branchkey-integrations[ray]')")
+    simulate.add_argument("--ray-address", metavar="ADDRESS",
+                          help="ray: 'auto' or HOST:PORT of a running cluster (default: start a local Ray for the run)")
+    simulate.add_argument("--leaf-cpus", type=_non_negative_float, default=1.0, help="ray: CPUs per leaf task")
+    simulate.add_argument("--leaf-gpus", type=_non_negative_float, default=0.0, help="ray: GPUs per leaf task")
+    simulate.add_argument("--max-concurrent-leaves", type=_positive_int, default=4, metavar="K",
+                          help="ray: leaves training at once; the others wait their turn")
+    simulate.add_argument("--advertise-host", default="127.0.0.1", metavar="ADDR",
+                          help="where the embedded server listens and leaves dial it (an address a cluster's "
+                               "workers reach; default loopback)")
 
 
 def add_strategy_options(parser: argparse.ArgumentParser) -> None:

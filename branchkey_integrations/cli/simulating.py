@@ -1,4 +1,4 @@
-"""``branchkey-local simulate``: an embedded server and N leaf processes (:mod:`branchkey_integrations.simulate`),
+"""``branchkey-local simulate``: an embedded server and N leaves (processes or Ray tasks) (:mod:`branchkey_integrations.simulate`),
 its progress on the terminal and its report."""
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                   epochs_per_round=args.epochs_per_round, partition=args.partition,
                                   alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url, dashboard=args.dashboard,
                                   baselines=args.baselines, strategy=args.strategy,
-                                  strategy_params=dict(args.strategy_param), proximal_mu=args.proximal_mu)
+                                  strategy_params=dict(args.strategy_param), proximal_mu=args.proximal_mu,
+                                  leaves_per_round=args.leaves_per_round, backend=args.backend,
+                                  ray_address=args.ray_address, leaf_cpus=args.leaf_cpus, leaf_gpus=args.leaf_gpus,
+                                  max_concurrent_leaves=args.max_concurrent_leaves,
+                                  advertise_host=args.advertise_host)
         report = run(config, output=args.output, progress=TerminalProgress(),
                      hold=_hold_dashboard if args.dashboard else None)
     except ModuleNotFoundError as exc:

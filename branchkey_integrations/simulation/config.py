@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import numpy as np
+
 from .data import PARTITIONS
 from .frameworks import FRAMEWORKS, TrainPlan
 
@@ -24,8 +26,9 @@ class SimulationConfig:
         partition: ``"iid"`` (equal random shares) or ``"dirichlet"`` (label skew, see ``alpha``).
         alpha: Dirichlet concentration: 0.1 gives each leaf few classes, 100 is close to IID.
         seed: seeds the test split, the partition and the initial model.
-        amqp_url: have the server publish to this RabbitMQ and the leaves listen over AMQP
-            (default: WebSocket notifications, which need nothing but the server).
+        amqp_url: have the server publish its notifications to this RabbitMQ (default: WebSocket only). The
+            leaves' turns listen to neither: the simulation hands out a round once the server has aggregated
+            the one before.
         min_samples: the fewest training samples a leaf may get.
         round_timeout_s: how long a leaf waits for one round's aggregate before failing.
         timeout_s: how long the whole simulation may take.
@@ -40,6 +43,15 @@ class SimulationConfig:
         baselines: also train the local-only and centralized baselines. They do not depend on the
             strategy, so a sweep over strategies computes them once per seed and turns them off elsewhere;
             the report then holds ``None`` for them.
+        leaves_per_round: how many of the leaves train and upload each round, chosen by the seed (None:
+            all of them); the branch's rounds complete with that many uploads.
+        backend: where the leaves run: ``"process"`` (a worker process per leaf, this machine) or ``"ray"``.
+        ray_address: the ray backend's cluster: None starts a local Ray for the run and stops it after;
+            ``"auto"`` or ``"HOST:PORT"`` joins a running one.
+        leaf_cpus, leaf_gpus: what one leaf task asks Ray for.
+        max_concurrent_leaves: how many leaves the ray backend trains at once; the others wait their turn.
+        advertise_host: the address the embedded server listens on and the leaves dial: loopback by
+            default; a cluster's workers on other machines need one they can reach.
     """
 
     framework: str = "lightning"
@@ -58,9 +70,17 @@ class SimulationConfig:
     strategy: str = "fedavg"
     strategy_params: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     proximal_mu: float = 0.0
+    leaves_per_round: int | None = None
+    backend: str = "process"
+    ray_address: str | None = None
+    leaf_cpus: float = 1.0
+    leaf_gpus: float = 0.0
+    max_concurrent_leaves: int = 4
+    advertise_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         self._check_strategy_types()
+        self._check_backend()
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"Expected framework in {tuple(FRAMEWORKS)}. Received: framework={self.framework!r}")
         if self.partition not in PARTITIONS:
@@ -95,6 +115,42 @@ class SimulationConfig:
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < math.inf:
             raise ValueError("Expected proximal_mu to be a number >= 0 (0: no proximal term). "
                              f"Received: proximal_mu={mu!r}")
+
+    def _check_backend(self) -> None:
+        if self.backend not in ("process", "ray"):
+            raise ValueError(f"Expected backend in ('process', 'ray'). Received: backend={self.backend!r}")
+        per_round = self.leaves_per_round
+        if per_round is not None and (isinstance(per_round, bool) or not isinstance(per_round, int)
+                                      or not 1 <= per_round <= self.leaves):
+            raise ValueError(f"Expected leaves_per_round from 1 to leaves={self.leaves}, or None (every leaf). "
+                             f"Received: leaves_per_round={per_round!r}")
+        concurrent = self.max_concurrent_leaves
+        if isinstance(concurrent, bool) or not isinstance(concurrent, int) or concurrent < 1:
+            raise ValueError(f"Expected max_concurrent_leaves to be an int >= 1. Received: {concurrent!r}")
+        for name in ("leaf_cpus", "leaf_gpus"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"Expected {name} to be a number >= 0. Received: {name}={value!r}")
+        if not isinstance(self.advertise_host, str) or not self.advertise_host:
+            raise ValueError(f"Expected advertise_host like '10.0.0.5'. Received: {self.advertise_host!r}")
+
+    @property
+    def per_round(self) -> int:
+        """How many leaves train each round."""
+        return self.leaves if self.leaves_per_round is None else self.leaves_per_round
+
+    def sample(self) -> list[list[int]]:
+        """Per round, the indexes (from 0, sorted) of the leaves that train it: all of them, or
+        ``leaves_per_round`` drawn by the seed without replacement within a round.
+
+        Example:
+            >>> SimulationConfig(leaves=5, rounds=2, leaves_per_round=2, seed=0).sample()
+            [[1, 3], [2, 3]]
+        """
+        if self.per_round == self.leaves:
+            return [list(range(self.leaves)) for _ in range(self.rounds)]
+        rng = np.random.default_rng([self.seed, 27])
+        return [sorted(rng.choice(self.leaves, self.per_round, replace=False).tolist()) for _ in range(self.rounds)]
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-ready values (``dataclasses.asdict`` cannot copy the read-only mapping)."""

@@ -1,9 +1,10 @@
 """The one interface every framework's simulation module implements, and the lookup by name.
 
-A framework module trains one model on one :class:`~.data.Split` for ``rounds x epochs_per_round``
-epochs, reports the test accuracy after each round, and federates through that framework's real
-BranchKey callback when given a :class:`FederationTarget` (else it trains alone: local-only or the
-centralized baseline, with the very same model, optimizer and budget).
+A framework module trains one federated leaf's turn (:meth:`Framework.train_turn`: from an aggregate,
+``epochs_per_round`` epochs, the budget's learning-rate schedule), scores an aggregate
+(:meth:`Framework.score`), and trains a model alone for ``rounds x epochs_per_round`` epochs reporting the
+test accuracy after each round (:meth:`Framework.train`: local-only or the centralized baseline, with the
+very same model, optimizer and budget).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
 
 from .data import Split
 
@@ -38,23 +41,16 @@ class TrainPlan:
     hidden: int = 256
 
 
-@dataclass(frozen=True)
-class FederationTarget:
-    """Where a federated leaf uploads (its credentials file, the server URL, the notification transport),
-    and how it trains between rounds: ``proximal_mu`` > 0 is FedProx (the callback's proximal term)."""
-
-    credentials: str
-    host: str
-    transport: str = "websocket"
-    round_timeout_s: float = 300.0
-    proximal_mu: float = 0.0
-
-
 class Framework(Protocol):
     """What :mod:`.lightning_model` and :mod:`.keras_model` provide."""
 
-    def train(self, data: Split, test: Split, plan: TrainPlan, on_round: RoundHook,
-              federation: FederationTarget | None = None) -> None: ...
+    def train(self, data: Split, test: Split, plan: TrainPlan, on_round: RoundHook) -> None: ...
+
+    def train_turn(self, data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
+                   proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu"
+                   ) -> tuple[list[np.ndarray], Any]: ...
+
+    def score(self, layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float: ...
 
 
 def load_framework(name: str) -> Framework:

@@ -1,30 +1,52 @@
 """The simulation's Keras side: the same small MLP as :mod:`.lightning_model` as a Keras 3 model, trained
-with ``model.fit`` and, when federated, the real :class:`~branchkey_integrations.keras.BranchKeyKerasCallback`."""
+with ``model.fit``: a federated leaf one round at a time (:func:`train_turn`), the baselines in one ``fit``
+(:func:`train`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+from typing import Any, Sequence
 
 # before TensorFlow starts: leaves share a few cores (one thread pool each), and TF's C++ banner is noise
 for _name, _value in (("TF_NUM_INTRAOP_THREADS", "1"), ("TF_NUM_INTEROP_THREADS", "1"), ("TF_CPP_MIN_LOG_LEVEL", "2")):
     os.environ.setdefault(_name, _value)
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
-from ..keras import BranchKeyKerasCallback  # noqa: E402
 from .data import NUM_CLASSES, NUM_FEATURES, Split  # noqa: E402
-from .frameworks import FederationTarget, RoundHook, TrainPlan  # noqa: E402
+from .frameworks import RoundHook, TrainPlan  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+
+class _ProximalSequential(keras.Sequential):
+    """A Sequential whose loss adds FedProx's ``mu/2 * ||w - w_g||^2`` once :meth:`pin_anchor` set ``w_g``."""
+
+    proximal_mu = 0.0
+    anchor: list[Any] = []
+
+    def pin_anchor(self, mu: float) -> None:
+        self.proximal_mu = mu
+        self.anchor = [keras.ops.convert_to_tensor(keras.ops.convert_to_numpy(w)) for w in self.trainable_weights] \
+            if mu else []
+
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().compute_loss(*args, **kwargs)
+        if self.anchor:
+            loss = loss + self.proximal_mu / 2 * sum(keras.ops.sum(keras.ops.square(w - g))
+                                                     for w, g in zip(self.trainable_weights, self.anchor))
+        return loss
 
 
 def digits_mlp(plan: TrainPlan) -> keras.Model:
     """64 -> hidden -> 10 with ReLU, Adam; the learning rate is annealed per epoch (see :func:`cosine`)."""
     keras.utils.set_random_seed(plan.seed)  # the same initial model on every leaf
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(plan.hidden, activation="relu"),
-                              keras.layers.Dense(NUM_CLASSES)])
+    model = _ProximalSequential([keras.Input((NUM_FEATURES,)),
+                                 keras.layers.Dense(plan.hidden, activation="relu"), keras.layers.Dense(NUM_CLASSES)],
+                                name="digits_mlp")  # a class name with "_" is no valid scope name
     model.compile(optimizer=keras.optimizers.Adam(plan.learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -43,7 +65,7 @@ def accuracy(model: keras.Model, split: Split) -> float:
 
 
 class _EvaluateEachRound(keras.callbacks.Callback):
-    """Placed after BranchKeyKerasCallback, so a federated round is scored on the aggregate it just loaded."""
+    """Scores the model after every round's worth of epochs (the baselines' curve)."""
 
     def __init__(self, test: Split, epochs_per_round: int, on_round: RoundHook) -> None:
         super().__init__()
@@ -54,19 +76,38 @@ class _EvaluateEachRound(keras.callbacks.Callback):
             self.on_round((epoch + 1) // self.epochs_per_round, accuracy(self.model, self.test))
 
 
-def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook,
-          federation: FederationTarget | None = None) -> None:
-    """Train for ``plan.rounds * plan.epochs_per_round`` epochs; federate every ``epochs_per_round``."""
+def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
+    """The accuracy of an aggregate on ``test``."""
+    model = digits_mlp(plan)
+    model.set_weights([np.asarray(layer) for layer in layers])
+    return accuracy(model, test)
+
+
+def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
+               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu") -> tuple[list[np.ndarray], Any]:
+    """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
+    ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
+    ``state``, this leaf's previous turn's); return the trained weights and Adam's state. ``accelerator`` is
+    Keras' own choice (a GPU it sees), so the argument is only the interface's."""
+    model = digits_mlp(plan)
+    if start is not None:
+        model.set_weights([np.asarray(layer) for layer in start])
+    if state is not None:
+        model.optimizer.build(model.trainable_variables)
+        for variable, value in zip(model.optimizer.variables, state):
+            variable.assign(value)
+    model.pin_anchor(proximal_mu)
+    keras.utils.set_random_seed(plan.data_seed)  # this leaf's and round's own batch order
+    first = (number - 1) * plan.epochs_per_round
+    model.fit(data.x, data.y, batch_size=plan.batch_size, initial_epoch=first, epochs=first + plan.epochs_per_round,
+              shuffle=True, verbose=0, callbacks=[cosine(plan)])
+    return [np.asarray(w) for w in model.get_weights()], \
+        [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+
+
+def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook) -> None:
+    """Train alone for ``plan.rounds * plan.epochs_per_round`` epochs, scoring after every round's worth."""
     model = digits_mlp(plan)
     keras.utils.set_random_seed(plan.data_seed)  # each leaf's own batch order
-    callbacks: list[keras.callbacks.Callback] = [cosine(plan)]
-    if federation is not None:
-        callbacks.append(BranchKeyKerasCallback(federation.credentials, federation.host, num_samples=len(data),
-                                                every_n_epochs=plan.epochs_per_round, transport=federation.transport,
-                                                timeout=federation.round_timeout_s, log_every_s=10.0,
-                                                proximal_mu=federation.proximal_mu,
-                                                # each aggregate scored on this leaf's data, sent as test metrics
-                                                validation_data=(data.x, data.y)))
-    callbacks.append(_EvaluateEachRound(test, plan.epochs_per_round, on_round))
     model.fit(data.x, data.y, batch_size=plan.batch_size, epochs=plan.rounds * plan.epochs_per_round,
-              shuffle=True, verbose=0, callbacks=callbacks)
+              shuffle=True, verbose=0, callbacks=[cosine(plan), _EvaluateEachRound(test, plan.epochs_per_round, on_round)])

@@ -1,11 +1,12 @@
-"""One simulated site in a process of its own: ``python -m branchkey_integrations.simulation.leaf JOB.json``.
+"""A leaf worker of the process backend: ``python -m branchkey_integrations.simulation.leaf WORKDIR NAME``.
 
-A ``leaf`` job trains federated through the framework's real callback, then (unless ``local_only`` is
-off) trains the same model on its own data alone (the local-only comparison); a ``centralized`` job
-trains on all the data. Every round's test accuracy is appended to the job's events file as one JSON
-line, which the parent polls.
-A process of its own, because that is what a leaf is: separate memory, its own client, its own
-sockets, and a crash that cannot take the others down.
+The worker loads its data once (``WORKDIR/NAME.npz``, and ``WORKDIR/test.npz``), then runs the tasks the
+parent drops into ``WORKDIR/NAME.inbox/`` (``000001.json``, ``000002.json``, ...) in order, each through
+:func:`~.turns.run_task`, and writes each answer next to it (``000001.answer.json``, renamed into place, so
+the parent never reads half of one). An ``exit`` task ends it. Any error ends it with status 1 and the
+traceback in its log, which the parent reports.
+A process of its own, because that is what a leaf is: separate memory, its own client, its own sockets, and
+a crash that cannot take the others down; one per leaf for the whole run, so the framework is imported once.
 """
 
 from __future__ import annotations
@@ -18,75 +19,47 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .data import Split
-from .frameworks import FederationTarget, TrainPlan, load_framework
+from .turns import LeafTask, run_task
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("leaf", "centralized")
 _ORPHAN_EXIT = 70  # the parent vanished (kill -9): nobody would ever read our results
+_POLL_S = 0.05
 
 
-@dataclass(frozen=True)
-class LeafJob:
-    """Everything a leaf process needs, written by the parent as JSON."""
+class Inbox:
+    """The parent's side and the worker's side of one worker's task folder."""
 
-    role: str
-    name: str
-    framework: str
-    data: str
-    test: str
-    events: str
-    plan: TrainPlan
-    federation: FederationTarget | None = None
-    parent_pid: int = 0
-    local_only: bool = True  # a leaf also trains alone afterwards (the local-only baseline)
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.sent = 0  # parent: tasks written
+        self.read = 0  # parent: answers taken
 
-    def save(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        return path
+    def put(self, task: LeafTask) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.sent += 1
+        path = self.folder / f"{self.sent:06d}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(task.as_dict()), encoding="utf-8")
+        path.with_suffix(".tmp").replace(path)
 
-    @classmethod
-    def load(cls, path: str | Path) -> "LeafJob":
-        raw: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
-        federation = raw.pop("federation")
-        plan = TrainPlan(**raw.pop("plan"))
-        return cls(**raw, plan=plan, federation=FederationTarget(**federation) if federation else None)
+    def answers(self) -> list[dict[str, Any]]:
+        """Answers that arrived since the last call, in task order."""
+        found = []
+        while self.read < self.sent:
+            path = self.folder / f"{self.read + 1:06d}.answer.json"
+            if not path.exists():
+                break
+            found.append(json.loads(path.read_text(encoding="utf-8")))
+            self.read += 1
+        return found
 
-
-class EventWriter:
-    """Appends one JSON object per line and flushes it, so the parent sees each round as it ends."""
-
-    def __init__(self, path: str | Path) -> None:
-        self._handle = open(path, "a", encoding="utf-8")
-
-    def write(self, **event: Any) -> None:
-        self._handle.write(json.dumps(event) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-class EventReader:
-    """Reads the lines a leaf has appended since the last call; a half-written last line waits."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path, self._offset = Path(path), 0
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as handle:
-            handle.seek(self._offset)
-            chunk = handle.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+    @property
+    def pending(self) -> int:
+        return self.sent - self.read
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -96,45 +69,41 @@ def _exit_when_orphaned(parent_pid: int) -> None:
             time.sleep(1.0)
         os._exit(_ORPHAN_EXIT)
 
-    if parent_pid:
-        threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def _exit_on_sigterm() -> None:
-    """Exit at once on SIGTERM: the parent sends it to stop the simulation, and a leaf has nothing to save.
-    (Lightning's own handler only notes the signal, and a leaf waiting for an aggregate would linger.)"""
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
-
-
-def run_job(job: LeafJob) -> None:
-    """Run a job to the end; every round's accuracy goes to the events file."""
-    framework = load_framework(job.framework)
-    data, test = Split.load(job.data), Split.load(job.test)
-    events = EventWriter(job.events)
-    try:
-        if job.role == "leaf":
-            framework.train(data, test, job.plan, lambda r, a: events.write(kind="federated", round=r, accuracy=a),
-                            federation=job.federation)
-            if job.local_only:
-                framework.train(data, test, job.plan, lambda r, a: events.write(kind="local", round=r, accuracy=a))
-        elif job.role == "centralized":
-            framework.train(data, test, job.plan, lambda r, a: events.write(kind="centralized", round=r, accuracy=a))
-        else:
-            raise ValueError(f"Expected role in {ROLES}. Received: role={job.role!r}")
-        events.write(kind="done")
-    finally:
-        events.close()
+def serve(workdir: Path, name: str) -> None:
+    """Run the tasks of ``WORKDIR/NAME.inbox`` in order until an ``exit`` task."""
+    data_path, test_path = workdir / f"{name}.npz", workdir / "test.npz"
+    data = Split.load(data_path) if data_path.exists() else None
+    test = Split.load(test_path) if test_path.exists() else None
+    folder, number, state = workdir / f"{name}.inbox", 1, None
+    while True:
+        path = folder / f"{number:06d}.json"
+        if not path.exists():
+            time.sleep(_POLL_S)
+            continue
+        task = LeafTask.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        if task.role == "exit":
+            return
+        answer, new_state = run_task(task, data, test, state)
+        state = new_state if task.role == "turn" else state  # the optimizer's, for this leaf's next turn
+        done = folder / f"{number:06d}.answer.json"
+        done.with_suffix(".tmp").write_text(json.dumps(answer), encoding="utf-8")
+        done.with_suffix(".tmp").replace(done)
+        number += 1
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m branchkey_integrations.simulation.leaf JOB.json")
-    job = LeafJob.load(argv[0])
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job.name} %(levelname)s %(name)s: %(message)s")
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m branchkey_integrations.simulation.leaf WORKDIR NAME")
+    workdir, name = Path(argv[0]), argv[1]
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", module="lightning")  # framework chatter would bury the errors in the log
-    _exit_when_orphaned(job.parent_pid)
-    _exit_on_sigterm()
-    run_job(job)
+    _exit_when_orphaned(os.getppid())
+    # exit at once on SIGTERM: the parent sends it to stop the simulation, and a leaf has nothing to save
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
+    serve(workdir, name)
     return 0
 
 

@@ -1,48 +1,61 @@
 """The simulation's Lightning side: a small MLP as a LightningModule, trained with ``Trainer`` and,
-when federated, the real :class:`~branchkey_integrations.lightning.BranchKeyCallback`."""
+for a federated leaf, one round at a time (:func:`train_turn`: from the aggregate, for ``epochs_per_round`` epochs);
+:func:`train` trains the local-only and centralized baselines in one ``fit``."""
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..lightning import BranchKeyCallback
 from .data import NUM_CLASSES, NUM_FEATURES, Split
-from .frameworks import FederationTarget, RoundHook, TrainPlan
+from .frameworks import RoundHook, TrainPlan
 
 logger = logging.getLogger(__name__)
 
 
 class DigitsMLP(LightningModule):
     """64 -> hidden -> 10 with ReLU; Adam with the learning rate annealed to zero over ``epochs``
-    (a decaying rate is what lets FedAvg's leaves stop drifting apart on skewed data)."""
+    (a decaying rate is what lets FedAvg's leaves stop drifting apart on skewed data). A turn of a federated
+    leaf trains epochs ``first_epoch`` onwards of that schedule; ``proximal_mu`` > 0 adds FedProx's
+    ``mu/2 * ||w - w_g||^2`` with ``w_g`` the weights the turn started from."""
 
-    def __init__(self, hidden: int = 256, learning_rate: float = 1e-2, epochs: int = 10) -> None:
+    def __init__(self, hidden: int = 256, learning_rate: float = 1e-2, epochs: int = 10, first_epoch: int = 0,
+                 proximal_mu: float = 0.0) -> None:
         super().__init__()
-        self.learning_rate, self.epochs = learning_rate, epochs
+        self.learning_rate, self.epochs, self.first_epoch = learning_rate, epochs, first_epoch
+        self.proximal_mu = proximal_mu
         self.net = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
+        self.anchor: list[torch.Tensor] = []
+        self.optimizer_state: dict[str, Any] | None = None  # Adam's, from this leaf's previous turn
+
+    def pin_anchor(self) -> None:
+        """FedProx's ``w_g``: the weights as they stand now (after the aggregate was loaded)."""
+        self.anchor = [p.detach().clone() for p in self.parameters()] if self.proximal_mu else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """The aggregate on this leaf's own data: the callback sends these as the round's ``test`` metrics."""
-        x, y = batch
-        logits = self(x)
-        self.log("loss", nn.functional.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
-        self.log("accuracy", (logits.argmax(dim=1) == y).float().mean(), on_epoch=True, batch_size=len(y))
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.anchor:
+            loss = loss + self.proximal_mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(self.parameters(), self.anchor))
+        return loss
 
     def configure_optimizers(self) -> dict[str, object]:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
+        if self.optimizer_state is not None:  # before the schedule, which keeps the saved initial_lr
+            optimizer.load_state_dict(self.optimizer_state)
+        first, total = self.first_epoch, self.epochs  # cosine annealing to 0 over the whole budget, per epoch
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * (first + epoch) / total)))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
@@ -52,8 +65,51 @@ def accuracy(model: nn.Module, split: Split) -> float:
     return float((predicted == split.y).mean())
 
 
+def load_layers(model: nn.Module, layers: Sequence[np.ndarray]) -> None:
+    """Copy an aggregate (the parameters in ``model.parameters()`` order) into ``model``."""
+    parameters = list(model.parameters())
+    if len(parameters) != len(layers):
+        raise ValueError(f"Expected {len(parameters)} layers for the model. Received: {len(layers)}")
+    with torch.no_grad():
+        for parameter, layer in zip(parameters, layers):
+            parameter.copy_(torch.from_numpy(np.asarray(layer, dtype=np.float32)).reshape(parameter.shape))
+
+
+def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
+    """The accuracy of an aggregate on ``test``."""
+    torch.set_num_threads(1)
+    model = DigitsMLP(plan.hidden, plan.learning_rate)
+    load_layers(model, layers)
+    model.eval()
+    return accuracy(model, test)
+
+
+def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
+               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu") -> tuple[list[np.ndarray], Any]:
+    """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
+    ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
+    ``state``, this leaf's previous turn's, as it does under the callback); return the trained parameters
+    and Adam's state. ``accelerator="gpu"``: the GPU Ray gave the task."""
+    torch.set_num_threads(1)
+    torch.manual_seed(plan.seed)
+    model = DigitsMLP(plan.hidden, plan.learning_rate, plan.rounds * plan.epochs_per_round,
+                      first_epoch=(number - 1) * plan.epochs_per_round, proximal_mu=proximal_mu)
+    if start is not None:
+        load_layers(model, start)
+    model.pin_anchor()
+    model.optimizer_state = state
+    batches = torch.Generator().manual_seed(plan.data_seed)
+    loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
+                        batch_size=plan.batch_size, shuffle=True, generator=batches)
+    trainer = Trainer(max_epochs=plan.epochs_per_round, accelerator=accelerator, devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0)
+    trainer.fit(model, loader)
+    return [p.detach().cpu().numpy().copy() for p in model.parameters()], trainer.optimizers[0].state_dict()
+
+
 class _EvaluateEachRound(Callback):
-    """Placed after BranchKeyCallback, so a federated round is scored on the aggregate it just loaded."""
+    """Scores the model after every round's worth of epochs (the baselines' curve)."""
 
     def __init__(self, test: Split, epochs_per_round: int, on_round: RoundHook) -> None:
         self.test, self.epochs_per_round, self.on_round = test, epochs_per_round, on_round
@@ -66,9 +122,8 @@ class _EvaluateEachRound(Callback):
             pl_module.train()
 
 
-def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook,
-          federation: FederationTarget | None = None) -> None:
-    """Train for ``plan.rounds * plan.epochs_per_round`` epochs; federate every ``epochs_per_round``."""
+def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook) -> None:
+    """Train alone for ``plan.rounds * plan.epochs_per_round`` epochs, scoring after every round's worth."""
     torch.set_num_threads(1)  # leaves share a few cores: one thread each avoids oversubscription
     torch.manual_seed(plan.seed)
     epochs = plan.rounds * plan.epochs_per_round
@@ -76,17 +131,7 @@ def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook,
     batches = torch.Generator().manual_seed(plan.data_seed)
     loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
                         batch_size=plan.batch_size, shuffle=True, generator=batches)
-    callbacks: list[Callback] = []
-    if federation is not None:
-        callbacks.append(BranchKeyCallback(federation.credentials, host=federation.host,
-                                           every_n_epochs=plan.epochs_per_round, transport=federation.transport,
-                                           timeout=federation.round_timeout_s, log_every_s=10.0,
-                                           proximal_mu=federation.proximal_mu))
-    callbacks.append(_EvaluateEachRound(test, plan.epochs_per_round, on_round))
-    trainer = Trainer(max_epochs=epochs, callbacks=callbacks, accelerator="cpu",
-                      devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0)
-    # a federated leaf scores each aggregate on its own data (the dashboard plots it per leaf and weighted)
-    validation = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)), batch_size=256) \
-        if federation is not None else None
-    trainer.fit(model, loader, validation)
+    trainer = Trainer(max_epochs=epochs, callbacks=[_EvaluateEachRound(test, plan.epochs_per_round, on_round)],
+                      accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, loader)

@@ -27,13 +27,15 @@ _POLL_S = 0.05
 
 @dataclass
 class EmbeddedServer:
-    """``branchkey-local serve`` on a free loopback port over ``data_dir``; use as a context manager."""
+    """``branchkey-local serve`` on a free port of ``host`` (loopback unless leaves on other machines must
+    reach it) over ``data_dir``; use as a context manager."""
 
     data_dir: Path
     amqp_url: str | None = None
     start_timeout_s: float = 60.0
     log_level: str = "WARNING"
     serve_args: tuple[str, ...] = ()  # more ``serve`` options, e.g. ("--max-compression-ratio", "2000")
+    host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
@@ -44,7 +46,7 @@ class EmbeddedServer:
     def start(self) -> "EmbeddedServer":
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         command = [sys.executable, "-m", "branchkey_integrations.cli", "--log-level", self.log_level, "serve",
-                   "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", "0"]
+                   "--data-dir", str(self.data_dir), "--host", self.host, "--port", "0"]
         if self.amqp_url:
             command += ["--amqp-url", self.amqp_url]
         command += self.serve_args
@@ -88,13 +90,15 @@ class EmbeddedServer:
             raise EmbeddedServerError(f"{method} {path} failed with HTTP {answer.status_code}: {answer.text[:500]}")
         return answer.json()["data"]
 
-    def create_branch(self, leaves: int, strategy: str = "fedavg", strategy_params: Mapping[str, float] | None = None
-                      ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """A tree with one branch whose rounds need every leaf, aggregating with ``strategy`` (its parameters
-        checked by the server); returns (the branch as the server has it, leaf credentials)."""
+    def create_branch(self, leaves: int, strategy: str = "fedavg", strategy_params: Mapping[str, float] | None = None,
+                      min_leaves: int | None = None) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """A tree with one branch whose rounds need ``min_leaves`` uploads (None: every leaf), aggregating with
+        ``strategy`` (its parameters checked by the server); returns (the branch as the server has it, leaf
+        credentials)."""
         tree = self.admin("POST", f"{ADMIN_PREFIX}/trees", {"name": "simulation"})
         branch = self.admin("POST", f"{ADMIN_PREFIX}/trees/{tree['id']}/branches", {
-            "name": "simulation", "strategy": strategy, "strategy_params": dict(strategy_params or {})})
+            "name": "simulation", "strategy": strategy, "strategy_params": dict(strategy_params or {}),
+            "min_leaves": min_leaves})
         created = self.admin("POST", f"{ADMIN_PREFIX}/branches/{branch['id']}/leaves", {"count": leaves})
         return branch, created["leaves"]
 

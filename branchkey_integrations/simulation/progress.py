@@ -42,8 +42,9 @@ class RoundTracker:
     """Joins the server's rounds and uploads (admin API) with the accuracies leaves report, and yields
     a :class:`RoundProgress` only when something about a round changed."""
 
-    def __init__(self, rounds: int, leaf_names: dict[str, str]) -> None:
+    def __init__(self, rounds: int, leaf_names: dict[str, str], per_round: int | None = None) -> None:
         self.rounds, self.leaf_names = rounds, leaf_names
+        self.per_round = len(leaf_names) if per_round is None else per_round  # uploads that complete a round
         self.accuracy: dict[int, float] = {}
         self.wait_s: dict[int, float] = {}
         self.completed: set[int] = set()  # rounds already reported with their accuracy
@@ -62,7 +63,7 @@ class RoundTracker:
             wait = _round_wait(row, now)
             if row["status"] == "aggregated":
                 self.wait_s[number] = wait
-            progress = RoundProgress(number, self.rounds, names, len(self.leaf_names), wait, self.accuracy.get(number))
+            progress = RoundProgress(number, self.rounds, names, self.per_round, wait, self.accuracy.get(number))
             key = (names, row["status"], progress.global_accuracy, round(wait))
             if self._shown.get(number) != key:
                 self._shown[number] = key
@@ -96,7 +97,8 @@ class TerminalProgress:
 
     @staticmethod
     def _format(event: RoundProgress) -> str:
-        uploaded = ", ".join(event.uploaded) or "-"
+        shown = event.uploaded if len(event.uploaded) <= 10 else (*event.uploaded[:5], f"... {len(event.uploaded) - 5} more")
+        uploaded = ", ".join(shown) or "-"  # 100 names would bury the line
         text = (f"round {event.round:>2}/{event.rounds}  uploaded {len(event.uploaded)}/{event.leaves} "
                 f"[{uploaded}]  wait {event.wait_s:5.1f} s")
         if event.global_accuracy is not None:

@@ -25,6 +25,7 @@ class RoundRow:
     local_accuracy: float | None
     centralized_accuracy: float | None
     wait_s: float  # first upload of the round to its aggregate: how long the fastest leaf waited
+    leaves: list[str] = field(default_factory=list)  # the leaves that trained and uploaded this round
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class LeafSummary:
     samples: int
     label_counts: list[int]
     local_accuracy: float | None  # local-only, after the whole budget (None without baselines)
+    rounds: int = 0  # the rounds it trained (fewer than all when leaves were sampled)
+    nodes: list[str] = field(default_factory=list)  # where its turns ran (a Ray node id; the host name otherwise)
 
 
 @dataclass

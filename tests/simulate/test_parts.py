@@ -8,7 +8,9 @@ import json
 import pytest
 
 from branchkey_integrations.simulate import SimulationConfig
-from branchkey_integrations.simulation.leaf import EventReader, EventWriter
+from branchkey_integrations.simulation.frameworks import TrainPlan
+from branchkey_integrations.simulation.leaf import Inbox
+from branchkey_integrations.simulation.turns import LeafTask
 from branchkey_integrations.simulation.progress import RoundProgress, RoundTracker, Stage, TerminalProgress
 from branchkey_integrations.simulation.report import LeafSummary, Report, RoundRow, plot_rounds, strategy_label
 
@@ -20,24 +22,35 @@ from branchkey_integrations.simulation.report import LeafSummary, Report, RoundR
     ("strategy", "", "strategy to be a name"), ("strategy_params", [("eta", 0.1)], "strategy_params to be a mapping"),
     ("strategy_params", {"eta": float("nan")}, "finite numbers. Received: 'eta'=nan"),
     ("proximal_mu", -0.5, "proximal_mu to be a number >= 0"), ("proximal_mu", True, "proximal_mu"),
+    ("backend", "dask", "Expected backend in"),
+    ("leaves_per_round", 4, "leaves_per_round from 1 to leaves=3"), ("max_concurrent_leaves", 0, ">= 1"),
+    ("leaf_gpus", -1, "leaf_gpus to be a number >= 0"),
 ])
 def test_bad_settings_fail_when_set(field, value, message):
     with pytest.raises(ValueError, match=message):
         SimulationConfig(**{field: value})
 
 
-def test_event_reader_returns_only_complete_lines(tmp_path):
-    path = tmp_path / "events.jsonl"
-    writer = EventWriter(path)
-    writer.write(kind="federated", round=1, accuracy=0.5)
-    reader = EventReader(path)
-    with open(path, "a") as handle:
-        handle.write('{"kind": "lo')  # a line the leaf is still writing
-    assert reader.read() == [{"kind": "federated", "round": 1, "accuracy": 0.5}]
-    with open(path, "a") as handle:
-        handle.write('cal", "round": 1, "accuracy": 0.25}\n')
-    assert reader.read() == [{"kind": "local", "round": 1, "accuracy": 0.25}] and reader.read() == []
-    writer.close()
+def test_inbox_hands_answers_back_in_task_order_and_only_whole_ones(tmp_path):
+    inbox = Inbox(tmp_path / "leaf_1.inbox")
+    plan = TrainPlan(rounds=2, epochs_per_round=1, seed=0)
+    for number in (1, 2):
+        inbox.put(LeafTask(role="turn", name="leaf_1", framework="lightning", round=number, plan=plan))
+    assert LeafTask.from_dict(json.loads((tmp_path / "leaf_1.inbox" / "000002.json").read_text())).round == 2
+    (tmp_path / "leaf_1.inbox" / "000002.answer.json").write_text('{"round": 2}')
+    assert inbox.answers() == [] and inbox.pending == 2  # the second answer waits for the first
+    (tmp_path / "leaf_1.inbox" / "000001.answer.json").write_text('{"round": 1}')
+    assert inbox.answers() == [{"round": 1}, {"round": 2}] and inbox.pending == 0 and inbox.answers() == []
+
+
+def test_sampling_draws_leaves_per_round_by_the_seed():
+    config = SimulationConfig(leaves=10, rounds=20, leaves_per_round=3, seed=4)
+    schedule = config.sample()
+    assert schedule == SimulationConfig(leaves=10, rounds=20, leaves_per_round=3, seed=4).sample()
+    assert schedule != SimulationConfig(leaves=10, rounds=20, leaves_per_round=3, seed=5).sample()
+    assert all(len(set(chosen)) == 3 and all(0 <= i < 10 for i in chosen) for chosen in schedule)
+    assert len({i for chosen in schedule for i in chosen}) == 10  # over 20 rounds every leaf gets a turn
+    assert SimulationConfig(leaves=3, rounds=2).sample() == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_round_tracker_reports_changes_only_and_skips_the_round_after_the_last():
@@ -67,6 +80,9 @@ def test_progress_printer_prints_finished_rounds_when_not_a_terminal():
     printer(RoundProgress(1, 3, ("leaf_1", "leaf_2"), 2, 0.5, 0.875))
     assert out.getvalue().splitlines() == [
         "starting", "round  1/3  uploaded 2/2 [leaf_1, leaf_2]  wait   0.5 s  global accuracy 87.5%"]
+    printer(RoundProgress(2, 3, tuple(f"leaf_{i}" for i in range(1, 101)), 100, 9.5, 0.7))
+    assert out.getvalue().splitlines()[-1].startswith(
+        "round  2/3  uploaded 100/100 [leaf_1, leaf_2, leaf_3, leaf_4, leaf_5, ... 95 more]  wait   9.5 s")
 
 
 def test_report_table_json_and_plot(tmp_path):

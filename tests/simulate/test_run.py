@@ -1,5 +1,5 @@
-"""End to end: the embedded server and real leaf processes with the real callbacks; failures and signals
-stop every process the simulation started."""
+"""End to end on the process backend: the embedded server and real leaf worker processes; failures and
+signals stop every process the simulation started; leaf sampling."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from branchkey_integrations import Client, cli
-from branchkey_integrations.simulate import LeafFailedError, run
+from branchkey_integrations.simulate import LeafFailedError, SimulationConfig, run
 from branchkey_integrations.simulation.progress import RoundProgress
 
 from ..conftest import REPO, wait_until
@@ -57,7 +57,7 @@ def test_federated_beats_local_only_on_skewed_data_and_writes_the_report(tmp_pat
 def test_a_dead_leaf_fails_the_run_and_every_process_is_stopped():
     def kill_leaf_2(event):
         if isinstance(event, RoundProgress):
-            pid, = [p for p, cmd in children_of(os.getpid()) if "leaf_2.job.json" in cmd]
+            pid, = [p for p, cmd in children_of(os.getpid()) if cmd.rstrip().endswith(" leaf_2")]
             os.kill(pid, signal.SIGKILL)
 
     with pytest.raises(LeafFailedError, match="leaf_2 was killed by signal 9"):
@@ -83,8 +83,8 @@ def test_cli_keras_run_prints_progress_and_the_table(tmp_path):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_stop_the_server_and_every_leaf(tmp_path, signum, code):
     process = simulate_cli("--leaves", "2", "--rounds", "50", "--epochs-per-round", "1", "--output", str(tmp_path))
-    started = wait_until(lambda: len(children_of(process.pid)) == 4 and children_of(process.pid), 60,
-                         "the server, two leaves and the baseline")
+    started = wait_until(lambda: len(children_of(process.pid)) == 5 and children_of(process.pid), 60,
+                         "the server, two leaves, the evaluator and the baseline")
     process.send_signal(signum)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == code, out
@@ -102,15 +102,15 @@ def test_amqp_notifications_carry_the_rounds(rabbitmq):
 
 
 @pytest.mark.parametrize("framework", ["lightning", "keras"])
-def test_strategy_and_proximal_mu_reach_the_server_and_the_callbacks(tmp_path, monkeypatch, framework):
+def test_strategy_and_proximal_mu_reach_the_server_and_the_leaves(tmp_path, monkeypatch, framework):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run's work directory, to read its leaf jobs
     seen = {}
 
     def read_branch_config(report):  # while the embedded server still runs
         workdir, = tmp_path.glob("branchkey-simulate-*")
-        federation = json.loads((workdir / "leaf_1.job.json").read_text())["federation"]
-        with Client(federation["credentials"], host=federation["host"], transport="none") as client:
-            seen.update(client.get_branch_config()["service"], proximal_mu=federation["proximal_mu"])
+        task = json.loads((workdir / "leaf_1.inbox" / "000001.json").read_text())
+        with Client(task["credentials"], host=task["host"], transport="none") as client:
+            seen.update(client.get_branch_config()["service"], proximal_mu=task["proximal_mu"])
 
     # mu so large that every step is pulled all the way back to the global model: the aggregate stays the
     # untrained initial model (chance, ~10%), where plain FedAvg reaches 83-88% after this one epoch
@@ -123,6 +123,21 @@ def test_strategy_and_proximal_mu_reach_the_server_and_the_callbacks(tmp_path, m
         "strategy": "fedadam", "strategy_params": applied, "proximal_mu": 1e6}
     assert report.final.global_accuracy < 0.3
     assert report.final.local_accuracy is None and report.final.centralized_accuracy is None
+    assert children_of(os.getpid()) == []
+
+
+def test_leaf_sampling_trains_the_drawn_leaves_only_and_the_report_names_them(tmp_path):
+    config = SimulationConfig(leaves=3, rounds=2, epochs_per_round=1, leaves_per_round=2, seed=3, baselines=False)
+    drawn = [[f"leaf_{i + 1}" for i in chosen] for chosen in config.sample()]
+    assert drawn[0] != drawn[1]  # seed 3 draws different leaves in the two rounds: a sat-out leaf catches up
+    events = []
+    report = run(config, output=tmp_path, progress=events.append)
+    done = [e for e in events if isinstance(e, RoundProgress) and e.complete]
+    assert [list(e.uploaded) for e in done] == drawn and all(e.leaves == 2 for e in done)
+    assert [row.leaves for row in report.rounds] == drawn
+    assert [leaf.rounds for leaf in report.leaves] == [sum(leaf.name in d for d in drawn) for leaf in report.leaves]
+    assert report.final.global_accuracy > 0.8  # the second round started from the first round's aggregate
+    assert json.loads((tmp_path / "report.json").read_text())["rounds"][1]["leaves"] == drawn[1]
     assert children_of(os.getpid()) == []
 
 

@@ -1,0 +1,131 @@
+"""The one leaf implementation every simulation backend runs: a *task* is one turn of one leaf (load the
+branch's latest aggregate, train ``epochs_per_round`` epochs, upload), the scoring of one round's aggregate,
+or a baseline (a leaf alone, or all the data); :func:`run_task` runs any of them and returns a plain dict.
+
+Why turns and not one long ``fit`` per leaf: a turn ends with its upload, so a leaf that waits for its
+round holds no process, no model and no core (only its optimizer's state, a few hundred kB, which the
+backend keeps and hands to its next turn). That is what lets 100 leaves share 4 training slots
+(``max_concurrent_leaves``) and lets a leaf sit out the rounds it was not sampled for: its next turn starts
+from the branch's latest aggregate, whatever round that was. A turn is a pure function of (its leaf's data,
+the aggregate it starts from, the round, the seed), so the process and the Ray backend give the same
+aggregates for the same seed. Tasks travel as JSON (never pickled by us); the data as ``.npz`` files
+(process backend) or as arrays in Ray's object store (Ray backend).
+
+Example:
+    >>> task = LeafTask(role="evaluate", name="evaluate", framework="lightning", round=2,
+    ...                 plan=TrainPlan(rounds=2, epochs_per_round=1, seed=0), aggregate_id="f1")
+    >>> LeafTask.from_dict(task.as_dict()) == task
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .data import Split
+from .frameworks import TrainPlan, load_framework
+
+logger = logging.getLogger(__name__)
+
+#: ``turn``: one federated round of one leaf; ``evaluate``: score an aggregate on the common test set;
+#: ``local``: a leaf trains alone for the whole budget; ``centralized``: all the data, the whole budget;
+#: ``exit``: a process-backend worker ends (a Ray task is never given it)
+ROLES = ("turn", "evaluate", "local", "centralized", "exit")
+
+
+@dataclass(frozen=True)
+class LeafTask:
+    """One unit of work. ``credentials`` (a leaf's, as the server issued them) and ``host`` are set for the
+    roles that talk to the server (``turn``, ``evaluate``); ``aggregate_id`` is the aggregate a turn starts
+    from (None: the initial model) or the one ``evaluate`` scores."""
+
+    role: str
+    name: str
+    framework: str
+    round: int
+    plan: TrainPlan
+    credentials: dict[str, str] = field(default_factory=dict)
+    host: str = ""
+    aggregate_id: str | None = None
+    proximal_mu: float = 0.0
+    accelerator: str = "cpu"  # "gpu": a turn of the ray backend given a GPU (--leaf-gpus)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"Expected role in {ROLES}. Received: role={self.role!r}")
+
+    @property
+    def key(self) -> str:
+        """Unique within a run: the task's name and round (``leaf_3.r2``)."""
+        return f"{self.name}.{self.role}.r{self.round}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "LeafTask":
+        return cls(**{**raw, "plan": TrainPlan(**raw["plan"])})
+
+
+def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any = None) -> tuple[dict[str, Any], Any]:
+    """Run ``task`` to its end; return its answer, which says what it did and where (``node``: the machine's
+    name), and the leaf's optimizer state for its next turn (``turn`` only; else None).
+
+    ``turn`` answers ``{"samples": n}`` after its upload, ``evaluate`` ``{"accuracy": a}``, the baselines
+    ``{"accuracy": [a_1, ..., a_R]}`` (one per round's worth of epochs). ``state`` is what this leaf's
+    previous turn returned (None on its first): the optimizer goes on from it, as it does under the callbacks.
+    """
+    started = time.monotonic()
+    framework = load_framework(task.framework)
+    answer: dict[str, Any] = {"key": task.key, "role": task.role, "name": task.name, "round": task.round,
+                              "node": platform.node()}
+    if task.role == "turn":
+        assert data is not None
+        answer["samples"], state = _turn(task, framework, data, state)
+    elif task.role == "evaluate":
+        assert test is not None
+        with _client(task) as client:
+            layers = _download(client, task.aggregate_id)
+        answer["accuracy"] = framework.score(layers, test, task.plan)
+    elif task.role in ("local", "centralized"):
+        assert data is not None and test is not None
+        scores: dict[int, float] = {}
+        framework.train(data, test, task.plan, lambda number, accuracy: scores.__setitem__(number, accuracy))
+        answer["accuracy"] = [scores[number] for number in sorted(scores)]
+    else:
+        state = None
+    answer["seconds"] = round(time.monotonic() - started, 3)
+    return answer, state
+
+
+def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int, Any]:
+    """Start from the latest aggregate (or the seeded initial model), train one round's epochs, upload."""
+    with _client(task) as client:
+        start = _download(client, task.aggregate_id) if task.aggregate_id else None
+        # each round its own batch order, the same on every backend
+        plan = replace(task.plan, data_seed=task.plan.data_seed * 1000 + task.round)
+        layers, state = framework.train_turn(data, plan, task.round, start, task.proximal_mu, state,
+                                             accelerator=task.accelerator)
+        client.upload_weights(len(data), layers)
+    logger.info("%s uploaded round %d (%d samples)", task.name, task.round, len(data))
+    return len(data), state
+
+
+def _client(task: LeafTask) -> Any:
+    from ..core.client import Client  # the core, not the callbacks: a turn needs no wait and no notifications
+
+    # a few retries only: a simulation's server is local, and a failure must show in the report, not hang
+    return Client(task.credentials, host=task.host, transport="none", max_retries=3)
+
+
+def _download(client: Any, aggregate_id: str | None) -> list[np.ndarray]:
+    if aggregate_id is None:
+        raise ValueError("Expected an aggregate id to download. Received: None")
+    archive = client.download_aggregate(aggregate_id, expected_bytes=64 * 1024 * 1024)
+    return [np.array(layer, copy=True) for layer in archive.layers]  # own memory: the buffer is the client's
