@@ -315,16 +315,16 @@ class Client:
         return self.upload_arrays(weighting, parameters, compression=compression, compresslevel=compresslevel).file_id
 
     def upload_arrays(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
-                      compresslevel: int | None = None, values_checked: bool = False) -> UploadReceipt:
+                      compresslevel: int | None = None, values_checked: bool = False,
+                      controls: Sequence[np.ndarray] = ()) -> UploadReceipt:
         """:meth:`upload_weights`, returning what was uploaded into which run and round (:class:`UploadReceipt`).
 
         ``values_checked=True``: the caller already checked that every value is finite
         (:func:`~.wire.check_finite`, as :meth:`Federation.run_round` does when a round begins), so it is not
-        checked twice.
+        checked twice. ``controls``: SCAFFOLD's control update (``control_<n>``; SCAFFOLD branches only).
         """
-        self._ensure_run_started()
-        # wire.prepare checks the weighting as it encodes that member: the one weighting check of this path
-        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel,
+        self._ensure_run_started()  # wire.prepare checks the weighting as it encodes it: the one check of this path
+        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel, controls=controls,
                                compression=upload_compression(compression, urlsplit(self._api_host).hostname or ""))
         if not values_checked:
             # The digest header must precede the body, so hashing is on the critical path; the finite check
