@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, Union
 
 from .credentials import CredentialsLike
+from .errors import BranchKeyError
 from .federation import Federation
 from .outcome import Layers, Outcome, Weighting, layer_names_in
 from .progress import WaitProgress
+from .scaffold import runs_scaffold
 from .leaf_options import LeafOptions
 from .signals import InterruptOnSignals, exit_status, signal_name
 from .snapshots import require_safetensors
@@ -266,8 +268,10 @@ class FederatedCallbackMixin:
         """Rounds this leaf has completed."""
         return self.federation.round
 
-    def _exchange(self, layers: Layers, names: Sequence[str], weighting: Weighting | None = None) -> Outcome:
-        """One round of ``layers`` (snapshot included), weighted by ``weighting``, by default ``num_samples``.
+    def _exchange(self, layers: Layers, names: Sequence[str], weighting: Weighting | None = None,
+                  controls: Layers = ()) -> Outcome:
+        """One round of ``layers`` (snapshot included), weighted by ``weighting``, by default ``num_samples``;
+        ``controls``: SCAFFOLD's control update, in SCAFFOLD branches.
 
         SIGTERM and Ctrl-C interrupt its wait (:class:`~.signals.InterruptOnSignals`); ``interrupted_by`` then
         holds the signal, whatever the outcome, and the callback ends the run (see :meth:`_end_run`).
@@ -279,7 +283,7 @@ class FederatedCallbackMixin:
         self._round_names = tuple(names)  # to name the layers a refusal mentions, while the round waits
         federation.clear_interrupt()  # an earlier interrupt (a caught Ctrl-C in a notebook) is over
         with InterruptOnSignals(federation.interrupt) as signals:
-            outcome = federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir)
+            outcome = federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir, controls=controls)
         self.interrupted_by = signals.received
         self._say_outcome(outcome)
         return outcome
@@ -304,6 +308,19 @@ class FederatedCallbackMixin:
             pull = (f" Local training pulls toward it (FedProx, proximal_mu={self.proximal_mu:g})."
                     if outcome.kind == "done" and self.proximal_mu and self.interrupted_by is None else "")
             self._say(f"BranchKey: {describe_outcome(outcome, self.interrupted_by)}{pull}")
+
+    def _branch_runs_scaffold(self) -> bool:
+        """Whether this leaf's branch runs SCAFFOLD (its branch config's ``service.algorithm``), asked once per fit;
+        a platform without the call (2.x) runs FedAvg. Said once, so that the user knows training is corrected."""
+        try:
+            scaffold = runs_scaffold(self.federation.client.get_branch_config())
+        except BranchKeyError as exc:
+            logger.debug("No branch config (%s): the branch is taken not to run SCAFFOLD", exc)
+            return False
+        if scaffold:
+            self._say("BranchKey: the branch runs SCAFFOLD: local steps are corrected by the control variates "
+                      "(c - c_i), and each upload carries this leaf's control update.")
+        return scaffold
 
     def _end_run(self, signum: int) -> BaseException:
         """The exception that ends the run after ``signum`` interrupted a round, the framework's way.
