@@ -22,7 +22,8 @@ from .core.scaffold import PendingControls, ScaffoldLeaf
 require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pytorch"))
 
 import torch  # noqa: E402 - after the check that gives an install hint
-from .torch_tensors import add_control_correction, add_proximal_gradient, federated_tensors, load_arrays, to_numpy  # noqa: E402,E501
+from .torch_tensors import add_control_correction, add_proximal_gradient, apply_control_step  # noqa: E402
+from .torch_tensors import federated_tensors, load_arrays, to_numpy  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
@@ -129,6 +130,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     _scaffold_on = False  # this fit's branch runs SCAFFOLD (rank 0 asked the branch config; every rank knows)
     _corrections: list[torch.Tensor | None] = []  # c - c_i per federated tensor, on its device and in its dtype
     _federated: list[torch.Tensor] = []  # the federated tensors the corrections align with
+    _unapplied: np.ndarray | None = None  # decoupled SCAFFOLD: per tensor, the rates of the steps not yet corrected
 
     # ------------------------------------------------------------------ state
     @property
@@ -154,7 +156,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Federation drops its client itself; a pending error holds a traceback, which does not pickle
         # FedProx's copy belongs to one fit, on one device
-        dropped = ("_local_error", "_trainer", "_global", "_trainable", "_corrections", "_federated")
+        dropped = ("_local_error", "_trainer", "_global", "_trainable", "_corrections", "_federated", "_unapplied")
         return {k: v for k, v in self.__dict__.items() if k not in dropped}
 
     # ------------------------------------------------------------------ hooks
@@ -191,10 +193,23 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if self._global is not None:
             scale = amp_scale_left_in(trainer, optimizer)
             add_proximal_gradient(self._trainable, self._global, optimizer, self.proximal_mu * scale)
-        if self._scaffold_on and self._scaffold is not None:  # SCAFFOLD: g - c_i + c, where FedProx adds its term
-            rates = add_control_correction(self._federated, self._corrections, optimizer,
-                                           amp_scale_left_in(trainer, optimizer))
+        if self._scaffold_on and self._scaffold is not None:  # SCAFFOLD, where FedProx adds its term
+            if self.scaffold_correction == "gradient":  # g - c_i + c goes into the optimizer
+                rates = add_control_correction(self._federated, self._corrections, optimizer,
+                                               amp_scale_left_in(trainer, optimizer))
+            else:  # decoupled: the rates only; the step w -= lr (c - c_i) follows the optimizer's (_control_step)
+                rates = add_control_correction(self._federated, None, optimizer)
+                self._unapplied = rates if self._unapplied is None else self._unapplied + rates
             self._scaffold.step(rates)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._control_step()  # the decoupled SCAFFOLD step of the optimizer steps since the last batch
+
+    def _control_step(self) -> None:
+        """Decoupled SCAFFOLD: ``w -= (sum of the rates of the steps since the last call) * (c - c_i)``."""
+        if self._unapplied is not None:
+            apply_control_step(self._federated, self._corrections, self._unapplied)
+            self._unapplied = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -227,6 +242,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if not is_round_epoch(epoch, self.every_n_epochs) or epoch <= self._last_epoch:
             return
         tensors = federated_tensors(pl_module, self.buffers)
+        self._control_step()  # the epoch's last steps, before the model is uploaded
         pending = self._scaffold.prepare([to_numpy(t) for _, t in tensors]) if self._scaffold_on and self._scaffold else None
         # rank 0's outcome, and the signal that ended its wait (if one did): every rank acts on both alike
         sent = (self._round_on_rank_zero(trainer, tensors, pending), self.interrupted_by) if trainer.is_global_zero else None
@@ -243,7 +259,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             self.federation.close()
             self._trainer = None
             self._global, self._trainable = None, []  # FedProx's copy lives as long as the fit
-            self._corrections, self._federated = [], []  # so do SCAFFOLD's device copies (c_i stays: checkpointed)
+            self._corrections, self._federated, self._unapplied = [], [], None  # and SCAFFOLD's (c_i is checkpointed)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.federation.close()  # a failed fit may skip teardown; never leave the notification thread behind

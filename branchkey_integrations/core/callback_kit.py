@@ -53,6 +53,13 @@ logger = logging.getLogger(__name__)
 #: ``"average"``: its floating-point part is averaged like the parameters.
 BUFFER_POLICIES = ("local", "average")
 
+#: how a callback applies SCAFFOLD's correction ``c - c_i``: ``"decoupled"``, a step ``w -= lr (c - c_i)`` after each
+#: optimizer step (outside the optimizer: its momentum and moments never see it); ``"gradient"``, added to the
+#: gradient before the step (the paper's ``g - c_i + c``; Lightning only). Why decoupled is the default: the control
+#: variates are measured in the units of the optimizer's steps (``(x - y) / sum(lr)``), which under Adam or momentum
+#: are not the gradient's; fed to Adam as a gradient, the correction swamps the gradient (README: SCAFFOLD).
+SCAFFOLD_CORRECTIONS = ("decoupled", "gradient")
+
 #: dtype names NumPy cannot carry (bfloat16) or that would lose precision in the average (float16): the
 #: upload sends them as float32, and the aggregate is cast back to each parameter's own dtype. Matched by
 #: name, so that one rule serves ``torch.bfloat16``, a Keras ``"bfloat16"`` and an ``ml_dtypes`` array alike.
@@ -177,6 +184,7 @@ class CallbackSettings:
     log_every_s: float = LeafOptions.log_every_s
     client_options: dict[str, Any] | None = field(default=LeafOptions.client_options, repr=False)
     proximal_mu: float = 0.0
+    scaffold_correction: str = "decoupled"
     install_extra: str | None = None
     check_every_s: float = LeafOptions.check_every_s
     connect_timeout: float = LeafOptions.connect_timeout
@@ -186,6 +194,7 @@ class CallbackSettings:
         check_every_n_epochs(self.every_n_epochs)
         check_num_samples(self.num_samples, required=self.num_samples_required)
         check_choice("buffers", self.buffers, BUFFER_POLICIES)
+        check_choice("scaffold_correction", self.scaffold_correction, SCAFFOLD_CORRECTIONS)
         check_flag("reset_optimizer", self.reset_optimizer)
         check_flag("send_metrics", self.send_metrics)
         object.__setattr__(self, "proximal_mu", check_proximal_mu(self.proximal_mu))  # frozen: settled once, here
@@ -243,6 +252,7 @@ class FederatedCallbackMixin:
         proximal_mu: float = CallbackSettings.proximal_mu,
         check_every_s: float = CallbackSettings.check_every_s,
         connect_timeout: float = CallbackSettings.connect_timeout,
+        scaffold_correction: str = CallbackSettings.scaffold_correction,
     ) -> None:
         super().__init__()  # the framework's Callback
         self.settings = CallbackSettings(
@@ -250,7 +260,7 @@ class FederatedCallbackMixin:
             on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
             proximal_mu=proximal_mu, check_every_s=check_every_s, connect_timeout=connect_timeout,
-            num_samples_required=self._num_samples_required, install_extra=self._install_extra)
+            scaffold_correction=scaffold_correction, num_samples_required=self._num_samples_required, install_extra=self._install_extra)
         self.federation: Federation = self.settings.federation
         self.federation.add_progress_listener(self._on_progress)
         self.interrupted_by: int | None = None  # the signal (SIGTERM, SIGINT) that ended the last round, if any
@@ -262,6 +272,7 @@ class FederatedCallbackMixin:
     send_metrics = _setting("send_metrics")
     snapshot_dir = _setting("snapshot_dir")
     proximal_mu = _setting("proximal_mu")
+    scaffold_correction = _setting("scaffold_correction")
 
     @property
     def round(self) -> int:
@@ -374,6 +385,6 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
     return f"round {result.round} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
 
 
-__all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+__all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

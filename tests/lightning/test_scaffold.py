@@ -6,6 +6,7 @@ uploads carry the control updates, the aggregate brings c back, and c_i survives
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch import Callback
 
@@ -35,14 +36,20 @@ class Partner(Callback):
 
 
 class GradientSpy(Callback):
-    """Placed before and after the BranchKeyCallback: the first step's gradients of each epoch, as they come."""
+    """Placed before and after the BranchKeyCallback: the first step's gradients of each epoch, as they come, and
+    the weights as the epoch's second batch starts."""
 
     def __init__(self) -> None:
         self.seen: dict[int, list[np.ndarray]] = {}
+        self.weights: dict[int, list[np.ndarray]] = {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.current_epoch not in self.seen:
             self.seen[trainer.current_epoch] = [p.grad.detach().clone().numpy() for p in pl_module.parameters()]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            self.weights[trainer.current_epoch] = [p.detach().clone().numpy() for p in pl_module.parameters()]
 
 
 def sent_controls(monkeypatch) -> list[list[np.ndarray]]:
@@ -60,14 +67,15 @@ def sent_controls(monkeypatch) -> list[list[np.ndarray]]:
     return seen
 
 
+@pytest.mark.parametrize("mode", ["decoupled", "gradient"])
 def test_two_scaffold_rounds_correct_every_step_and_round_trip_the_control_variates(inprocess_server, monkeypatch,
-                                                                                    tmp_path):
+                                                                                    tmp_path, mode):
     server, credentials = inprocess_server(2)
     ours, partner = scaffold_branch(server, credentials)
     sent = sent_controls(monkeypatch)
     torch.manual_seed(0)
     model = TinyModel()
-    callback = BranchKeyCallback(ours, host=server.url, transport="websocket", timeout=60)
+    callback = BranchKeyCallback(ours, host=server.url, transport="websocket", timeout=60, scaffold_correction=mode)
     before, after = GradientSpy(), GradientSpy()
     fit = trainer([Partner(partner, server), before, callback, after], max_epochs=2)
     fit.fit(model, loader(16, 0))
@@ -78,12 +86,18 @@ def test_two_scaffold_rounds_correct_every_step_and_round_trip_the_control_varia
     assert sum(1 for controls in sent if not controls) == 2
 
     # epoch 0: c = c_i = 0, nothing is added; epoch 1: exactly c - c_i = delta_1 / 2 - delta_1 (N = 2, the partner's
-    # delta is 0), on every parameter's gradient, through SGD with momentum
+    # delta is 0): added to every parameter's gradient ("gradient"), or a step of lr (0.1) times it after the
+    # optimizer's, seen as the next batch starts ("decoupled", which leaves the gradients alone)
+    for epoch in (0, 1):
+        for index, (a, b) in enumerate(zip(before.weights[epoch], after.weights[epoch])):
+            change = -0.1 * -delta_1[index] / 2 if mode == "decoupled" and epoch == 1 else np.zeros_like(a)
+            np.testing.assert_allclose(b - a, change, rtol=1e-5, atol=1e-8)
     for grad_before, grad_after in zip(before.seen[0], after.seen[0]):
         np.testing.assert_array_equal(grad_before, grad_after)
     for grad_before, grad_after, delta in zip(before.seen[1], after.seen[1], delta_1):
         assert np.abs(delta).max() > 1e-3
-        np.testing.assert_allclose(grad_after - grad_before, -delta / 2, rtol=1e-5, atol=1e-7)
+        added = -delta / 2 if mode == "gradient" else np.zeros_like(delta)
+        np.testing.assert_allclose(grad_after - grad_before, added, rtol=1e-5, atol=1e-7)
     # after round 2: c_i = delta_1 + delta_2; c (from the aggregate) = (delta_1 + delta_2) / 2
     for c, c_i, d1, d2 in zip(state.c, state.c_i, delta_1, delta_2):
         np.testing.assert_allclose(c_i, d1.astype(np.float64) + d2, rtol=1e-6, atol=1e-7)
