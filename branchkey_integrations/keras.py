@@ -19,7 +19,7 @@ from .core.callback_kit import BUFFER_POLICIES, CallbackSettings, FederatedCallb
 from .core.callback_kit import require_framework, resolve_weighting, rounds_before, travels_as_float32
 from .core.credentials import CredentialsLike
 from .core.federation import RoundResult
-from .core.scaffold import ScaffoldLeaf
+from .core.callback_kit import ScaffoldLeaf
 
 require_framework("keras", "Keras 3 and a backend (TensorFlow, PyTorch or JAX)", ("keras",))
 

@@ -17,7 +17,7 @@ import numpy as np
 from .core.callback_kit import BUFFER_POLICIES, FederatedCallbackMixin, is_round_epoch, require_framework
 from .core.callback_kit import resolve_weighting
 from .core.outcome import Outcome
-from .core.scaffold import PendingControls, ScaffoldLeaf
+from .core.callback_kit import PendingControls, ScaffoldLeaf
 
 require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pytorch"))
 
@@ -98,6 +98,13 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             optimizer sees the true FedProx gradient (an adaptive one, such as Adam, rescales it like the rest
             of the gradient). Cost: one more copy of the trainable parameters, on the model's device, for the
             length of ``fit``; none when 0.
+        scaffold_correction: how SCAFFOLD's ``c - c_i`` corrects local training in a branch whose strategy is
+            ``scaffold`` (the callback reads the branch config at setup; elsewhere nothing changes):
+            ``"decoupled"`` (default), a step ``w -= lr * (c - c_i)`` after each optimizer step (taken as the next
+            batch starts, and before the round), outside the optimizer's momentum and moments, as Keras does; or
+            ``"gradient"``, added to the gradient in ``on_before_optimizer_step`` where FedProx adds its term
+            (the paper's ``g - c_i + c``: right for plain SGD, and with Adam it swamps the gradient). Each upload
+            then carries the control update, ``c_i`` and ``c`` are part of the checkpoint.
 
     Raises:
         ValueError: an argument is out of range (at construction); the training data has no length

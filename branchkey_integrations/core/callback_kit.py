@@ -42,7 +42,7 @@ from .errors import BranchKeyError
 from .federation import Federation
 from .outcome import Layers, Outcome, Weighting, layer_names_in
 from .progress import WaitProgress
-from .scaffold import runs_scaffold
+from .scaffold import PendingControls, ScaffoldLeaf, runs_scaffold
 from .leaf_options import LeafOptions
 from .signals import InterruptOnSignals, exit_status, signal_name
 from .snapshots import require_safetensors
@@ -385,6 +385,7 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
     return f"round {result.round} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
 
 
-__all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+__all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS",
+           "ScaffoldLeaf", "PendingControls", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]
