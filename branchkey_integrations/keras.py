@@ -148,6 +148,8 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             tensor operations per weight and batch (on JAX also a sync of the trainer's state per batch);
             none when 0.
 
+    ``scaffold_correction``: ``"decoupled"`` only (the step below); Lightning's ``"gradient"`` is refused.
+
     SCAFFOLD (Karimireddy et al. 2020) runs by itself in a branch whose strategy is ``scaffold`` (the callback
     reads the branch config when ``fit`` begins): before each training batch (and once more before the round)
     the callback takes the control-variate step of the optimizer steps since the last one,
@@ -205,13 +207,18 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         client_options: dict[str, Any] | None = CallbackSettings.client_options,
         check_every_s: float = CallbackSettings.check_every_s,
         connect_timeout: float = CallbackSettings.connect_timeout,
+        scaffold_correction: str = CallbackSettings.scaffold_correction,
     ) -> None:
         # every argument spelled out, for IDEs and inspect.signature; the shared ones are the mixin's to check
+        if scaffold_correction == "gradient":
+            raise ValueError("Expected scaffold_correction='decoupled' on Keras, which has no gradient hook on every "
+                             "backend (the Lightning callback has 'gradient'). Received: scaffold_correction='gradient'")
         super().__init__(credentials, host, num_samples=num_samples, every_n_epochs=every_n_epochs, timeout=timeout,
                          on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer,
                          send_metrics=send_metrics, proximal_mu=proximal_mu, snapshot_dir=snapshot_dir,
                          transport=transport, log_every_s=log_every_s, client_options=client_options,
-                         check_every_s=check_every_s, connect_timeout=connect_timeout)
+                         check_every_s=check_every_s, connect_timeout=connect_timeout,
+                         scaffold_correction=scaffold_correction)
         if validation_data is not None and isinstance(validation_data, (str, bytes, int, float)):
             raise ValueError("Expected validation_data to be what model.evaluate takes: an (x, y) tuple or a "
                              f"dataset. Received: validation_data={validation_data!r}")

@@ -62,14 +62,14 @@ class Scaffold(Strategy):
                 notes.append(f"the SCAFFOLD control variate after round {previous[0]} is missing from the store "
                              f"({c_in.name}): c starts again from zero")
                 c_in = None
+        for note in notes:  # a file lost from the store: an error, as the server optimizers say theirs
+            logger.error("%s: %s", where, note)
         without = [u.leaf_id for u in round_.uploads if not has_controls(u.path)]
-        if without:
+        if without:  # an official client (or any that does not run SCAFFOLD): counted, and said
             notes.append(f"{len(without)} of {len(round_.uploads)} uploads carry no control update (a client that "
                          "does not run SCAFFOLD, such as the official one): counted with delta c = 0")
             logger.info("%s: uploads of leaves %s carry no control_<n> members: counted with delta c = 0", where,
                         ", ".join(without))
-        for note in notes[:-1] if without else notes:
-            logger.error("%s: %s", where, note)
         leaves = max(len(store.list_leaves(round_.branch_id)), len(round_.uploads))
         destination, c_out = store.new_temp_path(), store.new_state_temp_path()
         round_.temps += [c_out, destination]

@@ -44,3 +44,15 @@ def test_two_scaffold_rounds_and_a_restored_leaf(inprocess_server, tmp_path, bac
     for step, expected in zip(result["step_epoch_2"], result["expected_epoch_2"]):  # the restored c_i is used
         assert np.abs(expected).max() > 1e-4
         np.testing.assert_allclose(step, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_gradient_correction_is_refused_on_keras_and_a_bad_value_everywhere():
+    from branchkey_integrations.keras import BranchKeyKerasCallback
+
+    from .test_callback import CREDS, HOST
+
+    with pytest.raises(ValueError, match="Expected scaffold_correction='decoupled' on Keras"):
+        BranchKeyKerasCallback(CREDS, HOST, num_samples=8, scaffold_correction="gradient")
+    with pytest.raises(ValueError, match=r"Expected scaffold_correction in \('decoupled', 'gradient'\)"):
+        BranchKeyKerasCallback(CREDS, HOST, num_samples=8, scaffold_correction="paper")
+    assert BranchKeyKerasCallback(CREDS, HOST, num_samples=8).scaffold_correction == "decoupled"

@@ -120,3 +120,23 @@ def test_a_scaffold_upload_whose_controls_do_not_match_its_layers_is_refused(liv
 
 def test_the_protocol_and_the_catalogue_agree_on_which_algorithms_carry_controls() -> None:
     assert sorted(name for name, cls in STRATEGIES.items() if cls.carries_controls) == sorted(CONTROLLED_ALGORITHMS)
+
+
+def test_c_is_kept_in_the_store_across_a_restart(start_server, tmp_path) -> None:
+    first = start_server(tmp_path / "data")
+    branch, leaves = first.make_branch(2, strategy="scaffold")
+    rng = np.random.default_rng(3)
+    deltas = [[rng.normal(size=4).astype(np.float32) for _ in leaves] for _ in range(2)]
+    layer = np.zeros(4, np.float32)
+    for leaf, delta in zip(leaves, deltas[0]):
+        assert first.upload(leaf, wire.prepare([layer], 1.0, controls=[delta]).getvalue()).status_code == 201
+    first.wait_aggregate(branch["id"])
+    first.thread.stop()  # the store and its state files are all that survive
+    first.thread.stop = lambda: None  # type: ignore[method-assign] - the fixture would stop it again
+    second = start_server(tmp_path / "data")
+    for leaf, delta in zip(leaves, deltas[1]):
+        assert second.upload(leaf, wire.prepare([layer], 1.0, controls=[delta]).getvalue()).status_code == 201
+    aggregate = second.fetch(leaves[0], second.wait_aggregate(branch["id"], index=1))
+    c = (np.zeros(4) + deltas[0][0].astype(np.float64) + deltas[0][1]) / 2  # c + sum(delta c_i) / N, as the server
+    c = c + (np.zeros(4) + deltas[1][0].astype(np.float64) + deltas[1][1]) / 2
+    np.testing.assert_array_equal(aggregate.controls[0], c.astype(np.float32))
