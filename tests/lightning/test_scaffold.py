@@ -5,6 +5,8 @@ uploads carry the control updates, the aggregate brings c back, and c_i survives
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,7 @@ class Partner(Callback):
     """The other leaf of the branch: uploads its layers (no controls) as each epoch begins."""
 
     def __init__(self, credentials, server) -> None:
-        self.credentials, self.server = credentials, server
+        self.credentials, self.server = credentials, SimpleNamespace(url=server.url)  # picklable: DDP spawn
 
     def on_train_epoch_start(self, trainer, pl_module):
         partner_upload(self.credentials, self.server,
@@ -126,3 +128,28 @@ def test_a_fedavg_branch_gets_no_controls_and_no_correction(inprocess_server, mo
     for epoch in (0, 1):
         for grad_before, grad_after in zip(before.seen[epoch], after.seen[epoch]):
             np.testing.assert_array_equal(grad_before, grad_after)
+
+
+class RankZeroPartner(Partner):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.is_global_zero:  # one partner upload per round, whatever the number of ranks
+            super().on_train_epoch_start(trainer, pl_module)
+
+
+def test_under_ddp_every_rank_corrects_alike_and_loads_the_same_aggregate(inprocess_server, tmp_path):
+    from .models import DiskRecorder
+
+    server, credentials = inprocess_server(2)
+    ours, partner = scaffold_branch(server, credentials)
+    torch.manual_seed(0)
+    callback = BranchKeyCallback(ours, host=server.url, transport="websocket", timeout=60)
+    trained, loaded = DiskRecorder(tmp_path, "trained"), DiskRecorder(tmp_path, "loaded")
+    trainer([RankZeroPartner(partner, server), trained, callback, loaded], max_epochs=2, strategy="ddp_spawn",
+            devices=2).fit(TinyModel(), loader(32, 0))
+    for label in ("trained", "loaded"):
+        for number in (1, 2):  # round 2's local training ran with c - c_i != 0 on both ranks
+            ranks = [dict(np.load(tmp_path / f"{label}_rank{r}_{number}.npz")) for r in (0, 1)]
+            for name in set(ranks[0]) - {"__connected__"}:  # only rank 0 talks to the platform
+                np.testing.assert_array_equal(ranks[0][name], ranks[1][name])
+    first, second = (dict(np.load(tmp_path / f"loaded_rank0_{n}.npz")) for n in (1, 2))
+    assert any(not np.array_equal(first[k], second[k]) for k in first if k != "__connected__")
