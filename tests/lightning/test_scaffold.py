@@ -114,6 +114,16 @@ def test_two_scaffold_rounds_correct_every_step_and_round_trip_the_control_varia
     for name in ("c_i", "c"):
         for kept, back in zip(getattr(state, name), getattr(restored._scaffold, name)):
             np.testing.assert_array_equal(kept, back)
+    if mode != "decoupled":
+        return
+    # a fit resumed from the checkpoint, in a new callback: its first correction is the restored c - c_i
+    resumed = BranchKeyCallback(ours, host=server.url, transport="websocket", timeout=60)
+    before, after = GradientSpy(), GradientSpy()
+    trainer([Partner(partner, server), before, resumed, after], max_epochs=3).fit(TinyModel(), loader(16, 0),
+                                                                                  ckpt_path=path)
+    assert resumed.round == 3
+    for index, (a, b) in enumerate(zip(before.weights[2], after.weights[2])):
+        np.testing.assert_allclose(b - a, -0.1 * (state.c[index] - state.c_i[index]), rtol=1e-5, atol=1e-8)
 
 
 def test_a_fedavg_branch_gets_no_controls_and_no_correction(inprocess_server, monkeypatch):
