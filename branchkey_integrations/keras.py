@@ -211,8 +211,9 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     ) -> None:
         # every argument spelled out, for IDEs and inspect.signature; the shared ones are the mixin's to check
         if scaffold_correction == "gradient":
-            raise ValueError("Expected scaffold_correction='decoupled' on Keras, which has no gradient hook on every "
-                             "backend (the Lightning callback has 'gradient'). Received: scaffold_correction='gradient'")
+            raise ValueError("Expected scaffold_correction='decoupled' on Keras, which has no gradient hook on "
+                             "every backend (the Lightning callback has 'gradient'). "
+                             "Received: scaffold_correction='gradient'")
         super().__init__(credentials, host, num_samples=num_samples, every_n_epochs=every_n_epochs, timeout=timeout,
                          on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer,
                          send_metrics=send_metrics, proximal_mu=proximal_mu, snapshot_dir=snapshot_dir,

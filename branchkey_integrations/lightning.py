@@ -250,9 +250,11 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             return
         tensors = federated_tensors(pl_module, self.buffers)
         self._control_step()  # the epoch's last steps, before the model is uploaded
-        pending = self._scaffold.prepare([to_numpy(t) for _, t in tensors]) if self._scaffold_on and self._scaffold else None
+        scaffold = self._scaffold if self._scaffold_on else None
+        pending = scaffold.prepare([to_numpy(t) for _, t in tensors]) if scaffold is not None else None
         # rank 0's outcome, and the signal that ended its wait (if one did): every rank acts on both alike
-        sent = (self._round_on_rank_zero(trainer, tensors, pending), self.interrupted_by) if trainer.is_global_zero else None
+        sent = ((self._round_on_rank_zero(trainer, tensors, pending), self.interrupted_by) if trainer.is_global_zero
+                else None)
         outcome, signum = cast("tuple[Outcome, int | None]", trainer.strategy.broadcast(sent, src=0))
         if signum is not None and outcome.kind == "error":  # failed under a signal: end the run, not raise
             self.__dict__.pop("_local_error", None)

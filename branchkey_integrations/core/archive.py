@@ -173,7 +173,8 @@ def spec_mismatch(
 
 
 __all__ = [
-    "Archive", "LayerSpec", "layer_key", "control_key", "check_compression_ratio", "check_weighting", "check_finite", "all_finite",
+    "Archive", "LayerSpec", "layer_key", "control_key",
+    "check_compression_ratio", "check_weighting", "check_finite", "all_finite",
     "spec_mismatch", "MIN_WEIGHTING", "MAX_WEIGHTING", "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_TOTAL_BYTES",
     "COMPRESSION_RATIO_FLOOR_BYTES", "DEFAULT_MAX_COMPRESSION_RATIO",
 ]

@@ -260,7 +260,8 @@ class FederatedCallbackMixin:
             on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
             proximal_mu=proximal_mu, check_every_s=check_every_s, connect_timeout=connect_timeout,
-            scaffold_correction=scaffold_correction, num_samples_required=self._num_samples_required, install_extra=self._install_extra)
+            scaffold_correction=scaffold_correction,
+            num_samples_required=self._num_samples_required, install_extra=self._install_extra)
         self.federation: Federation = self.settings.federation
         self.federation.add_progress_listener(self._on_progress)
         self.interrupted_by: int | None = None  # the signal (SIGTERM, SIGINT) that ended the last round, if any
@@ -386,6 +387,7 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
 
 
 __all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS",
-           "ScaffoldLeaf", "PendingControls", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+           "ScaffoldLeaf", "PendingControls",
+           "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

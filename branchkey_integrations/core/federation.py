@@ -245,7 +245,7 @@ class Federation:
         names: Sequence[str] | None = None,
         controls: Sequence[np.ndarray] = (),
     ) -> RoundResult:
-        """Upload ``layers`` (and SCAFFOLD's ``controls``), wait for the round's aggregate, check it against ``expected``.
+        """Upload ``layers`` (and SCAFFOLD's ``controls``), wait for the round's aggregate, check it.
 
         ``expected`` defaults to the specs of ``layers``; ``names`` (the parameters' real names)
         make error messages useful. A leaf more than one round behind its branch loads the branch's
@@ -360,8 +360,8 @@ class Federation:
             logger.info("Ignoring aggregate %s: it arrived before this leaf's upload", stale)
         return mark
 
-    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None,
-                notes: RoundNotes, controls: Sequence[np.ndarray] = ()) -> tuple[int, tuple[int, int] | None, AggregateRef | None]:
+    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None, notes: RoundNotes,
+                controls: Sequence[np.ndarray] = ()) -> tuple[int, tuple[int, int] | None, AggregateRef | None]:
         """Upload once the run is in ``start``; a pause (even one that races the upload) is waited out.
 
         Returns the mark taken just before the upload (see :meth:`RoundWaiter.drain`) and the

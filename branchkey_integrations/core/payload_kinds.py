@@ -263,5 +263,6 @@ def validate_upload(archive: Archive, expected: Sequence[LayerSpec] | None = Non
 
 
 __all__ = ["PayloadKind", "FederatedLearning", "FederatedAnalytics", "FEDERATED_LEARNING", "FEDERATED_ANALYTICS",
-           "PAYLOAD_KIND_OBJECTS", "payload_kind", "supported_kind", "validate_upload", "control_problem", "SMALL_KEY_BYTES",
+           "PAYLOAD_KIND_OBJECTS", "payload_kind", "supported_kind", "validate_upload",
+           "control_problem", "SMALL_KEY_BYTES",
            "FIELD_DTYPE_KINDS", "FIELD_NAME_REFUSED", "MAX_FIELD_NAME", "RESERVED_FIELD_NAMES", "field_name_problem", "field_array"]

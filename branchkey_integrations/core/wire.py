@@ -39,7 +39,8 @@ __all__ = [
     "KIND_FEDERATED_ANALYTICS", "LAYER_PATTERN", "encode", "prepare", "prepare_fields", "EncodedArchive", "ArchiveWriter", "decode",
     "scan", "check_weighting", "MIN_WEIGHTING", "MAX_WEIGHTING", "check_compression_ratio",
     "COMPRESSION_RATIO_FLOOR_BYTES", "DEFAULT_MAX_COMPRESSION_RATIO", "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_TOTAL_BYTES",
-    "check_finite", "all_finite", "spec_mismatch", "validate_upload", "control_problem", "layer_key", "control_key", "read_layer", "read_control", "layer_pieces",
+    "check_finite", "all_finite", "spec_mismatch", "validate_upload", "control_problem",
+    "layer_key", "control_key", "read_layer", "read_control", "layer_pieces",
     "stored_members", "Codec", "register_codec", "unregister_codec", "codec_named", "codec_names", "FAST_DEFLATE",
     "DEFAULT_DEFLATE_LEVEL", "ZIP_STORED", "ZIP_DEFLATED", "CORRUPT_ZIP_ERRORS", "Source",
 ]

@@ -90,15 +90,16 @@ class Scaffold(Strategy):
             zips = [stack.enter_context(zipfile.ZipFile(u.path)) for u in uploads]
             handle = stack.enter_context(open(c_out, "wb"))
             controls = ControlStep(c_reader, zips, leaves, handle, specs)
-            result = aggregate_files([(mean, 1.0)], specs, destination, ServerStep(self.params["eta_g"], previous_reader),
-                                     controls.members)
+            step = ServerStep(self.params["eta_g"], previous_reader)
+            result = aggregate_files([(mean, 1.0)], specs, destination, step, controls.members)
             handle.flush()
             os.fsync(handle.fileno())
         return result
 
 
 class ServerStep(Combiner):
-    """The layers: the round's mean, or ``x_prev + eta_g (mean - x_prev)`` for float layers when ``previous`` is given."""
+    """The layers: the round's mean, or for float layers ``x_prev + eta_g (mean - x_prev)`` when ``previous`` is
+    given."""
 
     def __init__(self, eta_g: float, previous: LayerReader | None) -> None:
         self.eta_g, self.previous = eta_g, previous
@@ -143,8 +144,9 @@ class ControlStep:
         if self.c_in is not None:
             stored = self.c_in.read_layer(index)
             if stored.shape != spec.shape or stored.dtype != np.float64:
+                expected = LayerSpec(spec.shape, np.dtype(np.float64))
                 raise AggregationError(f"{wire.layer_key(index)}: the stored control variate holds "
-                                       f"{LayerSpec.of(stored)}, expected {LayerSpec(spec.shape, np.dtype(np.float64))}.")
+                                       f"{LayerSpec.of(stored)}, expected {expected}.")
             c += stored
         total = np.zeros(spec.shape, np.float64)
         for upload in self.uploads:

@@ -284,5 +284,6 @@ def _number(value: object) -> float | None:
 
 __all__ = [
     "DEFAULT_STRATEGY", "Param", "StateStore", "RoundInputs", "Combined", "Strategy", "STRATEGIES", "CATALOGUE",
-    "register_strategy", "unregister_strategy", "strategy_class", "strategy_for", "takes_controls", "check_strategy", "describe",
+    "register_strategy", "unregister_strategy", "strategy_class", "strategy_for",
+    "takes_controls", "check_strategy", "describe",
 ]
