@@ -19,6 +19,7 @@ from .core.callback_kit import BUFFER_POLICIES, CallbackSettings, FederatedCallb
 from .core.callback_kit import require_framework, resolve_weighting, rounds_before, travels_as_float32
 from .core.credentials import CredentialsLike
 from .core.federation import RoundResult
+from .core.callback_kit import ScaffoldLeaf
 
 require_framework("keras", "Keras 3 and a backend (TensorFlow, PyTorch or JAX)", ("keras",))
 
@@ -147,6 +148,18 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             tensor operations per weight and batch (on JAX also a sync of the trainer's state per batch);
             none when 0.
 
+    ``scaffold_correction``: ``"decoupled"`` only (the step below); Lightning's ``"gradient"`` is refused.
+
+    SCAFFOLD (Karimireddy et al. 2020) runs by itself in a branch whose strategy is ``scaffold`` (the callback
+    reads the branch config when ``fit`` begins): before each training batch (and once more before the round)
+    the callback takes the control-variate step of the optimizer steps since the last one,
+    ``w <- w - k * lr * (c - c_i)`` (``k`` steps by ``optimizer.iterations``, ``lr`` as for FedProx), which for
+    plain SGD is SCAFFOLD's corrected gradient step and for momentum and Adam a decoupled one, as FedProx's;
+    each upload carries the leaf's control update, each aggregate the server's ``c``. A batch-begin hook, as
+    Keras calls it synchronously whatever the other callbacks (batch-end hooks may run asynchronously). The
+    leaf's control variate ``c_i`` stays in the callback across ``fit`` calls; across processes, save
+    :meth:`state_dict` with the model and give it back with :meth:`load_state_dict` before ``fit``.
+
     Raises:
         ValueError: an argument is out of range (at construction); the model has no trainable weights
             (at ``fit`` start).
@@ -194,13 +207,19 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         client_options: dict[str, Any] | None = CallbackSettings.client_options,
         check_every_s: float = CallbackSettings.check_every_s,
         connect_timeout: float = CallbackSettings.connect_timeout,
+        scaffold_correction: str = CallbackSettings.scaffold_correction,
     ) -> None:
         # every argument spelled out, for IDEs and inspect.signature; the shared ones are the mixin's to check
+        if scaffold_correction == "gradient":
+            raise ValueError("Expected scaffold_correction='decoupled' on Keras, which has no gradient hook on "
+                             "every backend (the Lightning callback has 'gradient'). "
+                             "Received: scaffold_correction='gradient'")
         super().__init__(credentials, host, num_samples=num_samples, every_n_epochs=every_n_epochs, timeout=timeout,
                          on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer,
                          send_metrics=send_metrics, proximal_mu=proximal_mu, snapshot_dir=snapshot_dir,
                          transport=transport, log_every_s=log_every_s, client_options=client_options,
-                         check_every_s=check_every_s, connect_timeout=connect_timeout)
+                         check_every_s=check_every_s, connect_timeout=connect_timeout,
+                         scaffold_correction=scaffold_correction)
         if validation_data is not None and isinstance(validation_data, (str, bytes, int, float)):
             raise ValueError("Expected validation_data to be what model.evaluate takes: an (x, y) tuple or a "
                              f"dataset. Received: validation_data={validation_data!r}")
@@ -211,6 +230,10 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         self._global: list[Any] | None = None  # FedProx's w_g, one tensor per trainable weight, while fit runs
         self._trainable: list[keras.Variable] = []  # the weights w_g mirrors, in the same order
         self._last_step = -1  # the batch index of the last proximal step in this epoch
+        self._scaffold: ScaffoldLeaf | None = None  # SCAFFOLD's state, in a SCAFFOLD branch (kept across fits)
+        self._scaffold_on = False  # this fit's branch runs SCAFFOLD
+        self._corrected_at = 0  # optimizer.iterations at the last SCAFFOLD step
+        self._corrections: list[Any] = []  # c - c_i per federated variable (None: not trained), while fit runs
         if self.proximal_mu:  # only then: a batch hook of its own costs Keras its asynchronous callback dispatch
             self.on_train_batch_end = self._proximal_step
 
@@ -222,6 +245,10 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             raise ValueError(f"{type(self.model).__name__} {self.model.name!r} has no trainable weights to federate.")
         resolve_weighting(self.num_samples)  # a broken callable fails now, not after the first epoch
         self.federation.connect()
+        self._scaffold_on = self._branch_runs_scaffold()
+        if self._scaffold_on:  # a batch-begin hook: Keras never dispatches those asynchronously
+            self._scaffold = self._scaffold or ScaffoldLeaf()
+            self.on_train_batch_begin = self._control_step
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._last_step = -1
@@ -229,8 +256,10 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             self._first_epoch = epoch
             self._resume_round_count(epoch)
             # FedProx's first w_g: the common starting point, after every on_train_begin (BackupAndRestore's
-            # restore included, wherever it stands in the list)
+            # restore included, wherever it stands in the list); SCAFFOLD's x likewise
             self._keep_global_model()
+            if self._scaffold_on:
+                self._start_scaffold()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs if logs is not None else {}
@@ -240,6 +269,8 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             return
         self._bar_open = self._verbose() in _BAR_VERBOSITIES
         try:
+            if self._scaffold_on:
+                self._control_step(None)  # the epoch's last batches, before their model is uploaded
             self._federate(logs)
         except BaseException:
             self.federation.close()  # Keras has no on_exception hook: never leave the notification thread behind
@@ -251,6 +282,54 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.federation.close()
         self._global, self._trainable = None, []  # FedProx's copy lives as long as the fit
+        self._corrections = []  # SCAFFOLD's too (c_i stays, in the callback)
+        self.__dict__.pop("on_train_batch_begin", None)  # the next fit asks the branch config again
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resumes this leaf in another process: the round state and SCAFFOLD's ``c_i`` and ``c`` (NumPy
+        float64 arrays, None before the first round; absent outside SCAFFOLD branches)."""
+        state: dict[str, Any] = self.federation.state_dict()
+        if self._scaffold is not None:
+            state["scaffold"] = self._scaffold.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (before ``fit``)."""
+        self.federation.load_state_dict(state)
+        if state.get("scaffold") is not None:
+            self._scaffold = ScaffoldLeaf()
+            self._scaffold.load_state_dict(state["scaffold"])
+
+    def _start_scaffold(self, fresh: bool = True) -> None:
+        """SCAFFOLD's round starts from the model as it stands (``fresh``: at fit start; else the aggregate that
+        :meth:`ScaffoldLeaf.commit` started it from) and its corrections are made for the variables' devices."""
+        assert self._scaffold is not None
+        variables = federated_variables(self.model, self.buffers)
+        if fresh:
+            self._scaffold.start([to_numpy(v) for v in variables], [v.trainable for v in variables])
+        self._corrected_at = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        corrections = self._scaffold.correction() or [None] * len(variables)
+        self._corrections = [None if c is None else keras.ops.convert_to_tensor(c, v.dtype)
+                             for c, v in zip(corrections, variables)]
+
+    def _control_step(self, batch: int | None, logs: dict[str, Any] | None = None) -> None:
+        """SCAFFOLD after the optimizer steps since the last call: ``w <- w - k * lr * (c - c_i)``; the rates go
+        into the control update."""
+        if self._scaffold is None or not self._corrections:
+            return
+        if hasattr(self.model, "jax_state_sync"):  # JAX: the trainer holds the weights; the next batch re-reads them
+            self.model.jax_state_sync()
+        optimizer = self.model.optimizer
+        now = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        steps, self._corrected_at = now - self._corrected_at, now
+        if steps < 1:
+            return
+        rate = steps * float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        variables = federated_variables(self.model, self.buffers)
+        for variable, correction in zip(variables, self._corrections):
+            if correction is not None:
+                variable.assign_sub(keras.ops.cast(rate, variable.dtype) * correction)
+        self._scaffold.step([rate if trained else 0.0 for trained in self._scaffold.trained])
 
     def _proximal_step(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """FedProx after the optimizer steps up to ``batch``: ``k`` proximal steps of size ``s = min(lr * mu, 1)``
@@ -312,8 +391,9 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     def _federate(self, logs: dict[str, Any]) -> None:
         variables = federated_variables(self.model, self.buffers)
         arrays = [to_numpy(v) for v in variables]
+        pending = self._scaffold.prepare(arrays) if self._scaffold_on and self._scaffold is not None else None
         started = time.monotonic()
-        outcome = self._exchange(arrays, [v.path for v in variables])
+        outcome = self._exchange(arrays, [v.path for v in variables], controls=pending.delta if pending else ())
         if self.interrupted_by is not None and outcome.kind == "error":  # failed under a signal: end the run
             raise self._end_run(self.interrupted_by)
         if outcome.kind == "error":
@@ -329,6 +409,10 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
                 if self.send_metrics and not result.caught_up:  # the epoch's training produced this round's upload
                     self._send(_scalars(logs), "train", result.aggregation_id)
                 self._load(variables, result, logs)
+                if pending is not None:  # c_i moves on (not after a catch-up), c arrives, x is the aggregate
+                    assert self._scaffold is not None
+                    self._scaffold.commit(None if result.caught_up else pending, result.controls, result.layers)
+                    self._start_scaffold(fresh=False)
             logs.update(branchkey_round=float(result.round), branchkey_wait_s=result.wait_s,
                         branchkey_upload_mb=result.upload_mb)
         if self.interrupted_by is not None:  # a signal came: its outcome applied, now end

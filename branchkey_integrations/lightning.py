@@ -17,11 +17,13 @@ import numpy as np
 from .core.callback_kit import BUFFER_POLICIES, FederatedCallbackMixin, is_round_epoch, require_framework
 from .core.callback_kit import resolve_weighting
 from .core.outcome import Outcome
+from .core.callback_kit import PendingControls, ScaffoldLeaf
 
 require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pytorch"))
 
 import torch  # noqa: E402 - after the check that gives an install hint
-from .torch_tensors import add_proximal_gradient, federated_tensors, load_arrays, to_numpy  # noqa: E402
+from .torch_tensors import add_control_correction, add_proximal_gradient, apply_control_step  # noqa: E402
+from .torch_tensors import federated_tensors, load_arrays, to_numpy  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
@@ -96,6 +98,13 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             optimizer sees the true FedProx gradient (an adaptive one, such as Adam, rescales it like the rest
             of the gradient). Cost: one more copy of the trainable parameters, on the model's device, for the
             length of ``fit``; none when 0.
+        scaffold_correction: how SCAFFOLD's ``c - c_i`` corrects local training in a branch whose strategy is
+            ``scaffold`` (the callback reads the branch config at setup; elsewhere nothing changes):
+            ``"decoupled"`` (default), a step ``w -= lr * (c - c_i)`` after each optimizer step (taken as the next
+            batch starts, and before the round), outside the optimizer's momentum and moments, as Keras does; or
+            ``"gradient"``, added to the gradient in ``on_before_optimizer_step`` where FedProx adds its term
+            (the paper's ``g - c_i + c``: right for plain SGD, and with Adam it swamps the gradient). Each upload
+            then carries the control update, ``c_i`` and ``c`` are part of the checkpoint.
 
     Raises:
         ValueError: an argument is out of range (at construction); the training data has no length
@@ -124,6 +133,11 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     _trainer: Trainer | None = None  # the trainer of the running fit: where the callback prints
     _global: list[torch.Tensor] | None = None  # FedProx's w_g, one copy per trainable parameter; None when off
     _trainable: list[torch.Tensor] = []  # the parameters w_g mirrors, in the same order
+    _scaffold: ScaffoldLeaf | None = None  # SCAFFOLD's state, in a SCAFFOLD branch (kept across fits, checkpointed)
+    _scaffold_on = False  # this fit's branch runs SCAFFOLD (rank 0 asked the branch config; every rank knows)
+    _corrections: list[torch.Tensor | None] = []  # c - c_i per federated tensor, on its device and in its dtype
+    _federated: list[torch.Tensor] = []  # the federated tensors the corrections align with
+    _unapplied: np.ndarray | None = None  # decoupled SCAFFOLD: per tensor, the rates of the steps not yet corrected
 
     # ------------------------------------------------------------------ state
     @property
@@ -132,16 +146,24 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
                                         buffers=self.buffers)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.federation.state_dict(), "last_epoch": self._last_epoch}
+        state = {**self.federation.state_dict(), "last_epoch": self._last_epoch}
+        if self._scaffold is not None:  # as tensors: a checkpoint loads with torch.load(weights_only=True)
+            state["scaffold"] = {name: None if held is None else [torch.from_numpy(a) for a in held]
+                                 for name, held in self._scaffold.state_dict().items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.federation.load_state_dict(state_dict)
         self._last_epoch = int(state_dict.get("last_epoch", -1))
+        if state_dict.get("scaffold") is not None:  # the leaf's control variate c_i (and the server's c)
+            self._scaffold = ScaffoldLeaf()
+            self._scaffold.load_state_dict({name: None if held is None else [t.numpy() for t in held]
+                                            for name, held in state_dict["scaffold"].items()})
 
     def __getstate__(self) -> dict[str, Any]:
         # Federation drops its client itself; a pending error holds a traceback, which does not pickle
         # FedProx's copy belongs to one fit, on one device
-        dropped = ("_local_error", "_trainer", "_global", "_trainable")
+        dropped = ("_local_error", "_trainer", "_global", "_trainable", "_corrections", "_federated", "_unapplied")
         return {k: v for k, v in self.__dict__.items() if k not in dropped}
 
     # ------------------------------------------------------------------ hooks
@@ -153,12 +175,21 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         self._last_epoch = -1  # a new fit starts counting epochs at 0 (a checkpoint, restored after this, overrides)
         if trainer.is_global_zero:
             self.federation.connect()
+            self._scaffold_on = self._branch_runs_scaffold()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not federated_tensors(pl_module, self.buffers):
             raise ValueError(f"{type(pl_module).__name__} has no trainable parameters to federate.")
         self._weighting(trainer)  # fail now, not after the first epoch
         self._keep_global_model(pl_module)  # the common starting point is FedProx's first w_g
+        self._scaffold_on = bool(trainer.strategy.broadcast(self._scaffold_on, src=0))
+        if self._scaffold_on:  # the round starts from the model as it stands (after a checkpoint is restored)
+            self._scaffold = self._scaffold or ScaffoldLeaf()
+            tensors = federated_tensors(pl_module, self.buffers)
+            self._federated = [t for _, t in tensors]
+            self._scaffold.start([to_numpy(t) for t in self._federated],
+                                 [isinstance(t, torch.nn.Parameter) and t.requires_grad for t in self._federated])
+            self._keep_corrections()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # FedProx: Lightning calls this once per optimizer step (after gradient accumulation, in manual
@@ -169,6 +200,23 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if self._global is not None:
             scale = amp_scale_left_in(trainer, optimizer)
             add_proximal_gradient(self._trainable, self._global, optimizer, self.proximal_mu * scale)
+        if self._scaffold_on and self._scaffold is not None:  # SCAFFOLD, where FedProx adds its term
+            if self.scaffold_correction == "gradient":  # g - c_i + c goes into the optimizer
+                rates = add_control_correction(self._federated, self._corrections, optimizer,
+                                               amp_scale_left_in(trainer, optimizer))
+            else:  # decoupled: the rates only; the step w -= lr (c - c_i) follows the optimizer's (_control_step)
+                rates = add_control_correction(self._federated, None, optimizer)
+                self._unapplied = rates if self._unapplied is None else self._unapplied + rates
+            self._scaffold.step(rates)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._control_step()  # the decoupled SCAFFOLD step of the optimizer steps since the last batch
+
+    def _control_step(self) -> None:
+        """Decoupled SCAFFOLD: ``w -= (sum of the rates of the steps since the last call) * (c - c_i)``."""
+        if self._unapplied is not None:
+            apply_control_step(self._federated, self._corrections, self._unapplied)
+            self._unapplied = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -201,13 +249,17 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if not is_round_epoch(epoch, self.every_n_epochs) or epoch <= self._last_epoch:
             return
         tensors = federated_tensors(pl_module, self.buffers)
+        self._control_step()  # the epoch's last steps, before the model is uploaded
+        scaffold = self._scaffold if self._scaffold_on else None
+        pending = scaffold.prepare([to_numpy(t) for _, t in tensors]) if scaffold is not None else None
         # rank 0's outcome, and the signal that ended its wait (if one did): every rank acts on both alike
-        sent = (self._round_on_rank_zero(trainer, tensors), self.interrupted_by) if trainer.is_global_zero else None
+        sent = ((self._round_on_rank_zero(trainer, tensors, pending), self.interrupted_by) if trainer.is_global_zero
+                else None)
         outcome, signum = cast("tuple[Outcome, int | None]", trainer.strategy.broadcast(sent, src=0))
         if signum is not None and outcome.kind == "error":  # failed under a signal: end the run, not raise
             self.__dict__.pop("_local_error", None)
             raise self._end_run(signum)
-        self._apply(outcome, trainer, pl_module, tensors)
+        self._apply(outcome, trainer, pl_module, tensors, pending)
         if signum is not None:  # a signal came: the outcome is applied, then the run ends
             raise self._end_run(signum)
 
@@ -216,6 +268,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             self.federation.close()
             self._trainer = None
             self._global, self._trainable = None, []  # FedProx's copy lives as long as the fit
+            self._corrections, self._federated, self._unapplied = [], [], None  # and SCAFFOLD's (c_i is checkpointed)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.federation.close()  # a failed fit may skip teardown; never leave the notification thread behind
@@ -258,6 +311,13 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
                 self._global = [t.detach().clone() for t in trainable]
         self._trainable = trainable
 
+    def _keep_corrections(self) -> None:
+        """SCAFFOLD: ``c - c_i`` on each federated tensor's device, in its dtype (None: no correction)."""
+        assert self._scaffold is not None
+        corrections = self._scaffold.correction() or [None] * len(self._federated)
+        self._corrections = [None if c is None else torch.from_numpy(c).to(t.device, t.dtype)
+                             for c, t in zip(corrections, self._federated)]
+
     def _weighting(self, trainer: Trainer) -> float:
         return resolve_weighting(self.num_samples, lambda: self._dataset_length(trainer))
 
@@ -273,16 +333,17 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             raise ValueError("The training dataset is empty: nothing to federate.")
         return len(dataset)
 
-    def _round_on_rank_zero(self, trainer: Trainer, tensors: list[tuple[str, torch.Tensor]]) -> Outcome:
+    def _round_on_rank_zero(self, trainer: Trainer, tensors: list[tuple[str, torch.Tensor]],
+                            pending: PendingControls | None = None) -> Outcome:
         """Rank 0: one round, as an outcome the other ranks can receive (every failure included)."""
         outcome = self._exchange(lambda: [to_numpy(t) for _, t in tensors], [name for name, _ in tensors],
-                                 lambda: self._weighting(trainer))
+                                 lambda: self._weighting(trainer), pending.delta if pending is not None else ())
         if outcome.kind == "error":
             self._local_error = outcome.error  # raised here with its traceback; other ranks get a portable copy
         return outcome.portable()
 
     def _apply(self, outcome: Outcome, trainer: Trainer, pl_module: LightningModule,
-               tensors: list[tuple[str, torch.Tensor]]) -> None:
+               tensors: list[tuple[str, torch.Tensor]], pending: PendingControls | None = None) -> None:
         if outcome.kind == "error":
             local = self.__dict__.pop("_local_error", None)
             raise local if local is not None else outcome.error
@@ -293,6 +354,9 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if outcome.kind == "done":
             load_arrays(tensors, result.layers)
             self._keep_global_model(pl_module)  # the aggregate (or the catch-up) is the new w_g
+            if self._scaffold_on and self._scaffold is not None:  # c_i moves on (not after a catch-up); c arrives
+                self._scaffold.commit(None if result.caught_up else pending, result.controls, result.layers)
+                self._keep_corrections()
             if self.reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()

@@ -4,7 +4,7 @@ Framework-neutral: it needs torch, nothing of Lightning, so the Lightning callba
 adapter (a Hugging Face ``Trainer`` callback) share one definition of which tensors a round exchanges
 (:func:`federated_tensors`), how a tensor travels (:func:`to_numpy`: a host copy, bfloat16 and float16 as
 float32), how an aggregate is loaded (:func:`load_arrays`: in place, each tensor keeping its device and
-dtype) and FedProx's gradient term (:func:`add_proximal_gradient`).
+dtype), FedProx's gradient term (:func:`add_proximal_gradient`) and SCAFFOLD's (:func:`add_control_correction`).
 
 Example:
     >>> import numpy as np, torch
@@ -70,4 +70,34 @@ def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor
         torch._foreach_add_([p.grad for p in weights], torch._foreach_sub(weights, anchor), alpha=mu)
 
 
-__all__ = ["federated_tensors", "to_numpy", "load_arrays", "add_proximal_gradient"]
+def add_control_correction(params: list[torch.Tensor], corrections: list[torch.Tensor | None] | None, optimizer: Any,
+                           scale: float = 1.0) -> np.ndarray:
+    """SCAFFOLD's gradient correction: ``grad += scale * (c - c_i)`` for each of ``params`` that ``optimizer`` steps
+    and that has a gradient (``corrections`` aligned with ``params``; None: no correction, only the rates); returns
+    each param's learning rate in this step (its group's ``lr``, 0 for one the optimizer does not step), for the
+    control update."""
+    rates = np.zeros(len(params))
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    with torch.no_grad():
+        for index, param in enumerate(params):
+            group = group_of.get(id(param))
+            if group is None or param.grad is None:
+                continue
+            rates[index] = float(group.get("lr", 0.0))
+            correction = corrections[index] if corrections is not None else None
+            if correction is not None:
+                param.grad.add_(correction, alpha=scale)
+    return rates
+
+
+def apply_control_step(params: list[torch.Tensor], corrections: list[torch.Tensor | None], rates: np.ndarray) -> None:
+    """SCAFFOLD's decoupled step: ``w -= rate * (c - c_i)`` for each of ``params`` with a correction and a rate > 0
+    (the sum of its learning rates over the optimizer steps since the last such step)."""
+    with torch.no_grad():
+        for param, correction, rate in zip(params, corrections, rates):
+            if correction is not None and rate > 0:
+                param.sub_(correction, alpha=float(rate))
+
+
+__all__ = ["federated_tensors", "to_numpy", "load_arrays", "add_proximal_gradient", "add_control_correction",
+           "apply_control_step"]

@@ -56,7 +56,8 @@ class LayerSpec:
 @dataclass
 class Archive:
     """A decoded archive. ``weighting`` is None for an aggregate; ``fields`` holds an analytics archive's named
-    fields (``layers`` is then empty)."""
+    fields (``layers`` is then empty); ``controls`` SCAFFOLD's ``control_<n>`` members, in order (empty
+    outside SCAFFOLD branches)."""
 
     layers: list[np.ndarray]
     weighting: float | None = None
@@ -65,10 +66,15 @@ class Archive:
     #: and dtype, whose values were checked finite while they streamed past
     scanned: bool = False
     fields: dict[str, np.ndarray] = field(default_factory=dict)
+    controls: list[np.ndarray] = field(default_factory=list)
 
     @property
     def specs(self) -> list[LayerSpec]:
         return [LayerSpec.of(a) for a in self.layers]
+
+    @property
+    def control_specs(self) -> list[LayerSpec]:
+        return [LayerSpec.of(a) for a in self.controls]
 
     @property
     def field_specs(self) -> dict[str, LayerSpec]:
@@ -77,11 +83,16 @@ class Archive:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.layers) + sum(a.nbytes for a in self.fields.values())
+        return (sum(a.nbytes for a in self.layers) + sum(a.nbytes for a in self.fields.values())
+                + sum(a.nbytes for a in self.controls))
 
 
 def layer_key(index: int) -> str:
     return f"layer_{index}"
+
+
+def control_key(index: int) -> str:
+    return f"control_{index}"
 
 
 def check_compression_ratio(infos: Sequence[zipfile.ZipInfo], max_ratio: float) -> None:
@@ -162,7 +173,8 @@ def spec_mismatch(
 
 
 __all__ = [
-    "Archive", "LayerSpec", "layer_key", "check_compression_ratio", "check_weighting", "check_finite", "all_finite",
+    "Archive", "LayerSpec", "layer_key", "control_key",
+    "check_compression_ratio", "check_weighting", "check_finite", "all_finite",
     "spec_mismatch", "MIN_WEIGHTING", "MAX_WEIGHTING", "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_TOTAL_BYTES",
     "COMPRESSION_RATIO_FLOOR_BYTES", "DEFAULT_MAX_COMPRESSION_RATIO",
 ]

@@ -17,17 +17,18 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 
 from .archive import (DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, Archive, LayerSpec, all_finite,
-                      check_compression_ratio, layer_key)
+                      check_compression_ratio, control_key, layer_key)
 from .tensor_codecs import ZIP_STORED, codec_of, crc32
 from .errors import ArchiveError, ArchiveTooLargeError
 from .npy import read_header, read_member_header, shaped
 from .payload_kinds import FEDERATED_LEARNING, SMALL_KEY_BYTES, PayloadKind, supported_kind
-from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY
+from .protocol import (CONTROL_PATTERN, KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN,
+                       WEIGHTING_KEY)
 from .zipformat import CORRUPT_ZIP_ERRORS, BufferFile, MemberReader, check_local_name, file_descriptor
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
@@ -143,6 +144,13 @@ def scan(
                 check_compression_ratio(list(infos.values()), max_compression_ratio)
             arrays: dict[str, np.ndarray] = {}
             for key, info in infos.items():
+                if CONTROL_PATTERN.fullmatch(key) and kind.allows_member(key):  # SCAFFOLD: one layer's size
+                    control = _load_member(zf, info, key, None)
+                    if not all_finite(control):
+                        raise ArchiveError(f"{key} holds non-finite value(s) (NaN or infinity).")
+                    arrays[key] = np.ndarray(control.shape, control.dtype, buffer=_ZERO,
+                                             strides=(0,) * control.ndim)
+                    continue
                 if not LAYER_PATTERN.fullmatch(key):  # weighting, payload kind: a few bytes; analytics fields
                     arrays[key] = _load_member(zf, info, key, None, kind.allows_text(key))
                     continue
@@ -165,6 +173,20 @@ def read_layer(zf: zipfile.ZipFile, index: int) -> np.ndarray:
     Lets the server aggregate layer by layer without holding whole archives in memory.
     """
     key, info = _layer_member(zf, index)
+    try:
+        return _load_member(zf, info, key, None)
+    except CORRUPT_ZIP_ERRORS as exc:
+        raise ArchiveError(f"{key} is corrupt: {exc!r}.") from exc
+
+
+def read_control(zf: zipfile.ZipFile, index: int) -> np.ndarray | None:
+    """Read one ``control_<index>`` (SCAFFOLD) from an open archive as :func:`read_layer` reads a layer; None
+    when the archive has none (an upload of a client that sends no controls)."""
+    key = control_key(index)
+    try:
+        info = zf.getinfo(key + ".npy")
+    except KeyError:
+        return None
     try:
         return _load_member(zf, info, key, None)
     except CORRUPT_ZIP_ERRORS as exc:
@@ -284,16 +306,26 @@ def _assemble(arrays: dict[str, np.ndarray]) -> Archive:
                 f"Received: dtype={raw.dtype}, shape={raw.shape}."
             )
         weighting = float(raw.reshape(-1)[0])
-    indices = sorted(int(key[len("layer_"):]) for key in arrays)
+    controls = _numbered({key: arrays.pop(key) for key in [k for k in arrays if CONTROL_PATTERN.fullmatch(k)]},
+                         "control_", control_key)
+    return Archive(layers=_numbered(arrays, "layer_", layer_key), weighting=weighting, kind=kind, controls=controls)
+
+
+def _numbered(arrays: dict[str, np.ndarray], prefix: str, key_of: Callable[[int], str]) -> list[np.ndarray]:
+    """``arrays`` (``<prefix><n>`` members) in numeric order; refused when the numbers have a gap. No layer at
+    all is refused; no control is an empty list."""
+    indices = sorted(int(key[len(prefix):]) for key in arrays)
+    if not indices and prefix == "control_":
+        return []
     if not indices:
         raise ArchiveError("Archive holds no layers; expected 'layer_0', 'layer_1', ...")
     if indices != list(range(len(indices))):
         missing = sorted(set(range(indices[-1] + 1)) - set(indices))
         raise ArchiveError(
-            f"Layers must be numbered 0..{len(indices) - 1} without gaps; missing: "
-            + ", ".join(layer_key(i) for i in missing[:5])
+            f"{prefix.capitalize()[:-1]}s must be numbered 0..{len(indices) - 1} without gaps; missing: "
+            + ", ".join(key_of(i) for i in missing[:5])
         )
-    return Archive(layers=[arrays[layer_key(i)] for i in indices], weighting=weighting, kind=kind)
+    return [arrays[key_of(i)] for i in indices]
 
 
-__all__ = ["decode", "scan", "read_layer", "layer_pieces", "Source"]
+__all__ = ["decode", "scan", "read_layer", "read_control", "layer_pieces", "Source"]

@@ -68,6 +68,7 @@ def prepare(
     compresslevel: int | None = None,
     kind: PayloadKind = FEDERATED_LEARNING,
     checked: bool = False,
+    controls: Sequence[np.ndarray] = (),
 ) -> "EncodedArchive":
     """Lay out a BranchKey NPZ without writing it: headers plus the bytes of each member.
 
@@ -78,11 +79,12 @@ def prepare(
     until it is sent). ``"deflate"`` compresses members in parallel threads, in 4 MiB pieces
     (pigz-style sync-flushed blocks, one valid deflate stream per member), with isal when installed
     (levels 1-3; zlib does 0 and 4-9); ``compresslevel`` defaults to 1, which on float weights
-    saves as much as zlib's default level (~7.5 %) at ~20x its speed.
+    saves as much as zlib's default level (~7.5 %) at ~20x its speed. ``controls``: SCAFFOLD's control update,
+    written as ``control_<n>`` after the layers (SCAFFOLD branches only).
     """
     if weighting is not None and not checked:
         weighting = check_weighting(weighting)
-    return _lay_out(kind.members(layers, weighting), kind, compression, compresslevel)
+    return _lay_out(kind.members(layers, weighting, controls), kind, compression, compresslevel)
 
 
 def prepare_fields(

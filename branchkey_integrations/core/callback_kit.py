@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, Union
 
 from .credentials import CredentialsLike
+from .errors import BranchKeyError
 from .federation import Federation
 from .outcome import Layers, Outcome, Weighting, layer_names_in
 from .progress import WaitProgress
+from .scaffold import PendingControls, ScaffoldLeaf, runs_scaffold
 from .leaf_options import LeafOptions
 from .signals import InterruptOnSignals, exit_status, signal_name
 from .snapshots import require_safetensors
@@ -50,6 +52,13 @@ logger = logging.getLogger(__name__)
 #: ``"local"``: state that is not trained (BatchNorm statistics) stays on the leaf, as in FedBN;
 #: ``"average"``: its floating-point part is averaged like the parameters.
 BUFFER_POLICIES = ("local", "average")
+
+#: how a callback applies SCAFFOLD's correction ``c - c_i``: ``"decoupled"``, a step ``w -= lr (c - c_i)`` after each
+#: optimizer step (outside the optimizer: its momentum and moments never see it); ``"gradient"``, added to the
+#: gradient before the step (the paper's ``g - c_i + c``; Lightning only). Why decoupled is the default: the control
+#: variates are measured in the units of the optimizer's steps (``(x - y) / sum(lr)``), which under Adam or momentum
+#: are not the gradient's; fed to Adam as a gradient, the correction swamps the gradient (README: SCAFFOLD).
+SCAFFOLD_CORRECTIONS = ("decoupled", "gradient")
 
 #: dtype names NumPy cannot carry (bfloat16) or that would lose precision in the average (float16): the
 #: upload sends them as float32, and the aggregate is cast back to each parameter's own dtype. Matched by
@@ -175,6 +184,7 @@ class CallbackSettings:
     log_every_s: float = LeafOptions.log_every_s
     client_options: dict[str, Any] | None = field(default=LeafOptions.client_options, repr=False)
     proximal_mu: float = 0.0
+    scaffold_correction: str = "decoupled"
     install_extra: str | None = None
     check_every_s: float = LeafOptions.check_every_s
     connect_timeout: float = LeafOptions.connect_timeout
@@ -184,6 +194,7 @@ class CallbackSettings:
         check_every_n_epochs(self.every_n_epochs)
         check_num_samples(self.num_samples, required=self.num_samples_required)
         check_choice("buffers", self.buffers, BUFFER_POLICIES)
+        check_choice("scaffold_correction", self.scaffold_correction, SCAFFOLD_CORRECTIONS)
         check_flag("reset_optimizer", self.reset_optimizer)
         check_flag("send_metrics", self.send_metrics)
         object.__setattr__(self, "proximal_mu", check_proximal_mu(self.proximal_mu))  # frozen: settled once, here
@@ -241,6 +252,7 @@ class FederatedCallbackMixin:
         proximal_mu: float = CallbackSettings.proximal_mu,
         check_every_s: float = CallbackSettings.check_every_s,
         connect_timeout: float = CallbackSettings.connect_timeout,
+        scaffold_correction: str = CallbackSettings.scaffold_correction,
     ) -> None:
         super().__init__()  # the framework's Callback
         self.settings = CallbackSettings(
@@ -248,6 +260,7 @@ class FederatedCallbackMixin:
             on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
             proximal_mu=proximal_mu, check_every_s=check_every_s, connect_timeout=connect_timeout,
+            scaffold_correction=scaffold_correction,
             num_samples_required=self._num_samples_required, install_extra=self._install_extra)
         self.federation: Federation = self.settings.federation
         self.federation.add_progress_listener(self._on_progress)
@@ -260,14 +273,17 @@ class FederatedCallbackMixin:
     send_metrics = _setting("send_metrics")
     snapshot_dir = _setting("snapshot_dir")
     proximal_mu = _setting("proximal_mu")
+    scaffold_correction = _setting("scaffold_correction")
 
     @property
     def round(self) -> int:
         """Rounds this leaf has completed."""
         return self.federation.round
 
-    def _exchange(self, layers: Layers, names: Sequence[str], weighting: Weighting | None = None) -> Outcome:
-        """One round of ``layers`` (snapshot included), weighted by ``weighting``, by default ``num_samples``.
+    def _exchange(self, layers: Layers, names: Sequence[str], weighting: Weighting | None = None,
+                  controls: Layers = ()) -> Outcome:
+        """One round of ``layers`` (snapshot included), weighted by ``weighting``, by default ``num_samples``;
+        ``controls``: SCAFFOLD's control update, in SCAFFOLD branches.
 
         SIGTERM and Ctrl-C interrupt its wait (:class:`~.signals.InterruptOnSignals`); ``interrupted_by`` then
         holds the signal, whatever the outcome, and the callback ends the run (see :meth:`_end_run`).
@@ -279,7 +295,7 @@ class FederatedCallbackMixin:
         self._round_names = tuple(names)  # to name the layers a refusal mentions, while the round waits
         federation.clear_interrupt()  # an earlier interrupt (a caught Ctrl-C in a notebook) is over
         with InterruptOnSignals(federation.interrupt) as signals:
-            outcome = federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir)
+            outcome = federation.exchange(layers, weighting, names, snapshot_dir=self.snapshot_dir, controls=controls)
         self.interrupted_by = signals.received
         self._say_outcome(outcome)
         return outcome
@@ -304,6 +320,19 @@ class FederatedCallbackMixin:
             pull = (f" Local training pulls toward it (FedProx, proximal_mu={self.proximal_mu:g})."
                     if outcome.kind == "done" and self.proximal_mu and self.interrupted_by is None else "")
             self._say(f"BranchKey: {describe_outcome(outcome, self.interrupted_by)}{pull}")
+
+    def _branch_runs_scaffold(self) -> bool:
+        """Whether this leaf's branch runs SCAFFOLD (its branch config's ``service.algorithm``), asked once per fit;
+        a platform without the call (2.x) runs FedAvg. Said once, so that the user knows training is corrected."""
+        try:
+            scaffold = runs_scaffold(self.federation.client.get_branch_config())
+        except BranchKeyError as exc:
+            logger.debug("No branch config (%s): the branch is taken not to run SCAFFOLD", exc)
+            return False
+        if scaffold:
+            self._say("BranchKey: the branch runs SCAFFOLD: local steps are corrected by the control variates "
+                      "(c - c_i), and each upload carries this leaf's control update.")
+        return scaffold
 
     def _end_run(self, signum: int) -> BaseException:
         """The exception that ends the run after ``signum`` interrupted a round, the framework's way.
@@ -357,6 +386,8 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
     return f"round {result.round} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
 
 
-__all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
+__all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS",
+           "ScaffoldLeaf", "PendingControls",
+           "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

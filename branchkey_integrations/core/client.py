@@ -299,16 +299,18 @@ class Client(PayloadCalls):
         return self.upload_arrays(weighting, parameters, compression=compression, compresslevel=compresslevel).file_id
 
     def upload_arrays(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
-                      compresslevel: int | None = None, values_checked: bool = False) -> UploadReceipt:
+                      compresslevel: int | None = None, values_checked: bool = False,
+                      controls: Sequence[np.ndarray] = ()) -> UploadReceipt:
         """:meth:`upload_weights`, returning what was uploaded into which run and round (:class:`UploadReceipt`).
 
         ``values_checked=True``: the caller already checked the weighting (:func:`~.wire.check_weighting`) and that
         every value is finite (:func:`~.wire.check_finite`), as :meth:`Federation.run_round` does when a round
-        begins, so neither is checked twice.
+        begins, so neither is checked twice. ``controls``: SCAFFOLD's control update (``control_<n>``; SCAFFOLD
+        branches only).
         """
         self._ensure_run_started()
         # wire.prepare checks the weighting as it encodes that member unless the caller already did
-        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel, checked=values_checked,
+        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel, checked=values_checked, controls=controls,
                                compression=upload_compression(compression, urlsplit(self._api_host).hostname or ""))
         if not values_checked:
             # The digest header must precede the body, so hashing is on the critical path; the finite check

@@ -36,17 +36,8 @@ from .client_options import ClientOptions
 from .leaf_options import ON_TIMEOUT, LeafOptions, option_property as _option
 from .protocol import START
 from .credentials import Credentials, CredentialsLike
-from .errors import (
-    AggregateMismatchError,
-    AggregationTimeoutError,
-    ApiError,
-    BranchKeyError,
-    RoundInterrupted,
-    RunBlockedError,
-    RunStopped,
-    ServerError,
-    TransportError,
-)
+from .errors import (AggregateMismatchError, AggregationTimeoutError, ApiError, BranchKeyError, RoundInterrupted,
+                     RunBlockedError, RunStopped, ServerError, TransportError)
 from .analytics_result import AnalyticsResult
 from .analytics_round import AnalyticsRound
 from .client_payloads import analytics_entries
@@ -256,8 +247,9 @@ class Federation:
         weighting: float,
         expected: Sequence[LayerSpec] | None = None,
         names: Sequence[str] | None = None,
+        controls: Sequence[np.ndarray] = (),
     ) -> RoundResult:
-        """Upload ``layers``, wait for the round's aggregate, check it against ``expected``.
+        """Upload ``layers`` (and SCAFFOLD's ``controls``), wait for the round's aggregate, check it.
 
         ``expected`` defaults to the specs of ``layers``; ``names`` (the parameters' real names)
         make error messages useful. A leaf more than one round behind its branch loads the branch's
@@ -282,7 +274,7 @@ class Federation:
         target: tuple[int, int] | None = None
         try:  # a call that finds the server away (a restart) is tried again until the round's deadline
             with self.client.retrying_until(deadline, on_away=self._watch(number, SERVER, notes).on_away):
-                mark, target, behind = self._upload(layers, float(weighting), number, deadline, notes)
+                mark, target, behind = self._upload(layers, float(weighting), number, deadline, notes, controls)
                 if behind is not None:
                     return self._catch_up(number, behind, expected, names, deadline)
                 started = time.monotonic()
@@ -301,11 +293,19 @@ class Federation:
                            "again (on_timeout='continue').", number, exc)
             return RoundResult(None, None, time.monotonic() - started, upload_mb, self.round, *_split(target),
                                skipped="unreachable")
-        aggregate = checked_model(archive, expected, names)
+        aggregate, server_controls = self._checked(archive, expected, names)
         run_number, round_index = self.client.waiter.round_of(aggregation_id)
         self._record(number, AggregateRef(aggregation_id, run_number, round_index))
         logger.info("Round %d done: aggregate %s after %.1f s", number, aggregation_id, wait_s)
-        return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number, run_number, round_index)
+        return RoundResult(aggregation_id, aggregate, wait_s, upload_mb, number, run_number, round_index,
+                           controls=server_controls)
+
+    def _checked(self, archive: wire.Archive, expected: Sequence[LayerSpec], names: Sequence[str] | None
+                 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """An aggregate's layers (never another payload kind's: :func:`checked_model`) and (SCAFFOLD) controls,
+        each checked against ``expected``."""
+        controls = check_layers(archive.controls, expected, names) if archive.controls else None
+        return checked_model(archive, expected, names), controls
 
     def _download(self, aggregation_id: str, expected: Sequence[LayerSpec], deadline: float | None) -> wire.Archive:
         """The aggregate, limited to a multiple of the local model's size and to the round's deadline."""
@@ -329,12 +329,12 @@ class Federation:
                   names: Sequence[str] | None, deadline: float | None) -> RoundResult:
         """Load the branch's latest aggregate instead of uploading (the leaf is more than a round behind)."""
         archive = self._download(latest.aggregation_id, expected, deadline)
-        aggregate = checked_model(archive, expected, names)
+        aggregate, controls = self._checked(archive, expected, names)
         number = rounds_after_catching_up(self.round, self.last_aggregate, latest)  # numbered as the branch's other leaves number it
         self._record(number, latest)
         logger.info("Round %d: caught up with aggregate %s", number, latest.aggregation_id)
         return RoundResult(latest.aggregation_id, aggregate, 0.0, 0.0, number, latest.run_number, latest.round_index,
-                           caught_up=True)
+                           caught_up=True, controls=controls)
 
     def _behind(self, number: int, notes: RoundNotes) -> AggregateRef | None:
         """The branch's latest aggregate when this leaf is more than one round behind it (said at WARNING)."""
@@ -365,8 +365,8 @@ class Federation:
             logger.info("Ignoring aggregate %s: it arrived before this leaf's upload", stale)
         return mark
 
-    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None,
-                notes: RoundNotes) -> tuple[int, tuple[int, int] | None, AggregateRef | None]:
+    def _upload(self, layers: list[np.ndarray], weighting: float, number: int, deadline: float | None, notes: RoundNotes,
+                controls: Sequence[np.ndarray] = ()) -> tuple[int, tuple[int, int] | None, AggregateRef | None]:
         """Upload once the run is in ``start``; a pause (even one that races the upload) is waited out.
 
         Returns the mark taken just before the upload (see :meth:`RoundWaiter.drain`) and the
@@ -382,7 +382,7 @@ class Federation:
             mark = self._drain_stale()
             try:
                 # run_round checked every value already: the client does not check them again
-                receipt = self.client.upload_arrays(weighting, layers, values_checked=True)
+                receipt = self.client.upload_arrays(weighting, layers, values_checked=True, controls=controls)
                 return mark, receipt.round, None  # where the platform said the upload went
             except RunBlockedError:
                 continue  # the status changed between the check and the call
@@ -487,7 +487,7 @@ class Federation:
 
     # -------------------------------------------------------- for callbacks
     def exchange(self, layers: Layers, weighting: Weighting, names: Sequence[str] | None = None, *,
-                 snapshot_dir: Path | None = None) -> Outcome:
+                 snapshot_dir: Path | None = None, controls: Layers = ()) -> Outcome:
         """One :meth:`run_round` that never raises an ``Exception``: what happened comes back as an :class:`Outcome`.
 
         ``kind`` is ``"done"`` (the aggregate, saved to ``snapshot_dir`` when given), ``"timeout"`` (with
@@ -496,7 +496,7 @@ class Federation:
         called inside, so that a failure to produce them is an outcome as well (a DDP rank 0 must reach its
         broadcast whatever happens).
         """
-        return _exchange(self.run_round, layers, weighting, names, snapshot_dir)
+        return _exchange(self.run_round, layers, weighting, names, snapshot_dir, controls)  # controls: SCAFFOLD's
 
     def record_round(self, number: int, aggregation_id: str | None = None, run_number: int | None = None,
                      round_index: int | None = None) -> None:

@@ -93,6 +93,8 @@ class RoundResult:
             aggregate instead of uploading (``upload_mb`` is 0).
         skipped: why a round without an aggregate ended: ``"timeout"`` or ``"unreachable"`` (the platform
             could not be reached or failed, with ``on_timeout="continue"``); None when it has an aggregate.
+        controls: the aggregate's ``control_<n>`` members (SCAFFOLD's server control variate), checked and cast
+            like ``layers``; None when it holds none (every branch but a SCAFFOLD one).
     """
 
     aggregation_id: str | None
@@ -104,6 +106,7 @@ class RoundResult:
     round_index: int | None = None
     caught_up: bool = False
     skipped: str | None = None
+    controls: list[np.ndarray] | None = None
 
     @property
     def timed_out(self) -> bool:
@@ -151,11 +154,12 @@ RunRound = Callable[..., RoundResult]
 
 
 def exchange(run_round: RunRound, layers: Layers, weighting: Weighting, names: Sequence[str] | None = None,
-             snapshot_dir: Path | None = None) -> Outcome:
+             snapshot_dir: Path | None = None, controls: Layers = ()) -> Outcome:
     """One ``run_round`` as an :class:`Outcome`; see :meth:`Federation.exchange`, which is the way to call it."""
     try:
         arrays = list(layers() if callable(layers) else layers)
-        result = run_round(arrays, weighting() if callable(weighting) else weighting, names=names)
+        extra = {"controls": list(controls() if callable(controls) else controls)} if controls else {}
+        result = run_round(arrays, weighting() if callable(weighting) else weighting, names=names, **extra)
         if result.timed_out:
             return Outcome("timeout", result)
         if snapshot_dir is not None:

@@ -23,9 +23,10 @@ from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from .archive import Archive, LayerSpec, check_finite, check_weighting, layer_key, spec_mismatch
+from .archive import Archive, LayerSpec, check_finite, check_weighting, control_key, layer_key, spec_mismatch
 from .errors import ArchiveError, WeightingError
-from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY
+from .protocol import (CONTROL_PATTERN, CONTROLLED_ALGORITHMS, KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING,
+                       KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY)
 
 #: bytes that 'weighting' or the payload kind (one value each) may declare, at most
 SMALL_KEY_BYTES = 64 << 10
@@ -50,8 +51,10 @@ class PayloadKind:
         """What an archive of this kind holds, for a refusal's message."""
         raise NotImplementedError
 
-    def members(self, layers: Sequence[np.ndarray], weighting: float | None) -> list[tuple[str, np.ndarray]]:
-        """The members the encoder writes for ``layers`` and ``weighting`` (checked by the encoder), in order."""
+    def members(self, layers: Sequence[np.ndarray], weighting: float | None,
+                controls: Sequence[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
+        """The members the encoder writes for ``layers``, ``weighting`` (checked by the encoder) and SCAFFOLD's
+        ``controls``, in order."""
         raise NotImplementedError
 
     def validate(self, archive: Archive, expected: Sequence[LayerSpec] | None = None) -> None:
@@ -64,24 +67,34 @@ class PayloadKind:
 
 
 class FederatedLearning(PayloadKind):
-    """A model: ``weighting`` and ``layer_0``, ``layer_1``, ...; aggregated by the branch's strategy."""
+    """A model: ``weighting`` and ``layer_0``, ``layer_1``, ...; aggregated by the branch's strategy.
+
+    In a SCAFFOLD branch (:data:`~.protocol.CONTROLLED_ALGORITHMS`) an upload may also hold ``control_0``,
+    ``control_1``, ... (one per layer, same shape and dtype: the leaf's control update), and the aggregate does
+    (the server's control variate). The decoder reads them wherever they are; whether a branch takes them is
+    the server's check (:func:`control_problem`), as only it knows the branch.
+    """
 
     name = KIND_FEDERATED_LEARNING
 
     def allows_member(self, key: str) -> bool:
-        return key == WEIGHTING_KEY or key == KIND_KEY or LAYER_PATTERN.fullmatch(key) is not None
+        return (key == WEIGHTING_KEY or key == KIND_KEY or LAYER_PATTERN.fullmatch(key) is not None
+                or CONTROL_PATTERN.fullmatch(key) is not None)
 
     def member_rule(self) -> str:
-        return (f"a BranchKey archive holds only '{WEIGHTING_KEY}', 'layer_0', 'layer_1', ... (numbered from 0); "
+        return (f"a BranchKey archive holds only '{WEIGHTING_KEY}', 'layer_0', 'layer_1', ... (numbered from 0), "
+                "and in a SCAFFOLD branch 'control_0', 'control_1', ...; "
                 f"an archive of named fields must declare {KIND_KEY!r} = {KIND_FEDERATED_ANALYTICS!r} "
                 "(save_fields and save_analytics write it).")
 
-    def members(self, layers: Sequence[np.ndarray], weighting: float | None) -> list[tuple[str, np.ndarray]]:
+    def members(self, layers: Sequence[np.ndarray], weighting: float | None,
+                controls: Sequence[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
         # no kind member: the archive stays what the official clients write, which means this kind
         members: list[tuple[str, np.ndarray]] = []
         if weighting is not None:
             members.append((WEIGHTING_KEY, np.array([weighting], dtype=np.float64)))  # checked by prepare's caller
-        return members + [(layer_key(index), np.asarray(array)) for index, array in enumerate(layers)]
+        members += [(layer_key(index), np.asarray(array)) for index, array in enumerate(layers)]
+        return members + [(control_key(index), np.asarray(array)) for index, array in enumerate(controls)]
 
     def validate(self, archive: Archive, expected: Sequence[LayerSpec] | None = None) -> None:
         if archive.weighting is None:
@@ -94,8 +107,15 @@ class FederatedLearning(PayloadKind):
             problem = spec_mismatch(expected, archive.specs)
             if problem:
                 raise ArchiveError(f"Upload does not match this round's layers: {problem}.")
+        if archive.controls:
+            problem = spec_mismatch(archive.specs, archive.control_specs,
+                                    [control_key(i) for i in range(len(archive.controls))])
+            if problem:
+                raise ArchiveError(f"Its control members do not match its layers ({problem}); a SCAFFOLD upload "
+                                   "holds one control_<n> per layer_<n>, of the same shape and dtype.")
         if not archive.scanned:  # scan() checked the values as they streamed past
             check_finite(archive.layers)
+            check_finite(archive.controls, [control_key(i) for i in range(len(archive.controls))])
 
 
 class FederatedAnalytics(PayloadKind):
@@ -116,7 +136,8 @@ class FederatedAnalytics(PayloadKind):
                 f"'{KIND_KEY}', which are reserved), each a name of 1-{MAX_FIELD_NAME} characters without control "
                 "characters, '/' or '\\'.")
 
-    def members(self, layers: Sequence[np.ndarray], weighting: float | None) -> list[tuple[str, np.ndarray]]:
+    def members(self, layers: Sequence[np.ndarray], weighting: float | None,
+                controls: Sequence[np.ndarray] = ()) -> list[tuple[str, np.ndarray]]:
         raise ArchiveError(f"A {self.name!r} archive holds named fields, not layers: write it with "
                            "prepare_fields (Client.save_fields / save_analytics).")
 
@@ -217,11 +238,32 @@ def supported_kind(name: str) -> PayloadKind:
     return kind
 
 
+def control_problem(archive: Archive, algorithm: str, takes_controls: bool | None = None) -> str | None:
+    """Why a learning upload's ``control_<n>`` members do not belong in a branch running ``algorithm``, or None.
+
+    Controls are SCAFFOLD's (``takes_controls``; by default: ``algorithm`` is in
+    :data:`~.protocol.CONTROLLED_ALGORITHMS`): any other branch refuses them (the upload would silently lose
+    them). In a SCAFFOLD branch they may be absent (an official client's upload, which counts with a zero
+    control update); present, :meth:`FederatedLearning.validate` checked their layout.
+
+    >>> control_problem(Archive([np.zeros(2)], 1.0, controls=[np.zeros(2)]), "fedavg")[:40]
+    "control_<n> members are SCAFFOLD's contr"
+    >>> control_problem(Archive([np.zeros(2)], 1.0), "scaffold") is None
+    True
+    """
+    takes = algorithm in CONTROLLED_ALGORITHMS if takes_controls is None else takes_controls
+    if archive.controls and not takes:
+        return (f"control_<n> members are SCAFFOLD's control updates, and this branch runs {algorithm!r}; send "
+                "layers and weighting only (a leaf learns the branch's algorithm from its branch config).")
+    return None
+
+
 def validate_upload(archive: Archive, expected: Sequence[LayerSpec] | None = None) -> None:
     """Everything an upload must satisfy before it may count in a round: its kind's :meth:`PayloadKind.validate`."""
     payload_kind(archive.kind).validate(archive, expected)
 
 
 __all__ = ["PayloadKind", "FederatedLearning", "FederatedAnalytics", "FEDERATED_LEARNING", "FEDERATED_ANALYTICS",
-           "PAYLOAD_KIND_OBJECTS", "payload_kind", "supported_kind", "validate_upload", "SMALL_KEY_BYTES",
+           "PAYLOAD_KIND_OBJECTS", "payload_kind", "supported_kind", "validate_upload",
+           "control_problem", "SMALL_KEY_BYTES",
            "FIELD_DTYPE_KINDS", "FIELD_NAME_REFUSED", "MAX_FIELD_NAME", "RESERVED_FIELD_NAMES", "field_name_problem", "field_array"]

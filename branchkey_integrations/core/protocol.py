@@ -56,6 +56,12 @@ PAYLOAD_KINDS = (KIND_FEDERATED_LEARNING, KIND_FEDERATED_ANALYTICS)
 #: a model archive's members: its weighting and its layers, ``layer_0``, ``layer_1``, ... in numeric order
 WEIGHTING_KEY = "weighting"
 LAYER_PATTERN = re.compile(r"layer_(0|[1-9][0-9]*)")
+#: SCAFFOLD's control variates (branchkey-local, branches whose algorithm is in :data:`CONTROLLED_ALGORITHMS`
+#: only): ``control_<n>`` beside ``layer_<n>``, same shape and dtype. In an upload, the leaf's control update
+#: ``delta c_i``; in the aggregate, the server's control variate ``c``. The official clients never send them.
+CONTROL_PATTERN = re.compile(r"control_(0|[1-9][0-9]*)")
+#: the branch algorithms (``service.algorithm`` of the branch config) whose learning archives carry controls
+CONTROLLED_ALGORITHMS = ("scaffold",)
 
 # -- file ids -------------------------------------------------------------------------------------
 #: A file id is a plain token: letters, digits, '.', '_' and '-', starting with a letter or digit,
@@ -178,7 +184,8 @@ def parse_notification(raw: bytes | str) -> Notification:
 
 __all__ = [
     "DEFAULT_HOST", "START", "PAUSE", "STOP", "RUN_STATUSES", "METRIC_MODES", "KIND_KEY", "KIND_FEDERATED_LEARNING",
-    "KIND_FEDERATED_ANALYTICS", "PAYLOAD_KINDS", "WEIGHTING_KEY", "LAYER_PATTERN", "FILE_ID_PATTERN", "is_file_id",
+    "KIND_FEDERATED_ANALYTICS", "PAYLOAD_KINDS", "WEIGHTING_KEY", "LAYER_PATTERN", "CONTROL_PATTERN",
+    "CONTROLLED_ALGORITHMS", "FILE_ID_PATTERN", "is_file_id",
     "API_PREFIX", "ADMIN_PREFIX", "RUN_PATH", "UPLOAD_PATH", "DOWNLOAD_PATH", "BLOB_PATH", "METRICS_PATH",
     "BRANCH_CONFIG_PATH", "WS_TICKET_PATH", "WS_PATH", "ROUND_PATH", "OPENAPI_PATH", "FILE_SIZE_HEADER", "FILE_DIGEST_HEADER",
     "IDEMPOTENCY_KEY_HEADER", "IDEMPOTENCY_KEY_PATTERN",

@@ -21,12 +21,12 @@ import numpy as np  # noqa: F401 - the example above uses it
 
 from .archive import (COMPRESSION_RATIO_FLOOR_BYTES, DEFAULT_MAX_COMPRESSION_RATIO, DEFAULT_MAX_MEMBERS,
                       DEFAULT_MAX_TOTAL_BYTES, MAX_WEIGHTING, MIN_WEIGHTING, Archive, LayerSpec, all_finite,
-                      check_compression_ratio, check_finite, check_weighting, layer_key, spec_mismatch)
-from .archive_read import Source, decode, layer_pieces, read_layer, scan
+                      check_compression_ratio, check_finite, check_weighting, control_key, layer_key, spec_mismatch)
+from .archive_read import Source, decode, layer_pieces, read_control, read_layer, scan
 from .archive_write import ArchiveWriter, EncodedArchive, encode, prepare, prepare_fields, stored_members
 from .tensor_codecs import (DEFAULT_DEFLATE_LEVEL, FAST_DEFLATE, ZIP_DEFLATED, ZIP_STORED, Codec, codec_named, codec_names,
                      register_codec, unregister_codec)
-from .payload_kinds import validate_upload
+from .payload_kinds import control_problem, validate_upload
 from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY
 from .zipformat import CORRUPT_ZIP_ERRORS
 
@@ -39,7 +39,8 @@ __all__ = [
     "KIND_FEDERATED_ANALYTICS", "LAYER_PATTERN", "encode", "prepare", "prepare_fields", "EncodedArchive", "ArchiveWriter", "decode",
     "scan", "check_weighting", "MIN_WEIGHTING", "MAX_WEIGHTING", "check_compression_ratio",
     "COMPRESSION_RATIO_FLOOR_BYTES", "DEFAULT_MAX_COMPRESSION_RATIO", "DEFAULT_MAX_MEMBERS", "DEFAULT_MAX_TOTAL_BYTES",
-    "check_finite", "all_finite", "spec_mismatch", "validate_upload", "layer_key", "read_layer", "layer_pieces",
+    "check_finite", "all_finite", "spec_mismatch", "validate_upload", "control_problem",
+    "layer_key", "control_key", "read_layer", "read_control", "layer_pieces",
     "stored_members", "Codec", "register_codec", "unregister_codec", "codec_named", "codec_names", "FAST_DEFLATE",
     "DEFAULT_DEFLATE_LEVEL", "ZIP_STORED", "ZIP_DEFLATED", "CORRUPT_ZIP_ERRORS", "Source",
 ]

@@ -32,7 +32,7 @@ import shutil
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Protocol, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -473,6 +473,7 @@ def aggregate_files(
     specs: Sequence[LayerSpec],
     destination: str | os.PathLike,
     combiner: Combiner | None = None,
+    extra: Callable[[], Iterator[tuple[str, np.ndarray]]] | None = None,
 ) -> tuple[int, str]:
     """Aggregate upload archives ``(path, weighting)`` into an uncompressed archive at ``destination``;
     return its size and hex SHA-256, computed while writing (the store records both).
@@ -480,6 +481,7 @@ def aggregate_files(
     The result holds ``layer_0..n-1`` only (no weighting). Each layer is checked finite and
     written as soon as it is done, so memory holds one layer of the result, not all of them;
     on an error ``destination`` is left incomplete, for the caller to delete. ``combiner``: FedAvg unless given.
+    ``extra``: members written after the layers, checked finite alike (SCAFFOLD's ``control_<n>``).
     """
     combiner = combiner or FedAvg()
     with contextlib.ExitStack() as stack:
@@ -495,6 +497,13 @@ def aggregate_files(
             writer.add(wire.layer_key(index), layer)
             hashing.hash_written()
             del layer
+        for key, member in extra() if extra is not None else ():
+            try:
+                wire.check_finite([member], [key])
+            except ArchiveError as exc:
+                raise AggregationError(f"The aggregate is not finite: {exc}") from exc
+            writer.add(key, member)
+            hashing.hash_written()
         writer.close()
         hashing.hash_written(final=True)
         os.fsync(handle.fileno())

@@ -268,7 +268,9 @@ def _operation_id(summary: str) -> str:
 def _leaf_paths() -> dict[str, dict[str, Schema]]:
     leaf = functools.partial(_operation, tag="leaf", security="leafBearer")
     upload_body = _obj(
-        {"file": {"type": "string", "format": "binary", "description": "NPZ archive: layer_0..n-1 and weighting"}},
+        {"file": {"type": "string", "format": "binary",
+                  "description": "NPZ archive: layer_0..n-1 and weighting; in a scaffold branch also control_0..n-1 "
+                                 "(SCAFFOLD's control update; optional there, refused elsewhere)"}},
         {"data": {"type": "string", "description": 'JSON text {"leaf_name": ..., "metadata": ...}'}},
     )
     return {

@@ -60,7 +60,7 @@ from .progress import round_progress
 from .records import Branch, Leaf, Round, UploadInput
 from .recovery import remake_lost_aggregate
 from .store import Store
-from .strategies import STRATEGIES, RoundInputs, strategy_for
+from .strategies import STRATEGIES, RoundInputs, strategy_for, takes_controls
 from .workers import Workers
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ class Rounds:
             current = await blocking(self.store.open_round, branch.id)
             if branch.run_status != START or current is None:
                 raise RunNotStartedError(run_blocked_message(branch))
+            if (misplaced := wire.control_problem(archive, branch.algorithm, takes_controls(branch.algorithm))):
+                raise InvalidValueError(f"Upload rejected: {misplaced}")
             layout = await blocking(self.store.expected_layout, branch.id, current.run_number, current.round_index,
                                     leaf.id)
             problem = wire.spec_mismatch(layout[0], specs) if layout else None

@@ -1,5 +1,6 @@
 """The built-in strategies of branchkey-local, registered on import: ``fedavg``, ``median``, ``trimmed-mean``
-here, and the server optimizers of :mod:`~branchkey_integrations.server.optimizers`.
+here, the server optimizers of :mod:`~branchkey_integrations.server.optimizers` and ``scaffold``
+(:mod:`~branchkey_integrations.server.scaffold`).
 
 Import this module (not :mod:`~branchkey_integrations.server.strategy` alone) to see the whole catalogue:
 it re-exports the registry's names (:data:`CATALOGUE`, :func:`check_strategy`, ...).
@@ -25,6 +26,7 @@ from ..core.errors import AggregationError
 from ..core.wire import LayerSpec
 from .aggregation import Combiner, LayerReader, aggregate_files, cast_like
 from .optimizers import ServerOptimizer, apply_optimizer
+from .scaffold import Scaffold
 from .strategy import (
     CATALOGUE,
     DEFAULT_STRATEGY,
@@ -37,6 +39,7 @@ from .strategy import (
     describe,
     register_strategy,
     strategy_for,
+    takes_controls,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,5 +154,5 @@ def trimmed_count(beta: float, uploads: int) -> int:
 __all__ = [
     "CATALOGUE", "DEFAULT_STRATEGY", "STRATEGIES", "Param", "Strategy", "check_strategy", "describe",
     "register_strategy", "strategy_for", "FedAvg", "CoordinateWise", "Median", "TrimmedMean", "trimmed_count",
-    "ServerOptimizer", "apply_optimizer", "RoundInputs", "Combined",
+    "ServerOptimizer", "apply_optimizer", "RoundInputs", "Combined", "Scaffold", "takes_controls",
 ]

@@ -32,7 +32,7 @@ from typing import ClassVar, Iterator, Mapping, Protocol, TypeVar
 
 from ..core.errors import InvalidValueError
 from ..core.wire import LayerSpec
-from .records import StateUpdate, UploadInput
+from .records import Leaf, StateUpdate, UploadInput
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class StateStore(Protocol):
     def new_temp_path(self) -> Path: ...
 
     def new_state_temp_path(self) -> Path: ...
+
+    def list_leaves(self, branch_id: str | None = None, *, tree_id: str | None = None) -> list[Leaf]: ...
 
 
 @dataclass
@@ -136,6 +138,9 @@ class Strategy(abc.ABC):
     #: True: each upload is folded into the round's running FedAvg sum on arrival (its 201 waits for the
     #: fold). False: no running-sum work; :meth:`combine` reads the stored uploads at the end.
     folds: ClassVar[bool] = True
+    #: True: the branch's learning uploads may carry ``control_<n>`` members (SCAFFOLD's control updates) and its
+    #: aggregates do; any other branch refuses them (checked on upload: :func:`takes_controls`)
+    carries_controls: ClassVar[bool] = False
 
     def __init__(self, **params: object) -> None:
         self.params: dict[str, float] = self.check(params)
@@ -210,6 +215,12 @@ def strategy_class(name: object) -> type[Strategy]:
     return STRATEGIES[name]
 
 
+def takes_controls(name: str) -> bool:
+    """Whether a branch whose algorithm is ``name`` takes ``control_<n>`` members (``Strategy.carries_controls``)."""
+    cls = STRATEGIES.get(name)
+    return cls is not None and cls.carries_controls
+
+
 def strategy_for(name: object, params: Mapping[str, object] | None = None) -> Strategy:
     """An instance of the strategy ``name`` with ``params`` (checked; the others at their defaults).
 
@@ -273,5 +284,6 @@ def _number(value: object) -> float | None:
 
 __all__ = [
     "DEFAULT_STRATEGY", "Param", "StateStore", "RoundInputs", "Combined", "Strategy", "STRATEGIES", "CATALOGUE",
-    "register_strategy", "unregister_strategy", "strategy_class", "strategy_for", "check_strategy", "describe",
+    "register_strategy", "unregister_strategy", "strategy_class", "strategy_for",
+    "takes_controls", "check_strategy", "describe",
 ]

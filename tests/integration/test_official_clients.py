@@ -220,3 +220,25 @@ def test_official_3_0_1_save_fields_round_and_branch_config(official_python, ser
         assert entries["earliest"]["values"] == [1998] and entries["latest"]["values"] == [2024]
         assert entries["n_cases"] == {"dtype": "int64", "values": [59]}
         assert "weighting" not in entries
+
+
+@pytest.mark.official
+def test_official_3_0_1_clients_in_a_scaffold_branch_send_no_controls_and_count_with_a_zero_update(
+        official_python, server_factory, tmp_path):
+    """Unchanged official leaves in a SCAFFOLD branch: their uploads count (with delta c = 0), the models are the
+    weighted mean (eta_g 1), and the aggregate also holds the server's c, control_<n>, zero here."""
+    python = official_python("3.0.1")
+    server, credentials = server_factory(2, "--strategy", "scaffold")
+    per_leaf, weightings = make_rounds(leaves=2, rounds=2, seed=2)
+    results = run_official_leaves(python, server, credentials, per_leaf, weightings, tmp_path)
+    for r, expected in enumerate(expected_aggregates(per_leaf, weightings, "fedavg")):
+        for res in results:
+            got = res["rounds"][r]
+            layers = {k: v for k, v in zip(got["keys"], got["aggregate"]) if k.startswith("layer_")}
+            controls = {k: v for k, v in zip(got["keys"], got["aggregate"]) if k.startswith("control_")}
+            assert sorted(layers) == sorted(f"layer_{i}" for i in range(len(expected)))
+            assert sorted(controls) == sorted(f"control_{i}" for i in range(len(expected)))
+            for index, want in enumerate(expected):
+                np.testing.assert_allclose(np.asarray(layers[f"layer_{index}"], np.float32), want, rtol=1e-6, atol=1e-7)
+                assert not np.asarray(controls[f"control_{index}"]).any()
+    assert "carry no control_<n> members: counted with delta c = 0" in server.log()
