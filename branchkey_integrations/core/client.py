@@ -310,8 +310,8 @@ class Client(PayloadCalls):
         """
         self._ensure_run_started()
         # wire.prepare checks the weighting as it encodes that member unless the caller already did
-        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel, checked=values_checked, controls=controls,
-                               compression=upload_compression(compression, urlsplit(self._api_host).hostname or ""))
+        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel, checked=values_checked,
+                               controls=controls, compression=upload_compression(compression, urlsplit(self._api_host).hostname or ""))
         if not values_checked:
             # The digest header must precede the body, so hashing is on the critical path; the finite check
             # runs beside it (both release the GIL), which hides it on a machine with two cores.

@@ -16,6 +16,7 @@ for _name, _value in (("TF_NUM_INTRAOP_THREADS", "1"), ("TF_NUM_INTEROP_THREADS"
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..core.scaffold import ScaffoldLeaf  # noqa: E402
 from .data import NUM_CLASSES, NUM_FEATURES, Split  # noqa: E402
 from .frameworks import RoundHook, TrainPlan  # noqa: E402
 
@@ -84,11 +85,13 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
 
 
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
-               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu") -> tuple[list[np.ndarray], Any]:
+               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu",
+               scaffold: ScaffoldLeaf | None = None) -> tuple[list[np.ndarray], Any]:
     """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
     ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
     ``state``, this leaf's previous turn's); return the trained weights and Adam's state. ``accelerator`` is
-    Keras' own choice (a GPU it sees), so the argument is only the interface's."""
+    Keras' own choice (a GPU it sees), so the argument is only the interface's. ``scaffold``: SCAFFOLD's leaf
+    state, whose correction every step gets (decoupled, as the callbacks' default)."""
     model = digits_mlp(plan)
     if start is not None:
         model.set_weights([np.asarray(layer) for layer in start])
@@ -100,9 +103,40 @@ def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.nda
     keras.utils.set_random_seed(plan.data_seed)  # this leaf's and round's own batch order
     first = (number - 1) * plan.epochs_per_round
     model.fit(data.x, data.y, batch_size=plan.batch_size, initial_epoch=first, epochs=first + plan.epochs_per_round,
-              shuffle=True, verbose=0, callbacks=[cosine(plan)])
+              shuffle=True, verbose=0,
+              callbacks=[cosine(plan)] + ([_ScaffoldSteps(scaffold)] if scaffold is not None else []))
     return [np.asarray(w) for w in model.get_weights()], \
         [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+
+
+class _ScaffoldSteps(keras.callbacks.Callback):
+    """SCAFFOLD in a turn: each step's rate counted as the batch begins, and ``w -= lr * (c - c_i)`` applied
+    before the next batch and at the end (batch-end hooks may run beside training on some backends)."""
+
+    def __init__(self, leaf: ScaffoldLeaf) -> None:
+        super().__init__()
+        self.leaf, self.pending_lr = leaf, 0.0
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        if self.leaf.x is None:  # the first round: the seeded initial model
+            self.leaf.start(self.model.get_weights())
+
+    def _correct(self) -> None:
+        correction = self.leaf.correction() if self.pending_lr else None
+        if correction is not None:
+            for variable, delta in zip(self.model.trainable_variables, correction):
+                if delta is not None:
+                    stepped = keras.ops.convert_to_numpy(variable) - self.pending_lr * delta
+                    variable.assign(stepped.astype(variable.dtype))
+        self.pending_lr = 0.0
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, float] | None = None) -> None:
+        self._correct()
+        self.pending_lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.leaf.step([self.pending_lr] * len(self.model.trainable_variables))
+
+    def on_train_end(self, logs: dict[str, float] | None = None) -> None:
+        self._correct()
 
 
 def train(data: Split, test: Split, plan: TrainPlan, on_round: RoundHook) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..core.scaffold import ScaffoldLeaf
 from .data import NUM_CLASSES, NUM_FEATURES, Split
 from .frameworks import RoundHook, TrainPlan
 
@@ -85,11 +86,13 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
 
 
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
-               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu") -> tuple[list[np.ndarray], Any]:
+               proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu",
+               scaffold: ScaffoldLeaf | None = None) -> tuple[list[np.ndarray], Any]:
     """Round ``number`` of a federated leaf: from ``start`` (None: the seeded initial model), train
     ``epochs_per_round`` epochs (the budget's cosine schedule from this round's first epoch; Adam goes on from
     ``state``, this leaf's previous turn's, as it does under the callback); return the trained parameters
-    and Adam's state. ``accelerator="gpu"``: the GPU Ray gave the task."""
+    and Adam's state. ``accelerator="gpu"``: the GPU Ray gave the task. ``scaffold``: SCAFFOLD's leaf state,
+    whose correction every step gets (decoupled, as the callbacks' default) and which counts the steps' rates."""
     torch.set_num_threads(1)
     torch.manual_seed(plan.seed)
     model = DigitsMLP(plan.hidden, plan.learning_rate, plan.rounds * plan.epochs_per_round,
@@ -103,9 +106,32 @@ def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.nda
                         batch_size=plan.batch_size, shuffle=True, generator=batches)
     trainer = Trainer(max_epochs=plan.epochs_per_round, accelerator=accelerator, devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0)
+                      num_sanity_val_steps=0, callbacks=[_ScaffoldSteps(scaffold)] if scaffold is not None else None)
     trainer.fit(model, loader)
     return [p.detach().cpu().numpy().copy() for p in model.parameters()], trainer.optimizers[0].state_dict()
+
+
+class _ScaffoldSteps(Callback):
+    """SCAFFOLD in a turn: after each optimizer step ``w -= lr * (c - c_i)``, and the step's rate counted."""
+
+    def __init__(self, leaf: ScaffoldLeaf) -> None:
+        self.leaf = leaf
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.leaf.x is None:  # the first round: the seeded initial model
+            self.leaf.start([p.detach().cpu().numpy() for p in pl_module.parameters()])
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        parameters = list(pl_module.parameters())
+        self.leaf.step([lr] * len(parameters))
+        correction = self.leaf.correction()
+        if correction is not None:
+            with torch.no_grad():
+                for parameter, delta in zip(parameters, correction):
+                    if delta is not None:
+                        parameter -= lr * torch.from_numpy(delta).to(parameter.dtype).reshape(parameter.shape)
 
 
 class _EvaluateEachRound(Callback):

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from ..core.protocol import CONTROLLED_ALGORITHMS
 from .backends import Backend, make_backend
 from .config import SimulationConfig
 from .data import Split, load_digits_split, partition
@@ -93,7 +94,8 @@ class Simulation:
         gpu = self.config.backend == "ray" and self.config.leaf_gpus > 0 and role == "turn"
         return LeafTask(role=role, name=name, framework=self.config.framework, round=number, plan=plan,
                         credentials=credentials or {}, host=host, aggregate_id=aggregate_id,
-                        proximal_mu=self.config.proximal_mu, accelerator="gpu" if gpu else "cpu")
+                        proximal_mu=self.config.proximal_mu, accelerator="gpu" if gpu else "cpu",
+                        scaffold=self.config.strategy in CONTROLLED_ALGORITHMS)
 
     def _report(self, run: "_Run", names: list[str], parts: list[Split]) -> Report:
         config = self.config

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.scaffold import ScaffoldLeaf
 from .data import Split
 from .frameworks import TrainPlan, load_framework
 
@@ -55,6 +56,7 @@ class LeafTask:
     aggregate_id: str | None = None
     proximal_mu: float = 0.0
     accelerator: str = "cpu"  # "gpu": a turn of the ray backend given a GPU (--leaf-gpus)
+    scaffold: bool = False  # the branch runs SCAFFOLD: the turn corrects its steps and uploads its control update
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -105,16 +107,30 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
 
 
 def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int, Any]:
-    """Start from the latest aggregate (or the seeded initial model), train one round's epochs, upload."""
+    """Start from the latest aggregate (or the seeded initial model), train one round's epochs, upload.
+
+    ``state`` (this leaf's previous turn's): the optimizer's state and, in a SCAFFOLD branch, the leaf's control
+    variates and the control update its last upload carried (committed now that an aggregate holds it).
+    """
+    state = state if isinstance(state, dict) else {"optimizer": state}
     with _client(task) as client:
-        start = _download(client, task.aggregate_id) if task.aggregate_id else None
+        start, controls = _download(client, task.aggregate_id, controls=True) if task.aggregate_id else (None, [])
+        scaffold = None
+        if task.scaffold:
+            scaffold = ScaffoldLeaf()
+            scaffold.load_state_dict(state.get("scaffold") or {})
+            if start is not None:
+                scaffold.commit(state.get("pending"), controls or None, start)
         # each round its own batch order, the same on every backend
         plan = replace(task.plan, data_seed=task.plan.data_seed * 1000 + task.round)
-        layers, state = framework.train_turn(data, plan, task.round, start, task.proximal_mu, state,
-                                             accelerator=task.accelerator)
-        client.upload_weights(len(data), layers)
+        layers, optimizer = framework.train_turn(data, plan, task.round, start, task.proximal_mu,
+                                                 state.get("optimizer"), accelerator=task.accelerator,
+                                                 scaffold=scaffold)
+        pending = scaffold.prepare(layers) if scaffold is not None else None
+        client.upload_arrays(len(data), layers, controls=pending.delta if pending is not None else ())
     logger.info("%s uploaded round %d (%d samples)", task.name, task.round, len(data))
-    return len(data), state
+    return len(data), {"optimizer": optimizer, "pending": pending,
+                       "scaffold": scaffold.state_dict() if scaffold is not None else None}
 
 
 def _client(task: LeafTask) -> Any:
@@ -124,8 +140,10 @@ def _client(task: LeafTask) -> Any:
     return Client(task.credentials, host=task.host, transport="none", max_retries=3)
 
 
-def _download(client: Any, aggregate_id: str | None) -> list[np.ndarray]:
+def _download(client: Any, aggregate_id: str | None, controls: bool = False) -> Any:
+    """The aggregate's layers (with ``controls``: and its SCAFFOLD controls), in memory of their own."""
     if aggregate_id is None:
         raise ValueError("Expected an aggregate id to download. Received: None")
     archive = client.download_aggregate(aggregate_id, expected_bytes=64 * 1024 * 1024)
-    return [np.array(layer, copy=True) for layer in archive.layers]  # own memory: the buffer is the client's
+    layers = [np.array(layer, copy=True) for layer in archive.layers]  # own memory: the buffer is the client's
+    return (layers, [np.array(c, copy=True) for c in archive.controls]) if controls else layers

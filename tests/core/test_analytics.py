@@ -106,7 +106,7 @@ def test_save_analytics_writes_only_the_bundle_as_an_analytics_archive(tmp_path)
                                              file_path=tmp_path / "site")
     assert path == str(tmp_path / "site.npz")
     archive = wire.decode(path)
-    assert archive.kind == KIND_FEDERATED_ANALYTICS and archive.weighting == 0.0 and archive.layers == []
+    assert archive.kind == KIND_FEDERATED_ANALYTICS and archive.weighting is None and archive.layers == []
     assert list(archive.fields) == [f"{c}_{s}" for c in ("age", "smoker") for s in BUNDLE_SUFFIXES]
     assert archive.fields["age_n"][0] == 3 and archive.fields["age_nan"][0] == 1 and archive.fields["age_sum"][0] == 130
     with np.load(path, allow_pickle=False) as raw:  # what the official client's np.load reads

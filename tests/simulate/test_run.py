@@ -165,15 +165,17 @@ def test_simulate_runs_scaffold_and_the_leaves_send_their_control_updates(tmp_pa
 
     def read_latest_aggregate(report):  # while the embedded server still runs
         workdir, = tmp_path.glob("branchkey-simulate-*")
-        federation = json.loads((workdir / "leaf_1.job.json").read_text())["federation"]
-        with Client(federation["credentials"], host=federation["host"], transport="none") as client:
+        task = json.loads((workdir / "leaf_1.inbox" / "000001.json").read_text())
+        seen["scaffold"] = task["scaffold"]
+        with Client(task["credentials"], host=task["host"], transport="none") as client:
             seen["algorithm"] = client.get_branch_config()["service"]["algorithm"]
             latest = client.get_round().latest_aggregate
             seen["controls"] = client.download_aggregate(latest.aggregation_id).controls
 
     report = run(framework=framework, leaves=2, rounds=2, epochs_per_round=1, partition="dirichlet", alpha=0.3,
                  baselines=False, strategy="scaffold", output=tmp_path / "out", hold=read_latest_aggregate)
-    assert seen["algorithm"] == "scaffold" and report.config["strategy_params"] == {"eta_g": 1.0}
+    assert seen["algorithm"] == "scaffold" and seen["scaffold"] is True
+    assert report.config["strategy_params"] == {"eta_g": 1.0}
     assert len(seen["controls"]) == 4 and any(abs(c).max() > 0 for c in seen["controls"])  # c moved: MLP of 2 layers
     assert [r.round for r in report.rounds] == [1, 2] and report.final.global_accuracy > 0.5
     assert children_of(os.getpid()) == []
