@@ -295,7 +295,10 @@ def _assemble(arrays: dict[str, np.ndarray]) -> Archive:
     if KIND_KEY in arrays:
         kind = str(arrays.pop(KIND_KEY).reshape(-1)[0])
     if kind == KIND_FEDERATED_ANALYTICS:  # every other member is a named field; 'weighting' is read by nothing
-        arrays.pop(WEIGHTING_KEY, None)
+        raw = arrays.pop(WEIGHTING_KEY, None)
+        if raw is not None and (raw.size != 1 or raw.dtype.kind not in "biuf"):
+            raise ArchiveError(f"'weighting' is reserved (the official client writes it as 0.0 and nothing reads it); "
+                               f"it cannot be a field. Received: dtype={raw.dtype}, shape={raw.shape}. Rename the field.")
         return Archive(layers=[], weighting=None, kind=kind, fields=arrays)
     weighting = None
     if WEIGHTING_KEY in arrays:

@@ -102,7 +102,7 @@ def analytics_archives(draw: st.DrawFn) -> bytes:
     kind = {wire.KIND_KEY: np.array(KIND)}
     if change == "layer_name":
         return savez(**fields, layer_3=np.ones(3), weighting=np.array([0.0]), **kind)
-    if change == "weighting":  # written as 0.0 and read by nothing; any other value is no field either
+    if change == "weighting":  # written as 0.0 and read by nothing; any single number goes, anything else is refused
         bad = draw(st.sampled_from([[0.0], [1.0], [1.0, 2.0], "x", [np.nan]]))
         return savez(**fields, weighting=np.array(bad), **kind)
     if change == "no_kind":
@@ -162,6 +162,9 @@ def analytics_well_formed(content: bytes, ops: dict[str, str], others: list[dict
     leaves' uploads in that round (oldest first)."""
     members = read_members(content)
     if members is None or declared_kind(members) != KIND:
+        return False
+    weighting = members.get("weighting")  # read by nothing, but no field either: one number at most
+    if weighting is not None and (weighting.size != 1 or weighting.dtype.kind not in "biuf"):
         return False
     fields = fields_of(members)
     if not fields or len(fields) > MAX_FIELDS:

@@ -238,5 +238,16 @@ def test_an_analytics_archive_refused_while_read_is_not_held_against_the_learnin
     answer = live.upload(leaves[0], bad, data=json.dumps({"leaf_name": "leaf_1", "metadata": json.dumps({"kind": KIND})}))
     assert answer.status_code == 400 and "datetime64" in answer.json()["error"]
     assert round_view(live, leaves[1])["refused"] == []  # the learning round's leaves never read it as theirs
-    odd = savez(__bk_payload_kind__=np.array(KIND), weighting=np.array(["x"]), age_n=np.array([1]))
+    odd = savez(__bk_payload_kind__=np.array(KIND), weighting=np.array([np.nan]), age_n=np.array([1]))
     assert live.upload(leaves[0], odd).status_code == 201  # 'weighting' is read by nothing in this kind
+    field = savez(__bk_payload_kind__=np.array(KIND), weighting=np.array([3, 4, 5]), age_n=np.array([1]))
+    answer = live.upload(leaves[1], field)
+    assert answer.status_code == 400 and "'weighting' is reserved" in answer.json()["error"]
+
+
+def test_an_analytics_upload_over_the_size_limits_is_refused_before_it_is_inflated(start_server) -> None:
+    live = start_server(max_total_bytes=1 << 20)
+    _, leaves = live.make_branch(2)
+    answer = live.upload(leaves[0], fields_archive(histogram_sum=np.zeros(1 << 18)))  # 2 MiB of float64
+    assert answer.status_code == 413 and "Nothing was inflated" in answer.json()["error"]
+    assert round_view(live, leaves[1])["analytics"] is None
