@@ -165,9 +165,10 @@ class _Run:
 
     def _take(self, answer: dict[str, Any]) -> None:
         role, name = answer["role"], answer["name"]
-        if role == "turn":
+        if role in ("turn", "score"):
             self.turns_left -= 1
-            self.nodes[name].add(answer["node"])
+            if role == "turn":  # where the leaf trained
+                self.nodes[name].add(answer["node"])
         elif role == "evaluate":
             self.tracker.accuracy[answer["round"]] = answer["accuracy"]
         elif role == "local":
@@ -196,6 +197,10 @@ class _Run:
             self._hand_out(number + 1, aggregate_id)
             return
         self.handed = self.config.rounds + 1  # nothing more to hand out
+        for index, creds in enumerate(self.credentials):  # the last aggregate, scored by each leaf as turns do
+            self.turns_left += 1
+            self.backend.submit(self.sim.task("score", creds["name"], number, index + 1, creds, self.server.url,
+                                              aggregate_id), creds["name"])
         if self.config.baselines:
             for index, creds in enumerate(self.credentials):
                 self.backend.submit(self.sim.task("local", creds["name"], self.config.rounds, index + 1),

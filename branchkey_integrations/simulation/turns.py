@@ -34,10 +34,11 @@ from .frameworks import TrainPlan, load_framework
 
 logger = logging.getLogger(__name__)
 
-#: ``turn``: one federated round of one leaf; ``evaluate``: score an aggregate on the common test set;
+#: ``turn``: one federated round of one leaf; ``evaluate``: score an aggregate on the common test set; ``score``: a
+#: leaf scores the last round's aggregate on its own data and sends it as metrics (turns do it for the others);
 #: ``local``: a leaf trains alone for the whole budget; ``centralized``: all the data, the whole budget;
 #: ``exit``: a process-backend worker ends (a Ray task is never given it)
-ROLES = ("turn", "evaluate", "local", "centralized", "exit")
+ROLES = ("turn", "evaluate", "score", "local", "centralized", "exit")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
     if task.role == "turn":
         assert data is not None
         answer["samples"], state = _turn(task, framework, data, state)
+    elif task.role == "score":
+        assert data is not None
+        with _client(task) as client:
+            answer["accuracy"] = _score_own(client, framework, task, _download(client, task.aggregate_id), data)
     elif task.role == "evaluate":
         assert test is not None
         with _client(task) as client:
@@ -107,7 +112,8 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
 
 
 def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int, Any]:
-    """Start from the latest aggregate (or the seeded initial model), train one round's epochs, upload.
+    """Start from the latest aggregate (or the seeded initial model), score it on this leaf's data (the ``test``
+    metrics the dashboard plots per leaf), train one round's epochs, upload.
 
     ``state`` (this leaf's previous turn's): the optimizer's state and, in a SCAFFOLD branch, the leaf's control
     variates and the control update its last upload carried (committed now that an aggregate holds it).
@@ -115,6 +121,8 @@ def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int,
     state = state if isinstance(state, dict) else {"optimizer": state}
     with _client(task) as client:
         start, controls = _download(client, task.aggregate_id, controls=True) if task.aggregate_id else (None, [])
+        if start is not None:
+            _score_own(client, framework, task, start, data)
         scaffold = None
         if task.scaffold:
             scaffold = ScaffoldLeaf()
@@ -133,11 +141,20 @@ def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int,
                        "scaffold": scaffold.state_dict() if scaffold is not None else None}
 
 
+def _score_own(client: Any, framework: Any, task: LeafTask, layers: list[np.ndarray], data: Split) -> float:
+    """The aggregate ``task.aggregate_id`` (``layers``) on this leaf's own data, sent as the round's ``test``
+    metrics (what the callbacks send): the dashboard's per-leaf accuracy."""
+    accuracy = float(framework.score(layers, data, task.plan))
+    client.send_performance_metrics(str(task.aggregate_id), {"accuracy": accuracy}, "test")
+    return accuracy
+
+
 def _client(task: LeafTask) -> Any:
     from ..core.client import Client  # the core, not the callbacks: a turn needs no wait and no notifications
 
     # a few retries only: a simulation's server is local, and a failure must show in the report, not hang
-    return Client(task.credentials, host=task.host, transport="none", max_retries=3)
+    # a paused run (the dashboard's pause button) holds the turn's upload until it starts again
+    return Client(task.credentials, host=task.host, transport="none", max_retries=3, wait_for_run=True)
 
 
 def _download(client: Any, aggregate_id: str | None, controls: bool = False) -> Any:

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds child 
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the live children of ``pid``."""
+    """(pid, command line) of the live children of ``pid``; not multiprocessing's resource tracker, which an earlier
+    test of the same (xdist) worker may have started and which lives as long as the worker does."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -32,7 +33,7 @@ def children_of(pid: int) -> list[tuple[int, str]]:
         except (OSError, ValueError):
             continue  # not a process, or gone meanwhile
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and "multiprocessing.resource_tracker" not in cmdline:
             found.append((int(entry.name), cmdline))
     return found
 
