@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.errors import RequestRejectedError
 from ..core.scaffold import ScaffoldLeaf
 from .data import Split
 from .frameworks import TrainPlan, load_framework
@@ -135,10 +136,25 @@ def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int,
                                                  state.get("optimizer"), accelerator=task.accelerator,
                                                  scaffold=scaffold)
         pending = scaffold.prepare(layers) if scaffold is not None else None
-        client.upload_arrays(len(data), layers, controls=pending.delta if pending is not None else ())
+        _upload(client, len(data), layers, pending.delta if pending is not None else ())
     logger.info("%s uploaded round %d (%d samples)", task.name, task.round, len(data))
     return len(data), {"optimizer": optimizer, "pending": pending,
                        "scaffold": scaffold.state_dict() if scaffold is not None else None}
+
+
+def _upload(client: Any, weighting: float, layers: list[np.ndarray], controls: Any) -> None:
+    """Upload the turn's model; a run paused meanwhile (409) holds it until the run starts again (the client
+    waits for the run: ``wait_for_run``), as the callbacks' wait does."""
+    while True:
+        try:
+            client.upload_arrays(weighting, layers, controls=controls)
+            return
+        except RequestRejectedError as exc:
+            if exc.status_code != 409:
+                raise
+            logger.info("upload refused while the run is not started (%s); waiting for the run", exc)
+            client.get_run_details()  # the run's status now: the next upload_arrays waits while it is not 'start'
+            time.sleep(0.2)  # a 409 that persists while the run says 'start' must not spin
 
 
 def _score_own(client: Any, framework: Any, task: LeafTask, layers: list[np.ndarray], data: Split) -> float:

