@@ -287,10 +287,10 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     server.auth.authenticate_admin(request)
     hub = request.app[EVENTS]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
-    await response.prepare(request)
-    queue = hub.subscribe()
+    queue = hub.subscribe()  # before the headers go out: a page that sees them misses no event after
     watcher = _AmqpWatcher.ensure(request.app)
     try:
+        await response.prepare(request)
         await response.write(b"event: hello\ndata: {\"kind\": \"hello\"}\n\n")
         while True:
             try:
