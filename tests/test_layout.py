@@ -296,11 +296,11 @@ def test_benchmarks_use_the_public_api_only_and_nothing_of_the_tests() -> None:
         assert not found, f"benchmarks/{path.name} uses private names {sorted(found)}"
 
 
-def test_every_module_has_its_row_in_the_readmes_where_things_live_table() -> None:
-    """The README's map names every module (or, for the simulation, its folder): a module moved or added
-    without its row is a room a newcomer cannot find."""
-    readme = (PACKAGE.parent / "README.md").read_text()
-    table = readme.split("## Contributing: where things live", 1)[1].split("\n## ", 1)[0]
+def test_every_module_has_its_row_in_the_where_things_live_table() -> None:
+    """The contributing guide's map (docs/contributing.md) names every module (or, for the simulation, its
+    folder): a module moved or added without its row is a room a newcomer cannot find."""
+    readme = (PACKAGE.parent / "docs" / "contributing.md").read_text()
+    table = readme.split("## Where things live", 1)[1].split("\n## ", 1)[0]
     missing = []
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()
@@ -308,4 +308,4 @@ def test_every_module_has_its_row_in_the_readmes_where_things_live_table() -> No
             continue
         if f"`{relative}`" not in table and f"`{relative.split('/')[0]}/`" not in table:
             missing.append(relative)
-    assert not missing, f"modules without a row in README's 'where things live' table: {missing}"
+    assert not missing, f"modules without a row in docs/contributing.md's 'where things live' table: {missing}"

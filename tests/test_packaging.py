@@ -87,3 +87,27 @@ def test_the_wheel_ships_py_typed_and_declares_the_extras(tmp_path):
     for extra in ("keras", "tensorflow", "lightning", "server", "simulate", "all"):
         assert f"Provides-Extra: {extra}\n" in metadata
     assert "Requires-Dist: websockets>=15.0\n" in metadata
+
+
+def test_every_extra_a_user_is_told_about_is_in_all():
+    everything = Requirement(EXTRAS["all"][0]).extras
+    assert {"docs", "notebooks"} <= everything and "branchkey-integrations[docs]" in EXTRAS["dev"]
+    assert {Requirement(text).name for text in EXTRAS["notebooks"]} == {"jupyterlab", "nbconvert"}
+    assert {"build", "twine"} <= {Requirement(text).name for text in EXTRAS["dev"]}
+
+
+@pytest.mark.slow
+def test_the_wheel_and_the_sdist_build_and_pass_twine_check(tmp_path):
+    """What a release uploads: ``python -m build`` (setuptools from this environment: no download) makes both,
+    and ``twine check`` finds their metadata and the README (the long description) fit for PyPI."""
+    result = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(REPO)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [wheel] = tmp_path.glob("branchkey_integrations-*.whl")
+    [sdist] = tmp_path.glob("branchkey_integrations-*.tar.gz")
+    check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.count("PASSED") == 2, check.stdout + check.stderr
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert {"branchkey_integrations/py.typed", "branchkey_integrations/server/static/index.html"} <= set(names)

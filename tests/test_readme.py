@@ -1,7 +1,10 @@
-"""Every ``python`` and ``bash`` block of README.md runs as written.
+"""Every ``python`` and ``bash`` block of README.md and of the documentation site (``docs/**/*.md``) runs as
+written.
 
 Each block is listed in ``HOW`` by its first line, with how this test runs it; a new block that is not
-listed fails :func:`test_every_readme_block_is_run_here`, so the README cannot grow an untested snippet.
+listed fails :func:`test_every_readme_block_is_run_here`, so neither the README nor a guide can grow an
+untested snippet. A block may appear in several files (the README's quickstarts are copies of the guides'
+first blocks): each way runs one code, and every copy must be that code, character for character.
 
 - A block for a leaf runs as three real leaf processes against a fresh three-leaf branch that the README's
   own ``init`` and ``serve`` commands make (``--port 8080``, as written), because a round completes when
@@ -10,8 +13,13 @@ listed fails :func:`test_every_readme_block_is_run_here`, so the README cannot g
   prose says the reader already has (``model``, ``datamodule``, ``x_train``, ...) is made by ``SETUP``, a
   tiny model on random data, and ``CHECK`` then asserts what the block promises (rounds completed).
 - The simulation commands run as written, in a temporary directory.
-- Three blocks are run elsewhere: ``# 1.`` and ``# 2.`` by ``.ci/run`` (verbatim), the fast lane is a
-  subset of this very suite, and the contributors' strategy example runs in tests/server/test_strategy_plugin.py.
+- Install commands (``install``) are checked by :func:`test_every_install_line_works_from_a_clone`: each names
+  the package as the clone (``-e ".[extras]"``, from the repository root) with extras that exist, never by a name
+  no index has; ``.ci/setup`` installs ``.[all]`` for real. The site's build command (``docs-build``) runs in
+  tests/docs/test_site.py, with its own output directory.
+- Blocks run elsewhere: ``# 1.`` and ``# 2.`` by ``.ci/run`` (verbatim), the fast lane is a subset of this very
+  suite, the contributors' strategy and codec examples run in tests/server/test_strategy_plugin.py and
+  tests/core/test_codecs.py, and the build of the wheel and sdist in tests/test_packaging.py.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ import requests
 from .conftest import REPO, wait_until
 
 README = REPO / "README.md"
+#: every page whose blocks must run: the README and the documentation site's markdown
+PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
+NOTEBOOKS = sorted((REPO / "examples" / "notebooks").glob("*.ipynb"))
 BIN = Path(sys.executable).parent
 PORT_URL = "http://127.0.0.1:8080"
 LEAVES = 3
@@ -95,6 +106,11 @@ CHECK = {
 # first line of a block -> how it runs: a SETUP key (three leaves), "branch", "simulate", or a reason it runs elsewhere
 HOW = {
     "# 1. Set up and run the main job": "elsewhere: .ci/run runs the commands of # 1. and # 2. verbatim",
+    'python3 -m venv .venv && .venv/bin/pip install "torch==2.13.0" -e ".[lightning,simulate]"': "install",
+    '.venv/bin/pip install -e ".[tensorflow,simulate]"': "install",
+    '.venv/bin/pip install -e ".[docs]" && .venv/bin/mkdocs build': "docs-build",
+    ".venv/bin/python -m build --outdir dist": "elsewhere: tests/test_packaging.py builds both and runs twine check; "
+                                               "tests/docs/test_site.py runs mkdocs build --strict",
     "trainer = Trainer(callbacks=[BranchKeyCallback(": "overview",
     "branchkey-local simulate --framework keras": "simulate",
     "# A strategy in one file": "elsewhere: tests/server/test_strategy_plugin.py runs it through the real server",
@@ -110,11 +126,15 @@ HOW = {
 }
 
 
-def readme_blocks() -> list[tuple[int, str, str]]:
-    """(line number, language, code) of every python and bash block."""
-    found = re.finditer(r"^```(python|bash)\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)
-    text = README.read_text(encoding="utf-8")
-    return [(text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2)) for m in found]
+def readme_blocks() -> list[tuple[str, str, str]]:
+    """(page:line, language, code) of every python and bash block of the README and the docs."""
+    blocks = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for m in re.finditer(r"^```(python|bash)\n(.*?)^```", text, re.M | re.S):
+            where = f"{page.relative_to(REPO).as_posix()}:{text.count(chr(10), 0, m.start()) + 1}"
+            blocks.append((where, m.group(1), m.group(2)))
+    return blocks
 
 
 def how(code: str) -> str | None:
@@ -123,14 +143,66 @@ def how(code: str) -> str | None:
 
 
 def blocks_run_as(way: str) -> list[str]:
-    return [code for _, _, code in readme_blocks() if how(code) == way]
+    """The distinct codes of the blocks that run as ``way`` (copies of one block count once)."""
+    return list(dict.fromkeys(code for _, _, code in readme_blocks() if how(code) == way))
 
 
 def test_every_readme_block_is_run_here():
-    unknown = [f"README.md:{line}: {code.splitlines()[0]}" for line, _, code in readme_blocks() if how(code) is None]
+    unknown = [f"{where}: {code.splitlines()[0]}" for where, _, code in readme_blocks() if how(code) is None]
     assert not unknown, f"add these blocks to tests/test_readme.py HOW (and make them run): {unknown}"
-    assert {"branch", "simulate", "lightning", "keras", "client", "overview", "analytics"} <= \
-        {how(c) for _, _, c in readme_blocks()}
+    ways = {how(c) for _, _, c in readme_blocks()}
+    assert {"branch", "simulate", "lightning", "keras", "keras-monitor", "client", "overview", "analytics",
+            "install", "docs-build"} <= ways
+    for way in ways - {"install"}:
+        if not way.startswith("elsewhere"):
+            copies = [where for where, _, code in readme_blocks() if how(code) == way]
+            assert len(blocks_run_as(way)) == 1, f"blocks {copies} run as {way} but differ: make them copies"
+    readme = {how(code) for where, _, code in readme_blocks() if where.startswith("README.md:")}
+    assert {"lightning", "keras", "branch", "simulate"} <= readme, "the README lost a quickstart block"
+
+
+#: ``pip install`` followed by its arguments, in a block, in prose (`...`) or in a notebook's JSON string
+PIP_INSTALL = re.compile(r"pip install ([^`\n&;)]+)")
+
+
+def install_lines() -> list[tuple[str, str]]:
+    """(where, arguments) of every ``pip install`` a reader is told to run: README, docs, notebooks."""
+    found = []
+    for page in [*PAGES, *NOTEBOOKS]:
+        text = page.read_text(encoding="utf-8")
+        if page.suffix == ".ipynb":  # its cells' text, line for line as a reader sees them
+            text = "\n".join("".join(cell["source"]) for cell in json.loads(text)["cells"])
+        for m in PIP_INSTALL.finditer(text):
+            found.append((f"{page.relative_to(REPO).as_posix()}:{text.count(chr(10), 0, m.start()) + 1}",
+                          m.group(1).split("#")[0].strip().strip('"').strip()))
+    return found
+
+
+def test_every_install_line_works_from_a_clone():
+    """No index has the package yet: every install names it as the clone (``.`` or ``-e .``, from the repository
+    root), with extras that exist; anything else installed is named with a version or plainly (torch)."""
+    from packaging.requirements import Requirement
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    lines = install_lines()
+    assert len(lines) >= 10 and any(where.endswith(".ipynb") or ".ipynb:" in where for where, _ in lines)
+    for where, arguments in lines:
+        assert "branchkey-integrations" not in arguments, f"{where}: pip install {arguments} (not on any index)"
+        for target in re.findall(r'"[^"]*"|\S+', arguments):
+            target = target.strip('"')
+            if target.startswith("-"):
+                assert target in ("-e", "-U", "-q"), f"{where}: pip install {arguments}: option {target}"
+            elif target.startswith("."):
+                match = re.fullmatch(r"\.(?:\[([a-z,]+)\])?", target)
+                assert match, f"{where}: pip install {arguments}: {target} is not the clone with extras"
+                unknown = set((match.group(1) or "").split(",")) - extras - {""}
+                assert not unknown, f"{where}: pip install {arguments}: no extra {sorted(unknown)} in pyproject.toml"
+            else:
+                Requirement(target)  # a plain requirement (torch, torch==2.13.0): parses
 
 
 def test_the_readme_names_no_missing_extra_or_stale_module():

@@ -1,5 +1,5 @@
 """A strategy added from outside the package: one class, registered, runs rounds through the real server
-(the README's worked example among them).
+(the contributing guide's worked example among them).
 
 Also: the robust strategies do no running-sum work (their uploads are answered once committed), and the
 round state machine names no strategy.
@@ -118,11 +118,11 @@ def test_a_strategy_registered_from_outside_runs_rounds_through_the_server(live:
     assert set(fold_calls) == {a["id"], b["id"]}  # folded on arrival, as fedavg is
 
 
-def test_the_readmes_example_strategy_runs_a_round(live: Handle) -> None:
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+def test_the_contributing_guides_example_strategy_runs_a_round(live: Handle) -> None:
+    readme = (Path(__file__).parents[2] / "docs" / "contributing.md").read_text(encoding="utf-8")
     [block] = re.findall(r"^```python\n(# A strategy in one file.*?)^```", readme, re.M | re.S)
     namespace: dict[str, Any] = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # registers it
+    exec(compile(block, "docs/contributing.md", "exec"), namespace)  # registers it
     try:
         assert STRATEGIES["quantile"] is namespace["Quantile"]
         branch, leaves = live.make_branch(3, strategy="quantile", strategy_params={"q": 0})
