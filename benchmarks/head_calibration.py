@@ -40,7 +40,7 @@ from .common import load_average, save_report
 from .strategies import RESULTS as STRATEGY_RESULTS
 
 ROUNDS, EPOCHS_PER_ROUND, LEAVES, ALPHA, BATCH = 10, 5, 10, 0.1, 32
-#: (label, server strategy, its parameters): FedAvg and the two FedAvgM rows of the README's table
+#: (label, server strategy, its parameters): FedAvg and the two FedAvgM rows of the table of docs/results/strategies.md
 SETTINGS = (("fedavg", "fedavg", {}), ("fedavgm (momentum=0.5)", "fedavgm", {"momentum": 0.5}),
             ("fedavgm (eta=1.25, momentum=0.5)", "fedavgm", {"eta": 1.25, "momentum": 0.5}))
 

@@ -1,6 +1,6 @@
 """``python -m benchmarks.strategies``: every server strategy, and FedAvg with FedProx, on strongly skewed
 data (``branchkey-local simulate --partition dirichlet --alpha 0.1 --leaves 10 --rounds 10``), on Lightning
-and Keras, over seeds 0, 1 and 2; ``--summary`` prints the README's table.
+and Keras, over seeds 0, 1 and 2; ``--summary`` prints the table of docs/results/strategies.md.
 
 Resumable: each (framework, setting, seed) is one JSON file under ``results/strategies/``, and a file that
 exists is not run again, so the sweep can be stopped and restarted at will. Runs go seed by seed, the two
@@ -61,7 +61,7 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     "fedavg": Setting(),
     "fedavgm": Setting("fedavgm", {"momentum": 0.5}),  # picked at seed 0 (TUNING): 0.9 scored lower
-    # a server step 1.25x the momentum-averaged update: best of a grid over 6 seeds (see the README's notes)
+    # a server step 1.25x the momentum-averaged update: best of a grid over 6 seeds (see docs/results/strategies.md)
     "fedavgm-eta1.25": Setting("fedavgm", {"eta": 1.25, "momentum": 0.5}),
     "fedadam": Setting("fedadam"),
     "fedyogi": Setting("fedyogi"),

@@ -282,7 +282,7 @@ def add_backend_options(simulate: argparse.ArgumentParser) -> None:
 def add_strategy_options(parser: argparse.ArgumentParser) -> None:
     """``--strategy NAME`` and the repeatable ``--strategy-param KEY=VALUE`` (a branch's aggregation)."""
     parser.add_argument("--strategy", choices=sorted(CATALOGUE), default=DEFAULT_STRATEGY, metavar="NAME",
-                        help="how the server aggregates each round (README: Strategies): " + _strategies_help())
+                        help="how the server aggregates each round (docs/guides/strategies.md): " + _strategies_help())
     parser.add_argument("--strategy-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="a parameter of --strategy, repeatable, e.g. eta=0.01; unset ones take their defaults: "
                              + " | ".join(f"{name}: {describe(name)}" for name in sorted(CATALOGUE) if CATALOGUE[name]))

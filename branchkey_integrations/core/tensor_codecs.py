@@ -8,7 +8,7 @@ method (0 and 8, what numpy and the official clients write), so their archives a
 other registered codec travels as the method :data:`MARKED_METHOD` plus a small extra field naming
 it (:func:`marker`), which only a reader with that codec registered accepts.
 
-Adding a codec is one class and one :func:`register_codec` call (the README's contributor section
+Adding a codec is one class and one :func:`register_codec` call (docs/contributing.md
 shows one). A codec that only defines ``encode`` and ``decode`` handles one member at a time, in
 memory; :class:`DeflateCodec` shows the streaming interface (:meth:`Codec.encode_members`,
 :meth:`Codec.decoder`) for one that must not hold a whole member.

@@ -32,7 +32,7 @@ class ByteBudget:
 
     Receipt does not wait for checks and folds: counting received uploads here until they were
     folded kept the work after a round's last upload O(model) when K uploads finish together, but
-    only by moving it between the uploads, and whole rounds took 2-17% longer (README, issue 12).
+    only by moving it between the uploads, and whole rounds took 2-17% longer (docs/results/performance.md, issue 12).
     An upload's answer waits for its fold instead (``AcceptedUpload.folded``), which stops no socket.
     """
 
@@ -77,7 +77,7 @@ def limit_allocator_retention() -> bool:
 
     Why: upload buffers are allocated and freed by the event loop and eight worker threads. With an
     arena each, a fresh server's round of 100 uploads at once peaked 74-79 MB above its idle RSS; with
-    one, 62-65 MB, and rounds took no longer (README, issue 12). Returns whether the C library took
+    one, 62-65 MB, and rounds took no longer (docs/results/performance.md, issue 12). Returns whether the C library took
     it (False off glibc, where nothing changes).
     """
     try:

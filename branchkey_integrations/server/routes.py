@@ -194,7 +194,7 @@ async def round_status(request: web.Request) -> web.Response:
     - ``latest_aggregate``: ``{"aggregation_id", "run_number", "round_index", "strategy", "strategy_note"}``
       of the branch's latest aggregate, or null: a leaf that missed a notification finds its result here;
       ``strategy`` says what aggregated it and ``strategy_note``, when it was not the branch's strategy, why;
-    - ``strategy``, ``strategy_params``: how the branch aggregates (README: Strategies).
+    - ``strategy``, ``strategy_params``: how the branch aggregates (docs/guides/strategies.md).
     """
     server = server_of(request)
     leaf = await server.auth.authenticate(request)

@@ -17,8 +17,7 @@ A strategy is one subclass of :class:`Strategy`, registered with :func:`register
 The round state machine (:mod:`~branchkey_integrations.server.rounds`) only asks these questions; it never
 branches on a name. The built-in strategies live in :mod:`~branchkey_integrations.server.strategies` (and
 the server optimizers in :mod:`~branchkey_integrations.server.optimizers`), which register themselves on
-import; a new one is a class in its own module, decorated with :func:`register_strategy` (README:
-Contributing).
+import; a new one is a class in its own module, decorated with :func:`register_strategy` (docs/contributing.md).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_federated_beats_local_only_on_skewed_data_and_writes_the_report(tmp_pat
                  seed=0, output=tmp_path, progress=events.append)
     assert [r.round for r in report.rounds] == [1, 2, 3]
     final = report.final
-    # seed 0 gives about 91% / 65% / 97%; the full 5 x 10 run closes the gap to centralized (see the README)
+    # seed 0 gives about 91% / 65% / 97%; the full 5 x 10 run closes the gap to centralized (see docs/results/strategies.md)
     assert final.global_accuracy > final.local_accuracy + 0.15  # each leaf alone never saw some classes
     assert final.global_accuracy > final.centralized_accuracy - 0.1
     done = [e for e in events if isinstance(e, RoundProgress) and e.complete]
