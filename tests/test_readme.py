@@ -290,3 +290,14 @@ def test_the_readme_simulation_commands_run_as_written(tmp_path):
         report = json.loads((tmp_path / output / "report.json").read_text())
         assert report and (tmp_path / output / "accuracy.png").stat().st_size > 0
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_readmes_links_lead_to_files_of_the_repository():
+    """The README is read on a code host, outside the site: its relative links must name files that exist
+    (the site's own links are checked by ``mkdocs build --strict``, tests/docs)."""
+    text = README.read_text(encoding="utf-8")
+    targets = [m.group(1) for m in re.finditer(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)]
+    local = [target for target in targets if not re.match(r"https?:", target)]
+    assert len(local) >= 10 and any(target.startswith("docs/guides/") for target in local)
+    assert not [target for target in local if not (REPO / target).exists()]
+    assert len(text.splitlines()) <= 250, "the README is the front page: move details into docs/"

@@ -57,7 +57,8 @@ BUFFER_POLICIES = ("local", "average")
 #: optimizer step (outside the optimizer: its momentum and moments never see it); ``"gradient"``, added to the
 #: gradient before the step (the paper's ``g - c_i + c``; Lightning only). Why decoupled is the default: the control
 #: variates are measured in the units of the optimizer's steps (``(x - y) / sum(lr)``), which under Adam or momentum
-#: are not the gradient's; fed to Adam as a gradient, the correction swamps the gradient (docs/guides/strategies.md: SCAFFOLD).
+#: are not the gradient's; fed to Adam as a gradient, the correction swamps the gradient
+#: (docs/guides/strategies.md: SCAFFOLD).
 SCAFFOLD_CORRECTIONS = ("decoupled", "gradient")
 
 #: dtype names NumPy cannot carry (bfloat16) or that would lose precision in the average (float16): the

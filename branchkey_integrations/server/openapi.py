@@ -141,7 +141,7 @@ _MODEL_BYTES = _null({"type": "integer", "minimum": 1, "maximum": MAX_MODEL_BYTE
 
 def schemas() -> dict[str, Schema]:
     """The document's schemas; the strategies' names and parameters are those registered now."""
-    strategy: Schema = {"enum": sorted(CATALOGUE), "description": "the branch's aggregation (docs/guides/strategies.md)"}
+    strategy: Schema = {"enum": sorted(CATALOGUE), "description": "the branch's aggregation (docs: Strategies)"}
     return {
         "Error": _obj({"error": _STR}),
         "RunDetails": _obj({"run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT}),
