@@ -24,8 +24,8 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def cli_reference() -> str:
-    """One section per command: its full ``--help`` as ``branchkey-local`` prints it, 100 columns wide."""
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; a fixed width makes the page reproducible
+    """One section per command: its full ``--help`` as ``branchkey-local`` prints it, 80 columns wide (the width of the page's code blocks)."""
+    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; a fixed width makes the page reproducible
     from branchkey_integrations.cli.parser import build_parser
 
     sections = []

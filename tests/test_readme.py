@@ -206,7 +206,7 @@ def test_every_install_line_works_from_a_clone():
 
 
 def test_the_readme_names_no_missing_extra_or_stale_module():
-    text = README.read_text(encoding="utf-8")
+    text = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
     assert "branchkey_integrations.server.cli" not in text  # the CLI is branchkey_integrations.cli
     assert '".[keras,simulate]"' not in text  # [keras] alone has no backend: [tensorflow,simulate]
 
