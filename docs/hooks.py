@@ -24,13 +24,20 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def cli_reference() -> str:
-    """One section per command: its full ``--help`` as ``branchkey-local`` prints it, 80 columns wide (the width of the page's code blocks)."""
-    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; a fixed width makes the page reproducible
+    """One section per command: its full ``--help`` as ``branchkey-local`` prints it, 80 columns wide (the
+    width of the page's code blocks)."""
     from branchkey_integrations.cli.parser import build_parser
 
-    sections = []
-    for command in _commands(build_parser()):
-        sections.append(f"## `{command.prog}`\n\n```text\n{command.format_help().rstrip()}\n```\n")
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; a fixed width makes the page reproducible
+    try:
+        sections = [f"## `{command.prog}`\n\n```text\n{command.format_help().rstrip()}\n```\n"
+                    for command in _commands(build_parser())]
+    finally:
+        if before is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = before
     return "\n".join(sections)
 
 
