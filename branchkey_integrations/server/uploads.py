@@ -58,7 +58,10 @@ _DATA_PART_LIMIT = 1 << 20
 #: uploads that read 1 MiB at a time; beyond them an upload reads ``SMALL_READ`` at a time, because aiohttp
 #: buffers twice the read size per connection before it stops reading the socket (a fixed allowance per connection)
 FAST_UPLOADS = 4
-#: the read size of the other uploads, and aiohttp's ``read_bufsize`` (app.py): what one connection may buffer
+#: the read size of the uploads after those, up to ``_MANY_UPLOADS`` at once
+_MEDIUM_READ = 64 << 10
+#: the read size of the uploads beyond that, and aiohttp's ``read_bufsize`` (app.py): what one connection
+#: may buffer (twice it) when a thousand leaves upload at once
 SMALL_READ = 32 << 10
 #: connections (uploads) at once beyond which a new one's socket is read ``SMALL_RECV`` bytes at a time
 #: (asyncio reads 256 KiB; see :func:`small_socket_reads`): per-connection memory matters only with many
@@ -206,7 +209,8 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
     batch: list[bytes] = []
     pending: asyncio.Future[None] | None = None
     budget = ByteBudget.of_running_loop()
-    read_size = _READ_CHUNK if budget.uploads < FAST_UPLOADS else SMALL_READ
+    read_size = (_READ_CHUNK if budget.uploads < FAST_UPLOADS
+                 else _MEDIUM_READ if budget.uploads < _MANY_UPLOADS else SMALL_READ)
     budget.uploads += 1
 
     async def settle() -> None:  # the write in flight is done: its bytes go back to the budget
