@@ -62,6 +62,7 @@ from .lifecycle import add_lifecycle_routes
 from .notify import Notifier
 from .routes import add_leaf_routes
 from .analytics import DEFAULT_MAX_FIELDS
+from .uploads import SMALL_READ
 from .state import (
     DEFAULT_DOWNLOAD_TTL_S,
     DEFAULT_KEEP_ROUNDS,
@@ -132,7 +133,7 @@ def create_app(
     # large upload raises that for itself by reading 1 MiB at a time (uploads.py), the rest stay small
     # the guard's middleware inside the error middleware: a request whose client went away is its to answer quietly
     app = web.Application(middlewares=[error_middleware, guard_middleware, recovery_gate],
-                          client_max_size=16 * 1024**2, handler_args={"read_bufsize": 64 * 1024})
+                          client_max_size=16 * 1024**2, handler_args={"read_bufsize": SMALL_READ})
     app[SERVER] = server
     app[RECOVERED] = asyncio.Event()
     app[GUARD] = ConnectionGuard(limits)

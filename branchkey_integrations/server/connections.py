@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, cast
 from aiohttp import ClientPayloadError, web
 
 from .httpio import HttpProblem, error_response
-from .uploads import DEFAULT_UPLOAD_IDLE_TIMEOUT_S
+from .uploads import DEFAULT_UPLOAD_IDLE_TIMEOUT_S, MANY_CONNECTIONS, small_socket_reads
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,8 @@ class ConnectionGuard:
             self._evicted.note(f"cap {self.max_connections}, {pending_cap} for clients not yet identified")
             self._drop(oldest)
         self._open.add(conn)
+        if len(self._open) > MANY_CONNECTIONS:  # many leaves at once: bound what each one's socket reads buffer
+            small_socket_reads(conn.transport)
         self._pending[conn] = None
         self._by_transport[conn.transport] = conn
         loop = asyncio.get_running_loop()

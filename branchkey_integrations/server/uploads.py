@@ -55,14 +55,19 @@ _SCAN_PIECE = 1 << 20
 _READ_CHUNK = 1 << 20
 _DRAIN_LIMIT = 256 * 1024**2
 _DATA_PART_LIMIT = 1 << 20
-#: uploads that read 1 MiB at a time; beyond them an upload reads 64 KiB at a time, because aiohttp buffers
-#: twice the read size per connection before it stops reading the socket (a fixed allowance per connection)
+#: uploads that read 1 MiB at a time; beyond them an upload reads ``SMALL_READ`` at a time, because aiohttp
+#: buffers twice the read size per connection before it stops reading the socket (a fixed allowance per connection)
 FAST_UPLOADS = 4
-_SMALL_READ = 64 << 10
-#: uploads at once beyond which a new one's socket is read ``_SMALL_RECV`` bytes at a time (asyncio
-#: reads 256 KiB; see :func:`_socket_reads`): per-connection memory matters only with many connections
+#: the read size of the uploads after those, up to ``_MANY_UPLOADS`` at once
+_MEDIUM_READ = 64 << 10
+#: the read size of the uploads beyond that, and aiohttp's ``read_bufsize`` (app.py): what one connection
+#: may buffer (twice it) when a thousand leaves upload at once
+SMALL_READ = 32 << 10
+#: connections (uploads) at once beyond which a new one's socket is read ``SMALL_RECV`` bytes at a time
+#: (asyncio reads 256 KiB; see :func:`small_socket_reads`): per-connection memory matters only with many
+MANY_CONNECTIONS = 64
 _MANY_UPLOADS = 16
-_SMALL_RECV = 32 << 10
+SMALL_RECV = 32 << 10
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 DEFAULT_UPLOAD_IDLE_TIMEOUT_S = 60.0
 
@@ -204,7 +209,8 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
     batch: list[bytes] = []
     pending: asyncio.Future[None] | None = None
     budget = ByteBudget.of_running_loop()
-    read_size = _READ_CHUNK if budget.uploads < FAST_UPLOADS else _SMALL_READ
+    read_size = (_READ_CHUNK if budget.uploads < FAST_UPLOADS
+                 else _MEDIUM_READ if budget.uploads < _MANY_UPLOADS else SMALL_READ)
     budget.uploads += 1
 
     async def settle() -> None:  # the write in flight is done: its bytes go back to the budget
@@ -224,7 +230,7 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
             pending, pending_bytes = asyncio.ensure_future(_hash_beside_write(workers, out, digest, batch)), batched
             batch, batched = [], 0
 
-    small_recv = _SMALL_RECV if budget.uploads > _MANY_UPLOADS else None
+    small_recv = SMALL_RECV if budget.uploads > _MANY_UPLOADS else None
     with open(temp, "wb") as out, _socket_reads(request, small_recv):
         try:
             while True:
@@ -252,26 +258,42 @@ async def stream_part_to_file(request: web.Request, part: BodyPartReader, temp: 
     return ReceivedUpload(temp, size, digest.digest())
 
 
+def small_socket_reads(transport: object, size: int = SMALL_RECV) -> bool:
+    """Have asyncio's selector transport read this connection's socket ``size`` bytes at a time
+    (it reads 256 KiB, ``max_size``, a class attribute); False for transports of other event loops.
+
+    Why: until a handler reads it, aiohttp keeps what one read brought in, so a connection costs up to
+    one socket read beside aiohttp's buffer. The guard calls this at accept once more than
+    :data:`MANY_CONNECTIONS` are open: 1,000 leaves uploading 1 MB each at once grew the server by
+    512-519 MB with 256 KiB reads and a 64 KiB buffer, about half a megabyte a connection.
+    """
+    if not isinstance(getattr(type(transport), "max_size", None), int):
+        return False
+    transport.max_size = size  # type: ignore[attr-defined]
+    return True
+
+
 @contextlib.contextmanager
 def _socket_reads(request: web.Request, size: int | None) -> Iterator[None]:
-    """Have asyncio's selector transport read this connection's socket ``size`` bytes at a time (None:
-    as it does), for the duration of the block.
+    """Read this connection's socket ``size`` bytes at a time (None: as it does) for the duration of
+    the block, then as before (:func:`small_socket_reads`).
 
-    It reads 256 KiB at a time (``max_size``, a class attribute), and a connection whose upload
-    waits for the budget holds its last read besides aiohttp's buffer: with 32 KiB reads, 100 uploads
-    at once peaked at 77-79 MB of server RSS growth instead of 87-93 (same round times), but 8
-    uploads of 200 MB took 10-30% longer, hence only past ``_MANY_UPLOADS``. Transports of other event
-    loops (no such attribute) are left as they are.
+    A connection whose upload waits for the budget holds its last read besides aiohttp's buffer: with
+    32 KiB reads, 100 uploads at once peaked at 77-79 MB of server RSS growth instead of 87-93 (same
+    round times), but 8 uploads of 200 MB took 10-30% longer, hence only past ``_MANY_UPLOADS``.
     """
     transport = request.transport
-    if size is None or transport is None or not isinstance(getattr(type(transport), "max_size", None), int):
+    before = getattr(transport, "__dict__", {}).get("max_size")
+    if size is None or transport is None or not small_socket_reads(transport, size):
         yield
         return
-    transport.max_size = size  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        del transport.max_size  # type: ignore[attr-defined]  # the class's again, for the connection's next request
+        if before is None:  # the class's again, for the connection's next request
+            del transport.max_size  # type: ignore[attr-defined]
+        else:
+            transport.max_size = before  # type: ignore[attr-defined]
 
 
 async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeout_s: float,

@@ -7,6 +7,7 @@ tests/integration/test_idle_connections.py; these check each rule on its own, in
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import socket
 from pathlib import Path
@@ -291,3 +292,31 @@ def test_the_login_body_of_an_unidentified_client_is_small(guarded) -> None:
     assert answer.status_code == 413 and "4096 bytes" in answer.json()["error"]
     answer = requests.post(server.url + "/admin/v1/dashboard/login", json={"code": "wrong"}, timeout=10)
     assert answer.status_code == 401
+
+
+def test_past_many_connections_a_socket_reads_small_from_its_accept_even_after_an_upload(guarded, monkeypatch) -> None:
+    """With many leaves connected, what one socket read brings in waits in aiohttp's buffer before any
+    handler runs (1,000 leaves x 1 MB: +512 MB of server RSS): a connection accepted past
+    MANY_CONNECTIONS reads small from its accept, and an upload on it puts that back, not asyncio's 256 KiB."""
+    import numpy as np
+
+    from branchkey_integrations.core import wire
+    from branchkey_integrations.server import connections, uploads
+
+    monkeypatch.setattr(connections, "MANY_CONNECTIONS", 1)
+    monkeypatch.setattr(uploads, "_MANY_UPLOADS", -1)  # the upload sets (then restores) its own small reads
+    server = guarded()
+    branch, leaf = server.leaf()
+    first = socket.create_connection(server.address(), timeout=10)
+    wait_until(lambda: server.guard.open_connections == 1, 10, "the first connection to be accepted")
+    session = requests.Session()
+    answer = session.post(server.url + "/api/v1/file/upload",
+                          files={"file": ("w.npz", wire.encode([np.ones(300_000, np.float32)], 1.0))},
+                          data={"data": json.dumps({"leaf_name": leaf["name"], "metadata": "{}"})},
+                          headers={"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}"}, timeout=30)
+    assert answer.status_code == 201, answer.text
+    reads = {index: vars(transport).get("max_size") for index, transport in enumerate(server.guard._by_transport)}
+    assert reads == {0: None, 1: uploads.SMALL_RECV}, reads  # the first as asyncio reads; the second small, still
+    assert uploads.SMALL_RECV < type(next(iter(server.guard._by_transport))).max_size
+    first.close()
+    session.close()

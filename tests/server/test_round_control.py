@@ -315,7 +315,7 @@ def test_a_full_disk_while_the_aggregate_is_written_ahead_costs_only_that(live, 
 def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restored(live, monkeypatch) -> None:
     from branchkey_integrations.server import uploads as receipt
 
-    monkeypatch.setattr(receipt, "FAST_UPLOADS", 0)  # every upload reads 64 KiB pieces, as past the first four
+    monkeypatch.setattr(receipt, "FAST_UPLOADS", 0)  # every upload reads SMALL_READ pieces, as past the first four
     monkeypatch.setattr(receipt, "_MANY_UPLOADS", -1)  # ... and its socket 32 KiB at a time, as past the 16th
     seen: list[tuple[int, object]] = []
     real_read = receipt._read_or_stall
@@ -330,7 +330,7 @@ def test_an_upload_that_reads_small_pieces_has_its_socket_read_small_then_restor
     assert live.upload(leaves[0], wire.encode([np.ones(300_000, np.float32)], 1.0)).status_code == 201
     sizes = {size for size, _ in seen}
     transport = seen[0][1]
-    assert sizes == {receipt._SMALL_RECV} and receipt._SMALL_RECV < type(transport).max_size
+    assert sizes == {receipt.SMALL_RECV} and receipt.SMALL_RECV < type(transport).max_size
     assert "max_size" not in vars(transport)  # the connection's next request reads as asyncio does
 
 
