@@ -2,7 +2,7 @@
 
 This module owns the ``requests.Session`` (its connection pool and urllib3 ``Retry`` on 408, 429,
 500, 502-504 and connection errors, with exponential backoff; never 507, out of space, whose body
-would be sent again for nothing), timeouts, TLS verification and proxies;
+would be sent again for nothing), timeouts, TLS verification, client certificates (mutual TLS) and proxies;
 the translation of every ``requests`` (and ``urllib3``) failure and every error status into the core
 error tree (:mod:`.errors`); the ``{"data": ...}`` envelope every JSON answer wears (a malformed or
 absurdly nested one is a :class:`ProtocolError`); the streamed GET of a signed download URL, which
@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -161,6 +163,35 @@ def away_reason(exc: BaseException) -> str | None:
 #: what OpenSSL says when a server that wants a client certificate got none (or one it does not trust)
 _CERT_REFUSALS = ("CERTIFICATE_REQUIRED", "certificate required", "UNKNOWN_CA", "BAD_CERTIFICATE",
                   "HANDSHAKE_FAILURE")
+PROBE_TIMEOUT_S = 2.0
+_CLOSED = ("connection closed without an answer", "connection reset")
+
+
+def closes_after_handshake(url: str, verify: bool | str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the https server of ``url`` ends a connection at (or right after) the TLS handshake, before any
+    request: what a server that requires client certificates does to a client that has none.
+
+    Why a probe: under TLS 1.3 the server judges the client's certificate after the client's side of the
+    handshake is done, and an asyncio server (branchkey-local's) drops its alert, so ``requests`` sees only
+    "connection closed without an answer", which a restarting server gives too. A server that serves waits
+    for the request instead (False after ``timeout``), one that is away refuses the connection (False).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return False
+    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    if not verify:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=parts.hostname) as tls:
+            return tls.recv(1) == b""
+    except ssl.SSLCertVerificationError:
+        return False  # the server's own certificate: requests says so itself
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:  # refused, unreachable, or a timeout: a server that waits for the request
+        return False
 
 
 def tls_hint(exc: BaseException, cert: object) -> str:
@@ -175,10 +206,13 @@ def tls_hint(exc: BaseException, cert: object) -> str:
         ''
     """
     text = f"{exc} {exc.__cause__ or ''} {exc.__context__ or ''}"
-    if not isinstance(exc, requests.exceptions.SSLError) and "SSL" not in text:
+    if not any(word in text for word in _CERT_REFUSALS) or "SSL" not in text:
         return ""
-    if not any(word in text for word in _CERT_REFUSALS):
-        return ""
+    return certificate_hint(cert)
+
+
+def certificate_hint(cert: object) -> str:
+    """What to do about a TLS handshake the server refused for want of a client certificate (or ``cert``)."""
     if cert is None:
         return (" (the server refused the TLS handshake: it asks leaves for a client certificate, mutual TLS; "
                 "pass cert=(certificate file, key file) in the client options)")
@@ -285,7 +319,13 @@ class HttpSession:
             except requests.exceptions.RetryError as exc:
                 raise ServerError(f"{method} {path} kept failing after retries: {exc}", 503) from exc
             except requests.exceptions.RequestException as exc:
-                raise TransportError(f"{method} {url} failed: {exc}{tls_hint(exc, self.cert)}") from exc
+                hint = tls_hint(exc, self.cert)
+                if not hint and away_reason(exc) in _CLOSED and not self.proxies \
+                        and closes_after_handshake(url, self.verify, min(timeout, PROBE_TIMEOUT_S)):
+                    refused = requests.exceptions.SSLError(f"TLS handshake refused: {exc}")
+                    refused.__cause__ = exc  # an SSLError: a refusal the platform repeats, never "away" (retried)
+                    raise TransportError(f"{method} {url} failed: {exc}{certificate_hint(self.cert)}") from refused
+                raise TransportError(f"{method} {url} failed: {exc}{hint}") from exc
             if response.status_code != expected:
                 text = error_text(response)
                 if response.status_code in RETRY_STATUSES and session is self._session:
@@ -373,4 +413,4 @@ def _gave_up(exc: TransportError | ServerError, waited_s: float) -> BranchKeyErr
 
 
 __all__ = ["AWAY_STATUSES", "Away", "HttpSession", "RETRY_STATUSES", "away_reason", "error_class", "error_text",
-           "json_data", "make_session", "tls_hint"]
+           "json_data", "make_session", "tls_hint", "certificate_hint", "closes_after_handshake"]
