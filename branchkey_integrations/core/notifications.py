@@ -19,13 +19,15 @@ import abc
 import logging
 import ssl as ssl_module
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
 from .backoff import Backoff
-from .client_options import ClientOptions
 from .errors import BranchKeyError, NotFoundError, NotificationError, ProtocolError, RequestRejectedError
 from .protocol import AGGREGATION_STATUS, RUN_STATUS, RUN_STATUSES, WS_PATH, Notification, parse_notification
+
+if TYPE_CHECKING:  # start_transport reads the options' fields only: the transport layer stays below them
+    from .client_options import ClientOptions
 
 logger = logging.getLogger(__name__)
 
