@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (see DIR/server.json)")
     serve.add_argument("--amqp-url", help="publish notifications to RabbitMQ too, e.g. amqp://guest:guest@127.0.0.1:5672/")
-    serve.add_argument("--amqp-management-url", help="RabbitMQ management API (default http://<amqp host>:15672)")
+    serve.add_argument("--amqp-management-url", help="RabbitMQ management API (default http://<amqp host>:15672; "
+                                                     "for amqps:// https://<amqp host>:15671)")
+    serve.add_argument("--amqp-ca", metavar="FILE", help="CA bundle that verifies an amqps:// broker and an https "
+                                                         "management API (default: the system's CAs)")
     serve.add_argument("--public-url", help="base URL put in download and login links, e.g. the address of a proxy "
                                             "in front (default: the address the server listens on, never a "
                                             "client's Host header)")

@@ -66,6 +66,7 @@ async def serve(args: argparse.Namespace, data_dir: Path) -> None:
     limit_allocator_retention()
     try:
         app = create_app(data_dir, amqp_url=args.amqp_url, amqp_management_url=args.amqp_management_url,
+                         amqp_ca=args.amqp_ca,
                          public_url=args.public_url, max_upload_bytes=args.max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
                          keep_uploads=args.keep_uploads, **_connection_options(args))
     except ValueError as exc:

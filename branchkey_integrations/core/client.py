@@ -64,9 +64,10 @@ class Client(PayloadCalls):
         credentials: :class:`Credentials`, a dict of the six fields, a path to a JSON file,
             or None to read ``BRANCHKEY_*`` environment variables.
         host: the API host, ``https://app.branchkey.com`` or a ``branchkey-local`` URL.
-        rbmq_host, rbmq_port: the RabbitMQ endpoint for AMQP notifications (default: the
-            API host's hostname, port 5672), as in the official 2.7.1 client.
+        rbmq_host, rbmq_port: the RabbitMQ endpoint for AMQP notifications (default: the API host's hostname,
+            port 5672), as in 2.7.1; ``rbmq_host="amqps://host[:5671]"``: AMQP over TLS, verified as ``ssl`` says.
         ssl: verify TLS certificates (or the path of a CA bundle to verify them with).
+        cert: a client certificate for mutual TLS, ``(certificate file, key file)`` (REST, WebSocket, amqps).
         wait_for_run: when the run is paused or stopped, ``file_upload`` waits for
             ``start`` instead of raising :class:`RunBlockedError`.
         run_check_interval_s: how often a waiting upload re-reads the run status.
@@ -117,13 +118,14 @@ class Client(PayloadCalls):
         backoff_factor: float = ClientOptions.backoff_factor,
         max_download_bytes: int | None = ClientOptions.max_download_bytes,
         download_timeout: float = ClientOptions.download_timeout,
+        cert: str | tuple[str, str] | None = ClientOptions.cert,
         timeout: float | None = None,
     ) -> None:
         options = {"host": host, "rbmq_host": rbmq_host, "rbmq_port": rbmq_port, "ssl": ssl, "wait_for_run": wait_for_run,
                    "run_check_interval_s": run_check_interval_s, "proxies": proxies, "transport": transport,
                    "output_dir": output_dir, "request_timeout": request_timeout, "max_retries": max_retries,
                    "backoff_factor": backoff_factor, "max_download_bytes": max_download_bytes,
-                   "download_timeout": download_timeout}
+                   "download_timeout": download_timeout, "cert": cert}
         if timeout is not None:  # the old name: ClientOptions.checked warns (and refuses both names at once)
             options = {**{k: v for k, v in options.items() if k != "request_timeout" or v != ClientOptions.request_timeout},
                        "timeout": timeout}
@@ -140,11 +142,9 @@ class Client(PayloadCalls):
         self._credentials = c = credentials
         self.options = settings  # read-only: checked when made
         self._api_host = settings.host
-        self._rbmq_host = settings.rbmq_host or urlsplit(self._api_host).hostname or "localhost"
         self._output_dir = Path(settings.output_dir)
         self._http = HttpSession(self._api_host, {"Authorization": f"Bearer {c.id}:{c.session_token}", "LEAF": "true"},
-                                 verify=settings.ssl, proxies=settings.proxies, timeout=settings.request_timeout,
-                                 max_retries=settings.max_retries, backoff_factor=settings.backoff_factor)
+                                 **settings.http_settings())
         self._downloads = Downloads(self._http, self._output_dir, max_bytes=settings.max_download_bytes,
                                     timeout_s=settings.download_timeout)
         self._waiter = RoundWaiter(c.branch_id)
@@ -164,8 +164,8 @@ class Client(PayloadCalls):
     def _start_notifications(self, transport: str) -> None:
         c = self._credentials
         self._transport = start_transport(
-            transport, self._api_host, self.request_ws_ticket, verify_ssl=self.ssl, rbmq=(self._rbmq_host,
-            self.options.rbmq_port), amqp_login=(c.id, c.session_token, c.tree_id), handler=self._on_notification,
+            transport, self.options, self.request_ws_ticket, verify_ssl=self.ssl,
+            amqp_login=(c.id, c.session_token, c.tree_id), handler=self._on_notification,
             # after a (re)connect, waits ask the server at once: a notification sent while away may be lost
             on_connect=self._waiter.request_refresh)
 

@@ -35,6 +35,7 @@ from .protocol import DEFAULT_HOST
 
 DEFAULT_OUTPUT_DIR = "./aggregated_output"
 TRANSPORTS = ("auto", "amqp", "websocket", "none")
+AMQP_PORT, AMQPS_PORT = 5672, 5671  # RabbitMQ's plain and TLS listeners
 
 
 def check_host(host: str) -> str:
@@ -94,10 +95,37 @@ def _optional_bytes(name: str, value: Any) -> int | None:
     return value
 
 
-def _optional_hostname(name: str, value: Any) -> str | None:
-    if value is not None and not (isinstance(value, str) and value):
-        raise ValueError(f"Expected {name} to be a hostname or None (the API host's). Received: {name}={value!r}")
+def _rbmq_host(name: str, value: Any) -> str | None:
+    # a hostname (plain AMQP on rbmq_port, as 2.7.1 connects), or amqps://host[:port] for AMQP over TLS
+    if value is None or (isinstance(value, str) and value and "://" not in value):
+        return value
+    parts = urlsplit(value) if isinstance(value, str) else None
+    try:
+        port_ok = parts is not None and (parts.port or 1) > 0
+    except ValueError:
+        port_ok = False
+    if parts is None or parts.scheme not in ("amqp", "amqps") or not parts.hostname or not port_ok \
+            or parts.username is not None or parts.path.strip("/") or parts.query:
+        raise ValueError(f"Expected {name} to be a hostname, a URL like 'amqps://broker.example.org:5671' (AMQP over "
+                         f"TLS; no user, vhost or query: the leaf's credentials say those) or None (the API host's). "
+                         f"Received: {name}={value!r}")
     return value
+
+
+def _client_cert(name: str, value: Any) -> str | tuple[str, str] | None:
+    # requests' cert=: one PEM file holding the certificate and its key, or (certificate file, key file)
+    if value is None:
+        return None
+    paths = (value,) if isinstance(value, (str, os.PathLike)) else tuple(value) if isinstance(value, (tuple, list)) \
+        else ()
+    if not 1 <= len(paths) <= 2 or not all(isinstance(p, (str, os.PathLike)) and os.fspath(p) for p in paths):
+        raise ValueError(f"Expected {name} to be (certificate file, key file), one PEM file holding both, or None. "
+                         f"Received: {name}={value!r}")
+    missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"Expected {name} to name files that exist; not found: {', '.join(missing)}. "
+                         f"Received: {name}={value!r}")
+    return os.fspath(paths[0]) if len(paths) == 1 else (os.fspath(paths[0]), os.fspath(paths[1]))
 
 
 def _verify(name: str, value: Any) -> bool | str:
@@ -128,7 +156,7 @@ def _directory(name: str, value: Any) -> str | os.PathLike:
 #: (a test checks this table against the signature, so a new argument cannot miss its rule)
 _RULES: dict[str, Callable[[str, Any], Any]] = {
     "host": _host,
-    "rbmq_host": _optional_hostname,
+    "rbmq_host": _rbmq_host,
     "rbmq_port": _port,
     "ssl": _verify,
     "wait_for_run": _flag,
@@ -141,6 +169,7 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "backoff_factor": _factor,
     "max_download_bytes": _optional_bytes,
     "download_timeout": _seconds,
+    "cert": _client_cert,
     "timeout": _seconds,  # the old name of request_timeout: see check_client_options
 }
 CLIENT_OPTIONS = tuple(_RULES)
@@ -190,7 +219,7 @@ class ClientOptions:
 
     host: str = DEFAULT_HOST
     rbmq_host: str | None = None
-    rbmq_port: int = 5672
+    rbmq_port: int = AMQP_PORT
     ssl: bool = True  # or the path of a CA bundle, which requests takes too
     wait_for_run: bool = False
     run_check_interval_s: float = 30.0
@@ -202,6 +231,7 @@ class ClientOptions:
     backoff_factor: float = 0.5
     max_download_bytes: int | None = None
     download_timeout: float = 3600.0  # seconds a whole download may take when the call does not say
+    cert: str | tuple[str, str] | None = None  # a client certificate for servers that ask for one (mutual TLS)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # normalized: the host without its slash, seconds as floats
@@ -215,6 +245,32 @@ class ClientOptions:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def http_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~.http.HttpSession` these options set."""
+        return {"verify": self.ssl, "cert": self.cert, "proxies": self.proxies, "timeout": self.request_timeout,
+                "max_retries": self.max_retries, "backoff_factor": self.backoff_factor}
+
+    def amqp_endpoint(self) -> tuple[str, int, bool]:
+        """``(host, port, tls)`` of the broker for AMQP notifications.
+
+        ``rbmq_host`` a hostname (or None: the API host's): plain AMQP on ``rbmq_port``, as 2.7.1 connects.
+        ``amqps://host[:port]``: TLS, verified as ``ssl`` says (True: the system's CAs; a path: that CA
+        bundle), presenting ``cert`` if set; the port is the URL's, else ``rbmq_port`` if set, else 5671.
+
+        Example:
+            >>> ClientOptions(host="https://bk.example.org", rbmq_host="amqps://mq.example.org").amqp_endpoint()
+            ('mq.example.org', 5671, True)
+            >>> ClientOptions(host="https://bk.example.org:8443").amqp_endpoint()
+            ('bk.example.org', 5672, False)
+        """
+        value = self.rbmq_host or urlsplit(self.host).hostname or "localhost"
+        if "://" not in value:
+            return value, self.rbmq_port, False
+        parts = urlsplit(value)
+        tls = parts.scheme == "amqps"
+        default = AMQPS_PORT if tls and self.rbmq_port == AMQP_PORT else self.rbmq_port
+        return str(parts.hostname), parts.port or default, tls
 
 
 __all__ = ["ClientOptions", "CLIENT_OPTIONS", "DEFAULT_OUTPUT_DIR", "TRANSPORTS", "check_client_options", "check_host"]

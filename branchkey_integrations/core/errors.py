@@ -195,6 +195,10 @@ class QuotaExceededError(LocalServerError):
     """A leaf sent more of something than the server keeps per round (metrics reports)."""
 
 
+class LeafRevokedError(LocalServerError):
+    """A leaf's credentials were revoked or rotated while its request was under way (its upload does not count)."""
+
+
 class TlsConfigError(LocalServerError):
     """A certificate, key or CA file that cannot serve TLS (missing, unreadable, readable by others, mismatched)."""
 
@@ -264,6 +268,7 @@ __all__ = [
     "StorageFullError",
     "UploadInterruptedError",
     "QuotaExceededError",
+    "LeafRevokedError",
     "TlsConfigError",
     "BrokerError",
     "BrokerArgumentError",

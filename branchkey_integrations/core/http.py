@@ -2,7 +2,7 @@
 
 This module owns the ``requests.Session`` (its connection pool and urllib3 ``Retry`` on 408, 429,
 500, 502-504 and connection errors, with exponential backoff; never 507, out of space, whose body
-would be sent again for nothing), timeouts, TLS verification and proxies;
+would be sent again for nothing), timeouts, TLS verification, client certificates (mutual TLS) and proxies;
 the translation of every ``requests`` (and ``urllib3``) failure and every error status into the core
 error tree (:mod:`.errors`); the ``{"data": ...}`` envelope every JSON answer wears (a malformed or
 absurdly nested one is a :class:`ProtocolError`); the streamed GET of a signed download URL, which
@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -158,6 +160,66 @@ def away_reason(exc: BaseException) -> str | None:
     return "connection failed"
 
 
+#: what OpenSSL says when a server that wants a client certificate got none (or one it does not trust)
+_CERT_REFUSALS = ("CERTIFICATE_REQUIRED", "certificate required", "UNKNOWN_CA", "BAD_CERTIFICATE",
+                  "HANDSHAKE_FAILURE")
+PROBE_TIMEOUT_S = 2.0
+_CLOSED = ("connection closed without an answer", "connection reset")
+
+
+def closes_after_handshake(url: str, verify: bool | str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the https server of ``url`` ends a connection at (or right after) the TLS handshake, before any
+    request: what a server that requires client certificates does to a client that has none.
+
+    Why a probe: under TLS 1.3 the server judges the client's certificate after the client's side of the
+    handshake is done, and an asyncio server (branchkey-local's) drops its alert, so ``requests`` sees only
+    "connection closed without an answer", which a restarting server gives too. A server that serves waits
+    for the request instead (False after ``timeout``), one that is away refuses the connection (False).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return False
+    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    if not verify:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=parts.hostname) as tls:
+            return tls.recv(1) == b""
+    except ssl.SSLCertVerificationError:
+        return False  # the server's own certificate: requests says so itself
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:  # refused, unreachable, or a timeout: a server that waits for the request
+        return False
+
+
+def tls_hint(exc: BaseException, cert: object) -> str:
+    """A sentence to add to the message of a request that failed because the server refused our TLS client
+    (mutual TLS): which option to set or check. Empty for any other failure.
+
+    Example:
+        >>> import ssl
+        >>> tls_hint(requests.exceptions.SSLError(ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]")), None)[:60]
+        ' (the server refused the TLS handshake: it asks leaves for a'
+        >>> tls_hint(requests.exceptions.ConnectionError(ConnectionRefusedError(111, "refused")), None)
+        ''
+    """
+    text = f"{exc} {exc.__cause__ or ''} {exc.__context__ or ''}"
+    if not any(word in text for word in _CERT_REFUSALS) or "SSL" not in text:
+        return ""
+    return certificate_hint(cert)
+
+
+def certificate_hint(cert: object) -> str:
+    """What to do about a TLS handshake the server refused for want of a client certificate (or ``cert``)."""
+    if cert is None:
+        return (" (the server refused the TLS handshake: it asks leaves for a client certificate, mutual TLS; "
+                "pass cert=(certificate file, key file) in the client options)")
+    return (f" (the server refused the TLS handshake with the client certificate {cert!r}: check that it is "
+            "signed by a CA the server trusts and has not expired)")
+
+
 @dataclass(frozen=True)
 class Away:
     """What :meth:`HttpSession.patience` reports while a call waits for the platform to come back.
@@ -196,6 +258,8 @@ class HttpSession:
         base_url: the API host, prefixed to every ``path``.
         headers: sent with every API request (credentials); never with :meth:`get_blob`.
         verify: verify TLS certificates (settable later, as ``disable_ssl_verification`` does).
+        cert: a client certificate for a server that asks for one (mutual TLS), as ``requests`` takes it:
+            ``(certificate file, key file)`` or one PEM file holding both; sent on downloads too.
         proxies: a ``requests`` proxies dict (settable later).
         timeout: seconds for each request (connect and read).
         max_retries, backoff_factor: see :func:`make_session`.
@@ -205,12 +269,13 @@ class HttpSession:
         >>> http.close()
     """
 
-    def __init__(self, base_url: str, headers: Mapping[str, str], *, verify: bool = True,
-                 proxies: dict[str, str] | None = None, timeout: float = 30.0, max_retries: int = 3,
-                 backoff_factor: float = 0.5) -> None:
+    def __init__(self, base_url: str, headers: Mapping[str, str], *, verify: bool | str = True,
+                 cert: str | tuple[str, str] | None = None, proxies: dict[str, str] | None = None,
+                 timeout: float = 30.0, max_retries: int = 3, backoff_factor: float = 0.5) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = dict(headers)
         self.verify = verify
+        self.cert = cert
         self.proxies = proxies
         self.timeout = timeout
         self.max_retries = max_retries
@@ -249,11 +314,18 @@ class HttpSession:
         def send(session: requests.Session) -> requests.Response:
             try:
                 response = session.request(method, url, headers={**self.headers, "accept": accept, **(headers or {})},
-                                           verify=self.verify, proxies=self.proxies, timeout=timeout, **kwargs)
+                                           verify=self.verify, cert=self.cert, proxies=self.proxies, timeout=timeout,
+                                           **kwargs)
             except requests.exceptions.RetryError as exc:
                 raise ServerError(f"{method} {path} kept failing after retries: {exc}", 503) from exc
             except requests.exceptions.RequestException as exc:
-                raise TransportError(f"{method} {url} failed: {exc}") from exc
+                hint = tls_hint(exc, self.cert)
+                if not hint and away_reason(exc) in _CLOSED and not self.proxies \
+                        and closes_after_handshake(url, self.verify, min(timeout, PROBE_TIMEOUT_S)):
+                    refused = requests.exceptions.SSLError(f"TLS handshake refused: {exc}")
+                    refused.__cause__ = exc  # an SSLError: a refusal the platform repeats, never "away" (retried)
+                    raise TransportError(f"{method} {url} failed: {exc}{certificate_hint(self.cert)}") from refused
+                raise TransportError(f"{method} {url} failed: {exc}{hint}") from exc
             if response.status_code != expected:
                 text = error_text(response)
                 if response.status_code in RETRY_STATUSES and session is self._session:
@@ -310,10 +382,11 @@ class HttpSession:
         def send(session: requests.Session) -> requests.Response:
             read = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
             try:
-                response = session.get(url, stream=True, verify=self.verify, proxies=self.proxies,
-                                             headers={"Accept-Encoding": "identity"}, timeout=(self.timeout, read))
+                response = session.get(url, stream=True, verify=self.verify, cert=self.cert, proxies=self.proxies,
+                                       headers={"Accept-Encoding": "identity"}, timeout=(self.timeout, read))
             except requests.exceptions.RequestException as exc:
-                raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}") from exc
+                raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}{tls_hint(exc, self.cert)}") \
+                    from exc
             if response.status_code != HTTPStatus.OK:
                 with response:
                     raise error_class(response.status_code)(f"GET download_url: {error_text(response)}",
@@ -340,4 +413,4 @@ def _gave_up(exc: TransportError | ServerError, waited_s: float) -> BranchKeyErr
 
 
 __all__ = ["AWAY_STATUSES", "Away", "HttpSession", "RETRY_STATUSES", "away_reason", "error_class", "error_text",
-           "json_data", "make_session"]
+           "json_data", "make_session", "tls_hint", "certificate_hint", "closes_after_handshake"]

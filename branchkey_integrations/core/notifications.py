@@ -19,16 +19,39 @@ import abc
 import logging
 import ssl as ssl_module
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
 from .backoff import Backoff
 from .errors import BranchKeyError, NotFoundError, NotificationError, ProtocolError, RequestRejectedError
 from .protocol import AGGREGATION_STATUS, RUN_STATUS, RUN_STATUSES, WS_PATH, Notification, parse_notification
 
+if TYPE_CHECKING:  # start_transport reads the options' fields only: the transport layer stays below them
+    from .client_options import ClientOptions
+
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Notification], None]
+
+
+def client_tls_context(verify: bool | str, cert: str | tuple[str, str] | None) -> ssl_module.SSLContext:
+    """The TLS context of a leaf's WebSocket or AMQP connection, as ``requests`` does it for the HTTP calls:
+    ``verify`` True (the system's CAs), a CA bundle's path, or False (no verification); ``cert`` the client
+    certificate to present (mutual TLS): ``(certificate file, key file)`` or one PEM file holding both.
+
+    Example:
+        >>> client_tls_context(True, None).verify_mode == ssl_module.CERT_REQUIRED
+        True
+    """
+    context = ssl_module.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    context.minimum_version = ssl_module.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl_module.CERT_NONE
+    if cert is not None:
+        certfile, keyfile = (cert, None) if isinstance(cert, str) else cert
+        context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 class NotificationTransport(abc.ABC):
@@ -147,17 +170,21 @@ class AmqpTransport(NotificationTransport):
         *,
         heartbeat: int = 30,
         backoff: Backoff | None = None,
+        tls: ssl_module.SSLContext | None = None,
     ) -> None:
         super().__init__(backoff)
         self.host, self.port = host, port
         self.leaf_id, self.tree_id = leaf_id, tree_id
         self._token = session_token
         self.heartbeat = heartbeat
+        self.tls = tls  # AMQP over TLS (amqps) with this context; the broker's name is checked against host
         self._connection: Any = None
         self._channel: Any = None
 
     def __repr__(self) -> str:
-        return f"AmqpTransport(host={self.host!r}, port={self.port}, vhost={self.tree_id!r}, user={self.leaf_id!r})"
+        scheme = "amqps" if self.tls is not None else "amqp"
+        return (f"AmqpTransport(host={self.host!r}, port={self.port}, vhost={self.tree_id!r}, user={self.leaf_id!r}, "
+                f"scheme={scheme!r})")
 
     def _consume(self) -> None:
         import pika
@@ -171,6 +198,7 @@ class AmqpTransport(NotificationTransport):
             heartbeat=self.heartbeat,
             connection_attempts=1,
             client_properties={"connection_name": f"leaf-{self.leaf_id}"},
+            ssl_options=pika.SSLOptions(self.tls, server_hostname=self.host) if self.tls is not None else None,
         )
         try:
             self._connection = pika.BlockingConnection(parameters)
@@ -190,6 +218,9 @@ class AmqpTransport(NotificationTransport):
             ) from exc
         except pika.exceptions.AMQPError as exc:
             raise NotificationError(f"AMQP connection to {self.host}:{self.port} failed: {exc!r}") from exc
+        except ssl_module.SSLError as exc:  # before OSError, its base: say which side of TLS to look at
+            raise NotificationError(f"AMQP over TLS to {self.host}:{self.port} failed: {exc} (check the CA bundle "
+                                    "in ssl= and, if the broker asks for one, the client certificate in cert=)") from exc
         except OSError as exc:
             raise NotificationError(f"AMQP connection to {self.host}:{self.port} failed: {exc}") from exc
         finally:
@@ -235,6 +266,7 @@ class WebSocketTransport(NotificationTransport):
         ticket_provider: TicketProvider,
         *,
         verify_ssl: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
         open_timeout: float = 10.0,
         poll_interval: float = 0.5,
         backoff: Backoff | None = None,
@@ -243,6 +275,7 @@ class WebSocketTransport(NotificationTransport):
         self.host = host.rstrip("/")
         self._ticket_provider = ticket_provider
         self.verify_ssl = verify_ssl
+        self.cert = cert  # presented to a server that asks for a client certificate (mutual TLS)
         self.open_timeout = open_timeout
         self.poll_interval = poll_interval
 
@@ -255,15 +288,7 @@ class WebSocketTransport(NotificationTransport):
         return f"{scheme}://{parts.netloc}{parts.path}{WS_PATH}?ticket={ticket_id}&request_id={request_id}"
 
     def _ssl_context(self) -> ssl_module.SSLContext | None:
-        if not self.host.startswith("https://"):
-            return None
-        # a path: the CA bundle to verify the server with, as requests takes it for the HTTP calls
-        cafile = self.verify_ssl if isinstance(self.verify_ssl, str) else None
-        context = ssl_module.create_default_context(cafile=cafile)
-        if not self.verify_ssl:
-            context.check_hostname = False
-            context.verify_mode = ssl_module.CERT_NONE
-        return context
+        return client_tls_context(self.verify_ssl, self.cert) if self.host.startswith("https://") else None
 
     def _consume(self) -> None:
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -301,15 +326,20 @@ class WebSocketTransport(NotificationTransport):
         """The receive loop polls the closing flag every ``poll_interval`` seconds."""
 
 
-def start_transport(kind: str, api_host: str, ticket_provider: TicketProvider, *, verify_ssl: bool | str,
-                    rbmq: tuple[str, int], amqp_login: tuple[str, str, str], handler: Handler,
+def start_transport(kind: str, options: ClientOptions, ticket_provider: TicketProvider, *, verify_ssl: bool | str,
+                    amqp_login: tuple[str, str, str], handler: Handler,
                     on_connect: Callable[[], None]) -> NotificationTransport | None:
     """Start the notification consumer of a leaf: ``kind`` is ``"websocket"``, ``"amqp"``, ``"none"`` or
     ``"auto"`` (WebSocket where the platform issues tickets, as 3.x and branchkey-local do; else AMQP, as 2.x).
 
-    ``rbmq`` is the broker's ``(host, port)``, ``amqp_login`` the leaf's ``(id, session token, tree id)``;
-    ``on_connect`` runs on every (re)connect. Returns the started transport, or None for ``"none"``.
+    ``options`` say the API host, the broker (:meth:`~.client_options.ClientOptions.amqp_endpoint`) and the
+    client certificate; ``verify_ssl`` how to verify the server (the client's current ``ssl``);
+    ``amqp_login`` is the leaf's ``(id, session token, tree id)``; ``on_connect`` runs on every (re)connect.
+    Returns the started transport, or None for ``"none"``.
     """
+    api_host = options.host
+    rbmq_host, rbmq_port, amqps = options.amqp_endpoint()
+    rbmq = (rbmq_host, rbmq_port)
     if kind == "auto":
         try:
             ticket_provider()
@@ -323,15 +353,17 @@ def start_transport(kind: str, api_host: str, ticket_provider: TicketProvider, *
         return None
     transport: NotificationTransport
     if kind == "websocket":
-        transport = WebSocketTransport(api_host, ticket_provider, verify_ssl=verify_ssl)
+        transport = WebSocketTransport(api_host, ticket_provider, verify_ssl=verify_ssl, cert=options.cert)
     else:
-        transport = AmqpTransport(*rbmq, *amqp_login)
+        tls = client_tls_context(verify_ssl, options.cert) if amqps else None
+        transport = AmqpTransport(*rbmq, *amqp_login, tls=tls)
     transport.add_connect_listener(on_connect)
     transport.start(handler)
     return transport
 
 
 __all__ = [
+    "client_tls_context",
     "start_transport",
     "Notification",
     "parse_notification",

@@ -89,6 +89,7 @@ def create_app(
     *,
     amqp_url: str | None = None,
     amqp_management_url: str | None = None,
+    amqp_ca: str | None = None,
     public_url: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
@@ -128,7 +129,7 @@ def create_app(
                               reserved_connections)
     store = Store(data_dir)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="branchkey-local")
-    server = Server(store, Notifier(executor, amqp_url, amqp_management_url, store=store), executor, config)
+    server = Server(store, Notifier(executor, amqp_url, amqp_management_url, store=store, amqp_ca=amqp_ca), executor, config)
     # read_bufsize: aiohttp buffers up to twice it per connection before it stops reading the socket; a
     # large upload raises that for itself by reading 1 MiB at a time (uploads.py), the rest stay small
     # the guard's middleware inside the error middleware: a request whose client went away is its to answer quietly

@@ -23,6 +23,7 @@ from ..core.errors import (
     ArchiveError,
     ArchiveTooLargeError,
     InvalidValueError,
+    LeafRevokedError,
     QuotaExceededError,
     RecordNotFoundError,
     RoundClosedError,
@@ -53,6 +54,7 @@ DOMAIN_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (StorageFullError, 507),
     (UploadInterruptedError, 408),
     (QuotaExceededError, 429),
+    (LeafRevokedError, 401),
 )
 _DOMAIN_ERRORS = tuple(cls for cls, _ in DOMAIN_STATUSES)
 

@@ -40,18 +40,20 @@ class Notifier:
         executor: where blocking broker calls run (pika is synchronous).
         amqp_url: ``amqp://user:pass@host:5672/``; None disables the AMQP transport.
         amqp_management_url: the RabbitMQ management API (for provisioning vhosts, users, queues).
+        amqp_ca: the CA bundle that verifies an ``amqps://`` broker and an ``https://`` management API.
         store: where the AMQP outbox lives; None publishes directly, once (no retry).
     """
 
     def __init__(
         self, executor: Executor, amqp_url: str | None = None, amqp_management_url: str | None = None,
-        store: "Store | None" = None,
+        store: "Store | None" = None, amqp_ca: str | None = None,
     ) -> None:
         self._store = store
         self._outbox: Outbox | None = None
         self._executor = executor
         self._amqp_url = amqp_url
         self._amqp_management_url = amqp_management_url
+        self._amqp_ca = amqp_ca
         self._broker: RabbitMQBroker | None = None
         self._sockets: dict[str, dict[str, set[web.WebSocketResponse]]] = {}
         #: called with (branch_id, message) for every publish (the dashboard's live feed)
@@ -105,7 +107,8 @@ class Notifier:
         from .rabbitmq import RabbitMQBroker  # lazy: only servers with a broker need pika wiring
 
         loop = asyncio.get_running_loop()
-        broker = await loop.run_in_executor(self._executor, RabbitMQBroker, self._amqp_url, self._amqp_management_url)
+        broker = await loop.run_in_executor(self._executor, RabbitMQBroker, self._amqp_url, self._amqp_management_url,
+                                            self._amqp_ca)
         await loop.run_in_executor(self._executor, broker.check)  # a misconfigured broker fails the start, not a round
         self._broker = broker
         await self.provision(leaves)

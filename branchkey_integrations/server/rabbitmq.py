@@ -26,6 +26,10 @@ duplicate is harmless). Heartbeats are off for these connections unless the URL 
 a blocking connection only answers heartbeats while it is being called, so an idle publisher would
 otherwise be cut by the broker between two rounds; TCP keepalive detects a dead peer instead.
 
+Over TLS: an ``amqps://`` URL connects with TLS 1.2 or later, verifying the broker's certificate and name
+against ``ca_file`` (or the system's CAs without one); the management API defaults to
+``https://<host>:15671`` then (RabbitMQ's TLS port for it) and is verified against the same CA.
+
 Errors of ``requests`` and ``pika`` become :class:`BrokerError` here, with the original kept as
 ``__cause__``. Passwords and session tokens never appear in a message, a log line or a repr.
 
@@ -45,6 +49,7 @@ import copy
 import json
 import logging
 import re
+import ssl
 import threading
 from types import TracebackType
 from typing import Any
@@ -65,6 +70,7 @@ for _noisy in ("pika.adapters.utils.connection_workflow", "pika.adapters.blockin
     logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 MANAGEMENT_PORT = 15672
+MANAGEMENT_TLS_PORT = 15671
 HTTP_TIMEOUT_S = 10.0
 _ENABLE_MANAGEMENT = "enable it with: rabbitmq-plugins enable rabbitmq_management"
 _START_SERVER = "start it with: rabbitmq-server -detached"
@@ -123,23 +129,30 @@ class RabbitMQBroker:
         amqp_url: AMQP URL with admin credentials, e.g. ``amqp://guest:guest@127.0.0.1:5672/``.
             Its path (vhost) is used only by :meth:`check`; every tree gets its own vhost.
         management_url: base URL of the management HTTP API; defaults to
-            ``http://<amqp host>:15672``. Credentials in it, if any, are used for the API instead
-            of the AMQP URL's.
+            ``http://<amqp host>:15672`` (``https://<amqp host>:15671`` for ``amqps://``). Credentials
+            in it, if any, are used for the API instead of the AMQP URL's.
+        ca_file: the CA bundle that verifies the broker's certificate (``amqps://``) and the
+            management API's (``https://``); None: the system's CAs.
 
     Raises:
-        BrokerArgumentError: a URL is malformed. Nothing is contacted until :meth:`check`,
-            :meth:`provision_leaf` or :meth:`publish`.
+        BrokerArgumentError: a URL is malformed, or ``ca_file`` is given for a broker without TLS.
+            Nothing is contacted until :meth:`check`, :meth:`provision_leaf` or :meth:`publish`.
     """
 
-    def __init__(self, amqp_url: str, management_url: str | None = None) -> None:
+    def __init__(self, amqp_url: str, management_url: str | None = None, ca_file: str | None = None) -> None:
         self._amqp_display = mask_url(amqp_url) if isinstance(amqp_url, str) else repr(amqp_url)
         self._params, host = self._parse_amqp_url(amqp_url)
         admin = self._params.credentials
         self._admin_user: str = admin.username
+        tls = self._params.ssl_options is not None
         if management_url is None:
             bracketed = f"[{host}]" if ":" in host else host
-            management_url = f"http://{bracketed}:{MANAGEMENT_PORT}"
+            management_url = (f"https://{bracketed}:{MANAGEMENT_TLS_PORT}" if tls else
+                              f"http://{bracketed}:{MANAGEMENT_PORT}")
         self._api, api_auth = self._parse_management_url(management_url)
+        if ca_file is not None:
+            self._use_ca(ca_file, host, tls)
+        self._verify: bool | str = ca_file if ca_file is not None else True
         self._session = requests.Session()
         self._session.auth = api_auth or (admin.username, admin.password)
         self._lock = threading.Lock()
@@ -150,6 +163,20 @@ class RabbitMQBroker:
         return f"RabbitMQBroker(amqp_url={self._amqp_display!r}, management_url={self._api!r})"
 
     # -- URL validation ---------------------------------------------------------------------
+
+    def _use_ca(self, ca_file: str, host: str, tls: bool) -> None:
+        """Verify the broker (amqps) with ``ca_file``, TLS 1.2 at least; refuse a CA that would verify nothing."""
+        if not tls and not self._api.startswith("https://"):
+            raise BrokerArgumentError(
+                f"A CA bundle (ca_file={ca_file!r}) verifies a broker reached over TLS, but amqp_url "
+                f"{self._amqp_display} and management_url {self._api} use none: use amqps:// (port 5671).")
+        if tls:
+            try:
+                context = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise BrokerArgumentError(f"Cannot read the CA bundle {ca_file!r}: {exc}") from exc
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._params.ssl_options = pika.SSLOptions(context, server_hostname=host)
 
     def _parse_amqp_url(self, url: object) -> tuple[pika.URLParameters, str]:
         if not isinstance(url, str):
@@ -200,7 +227,8 @@ class RabbitMQBroker:
         """One management API request; every ``requests`` failure becomes a BrokerError here."""
         url = f"{self._api}{path}"
         try:
-            response = self._session.request(method, url, json=body, timeout=HTTP_TIMEOUT_S)
+            # verify per request: requests lets REQUESTS_CA_BUNDLE override a session's own CA bundle
+            response = self._session.request(method, url, json=body, timeout=HTTP_TIMEOUT_S, verify=self._verify)
         except requests.RequestException as exc:
             raise BrokerError(
                 f"Cannot reach the RabbitMQ management API at {self._api} ({type(exc).__name__}). "

@@ -21,6 +21,7 @@ from ..core.protocol import KIND_FEDERATED_ANALYTICS
 from .records import FileRecord, Leaf
 from .store_db import StoreDatabase, Tables, new_id, now_iso
 from .store_files import install_file
+from .store_rounds import check_leaf_current
 
 TABLES = Tables(schema="""
 CREATE TABLE IF NOT EXISTS field_ops (
@@ -148,6 +149,7 @@ class AnalyticsRecords(StoreDatabase):
         relative = install_file(self.data_dir, temp_path, file_id)
         try:
             with self._tx() as conn:
+                check_leaf_current(conn, leaf)
                 status = conn.execute("SELECT status FROM analytics_rounds WHERE branch_id = ? AND run_number = ?"
                                       " AND round_index = ?", (leaf.branch_id, run_number, round_index)).fetchone()
                 if status is None or status[0] != "open":

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..core.errors import InvalidValueError, RecordNotFoundError, RoundClosedError, RunNotStartedError
+from ..core.errors import (InvalidValueError, LeafRevokedError, RecordNotFoundError, RoundClosedError,
+                           RunNotStartedError)
 from ..core.protocol import RUN_STATUSES
 from ..core.wire import LayerSpec
 from .records import Branch, Leaf, Round, StateUpdate, UploadInput, specs_from_json, specs_to_json
@@ -213,6 +214,7 @@ class RoundRecords(StoreDatabase):
         replaced: list[str] = []
         try:
             with self._tx() as conn:
+                check_leaf_current(conn, leaf)
                 check_round_accepts(conn, leaf.branch_id, run_number, round_index)
                 replaced = [row[0] for row in conn.execute(
                     "SELECT f.path FROM uploads u JOIN files f ON f.id = u.file_id WHERE u.branch_id = ?"
@@ -397,6 +399,20 @@ def insert_open_round(conn: sqlite3.Connection, branch_id: str, run_number: int,
         "INSERT INTO rounds (branch_id, run_number, round_index, status, opened_at) VALUES (?, ?, ?, 'open', ?)",
         (branch_id, run_number, round_index, now_iso()),
     )
+
+
+def check_leaf_current(conn: sqlite3.Connection, leaf: Leaf) -> None:
+    """Refuse what ``leaf`` (as it authenticated) commits if its credentials were revoked or rotated since.
+
+    Why at commit: a body of hundreds of MB takes seconds to arrive after the leaf authenticated; a revocation
+    meanwhile must not let it count. In the commit's transaction, so a revocation is either before (refused
+    here) or after (the upload is the leaf's, kept or dropped as the operator says).
+    """
+    row = conn.execute("SELECT session_token, revoked_at FROM leaves WHERE id = ?", (leaf.id,)).fetchone()
+    if row is None or row["revoked_at"] is not None or row["session_token"] != leaf.session_token:
+        what = "revoked" if row is None or row["revoked_at"] is not None else "rotated"
+        raise LeafRevokedError(f"Leaf {leaf.name} ({leaf.id}) was {what} while its upload was being received; "
+                               "the upload does not count. Ask the operator for the leaf's current credentials file.")
 
 
 def check_round_accepts(conn: sqlite3.Connection, branch_id: str, run_number: int, round_index: int) -> None:

@@ -25,6 +25,9 @@ BAD_VALUES = [
     ("max_retries", 1.5), ("backoff_factor", -1), ("backoff_factor", True),
     # the one seconds rule Federation's own timeouts follow too: no bool, no infinity, no NaN
     ("timeout", True), ("timeout", float("inf")), ("run_check_interval_s", float("nan")),
+    # AMQP over TLS takes a URL without credentials or vhost; a client certificate must name files that exist
+    ("rbmq_host", "amqps://leaf:secret@broker/tree"), ("rbmq_host", "https://broker"), ("cert", 5),
+    ("cert", ("a.pem", "b.key", "c")), ("cert", "/no/such/client.pem"),
 ]
 
 
@@ -76,6 +79,18 @@ def test_client_and_federation_read_their_defaults_from_the_options_objects():
                     if p.default is not inspect.Parameter.empty and hasattr(options, name)}
         assert len(defaults) >= 8 and defaults == {name: getattr(type(options), name) for name in defaults}
     assert {f.name for f in fields(LeafOptions) if f.init} <= set(inspect.signature(Federation).parameters)
+
+
+def test_the_broker_endpoint_and_the_client_certificate_come_from_the_options(tmp_path: Path) -> None:
+    pem, key = tmp_path / "leaf.pem", tmp_path / "leaf.key"
+    pem.write_text("x")
+    key.write_text("x")
+    options = ClientOptions(host="https://bk.example.org:8443", rbmq_host="amqps://mq.example.org:5999",
+                            cert=[pem, key])
+    assert options.amqp_endpoint() == ("mq.example.org", 5999, True) and options.cert == (str(pem), str(key))
+    assert options.http_settings()["cert"] == (str(pem), str(key))
+    assert ClientOptions(rbmq_host="amqps://mq", rbmq_port=6000).amqp_endpoint() == ("mq", 6000, True)
+    assert ClientOptions(rbmq_host="mq", rbmq_port=6000).amqp_endpoint() == ("mq", 6000, False)  # as 2.7.1
 
 
 def test_federation_refuses_a_bogus_transport_at_construction_listing_the_allowed_ones():

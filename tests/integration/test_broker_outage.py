@@ -1,4 +1,5 @@
 """A round that completes while RabbitMQ is down still reaches its leaves (issue 11: the AMQP outbox).
+(:class:`BrokerNode` also starts a TLS-only node, for tests/integration/test_amqps.py.)
 
 The test runs a RabbitMQ node of its own (own node name, ports, data and log directories, the
 management plugin on its own port), never the shared broker, so it may stop it. ``branchkey-local serve``
@@ -32,6 +33,7 @@ import requests
 from branchkey_integrations import Client
 
 from ..conftest import IN_CI, init_branch, wait_until
+from ..tls_certs import Pair
 
 pytestmark = [pytest.mark.slow, pytest.mark.official, pytest.mark.amqp]
 
@@ -51,11 +53,23 @@ def rabbitmq_bin(name: str) -> str | None:
     return str(direct) if direct.exists() else shutil.which(name)
 
 
+def tls_config(amqp: int, management: int, ca: Path, pair: Pair) -> str:
+    """rabbitmq.conf for a node that speaks TLS only (1.2 and 1.3): AMQP on ``amqp``, the management API (https)
+    on ``management``, both with ``pair``; a client certificate signed by ``ca`` is checked when one is sent."""
+    files = f"cacertfile = {ca}\n{{0}}certfile = {pair.cert}\n{{0}}keyfile = {pair.key}\n"
+    return (f"listeners.tcp = none\nlisteners.ssl.local = 127.0.0.1:{amqp}\n"
+            "ssl_options." + files.format("ssl_options.") +
+            "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = false\n"
+            "ssl_options.versions.1 = tlsv1.3\nssl_options.versions.2 = tlsv1.2\n"
+            f"management.ssl.ip = 127.0.0.1\nmanagement.ssl.port = {management}\n"
+            "management.ssl." + files.format("management.ssl."))
+
+
 class BrokerNode:
     """One RabbitMQ node of the test's own, starting: ``wait_running``, then ``amqp_url``, ``management_url``,
     ``stop_app``/``start_app``."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, tls: tuple[Path, Pair] | None = None) -> None:
         server, self.ctl = rabbitmq_bin("rabbitmq-server"), rabbitmq_bin("rabbitmqctl")
         if server is None or self.ctl is None:
             message = "rabbitmq-server is not installed; the broker outage test starts a node of its own"
@@ -66,8 +80,12 @@ class BrokerNode:
         base.chmod(0o755)
         amqp, management, dist = free_port(), free_port(), free_port()
         self.node = f"bk-{uuid.uuid4().hex[:8]}@localhost"
-        (base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.local = 127.0.0.1:{amqp}\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management}\n")
+        config = f"listeners.tcp.local = 127.0.0.1:{amqp}\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management}\n"
+        self.verify: bool | str = True
+        if tls is not None:  # TLS only: no plain listener, AMQP over TLS and the management API over https
+            config = tls_config(amqp, management, *tls)
+            self.verify = str(tls[0])
+        (base / "rabbitmq.conf").write_text(config)
         (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
         (base / "env.conf").write_text("")  # not the system's rabbitmq-env.conf, which names the shared node
         self.env = {**os.environ, "HOME": str(base), "RABBITMQ_NODENAME": self.node,
@@ -76,8 +94,9 @@ class BrokerNode:
                     "RABBITMQ_CONF_ENV_FILE": str(base / "env.conf"), "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
                     "RABBITMQ_LOG_BASE": str(base / "log"), "RABBITMQ_DIST_PORT": str(dist)}
         self.amqp_port = amqp
-        self.amqp_url = f"amqp://guest:guest@127.0.0.1:{amqp}/"
-        self.management_url = f"http://127.0.0.1:{management}"
+        scheme = "amqps" if tls else "amqp"
+        self.amqp_url = f"{scheme}://guest:guest@127.0.0.1:{amqp}/"
+        self.management_url = f"{'https' if tls else 'http'}://127.0.0.1:{management}"
         self.log = open(base / "node.out", "wb")
         self.process = subprocess.Popen([server], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         # the caller waits (wait_running) once it has done what needs no broker: the node takes seconds
@@ -85,7 +104,8 @@ class BrokerNode:
     def running(self) -> bool:
         assert self.process.poll() is None, "the test's RabbitMQ node exited"
         try:
-            return requests.get(self.management_url + "/api/overview", auth=("guest", "guest"), timeout=2).ok
+            return requests.get(self.management_url + "/api/overview", auth=("guest", "guest"), timeout=2,
+                                verify=self.verify).ok
         except requests.RequestException:
             return False
 

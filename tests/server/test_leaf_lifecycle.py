@@ -5,6 +5,7 @@ and the CLI's ``leaf`` and ``admin-token`` commands on a store (files 0600, audi
 
 from __future__ import annotations
 
+import http.client
 import json
 import stat
 import time
@@ -17,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from branchkey_integrations.core import wire
+from branchkey_integrations.server.durable import TEMP_PREFIX
 from branchkey_integrations.server.store import Store
 
 from ..conftest import cli
@@ -90,6 +92,36 @@ def test_revoking_drops_an_upload_on_request_and_may_complete_the_round(live) ->
     assert live.fetch(two, done["aggregated"]).layers[0].tolist() == [5.0] * 3
     again = live.admin("POST", f"/admin/v1/branches/{branch['id']}/leaves/leaf_3/revoke", {}, expect=404)
     assert "was revoked at" in again["error"]
+
+
+def test_an_upload_in_flight_when_its_leaf_is_revoked_does_not_count(live) -> None:
+    branch, (one, two, three) = live.make_branch(3)
+    assert live.upload(two, model(2.0)).status_code == 201
+    body = requests.Request("POST", live.url + "/api/v1/file/upload", files={"file": ("w.npz", model(9.0))},
+                            data={"data": json.dumps({"leaf_name": one["name"], "metadata": "{}"})}).prepare()
+    host, port = live.url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest("POST", "/api/v1/file/upload")
+        for name, value in {**live.auth(one), "Content-Type": body.headers["Content-Type"],
+                            "Content-Length": str(len(body.body))}.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        cut = len(body.body) // 2
+        connection.send(body.body[:cut])
+        files = live.thread.server.store.files_dir  # the server writes a body it is receiving to a temp file there
+        live.wait_for(lambda: any(p.name.startswith(TEMP_PREFIX) for p in files.iterdir()))
+        live.admin("POST", f"/admin/v1/branches/{branch['id']}/leaves/{one['id']}/revoke", {}, expect=200)
+        connection.send(body.body[cut:])
+        answer = connection.getresponse()
+        text = answer.read().decode()
+    finally:
+        connection.close()
+    assert answer.status == 401 and "was revoked while its upload was being received" in text
+    progress = requests.get(f"{live.url}/api/v1/round/{branch['id']}", headers=live.auth(two), timeout=10).json()["data"]
+    assert progress["required"] == 2 and progress["missing"] == ["leaf_3"]  # leaf_1's body never counted
+    assert live.upload(three, model(4.0)).status_code == 201
+    assert live.fetch(two, live.wait_aggregate(branch["id"])).layers[0].tolist() == [3.0] * 3  # (2 + 4) / 2
 
 
 def test_a_leaf_added_mid_round_counts_from_the_next_round_and_the_audit_has_each_action_once(live) -> None:
