@@ -35,8 +35,11 @@ class CalibrationRound:
         self.senders = 0
         self.upload_bytes: list[int] = []
         self.answers: list[dict[str, Any]] = []
+        self.statistics_seconds: list[float] = []  # each sender's computing and sending of its statistics
         self.started = 0.0
         self.seconds = 0.0
+        self.waited_from: float | None = None  # when every score task (and so every statistics upload) was done
+        self.added_seconds = 0.0
 
     def start(self, aggregate_id: str, senders: int) -> None:
         self.aggregate_id, self.senders, self.started = aggregate_id, senders, time.monotonic()
@@ -51,6 +54,8 @@ class CalibrationRound:
         """Hand out the refits once the server has combined the statistics."""
         if self.analytics_id is not None:
             return
+        if self.waited_from is None:
+            self.waited_from = time.monotonic()
         server, branch = self.run.server, self.run.sim.branch_id
         rows = server.admin("GET", f"{ADMIN_PREFIX}/branches/{branch}/analytics")["analytics"]
         done = [row for row in rows if row["status"] == "aggregated" and row.get("aggregate_id")]
@@ -68,7 +73,11 @@ class CalibrationRound:
     def take(self, answer: dict[str, Any]) -> None:
         self.answers.append(answer)
         if self.done:
-            self.seconds = time.monotonic() - self.started
+            now = time.monotonic()
+            self.seconds = now - self.started
+            # what the run waits for because of calibration: the round and the refits after the scores, and the
+            # slowest leaf's statistics inside its score task
+            self.added_seconds = now - (self.waited_from or now) + max(self.statistics_seconds, default=0.0)
             summary = self.summary(self.answers)
             self.run.sim.emit(Stage(f"calibration: final layer refit on every leaf "
                                     f"({'identical' if summary['identical'] else 'NOT identical'}); "
@@ -88,6 +97,8 @@ class CalibrationRound:
         return self.summary(self.answers) | {
             "leaves": len(self.answers) - 1, "senders": self.senders,
             "upload_bytes": max(self.upload_bytes, default=0), "seconds": round(self.seconds, 2),
+            "added_seconds": round(self.added_seconds, 2),
+            "statistics_seconds": round(max(self.statistics_seconds, default=0.0), 3),
             "task_seconds": round(sum(answer.get("seconds", 0.0) for answer in self.answers), 2)}
 
 

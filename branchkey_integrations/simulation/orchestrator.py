@@ -176,6 +176,7 @@ class _Run:
             self.turns_left -= 1
             if "calibration_bytes" in answer and self.calibration is not None:
                 self.calibration.upload_bytes.append(answer["calibration_bytes"])
+                self.calibration.statistics_seconds.append(answer["statistics_seconds"])
             if role == "turn":  # where the leaf trained
                 self.nodes[name].add(answer["node"])
         elif role == "calibrate":

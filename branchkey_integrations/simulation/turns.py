@@ -105,7 +105,9 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
             layers = _download(client, task.aggregate_id)
             answer["accuracy"] = _score_own(client, framework, task, layers, data)
             if task.calibrate:
+                sending = time.monotonic()
                 answer["calibration_bytes"] = _send_statistics(client, framework, task, layers, data)
+                answer["statistics_seconds"] = round(time.monotonic() - sending, 3)
     elif task.role == "calibrate":
         with _client(task) as client:
             layers, refit = _calibrated(client, framework, task)
