@@ -24,7 +24,7 @@ from .core.callback_kit import ScaffoldLeaf
 require_framework("keras", "Keras 3 and a backend (TensorFlow, PyTorch or JAX)", ("keras",))
 
 import keras  # noqa: E402 - after the check that gives an install hint
-from .core.head_calibration import calibrate  # noqa: E402
+from .core.callback_kit import calibrate  # noqa: E402
 from .keras_head import dense_head, dense_inputs, head_arrays, load_head  # noqa: E402
 
 if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment

@@ -24,7 +24,7 @@ require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pyt
 import torch  # noqa: E402 - after the check that gives an install hint
 from .torch_tensors import add_control_correction, add_proximal_gradient, apply_control_step  # noqa: E402
 from .torch_tensors import federated_tensors, head_inputs, linear_head, load_arrays, to_numpy  # noqa: E402
-from .core.head_calibration import calibrate  # noqa: E402
+from .core.callback_kit import calibrate  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402

@@ -40,7 +40,7 @@ from typing import Any, Callable, ClassVar, Sequence, Union
 from .credentials import CredentialsLike
 from .errors import BranchKeyError
 from .federation import Federation
-from .head_calibration import CalibrationPlan
+from .head_calibration import CalibrationPlan, calibrate
 from .outcome import Layers, Outcome, Weighting, layer_names_in
 from .progress import WaitProgress
 from .scaffold import PendingControls, ScaffoldLeaf, runs_scaffold
@@ -403,7 +403,7 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
 
 
 __all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS",
-           "ScaffoldLeaf", "PendingControls",
+           "ScaffoldLeaf", "PendingControls", "CalibrationPlan", "calibrate",
            "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]
