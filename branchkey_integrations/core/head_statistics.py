@@ -145,7 +145,8 @@ class HeadStatistics:
     def means(self) -> np.ndarray:
         """The pooled mean of each present class, [len(present), D]."""
         present = self.present
-        return self.sums[present] / self.counts[present, None]
+        means: np.ndarray = self.sums[present] / self.counts[present, None]
+        return means
 
     def within_covariance(self) -> np.ndarray:
         """The pooled within-class (tied) covariance: ``(sum x x^T - sum_c s_c s_c^T / n_c) / (N - K)``, K the
@@ -153,7 +154,8 @@ class HeadStatistics:
         present = self.present
         sums, counts = self.sums[present], self.counts[present].astype(np.float64)
         scatter = self.outer - (sums.T / counts) @ sums
-        return (scatter + scatter.T) / 2 / max(float(counts.sum()) - len(present), 1.0)
+        covariance: np.ndarray = (scatter + scatter.T) / 2 / max(float(counts.sum()) - len(present), 1.0)
+        return covariance
 
     def fields(self) -> dict[str, np.ndarray]:
         """As the fields one upload carries (to re-send, or to compare with another leaf's)."""
