@@ -247,13 +247,19 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
                                  for fw, (mean, worst) in gaps[best].items())
                      + " (centralized minus federated, seed by seed, mean over the seeds run).")
     costs = [r["calibration"] for r in every if r.get("calibration")]
+    # a run with baselines queues the refits behind the leaves' local-only training, which it waits for anyway
+    shares = [r["calibration"].get("added_seconds", 0.0) / r["elapsed_s"] for r in every
+              if r.get("calibration") and r["centralized"] is None]
     if costs:
         lines.append(f"Calibration: {max(c['upload_bytes'] for c in costs) / 1e3:.0f} kB of values sent by a leaf; "
                      f"every leaf's refit layer identical in {sum(c['identical'] for c in costs)} of {len(costs)} "
                      f"runs; calibration round (last aggregate to the last refit) median "
                      f"{statistics.median(c['seconds'] for c in costs):.1f} s, of which added to the run (the "
                      "round and refits after the leaves' last scores, and the slowest leaf's statistics) median "
-                     f"{statistics.median(c.get('added_seconds', c['seconds']) for c in costs):.1f} s; the refits' "
+                     f"{statistics.median(c.get('added_seconds', c['seconds']) for c in costs):.1f} s ("
+                     + (f"{100 * statistics.median(shares):.1f}% of the run's wall time, median over the runs "
+                        f"without baselines, max {100 * max(shares):.1f}%" if shares else "no run without baselines")
+                     + "); the refits' "
                      f"own compute {statistics.median(c['task_seconds'] for c in costs):.1f} s summed over the "
                      "leaves.")
     missing: dict[int, list[str]] = {}
