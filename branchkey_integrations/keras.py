@@ -251,6 +251,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         self._last_step = -1  # the batch index of the last proximal step in this epoch
         self._scaffold: ScaffoldLeaf | None = None  # SCAFFOLD's state, in a SCAFFOLD branch (kept across fits)
         self._scaffold_on = False  # this fit's branch runs SCAFFOLD
+        self._run_stopped = False  # the platform stopped the run during this fit
         self._corrected_at = 0  # optimizer.iterations at the last SCAFFOLD step
         self._corrections: list[Any] = []  # c - c_i per federated variable (None: not trained), while fit runs
         if self.proximal_mu:  # only then: a batch hook of its own costs Keras its asynchronous callback dispatch
@@ -259,6 +260,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._first_epoch = None  # per fit: the first epoch this fit runs tells how many rounds came before
+        self._run_stopped = False
         self._check_strategy()
         if not federated_variables(self.model, self.buffers):
             raise ValueError(f"{type(self.model).__name__} {self.model.name!r} has no trainable weights to federate.")
@@ -302,7 +304,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         try:
-            if self.settings.calibration.at_end and self.round > 0 and not self.model.stop_training:
+            if self.settings.calibration.at_end and self.round > 0 and not self._run_stopped:
                 self._calibrate(self.round)
         finally:
             self.federation.close()
@@ -426,6 +428,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         logs.update(self._test_scores)  # the latest aggregate's, unless this round loads a new one
         if outcome.kind == "stopped":
             self.model.stop_training = True
+            self._run_stopped = True  # no calibration either: its analytics round would wait on a stopped run
             logs.update(branchkey_round=float(self.round), branchkey_wait_s=time.monotonic() - started,
                         branchkey_upload_mb=0.0)
         else:

@@ -142,6 +142,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     _round_id: str | None = None  # the aggregate loaded in this epoch, which its metrics describe
     _validation_names: frozenset[str] = frozenset()  # the metrics validation produced (replaced, never mutated)
     _trained_for_round = False  # this epoch's training went into the round (not so when the leaf caught up)
+    _run_stopped = False  # the platform stopped the run during this fit
     _trainer: Trainer | None = None  # the trainer of the running fit: where the callback prints
     _global: list[torch.Tensor] | None = None  # FedProx's w_g, one copy per trainable parameter; None when off
     _trainable: list[torch.Tensor] = []  # the parameters w_g mirrors, in the same order
@@ -186,6 +187,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         self._trainer = trainer
         if self.settings.calibration.enabled:
             linear_head(pl_module, self.head)  # a model calibration cannot refit fails now, before any training
+        self._run_stopped = False
         self._last_epoch = -1  # a new fit starts counting epochs at 0 (a checkpoint, restored after this, overrides)
         if trainer.is_global_zero:
             self.federation.connect()
@@ -278,7 +280,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             raise self._end_run(signum)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.settings.calibration.at_end and self.round > 0:
+        if self.settings.calibration.at_end and self.round > 0 and not self._run_stopped:
             self._calibrate(trainer, pl_module, self.round)
 
     def _calibrate(self, trainer: Trainer, pl_module: LightningModule, number: int) -> None:
@@ -389,6 +391,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             raise local if local is not None else outcome.error
         if outcome.kind == "stopped":
             trainer.should_stop = True
+            self._run_stopped = True  # no calibration either: its analytics round would wait on a stopped run
             return
         result = outcome.result
         if outcome.kind == "done":
