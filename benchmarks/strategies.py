@@ -1,6 +1,13 @@
-"""``python -m benchmarks.strategies``: every server strategy, and FedAvg with FedProx, on strongly skewed
-data (``branchkey-local simulate --partition dirichlet --alpha 0.1 --leaves 10 --rounds 10``), on Lightning
-and Keras, over seeds 0, 1 and 2; ``--summary`` prints the table of docs/results/strategies.md.
+"""``python -m benchmarks.strategies``: the server strategies, and FedAvg with FedProx, each with and without
+classifier calibration, on strongly skewed data (``branchkey-local simulate --partition dirichlet --alpha 0.1
+--leaves 10 --rounds 10 --calibrate-head``), on Lightning and Keras, over seeds 0, 1 and 2; ``--summary`` prints
+the table of docs/results/strategies.md.
+
+Calibration runs after the last round and changes nothing before it, so one run gives both rows of a setting:
+``federated`` (the last aggregate) and ``calibrated`` (its final layer refit from the leaves' class statistics);
+the result also holds what calibration cost (``calibration``: bytes a leaf sent, seconds, whether every leaf's
+refit layer was identical). The default settings are that table's (fedavg, fedavgm, scaffold, fedprox);
+the older strategies (``--settings fedadam ...``) run as before, with calibration too.
 
 Resumable: each (framework, setting, seed) is one JSON file under ``results/strategies/``, and a file that
 exists is not run again, so the sweep can be stopped and restarted at will. Runs go seed by seed, the two
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results" / "strategies"
+RESULTS = Path(__file__).parent / "results" / "strategies-calibrated"
 FRAMEWORKS = ("lightning", "keras")
 SEEDS = (0, 1, 2)
 #: the issue's setting: 10 leaves with few classes each, 10 rounds of 5 local epochs
@@ -69,7 +76,10 @@ SETTINGS: dict[str, Setting] = {
     "median": Setting("median"),
     "trimmed-mean": Setting("trimmed-mean"),
     "fedprox": Setting("fedavg", proximal_mu=0.01),
+    "scaffold": Setting("scaffold"),
 }
+#: the README table's settings, each run with calibration (its rows with and without come from the same run)
+TABLE = ("fedavg", "fedavgm", "scaffold", "fedprox")
 #: the few parameter values tried at seed 0 only (``--settings NAME --seeds 0``), to pick the table's
 TUNING: dict[str, Setting] = {
     "fedprox-mu0.1": Setting("fedavg", proximal_mu=0.1),
@@ -106,7 +116,7 @@ def run_one(framework: str, name: str, seed: int, results: Path = RESULTS) -> Pa
     setting = {**SETTINGS, **TUNING}[name]
     try:
         config = SimulationConfig(framework=framework, seed=seed, baselines=name == BASELINE_SETTING,
-                                  **RUN, **setting.options())
+                                  calibrate_head=True, **RUN, **setting.options())
     except (TypeError, ValueError) as exc:  # a strategy or option this checkout does not have yet
         logger.warning("skipping %s %s seed %d: %s", framework, name, seed, exc)
         return None
@@ -127,6 +137,8 @@ def run_one(framework: str, name: str, seed: int, results: Path = RESULTS) -> Pa
               "epochs_per_round": config.epochs_per_round,
               "federated": final.global_accuracy, "federated_by_round": [r.global_accuracy for r in report.rounds],
               "centralized": final.centralized_accuracy, "local_only": final.local_accuracy,
+              "calibrated": report.calibration["accuracy"] if report.calibration else None,
+              "calibration": report.calibration,
               "elapsed_s": round(report.elapsed_s, 1), "started_at": started.isoformat(timespec="seconds"),
               "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
               "commit": _commit()}
@@ -165,16 +177,32 @@ def _cell(values: list[float], expected: int) -> str:
 
 
 def _gaps(by: dict[tuple[str, str], list[dict[str, Any]]], baselines: dict[str, list[dict[str, Any]]],
-          name: str) -> dict[str, float]:
-    """Points below centralized per framework, paired by seed; empty unless both frameworks have a pair."""
+          name: str, key: str = "federated") -> dict[str, tuple[float, float]]:
+    """Points below centralized per framework, paired by seed: (mean, worst seed); empty unless both frameworks
+    have a pair."""
     gaps = {}
     for fw in FRAMEWORKS:
         central = {r["seed"]: r["centralized"] for r in baselines[fw]}
-        pairs = [central[r["seed"]] - r["federated"] for r in by.get((fw, name), []) if r["seed"] in central]
+        pairs = [central[r["seed"]] - r[key] for r in by.get((fw, name), [])
+                 if r["seed"] in central and r.get(key) is not None]
         if not pairs:
             return {}
-        gaps[fw] = 100 * statistics.fmean(pairs)
+        gaps[fw] = (100 * statistics.fmean(pairs), 100 * max(pairs))
     return gaps
+
+
+def _rows(by: dict[tuple[str, str], list[dict[str, Any]]]) -> list[tuple[str, str, str]]:
+    """(label, setting, result key) of the table's rows: each setting run, then it with calibration."""
+    names = [*TABLE, *(name for name in SETTINGS if name not in TABLE)]
+    rows = []
+    for name in names:
+        runs = [r for fw in FRAMEWORKS for r in by.get((fw, name), [])]
+        if not runs and name not in TABLE:
+            continue
+        rows.append((SETTINGS[name].describe(), name, "federated"))
+        if any(r.get("calibrated") is not None for r in runs) or name in TABLE:
+            rows.append((SETTINGS[name].describe() + " + calibration", name, "calibrated"))
+    return rows
 
 
 def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
@@ -190,9 +218,9 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
                                                                              "local_only")):
         lines.append(f"| {label} | " + " | ".join(_cell([r[key] for r in baselines[fw]], seeds)
                                                    for fw in FRAMEWORKS) + " |")
-    for name, setting in SETTINGS.items():
-        cells = [_cell([r["federated"] for r in by.get((fw, name), [])], seeds) for fw in FRAMEWORKS]
-        lines.append(f"| {setting.describe()} | " + " | ".join(cells) + " |")
+    for label, name, key in _rows(by):
+        cells = [_cell([r[key] for r in by.get((fw, name), []) if r.get(key) is not None], seeds) for fw in FRAMEWORKS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     tried = [(name, setting) for name, setting in TUNING.items() if any(by.get((fw, name)) for fw in FRAMEWORKS)]
     if tried:
         lines += ["", "Tried at seed 0 only (to pick the parameters above):", "",
@@ -211,14 +239,31 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
                      f"{min(loads):.1f}-{max(loads):.1f}); wall time per run "
                      + ", ".join(f"{fw} {statistics.median(w):.0f} s (median)" for fw, w in walls.items() if w)
                      + ".")
-    gaps = {name: gap for name in SETTINGS if (gap := _gaps(by, baselines, name))}
+    gaps = {label: gap for label, name, key in _rows(by) if (gap := _gaps(by, baselines, name, key))}
     if gaps:
-        best = min(gaps, key=lambda name: max(gaps[name].values()))
-        lines.append(f"Closest to centralized on both frameworks: {SETTINGS[best].describe()}, "
-                     + ", ".join(f"{fw} {gap:.1f} points below" for fw, gap in gaps[best].items())
-                     + " (mean over the seeds run of centralized minus federated, seed by seed).")
+        best = min(gaps, key=lambda label: max(mean for mean, _ in gaps[label].values()))
+        lines.append(f"Closest to centralized on both frameworks: {best}, "
+                     + ", ".join(f"{fw} {mean:.1f} points below (worst seed {worst:.1f})"
+                                 for fw, (mean, worst) in gaps[best].items())
+                     + " (centralized minus federated, seed by seed, mean over the seeds run).")
+    costs = [r["calibration"] for r in every if r.get("calibration")]
+    # a run with baselines queues the refits behind the leaves' local-only training, which it waits for anyway
+    shares = [r["calibration"].get("added_seconds", 0.0) / r["elapsed_s"] for r in every
+              if r.get("calibration") and r["centralized"] is None]
+    if costs:
+        lines.append(f"Calibration: {max(c['upload_bytes'] for c in costs) / 1e3:.0f} kB of values sent by a leaf; "
+                     f"every leaf's refit layer identical in {sum(c['identical'] for c in costs)} of {len(costs)} "
+                     f"runs; calibration round (last aggregate to the last refit) median "
+                     f"{statistics.median(c['seconds'] for c in costs):.1f} s, of which added to the run (the "
+                     "round and refits after the leaves' last scores, and the slowest leaf's statistics) median "
+                     f"{statistics.median(c.get('added_seconds', c['seconds']) for c in costs):.1f} s ("
+                     + (f"{100 * statistics.median(shares):.1f}% of the run's wall time, median over the runs "
+                        f"without baselines, max {100 * max(shares):.1f}%" if shares else "no run without baselines")
+                     + "); the refits' "
+                     f"own compute {statistics.median(c['task_seconds'] for c in costs):.1f} s summed over the "
+                     "leaves.")
     missing: dict[int, list[str]] = {}
-    for fw, name, seed in plan(list(SETTINGS), list(FRAMEWORKS), list(SEEDS)):
+    for fw, name, seed in plan(list(TABLE), list(FRAMEWORKS), list(SEEDS)):
         if not any(r["seed"] == seed for r in by.get((fw, name), [])):
             missing.setdefault(seed, []).append(f"{fw} {name}")
     if missing:
@@ -229,7 +274,7 @@ def summary(results: list[dict[str, Any]], seeds: int = len(SEEDS)) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.strategies", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", choices=[*SETTINGS, *TUNING], default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=[*SETTINGS, *TUNING], default=list(TABLE))
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--summary", action="store_true",

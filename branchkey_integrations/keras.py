@@ -24,6 +24,8 @@ from .core.callback_kit import ScaffoldLeaf
 require_framework("keras", "Keras 3 and a backend (TensorFlow, PyTorch or JAX)", ("keras",))
 
 import keras  # noqa: E402 - after the check that gives an install hint
+from .core.callback_kit import calibrate  # noqa: E402
+from .keras_head import dense_head, dense_inputs, head_arrays, load_head  # noqa: E402
 
 if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
     raise ImportError(f"branchkey_integrations.keras needs Keras 3; found keras {keras.__version__}: "
@@ -150,6 +152,12 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
 
     ``scaffold_correction``: ``"decoupled"`` only (the step below); Lightning's ``"gradient"`` is refused.
 
+    ``calibrate_head``, ``head``, ``min_class_count``: as the Lightning callback's (docs/calibration.md), with
+    ``head`` a layer's name and the default the last layer with trainable weights, which must be a ``Dense`` with a
+    linear or softmax activation (else ``ValueError`` when ``fit`` begins, naming the layer found and the
+    ``Dense`` layers to choose from); ``calibration_data=(x, y)``, this leaf's training inputs and integer
+    labels, is then required (at construction), since a Keras callback does not see the data ``fit`` trains on.
+
     SCAFFOLD (Karimireddy et al. 2020) runs by itself in a branch whose strategy is ``scaffold`` (the callback
     reads the branch config when ``fit`` begins): before each training batch (and once more before the round)
     the callback takes the control-variate step of the optimizer steps since the last one,
@@ -208,6 +216,10 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         check_every_s: float = CallbackSettings.check_every_s,
         connect_timeout: float = CallbackSettings.connect_timeout,
         scaffold_correction: str = CallbackSettings.scaffold_correction,
+        calibrate_head: bool | str = CallbackSettings.calibrate_head,
+        head: str | None = CallbackSettings.head,
+        min_class_count: int = CallbackSettings.min_class_count,
+        calibration_data: Any = None,
     ) -> None:
         # every argument spelled out, for IDEs and inspect.signature; the shared ones are the mixin's to check
         if scaffold_correction == "gradient":
@@ -219,7 +231,14 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
                          send_metrics=send_metrics, proximal_mu=proximal_mu, snapshot_dir=snapshot_dir,
                          transport=transport, log_every_s=log_every_s, client_options=client_options,
                          check_every_s=check_every_s, connect_timeout=connect_timeout,
-                         scaffold_correction=scaffold_correction)
+                         scaffold_correction=scaffold_correction, calibrate_head=calibrate_head, head=head,
+                         min_class_count=min_class_count)
+        if self.settings.calibration.enabled and not (isinstance(calibration_data, (tuple, list))
+                                                      and len(calibration_data) == 2):
+            raise ValueError("calibrate_head needs calibration_data=(x, y): this leaf's training inputs and integer "
+                             "labels (Keras does not show a callback the data fit trains on). Received: "
+                             f"calibration_data={type(calibration_data).__name__}")
+        self.calibration_data = calibration_data
         if validation_data is not None and isinstance(validation_data, (str, bytes, int, float)):
             raise ValueError("Expected validation_data to be what model.evaluate takes: an (x, y) tuple or a "
                              f"dataset. Received: validation_data={validation_data!r}")
@@ -232,6 +251,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         self._last_step = -1  # the batch index of the last proximal step in this epoch
         self._scaffold: ScaffoldLeaf | None = None  # SCAFFOLD's state, in a SCAFFOLD branch (kept across fits)
         self._scaffold_on = False  # this fit's branch runs SCAFFOLD
+        self._run_stopped = False  # the platform stopped the run during this fit
         self._corrected_at = 0  # optimizer.iterations at the last SCAFFOLD step
         self._corrections: list[Any] = []  # c - c_i per federated variable (None: not trained), while fit runs
         if self.proximal_mu:  # only then: a batch hook of its own costs Keras its asynchronous callback dispatch
@@ -240,10 +260,13 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._first_epoch = None  # per fit: the first epoch this fit runs tells how many rounds came before
+        self._run_stopped = False
         self._check_strategy()
         if not federated_variables(self.model, self.buffers):
             raise ValueError(f"{type(self.model).__name__} {self.model.name!r} has no trainable weights to federate.")
         resolve_weighting(self.num_samples)  # a broken callable fails now, not after the first epoch
+        if self.settings.calibration.enabled:
+            dense_head(self.model, self.head)  # a model calibration cannot refit fails now, before any training
         self.federation.connect()
         self._scaffold_on = self._branch_runs_scaffold()
         if self._scaffold_on:  # a batch-begin hook: Keras never dispatches those asynchronously
@@ -280,7 +303,11 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
             self._bar_open = False
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.federation.close()
+        try:
+            if self.settings.calibration.at_end and self.round > 0 and not self._run_stopped:
+                self._calibrate(self.round)
+        finally:
+            self.federation.close()
         self._global, self._trainable = None, []  # FedProx's copy lives as long as the fit
         self._corrections = []  # SCAFFOLD's too (c_i stays, in the callback)
         self.__dict__.pop("on_train_batch_begin", None)  # the next fit asks the branch config again
@@ -401,6 +428,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         logs.update(self._test_scores)  # the latest aggregate's, unless this round loads a new one
         if outcome.kind == "stopped":
             self.model.stop_training = True
+            self._run_stopped = True  # no calibration either: its analytics round would wait on a stopped run
             logs.update(branchkey_round=float(self.round), branchkey_wait_s=time.monotonic() - started,
                         branchkey_upload_mb=0.0)
         else:
@@ -409,6 +437,8 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
                 if self.send_metrics and not result.caught_up:  # the epoch's training produced this round's upload
                     self._send(_scalars(logs), "train", result.aggregation_id)
                 self._load(variables, result, logs)
+                if self.settings.calibration.after_round(result.round) and not result.caught_up:
+                    self._calibrate(result.round)
                 if pending is not None:  # c_i moves on (not after a catch-up), c arrives, x is the aggregate
                     assert self._scaffold is not None
                     self._scaffold.commit(None if result.caught_up else pending, result.controls, result.layers)
@@ -417,6 +447,19 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
                         branchkey_upload_mb=result.upload_mb)
         if self.interrupted_by is not None:  # a signal came: its outcome applied, now end
             raise self._end_run(self.interrupted_by)
+
+    def _calibrate(self, number: int) -> None:
+        """Calibration after round ``number`` (once): send this leaf's class statistics, load the refit layer."""
+        if number == self._calibrated_round:
+            return
+        head = dense_head(self.model, self.head)
+        x, y = self.calibration_data
+        weight, bias = head_arrays(head)
+        refit = calibrate(self.federation, dense_inputs(self.model, head, x), np.asarray(y), weight, bias,
+                          self.settings.calibration, self._say)
+        load_head(head, refit.weight, refit.bias)
+        self._keep_global_model()  # FedProx pulls toward the calibrated model from now on
+        self._calibrated_round = number
 
     def _load(self, variables: list[keras.Variable], result: RoundResult, logs: dict[str, Any]) -> None:
         """Assign the aggregate (already saved as a snapshot when asked) and evaluate it on validation_data."""

@@ -23,7 +23,8 @@ require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pyt
 
 import torch  # noqa: E402 - after the check that gives an install hint
 from .torch_tensors import add_control_correction, add_proximal_gradient, apply_control_step  # noqa: E402
-from .torch_tensors import federated_tensors, load_arrays, to_numpy  # noqa: E402
+from .torch_tensors import federated_tensors, head_inputs, linear_head, load_arrays, to_numpy  # noqa: E402
+from .core.callback_kit import calibrate  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
@@ -105,6 +106,17 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             ``"gradient"``, added to the gradient in ``on_before_optimizer_step`` where FedProx adds its term
             (the paper's ``g - c_i + c``: right for plain SGD, and with Adam it swamps the gradient). Each upload
             then carries the control update, ``c_i`` and ``c`` are part of the checkpoint.
+        calibrate_head: refit the final linear layer from the leaves' class statistics (docs/calibration.md):
+            False (default), True or ``"end"`` (once, when training ends), ``"every:K"`` (after every K-th round,
+            and when training ends). Each time, this leaf sends the per-class count and sum of the features
+            entering that layer and one sum of their outer products (over the training dataloader, in eval
+            mode) in an analytics round, and every leaf refits the layer identically from the combined
+            statistics. Every leaf of the branch must calibrate at the same rounds. The batches must be
+            ``(inputs, ..., labels)``, ``inputs`` the module's forward argument. Under DDP, rank 0's data.
+        head: the name of the ``nn.Linear`` to refit (``dict(model.named_modules())``'s key); None: the last
+            module with trainable parameters, which must be an ``nn.Linear`` (else ``ValueError`` at setup,
+            before training, naming the layer found and the Linear modules to choose from).
+        min_class_count: a class with fewer samples on this leaf is not sent (its statistics stay here).
 
     Raises:
         ValueError: an argument is out of range (at construction); the training data has no length
@@ -130,6 +142,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     _round_id: str | None = None  # the aggregate loaded in this epoch, which its metrics describe
     _validation_names: frozenset[str] = frozenset()  # the metrics validation produced (replaced, never mutated)
     _trained_for_round = False  # this epoch's training went into the round (not so when the leaf caught up)
+    _run_stopped = False  # the platform stopped the run during this fit
     _trainer: Trainer | None = None  # the trainer of the running fit: where the callback prints
     _global: list[torch.Tensor] | None = None  # FedProx's w_g, one copy per trainable parameter; None when off
     _trainable: list[torch.Tensor] = []  # the parameters w_g mirrors, in the same order
@@ -172,6 +185,9 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             return
         self._check_strategy(trainer)
         self._trainer = trainer
+        if self.settings.calibration.enabled:
+            linear_head(pl_module, self.head)  # a model calibration cannot refit fails now, before any training
+        self._run_stopped = False
         self._last_epoch = -1  # a new fit starts counting epochs at 0 (a checkpoint, restored after this, overrides)
         if trainer.is_global_zero:
             self.federation.connect()
@@ -263,6 +279,32 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         if signum is not None:  # a signal came: the outcome is applied, then the run ends
             raise self._end_run(signum)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.settings.calibration.at_end and self.round > 0 and not self._run_stopped:
+            self._calibrate(trainer, pl_module, self.round)
+
+    def _calibrate(self, trainer: Trainer, pl_module: LightningModule, number: int) -> None:
+        """Calibration after round ``number`` (once): rank 0 sends the statistics and refits; every rank loads
+        the refit layer."""
+        if number == self._calibrated_round:
+            return
+        _, head = linear_head(pl_module, self.head)
+        refit = None
+        if trainer.is_global_zero:
+            training = pl_module.training
+            pl_module.eval()
+            try:
+                features, labels = head_inputs(pl_module, head, trainer.train_dataloader)
+            finally:
+                pl_module.train(training)
+            done = calibrate(self.federation, features, labels, to_numpy(head.weight), to_numpy(head.bias),
+                             self.settings.calibration, self._say)
+            refit = (done.weight, done.bias)
+        weight, bias = trainer.strategy.broadcast(refit, src=0)
+        load_arrays([("weight", head.weight), ("bias", head.bias)], [weight, bias])
+        self._keep_global_model(pl_module)  # FedProx pulls toward the calibrated model from now on
+        self._calibrated_round = number
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.federation.close()
@@ -349,6 +391,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             raise local if local is not None else outcome.error
         if outcome.kind == "stopped":
             trainer.should_stop = True
+            self._run_stopped = True  # no calibration either: its analytics round would wait on a stopped run
             return
         result = outcome.result
         if outcome.kind == "done":
@@ -364,6 +407,8 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             self.federation.record_round(result.round, result.aggregation_id, result.run_number, result.round_index)
             self._round_id = result.aggregation_id
             self._trained_for_round = not result.caught_up  # a leaf that caught up uploaded nothing this epoch
+            if self.settings.calibration.after_round(result.round) and not result.caught_up:
+                self._calibrate(trainer, pl_module, result.round)
         self._last_epoch = trainer.current_epoch
         for name, value in (("round", result.round), ("wait_s", result.wait_s), ("upload_mb", result.upload_mb)):
             pl_module.log(f"branchkey/{name}", float(value), on_step=False, on_epoch=True, batch_size=1)

@@ -99,5 +99,66 @@ def apply_control_step(params: list[torch.Tensor], corrections: list[torch.Tenso
                 param.sub_(correction, alpha=float(rate))
 
 
+def linear_head(module: "torch.nn.Module", name: str | None = None) -> tuple[str, "torch.nn.Linear"]:
+    """The final linear layer calibration refits: the module named ``name``, or else the last module (in
+    registration order) that holds trainable parameters of its own; it must be a ``torch.nn.Linear``.
+
+    >>> linear_head(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)))[0]
+    '2'
+
+    Raises:
+        ValueError: no such module, or it is not a ``Linear``: the message names it and what to pass.
+    """
+    modules = dict(module.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    hint = (f"Pass head='<name of the nn.Linear that makes the logits>' (this model's Linear modules: {linears}), "
+            "or calibrate_head=False.")
+    if name is None:
+        trainable = [n for n, m in modules.items() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        if not trainable:
+            raise ValueError(f"calibrate_head: {type(module).__name__} has no trainable layer to refit. {hint}")
+        name = trainable[-1]
+        if not isinstance(modules[name], torch.nn.Linear):
+            raise ValueError(f"calibrate_head: the last trainable layer of {type(module).__name__} is {name!r}, a "
+                             f"{type(modules[name]).__name__}, not a torch.nn.Linear: calibration refits the final "
+                             f"linear layer. {hint}")
+    elif name not in modules:
+        raise ValueError(f"calibrate_head: head={name!r} names no module of {type(module).__name__}. {hint}")
+    elif not isinstance(modules[name], torch.nn.Linear):
+        raise ValueError(f"calibrate_head: head={name!r} is a {type(modules[name]).__name__}, not a torch.nn.Linear. "
+                         f"{hint}")
+    return name, modules[name]
+
+
+def head_inputs(module: "torch.nn.Module", head: "torch.nn.Linear", batches: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs of ``head`` ([N, in_features], float64) and the labels ([N]) over ``batches`` of ``(inputs, ...,
+    labels)``, each ``inputs`` passed to ``module`` as its only argument, without gradients.
+
+    Raises:
+        ValueError: a batch that is not a tuple or list of inputs and labels, or labels that do not match the rows.
+    """
+    captured: list[np.ndarray] = []
+    hook = head.register_forward_pre_hook(
+        lambda _, inputs: captured.append(inputs[0].detach().reshape(-1, head.in_features).double().cpu().numpy()))
+    labels: list[np.ndarray] = []
+    device = next(module.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise ValueError("calibrate_head needs training batches of (inputs, labels); received a "
+                                     f"{type(batch).__name__}. Make the dataloader yield (inputs, labels) pairs.")
+                before = sum(len(c) for c in captured)
+                module(batch[0].to(device))
+                label = np.asarray(batch[-1].detach().cpu().numpy() if hasattr(batch[-1], "detach") else batch[-1])
+                if sum(len(c) for c in captured) - before != label.reshape(-1).shape[0]:
+                    raise ValueError("calibrate_head: the head saw a different number of rows than the batch has "
+                                     "labels; calibration needs one head input per labelled sample.")
+                labels.append(label.reshape(-1))
+    finally:
+        hook.remove()
+    return np.concatenate(captured), np.concatenate(labels)
+
+
 __all__ = ["federated_tensors", "to_numpy", "load_arrays", "add_proximal_gradient", "add_control_correction",
-           "apply_control_step"]
+           "apply_control_step", "linear_head", "head_inputs"]

@@ -260,6 +260,11 @@ def add_simulate_parser(commands: Any) -> None:
     add_strategy_options(simulate)
     simulate.add_argument("--proximal-mu", type=_non_negative_float, default=0.0, metavar="MU",
                           help="FedProx on every leaf: the callbacks' proximal_mu (0: plain FedAvg leaves)")
+    simulate.add_argument("--calibrate-head", action="store_true",
+                          help="after the last round, refit the final layer on every leaf from the leaves' class "
+                               "statistics of its input features (one analytics round; docs/calibration.md)")
+    simulate.add_argument("--min-class-count", type=_positive_int, default=1, metavar="N",
+                          help="with --calibrate-head: a class with fewer samples on a leaf is not sent by it")
     add_backend_options(simulate)
     simulate.set_defaults(func=cmd_simulate)
 

@@ -28,7 +28,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                   leaves_per_round=args.leaves_per_round, backend=args.backend,
                                   ray_address=args.ray_address, leaf_cpus=args.leaf_cpus, leaf_gpus=args.leaf_gpus,
                                   max_concurrent_leaves=args.max_concurrent_leaves,
-                                  advertise_host=args.advertise_host)
+                                  advertise_host=args.advertise_host, calibrate_head=args.calibrate_head,
+                                  min_class_count=args.min_class_count)
         report = run(config, output=args.output, progress=TerminalProgress(),
                      hold=_hold_dashboard if args.dashboard else None)
     except ModuleNotFoundError as exc:

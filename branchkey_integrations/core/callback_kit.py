@@ -40,6 +40,7 @@ from typing import Any, Callable, ClassVar, Sequence, Union
 from .credentials import CredentialsLike
 from .errors import BranchKeyError
 from .federation import Federation
+from .head_calibration import CalibrationPlan, calibrate
 from .outcome import Layers, Outcome, Weighting, layer_names_in
 from .progress import WaitProgress
 from .scaffold import PendingControls, ScaffoldLeaf, runs_scaffold
@@ -186,12 +187,20 @@ class CallbackSettings:
     client_options: dict[str, Any] | None = field(default=LeafOptions.client_options, repr=False)
     proximal_mu: float = 0.0
     scaffold_correction: str = "decoupled"
+    calibrate_head: bool | str = False
+    head: str | None = None
+    min_class_count: int = 1
     install_extra: str | None = None
     check_every_s: float = LeafOptions.check_every_s
     connect_timeout: float = LeafOptions.connect_timeout
     federation: Federation = field(init=False, repr=False)
+    calibration: CalibrationPlan = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "calibration", CalibrationPlan.of(self.calibrate_head, self.min_class_count))
+        if self.head is not None and (not isinstance(self.head, str) or not self.head):
+            raise ValueError("Expected head to be the name of the final linear layer (a module's or layer's name) or "
+                             f"None (the last trainable one). Received: head={self.head!r}")
         check_every_n_epochs(self.every_n_epochs)
         check_num_samples(self.num_samples, required=self.num_samples_required)
         check_choice("buffers", self.buffers, BUFFER_POLICIES)
@@ -254,6 +263,9 @@ class FederatedCallbackMixin:
         check_every_s: float = CallbackSettings.check_every_s,
         connect_timeout: float = CallbackSettings.connect_timeout,
         scaffold_correction: str = CallbackSettings.scaffold_correction,
+        calibrate_head: bool | str = CallbackSettings.calibrate_head,
+        head: str | None = CallbackSettings.head,
+        min_class_count: int = CallbackSettings.min_class_count,
     ) -> None:
         super().__init__()  # the framework's Callback
         self.settings = CallbackSettings(
@@ -261,8 +273,8 @@ class FederatedCallbackMixin:
             on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
             proximal_mu=proximal_mu, check_every_s=check_every_s, connect_timeout=connect_timeout,
-            scaffold_correction=scaffold_correction,
-            num_samples_required=self._num_samples_required, install_extra=self._install_extra)
+            scaffold_correction=scaffold_correction, calibrate_head=calibrate_head, head=head,
+            min_class_count=min_class_count, num_samples_required=self._num_samples_required, install_extra=self._install_extra)
         self.federation: Federation = self.settings.federation
         self.federation.add_progress_listener(self._on_progress)
         self.interrupted_by: int | None = None  # the signal (SIGTERM, SIGINT) that ended the last round, if any
@@ -275,6 +287,10 @@ class FederatedCallbackMixin:
     snapshot_dir = _setting("snapshot_dir")
     proximal_mu = _setting("proximal_mu")
     scaffold_correction = _setting("scaffold_correction")
+    calibrate_head = _setting("calibrate_head")
+    head = _setting("head")
+    min_class_count = _setting("min_class_count")
+    _calibrated_round = -1  # the round after which this leaf last calibrated (never twice after one round)
 
     @property
     def round(self) -> int:
@@ -388,7 +404,7 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
 
 
 __all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS",
-           "ScaffoldLeaf", "PendingControls",
+           "ScaffoldLeaf", "PendingControls", "CalibrationPlan", "calibrate",
            "TRAVEL_AS_FLOAT32", "NumSamples", "CallbackSettings", "FederatedCallbackMixin",
            "require_framework", "travels_as_float32", "check_every_n_epochs", "check_num_samples", "check_choice", "check_flag", "check_proximal_mu",
            "resolve_weighting", "is_round_epoch", "rounds_before"]

@@ -50,6 +50,11 @@ class SimulationConfig:
             ``"auto"`` or ``"HOST:PORT"`` joins a running one.
         leaf_cpus, leaf_gpus: what one leaf task asks Ray for.
         max_concurrent_leaves: how many leaves the ray backend trains at once; the others wait their turn.
+        calibrate_head: after the last round, calibrate the final layer (:mod:`~..core.head_refit`): the leaves
+            of the last round send their class statistics of the last aggregate's features as one analytics
+            round, then every leaf (and the evaluator) refits the final layer from the combined statistics; the
+            report's ``calibration`` holds the calibrated accuracy and whether every leaf's layer is identical.
+        min_class_count: with ``calibrate_head``, a class with fewer samples on a leaf is not sent by that leaf.
         advertise_host: the address the embedded server listens on and the leaves dial: loopback by
             default; a cluster's workers on other machines need one they can reach.
     """
@@ -77,6 +82,8 @@ class SimulationConfig:
     leaf_gpus: float = 0.0
     max_concurrent_leaves: int = 4
     advertise_host: str = "127.0.0.1"
+    calibrate_head: bool = False
+    min_class_count: int = 1
 
     def __post_init__(self) -> None:
         self._check_strategy_types()
@@ -85,7 +92,9 @@ class SimulationConfig:
             raise ValueError(f"Expected framework in {tuple(FRAMEWORKS)}. Received: framework={self.framework!r}")
         if self.partition not in PARTITIONS:
             raise ValueError(f"Expected partition in {PARTITIONS}. Received: partition={self.partition!r}")
-        for name in ("leaves", "rounds", "epochs_per_round", "min_samples"):
+        if not isinstance(self.calibrate_head, bool):
+            raise ValueError(f"Expected calibrate_head to be True or False. Received: {self.calibrate_head!r}")
+        for name in ("leaves", "rounds", "epochs_per_round", "min_samples", "min_class_count"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected {name} to be an int >= 1. Received: {name}={value!r}")

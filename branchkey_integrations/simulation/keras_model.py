@@ -84,6 +84,26 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
     return accuracy(model, test)
 
 
+def features(layers: Sequence[np.ndarray], split: Split, plan: TrainPlan) -> np.ndarray:
+    """The inputs of the final ``Dense`` for ``split`` under the model ``layers``: what calibration summarises."""
+    model = digits_mlp(plan)
+    model.set_weights([np.asarray(layer) for layer in layers])
+    x = keras.ops.convert_to_tensor(split.x)
+    for layer in model.layers[:-1]:
+        x = layer(x)
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def head(layers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The final layer's weight [classes, width] (the ``Dense`` kernel, transposed) and bias."""
+    return np.asarray(layers[-2]).T, np.asarray(layers[-1])
+
+
+def with_head(layers: Sequence[np.ndarray], weight: np.ndarray, bias: np.ndarray) -> list[np.ndarray]:
+    """``layers`` with the final layer replaced (``weight`` [classes, width] becomes the kernel's transpose)."""
+    return [*layers[:-2], np.ascontiguousarray(weight.T).astype(layers[-2].dtype), bias.astype(layers[-1].dtype)]
+
+
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
                proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu",
                scaffold: ScaffoldLeaf | None = None) -> tuple[list[np.ndarray], Any]:

@@ -85,6 +85,25 @@ def score(layers: Sequence[np.ndarray], test: Split, plan: TrainPlan) -> float:
     return accuracy(model, test)
 
 
+def features(layers: Sequence[np.ndarray], split: Split, plan: TrainPlan) -> np.ndarray:
+    """The inputs of the final ``Linear`` for ``split`` under the model ``layers``: what calibration summarises."""
+    torch.set_num_threads(1)
+    model = DigitsMLP(plan.hidden, plan.learning_rate)
+    load_layers(model, layers)
+    with torch.no_grad():
+        return model.net[:-1](torch.from_numpy(split.x)).numpy()
+
+
+def head(layers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The final layer's weight [classes, width] and bias (``nn.Linear``'s layout)."""
+    return np.asarray(layers[-2]), np.asarray(layers[-1])
+
+
+def with_head(layers: Sequence[np.ndarray], weight: np.ndarray, bias: np.ndarray) -> list[np.ndarray]:
+    """``layers`` with the final layer replaced (cast to the layers' dtype)."""
+    return [*layers[:-2], weight.astype(layers[-2].dtype), bias.astype(layers[-1].dtype)]
+
+
 def train_turn(data: Split, plan: TrainPlan, number: int, start: Sequence[np.ndarray] | None,
                proximal_mu: float = 0.0, state: Any = None, accelerator: str = "cpu",
                scaffold: ScaffoldLeaf | None = None) -> tuple[list[np.ndarray], Any]:

@@ -25,6 +25,7 @@ from .data import Split, load_digits_split, partition
 from .local_server import EmbeddedServer
 from .progress import ProgressHook, RoundTracker, Stage
 from .report import LeafSummary, Report, RoundRow, strategy_label
+from .calibration import CalibrationRound
 from .turns import LeafTask
 from ..core.errors import SimulationError
 from ..core.protocol import ADMIN_PREFIX
@@ -89,13 +90,14 @@ class Simulation:
         return report
 
     def task(self, role: str, name: str, number: int, index: int = 0, credentials: dict[str, str] | None = None,
-             host: str = "", aggregate_id: str | None = None) -> LeafTask:
+             host: str = "", aggregate_id: str | None = None, **calibration: Any) -> LeafTask:
         plan = dataclasses.replace(self.config.plan(), data_seed=self.config.seed * 1000 + index)
         gpu = self.config.backend == "ray" and self.config.leaf_gpus > 0 and role == "turn"
         return LeafTask(role=role, name=name, framework=self.config.framework, round=number, plan=plan,
                         credentials=credentials or {}, host=host, aggregate_id=aggregate_id,
                         proximal_mu=self.config.proximal_mu, accelerator="gpu" if gpu else "cpu",
-                        scaffold=self.config.strategy in CONTROLLED_ALGORITHMS)
+                        scaffold=self.config.strategy in CONTROLLED_ALGORITHMS,
+                        min_class_count=self.config.min_class_count, **calibration)
 
     def _report(self, run: "_Run", names: list[str], parts: list[Split]) -> Report:
         config = self.config
@@ -112,7 +114,8 @@ class Simulation:
                               nodes=sorted(run.nodes[name]))
                   for index, (name, part) in enumerate(zip(names, parts))]
         return Report(config=config.as_dict() | {"amqp_url": bool(config.amqp_url),
-                                                 "strategy_params": self.strategy_params}, rounds=rows, leaves=leaves)
+                                                 "strategy_params": self.strategy_params}, rounds=rows, leaves=leaves,
+                      calibration=run.calibration.report() if run.calibration is not None else None)
 
 
 class _Run:
@@ -128,6 +131,7 @@ class _Run:
         self.centralized: list[float] = []
         self.turns_left = sum(len(chosen) for chosen in simulation.schedule)
         self.handed = 0  # the last round whose turns went out
+        self.calibration = CalibrationRound(self) if self.config.calibrate_head else None
 
     def drive(self) -> None:
         config, sim = self.config, self.sim
@@ -142,6 +146,8 @@ class _Run:
             self.server.check_alive()
             if len(self.tracker.completed) < config.rounds:
                 self._poll_rounds()
+            elif self.calibration is not None and self.turns_left == 0:
+                self.calibration.poll()
             elif not announced and config.baselines:
                 announced = True
                 self.sim.emit(Stage("federated rounds done; waiting for the local-only and centralized baselines"))
@@ -154,7 +160,8 @@ class _Run:
     def _finished(self) -> bool:
         baselines = not self.config.baselines or (
             len(self.local) == self.config.leaves and len(self.centralized) == self.config.rounds)
-        return len(self.tracker.completed) == self.config.rounds and self.turns_left == 0 and baselines
+        calibrated = self.calibration is None or self.calibration.done
+        return len(self.tracker.completed) == self.config.rounds and self.turns_left == 0 and baselines and calibrated
 
     def _hand_out(self, number: int, aggregate_id: str | None) -> None:
         self.handed = number
@@ -167,8 +174,14 @@ class _Run:
         role, name = answer["role"], answer["name"]
         if role in ("turn", "score"):
             self.turns_left -= 1
+            if "calibration_bytes" in answer and self.calibration is not None:
+                self.calibration.upload_bytes.append(answer["calibration_bytes"])
+                self.calibration.statistics_seconds.append(answer["statistics_seconds"])
             if role == "turn":  # where the leaf trained
                 self.nodes[name].add(answer["node"])
+        elif role == "calibrate":
+            assert self.calibration is not None
+            self.calibration.take(answer)
         elif role == "evaluate":
             self.tracker.accuracy[answer["round"]] = answer["accuracy"]
         elif role == "local":
@@ -197,10 +210,14 @@ class _Run:
             self._hand_out(number + 1, aggregate_id)
             return
         self.handed = self.config.rounds + 1  # nothing more to hand out
+        last = set(self.sim.schedule[-1])  # with calibrate_head, the last round's leaves send their statistics
+        if self.calibration is not None:
+            self.calibration.start(aggregate_id, len(last))
         for index, creds in enumerate(self.credentials):  # the last aggregate, scored by each leaf as turns do
             self.turns_left += 1
             self.backend.submit(self.sim.task("score", creds["name"], number, index + 1, creds, self.server.url,
-                                              aggregate_id), creds["name"])
+                                              aggregate_id, calibrate=self.config.calibrate_head and index in last),
+                                creds["name"])
         if self.config.baselines:
             for index, creds in enumerate(self.credentials):
                 self.backend.submit(self.sim.task("local", creds["name"], self.config.rounds, index + 1),

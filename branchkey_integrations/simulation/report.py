@@ -53,6 +53,10 @@ class Report:
     leaves: list[LeafSummary]
     elapsed_s: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    #: with ``calibrate_head``: ``accuracy`` (the calibrated model, common test set), ``identical`` (every leaf's
+    #: refit layer has the evaluator's digest), ``refit`` and ``untouched`` classes, ``upload_bytes`` (values a
+    #: leaf sent), ``seconds`` (last aggregate to the last refit); else None
+    calibration: dict[str, Any] | None = None
 
     @property
     def final(self) -> RoundRow:
@@ -65,7 +69,7 @@ class Report:
     def from_dict(cls, raw: dict[str, Any]) -> "Report":
         return cls(config=raw["config"], rounds=[RoundRow(**r) for r in raw["rounds"]],
                    leaves=[LeafSummary(**leaf) for leaf in raw["leaves"]], elapsed_s=raw.get("elapsed_s", 0.0),
-                   files=raw.get("files", {}))
+                   files=raw.get("files", {}), calibration=raw.get("calibration"))
 
     def table(self) -> str:
         """The per-round comparison as fixed-width text (percent)."""
@@ -73,6 +77,10 @@ class Report:
         for row in self.rounds:
             lines.append(f"{row.round:>5}  {row.global_accuracy:>9.1%}  {percent(row.local_accuracy):>10}  "
                          f"{percent(row.centralized_accuracy):>11}  {row.wait_s:>6.2f}")
+        if self.calibration is not None:
+            lines.append(f"calibrated final layer: {percent(self.calibration['accuracy'])} (every leaf's layer "
+                         f"{'identical' if self.calibration['identical'] else 'NOT identical'}; classes left as they "
+                         f"were: {self.calibration['untouched'] or 'none'})")
         return "\n".join(lines)
 
     def save(self, output: str | Path) -> dict[str, str]:

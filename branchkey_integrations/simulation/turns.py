@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import RequestRejectedError
+from ..core.head_refit import HeadRefit, refit_head
+from ..core.head_statistics import HeadStatistics, head_statistics
 from ..core.scaffold import ScaffoldLeaf
 from .data import Split
 from .frameworks import TrainPlan, load_framework
@@ -38,8 +40,10 @@ logger = logging.getLogger(__name__)
 #: ``turn``: one federated round of one leaf; ``evaluate``: score an aggregate on the common test set; ``score``: a
 #: leaf scores the last round's aggregate on its own data and sends it as metrics (turns do it for the others);
 #: ``local``: a leaf trains alone for the whole budget; ``centralized``: all the data, the whole budget;
+#: ``calibrate``: refit the final layer of the last aggregate from the calibration round's combined statistics
+#: (a leaf: answers the layer's digest; the evaluator: also its accuracy on the common test set);
 #: ``exit``: a process-backend worker ends (a Ray task is never given it)
-ROLES = ("turn", "evaluate", "score", "local", "centralized", "exit")
+ROLES = ("turn", "evaluate", "score", "calibrate", "local", "centralized", "exit")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class LeafTask:
     proximal_mu: float = 0.0
     accelerator: str = "cpu"  # "gpu": a turn of the ray backend given a GPU (--leaf-gpus)
     scaffold: bool = False  # the branch runs SCAFFOLD: the turn corrects its steps and uploads its control update
+    calibrate: bool = False  # ``score``: also send this leaf's calibration statistics of the last aggregate
+    min_class_count: int = 1  # with ``calibrate``: a class with fewer samples here is not sent
+    analytics_id: str | None = None  # ``calibrate``: the calibration round's analytics aggregate
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -95,7 +102,18 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
     elif task.role == "score":
         assert data is not None
         with _client(task) as client:
-            answer["accuracy"] = _score_own(client, framework, task, _download(client, task.aggregate_id), data)
+            layers = _download(client, task.aggregate_id)
+            answer["accuracy"] = _score_own(client, framework, task, layers, data)
+            if task.calibrate:
+                sending = time.monotonic()
+                answer["calibration_bytes"] = _send_statistics(client, framework, task, layers, data)
+                answer["statistics_seconds"] = round(time.monotonic() - sending, 3)
+    elif task.role == "calibrate":
+        with _client(task) as client:
+            layers, refit = _calibrated(client, framework, task)
+        answer |= {"digest": refit.digest(), "refit": refit.refit, "untouched": refit.untouched}
+        if data is None and test is not None:  # the evaluator (no shard): the calibrated model on the test set
+            answer["accuracy"] = framework.score(layers, test, task.plan)
     elif task.role == "evaluate":
         assert test is not None
         with _client(task) as client:
@@ -140,6 +158,26 @@ def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int,
     logger.info("%s uploaded round %d (%d samples)", task.name, task.round, len(data))
     return len(data), {"optimizer": optimizer, "pending": pending,
                        "scaffold": scaffold.state_dict() if scaffold is not None else None}
+
+
+def _send_statistics(client: Any, framework: Any, task: LeafTask, layers: list[np.ndarray], data: Split) -> int:
+    """Send this leaf's calibration statistics of ``layers`` (the last aggregate) as an analytics upload; return
+    the bytes of values it carries. The simulation waits for the round, not the leaf (a turn never blocks)."""
+    weight, _ = framework.head(layers)
+    fields, _ = head_statistics(framework.features(layers, data, task.plan), data.y, num_classes=weight.shape[0],
+                                min_class_count=task.min_class_count)
+    client.upload_fields(fields)
+    return sum(value.nbytes for value in fields.values())
+
+
+def _calibrated(client: Any, framework: Any, task: LeafTask) -> tuple[list[np.ndarray], HeadRefit]:
+    """The last aggregate with its final layer refit from the calibration round's statistics (float64 NumPy,
+    closed-form: the same bytes on every leaf)."""
+    layers = _download(client, task.aggregate_id)
+    stats = HeadStatistics.from_fields(client.download_analytics(str(task.analytics_id)).fields)
+    weight, bias = framework.head(layers)
+    refit = refit_head(stats, weight, bias)
+    return framework.with_head(layers, refit.weight, refit.bias), refit
 
 
 def _upload(client: Any, weighting: float, layers: list[np.ndarray], controls: Any) -> None:

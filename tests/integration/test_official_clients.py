@@ -242,3 +242,32 @@ def test_official_3_0_1_clients_in_a_scaffold_branch_send_no_controls_and_count_
                 np.testing.assert_allclose(np.asarray(layers[f"layer_{index}"], np.float32), want, rtol=1e-6, atol=1e-7)
                 assert not np.asarray(controls[f"control_{index}"]).any()
     assert "carry no control_<n> members: counted with delta c = 0" in server.log()
+
+
+@pytest.mark.official
+def test_official_3_0_1_clients_send_calibration_statistics_that_need_no_configuration(official_python,
+                                                                                       server_factory, tmp_path):
+    """Calibration's fields in a plain fedavg branch: the official client's save_fields sends them as they are, the
+    platform sums them by their suffixes (no --field-op), and the refit from that aggregate is the refit from our
+    own combination, byte for byte."""
+    from branchkey_integrations.core.head_refit import refit_head
+    from branchkey_integrations.core.head_statistics import HeadStatistics, head_statistics
+
+    python = official_python("3.0.1")
+    server, credentials = server_factory(2)
+    rng = np.random.default_rng(5)
+    sent = [head_statistics(rng.integers(0, 8, (12, 3)) / 2.0, rng.integers(0, 2, 12) + index, 4)[0]
+            for index in range(2)]
+    specs = [{"fields": {name: value.tolist() for name, value in fields.items()}} for fields in sent]
+    results = run_official_analytics(python, server, credentials, specs, tmp_path)
+    for result in results:
+        assert result["config"]["service"]["algorithm"] == "fedavg" and not result["config"]["service"].get("field_ops")
+        entries = result["entries"]
+        combined = {name: np.asarray(entries[name]["values"], entries[name]["dtype"]).reshape(sent[0][name].shape)
+                    for name in sent[0]}
+        for name, value in combined.items():
+            np.testing.assert_array_equal(value, sent[0][name] + sent[1][name])
+        ours = HeadStatistics.from_fields({name: sent[0][name] + sent[1][name] for name in sent[0]})
+        weight, bias = np.zeros((4, 3)), np.zeros(4)
+        theirs = refit_head(HeadStatistics.from_fields(combined), weight, bias)
+        assert theirs.digest() == refit_head(ours, weight, bias).digest() and theirs.untouched == [3]

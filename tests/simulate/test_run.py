@@ -180,3 +180,16 @@ def test_simulate_runs_scaffold_and_the_leaves_send_their_control_updates(tmp_pa
     assert len(seen["controls"]) == 4 and any(abs(c).max() > 0 for c in seen["controls"])  # c moved: MLP of 2 layers
     assert [r.round for r in report.rounds] == [1, 2] and report.final.global_accuracy > 0.5
     assert children_of(os.getpid()) == []
+
+
+def test_simulate_calibrates_the_final_layer_identically_on_every_leaf(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    report = run(framework="lightning", leaves=2, rounds=1, epochs_per_round=1, partition="dirichlet", alpha=0.1,
+                 baselines=False, calibrate_head=True, output=tmp_path / "out")
+    calibration = report.calibration
+    assert calibration is not None and calibration["identical"] and calibration["leaves"] == 2
+    assert calibration["senders"] == 2 and calibration["refit"] == list(range(10)) and calibration["untouched"] == []
+    # per class count and feature sum, and the packed upper triangle of one 256 x 256 sum of outer products
+    assert calibration["upload_bytes"] == 10 * 8 + 10 * 256 * 8 + 256 * 257 // 2 * 8
+    assert calibration["accuracy"] > report.final.global_accuracy  # one round of one epoch: the head lags
+    assert "calibrated final layer" in report.table() and children_of(os.getpid()) == []

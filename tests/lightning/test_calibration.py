@@ -1,0 +1,74 @@
+"""Calibration in the Lightning callback: two classifying leaves against a real branchkey-local end with the
+bit-identical final layer; a model whose last trainable layer is not linear is refused before training, naming
+what to pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from branchkey_integrations.lightning import BranchKeyCallback
+
+from ..conftest import CREDS, REPO
+from .models import trainer
+
+
+class Classifier(LightningModule):
+    """4 -> 5 -> 3 with ReLU, cross-entropy, Adam; ``norm_last`` registers a BatchNorm after the head."""
+
+    def __init__(self, norm_last: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        if norm_last:
+            self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(torch.relu(self.stem(x)))
+        return self.norm(out) if hasattr(self, "norm") else out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def test_two_leaves_end_with_the_identical_calibrated_layer(server_factory, tmp_path):
+    server, credentials = server_factory(2)
+    leaves = []
+    for index, creds in enumerate(credentials):
+        log = open(tmp_path / f"leaf{index}.log", "w")
+        leaves.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.lightning.calibration_leaf", str(creds), server.url,
+             str(tmp_path / f"leaf{index}"), str(index), "True"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    for index, process in enumerate(leaves):
+        assert process.wait(180) == 0, (tmp_path / f"leaf{index}.log").read_text()[-4000:]
+    done = [json.loads((tmp_path / f"leaf{i}" / "done.json").read_text()) for i in range(2)]
+    assert [(d["round"], d["analytics_rounds"]) for d in done] == [(2, 1), (2, 1)]
+    heads = [dict(np.load(tmp_path / f"leaf{i}" / "head.npz")) for i in range(2)]
+    assert heads[0]["weight"].tobytes() == heads[1]["weight"].tobytes()
+    assert heads[0]["bias"].tobytes() == heads[1]["bias"].tobytes()
+    log = (tmp_path / "leaf0.log").read_text()
+    assert "calibration: final layer refit from 2 leaves' class statistics (classes [0, 1, 2])" in log
+
+
+def test_a_last_trainable_layer_that_is_not_linear_is_refused_before_training():
+    callback = BranchKeyCallback(CREDS, host="http://127.0.0.1:9", calibrate_head=True)
+    data = [(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(ValueError, match=r"the last trainable layer of Classifier is 'norm', a BatchNorm1d, not a "
+                                         r"torch.nn.Linear: .* Pass head='<name of the nn.Linear that makes the "
+                                         r"logits>' \(this model's Linear modules: \['stem', 'head'\]\)"):
+        trainer([callback]).fit(Classifier(norm_last=True), data)
+    with pytest.raises(ValueError, match=r"head='norm' is a BatchNorm1d, not a torch.nn.Linear"):
+        trainer([BranchKeyCallback(CREDS, host="http://127.0.0.1:9", calibrate_head=True, head="norm")]).fit(
+            Classifier(norm_last=True), data)
