@@ -78,7 +78,7 @@ SETTINGS: dict[str, Setting] = {
     "fedprox": Setting("fedavg", proximal_mu=0.01),
     "scaffold": Setting("scaffold"),
 }
-#: the README table's settings, each run with calibration (its rows with and without come from the same run)
+#: the settings of docs/results/strategies.md's table, each run with calibration (its rows with and without come from the same run)
 TABLE = ("fedavg", "fedavgm", "scaffold", "fedprox")
 #: the few parameter values tried at seed 0 only (``--settings NAME --seeds 0``), to pick the table's
 TUNING: dict[str, Setting] = {
