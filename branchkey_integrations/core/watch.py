@@ -80,7 +80,7 @@ def find_missed_aggregate(client: RoundSource, target: tuple[int, int], kind: st
     if view is not None and kind == KIND_FEDERATED_ANALYTICS:
         view = view.analytics
     if hand_over_latest(client, view, target, kind) is not None:
-        logger.info("Aggregate of run %d round %d found by asking the server (its notification did not arrive)",
+        logger.info("Aggregate of run %d round index %d found by asking the server (its notification did not arrive)",
                     *target)
 
 

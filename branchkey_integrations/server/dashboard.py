@@ -156,6 +156,7 @@ def _overview(store: Store) -> dict[str, Any]:
                 **branch.to_dict(), "leaves": len(store.list_leaves(branch.id)), "required": progress.required,
                 "round_index": progress.round_index, "uploaded": len(progress.uploaded),
                 "refused": len(progress.refused), "latest_aggregate": progress.latest_aggregate,
+                "state": progress.state(),
             })
     return {"trees": [{k: t[k] for k in ("id", "name", "created_at") if k in t} for t in trees],
             "branches": branches}
@@ -177,7 +178,9 @@ def _live(store: Store, presence: Presence, branch_id: str) -> dict[str, Any]:
         state = "uploaded" if leaf.name in uploaded else "refused" if leaf.name in refused else "missing"
         rows.append({"id": leaf.id, "name": leaf.name, "state": state,
                      "reason": refused[leaf.name].reason if state == "refused" else None, **presence.of(leaf.id)})
-    return {**progress.to_dict(), "branch_id": branch_id, "leaves": rows}
+    # "round" (from 1) and "state" are what the page shows: the callbacks and status number rounds so
+    return {**progress.to_dict(), "round": progress.round, "aggregated": progress.aggregated,
+            "state": progress.state(), "branch_id": branch_id, "leaves": rows}
 
 
 @admin

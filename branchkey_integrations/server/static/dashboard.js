@@ -53,6 +53,10 @@ function ago(epochS) {
   return s < 1 ? "just now" : seconds(s).replace(/\.\d+ s$/, " s") + " ago";
 }
 
+// Rounds are numbered from 1 within their run, as the callbacks, `simulate` and `status` print them; the
+// JSON keeps the protocol's round_index (from 0).
+function roundNo(index) { return index + 1; }
+
 function number(v) { return Number.isInteger(v) ? String(v) : v.toFixed(4).replace(/0+$/, "").replace(/\.$/, ""); }
 
 // -- access ---------------------------------------------------------------------------------
@@ -132,7 +136,8 @@ async function loadOverview() {
     if (b.id === state.branch) row.classList.add("selected");
     row.append(el("td", trees[b.tree_id] || b.tree_id), el("td", b.name, { title: b.id }), el("td", b.run_number),
       el("td", b.run_status, { class: "status-" + b.run_status, "data-testid": "run-status" }), el("td", b.leaves),
-      el("td", b.round_index === null ? "none (stopped)" : "round " + b.round_index + ": " + b.uploaded + "/" + b.required));
+      el("td", b.round_index === null ? "none (" + (b.state || "stopped") + ")"
+        : "round " + roundNo(b.round_index) + ": " + b.uploaded + "/" + b.required, { "data-testid": "open-round" }));
     const control = el("td");
     for (const [status, label] of [["start", "Start"], ["pause", "Pause"], ["stop", "Stop"]]) {
       const button = el("button", label, { type: "button", "data-testid": status + "-button" });
@@ -175,8 +180,8 @@ async function loadLive() {
   state.live = data;
   $("branch").hidden = false;
   $("round-title").textContent = data.round_index === null
-    ? "(run " + data.run_number + " " + data.run_status + ": no open round)"
-    : "run " + data.run_number + ", round " + data.round_index + " (" + data.run_status + ")";
+    ? "(none: " + data.state + ")"
+    : "round " + roundNo(data.round_index) + " of run " + data.run_number + " (" + data.run_status + ")";
   renderFacts();
   const body = $("leaves").querySelector("tbody");
   body.replaceChildren();
@@ -246,12 +251,15 @@ function renderFacts() {
   const data = state.live;
   if (!data) return;
   const facts = [];
-  facts.push(data.uploaded.length + " of " + data.required + " uploads needed");
-  if (data.missing.length) facts.push("missing: " + data.missing.join(", "));
+  const idle = data.round_index === null || (!data.uploaded.length && !data.refused.length);
+  if (idle) facts.push(data.state);  // a finished run reads as such, not as a round that every leaf is missing
+  else facts.push(data.uploaded.length + " of " + data.required + " uploads needed");
+  if (data.missing.length && !idle) facts.push("missing: " + data.missing.join(", "));
   if (data.refused.length) facts.push(data.refused.length + " refused");
-  if (data.opened_at) facts.push("opened " + ago(Date.parse(data.opened_at) / 1000));
-  facts.push(data.deadline_at ? "deadline " + new Date(data.deadline_at).toLocaleTimeString() : "no deadline");
-  if (data.latest_aggregate) facts.push("latest aggregate: round " + data.latest_aggregate.round_index);
+  if (data.opened_at && !idle) facts.push("opened " + ago(Date.parse(data.opened_at) / 1000));
+  if (!idle) facts.push(data.deadline_at ? "deadline " + new Date(data.deadline_at).toLocaleTimeString() : "no deadline");
+  const latest = data.latest_aggregate;
+  if (latest) facts.push("latest aggregate: round " + roundNo(latest.round_index) + " of run " + latest.run_number);
   $("round-facts").textContent = facts.join(" · ");
   renderAnalyticsFacts();
 }
@@ -300,7 +308,7 @@ async function loadRounds() {
     }
     const strategy = el("td", (r.strategy || "fedavg") + (r.strategy_note ? " *" : ""),
       r.strategy_note ? { title: r.strategy_note } : {});
-    row.append(el("td", r.round_index), el("td", r.leaves), el("td", number(r.total_weighting)), strategy,
+    row.append(el("td", roundNo(r.round_index), { "data-testid": "round-number" }), el("td", r.leaves), el("td", number(r.total_weighting)), strategy,
       el("td", bytes(r.aggregate_size)), el("td", seconds(r.round_s)), el("td", seconds(r.aggregation_s)), link);
     body.append(row);
   }
@@ -355,7 +363,7 @@ async function loadAnalytics() {
   state.analytics = data;
   const result = data.result;
   $("analytics-title").textContent = result
-    ? "(run " + result.run_number + ", analytics round " + result.round_index + ")" : "(no result yet)";
+    ? "(analytics round " + roundNo(result.round_index) + " of run " + result.run_number + ")" : "(no result yet)";
   renderAnalyticsFacts();
   const body = $("analytics").querySelector("tbody");
   body.replaceChildren();
@@ -381,7 +389,7 @@ function renderAnalyticsFacts() {  // the open analytics round (from the round v
   const facts = [];
   const open = state.live && state.live.analytics;
   if (open && open.round_index !== null) {
-    facts.push("open analytics round " + open.round_index + ": " + open.uploaded.length + " of " + open.required
+    facts.push("open analytics round " + roundNo(open.round_index) + ": " + open.uploaded.length + " of " + open.required
       + " uploads" + (open.missing.length ? " (missing: " + open.missing.join(", ") + ")" : ""));
   }
   const data = state.analytics;
