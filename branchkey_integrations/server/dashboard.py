@@ -109,7 +109,7 @@ def announcement(app: web.Application, url: str, host: str, token_file: Path, *,
     if with_link:
         text += f"login link {login_url(app, url)}  (one use, valid {LOGIN_CODE_TTL_S // 60} min)"
     else:
-        text += (f"login link: run 'branchkey-local login-link --data-dir {token_file.parent}' in a terminal "
+        text += (f"login link: run 'branchkey-local login --data-dir {token_file.parent}' in a terminal "
                  "(not printed here: this output is no terminal, and a log would keep it)")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -274,8 +274,9 @@ async def login(request: web.Request) -> web.Response:
     body = await read_json_object(request, max_bytes=LOGIN_BODY_BYTES)
     code = body.get("code")
     if not isinstance(code, str) or not code.isascii() or not request.app[LOGIN_CODES].redeem(code):
-        raise HttpProblem(401, "This login link was already used or has expired; enter the admin token "
-                               "(<data_dir>/admin_token) or ask the server for a new link.")
+        raise HttpProblem(401, "This login link was already used or has expired; get a new one with "
+                               "'branchkey-local login --data-dir DIR' (DIR: the server's data directory), or "
+                               "enter the admin token (the file DIR/admin_token).")
     server = server_of(request)
     await record_action(request, server, "dashboard.login", "admin")
     return ok({"token": server.store.admin_token})

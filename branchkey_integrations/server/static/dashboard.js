@@ -5,7 +5,7 @@
 
 const TOKEN_KEY = "branchkey-local-admin-token";
 const state = { branch: null, run: null, overview: null, live: null, analytics: null, timers: {}, stream: null,
-  plots: [] };
+  plots: [], summary: null };
 
 const $ = (id) => document.getElementById(id);
 
@@ -321,9 +321,28 @@ async function download(aggregateId) {
   });
 }
 
+// What a plot's caption says of a metric: the simulation's leaves score each aggregate on a held-out part of
+// their own data, and its evaluator on the common test set (the terminal's figure).
+const CAPTIONS = {
+  "test/heldout_accuracy": "held-out accuracy on the leaf's own data",
+  "test/common_test_accuracy": "accuracy on the common test set (as the terminal reports it)",
+};
+
+function plotWidth(box) {  // as many plots a row as fit at >= 420 px, sharing the section's width
+  const gap = 24;
+  const width = Math.max(320, box.clientWidth);
+  const columns = Math.max(1, Math.floor((width + gap) / (420 + gap)));
+  return Math.floor((width - gap * (columns - 1)) / columns);
+}
+
+function latestLegend(plot, last) {  // the legend shows the latest values until the cursor points elsewhere
+  plot.setLegend({ idx: last });
+}
+
 function drawPlots(summary) {
   for (const plot of state.plots) plot.destroy();
   state.plots = [];
+  state.summary = summary;
   const box = $("plots");
   box.replaceChildren();
   if (!summary.series.length) {
@@ -334,7 +353,8 @@ function drawPlots(summary) {
   for (const s of summary.series) {
     const figure = el("figure", null, { "data-testid": "plot", "data-metric": s.mode + "/" + s.metric,
       "data-rounds": s.rounds.length, "data-leaves": Object.keys(s.per_leaf).length });
-    figure.append(el("figcaption", s.mode + " " + s.metric + ": sample-weighted mean over leaves"
+    const what = CAPTIONS[s.mode + "/" + s.metric] || s.mode + " " + s.metric;
+    figure.append(el("figcaption", what + ": sample-weighted mean over leaves"
       + (manyLeaves ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
     box.append(figure);
     const leaves = Object.keys(s.per_leaf);
@@ -343,10 +363,14 @@ function drawPlots(summary) {
       series.push({ label: name, stroke: "hsla(" + ((i * 47) % 360) + ",55%,50%,0.55)", width: 1,
         points: { show: !manyLeaves, size: 4 }, spanGaps: true });
     }
-    const data = [s.rounds, s.mean, ...leaves.map((name) => s.per_leaf[name])];
-    const opts = { width: 440, height: 220, series, legend: { show: !manyLeaves },
-      scales: { x: { time: false } }, axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}] };
-    state.plots.push(new uPlot(opts, data, figure));
+    const data = [s.rounds.map(roundNo), s.mean, ...leaves.map((name) => s.per_leaf[name])];
+    const last = s.rounds.length - 1;
+    const opts = { width: plotWidth(box), height: 240, series, legend: { show: !manyLeaves },
+      scales: { x: { time: false } }, axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}],
+      hooks: { setCursor: [(u) => { if (u.cursor.idx === null || u.cursor.idx === undefined) latestLegend(u, last); }] } };
+    const plot = new uPlot(opts, data, figure);
+    latestLegend(plot, last);
+    state.plots.push(plot);
   }
 }
 
@@ -493,6 +517,11 @@ document.addEventListener("DOMContentLoaded", async () => {
     guarded(loadHistory);
   });
   setInterval(tick, 1000);
+  let resized = null;
+  window.addEventListener("resize", () => {  // the plots share the window's width
+    clearTimeout(resized);
+    resized = setTimeout(() => { if (state.summary) drawPlots(state.summary); }, 200);
+  });
   await redeemLoginLink();
   if (token()) start(); else showLogin($("login-error").textContent);
 });
