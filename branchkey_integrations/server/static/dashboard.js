@@ -354,11 +354,13 @@ function drawPlots(summary) {
     const figure = el("figure", null, { "data-testid": "plot", "data-metric": s.mode + "/" + s.metric,
       "data-rounds": s.rounds.length, "data-leaves": Object.keys(s.per_leaf).length });
     const what = CAPTIONS[s.mode + "/" + s.metric] || s.mode + " " + s.metric;
-    figure.append(el("figcaption", what + ": sample-weighted mean over leaves"
+    figure.append(el("figcaption", what + (common ? "" : ": sample-weighted mean over leaves")
       + (manyLeaves ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
     box.append(figure);
-    const leaves = Object.keys(s.per_leaf);
-    const series = [{ label: "round" }, { label: "mean", stroke: "#1f4e9e", width: 2.5, points: { show: true } }];
+    const common = s.metric === "common_test_accuracy";  // one evaluator, not a leaf: one line
+    const leaves = common ? [] : Object.keys(s.per_leaf);
+    const series = [{ label: "round" },
+      { label: common ? "common test set" : "mean", stroke: "#1f4e9e", width: 2.5, points: { show: true } }];
     for (const [i, name] of leaves.entries()) {
       series.push({ label: name, stroke: "hsla(" + ((i * 47) % 360) + ",55%,50%,0.55)", width: 1,
         points: { show: !manyLeaves, size: 4 }, spanGaps: true });
