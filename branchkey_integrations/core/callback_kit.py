@@ -311,7 +311,7 @@ class FederatedCallbackMixin:
         complete = progress.known and progress.required is not None and len(progress.uploaded) >= progress.required
         if complete and not progress.refused and progress.waited_s < self.settings.log_every_s:
             return  # every upload is in: the aggregate is moments away (said if it is late, at log_every_s)
-        self._say(f"BranchKey: {progress.message}{local_layer_names(progress, self._round_names)}")
+        self._say(f"BranchKey: {progress.line(local_layer_names(progress, self._round_names))}")
 
     _round_names: tuple[str, ...] = ()
 

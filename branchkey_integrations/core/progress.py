@@ -275,6 +275,11 @@ class WaitProgress:
         """One line for the user, e.g. ``Round 3 of run 1: waiting for the aggregate for 12 s; 1 of 2 uploads;
         missing: leaf_2``; rounds are numbered from 1 within their run, as ``branchkey-local status`` and the
         dashboard number them; refused uploads are named with their reason, and what unblocks the round."""
+        return self.line()
+
+    def line(self, detail: str = "") -> str:
+        """:attr:`message` with ``detail`` (a suffix such as ``"; on this leaf layer_0 is 'stem.weight'"``) after
+        the refusals it explains and before what unblocks the round."""
         name = "Analytics round" if self.kind == KIND_FEDERATED_ANALYTICS else "Round"
         where = round_label(self.round, self.run_number, self.round_index)
         what = {RUN_START: "the run to start", AGGREGATE: "the aggregate", SERVER: "the server"}[self.waiting_for]
@@ -291,6 +296,7 @@ class WaitProgress:
             text += "; missing: " + ", ".join(self.missing)
         for refusal in self.refused:
             text += f"; upload of {refusal.leaf} refused: {refusal.reason}"
+        text += detail
         if self.refused and self.waiting_for == AGGREGATE:
             text += "; " + unblock_hint(tuple(refusal.leaf for refusal in self.refused))
         return text
