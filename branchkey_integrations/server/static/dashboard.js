@@ -353,11 +353,11 @@ function drawPlots(summary) {
   for (const s of summary.series) {
     const figure = el("figure", null, { "data-testid": "plot", "data-metric": s.mode + "/" + s.metric,
       "data-rounds": s.rounds.length, "data-leaves": Object.keys(s.per_leaf).length });
+    const common = s.metric === "common_test_accuracy";  // one evaluator, not a leaf: one line
     const what = CAPTIONS[s.mode + "/" + s.metric] || s.mode + " " + s.metric;
     figure.append(el("figcaption", what + (common ? "" : ": sample-weighted mean over leaves")
-      + (manyLeaves ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
+      + (manyLeaves && !common ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
     box.append(figure);
-    const common = s.metric === "common_test_accuracy";  // one evaluator, not a leaf: one line
     const leaves = common ? [] : Object.keys(s.per_leaf);
     const series = [{ label: "round" },
       { label: common ? "common test set" : "mean", stroke: "#1f4e9e", width: 2.5, points: { show: true } }];
