@@ -50,7 +50,7 @@ def cmd_round(args: argparse.Namespace) -> int:
         if live is None:
             run_number, round_index, dropped, paths = store.drop_uploads(branch.id, leaf, args.note or "")
             store.remove_files(paths)
-            result = {"run_number": run_number, "round_index": round_index, "dropped": dropped}
+            result: dict[str, Any] = {"run_number": run_number, "round_index": round_index, "dropped": dropped}
             how = "in the store (no live server)"
         else:
             rounds = f"{ADMIN_PREFIX}/branches/{branch.id}/rounds/open"
