@@ -80,8 +80,14 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
     expect(page.get_by_test_id("leaf-row")).to_have_count(3)
     # the metric plot after two rounds: the mean and each of the three leaves
     page.wait_for_function("[...document.querySelectorAll('[data-testid=plot]')].some("
-                           "f => f.dataset.metric.startsWith('test/') && +f.dataset.rounds >= 2 && +f.dataset.leaves === 3)",
+                           "f => f.dataset.metric === 'test/heldout_accuracy' && +f.dataset.rounds >= 2 && +f.dataset.leaves === 3)",
                            timeout=120_000)
+    # and the common test set's accuracy, the terminal's figure, beside the leaves' held-out accuracy
+    page.wait_for_function("[...document.querySelectorAll('[data-testid=plot]')].some("
+                           "f => f.dataset.metric === 'test/common_test_accuracy' && +f.dataset.rounds >= 2)",
+                           timeout=120_000)
+    expect(page.locator("[data-metric='test/heldout_accuracy'] figcaption")).to_contain_text(
+        "held-out accuracy on the leaf's own data")
     assert page.locator("[data-testid=plot] canvas").count() >= 1
 
     page.get_by_test_id("pause-button").click()

@@ -86,7 +86,7 @@ def test_a_round_has_one_number_in_the_callback_status_and_the_dashboard(server_
     page.goto(server.url + "/")
     page.fill("#token", token)
     page.click("#login-form button")
-    expect(page.get_by_test_id("round-title")).to_have_text(f"round {ROUNDS + 1} of run 1 (start)")
+    expect(page.get_by_test_id("round-title")).to_have_text(f"Open round {ROUNDS + 1} of run 1 (start)")
     expect(page.get_by_test_id("round-facts")).to_contain_text(progress["state"])
     expect(page.get_by_test_id("round-facts")).to_contain_text(f"latest aggregate: round {ROUNDS} of run 1")
     assert "missing" not in page.get_by_test_id("round-facts").inner_text()

@@ -180,8 +180,8 @@ async function loadLive() {
   state.live = data;
   $("branch").hidden = false;
   $("round-title").textContent = data.round_index === null
-    ? "(none: " + data.state + ")"
-    : "round " + roundNo(data.round_index) + " of run " + data.run_number + " (" + data.run_status + ")";
+    ? "No open round: " + data.state
+    : "Open round " + roundNo(data.round_index) + " of run " + data.run_number + " (" + data.run_status + ")";
   renderFacts();
   const body = $("leaves").querySelector("tbody");
   body.replaceChildren();
