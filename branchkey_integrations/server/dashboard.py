@@ -176,6 +176,7 @@ def _live(store: Store, presence: Presence, branch_id: str) -> dict[str, Any]:
     rows = []
     for leaf in leaves:
         state = "uploaded" if leaf.name in uploaded else "refused" if leaf.name in refused else "missing"
+        state = state if progress.round_index is not None else "-"  # no open round: nobody is missing
         rows.append({"id": leaf.id, "name": leaf.name, "state": state,
                      "reason": refused[leaf.name].reason if state == "refused" else None, **presence.of(leaf.id)})
     # "round" (from 1) and "state" are what the page shows: the callbacks and status number rounds so
