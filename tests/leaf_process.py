@@ -97,5 +97,6 @@ def check_the_wait_names_the_missing_then_the_refused_leaf(leaf: LeafProcess, se
         assert "layer_0" in str(exc), exc
     else:
         raise AssertionError("the server accepted an upload of another model")
-    leaf.wait_for(rf"upload of leaf_2 refused[^\n]*layer_0[^\n]*; on this leaf layer_0 is '{re.escape(first_layer)}'",
-                  10, "leaf_2's refused upload, with the layer")
+    leaf.wait_for(rf"upload of leaf_2 refused[^\n]*layer_0[^\n]*; on this leaf layer_0 is '{re.escape(first_layer)}'"
+                  r"; the round completes when leaf_2 uploads[^\n]*'branchkey-local round drop-upload LEAF'[^\n]*"
+                  r"--round-deadline", 10, "leaf_2's refused upload, with the layer and what unblocks the round")

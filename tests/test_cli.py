@@ -109,7 +109,7 @@ def test_environment_data_dir_options_after_the_subcommand_and_status_json(tmp_p
     [branch] = document["branches"]
     assert (branch["id"], branch["name"], branch["run_status"], branch["leaves"], branch["required_uploads"]) == (
         leaf["branch_id"], "main", "start", 3, 2)
-    assert branch["rounds"] == [{"run_number": 1, "round_index": 0, "status": "open", "upload_count": 0,
+    assert branch["rounds"] == [{"round": 1, "run_number": 1, "round_index": 0, "status": "open", "upload_count": 0,
                                  "aggregate_id": None, "strategy": None, "strategy_note": None}]
     assert (branch["strategy"], branch["strategy_params"]) == ("fedavg", {})
 

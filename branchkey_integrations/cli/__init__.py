@@ -6,7 +6,7 @@ Commands: ``init`` (tree, branch and leaf credential files), ``serve`` (run the 
 ``run start|pause|stop`` (through the live server's admin API when one serves the data
 directory, so leaves are notified; else directly in the store), ``round drop-upload LEAF|reset``
 (unlock an open round, the same way), ``leaf add|list|revoke|rotate`` and ``admin-token rotate`` (credentials,
-the same way), ``status`` (disk use and the audit trail included), ``login-link`` (a one-time
+the same way), ``status`` (disk use and the audit trail included), ``login`` (alias ``login-link``: a one-time
 dashboard login link from the live server, printed, never logged), and ``simulate``
 (an embedded server and N leaf processes, see :mod:`branchkey_integrations.simulate`).
 
@@ -22,7 +22,7 @@ error (argparse), 1 for a runtime failure (one line on stderr, no traceback); a 
 
 Where things live: :mod:`.parser` builds the argument parser (every command's options and help);
 the commands, one module per group: :mod:`.branches` (``init``, ``branch``), :mod:`.serving`
-(``serve``, ``login-link``), :mod:`.runs` (``run``, ``round``, ``status``), :mod:`.leaves` (``leaf``,
+(``serve``, ``login``), :mod:`.runs` (``run``, ``round``, ``status``), :mod:`.leaves` (``leaf``,
 ``admin-token``), :mod:`.simulating`
 (``simulate``); :mod:`.live` finds the live server and acts through it or in the store;
 :mod:`.failures` is the one-line failure; :mod:`.units` the sizes as the CLI reads and prints them.

@@ -47,7 +47,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     for path, credentials in zip(targets, leaves):
         write_private_file(path, json.dumps(credentials, indent=2) + "\n")
     print(f"branch  {branch['id']} ({branch['name']}, tree {branch['tree_id']}), run_status {branch['run_status']}")
-    print(f"strategy {branch['algorithm']} {json.dumps(branch['strategy_params'])}")
+    params = ", ".join(f"{key}={value:g}" for key, value in branch["strategy_params"].items())  # as status says it
+    print(f"strategy {branch['algorithm']}" + (f" ({params})" if params else ""))
     print(f"rounds  complete with {branch['min_leaves'] or 'all'} of {args.leaves} leaves"
           + (f", deadline {branch['round_deadline_s']} s" if branch["round_deadline_s"] else ""))
     print(f"models  uploads up to {model_limit(branch['max_model_bytes'])}")

@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     status.set_defaults(func=cmd_status)
 
-    link = commands.add_parser("login-link", help="print a new one-time login link to the live server's dashboard")
+    link = commands.add_parser("login", aliases=["login-link"],
+                               help="print a new one-time login link to the live server's dashboard (after "
+                                    "the last one was used: one link, one browser tab)")
     add_data_dir(link)
     link.set_defaults(func=cmd_login_link)
     add_lifecycle_parsers(commands)

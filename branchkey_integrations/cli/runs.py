@@ -12,7 +12,7 @@ from ..core.errors import InvalidValueError, RecordNotFoundError
 from ..core.protocol import ADMIN_PREFIX
 from ..server.analytics_report import analytics_result, field_ops_lines, result_lines
 from ..server.history import latest_metrics, metric_summary
-from ..server.progress import round_progress
+from ..server.progress import RoundProgress, round_progress
 from ..server.store import Branch, Store
 from .failures import CliError
 from .live import admin_call, change_branch, live_server, open_existing_store, resolve_branch
@@ -50,7 +50,7 @@ def cmd_round(args: argparse.Namespace) -> int:
         if live is None:
             run_number, round_index, dropped, paths = store.drop_uploads(branch.id, leaf, args.note or "")
             store.remove_files(paths)
-            result = {"run_number": run_number, "round_index": round_index, "dropped": dropped}
+            result: dict[str, Any] = {"run_number": run_number, "round_index": round_index, "dropped": dropped}
             how = "in the store (no live server)"
         else:
             rounds = f"{ADMIN_PREFIX}/branches/{branch.id}/rounds/open"
@@ -62,7 +62,7 @@ def cmd_round(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     finally:
         store.close()
-    print(f"branch {branch.id} run {result['run_number']} round {result['round_index']}: dropped the upload(s) of "
+    print(f"branch {branch.id} run {result['run_number']} round {result['round_index'] + 1}: dropped the upload(s) of "
           f"{', '.join(result['dropped']) or 'nobody'} {how}; they see why in the round's progress and may upload again")
     return 0
 
@@ -88,7 +88,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             for line in round_progress(store, branch.id).lines():
                 print(f"  {line}")
             for item in store.list_rounds(branch.id)[-5:]:
-                print(f"  run {item['run_number']} round {item['round_index']}: {item['status']}, "
+                print(f"  run {item['run_number']} round {item['round_index'] + 1}: {item['status']}, "
                       f"{item['upload_count']} upload(s), aggregate {item['aggregate_id'] or '-'}")
             result = analytics_result(store, branch.id)  # the round view's lines named its round: the table here
             for line in result_lines(result, head=False) if result else field_ops_lines(store.field_ops(branch.id)):
@@ -105,11 +105,11 @@ def status_document(store: Store, live: tuple[str, str] | None) -> dict[str, Any
         "id": branch.id, "name": branch.name, "run_status": branch.run_status, "run_number": branch.run_number,
         "leaves": len(store.list_leaves(branch.id)), "required_uploads": store.required_uploads(branch),
         "metrics": _aggregated_metrics(store, branch.id),
-        "progress": round_progress(store, branch.id).to_dict(),
+        "progress": _progress(round_progress(store, branch.id)),
         "strategy": branch.algorithm, "strategy_params": branch.params,
-        "rounds": [{key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id",
-                                                   "strategy", "strategy_note")}
-                   for item in store.list_rounds(branch.id)],
+        "rounds": [{"round": item["round_index"] + 1} | {
+            key: item.get(key) for key in ("run_number", "round_index", "status", "upload_count", "aggregate_id",
+                                           "strategy", "strategy_note")} for item in store.list_rounds(branch.id)],
         "analytics": _analytics(store, branch),
     } for branch in store.list_branches()]
     return {"server": live[0] if live else None, "tls": bool(live and live[0].startswith("https://")),
@@ -129,6 +129,13 @@ def tls_note(live: tuple[str, str] | None) -> str:
     return "  (plain HTTP: across a network, serve with --tls-cert/--tls-key or behind a TLS proxy)"
 
 
+def _progress(progress: RoundProgress) -> dict[str, Any]:
+    """The round view as the leaves get it, plus what people read: ``round`` (from 1 within the run, as the
+    callbacks, ``simulate`` and the dashboard count; ``round_index`` is the protocol's, from 0), the rounds
+    ``aggregated`` in the run, and ``state``, the status line (a finished run reads as such, not as stuck)."""
+    return progress.to_dict() | {"round": progress.round, "aggregated": progress.aggregated, "state": progress.state()}
+
+
 def _analytics(store: Store, branch: Branch) -> dict[str, Any]:
     return {"field_ops": store.field_ops(branch.id), "progress": round_progress(store, branch.id).analytics,
             "result": analytics_result(store, branch.id)}
@@ -137,5 +144,7 @@ def _analytics(store: Store, branch: Branch) -> dict[str, Any]:
 def _aggregated_metrics(store: Store, branch_id: str) -> dict[str, Any]:
     """The latest run's metrics as the dashboard plots them: per mode/metric and round, the sample-weighted mean."""
     summary = metric_summary(store, branch_id)
-    return {"run_number": summary["run_number"], "latest": latest_metrics(summary),
-            "series": [{k: s[k] for k in ("mode", "metric", "rounds", "mean")} for s in summary["series"]]}
+    latest = {key: {"round": value["round_index"] + 1} | value for key, value in latest_metrics(summary).items()}
+    return {"run_number": summary["run_number"], "latest": latest,  # "rounds" are round indexes, "round_numbers" from 1
+            "series": [{k: s[k] for k in ("mode", "metric", "rounds", "mean")} | {"round_numbers": [
+                index + 1 for index in s["rounds"]]} for s in summary["series"]]}

@@ -1,5 +1,5 @@
 """``branchkey-local serve`` (the server, its signals, ``server.json`` once the rounds are recovered, the
-dashboard's address) and ``login-link`` (a one-time dashboard login link from the live server)."""
+dashboard's address) and ``login`` (alias ``login-link``: a one-time dashboard login link from the live server)."""
 
 from __future__ import annotations
 

@@ -132,7 +132,8 @@ class AnalyticsResult:
                                    for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows)
 
     def __str__(self) -> str:
-        where = "" if self.run_number is None else f" of run {self.run_number} round index {self.round_index}"
+        where = "" if self.run_number is None or self.round_index is None else \
+            f" of run {self.run_number} analytics round {self.round_index + 1}"  # from 1, as status and the dashboard
         who = "" if self.contributors is None else f", {self.contributors} leaves"
         lines = [f"Federated analytics{where}{who}" + (f" (aggregate {self.aggregation_id})"
                                                       if self.aggregation_id else "")]

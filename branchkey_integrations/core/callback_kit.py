@@ -42,7 +42,7 @@ from .errors import BranchKeyError
 from .federation import Federation
 from .head_calibration import CalibrationPlan, calibrate
 from .outcome import Layers, Outcome, Weighting, layer_names_in
-from .progress import WaitProgress
+from .progress import WaitProgress, round_label
 from .scaffold import PendingControls, ScaffoldLeaf, runs_scaffold
 from .leaf_options import LeafOptions
 from .signals import InterruptOnSignals, exit_status, signal_name
@@ -328,7 +328,7 @@ class FederatedCallbackMixin:
         complete = progress.known and progress.required is not None and len(progress.uploaded) >= progress.required
         if complete and not progress.refused and progress.waited_s < self.settings.log_every_s:
             return  # every upload is in: the aggregate is moments away (said if it is late, at log_every_s)
-        self._say(f"BranchKey: {progress.message}{local_layer_names(progress, self._round_names)}")
+        self._say(f"BranchKey: {progress.line(local_layer_names(progress, self._round_names))}")
 
     _round_names: tuple[str, ...] = ()
 
@@ -396,11 +396,13 @@ def describe_outcome(outcome: Outcome, interrupted_by: int | None = None) -> str
     if outcome.kind == "timeout":
         why = ("the platform could not be reached" if result.skipped == "unreachable" else
                f"no aggregate after {result.wait_s:.0f} s")
-        return f"round {result.round + 1}: {why}; training goes on with the local model (on_timeout='continue')."
+        where = round_label(result.round + 1, result.run_number, result.round_index)
+        return f"round {where}: {why}; training goes on with the local model (on_timeout='continue')."
+    where = round_label(result.round, result.run_number, result.round_index)
     if result.caught_up:
         return (f"this leaf was behind its branch (resumed from an older checkpoint?): it loaded the branch's "
-                f"latest aggregate {result.aggregation_id} instead of uploading, and is now at round {result.round}.")
-    return f"round {result.round} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
+                f"latest aggregate {result.aggregation_id} instead of uploading, and is now at round {where}.")
+    return f"round {where} done: aggregate {result.aggregation_id} after {result.wait_s:.1f} s."
 
 
 __all__ = ["describe_outcome", "local_layer_names", "LEAF_OPTION_NAMES", "BUFFER_POLICIES", "SCAFFOLD_CORRECTIONS",

@@ -3,7 +3,8 @@
 Every error the package raises on purpose derives from :class:`BranchKeyError`, so
 ``except BranchKeyError`` catches them all. Errors of lower layers (``requests``,
 ``pika``, ``websockets``) are translated into these at one boundary each (the HTTP
-layer, the notification transports) and kept as ``__cause__``.
+layer, the notification transports) and kept as ``__cause__`` (or, for :class:`TransportError`, as
+``detail``: an unreachable server is one line).
 
 The tree, by who raises what:
 
@@ -67,7 +68,16 @@ class AnalyticsError(BranchKeyError, ValueError):
 
 
 class TransportError(BranchKeyError):
-    """The platform could not be reached (connection refused, DNS, TLS, timeout, a cut connection)."""
+    """The platform could not be reached (connection refused, DNS, TLS, timeout, a cut connection).
+
+    ``detail``: the lower-level error (``requests``'), or None. The HTTP layer keeps it here rather than as
+    ``__cause__``, so that a server that is not running reads as one line naming its URL, not as a
+    100-line urllib3 -> requests chain (the chain is logged at DEBUG).
+    """
+
+    def __init__(self, message: str, detail: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class DownloadTimeoutError(TransportError, TimeoutError):

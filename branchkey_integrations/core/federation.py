@@ -279,7 +279,7 @@ class Federation:
                     return self._catch_up(number, behind, expected, names, deadline)
                 started = time.monotonic()
                 logger.info("Round %d: uploaded %.1f MB%s; waiting for the aggregate (timeout %s)", number,
-                            upload_mb, "" if target is None else f" into run {target[0]} round {target[1]}",
+                            upload_mb, "" if target is None else f" into round {target[1] + 1} of run {target[0]}",
                             "none" if self.timeout is None else f"{self.timeout:.0f} s")
                 aggregation_id = self._wait_for_aggregate(number, deadline, mark, target, notes)
                 wait_s = time.monotonic() - started
@@ -349,8 +349,8 @@ class Federation:
         latest = view.latest_aggregate
         assert latest is not None
         logger.warning(
-            "Round %d: leaf %s is %d rounds behind branch %s (its last aggregate %s is of run %s round %s; the "
-            "branch's latest, %s, of run %s round %s): was it resumed from an older checkpoint? Loading the "
+            "Round %d: leaf %s is %d rounds behind branch %s (its last aggregate %s is of run %s round index %s; "
+            "the branch's latest, %s, of run %s round index %s): was it resumed from an older checkpoint? Loading the "
             "branch's latest aggregate instead of uploading into a round that closed long ago.",
             number, self.credentials.name, behind, self.client.branch_id,
             self.last_aggregation_id, self.last_run_number, self.last_round_index, latest.aggregation_id,

@@ -12,7 +12,9 @@ that deadline, instead of only the few seconds of ``max_retries``. It knows no B
 paths, bodies and their meaning belong to :mod:`.client`.
 
 Why one boundary: a caller (the client, a callback, a user) can then rely on ``except
-BranchKeyError`` alone, and the lower-level error is always kept as ``__cause__``.
+BranchKeyError`` alone, and the lower-level error is always kept: as ``__cause__``, or, for a
+:class:`TransportError`, as its ``detail`` (:func:`transport_error`: a person reads one line that names the URL
+and what to do, such as starting ``branchkey-local serve``; the whole chain is logged at DEBUG).
 
 Example:
     >>> error_class(404).__name__, error_class(503).__name__, error_class(422).__name__, error_class(507).__name__
@@ -319,13 +321,13 @@ class HttpSession:
             except requests.exceptions.RetryError as exc:
                 raise ServerError(f"{method} {path} kept failing after retries: {exc}", 503) from exc
             except requests.exceptions.RequestException as exc:
-                hint = tls_hint(exc, self.cert)
-                if not hint and away_reason(exc) in _CLOSED and not self.proxies \
+                if not tls_hint(exc, self.cert) and away_reason(exc) in _CLOSED and not self.proxies \
                         and closes_after_handshake(url, self.verify, min(timeout, PROBE_TIMEOUT_S)):
                     refused = requests.exceptions.SSLError(f"TLS handshake refused: {exc}")
                     refused.__cause__ = exc  # an SSLError: a refusal the platform repeats, never "away" (retried)
-                    raise TransportError(f"{method} {url} failed: {exc}{certificate_hint(self.cert)}") from refused
-                raise TransportError(f"{method} {url} failed: {exc}{hint}") from exc
+                    raise TransportError(f"{method} {url} failed: {exc}{certificate_hint(self.cert)}", refused) \
+                        from None
+                raise transport_error(f"{method} {path}", url, exc, self.cert) from None
             if response.status_code != expected:
                 text = error_text(response)
                 if response.status_code in RETRY_STATUSES and session is self._session:
@@ -348,7 +350,7 @@ class HttpSession:
             try:
                 response = send(self._session if first is None else self._single)
             except (TransportError, ServerError) as exc:
-                reason = (away_reason(exc.__cause__) if isinstance(exc, TransportError) and exc.__cause__ else
+                reason = (away_reason(exc.detail) if isinstance(exc, TransportError) and exc.detail else
                           f"HTTP {exc.status_code}" if isinstance(exc, ServerError) and exc.status_code in AWAY_STATUSES
                           else None)
                 if patience is None or reason is None:
@@ -356,7 +358,7 @@ class HttpSession:
                 now = time.monotonic()
                 first = now if first is None else first
                 if patience.deadline is not None and now >= patience.deadline:
-                    raise _gave_up(exc, now - first) from exc.__cause__
+                    raise _gave_up(exc, now - first) from None
                 if patience.on_away is not None:
                     patience.on_away(Away(call, reason, now - first, patience.deadline))
                 delay = backoff.next()
@@ -385,8 +387,7 @@ class HttpSession:
                 response = session.get(url, stream=True, verify=self.verify, cert=self.cert, proxies=self.proxies,
                                        headers={"Accept-Encoding": "identity"}, timeout=(self.timeout, read))
             except requests.exceptions.RequestException as exc:
-                raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}{tls_hint(exc, self.cert)}") \
-                    from exc
+                raise transport_error(f"Downloading {urlsplit(url).path}", url, exc, self.cert) from None
             if response.status_code != HTTPStatus.OK:
                 with response:
                     raise error_class(response.status_code)(f"GET download_url: {error_text(response)}",
@@ -397,7 +398,7 @@ class HttpSession:
             try:
                 yield response
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-                raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}") from exc
+                raise TransportError(f"Downloading {urlsplit(url).path} failed: {exc}", exc) from None
 
     def close(self) -> None:
         self._session.close()
@@ -409,8 +410,41 @@ def _gave_up(exc: TransportError | ServerError, waited_s: float) -> BranchKeyErr
     note = f" (tried again for {waited_s:.0f} s, until the round's deadline)"
     if isinstance(exc, ServerError):
         return type(exc)(exc.message + note, exc.status_code)
-    return type(exc)(f"{exc}{note}")
+    return type(exc)(f"{exc}{note}", exc.detail)
+
+
+#: what OpenSSL says when the other end answers a TLS handshake in plain HTTP
+_PLAIN_HTTP_ANSWER = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure", "RECORD_LAYER_FAILURE")
+
+
+def transport_error(call: str, url: str, exc: BaseException, cert: object = None) -> TransportError:
+    """The :class:`TransportError` a person can act on, for ``call`` (``"GET /api/v1/run/b"``) to ``url`` that
+    failed with ``exc``: a server that is not there names its URL and ``branchkey-local serve``; https to a
+    plain-HTTP server says so; a refused client certificate says what to pass (:func:`tls_hint`, ``cert``:
+    the client's); anything else keeps ``requests``' words. ``exc`` is kept as ``detail``, and
+    logged at DEBUG with its chain.
+
+    Example:
+        >>> refused = requests.exceptions.ConnectionError(ConnectionRefusedError(111, "Connection refused"))
+        >>> print(transport_error("GET /api/v1/run/b", "http://127.0.0.1:8080/api/v1/run/b", refused))
+        GET /api/v1/run/b: cannot reach a BranchKey server at http://127.0.0.1:8080 (connection refused). Is 'branchkey-local serve' running there? Start it, or give the client the host that serves your branch.
+        >>> wrong = requests.exceptions.SSLError("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1000)")
+        >>> print(transport_error("GET /api/v1/run/b", "https://127.0.0.1:8080/api/v1/run/b", wrong))
+        GET /api/v1/run/b: https://127.0.0.1:8080 answered in plain HTTP, not TLS: use http://127.0.0.1:8080 (as 'branchkey-local serve' prints it), or serve with --tls-cert and --tls-key.
+    """
+    logger.debug("%s to %s failed", call, url, exc_info=exc)
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc}"
+    if isinstance(exc, requests.exceptions.SSLError) and any(text in str(exc) for text in _PLAIN_HTTP_ANSWER):
+        return TransportError(f"{call}: {base} answered in plain HTTP, not TLS: use http://{parts.netloc} (as "
+                              f"'branchkey-local serve' prints it), or serve with --tls-cert and --tls-key.", exc)
+    reason = away_reason(exc)
+    if reason is not None:
+        return TransportError(f"{call}: cannot reach a BranchKey server at {base} ({reason}). Is 'branchkey-local "
+                              f"serve' running there? Start it, or give the client the host that serves your branch.",
+                              exc)
+    return TransportError(f"{call} to {base} failed: {exc}{tls_hint(exc, cert)}", exc)
 
 
 __all__ = ["AWAY_STATUSES", "Away", "HttpSession", "RETRY_STATUSES", "away_reason", "error_class", "error_text",
-           "json_data", "make_session", "tls_hint", "certificate_hint", "closes_after_handshake"]
+           "json_data", "make_session", "tls_hint", "certificate_hint", "closes_after_handshake", "transport_error"]

@@ -20,7 +20,7 @@ Example:
     >>> progress = WaitProgress(round=3, waiting_for="aggregate", waited_s=12.4, run_number=1, round_index=2,
     ...                         uploaded=("leaf_1",), missing=("leaf_2",), required=2, known=True)
     >>> progress.message
-    'Round 3 (run 1, round index 2): waiting for the aggregate for 12 s; 1 of 2 uploads; missing: leaf_2'
+    'Round 3 of run 1: waiting for the aggregate for 12 s; 1 of 2 uploads; missing: leaf_2'
 """
 
 from __future__ import annotations
@@ -272,14 +272,18 @@ class WaitProgress:
 
     @property
     def message(self) -> str:
-        """One line for the user, e.g. ``Round 3 (run 1, round index 2): waiting for the aggregate for 12 s;
-        1 of 2 uploads; missing: leaf_2``; refused uploads are named with their reason."""
-        where = ""
-        if self.run_number is not None and self.round_index is not None:
-            where = f" (run {self.run_number}, round index {self.round_index})"
-        what = {RUN_START: "the run to start", AGGREGATE: "the aggregate", SERVER: "the server"}[self.waiting_for]
+        """One line for the user, e.g. ``Round 3 of run 1: waiting for the aggregate for 12 s; 1 of 2 uploads;
+        missing: leaf_2``; rounds are numbered from 1 within their run, as ``branchkey-local status`` and the
+        dashboard number them; refused uploads are named with their reason, and what unblocks the round."""
+        return self.line()
+
+    def line(self, detail: str = "") -> str:
+        """:attr:`message` with ``detail`` (a suffix such as ``"; on this leaf layer_0 is 'stem.weight'"``) after
+        the refusals it explains and before what unblocks the round."""
         name = "Analytics round" if self.kind == KIND_FEDERATED_ANALYTICS else "Round"
-        text = f"{name} {self.round}{where}: waiting for {what} for {self.waited_s:.0f} s"
+        where = round_label(self.round, self.run_number, self.round_index)
+        what = {RUN_START: "the run to start", AGGREGATE: "the aggregate", SERVER: "the server"}[self.waiting_for]
+        text = f"{name} {where}: waiting for {what} for {self.waited_s:.0f} s"
         if self.unreachable:
             text += f" ({self.unreachable}); trying again " + (
                 "until it answers (the round has no timeout)" if self.retry_left_s is None else
@@ -292,6 +296,9 @@ class WaitProgress:
             text += "; missing: " + ", ".join(self.missing)
         for refusal in self.refused:
             text += f"; upload of {refusal.leaf} refused: {refusal.reason}"
+        text += detail
+        if self.refused and self.waiting_for == AGGREGATE:
+            text += "; " + unblock_hint(tuple(refusal.leaf for refusal in self.refused))
         return text
 
     def same_progress(self, other: WaitProgress | None) -> bool:
@@ -303,8 +310,39 @@ class WaitProgress:
         return all(getattr(self, name) == getattr(other, name) for name in fields)
 
 
+def round_label(number: int, run_number: int | None, round_index: int | None) -> str:
+    """How a person reads a round: ``"3 of run 1"``, numbered from 1 within the run as ``branchkey-local status``,
+    ``simulate`` and the dashboard number it (the protocol's ``round_index`` counts from 0). ``number`` is the
+    leaf's own count, shown alone when the server did not say, and beside the server's when the two differ
+    (a leaf that joined late or goes on into a new run).
+
+    Example:
+        >>> round_label(3, 1, 2), round_label(3, None, None), round_label(9, 2, 0)
+        ('3 of run 1', '3', "1 of run 2 (this leaf's round 9)")
+    """
+    if run_number is None or round_index is None:
+        return str(number)
+    own = "" if number == round_index + 1 else f" (this leaf's round {number})"
+    return f"{round_index + 1} of run {run_number}{own}"
+
+
+def unblock_hint(refused: tuple[str, ...]) -> str:
+    """What a person can do when a round waits on leaves whose uploads were refused: without it the leaves wait
+    until their ``timeout``.
+
+    Example:
+        >>> unblock_hint(("leaf_2",))  # doctest: +ELLIPSIS
+        "the round completes when leaf_2 uploads a model of the same layout, or on the operator's ...drop-upload...
+    """
+    names = ", ".join(refused)
+    return (f"the round completes when {names} uploads a model of the same layout, or on the operator's "
+            f"'branchkey-local round drop-upload LEAF' (or 'round reset', or 'leaf revoke {refused[0]}'), or after "
+            f"the branch's round deadline ('branchkey-local init --round-deadline S'); else this leaf waits its "
+            f"timeout")
+
+
 #: what :meth:`Federation.add_progress_listener` accepts
 ProgressListener = Callable[[WaitProgress], None]
 
 __all__ = ["UploadReceipt", "RUN_START", "AGGREGATE", "SERVER", "WAITING_FOR", "RefusedUpload", "AggregateRef", "RoundView",
-           "parse_round_view", "rounds_behind", "rounds_after_catching_up", "WaitProgress", "ProgressListener"]
+           "parse_round_view", "round_label", "unblock_hint", "rounds_behind", "rounds_after_catching_up", "WaitProgress", "ProgressListener"]

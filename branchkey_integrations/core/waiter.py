@@ -310,8 +310,8 @@ class RoundWaiter:
                 return aggregation_id
             elif aggregation_id not in ignored:
                 ignored.add(aggregation_id)
-                logger.info("Ignoring aggregate %s of run %d round %d: this leaf's upload went into run %d "
-                            "round %d", aggregation_id, run, index, *target)
+                logger.info("Ignoring aggregate %s of run %d round index %d: this leaf's upload went into run %d "
+                            "round index %d", aggregation_id, run, index, *target)
         return later
 
     def _wait(self, ready: Callable[[], T | None], deadline: float | None, periodic: Sequence[Every]) -> T | None:

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from .errors import BranchKeyError
-from .progress import AGGREGATE, ProgressListener, RefusedUpload, RoundView, WaitProgress
+from .progress import AGGREGATE, ProgressListener, RefusedUpload, RoundView, WaitProgress, unblock_hint
 from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING
 from .waiter import Every, RoundWaiter
 
@@ -80,7 +80,7 @@ def find_missed_aggregate(client: RoundSource, target: tuple[int, int], kind: st
     if view is not None and kind == KIND_FEDERATED_ANALYTICS:
         view = view.analytics
     if hand_over_latest(client, view, target, kind) is not None:
-        logger.info("Aggregate of run %d round %d found by asking the server (its notification did not arrive)",
+        logger.info("Aggregate of run %d round index %d found by asking the server (its notification did not arrive)",
                     *target)
 
 
@@ -144,7 +144,8 @@ class WaitWatch:
             if refusal not in self.notes.refusals:
                 self.notes.refusals.add(refusal)
                 logger.warning("Round %d of branch %s cannot complete as it is: the server refused the upload of "
-                               "leaf %s: %s", self.number, self.client.branch_id, refusal.leaf, refusal.reason)
+                               "leaf %s: %s; %s", self.number, self.client.branch_id, refusal.leaf, refusal.reason,
+                               unblock_hint((refusal.leaf,)))
         if self.waiting_for == AGGREGATE and self.target is not None:
             found = hand_over_latest(self.client, view, self.target, self.kind)
             if found is not None:

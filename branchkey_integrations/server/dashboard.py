@@ -109,7 +109,7 @@ def announcement(app: web.Application, url: str, host: str, token_file: Path, *,
     if with_link:
         text += f"login link {login_url(app, url)}  (one use, valid {LOGIN_CODE_TTL_S // 60} min)"
     else:
-        text += (f"login link: run 'branchkey-local login-link --data-dir {token_file.parent}' in a terminal "
+        text += (f"login link: run 'branchkey-local login --data-dir {token_file.parent}' in a terminal "
                  "(not printed here: this output is no terminal, and a log would keep it)")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -156,6 +156,7 @@ def _overview(store: Store) -> dict[str, Any]:
                 **branch.to_dict(), "leaves": len(store.list_leaves(branch.id)), "required": progress.required,
                 "round_index": progress.round_index, "uploaded": len(progress.uploaded),
                 "refused": len(progress.refused), "latest_aggregate": progress.latest_aggregate,
+                "state": progress.state(),
             })
     return {"trees": [{k: t[k] for k in ("id", "name", "created_at") if k in t} for t in trees],
             "branches": branches}
@@ -175,9 +176,12 @@ def _live(store: Store, presence: Presence, branch_id: str) -> dict[str, Any]:
     rows = []
     for leaf in leaves:
         state = "uploaded" if leaf.name in uploaded else "refused" if leaf.name in refused else "missing"
+        state = state if progress.round_index is not None else "-"  # no open round: nobody is missing
         rows.append({"id": leaf.id, "name": leaf.name, "state": state,
                      "reason": refused[leaf.name].reason if state == "refused" else None, **presence.of(leaf.id)})
-    return {**progress.to_dict(), "branch_id": branch_id, "leaves": rows}
+    # "round" (from 1) and "state" are what the page shows: the callbacks and status number rounds so
+    return {**progress.to_dict(), "round": progress.round, "aggregated": progress.aggregated,
+            "state": progress.state(), "branch_id": branch_id, "leaves": rows}
 
 
 @admin
@@ -271,8 +275,9 @@ async def login(request: web.Request) -> web.Response:
     body = await read_json_object(request, max_bytes=LOGIN_BODY_BYTES)
     code = body.get("code")
     if not isinstance(code, str) or not code.isascii() or not request.app[LOGIN_CODES].redeem(code):
-        raise HttpProblem(401, "This login link was already used or has expired; enter the admin token "
-                               "(<data_dir>/admin_token) or ask the server for a new link.")
+        raise HttpProblem(401, "This login link was already used or has expired; get a new one with "
+                               "'branchkey-local login --data-dir DIR' (DIR: the server's data directory), or "
+                               "enter the admin token (the file DIR/admin_token).")
     server = server_of(request)
     await record_action(request, server, "dashboard.login", "admin")
     return ok({"token": server.store.admin_token})

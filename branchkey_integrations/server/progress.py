@@ -64,13 +64,37 @@ class RoundProgress:
         del data["branch_id"]
         return data
 
+    @property
+    def round(self) -> int | None:
+        """The open round as people read it, from 1 within the run (``round_index`` + 1), or None."""
+        return None if self.round_index is None else self.round_index + 1
+
+    @property
+    def aggregated(self) -> int:
+        """How many rounds of the current run were aggregated (by the latest aggregate's round)."""
+        latest = self.latest_aggregate or {}
+        if latest.get("run_number") != self.run_number or latest.get("round_index") is None:
+            return 0
+        return int(latest["round_index"]) + 1
+
+    def state(self) -> str:
+        """Where the run stands, in words: ``"run 1 stopped after 8 aggregated rounds"``, ``"round 9 of run 1
+        waits for its first upload (8 aggregated)"`` (a run whose leaves are done reads so, not as stuck), or
+        ``"round 3 of run 1: 1/2 uploaded; missing leaf_2"``."""
+        done = self.aggregated
+        if self.round_index is None:
+            state = {"stop": "stopped", "pause": "paused"}.get(self.run_status, self.run_status)
+            return f"run {self.run_number} {state} after {done} aggregated round{'s' * (done != 1)}"
+        if not self.uploaded and not self.refused:
+            return f"round {self.round} of run {self.run_number} waits for its first upload ({done} aggregated)"
+        text = f"round {self.round} of run {self.run_number}: {len(self.uploaded)}/{self.required} uploaded"
+        return text + (f"; missing {', '.join(self.missing)}" if self.missing else "")
+
     def lines(self) -> list[str]:
         """Human lines for ``branchkey-local status``: the open round, then each refused upload and why."""
-        if self.round_index is None:
-            return [f"no open round (run {self.run_number} is {self.run_status})"]
-        head = f"open round {self.round_index} of run {self.run_number}: {len(self.uploaded)}/{self.required} uploaded"
-        head += f" ({', '.join(self.uploaded)})" if self.uploaded else ""
-        head += f"; missing {', '.join(self.missing)}" if self.missing else ""
+        head = self.state()
+        if self.round_index is not None and self.uploaded:
+            head = head.replace(" uploaded", f" uploaded ({', '.join(self.uploaded)})", 1)
         head += f"; aggregated by {self.deadline_at} (round deadline)" if self.deadline_at else ""
         return [head, *self._strategy_lines()] + [f"refused {r.leaf} at {r.at}: {r.reason}" for r in self.refused] \
             + analytics_lines(self.analytics)
@@ -80,17 +104,14 @@ class RoundProgress:
         lines = [f"strategy {self.strategy}" + (f" ({params})" if params else "")]
         latest = self.latest_aggregate or {}
         if latest.get("strategy_note"):
-            lines.append(f"round {latest['round_index']} of run {latest['run_number']} was aggregated with "
+            lines.append(f"round {latest['round_index'] + 1} of run {latest['run_number']} was aggregated with "
                          f"{latest['strategy']}: {latest['strategy_note']}")
         return lines
 
     def summary(self, *, refusals: bool = True) -> str:
-        """One line for a log or a terminal, e.g. ``run 1 round 3: 1/2 uploaded; missing leaf_2``."""
-        if self.round_index is None:
-            return f"run {self.run_number} {self.run_status}: no open round"
-        text = f"run {self.run_number} round {self.round_index}: {len(self.uploaded)}/{self.required} uploaded"
-        if self.missing:
-            text += "; missing " + ", ".join(self.missing)
+        """One line for a log or a terminal, e.g. ``round 3 of run 1: 1/2 uploaded; missing leaf_2`` (rounds
+        from 1, as the callbacks, ``simulate`` and the dashboard count them)."""
+        text = self.state()
         if self.refused and refusals:
             text += "; refused " + "; ".join(f"{r.leaf} ({r.reason})" for r in self.refused)
         return text
@@ -160,13 +181,13 @@ def analytics_lines(analytics: dict[str, Any] | None) -> list[str]:
         return []
     lines = []
     if analytics["round_index"] is not None:
-        line = (f"open analytics round {analytics['round_index']} of run {analytics['run_number']}: "
+        line = (f"open analytics round {analytics['round_index'] + 1} of run {analytics['run_number']}: "
                 f"{len(analytics['uploaded'])}/{analytics['required']} uploaded")
         line += f" ({', '.join(analytics['uploaded'])})" if analytics["uploaded"] else ""
         lines.append(line + (f"; missing {', '.join(analytics['missing'])}" if analytics["missing"] else ""))
     latest = analytics["latest_aggregate"]
     if latest:
-        lines.append(f"latest analytics result: run {latest['run_number']} analytics round {latest['round_index']}, "
+        lines.append(f"latest analytics result: run {latest['run_number']} analytics round {latest['round_index'] + 1}, "
                      f"{latest['contributors']} leaves, aggregate {latest['aggregation_id']}")
     return lines
 

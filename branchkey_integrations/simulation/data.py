@@ -42,6 +42,31 @@ class Split:
             return cls(archive["x"], archive["y"])
 
 
+#: the share of each leaf's own data it keeps out of training, to score the aggregates on (the dashboard's per-leaf
+#: "held-out accuracy on the leaf's own data"; scored on its training data, the plot read 0.999 while the common
+#: test set said 97.8 %)
+HOLDOUT_FRACTION = 0.1
+
+
+def holdout(data: Split, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[Split, Split]:
+    """(train, held_out): ``data`` split at random by ``seed`` (the same split on every backend and turn), at
+    least one sample on each side of a split of two or more.
+
+    Example:
+        >>> data = Split(np.zeros((20, 64), np.float32), np.arange(20))
+        >>> train, held = holdout(data, seed=3)
+        >>> len(train), len(held), sorted(train.y.tolist() + held.y.tolist()) == list(range(20))
+        (18, 2, True)
+        >>> holdout(data, seed=3)[1].y.tolist() == held.y.tolist()
+        True
+    """
+    count = len(data)
+    held = min(count - 1, max(1, round(count * fraction))) if count > 1 else 0
+    order = np.random.default_rng(seed).permutation(count)
+    keep, out = np.sort(order[held:]), np.sort(order[:held])
+    return Split(data.x[keep], data.y[keep]), Split(data.x[out], data.y[out])
+
+
 def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
     """(train, test): a stratified split, so every class is in the common test set in proportion."""
     from sklearn.datasets import load_digits

@@ -70,7 +70,9 @@ class Simulation:
             names = [c["name"] for c in credentials]
             if config.dashboard:
                 link = server.dashboard_link()
-                self.emit(Stage(f"dashboard {link} (one-time login link)", link=link))
+                data = server.data_dir  # where a locked-out user finds the admin token and a new link
+                self.emit(Stage(f"dashboard {link} (one-time login link; a new one: 'branchkey-local login "
+                                f"--data-dir {data}'; the admin token is in {data / 'admin_token'})", link=link))
             shards: dict[str, Split | None] = {**dict(zip(names, parts)), EVALUATOR: None}
             if config.baselines:
                 shards[CENTRALIZED] = train
@@ -81,6 +83,9 @@ class Simulation:
                 tracker = RoundTracker(config.rounds, {c["id"]: c["name"] for c in credentials}, config.per_round)
                 run = _Run(self, server, backend, credentials, tracker)
                 run.drive()
+                # every round is in: the run reads as finished (stopped after N rounds) in status and the
+                # dashboard, not as a next round that every leaf is missing
+                server.admin("POST", f"{ADMIN_PREFIX}/branches/{self.branch_id}/run", {"run_status": "stop"})
             finally:
                 backend.close()
                 server.forget_broker_leaves(credentials)

@@ -145,7 +145,8 @@ def plot_rounds(report: Report, path: str | Path | None = None, ax: Any = None) 
                  + f"\n{strategy_label(config)}", fontsize="medium")
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    ax.legend(loc="best")
+    # below the axes, not on them: inside, "best" still covered a curve when all three spread over the height
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
     if path is not None:
         ax.figure.tight_layout()
         ax.figure.savefig(path, dpi=100)

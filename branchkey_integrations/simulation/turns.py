@@ -32,7 +32,7 @@ from ..core.errors import RequestRejectedError
 from ..core.head_refit import HeadRefit, refit_head
 from ..core.head_statistics import HeadStatistics, head_statistics
 from ..core.scaffold import ScaffoldLeaf
-from .data import Split
+from .data import Split, holdout
 from .frameworks import TrainPlan, load_framework
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 #: (a leaf: answers the layer's digest; the evaluator: also its accuracy on the common test set);
 #: ``exit``: a process-backend worker ends (a Ray task is never given it)
 ROLES = ("turn", "evaluate", "score", "calibrate", "local", "centralized", "exit")
+
+#: the ``test`` metrics a simulation sends: each leaf's accuracy on the held-out part of its own data, and the
+#: evaluator's on the common test set (the report's figure)
+HELDOUT_METRIC = "heldout_accuracy"
+COMMON_TEST_METRIC = "common_test_accuracy"
 
 
 @dataclass(frozen=True)
@@ -96,15 +101,18 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
     framework = load_framework(task.framework)
     answer: dict[str, Any] = {"key": task.key, "role": task.role, "name": task.name, "round": task.round,
                               "node": platform.node()}
+    held: Split | None = None
+    if data is not None and task.role in ("turn", "score", "local"):  # a leaf's own data: held-out part kept out
+        data, held = holdout(data, seed=task.plan.data_seed)
     if task.role == "turn":
-        assert data is not None
-        answer["samples"], state = _turn(task, framework, data, state)
+        assert data is not None and held is not None
+        answer["samples"], state = _turn(task, framework, data, held, state)
     elif task.role == "score":
-        assert data is not None
+        assert data is not None and held is not None
         with _client(task) as client:
             layers = _download(client, task.aggregate_id)
-            answer["accuracy"] = _score_own(client, framework, task, layers, data)
-            if task.calibrate:
+            answer["accuracy"] = _score_own(client, framework, task, layers, held)
+            if task.calibrate:  # the statistics of the data the leaf trained on (not its held-out part)
                 sending = time.monotonic()
                 answer["calibration_bytes"] = _send_statistics(client, framework, task, layers, data)
                 answer["statistics_seconds"] = round(time.monotonic() - sending, 3)
@@ -118,7 +126,10 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
         assert test is not None
         with _client(task) as client:
             layers = _download(client, task.aggregate_id)
-        answer["accuracy"] = framework.score(layers, test, task.plan)
+            answer["accuracy"] = framework.score(layers, test, task.plan)
+            # the terminal's figure, for the dashboard to plot beside the leaves' (sent with the evaluator's
+            # credentials, the first leaf's: the dashboard shows this metric as one line, not per leaf)
+            client.send_performance_metrics(str(task.aggregate_id), {COMMON_TEST_METRIC: answer["accuracy"]}, "test")
     elif task.role in ("local", "centralized"):
         assert data is not None and test is not None
         scores: dict[int, float] = {}
@@ -130,9 +141,9 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
     return answer, state
 
 
-def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int, Any]:
-    """Start from the latest aggregate (or the seeded initial model), score it on this leaf's data (the ``test``
-    metrics the dashboard plots per leaf), train one round's epochs, upload.
+def _turn(task: LeafTask, framework: Any, data: Split, held: Split, state: Any) -> tuple[int, Any]:
+    """Start from the latest aggregate (or the seeded initial model), score it on this leaf's held-out data (the
+    ``test`` metrics the dashboard plots per leaf), train one round's epochs on the rest, upload.
 
     ``state`` (this leaf's previous turn's): the optimizer's state and, in a SCAFFOLD branch, the leaf's control
     variates and the control update its last upload carried (committed now that an aggregate holds it).
@@ -141,7 +152,7 @@ def _turn(task: LeafTask, framework: Any, data: Split, state: Any) -> tuple[int,
     with _client(task) as client:
         start, controls = _download(client, task.aggregate_id, controls=True) if task.aggregate_id else (None, [])
         if start is not None:
-            _score_own(client, framework, task, start, data)
+            _score_own(client, framework, task, start, held)
         scaffold = None
         if task.scaffold:
             scaffold = ScaffoldLeaf()
@@ -195,11 +206,11 @@ def _upload(client: Any, weighting: float, layers: list[np.ndarray], controls: A
             time.sleep(0.2)  # a 409 that persists while the run says 'start' must not spin
 
 
-def _score_own(client: Any, framework: Any, task: LeafTask, layers: list[np.ndarray], data: Split) -> float:
-    """The aggregate ``task.aggregate_id`` (``layers``) on this leaf's own data, sent as the round's ``test``
-    metrics (what the callbacks send): the dashboard's per-leaf accuracy."""
-    accuracy = float(framework.score(layers, data, task.plan))
-    client.send_performance_metrics(str(task.aggregate_id), {"accuracy": accuracy}, "test")
+def _score_own(client: Any, framework: Any, task: LeafTask, layers: list[np.ndarray], held: Split) -> float:
+    """The aggregate ``task.aggregate_id`` (``layers``) on the held-out part of this leaf's own data (never
+    trained on), sent as the round's ``test`` metrics: the dashboard's per-leaf accuracy."""
+    accuracy = float(framework.score(layers, held, task.plan))
+    client.send_performance_metrics(str(task.aggregate_id), {HELDOUT_METRIC: accuracy}, "test")
     return accuracy
 
 

@@ -176,7 +176,7 @@ def test_a_result_reads_an_analytics_archive_refuses_a_model_and_prints_a_table(
     assert result.columns == ["age"] and result.other_fields == ["labels"] and result.contributors == 2
     assert result.as_dict()["age"]["variance"] == 1600.0
     text = str(result)
-    assert text.splitlines()[0] == "Federated analytics of run 1 round index 0, 2 leaves (aggregate agg-1)"
+    assert text.splitlines()[0] == "Federated analytics of run 1 analytics round 1, 2 leaves (aggregate agg-1)"
     assert text.splitlines()[1].split() == ["column", "count", "mean", "variance", "std", "min", "max", "range",
                                             "completeness"]
     assert text.splitlines()[2].split() == ["age", "6", "50", "1600", "40", "10", "90", "80", "1"]
@@ -215,7 +215,7 @@ def test_the_round_view_carries_the_analytics_rounds_with_their_contributors():
 def test_an_analytics_waits_progress_says_so():
     progress = WaitProgress(round=2, waiting_for="aggregate", waited_s=3, run_number=1, round_index=0,
                             required=3, uploaded=("a",), known=True, kind=KIND_FEDERATED_ANALYTICS)
-    assert progress.message == "Analytics round 2 (run 1, round index 0): waiting for the aggregate for 3 s; 1 of 3 uploads"
+    assert progress.message == "Analytics round 1 of run 1 (this leaf's round 2): waiting for the aggregate for 3 s; 1 of 3 uploads"
     assert not progress.same_progress(WaitProgress(**{**progress.__dict__, "kind": "federated_learning"}))
 
 

@@ -13,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import requests
 import pytest
 
 from branchkey_integrations import Client
@@ -121,7 +122,12 @@ def test_unreachable_host_is_a_transport_error_with_the_cause_kept():
         port = s.getsockname()[1]
     with pytest.raises(TransportError, match=f"127.0.0.1:{port}") as excinfo:
         Client(CREDS, host=f"http://127.0.0.1:{port}", transport="none", max_retries=0)
-    assert excinfo.value.__cause__ is not None
+    # one line a person can act on, the lower-level error kept as detail (not chained: a short traceback)
+    assert str(excinfo.value) == (
+        f"GET /api/v1/run/b: cannot reach a BranchKey server at http://127.0.0.1:{port} (connection refused). Is "
+        "'branchkey-local serve' running there? Start it, or give the client the host that serves your branch.")
+    assert isinstance(excinfo.value.detail, requests.exceptions.ConnectionError)
+    assert excinfo.value.__cause__ is None and excinfo.value.__suppress_context__
 
 
 def test_non_json_answer_is_a_protocol_error(scripted):
@@ -315,7 +321,7 @@ def test_retrying_until_rides_out_a_restart_and_reports_each_try(scripted):
     client = client_for(first, max_retries=1)
     first.shutdown()
     first.server_close()  # the port refuses connections now
-    with pytest.raises(TransportError, match="Connection refused"):
+    with pytest.raises(TransportError, match="connection refused"):
         client.get_branch_config()  # without patience: the session's few quick retries, then an error
     reports, restarted = [], []
 

@@ -67,8 +67,11 @@ def test_rounds_behind(latest, last, done, behind):
 def test_wait_progress_says_round_count_missing_leaves_and_refusals():
     progress = WaitProgress(3, "aggregate", 12.4, 1, 2, ("leaf_1",), ("leaf_2",), 2,
                             (RefusedUpload("leaf_2", "layer_0 has shape (3,)"),), "start", known=True)
-    assert progress.message == ("Round 3 (run 1, round index 2): waiting for the aggregate for 12 s; 1 of 2 uploads; "
-                                "missing: leaf_2; upload of leaf_2 refused: layer_0 has shape (3,)")
+    assert progress.message.startswith(
+        "Round 3 of run 1: waiting for the aggregate for 12 s; 1 of 2 uploads; missing: leaf_2; upload of leaf_2 "
+        "refused: layer_0 has shape (3,); the round completes when leaf_2 uploads a model of the same layout, or on "
+        "the operator's 'branchkey-local round drop-upload LEAF'")
+    assert "--round-deadline" in progress.message  # what unblocks the round, not only why it waits
     assert WaitProgress(1, "run start", 0.0, run_status="pause").message == \
         "Round 1: waiting for the run to start for 0 s (run is 'pause')"
     with pytest.raises(ValueError, match="waiting_for"):
@@ -312,4 +315,4 @@ def test_a_late_aggregate_of_an_earlier_round_is_not_taken_for_this_one(inproces
         ours = b.run_round(layers_for(3), 1.0)
         box["thread"].join(30)
     assert box["result"].aggregation_id == ours.aggregation_id and (ours.run_number, ours.round_index) == (1, 1)
-    assert "Ignoring aggregate late-0 of run 1 round 0: this leaf's upload went into run 1 round 1" in caplog.text
+    assert "Ignoring aggregate late-0 of run 1 round index 0: this leaf's upload went into run 1 round index 1" in caplog.text

@@ -116,7 +116,9 @@ def test_a_leaf_that_caught_up_counts_the_rounds_its_branch_went_through():
     (Outcome("done", RoundResult("agg-3", [], 4.21, 1.0, 3)), None, "round 3 done: aggregate agg-3 after 4.2 s."),
     (Outcome("done", RoundResult("agg-5", [], 0.0, 0.0, 5, 1, 4, caught_up=True)), None,
      "this leaf was behind its branch (resumed from an older checkpoint?): it loaded the branch's latest "
-     "aggregate agg-5 instead of uploading, and is now at round 5."),
+     "aggregate agg-5 instead of uploading, and is now at round 5 of run 1."),
+    (Outcome("done", RoundResult("agg-9", [], 1.0, 1.0, 9, 2, 0)), None,  # rounds from 1 within the run, as status
+     "round 1 of run 2 (this leaf's round 9) done: aggregate agg-9 after 1.0 s."),
     (Outcome("timeout", RoundResult(None, None, 30.2, 1.0, 2, skipped="timeout")), None,
      "round 3: no aggregate after 30 s; training goes on with the local model (on_timeout='continue')."),
     (Outcome("timeout", RoundResult(None, None, 1.0, 1.0, 2, skipped="unreachable")), None,

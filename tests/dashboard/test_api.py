@@ -213,6 +213,6 @@ def test_status_json_carries_the_aggregated_metrics(inprocess_server, capsys):
     capsys.readouterr()
     assert main(["status", "--json", "--data-dir", str(server.server.store.data_dir)]) == 0
     [branch] = json.loads(capsys.readouterr().out)["branches"]
-    assert branch["metrics"]["latest"] == {"test/accuracy": {"round_index": 0, "mean": pytest.approx(0.5)}}
+    assert branch["metrics"]["latest"] == {"test/accuracy": {"round": 1, "round_index": 0, "mean": pytest.approx(0.5)}}
     assert branch["metrics"]["series"] == [{"mode": "test", "metric": "accuracy", "rounds": [0],
-                                            "mean": [pytest.approx(0.5)]}]
+                                            "mean": [pytest.approx(0.5)], "round_numbers": [1]}]

@@ -5,7 +5,7 @@ leaves upload without a reload, plots the metrics after two rounds, and its paus
 result shows as a table (per column the derived statistics and the leaves that contributed), and the next analytics
 round replaces it live.
 
-``BRANCHKEY_DASHBOARD_SCREENSHOT=docs/dashboard.png`` saves the page mid-run (the README's picture).
+``BRANCHKEY_DASHBOARD_SCREENSHOT=docs/dashboard.png`` saves the page of the finished run (the README's picture).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ RECORD_LEAF_STATES = """() => {
 
 HISTORY_CAUGHT_UP = """(() => {
   const latest = /latest aggregate: round (\\d+)/.exec(document.getElementById('round-facts').textContent);
-  return latest !== null && document.querySelectorAll('[data-testid=round-row]').length === +latest[1] + 1;
+  return latest !== null && document.querySelectorAll('[data-testid=round-row]').length === +latest[1];  // rounds from 1, as the callbacks count
 })()"""
 
 
@@ -51,6 +51,12 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the simulation's work directory (leaf logs) goes here
     links: Queue = Queue()
     outcome: dict = {}
+    finished, release = threading.Event(), threading.Event()
+
+    def hold(report) -> None:  # the run is over; its server (and the page's event stream) stays up meanwhile
+        outcome["held"] = report
+        finished.set()
+        release.wait(300)
 
     def progress(event) -> None:
         if isinstance(event, Stage) and event.link:
@@ -59,51 +65,66 @@ def test_the_dashboard_follows_a_live_simulation_and_pauses_it(tmp_path, page, m
     def simulate() -> None:
         try:
             outcome["report"] = run(framework="lightning", leaves=3, rounds=12, epochs_per_round=1, dashboard=True,
-                                    progress=progress, round_timeout_s=240, timeout_s=480)
+                                    progress=progress, hold=hold, round_timeout_s=240, timeout_s=480)
         except BaseException as exc:  # reported by the assertion below
             outcome["error"] = exc
 
     thread = threading.Thread(target=simulate, daemon=True)
     thread.start()
-    link = links.get(timeout=120)
-    page.goto(link)
-    page.get_by_test_id("branch-row").wait_for()
-    assert page.get_by_test_id("branch-row").count() == 1
-    assert "#login" not in page.url  # the one-time code left the address bar
-    page.evaluate(RECORD_LEAF_STATES)
-    loaded = page.evaluate("window.__loaded")
+    try:
+        link = links.get(timeout=120)
+        page.goto(link)
+        page.get_by_test_id("branch-row").wait_for()
+        assert page.get_by_test_id("branch-row").count() == 1
+        assert "#login" not in page.url  # the one-time code left the address bar
+        page.evaluate(RECORD_LEAF_STATES)
+        loaded = page.evaluate("window.__loaded")
 
-    # the open round moves on by itself: leaves upload, rounds advance, the page is never reloaded
-    # (a leaf's 'uploaded' state may last too short to render: turns upload and the round closes at once)
-    page.wait_for_function("window.__seen.has('uploaded') || window.__seen.has('missing')", timeout=120_000)
-    page.wait_for_function("document.querySelectorAll('[data-testid=round-row]').length >= 2", timeout=120_000)
-    expect(page.get_by_test_id("leaf-row")).to_have_count(3)
-    # the metric plot after two rounds: the mean and each of the three leaves
-    page.wait_for_function("[...document.querySelectorAll('[data-testid=plot]')].some("
-                           "f => f.dataset.metric.startsWith('test/') && +f.dataset.rounds >= 2 && +f.dataset.leaves === 3)",
-                           timeout=120_000)
-    assert page.locator("[data-testid=plot] canvas").count() >= 1
+        # the open round moves on by itself: leaves upload, rounds advance, the page is never reloaded
+        # (a leaf's 'uploaded' state may last too short to render: turns upload and the round closes at once)
+        page.wait_for_function("window.__seen.has('uploaded') || window.__seen.has('missing')", timeout=120_000)
+        page.wait_for_function("document.querySelectorAll('[data-testid=round-row]').length >= 2", timeout=120_000)
+        expect(page.get_by_test_id("leaf-row")).to_have_count(3)
+        # the metric plot after two rounds: the mean and each of the three leaves
+        page.wait_for_function("[...document.querySelectorAll('[data-testid=plot]')].some("
+                               "f => f.dataset.metric === 'test/heldout_accuracy' && +f.dataset.rounds >= 2 && +f.dataset.leaves === 3)",
+                               timeout=120_000)
+        expect(page.locator("[data-metric='test/heldout_accuracy'] figcaption")).to_contain_text(
+            "held-out accuracy on the leaf's own data")
+        assert page.locator("[data-testid=plot] canvas").count() >= 1
 
-    page.get_by_test_id("pause-button").click()
-    page.wait_for_function("document.querySelector('[data-testid=run-status]').textContent === 'pause'")
-    # a leaf in its turn holds its upload (a leaf between turns has no process running: its next turn waits)
-    wait_until(lambda: any("is now 'pause'" in text or "waiting for start" in text
-                           for text in leaf_logs(tmp_path).values()), 60, "a leaf in its turn to hold for the pause")
-    assert "error" not in outcome and thread.is_alive(), outcome  # paused, not finished
-    assert page.evaluate("window.__loaded") == loaded
-    page.wait_for_function(HISTORY_CAUGHT_UP)  # the table holds every aggregated round, the latest included
-    if os.environ.get("BRANCHKEY_DASHBOARD_SCREENSHOT"):
-        page.screenshot(path=os.environ["BRANCHKEY_DASHBOARD_SCREENSHOT"], full_page=True)
+        page.get_by_test_id("pause-button").click()
+        page.wait_for_function("document.querySelector('[data-testid=run-status]').textContent === 'pause'")
+        # a leaf in its turn holds its upload (a leaf between turns has no process running: its next turn waits)
+        wait_until(lambda: any("is now 'pause'" in text or "waiting for start" in text
+                               for text in leaf_logs(tmp_path).values()), 60, "a leaf in its turn to hold for the pause")
+        assert "error" not in outcome and thread.is_alive(), outcome  # paused, not finished
+        assert page.evaluate("window.__loaded") == loaded
+        page.wait_for_function(HISTORY_CAUGHT_UP)  # the table holds every aggregated round, the latest included
 
-    with page.expect_download() as download:  # an aggregate, through a signed URL from an admin route
-        page.get_by_test_id("download").first.click()
-    assert download.value.suggested_filename.endswith(".npz") and "#login" not in download.value.url
-    assert Path(download.value.path()).stat().st_size > 0
+        with page.expect_download() as download:  # an aggregate, through a signed URL from an admin route
+            page.get_by_test_id("download").first.click()
+        assert download.value.suggested_filename.endswith(".npz") and "#login" not in download.value.url
+        assert Path(download.value.path()).stat().st_size > 0
 
-    page.get_by_test_id("start-button").click()
-    thread.join(300)
+        page.get_by_test_id("start-button").click()
+        assert finished.wait(300) or "error" in outcome, "the run did not finish"
+        assert "error" not in outcome, outcome
+        # the finished run reads as finished; the common test set's accuracy (the terminal's figure) is plotted
+        # beside the leaves' held-out accuracy, up to the last round
+        expect(page.get_by_test_id("round-title")).to_have_text("No open round: run 1 stopped after 12 aggregated rounds")
+        page.wait_for_function("[...document.querySelectorAll('[data-testid=plot]')].some("
+                               "f => f.dataset.metric === 'test/common_test_accuracy' && +f.dataset.rounds === 12)")
+        final = outcome["held"].final.global_accuracy
+        legend = page.locator("[data-metric='test/common_test_accuracy'] .u-legend .u-value").all_inner_texts()
+        assert abs(float(legend[1]) - final) < 1e-3, (legend, final)  # the latest value, before any hover
+        if os.environ.get("BRANCHKEY_DASHBOARD_SCREENSHOT"):
+            page.screenshot(path=os.environ["BRANCHKEY_DASHBOARD_SCREENSHOT"], full_page=True)
+    finally:
+        release.set()  # the simulation's server stops, whatever happened above
+    thread.join(120)
     assert not thread.is_alive() and "error" not in outcome, outcome
-    assert len(outcome["report"].rounds) == 12
+    assert len(outcome["report"].rounds) == 12 and outcome["report"].final.global_accuracy == final
 
 
 def test_without_the_token_the_page_shows_nothing_and_its_calls_are_refused(inprocess_server, page):
@@ -149,7 +170,7 @@ def test_the_dashboard_shows_an_analytics_result_and_follows_the_next_round(inpr
     loaded = page.evaluate("performance.timeOrigin")
 
     send(server, leaves[0], {**bundle(SITES[0]), "labels": np.array([1, 2])})  # the open analytics round shows
-    expect(page.get_by_test_id("analytics-facts")).to_contain_text("open analytics round 0: 1 of 3 uploads")
+    expect(page.get_by_test_id("analytics-facts")).to_contain_text("open analytics round 1: 1 of 3 uploads")
     for leaf, values in zip(leaves[1:], SITES[1:]):
         send(server, leaf, {**bundle(values), "labels": np.array([1, 2])})
     row = page.locator("[data-testid=analytics-row][data-column=age]")
@@ -158,7 +179,7 @@ def test_the_dashboard_shows_an_analytics_result_and_follows_the_next_round(inpr
     for stat, shown in {"count": "6", "min": "10", "max": "90", "range": "80", "nan": "1", "completeness": "0.8571",
                         "leaves": "3"}.items():
         expect(row.locator(f"[data-stat={stat}]")).to_have_text(shown)
-    expect(page.get_by_test_id("analytics-title")).to_have_text("(run 1, analytics round 0)")
+    expect(page.get_by_test_id("analytics-title")).to_have_text("(analytics round 1 of run 1)")
     field = page.locator("[data-testid=analytics-field][data-field=labels]")
     expect(field).to_contain_text("sum")
     expect(field).to_contain_text("[3, 6]")
@@ -168,7 +189,7 @@ def test_the_dashboard_shows_an_analytics_result_and_follows_the_next_round(inpr
         send(server, leaf, {**bundle([2.0, 4.0]), "labels": np.array([0, 1])})
     expect(row.locator("[data-stat=mean]")).to_have_text("3")
     expect(row.locator("[data-stat=count]")).to_have_text("6")
-    expect(page.get_by_test_id("analytics-title")).to_have_text("(run 1, analytics round 1)")
+    expect(page.get_by_test_id("analytics-title")).to_have_text("(analytics round 2 of run 1)")
     assert page.evaluate("performance.timeOrigin") == loaded
 
 

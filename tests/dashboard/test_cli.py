@@ -70,7 +70,7 @@ def test_serve_prints_the_login_link_to_a_terminal_only(tmp_path, monkeypatch, c
     app = create_app(tmp_path / "data")
     announce_dashboard(app, "http://127.0.0.1:8080", "127.0.0.1", tmp_path / "data")
     piped = capsys.readouterr().out
-    assert "#login=" not in piped and f"branchkey-local login-link --data-dir {tmp_path / 'data'}" in piped
+    assert "#login=" not in piped and f"branchkey-local login --data-dir {tmp_path / 'data'}" in piped
     controller, terminal_fd = pty.openpty()
     with os.fdopen(terminal_fd, "w") as terminal:
         monkeypatch.setattr(sys, "stdout", terminal)
@@ -87,15 +87,17 @@ def test_serve_keeps_the_login_link_out_of_its_output_and_login_link_prints_one(
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = Lines(process.stdout), Lines(process.stderr)
-        out.wait_for(r"login link: run 'branchkey-local login-link", 60)  # a pipe, not a terminal: no link
+        out.wait_for(r"login link: run 'branchkey-local login --data-dir", 60)  # a pipe, not a terminal: no link
         err.wait_for(r"WARNING: --host 0\.0\.0\.0 makes this server and its dashboard reachable from the network", 10)
         assert not any("#login=" in line for line in out.seen + err.seen)
-        printed = subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", "login-link", "--data-dir",
-                                  str(data)], capture_output=True, text=True, timeout=60)
-        assert printed.returncode == 0, printed.stderr
-        base, code = LINK.search(printed.stdout).groups()
-        assert login(base, code) == (data / "admin_token").read_text().strip()
-        assert requests.post(base + "/admin/v1/dashboard/login", json={"code": code}, timeout=10).status_code == 401
+        for command in ("login", "login-link"):  # login-link: the command's earlier name
+            printed = subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", command, "--data-dir",
+                                      str(data)], capture_output=True, text=True, timeout=60)
+            assert printed.returncode == 0, printed.stderr
+            base, code = LINK.search(printed.stdout).groups()
+            assert login(base, code) == (data / "admin_token").read_text().strip()
+        used = requests.post(base + "/admin/v1/dashboard/login", json={"code": code}, timeout=10)
+        assert used.status_code == 401 and "'branchkey-local login --data-dir DIR'" in used.json()["error"]
         assert requests.get(base + "/", timeout=10).status_code == 200
     finally:
         process.terminate()
@@ -110,8 +112,12 @@ def test_simulate_dashboard_prints_its_link_and_stays_open_until_ctrl_c(tmp_path
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = Lines(process.stdout)
-        base, code = LINK.search(out.wait_for(r"dashboard http://", 120).string).groups()
+        announced = out.wait_for(r"dashboard http://", 120).string
+        base, code = LINK.search(announced).groups()
         token = login(base, code)
+        # locked out (the link used in another tab): the line names the command for a new link and the token's file
+        data = Path(re.search(r"'branchkey-local login --data-dir (\S+)'", announced).group(1))
+        assert f"the admin token is in {data / 'admin_token'}" in announced
         out.wait_for(r"the dashboard stays open", 300)
         assert any("after 2 rounds: federated" in line for line in out.seen)  # the report came first
         headers = {"Authorization": f"Bearer {token}"}
@@ -119,8 +125,16 @@ def test_simulate_dashboard_prints_its_link_and_stays_open_until_ctrl_c(tmp_path
         history = requests.get(f"{base}/admin/v1/branches/{branch['id']}/history", headers=headers, timeout=10)
         assert len(history.json()["data"]["rounds"]) == 2  # the run is over, its server still answers
         summary = requests.get(f"{base}/admin/v1/branches/{branch['id']}/metrics/summary", headers=headers, timeout=10)
-        accuracy = next(s for s in summary.json()["data"]["series"] if (s["mode"], s["metric"]) == ("test", "accuracy"))
-        assert accuracy["rounds"] == [0, 1] and len(accuracy["per_leaf"]) == 2
+        series = {(s["mode"], s["metric"]): s for s in summary.json()["data"]["series"]}
+        heldout, common = series[("test", "heldout_accuracy")], series[("test", "common_test_accuracy")]
+        assert heldout["rounds"] == [0, 1] and len(heldout["per_leaf"]) == 2  # each leaf, on its held-out data
+        assert common["rounds"] == [0, 1] and len(common["per_leaf"]) == 1  # the evaluator, on the common test set
+        final = next(m.group(1) for line in out.seen if (m := re.search(r"federated (\d+\.\d%)", line)))
+        assert f"{common['mean'][-1]:.1%}" == final  # the dashboard plots the terminal's number
+        assert [branch["run_status"], branch["state"]] == ["stop", "run 1 stopped after 2 aggregated rounds"]
+        printed = subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", "login", "--data-dir", str(data)],
+                                 capture_output=True, text=True, timeout=60)
+        assert login(*LINK.search(printed.stdout).groups()) == token  # a fresh link, though the first was used
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
         wait_until(lambda: _refused(base), 30, "the embedded server to stop")

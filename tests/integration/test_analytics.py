@@ -148,7 +148,7 @@ def test_federation_analytics_rounds_report_progress_and_count_apart(inprocess_s
         assert results[0].statistics["v"].mean == pooled.mean() and results[0].statistics["v"].count == 30
     assert [f.analytics_rounds for f in federations] == [2, 2, 2] and federations[0].round == 0
     assert reports and {r.kind for r in reports} == {KIND_FEDERATED_ANALYTICS}
-    assert reports[-1].final and reports[0].message.startswith("Analytics round 1 (run 1, round index 0)")
+    assert reports[-1].final and reports[0].message.startswith("Analytics round 1 of run 1: ")
 
 
 def test_model_rounds_and_analytics_rounds_at_the_same_time_lose_nothing(inprocess_server, clients, caplog):

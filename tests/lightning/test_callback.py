@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -11,13 +12,14 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
-from branchkey_integrations.core.errors import CredentialsError
+from branchkey_integrations import Client
+from branchkey_integrations.core.errors import CredentialsError, TransportError
 from branchkey_integrations.core.errors import BranchKeyError, RequestRejectedError
 from branchkey_integrations.core.errors import AggregateMismatchError
 from branchkey_integrations.core.outcome import Outcome
 from branchkey_integrations.lightning import BranchKeyCallback, federated_tensors, to_numpy
 
-from .models import Stream, TinyModel, dataset, trainer
+from .models import Stream, TinyModel, dataset, loader, trainer
 from ..conftest import CREDS
 
 HOST = "http://127.0.0.1:1"
@@ -162,3 +164,25 @@ def test_without_lightning_the_import_fails_with_an_install_hint():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ("branchkey_integrations.lightning needs PyTorch and Lightning: "
                            "pip install 'branchkey-integrations[lightning]'")
+
+
+def test_a_server_that_is_not_running_is_one_line_at_setup():
+    """Issue 28: with the server down, fit failed at setup with a ~100-line urllib3 -> requests chain."""
+    callback = BranchKeyCallback(CREDS, HOST, client_options={"max_retries": 0})
+    with pytest.raises(TransportError) as info:
+        trainer([callback]).fit(TinyModel(), loader(8, 0))
+    assert str(info.value) == (
+        f"GET /api/v1/run/{CREDS['branch_id']}: cannot reach a BranchKey server at {HOST} (connection refused). Is "
+        "'branchkey-local serve' running there? Start it, or give the client the host that serves your branch.")
+    shown = "".join(traceback.format_exception(info.value))
+    assert "urllib3" not in shown and "direct cause" not in shown and "During handling" not in shown, shown
+
+
+def test_https_against_the_plain_http_server_says_so(inprocess_server):
+    server, [credentials] = inprocess_server(1)
+    https = server.url.replace("http://", "https://")
+    with pytest.raises(TransportError) as info:
+        Client(credentials, host=https, transport="none", max_retries=0)
+    plain = server.url.removeprefix("http://")
+    assert f"{https} answered in plain HTTP, not TLS: use http://{plain}" in str(info.value)
+    assert "WRONG_VERSION_NUMBER" not in str(info.value) and info.value.__cause__ is None

@@ -55,7 +55,7 @@ def test_round_progress_names_uploaded_missing_and_refused_leaves_until_the_roun
     assert refusal["leaf"] == "leaf_2" and "layer" in refusal["reason"] and refusal["reason"] in wrong.json()["error"]
     datetime.fromisoformat(refusal["at"])
     assert any("leaf_2" in r.getMessage() and "refused" in r.getMessage()
-               and "now run 1 round 0: 1/3 uploaded; missing leaf_2, leaf_3" in r.getMessage() for r in caplog.records)
+               and "now round 1 of run 1: 1/3 uploaded; missing leaf_2, leaf_3" in r.getMessage() for r in caplog.records)
     assert any("leaf_1" in r.getMessage() and "uploaded" in r.getMessage() for r in caplog.records)
 
     garbage = live.upload(b, b"not an archive")  # the latest refusal per leaf replaces the earlier one
@@ -116,10 +116,10 @@ def test_refusals_are_durable_and_belong_to_the_open_round(tmp_path) -> None:
     reopened = Store(tmp_path / "data")
     view = round_progress(reopened, branch.id)
     assert [(r.leaf, r.reason) for r in view.refused] == [(leaf.name, "wrong model")]
-    assert view.summary() == "run 1 round 0: 0/1 uploaded; missing leaf_1; refused leaf_1 (wrong model)"
+    assert view.summary() == "round 1 of run 1: 0/1 uploaded; missing leaf_1; refused leaf_1 (wrong model)"
     reopened.set_run_status(branch.id, "stop")
     assert reopened.record_refusal(leaf, "too late") is None  # no open round: nothing to show
-    assert round_progress(reopened, branch.id).summary() == "run 1 stop: no open round"
+    assert round_progress(reopened, branch.id).summary() == "run 1 stopped after 0 aggregated rounds"
     reopened.close()
 
 
@@ -132,7 +132,7 @@ def test_status_names_the_open_rounds_uploaded_missing_and_refused_leaves(live, 
     data_dir = str(live.thread.server.store.data_dir)
     assert main(["status", "--data-dir", data_dir]) == 0
     out = capsys.readouterr().out
-    assert "  open round 0 of run 1: 1/2 uploaded (leaf_1); missing leaf_2\n" in out
+    assert "  round 1 of run 1: 1/2 uploaded (leaf_1); missing leaf_2\n" in out
     [refused] = [line for line in out.splitlines() if line.startswith("  refused ")]
     assert refused.startswith("  refused leaf_2 at ") and "layer" in refused
 

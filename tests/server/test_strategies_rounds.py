@@ -87,7 +87,7 @@ def test_cli_sets_the_strategy_at_init_and_changes_it_between_rounds(tmp_path: P
     data = tmp_path / "data"
     init = cli("init", "--data-dir", str(data), "--leaves", "2", "--credentials-dir", str(tmp_path / "c"),
                "--strategy", "fedavgm", "--strategy-param", "momentum=0.5")
-    assert 'strategy fedavgm {"eta": 1.0, "momentum": 0.5}' in init.stdout
+    assert "strategy fedavgm (eta=1, momentum=0.5)\n" in init.stdout
     bad = cli("init", "--data-dir", str(tmp_path / "other"), "--leaves", "1", "--credentials-dir",
               str(tmp_path / "c2"), "--strategy", "fedadam", "--strategy-param", "eta=-1", check=False)
     assert bad.returncode == 1 and "eta=-1.0" in bad.stderr and not (tmp_path / "other").exists()

@@ -5,7 +5,7 @@
 
 const TOKEN_KEY = "branchkey-local-admin-token";
 const state = { branch: null, run: null, overview: null, live: null, analytics: null, timers: {}, stream: null,
-  plots: [] };
+  plots: [], summary: null };
 
 const $ = (id) => document.getElementById(id);
 
@@ -52,6 +52,10 @@ function ago(epochS) {
   const s = Math.max(0, Date.now() / 1000 - epochS);
   return s < 1 ? "just now" : seconds(s).replace(/\.\d+ s$/, " s") + " ago";
 }
+
+// Rounds are numbered from 1 within their run, as the callbacks, `simulate` and `status` print them; the
+// JSON keeps the protocol's round_index (from 0).
+function roundNo(index) { return index + 1; }
 
 function number(v) { return Number.isInteger(v) ? String(v) : v.toFixed(4).replace(/0+$/, "").replace(/\.$/, ""); }
 
@@ -132,7 +136,8 @@ async function loadOverview() {
     if (b.id === state.branch) row.classList.add("selected");
     row.append(el("td", trees[b.tree_id] || b.tree_id), el("td", b.name, { title: b.id }), el("td", b.run_number),
       el("td", b.run_status, { class: "status-" + b.run_status, "data-testid": "run-status" }), el("td", b.leaves),
-      el("td", b.round_index === null ? "none (stopped)" : "round " + b.round_index + ": " + b.uploaded + "/" + b.required));
+      el("td", b.round_index === null ? "none (" + (b.state || "stopped") + ")"
+        : "round " + roundNo(b.round_index) + ": " + b.uploaded + "/" + b.required, { "data-testid": "open-round" }));
     const control = el("td");
     for (const [status, label] of [["start", "Start"], ["pause", "Pause"], ["stop", "Stop"]]) {
       const button = el("button", label, { type: "button", "data-testid": status + "-button" });
@@ -175,8 +180,8 @@ async function loadLive() {
   state.live = data;
   $("branch").hidden = false;
   $("round-title").textContent = data.round_index === null
-    ? "(run " + data.run_number + " " + data.run_status + ": no open round)"
-    : "run " + data.run_number + ", round " + data.round_index + " (" + data.run_status + ")";
+    ? "No open round: " + data.state
+    : "Open round " + roundNo(data.round_index) + " of run " + data.run_number + " (" + data.run_status + ")";
   renderFacts();
   const body = $("leaves").querySelector("tbody");
   body.replaceChildren();
@@ -246,12 +251,15 @@ function renderFacts() {
   const data = state.live;
   if (!data) return;
   const facts = [];
-  facts.push(data.uploaded.length + " of " + data.required + " uploads needed");
-  if (data.missing.length) facts.push("missing: " + data.missing.join(", "));
+  const idle = data.round_index === null || (!data.uploaded.length && !data.refused.length);
+  if (idle) facts.push(data.state);  // a finished run reads as such, not as a round that every leaf is missing
+  else facts.push(data.uploaded.length + " of " + data.required + " uploads needed");
+  if (data.missing.length && !idle) facts.push("missing: " + data.missing.join(", "));
   if (data.refused.length) facts.push(data.refused.length + " refused");
-  if (data.opened_at) facts.push("opened " + ago(Date.parse(data.opened_at) / 1000));
-  facts.push(data.deadline_at ? "deadline " + new Date(data.deadline_at).toLocaleTimeString() : "no deadline");
-  if (data.latest_aggregate) facts.push("latest aggregate: round " + data.latest_aggregate.round_index);
+  if (data.opened_at && !idle) facts.push("opened " + ago(Date.parse(data.opened_at) / 1000));
+  if (!idle) facts.push(data.deadline_at ? "deadline " + new Date(data.deadline_at).toLocaleTimeString() : "no deadline");
+  const latest = data.latest_aggregate;
+  if (latest) facts.push("latest aggregate: round " + roundNo(latest.round_index) + " of run " + latest.run_number);
   $("round-facts").textContent = facts.join(" · ");
   renderAnalyticsFacts();
 }
@@ -300,7 +308,7 @@ async function loadRounds() {
     }
     const strategy = el("td", (r.strategy || "fedavg") + (r.strategy_note ? " *" : ""),
       r.strategy_note ? { title: r.strategy_note } : {});
-    row.append(el("td", r.round_index), el("td", r.leaves), el("td", number(r.total_weighting)), strategy,
+    row.append(el("td", roundNo(r.round_index), { "data-testid": "round-number" }), el("td", r.leaves), el("td", number(r.total_weighting)), strategy,
       el("td", bytes(r.aggregate_size)), el("td", seconds(r.round_s)), el("td", seconds(r.aggregation_s)), link);
     body.append(row);
   }
@@ -313,9 +321,28 @@ async function download(aggregateId) {
   });
 }
 
+// What a plot's caption says of a metric: the simulation's leaves score each aggregate on a held-out part of
+// their own data, and its evaluator on the common test set (the terminal's figure).
+const CAPTIONS = {
+  "test/heldout_accuracy": "held-out accuracy on the leaf's own data",
+  "test/common_test_accuracy": "accuracy on the common test set (as the terminal reports it)",
+};
+
+function plotWidth(box) {  // as many plots a row as fit at >= 420 px, sharing the section's width
+  const gap = 24;
+  const width = Math.max(320, box.clientWidth);
+  const columns = Math.max(1, Math.floor((width + gap) / (420 + gap)));
+  return Math.floor((width - gap * (columns - 1)) / columns);
+}
+
+function latestLegend(plot, last) {  // the legend shows the latest values until the cursor points elsewhere
+  plot.setLegend({ idx: last });
+}
+
 function drawPlots(summary) {
   for (const plot of state.plots) plot.destroy();
   state.plots = [];
+  state.summary = summary;
   const box = $("plots");
   box.replaceChildren();
   if (!summary.series.length) {
@@ -326,19 +353,26 @@ function drawPlots(summary) {
   for (const s of summary.series) {
     const figure = el("figure", null, { "data-testid": "plot", "data-metric": s.mode + "/" + s.metric,
       "data-rounds": s.rounds.length, "data-leaves": Object.keys(s.per_leaf).length });
-    figure.append(el("figcaption", s.mode + " " + s.metric + ": sample-weighted mean over leaves"
-      + (manyLeaves ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
+    const common = s.metric === "common_test_accuracy";  // one evaluator, not a leaf: one line
+    const what = CAPTIONS[s.mode + "/" + s.metric] || s.mode + " " + s.metric;
+    figure.append(el("figcaption", what + (common ? "" : ": sample-weighted mean over leaves")
+      + (manyLeaves && !common ? " (bold) and each of " + summary.leaves.length + " leaves (thin)" : "")));
     box.append(figure);
-    const leaves = Object.keys(s.per_leaf);
-    const series = [{ label: "round" }, { label: "mean", stroke: "#1f4e9e", width: 2.5, points: { show: true } }];
+    const leaves = common ? [] : Object.keys(s.per_leaf);
+    const series = [{ label: "round" },
+      { label: common ? "common test set" : "mean", stroke: "#1f4e9e", width: 2.5, points: { show: true } }];
     for (const [i, name] of leaves.entries()) {
       series.push({ label: name, stroke: "hsla(" + ((i * 47) % 360) + ",55%,50%,0.55)", width: 1,
         points: { show: !manyLeaves, size: 4 }, spanGaps: true });
     }
-    const data = [s.rounds, s.mean, ...leaves.map((name) => s.per_leaf[name])];
-    const opts = { width: 440, height: 220, series, legend: { show: !manyLeaves },
-      scales: { x: { time: false } }, axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}] };
-    state.plots.push(new uPlot(opts, data, figure));
+    const data = [s.rounds.map(roundNo), s.mean, ...leaves.map((name) => s.per_leaf[name])];
+    const last = s.rounds.length - 1;
+    const opts = { width: plotWidth(box), height: 240, series, legend: { show: !manyLeaves },
+      scales: { x: { time: false } }, axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}],
+      hooks: { setCursor: [(u) => { if (u.cursor.idx === null || u.cursor.idx === undefined) latestLegend(u, last); }] } };
+    const plot = new uPlot(opts, data, figure);
+    latestLegend(plot, last);
+    state.plots.push(plot);
   }
 }
 
@@ -355,7 +389,7 @@ async function loadAnalytics() {
   state.analytics = data;
   const result = data.result;
   $("analytics-title").textContent = result
-    ? "(run " + result.run_number + ", analytics round " + result.round_index + ")" : "(no result yet)";
+    ? "(analytics round " + roundNo(result.round_index) + " of run " + result.run_number + ")" : "(no result yet)";
   renderAnalyticsFacts();
   const body = $("analytics").querySelector("tbody");
   body.replaceChildren();
@@ -381,7 +415,7 @@ function renderAnalyticsFacts() {  // the open analytics round (from the round v
   const facts = [];
   const open = state.live && state.live.analytics;
   if (open && open.round_index !== null) {
-    facts.push("open analytics round " + open.round_index + ": " + open.uploaded.length + " of " + open.required
+    facts.push("open analytics round " + roundNo(open.round_index) + ": " + open.uploaded.length + " of " + open.required
       + " uploads" + (open.missing.length ? " (missing: " + open.missing.join(", ") + ")" : ""));
   }
   const data = state.analytics;
@@ -485,6 +519,11 @@ document.addEventListener("DOMContentLoaded", async () => {
     guarded(loadHistory);
   });
   setInterval(tick, 1000);
+  let resized = null;
+  window.addEventListener("resize", () => {  // the plots share the window's width
+    clearTimeout(resized);
+    resized = setTimeout(() => { if (state.summary) drawPlots(state.summary); }, 200);
+  });
   await redeemLoginLink();
   if (token()) start(); else showLogin($("login-error").textContent);
 });
