@@ -261,6 +261,10 @@ def add_simulate_parser(commands: Any) -> None:
     add_strategy_options(simulate)
     simulate.add_argument("--proximal-mu", type=_non_negative_float, default=0.0, metavar="MU",
                           help="FedProx on every leaf: the callbacks' proximal_mu (0: plain FedAvg leaves)")
+    simulate.add_argument("--quantize", choices=["fp16", "bf16", "int8"],
+                          help="the leaves upload quantized (the branch advertises the codec; default float32)")
+    simulate.add_argument("--no-error-feedback", dest="error_feedback", action="store_false",
+                          help="with --quantize: no error feedback (the quantization error is dropped each round)")
     add_backend_options(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
