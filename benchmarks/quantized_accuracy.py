@@ -44,9 +44,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/quantized-accuracy.json")
     args = parser.parse_args()
     results: dict = {"load_before": os.getloadavg(), "cpus": os.cpu_count(), "runs": []}
-    for framework in args.frameworks:
-        for partition in args.partitions:
-            for seed in args.seeds:
+    for seed in args.seeds:  # seed outermost: an interrupted sweep has every framework and partition once
+        for framework in args.frameworks:
+            for partition in args.partitions:
                 for quantize, feedback in ((None, True), ("int8", True), ("int8", False)):
                     row = {"framework": framework, "partition": partition, "seed": seed,
                            "upload": quantize or "float32", "error_feedback": feedback if quantize else None,
