@@ -42,7 +42,7 @@ from .tensor_codecs import Codec, Pieces, RawMember, crc32, register_codec
 try:  # the optional extra [zstd]
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - depends on the environment
-    _zstd = None
+    _zstd = None  # type: ignore[assignment]
 
 #: values in one frame: 1 MiB of float32, what the decoder holds at most
 FRAME_VALUES = 1 << 18

@@ -148,3 +148,22 @@ def test_int8_keeps_every_value_within_half_a_step_of_its_block_scale() -> None:
 
 def _auth(leaf: dict[str, str]) -> dict[str, str]:
     return auth(leaf)
+
+
+def test_the_cli_sets_a_branchs_codecs_in_the_store_and_refuses_an_unknown_one(tmp_path) -> None:
+    from ..conftest import cli
+    from branchkey_integrations.server.store import Store
+
+    data = tmp_path / "data"
+    cli("init", "--data-dir", str(data), "--leaves", "1", "--credentials-dir", str(tmp_path / "c"))
+    changed = cli("branch", "--codecs", "int8,fp16", "--data-dir", str(data))
+    assert "accepts codecs int8, fp16, set in the store (no live server)" in changed.stdout
+    refused = cli("branch", "--codecs", "gzip", "--data-dir", str(data), check=False)
+    assert refused.returncode == 1 and "Expected codecs among" in refused.stderr and "'gzip'" in refused.stderr
+    store = Store(data)
+    try:
+        assert store.branch_codecs(store.list_branches()[0].id) == ["int8", "fp16"]
+    finally:
+        store.close()
+    cleared = cli("branch", "--codecs", "", "--data-dir", str(data))
+    assert "accepts codecs none (plain NPZ only)" in cleared.stdout
