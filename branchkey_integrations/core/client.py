@@ -81,8 +81,8 @@ class Client(PayloadCalls):
         max_download_bytes: the most an aggregate may hold; None: 4 times what this leaf uploaded plus
             1 MiB (see :class:`~.download.Downloads`). Beyond it a download is refused (``ArchiveTooLargeError``).
         download_timeout: seconds a whole download may take (``DownloadTimeoutError`` after).
-        compression, quantize, error_feedback: how uploads are encoded (lossless by link; lossy only when asked
-            and the branch accepts it): see :mod:`~.codec_choice`.
+        compression, quantize, error_feedback, download_codec: how uploads (and aggregates, download_codec) are
+            encoded: lossless by link, lossy only when asked and the branch accepts it (:mod:`~.codec_choice`).
         timeout: the old name of ``request_timeout`` (a ``DeprecationWarning``).
 
     The defaults are :class:`ClientOptions`'; after an upload, :attr:`last_upload` is its :class:`UploadReceipt`.
@@ -123,6 +123,7 @@ class Client(PayloadCalls):
         compression: str = ClientOptions.compression,
         quantize: str | None = ClientOptions.quantize,
         error_feedback: bool = ClientOptions.error_feedback,
+        download_codec: str | None = ClientOptions.download_codec,
         timeout: float | None = None,
     ) -> None:
         options = {"host": host, "rbmq_host": rbmq_host, "rbmq_port": rbmq_port, "ssl": ssl, "wait_for_run": wait_for_run,
@@ -130,7 +131,7 @@ class Client(PayloadCalls):
                    "output_dir": output_dir, "request_timeout": request_timeout, "max_retries": max_retries,
                    "backoff_factor": backoff_factor, "max_download_bytes": max_download_bytes,
                    "download_timeout": download_timeout, "compression": compression, "quantize": quantize,
-                   "error_feedback": error_feedback}
+                   "error_feedback": error_feedback, "download_codec": download_codec}
         if timeout is not None:  # the old name: ClientOptions.checked warns (and refuses both names at once)
             options = {**{k: v for k, v in options.items() if k != "request_timeout" or v != ClientOptions.request_timeout},
                        "timeout": timeout}
@@ -387,7 +388,7 @@ class Client(PayloadCalls):
         """
         checked_file_id(file_id)
         limits = self._downloads.limits(expected_bytes=expected_bytes, timeout=timeout)
-        return self._downloads.archive(file_id, limits, buffer)
+        return self._downloads.archive(file_id, limits, buffer, self.encoding.download_codec())
 
     @contextlib.contextmanager
     def retrying_until(self, deadline: float | None, on_away: Callable[[Away], None] | None = None) -> Iterator[None]:

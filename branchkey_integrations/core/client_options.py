@@ -75,6 +75,13 @@ def check_quantize(name: str, value: Any) -> str | None:
     return value
 
 
+def _download_codec(name: str, value: Any) -> str | None:
+    if value is not None and (value in ("auto", "none", "stored", "deflate") or value not in codec_names()):
+        raise ValueError(f"Expected {name} to be None (aggregates as stored) or one of "
+                         f"{[c for c in codec_names() if c not in ('none', 'stored', 'deflate')]}. Received: {name}={value!r}")
+    return value
+
+
 def _port(name: str, value: Any) -> int:
     if not (isinstance(value, int) and 0 < value < 65536):
         raise ValueError(f"Expected {name} between 1 and 65535. Received: {name}={value!r}")
@@ -163,6 +170,7 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "compression": check_compression,
     "quantize": check_quantize,
     "error_feedback": _flag,
+    "download_codec": _download_codec,
     "timeout": _seconds,  # the old name of request_timeout: see check_client_options
 }
 CLIENT_OPTIONS = tuple(_RULES)
@@ -227,6 +235,7 @@ class ClientOptions:
     compression: str = "auto"  # how uploads are encoded: see codec_choice (by link, and what the branch accepts)
     quantize: str | None = None  # lossy, opt-in: "fp16", "bf16" or "int8", where the branch accepts it
     error_feedback: bool = True  # with a lossy codec: what it dropped is added to the next upload
+    download_codec: str | None = None  # aggregates encoded with this codec, where the branch advertises it
 
     def __post_init__(self) -> None:
         for f in fields(self):  # normalized: the host without its slash, seconds as floats

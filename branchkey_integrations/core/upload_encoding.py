@@ -77,6 +77,19 @@ class UploadEncoding:
         self.feedback.settle(sent, lossy)
         return encoded
 
+    def download_codec(self) -> str | None:
+        """The codec to ask aggregates in: the ``download_codec`` option where the branch advertises it (the server
+        encodes the round's aggregate once, for every leaf that asks); None: the aggregate as stored."""
+        wanted = self.options.download_codec
+        if wanted is None:
+            return None
+        accepted = self.accepted() or []
+        if wanted not in accepted:
+            logger.info("The branch does not serve %r aggregates (it advertises %s); downloading as stored", wanted,
+                        accepted or "none")
+            return None
+        return wanted
+
     def state_dict(self) -> dict[str, Any]:
         return self.feedback.state_dict()
 

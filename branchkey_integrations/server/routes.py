@@ -46,6 +46,7 @@ from ..core.protocol import (
     is_file_id,
 )
 from .codec_policy import check_upload_codecs
+from .encoded_aggregates import check_download_codec, encoded_copy
 from .analytics_rounds import analytics_message
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
@@ -218,9 +219,13 @@ async def download_file(request: web.Request) -> web.Response:
     if record.kind == "upload" and record.leaf_id != leaf.id:
         raise HttpProblem(403, f"File {file_id} is another leaf's upload; a leaf may download aggregates and its own uploads.")
     check_not_removed(record)
+    codec = request.query.get("codec")  # a leaf that asks gets the aggregate in a codec its branch advertises
+    if codec is not None:
+        check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
     if record.kind == "aggregate":  # the leaf has this result: no catch-up will send it again
         await server.blocking(server.store.acknowledge, leaf.id, file_id)
-    return ok({"download_url": signed_download_url(server, request, file_id)})
+    url = signed_download_url(server, request, file_id)
+    return ok({"download_url": url if codec is None or record.kind != "aggregate" else f"{url}&codec={codec}"})
 
 
 def signed_download_url(server: Server, request: web.Request, file_id: str) -> str:
@@ -257,8 +262,12 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     if record is None:
         raise HttpProblem(404, f"No file {file_id}.")
     check_not_removed(record)
+    path, codec = server.store.file_path(record), request.query.get("codec")
+    if codec is not None and record.kind == "aggregate":  # one encoding, made once: every leaf gets the same bytes
+        check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
+        path = await server.blocking(encoded_copy, server.store, record, codec)
     return web.FileResponse(
-        server.store.file_path(record),
+        path,
         headers={"Content-Type": "application/octet-stream",
                  "Content-Disposition": f'attachment; filename="{file_id}.npz"'},
     )

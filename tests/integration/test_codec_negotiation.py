@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import requests
 
 from branchkey_integrations import Client
 from branchkey_integrations.core.federation import Federation
@@ -87,3 +88,33 @@ def test_the_federation_checkpoint_holds_the_residual_and_gives_it_back(inproces
     restored.load_state_dict(state)
     with restored.connect() as client:
         np.testing.assert_array_equal(client.encoding.feedback.residual[0], state["error_feedback"][0])
+
+
+def test_an_aggregate_asked_encoded_is_the_same_bytes_for_every_leaf_and_decodes_to_the_codec(inprocess_server,
+                                                                                               tmp_path) -> None:
+    server, credentials = inprocess_server(2)
+    clients = [Client(c, host=server.url, transport="none", quantize="int8", download_codec="int8",
+                      output_dir=tmp_path / c["name"]) for c in credentials]
+    try:
+        _advertise(server, clients[0].branch_id, ["int8"])
+        for client, seed in zip(clients, (5, 6)):
+            client.upload_weights(1.0, _layers(seed))
+        aggregation_id = clients[0].wait_for_aggregation(30)
+        urls = [client._downloads.url(aggregation_id, "int8") for client in clients]
+        bodies = [requests.get(url, timeout=30).content for url in urls]
+        assert bodies[0] == bodies[1] and b"int8" in bodies[0]  # one encoding, every leaf: marked int8 members
+        plain = requests.get(clients[0]._downloads.url(aggregation_id), timeout=30).content
+        assert len(bodies[0]) < 0.4 * len(plain)  # a quarter of the values' bytes, plus headers of a tiny model
+        got = clients[1].download_aggregate(aggregation_id).layers[0]
+        stored = clients[0]._downloads.archive(aggregation_id, clients[0]._downloads.limits()).layers[0]
+        np.testing.assert_array_equal(got, INT8.dequantized(stored))
+        asked = requests.get(f"{server.url}/api/v1/file/download/{aggregation_id}?codec=fp16",
+                                           headers=_leaf_auth(credentials[0]), timeout=30)
+        assert asked.status_code == 400 and "Expected codec among this branch's ['int8']" in asked.text
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _leaf_auth(leaf: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {leaf['id']}:{leaf['session_token']}", "LEAF": "true"}
