@@ -286,10 +286,12 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
             description="Counted in the branch's open round; run_number and round_index (branchkey-local) name it. "
                         "A refused body (400, 413) is shown to the branch's leaves by the round route.")},
         DOWNLOAD_PATH: {"get": leaf("Download URL", ok=(200, _ref("DownloadUrl")), errors=(400, 401, 403, 404, 410),
-                                    params=("file_id",))},
+                                    params=("file_id",), optional_query=("codec",),
+                                    description="codec (branchkey-local): an aggregate encoded with a codec the "
+                                                "branch advertises, the same bytes for every leaf that asks")},
         BLOB_PATH: {"get": _operation(
             "Download blob", tag="leaf", security=None, ok=(200, {"type": "string", "format": "binary"}), wrapped=False,
-            errors=(400, 403, 404, 410), params=("file_id",), query=("expires", "signature"),
+            errors=(400, 403, 404, 410), params=("file_id",), query=("expires", "signature"), optional_query=("codec",),
             content_type="application/octet-stream", description="The signed, expiring URL a download answers.")},
         METRICS_PATH: {"post": leaf(
             "Send metrics", ok=(201, _ref("Created")), errors=(400, 401, 403, 404, 413, 429),
