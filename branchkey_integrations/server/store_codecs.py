@@ -3,6 +3,15 @@
 A branch with none advertises nothing (``service.codecs`` absent from its config): its leaves send plain NPZ
 (stored or deflate), as to the hosted platform. The names are checked by the caller
 (:func:`~branchkey_integrations.server.codec_policy.check_codecs`).
+
+Example:
+    >>> import tempfile
+    >>> from .store import Store
+    >>> store = Store(tempfile.mkdtemp())
+    >>> branch = store.create_branch(store.create_tree("demo")["id"], "main")
+    >>> store.branch_codecs(branch.id), store.set_branch_codecs(branch.id, ["int8"])
+    ([], ['int8'])
+    >>> store.close()
 """
 
 from __future__ import annotations
