@@ -170,6 +170,7 @@ class Federation:
     def close(self) -> None:
         """Close the client (safe to call twice); :meth:`connect` makes a new one."""
         if self._client is not None:
+            self._encoding_state = self._client.encoding.state_dict()  # the error-feedback residual outlives it
             self._client.close()
             self._client = None
 
@@ -222,7 +223,6 @@ class Federation:
         state: dict[str, Any] = {"round": self.round, "last_aggregation_id": self.last_aggregation_id}
         if self.last_run_number is not None and self.last_round_index is not None:
             state.update(last_run_number=self.last_run_number, last_round_index=self.last_round_index)
-        # the error-feedback residual (a quantizing leaf): the client's, or what was loaded before it connected
         return {**state, **(self._client.encoding.state_dict() if self._client is not None else self._encoding_state)}
 
     @property
