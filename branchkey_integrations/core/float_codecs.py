@@ -297,13 +297,12 @@ class ShuffleZstdCodec(FloatCodec):
 
     def encode_frame(self, values: np.ndarray) -> bytes:
         bits = values.view("<u4")
-        planes = ((bits << np.uint32(1)) | (bits >> np.uint32(31))).astype("<u4").view(np.uint8)
-        planes = planes.reshape(-1, 4).T
         engine = _zstd.ZstdCompressor(level=self.level)
-        high = [engine.compress(np.ascontiguousarray(planes[3]).tobytes()),
-                engine.compress(np.ascontiguousarray(planes[2]).tobytes())]
-        return (struct.pack("<II", len(high[0]), len(high[1])) + high[0] + high[1]
-                + np.ascontiguousarray(planes[:2]).tobytes())
+        exponent = engine.compress((bits >> np.uint32(23)).astype(np.uint8).tobytes())
+        mantissa_top = engine.compress((bits >> np.uint32(15)).astype(np.uint8).tobytes())
+        # the sign below the low 15 mantissa bits: little-endian, the low two byte planes of the rotated value
+        low = (((bits & np.uint32(0x7FFF)) << np.uint32(1)) | (bits >> np.uint32(31))).astype("<u2")
+        return struct.pack("<II", len(exponent), len(mantissa_top)) + exponent + mantissa_top + low.tobytes()
 
     def payload_bound(self, count: int) -> int:
         return 8 + 2 * count + 2 * (count + (count >> 7) + 512)  # zstd's worst case per plane, generously
@@ -315,19 +314,20 @@ class ShuffleZstdCodec(FloatCodec):
         if 8 + size3 + size2 + 2 * count != payload.nbytes:
             raise ArchiveError(f"A shuffle-zstd frame's planes ({size3}, {size2} bytes) do not fit its "
                                f"{payload.nbytes} bytes for {count} values; corrupt.")
-        planes = np.empty((4, count), np.uint8)
         engine = _zstd.ZstdDecompressor()
-        for row, start, size in ((3, 8, size3), (2, 8 + size3, size2)):
+        planes = []
+        for start, size in ((8, size3), (8 + size3, size2)):
             try:
                 plane = engine.decompress(bytes(payload[start:start + size]), max_output_size=count)
             except _zstd.ZstdError as exc:
                 raise ArchiveError(f"A shuffle-zstd plane is corrupt: {exc}.") from None
             if len(plane) != count:
                 raise ArchiveError(f"A shuffle-zstd plane decoded to {len(plane)} bytes for {count} values; corrupt.")
-            planes[row] = np.frombuffer(plane, np.uint8)
-        planes[:2] = np.frombuffer(payload, np.uint8, 2 * count, 8 + size3 + size2).reshape(2, count)
-        bits = np.ascontiguousarray(planes.T).view("<u4").reshape(-1)
-        return ((bits >> np.uint32(1)) | (bits << np.uint32(31))).astype("<u4").view(_F32)
+            planes.append(np.frombuffer(plane, np.uint8).astype(np.uint32))
+        low = np.frombuffer(payload, "<u2", count, 8 + size3 + size2).astype(np.uint32)
+        bits = (planes[0] << np.uint32(23)) | (planes[1] << np.uint32(15)) | (low >> np.uint32(1))
+        bits |= (low & np.uint32(1)) << np.uint32(31)
+        return bits.view(_F32)
 
 
 FP16, BF16, INT8 = Float16Codec(), BFloat16Codec(), Int8BlockCodec()
