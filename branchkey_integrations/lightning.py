@@ -160,13 +160,16 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state = {**self.federation.state_dict(), "last_epoch": self._last_epoch}
+        if state.get("error_feedback"):  # the quantization residual (quantize=), as tensors for the same reason
+            state["error_feedback"] = [torch.from_numpy(a) for a in state["error_feedback"]]
         if self._scaffold is not None:  # as tensors: a checkpoint loads with torch.load(weights_only=True)
             state["scaffold"] = {name: None if held is None else [torch.from_numpy(a) for a in held]
                                  for name, held in self._scaffold.state_dict().items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.federation.load_state_dict(state_dict)
+        residual = [t.numpy() if isinstance(t, torch.Tensor) else t for t in state_dict.get("error_feedback") or []]
+        self.federation.load_state_dict({**state_dict, "error_feedback": residual})
         self._last_epoch = int(state_dict.get("last_epoch", -1))
         if state_dict.get("scaffold") is not None:  # the leaf's control variate c_i (and the server's c)
             self._scaffold = ScaffoldLeaf()

@@ -25,6 +25,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                   alpha=args.alpha, seed=args.seed, amqp_url=args.amqp_url, dashboard=args.dashboard,
                                   baselines=args.baselines, strategy=args.strategy,
                                   strategy_params=dict(args.strategy_param), proximal_mu=args.proximal_mu,
+                                  quantize=args.quantize, error_feedback=args.error_feedback,
                                   leaves_per_round=args.leaves_per_round, backend=args.backend,
                                   ray_address=args.ray_address, leaf_cpus=args.leaf_cpus, leaf_gpus=args.leaf_gpus,
                                   max_concurrent_leaves=args.max_concurrent_leaves,

@@ -31,11 +31,15 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from .float_codecs import QUANTIZERS
 from .protocol import DEFAULT_HOST
+from .tensor_codecs import codec_names
 
 DEFAULT_OUTPUT_DIR = "./aggregated_output"
 TRANSPORTS = ("auto", "amqp", "websocket", "none")
 AMQP_PORT, AMQPS_PORT = 5672, 5671  # RabbitMQ's plain and TLS listeners
+#: the ``quantize=`` choices: None (lossless) or a lossy codec (see :mod:`.codec_choice`)
+QUANTIZE = (None, *QUANTIZERS)
 
 
 def check_host(host: str) -> str:
@@ -54,6 +58,28 @@ def _host(name: str, value: Any) -> str:
 def _transport(name: str, value: Any) -> str:
     if value not in TRANSPORTS:
         raise ValueError(f"Expected transport in {TRANSPORTS}. Received: transport={value!r}")
+    return value
+
+
+def check_compression(name: str, value: Any) -> str:
+    """``value`` as a ``compression=`` choice: ``"auto"`` or a registered codec's name (see :mod:`.codec_choice`)."""
+    choices = ("auto", *codec_names())
+    if value not in choices:
+        raise ValueError(f"Expected {name} in {choices}. Received: {name}={value!r}")
+    return value
+
+
+def check_quantize(name: str, value: Any) -> str | None:
+    """``value`` as a ``quantize=`` choice: None or a lossy codec's name."""
+    if value not in QUANTIZE:
+        raise ValueError(f"Expected {name} in {QUANTIZE}. Received: {name}={value!r}")
+    return value
+
+
+def _download_codec(name: str, value: Any) -> str | None:
+    if value is not None and (value in ("auto", "none", "stored", "deflate") or value not in codec_names()):
+        raise ValueError(f"Expected {name} to be None (aggregates as stored) or one of "
+                         f"{[c for c in codec_names() if c not in ('none', 'stored', 'deflate')]}. Received: {name}={value!r}")
     return value
 
 
@@ -170,6 +196,10 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "max_download_bytes": _optional_bytes,
     "download_timeout": _seconds,
     "cert": _client_cert,
+    "compression": check_compression,
+    "quantize": check_quantize,
+    "error_feedback": _flag,
+    "download_codec": _download_codec,
     "timeout": _seconds,  # the old name of request_timeout: see check_client_options
 }
 CLIENT_OPTIONS = tuple(_RULES)
@@ -232,6 +262,10 @@ class ClientOptions:
     max_download_bytes: int | None = None
     download_timeout: float = 3600.0  # seconds a whole download may take when the call does not say
     cert: str | tuple[str, str] | None = None  # a client certificate for servers that ask for one (mutual TLS)
+    compression: str = "auto"  # how uploads are encoded: see codec_choice (by link, and what the branch accepts)
+    quantize: str | None = None  # lossy, opt-in: "fp16", "bf16" or "int8", where the branch accepts it
+    error_feedback: bool = True  # with a lossy codec: what it dropped is added to the next upload
+    download_codec: str | None = None  # aggregates encoded with this codec, where the branch advertises it
 
     def __post_init__(self) -> None:
         for f in fields(self):  # normalized: the host without its slash, seconds as floats

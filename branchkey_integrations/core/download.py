@@ -76,10 +76,11 @@ class Downloads:
             wire.DEFAULT_MAX_TOTAL_BYTES if basis is None else aggregate_limit(basis))
         return DownloadLimits.within(max_bytes, self.timeout_s if timeout is None else timeout)
 
-    def url(self, file_id: str) -> str:
-        """The signed URL of ``file_id`` (``GET`` :data:`~.protocol.DOWNLOAD_PATH`)."""
+    def url(self, file_id: str, codec: str | None = None) -> str:
+        """The signed URL of ``file_id`` (``GET`` :data:`~.protocol.DOWNLOAD_PATH`); ``codec``: of the aggregate
+        encoded with that codec (one the branch advertises; branchkey-local only)."""
         answer = self._http.request_data("GET", DOWNLOAD_PATH.format(file_id=checked_file_id(file_id)), "download",
-                                         accept="*/*")
+                                         accept="*/*", params={"codec": codec} if codec else None)
         url = answer.get("download_url")
         if not isinstance(url, str) or not url:
             raise ProtocolError(f"download: no download_url in {answer!r}")
@@ -101,9 +102,11 @@ class Downloads:
         logger.info("Downloaded %s (%.2f MB) to %s", file_id, size / 1e6, target)
         return target
 
-    def archive(self, file_id: str, limits: DownloadLimits, buffer: DownloadBuffer | None = None) -> wire.Archive:
-        """Download ``file_id`` into ``buffer`` (or new memory) and decode it under ``limits``."""
-        url = self.url(file_id)
+    def archive(self, file_id: str, limits: DownloadLimits, buffer: DownloadBuffer | None = None,
+                codec: str | None = None) -> wire.Archive:
+        """Download ``file_id`` (encoded with ``codec``, when given) into ``buffer`` (or new memory) and decode it
+        under ``limits``."""
+        url = self.url(file_id, codec)
         with self._blob(url, limits) as response:
             view = read_to_buffer(response, buffer or DownloadBuffer(), limits)
         return limits.decode(view)

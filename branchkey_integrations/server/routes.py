@@ -45,6 +45,8 @@ from ..core.protocol import (
     encode_message,
     is_file_id,
 )
+from .codec_policy import check_upload_codecs
+from .encoded_aggregates import check_download_codec, encoded_copy
 from .analytics_rounds import analytics_message
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
@@ -90,6 +92,7 @@ async def branch_config(request: web.Request) -> web.Response:
     require_own_branch(leaf, request.match_info["branch_id"])
     branch = await server.blocking(server.store.require_branch, leaf.branch_id)
     field_ops = await server.blocking(server.store.field_ops, branch.id)
+    codecs = await server.blocking(server.store.branch_codecs, branch.id)
     return ok({
         "branch": {"id": branch.id, "name": branch.name, "tree_id": branch.tree_id},
         "service": {
@@ -97,6 +100,7 @@ async def branch_config(request: web.Request) -> web.Response:
             "config": {"min_leaves": branch.min_leaves, "round_deadline_s": branch.round_deadline_s,
                        **branch.params},  # the strategy's parameters, as the 3.x platform reports its service's
             "field_ops": field_ops,  # how an analytics round combines each field (bundle entries: by suffix)
+            **({"codecs": codecs} if codecs else {}),  # what uploads may be encoded with; absent: plain NPZ only
         },
         "model_config": {},
         "created_at": branch.created_at,
@@ -147,6 +151,8 @@ async def upload_file(request: web.Request) -> web.Response:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
         kind = declared_kind(upload.metadata)
+        accepted_codecs = await server.blocking(server.store.branch_codecs, branch.id)
+        await server.blocking(check_upload_codecs, upload.path, accepted_codecs)  # from the directory: nothing inflated
         model_limit = await server.blocking(server.store.model_size_limit, branch.id)  # refused before inflating
         archive = await decode_upload(upload.path, limits, server.workers, model_limit)
         kind = archive.kind
@@ -213,9 +219,13 @@ async def download_file(request: web.Request) -> web.Response:
     if record.kind == "upload" and record.leaf_id != leaf.id:
         raise HttpProblem(403, f"File {file_id} is another leaf's upload; a leaf may download aggregates and its own uploads.")
     check_not_removed(record)
+    codec = request.query.get("codec")  # a leaf that asks gets the aggregate in a codec its branch advertises
+    if codec is not None:
+        check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
     if record.kind == "aggregate":  # the leaf has this result: no catch-up will send it again
         await server.blocking(server.store.acknowledge, leaf.id, file_id)
-    return ok({"download_url": signed_download_url(server, request, file_id)})
+    url = signed_download_url(server, request, file_id)
+    return ok({"download_url": url if codec is None or record.kind != "aggregate" else f"{url}&codec={codec}"})
 
 
 def signed_download_url(server: Server, request: web.Request, file_id: str) -> str:
@@ -252,8 +262,12 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     if record is None:
         raise HttpProblem(404, f"No file {file_id}.")
     check_not_removed(record)
+    path, codec = server.store.file_path(record), request.query.get("codec")
+    if codec is not None and record.kind == "aggregate":  # one encoding, made once: every leaf gets the same bytes
+        check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
+        path = await server.blocking(encoded_copy, server.store, record, codec)
     return web.FileResponse(
-        server.store.file_path(record),
+        path,
         headers={"Content-Type": "application/octet-stream",
                  "Content-Disposition": f'attachment; filename="{file_id}.npz"'},
     )

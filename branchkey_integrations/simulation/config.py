@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..core.client_options import QUANTIZE
 from .data import PARTITIONS
 from .frameworks import FRAMEWORKS, TrainPlan
 
@@ -40,6 +41,8 @@ class SimulationConfig:
             defaults. Names and ranges are the server's to check: :func:`~branchkey_integrations.simulate.run`
             has it check them before any process starts.
         proximal_mu: FedProx on every leaf (the callbacks' ``proximal_mu``): 0 trains plain FedAvg leaves.
+        quantize, error_feedback: the leaves' client options of those names (the branch advertises the codec);
+            None: float32 uploads.
         baselines: also train the local-only and centralized baselines. They do not depend on the
             strategy, so a sweep over strategies computes them once per seed and turns them off elsewhere;
             the report then holds ``None`` for them.
@@ -75,6 +78,8 @@ class SimulationConfig:
     strategy: str = "fedavg"
     strategy_params: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     proximal_mu: float = 0.0
+    quantize: str | None = None
+    error_feedback: bool = True
     leaves_per_round: int | None = None
     backend: str = "process"
     ray_address: str | None = None
@@ -102,6 +107,8 @@ class SimulationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"Expected {name} to be a number > 0. Received: {name}={value!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"Expected quantize in {QUANTIZE}. Received: quantize={self.quantize!r}")
         if self.amqp_url is not None and not self.amqp_url.startswith(("amqp://", "amqps://")):
             raise ValueError("Expected amqp_url like 'amqp://guest:guest@127.0.0.1:5672/'. "
                              f"Received: amqp_url={self.amqp_url!r}")

@@ -67,6 +67,8 @@ class Simulation:
             branch, credentials = server.create_branch(config.leaves, config.strategy, config.strategy_params,
                                                        min_leaves=min_leaves)
             self.branch_id, self.strategy_params = branch["id"], branch["strategy_params"]
+            if config.quantize is not None:  # the branch advertises the codec, so the leaves' quantize= applies
+                server.admin("PUT", f"{ADMIN_PREFIX}/branches/{branch['id']}/codecs", {"codecs": [config.quantize]})
             names = [c["name"] for c in credentials]
             if config.dashboard:
                 link = server.dashboard_link()
@@ -101,8 +103,9 @@ class Simulation:
         return LeafTask(role=role, name=name, framework=self.config.framework, round=number, plan=plan,
                         credentials=credentials or {}, host=host, aggregate_id=aggregate_id,
                         proximal_mu=self.config.proximal_mu, accelerator="gpu" if gpu else "cpu",
-                        scaffold=self.config.strategy in CONTROLLED_ALGORITHMS,
-                        min_class_count=self.config.min_class_count, **calibration)
+                        scaffold=self.config.strategy in CONTROLLED_ALGORITHMS, quantize=self.config.quantize,
+                        error_feedback=self.config.error_feedback, min_class_count=self.config.min_class_count,
+                        **calibration)
 
     def _report(self, run: "_Run", names: list[str], parts: list[Split]) -> Report:
         config = self.config

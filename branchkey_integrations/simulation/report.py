@@ -107,6 +107,8 @@ def strategy_label(config: Mapping[str, Any]) -> str:
         label += " (" + ", ".join(f"{key}={value:g}" for key, value in params.items()) + ")"
     if config.get("proximal_mu"):
         label += f" + FedProx mu={config['proximal_mu']:g}"
+    if config.get("quantize"):
+        label += f" + {config['quantize']} uploads" + (" (error feedback)" if config.get("error_feedback", True) else "")
     return label
 
 

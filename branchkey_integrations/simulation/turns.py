@@ -71,6 +71,8 @@ class LeafTask:
     calibrate: bool = False  # ``score``: also send this leaf's calibration statistics of the last aggregate
     min_class_count: int = 1  # with ``calibrate``: a class with fewer samples here is not sent
     analytics_id: str | None = None  # ``calibrate``: the calibration round's analytics aggregate
+    quantize: str | None = None  # the client's quantize= (the branch advertises that codec); None: float32
+    error_feedback: bool = True  # with quantize: the residual goes on from turn to turn in the leaf's state
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -165,9 +167,11 @@ def _turn(task: LeafTask, framework: Any, data: Split, held: Split, state: Any) 
                                                  state.get("optimizer"), accelerator=task.accelerator,
                                                  scaffold=scaffold)
         pending = scaffold.prepare(layers) if scaffold is not None else None
+        client.encoding.load_state_dict(state.get("feedback") or {})  # error feedback: the leaf's residual so far
         _upload(client, len(data), layers, pending.delta if pending is not None else ())
+        feedback = client.encoding.state_dict()
     logger.info("%s uploaded round %d (%d samples)", task.name, task.round, len(data))
-    return len(data), {"optimizer": optimizer, "pending": pending,
+    return len(data), {"optimizer": optimizer, "pending": pending, "feedback": feedback,
                        "scaffold": scaffold.state_dict() if scaffold is not None else None}
 
 
@@ -219,7 +223,8 @@ def _client(task: LeafTask) -> Any:
 
     # a few retries only: a simulation's server is local, and a failure must show in the report, not hang
     # a paused run (the dashboard's pause button) holds the turn's upload until it starts again
-    return Client(task.credentials, host=task.host, transport="none", max_retries=3, wait_for_run=True)
+    return Client(task.credentials, host=task.host, transport="none", max_retries=3, wait_for_run=True,
+                  quantize=task.quantize, error_feedback=task.error_feedback)
 
 
 def _download(client: Any, aggregate_id: str | None, controls: bool = False) -> Any:

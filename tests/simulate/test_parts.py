@@ -24,7 +24,7 @@ from branchkey_integrations.simulation.report import LeafSummary, Report, RoundR
     ("proximal_mu", -0.5, "proximal_mu to be a number >= 0"), ("proximal_mu", True, "proximal_mu"),
     ("backend", "dask", "Expected backend in"),
     ("leaves_per_round", 4, "leaves_per_round from 1 to leaves=3"), ("max_concurrent_leaves", 0, ">= 1"),
-    ("leaf_gpus", -1, "leaf_gpus to be a number >= 0"),
+    ("leaf_gpus", -1, "leaf_gpus to be a number >= 0"), ("quantize", "int4", "Expected quantize in"),
 ])
 def test_bad_settings_fail_when_set(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -104,6 +104,11 @@ def test_a_report_without_baselines_shows_dashes_and_plots_the_federated_line_on
     assert Report.from_dict(json.loads((tmp_path / "report.json").read_text())) == report
     assert [line.get_label() for line in plot_rounds(report).get_lines()] == ["federated (fedavg)"]
     assert open(files["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_label_names_quantized_uploads_and_their_error_feedback():
+    assert strategy_label({"strategy": "fedavg", "quantize": "int8"}) == "fedavg + int8 uploads (error feedback)"
+    assert strategy_label({"strategy": "fedavg", "quantize": "int8", "error_feedback": False}) == "fedavg + int8 uploads"
 
 
 def test_strategy_params_are_a_read_only_copy_and_the_label_names_everything():
