@@ -1,6 +1,6 @@
 """``branchkey-local init`` (a tree, a branch, N leaves and their credential files), ``branch strategy`` /
-``branch max-model-mb`` (a branch's settings, between rounds) and ``branch --field-op`` (how its analytics rounds
-combine each field)."""
+``branch max-model-mb`` (a branch's settings, between rounds), ``branch --field-op`` (how its analytics rounds
+combine each field) and ``branch --codecs`` (what its uploads may be encoded with)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..core.protocol import ADMIN_PREFIX
 from ..server.durable import write_private_file
 from ..server.store import Branch, Store
 from ..server.analytics import check_field_ops
+from ..server.codec_policy import check_codecs
 from ..server.strategies import check_strategy, strategy_for
 from .failures import CliError
 from .live import admin_call, change_branch, live_server
@@ -128,10 +129,37 @@ def cmd_branch_max_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_branch_codecs(args: argparse.Namespace) -> int:
+    """``branch --codecs NAME,...``: through the live server, else in the store."""
+    try:
+        codecs = check_codecs(args.codecs)
+    except InvalidValueError as exc:
+        raise CliError(str(exc)) from exc
+
+    def in_store(store: Store, branch: Branch) -> tuple[dict[str, Any], str]:
+        return {"codecs": store.set_branch_codecs(branch.id, codecs)}, "in the store (no live server)"
+
+    def through_live(live: tuple[str, str], branch: Branch) -> tuple[dict[str, Any], str]:
+        return (admin_call(live, "PUT", f"{ADMIN_PREFIX}/branches/{branch.id}/codecs", {"codecs": codecs}),
+                f"through {live[0]}")
+
+    branch, result, how = change_branch(args, in_store, through_live)
+    print(f"branch {branch.id}: accepts codecs {', '.join(result['codecs']) or 'none (plain NPZ only)'}, set {how}")
+    return 0
+
+
 def cmd_branch_field_ops(args: argparse.Namespace) -> int:
-    """``branch --field-op NAME=OP ...``: through the live server (under its analytics lock), else in the store."""
+    """``branch --field-op NAME=OP ...`` (and ``--codecs``): through the live server (under its analytics lock),
+    else in the store."""
+    if args.codecs is not None and not args.data_dir:
+        raise CliError("branch --codecs: give --data-dir DIR (or set BRANCHKEY_DATA_DIR).")
+    if args.codecs is not None:
+        cmd_branch_codecs(args)
+        if not args.field_op:
+            return 0
     if not args.field_op:
-        raise CliError("branch: give an ACTION (strategy, max-model-mb) or --field-op NAME=OP (see branch --help).")
+        raise CliError("branch: give an ACTION (strategy, max-model-mb), --field-op NAME=OP or --codecs NAME,... "
+                       "(see branch --help).")
     if not args.data_dir:
         raise CliError("branch --field-op: give --data-dir DIR (or set BRANCHKEY_DATA_DIR).")
     ops: dict[str, str | None] = dict(args.field_op)

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how an analytics round combines field NAME: sum, min, max or must_match (every leaf "
                              "sends the same value); NAME= removes it; repeatable. Bundle entries of save_analytics "
                              "(<column>_n, _sum, _sumsq, _min, _max, _nan) need none")
+    branch.add_argument("--codecs", type=_codec_list, metavar="NAME,...",
+                        help="the codecs the branch advertises and accepts uploads in besides plain NPZ: shuffle-zstd "
+                             "(lossless), fp16, bf16, int8 (lossy: a leaf uses one only with quantize=); "
+                             "'' (empty): plain NPZ only")
     branch.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV) or None, metavar="DIR",
                         help=f"the server's data directory (default: ${DATA_DIR_ENV})")
     branch.add_argument("--branch-id", help="needed only when the store holds several branches")
@@ -292,6 +296,10 @@ def _strategies_help() -> str:
     """Every registered strategy with its one-line summary, from the classes."""
     return "; ".join(f"{name}: {STRATEGIES[name].summary}" for name in sorted(STRATEGIES))
 
+
+
+def _codec_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _field_op(text: str) -> tuple[str, str | None]:

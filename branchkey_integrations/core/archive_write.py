@@ -116,7 +116,7 @@ def _lay_out(members: list[tuple[str, np.ndarray]], kind: PayloadKind, compressi
         csize = 0
         for piece in encoded:  # bytes, or flat byte views (len is their size); no temporaries: see below
             csize += len(piece)
-        pieces.append(memoryview(member(key, method, crc32(data, crc32(header)), len(header) + data.nbytes, csize, tag)))
+        pieces.append(memoryview(member(key, method, codec.decoded_crc(header, data), len(header) + data.nbytes, csize, tag)))
         for piece in encoded:
             pieces.append(piece if type(piece) is memoryview else memoryview(piece))
     # no temporary container per member (a map, a list): on 20,000 small members those cost ~10 % more

@@ -49,7 +49,8 @@ from .protocol import (
     RUN_STATUSES, START, UPLOAD_PATH, WS_TICKET_PATH, Notification, is_file_id,
 )
 from .progress import RoundView, UploadReceipt, parse_round_view
-from .transfer import Buffer, DownloadBuffer, MultipartBody, file_chunks, size_and_digest, upload_compression
+from .transfer import Buffer, DownloadBuffer, MultipartBody, file_chunks, size_and_digest
+from .upload_encoding import UploadEncoding
 from .version import __version__
 from .waiter import Every, RoundWaiter
 from .watch import find_missed_aggregate
@@ -80,6 +81,8 @@ class Client(PayloadCalls):
         max_download_bytes: the most an aggregate may hold; None: 4 times what this leaf uploaded plus
             1 MiB (see :class:`~.download.Downloads`). Beyond it a download is refused (``ArchiveTooLargeError``).
         download_timeout: seconds a whole download may take (``DownloadTimeoutError`` after).
+        compression, quantize, error_feedback: how uploads are encoded (lossless by link; lossy only when asked
+            and the branch accepts it): see :mod:`~.codec_choice`.
         timeout: the old name of ``request_timeout`` (a ``DeprecationWarning``).
 
     The defaults are :class:`ClientOptions`'; after an upload, :attr:`last_upload` is its :class:`UploadReceipt`.
@@ -117,13 +120,17 @@ class Client(PayloadCalls):
         backoff_factor: float = ClientOptions.backoff_factor,
         max_download_bytes: int | None = ClientOptions.max_download_bytes,
         download_timeout: float = ClientOptions.download_timeout,
+        compression: str = ClientOptions.compression,
+        quantize: str | None = ClientOptions.quantize,
+        error_feedback: bool = ClientOptions.error_feedback,
         timeout: float | None = None,
     ) -> None:
         options = {"host": host, "rbmq_host": rbmq_host, "rbmq_port": rbmq_port, "ssl": ssl, "wait_for_run": wait_for_run,
                    "run_check_interval_s": run_check_interval_s, "proxies": proxies, "transport": transport,
                    "output_dir": output_dir, "request_timeout": request_timeout, "max_retries": max_retries,
                    "backoff_factor": backoff_factor, "max_download_bytes": max_download_bytes,
-                   "download_timeout": download_timeout}
+                   "download_timeout": download_timeout, "compression": compression, "quantize": quantize,
+                   "error_feedback": error_feedback}
         if timeout is not None:  # the old name: ClientOptions.checked warns (and refuses both names at once)
             options = {**{k: v for k, v in options.items() if k != "request_timeout" or v != ClientOptions.request_timeout},
                        "timeout": timeout}
@@ -155,6 +162,7 @@ class Client(PayloadCalls):
         self._upload_mark = 0  # aggregation ids received before the last upload
         self._upload_round: tuple[int, int] | None = None  # the round wait_for_aggregation waits on, if said
         self.last_upload: UploadReceipt | None = None  # what the last upload was, and where it went
+        self.encoding = UploadEncoding(settings, urlsplit(self._api_host).hostname or "", self.get_branch_config)
 
         self.get_run_details()
         self._authenticated = True
@@ -286,19 +294,18 @@ class Client(PayloadCalls):
         return self._post_upload(functools.partial(file_chunks, file_path), Path(file_path).name, size, digest,
                                  archive.kind).file_id
 
-    def upload_weights(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
+    def upload_weights(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str | None = None,
                        compresslevel: int | None = None) -> str:
         """Encode and upload in one step, streaming from the arrays themselves; return the ``file_id``
         (:meth:`upload_arrays` returns the whole :class:`UploadReceipt`).
 
-        ``compression="auto"`` stores members on loopback and private-network hosts, and deflates them at level
-        1 elsewhere when isal is installed (see :func:`~.transfer.upload_compression`); ``"none"`` or ``"deflate"``
-        (with ``compresslevel``) force a choice. The arrays must not change until this returns: the body is sent
+        ``compression`` (None: the client's option, ``"auto"`` unless set) and the client's ``quantize`` choose
+        the codec (:func:`~.codec_choice.choose_codec`: stored on local links, else the best the branch accepts). The arrays must not change until this returns: the body is sent
         from them directly. The weighting and every value are checked before a byte is sent.
         """
         return self.upload_arrays(weighting, parameters, compression=compression, compresslevel=compresslevel).file_id
 
-    def upload_arrays(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str = "auto",
+    def upload_arrays(self, weighting: float, parameters: Sequence[np.ndarray], *, compression: str | None = None,
                       compresslevel: int | None = None, values_checked: bool = False,
                       controls: Sequence[np.ndarray] = ()) -> UploadReceipt:
         """:meth:`upload_weights`, returning what was uploaded into which run and round (:class:`UploadReceipt`).
@@ -310,8 +317,8 @@ class Client(PayloadCalls):
         """
         self._ensure_run_started()
         # wire.prepare checks the weighting as it encodes that member unless the caller already did
-        archive = wire.prepare(parameters, weighting, compresslevel=compresslevel, checked=values_checked,
-                               controls=controls, compression=upload_compression(compression, urlsplit(self._api_host).hostname or ""))
+        archive = self.encoding.encode(parameters, compression, lambda layers, codec: wire.prepare(
+            layers, weighting, compresslevel=compresslevel, checked=values_checked, controls=controls, compression=codec))
         if not values_checked:
             # The digest header must precede the body, so hashing is on the critical path; the finite check
             # runs beside it (both release the GIL), which hides it on a machine with two cores.

@@ -31,10 +31,14 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from .float_codecs import QUANTIZERS
 from .protocol import DEFAULT_HOST
+from .tensor_codecs import codec_names
 
 DEFAULT_OUTPUT_DIR = "./aggregated_output"
 TRANSPORTS = ("auto", "amqp", "websocket", "none")
+#: the ``quantize=`` choices: None (lossless) or a lossy codec (see :mod:`.codec_choice`)
+QUANTIZE = (None, *QUANTIZERS)
 
 
 def check_host(host: str) -> str:
@@ -53,6 +57,21 @@ def _host(name: str, value: Any) -> str:
 def _transport(name: str, value: Any) -> str:
     if value not in TRANSPORTS:
         raise ValueError(f"Expected transport in {TRANSPORTS}. Received: transport={value!r}")
+    return value
+
+
+def check_compression(name: str, value: Any) -> str:
+    """``value`` as a ``compression=`` choice: ``"auto"`` or a registered codec's name (see :mod:`.codec_choice`)."""
+    choices = ("auto", *codec_names())
+    if value not in choices:
+        raise ValueError(f"Expected {name} in {choices}. Received: {name}={value!r}")
+    return value
+
+
+def check_quantize(name: str, value: Any) -> str | None:
+    """``value`` as a ``quantize=`` choice: None or a lossy codec's name."""
+    if value not in QUANTIZE:
+        raise ValueError(f"Expected {name} in {QUANTIZE}. Received: {name}={value!r}")
     return value
 
 
@@ -141,6 +160,9 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "backoff_factor": _factor,
     "max_download_bytes": _optional_bytes,
     "download_timeout": _seconds,
+    "compression": check_compression,
+    "quantize": check_quantize,
+    "error_feedback": _flag,
     "timeout": _seconds,  # the old name of request_timeout: see check_client_options
 }
 CLIENT_OPTIONS = tuple(_RULES)
@@ -202,6 +224,9 @@ class ClientOptions:
     backoff_factor: float = 0.5
     max_download_bytes: int | None = None
     download_timeout: float = 3600.0  # seconds a whole download may take when the call does not say
+    compression: str = "auto"  # how uploads are encoded: see codec_choice (by link, and what the branch accepts)
+    quantize: str | None = None  # lossy, opt-in: "fp16", "bf16" or "int8", where the branch accepts it
+    error_feedback: bool = True  # with a lossy codec: what it dropped is added to the next upload
 
     def __post_init__(self) -> None:
         for f in fields(self):  # normalized: the host without its slash, seconds as floats

@@ -124,15 +124,11 @@ class Federation:
         self.last_round_index: int | None = None
         self._client: Client | None = None
         self._download_buffer = DownloadBuffer()  # reused round after round: see DownloadBuffer
+        self._encoding_state: dict[str, Any] = {}  # error feedback loaded before connect()
 
-    host = _option("host")
-    timeout = _option("timeout")
-    on_timeout = _option("on_timeout")
-    log_every_s = _option("log_every_s")
-    check_every_s = _option("check_every_s")
-    transport = _option("transport")
-    connect_timeout = _option("connect_timeout")
-    client_options = _option("client_options")
+    (host, timeout, on_timeout, log_every_s, check_every_s, transport, connect_timeout,
+     client_options) = (_option(name) for name in ("host", "timeout", "on_timeout", "log_every_s", "check_every_s",
+                                                   "transport", "connect_timeout", "client_options"))
 
     # ------------------------------------------------------------ connection
     def connect(self, client_factory: Callable[[Credentials, ClientOptions], Client] = Client.from_options) -> Client:
@@ -143,6 +139,7 @@ class Federation:
         if self._client is None:
             client = client_factory(self._credentials, self.options.client)
             self._client = client
+            client.encoding.load_state_dict(self._encoding_state)
             if self._interrupted is not None:
                 client.waiter.interrupt(self._interrupted)
             channel = client.notifications
@@ -225,7 +222,8 @@ class Federation:
         state: dict[str, Any] = {"round": self.round, "last_aggregation_id": self.last_aggregation_id}
         if self.last_run_number is not None and self.last_round_index is not None:
             state.update(last_run_number=self.last_run_number, last_round_index=self.last_round_index)
-        return state
+        # the error-feedback residual (a quantizing leaf): the client's, or what was loaded before it connected
+        return {**state, **(self._client.encoding.state_dict() if self._client is not None else self._encoding_state)}
 
     @property
     def last_aggregate(self) -> AggregateRef | None:
@@ -239,6 +237,9 @@ class Federation:
         self.last_aggregation_id = state.get("last_aggregation_id")
         self.last_run_number = state.get("last_run_number")
         self.last_round_index = state.get("last_round_index")
+        self._encoding_state = {key: state[key] for key in ("error_feedback",) if key in state}
+        if self._client is not None:
+            self._client.encoding.load_state_dict(self._encoding_state)
 
     # ----------------------------------------------------------------- round
     def run_round(

@@ -91,6 +91,14 @@ class Codec:
         """A decoder of one member of ``compressed_size`` encoded bytes."""
         return WholeDecoder(self, compressed_size)
 
+    def decoded_crc(self, header: bytes, data: memoryview) -> int:
+        """The CRC-32 of the member as a reader decodes it (zip's CRC): of ``header`` and ``data`` for a lossless codec."""
+        return crc32(data, crc32(header))
+
+    def sized_decoder(self, compressed_size: int, decoded_size: int) -> Decoder:
+        """:meth:`decoder`, told the member's declared size too (one that checks it before allocating overrides this)."""
+        return self.decoder(compressed_size)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

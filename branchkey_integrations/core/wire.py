@@ -26,6 +26,7 @@ from .archive_read import Source, decode, layer_pieces, read_control, read_layer
 from .archive_write import ArchiveWriter, EncodedArchive, encode, prepare, prepare_fields, stored_members
 from .tensor_codecs import (DEFAULT_DEFLATE_LEVEL, FAST_DEFLATE, ZIP_DEFLATED, ZIP_STORED, Codec, codec_named, codec_names,
                      register_codec, unregister_codec)
+from . import float_codecs  # noqa: F401 - registers fp16, bf16, int8 and shuffle-zstd in every process that reads archives
 from .payload_kinds import control_problem, validate_upload
 from .protocol import KIND_FEDERATED_ANALYTICS, KIND_FEDERATED_LEARNING, KIND_KEY, LAYER_PATTERN, WEIGHTING_KEY
 from .zipformat import CORRUPT_ZIP_ERRORS

@@ -203,7 +203,7 @@ class MemberReader:
         self._offset = info.header_offset + skip + len(self._ahead)  # of the member's next unread bytes
         self._unread = info.compress_size - len(self._ahead)
         self._left = info.file_size  # decoded bytes still to come
-        self._decoder = codec.decoder(info.compress_size) if codec.method != ZIP_STORED else None
+        self._decoder = codec.sized_decoder(info.compress_size, info.file_size) if codec.method != ZIP_STORED else None
         self._tail: bytes | memoryview = b""  # input the decoder has not consumed yet
         self._crc = 0
         self.spill = memoryview(b"")  # decoded bytes read ahead by a caller and handed back (:meth:`readinto`)

@@ -27,6 +27,7 @@ from aiohttp import web
 from ..core.errors import BrokerError
 from ..core.protocol import ADMIN_PREFIX, KIND_FEDERATED_ANALYTICS, STOP
 from .analytics import check_field_ops
+from .codec_policy import check_codecs
 from .httpio import HttpProblem, is_decimal, ok, read_json_object
 from .lifecycle import record_action
 from .state import MAX_METRICS_PAGE, METRICS_PAGE, Server, server_of
@@ -137,8 +138,20 @@ async def get_branch(request: web.Request, server: Server) -> web.Response:
     branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
     leaves = await server.blocking(server.store.list_leaves, branch.id)
     field_ops = await server.blocking(server.store.field_ops, branch.id)
-    return ok({**branch.to_dict(), "leaves": [leaf.public() for leaf in leaves], "field_ops": field_ops,
+    codecs = await server.blocking(server.store.branch_codecs, branch.id)
+    return ok({**branch.to_dict(), "leaves": [leaf.public() for leaf in leaves], "field_ops": field_ops, "codecs": codecs,
                "connected_websockets": server.notifier.connected(branch.id)})
+
+
+@admin
+async def set_codecs(request: web.Request, server: Server) -> web.Response:
+    """Set the codecs the branch advertises and accepts uploads in: ``{"codecs": ["int8", ...]}`` (empty: none)."""
+    body = await read_json_object(request)
+    codecs = check_codecs(body.get("codecs"))
+    branch = await server.blocking(server.store.require_branch, request.match_info["branch_id"])
+    result = await server.blocking(server.store.set_branch_codecs, branch.id, codecs)
+    await record_action(request, server, "branch.codecs", branch.id, codecs=result)
+    return ok({"branch_id": branch.id, "codecs": result})
 
 
 @admin
@@ -290,6 +303,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_put(branches + "/{branch_id}/strategy", set_strategy)
     app.router.add_put(branches + "/{branch_id}/max-model-bytes", set_max_model_bytes)
     app.router.add_put(branches + "/{branch_id}/field-ops", set_field_ops)
+    app.router.add_put(branches + "/{branch_id}/codecs", set_codecs)
     app.router.add_delete(branches + "/{branch_id}/analytics/open/uploads/{leaf}", drop_analytics_upload)
     app.router.add_post(branches + "/{branch_id}/analytics/open/reset", reset_analytics_round)
     app.router.add_get(branches + "/{branch_id}/analytics", _listing("analytics", Store.analytics_history))

@@ -50,6 +50,7 @@ from ..core.protocol import (
     WS_PATH,
     WS_TICKET_PATH,
 )
+from .codec_policy import advertisable
 from .events import KINDS
 from .state import MAX_METRICS_BYTES, MAX_METRICS_PAGE, MAX_METRICS_PER_ROUND, METRICS_PAGE
 from .store import MAX_MODEL_BYTES
@@ -169,6 +170,9 @@ def schemas() -> dict[str, Schema]:
         "FieldOpsRequest": _obj({"field_ops": {"type": "object", "minProperties": 1, "propertyNames": _FIELD_NAME,
                                                "additionalProperties": _null({"enum": list(FIELD_OPS)}),
                                                "description": "field name -> operation; null removes it"}}),
+        "Codecs": {"type": "array", "items": {"enum": advertisable()}, "uniqueItems": True,
+                   "description": "codecs the branch's uploads may be encoded with besides plain NPZ; absent or "
+                                  "empty: plain NPZ only"},
         "DownloadUrl": _obj({"download_url": {"type": "string", "format": "uri"}}),
         "MetricsRequest": _obj(
             {"mode": {"enum": list(METRIC_MODES)}, "leaf_id": _STR, "branch_id": _STR, "tree_id": _STR,
@@ -182,7 +186,7 @@ def schemas() -> dict[str, Schema]:
             "service": _obj({"algorithm": strategy, "config": {**_obj({
                 "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})}),
                 "description": "min_leaves, round_deadline_s and the strategy's parameters (eta, beta_1, ...)"},
-                "field_ops": _ref("FieldOps")}),
+                "field_ops": _ref("FieldOps")}, {"codecs": _ref("Codecs")}),
             "model_config": {"type": "object"}, "created_at": _TIME, "updated_at": _TIME,
         }),
         "Ticket": _obj({"ticket_id": _STR, "request_id": _STR, "expires_at": _TIME}),
@@ -330,7 +334,7 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
         branches: {"get": admin("List branches", ok=(200, _list_of("branches", _ref("Branch"))), errors=(401,))},
         branch: {"get": admin("Get branch", ok=(200, {"allOf": [_ref("Branch"), _obj({
             "leaves": {"type": "array", "items": _ref("Leaf")}, "connected_websockets": _INT,
-            "field_ops": _ref("FieldOps")})]}),
+            "field_ops": _ref("FieldOps"), "codecs": _ref("Codecs")})]}),
             errors=found, params=("branch_id",))},
         branch + "/leaves": {
             "post": admin("Create leaves", ok=(201, _list_of("leaves", _ref("LeafCredentials"))), errors=found,
@@ -367,6 +371,11 @@ def _admin_paths() -> dict[str, dict[str, Schema]]:
             description="How analytics rounds combine each named field: sum, min, max or must_match (every leaf "
                         "sends the identical value); null removes one. An analytics upload with a field that has no "
                         "operation (and is no save_analytics bundle entry) is refused with 400 naming it.")},
+        branch + "/codecs": {"put": admin(
+            "Set accepted codecs", ok=(200, _obj({"branch_id": _STR, "codecs": _ref("Codecs")})), errors=found,
+            params=("branch_id",), body=_obj({"codecs": _ref("Codecs")}),
+            description="The codecs the branch advertises in its config (service.codecs) and accepts uploads in; "
+                        "an upload in another is refused with 400 naming it. Empty: plain NPZ only.")},
         branch + "/analytics": {"get": listing("analytics", "analytics rounds")},
         branch + "/analytics/open/uploads/{leaf}": {"delete": admin(
             "Drop analytics upload", ok=(200, _obj({"dropped": {"type": "array", "items": _STR}, "kind": _KIND})),

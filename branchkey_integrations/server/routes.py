@@ -45,6 +45,7 @@ from ..core.protocol import (
     encode_message,
     is_file_id,
 )
+from .codec_policy import check_upload_codecs
 from .analytics_rounds import analytics_message
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
@@ -90,6 +91,7 @@ async def branch_config(request: web.Request) -> web.Response:
     require_own_branch(leaf, request.match_info["branch_id"])
     branch = await server.blocking(server.store.require_branch, leaf.branch_id)
     field_ops = await server.blocking(server.store.field_ops, branch.id)
+    codecs = await server.blocking(server.store.branch_codecs, branch.id)
     return ok({
         "branch": {"id": branch.id, "name": branch.name, "tree_id": branch.tree_id},
         "service": {
@@ -97,6 +99,7 @@ async def branch_config(request: web.Request) -> web.Response:
             "config": {"min_leaves": branch.min_leaves, "round_deadline_s": branch.round_deadline_s,
                        **branch.params},  # the strategy's parameters, as the 3.x platform reports its service's
             "field_ops": field_ops,  # how an analytics round combines each field (bundle entries: by suffix)
+            **({"codecs": codecs} if codecs else {}),  # what uploads may be encoded with; absent: plain NPZ only
         },
         "model_config": {},
         "created_at": branch.created_at,
@@ -147,6 +150,8 @@ async def upload_file(request: web.Request) -> web.Response:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
         kind = declared_kind(upload.metadata)
+        accepted_codecs = await server.blocking(server.store.branch_codecs, branch.id)
+        await server.blocking(check_upload_codecs, upload.path, accepted_codecs)  # from the directory: nothing inflated
         model_limit = await server.blocking(server.store.model_size_limit, branch.id)  # refused before inflating
         archive = await decode_upload(upload.path, limits, server.workers, model_limit)
         kind = archive.kind

@@ -15,12 +15,13 @@ describes the data directory's layout. The row types live in
 
 from __future__ import annotations
 
-from . import (store_analytics, store_audit, store_delivery, store_files, store_identity, store_metrics, store_optimizer,
+from . import (store_analytics, store_audit, store_codecs, store_delivery, store_files, store_identity, store_metrics, store_optimizer,
                store_refusals, store_rounds)
 from .records import Branch, FileRecord, Leaf, Round, UploadInput
 from .store_audit import AuditRecords
 from .store_db import ADMIN_TOKEN_FILE, DB_NAME, FILES_DIR, STATE_DIR, new_id, now_iso
 from .store_analytics import AnalyticsRecords
+from .store_codecs import CodecRecords
 from .store_delivery import DeliveryRecords
 from .store_files import FileRecords
 from .store_identity import (
@@ -37,7 +38,7 @@ from .store_rounds import KEYS_PER_LEAF, RoundRecords
 
 
 class Store(IdentityRecords, RoundRecords, FileRecords, OptimizerRecords, RefusalRecords, DeliveryRecords,
-            MetricRecords, AnalyticsRecords, AuditRecords):
+            MetricRecords, AnalyticsRecords, AuditRecords, CodecRecords):
     """SQLite metadata plus model files under one data directory; safe to share between threads.
 
     Example:
@@ -53,7 +54,7 @@ class Store(IdentityRecords, RoundRecords, FileRecords, OptimizerRecords, Refusa
 
     TABLES = tuple(family.TABLES for family in (store_identity, store_files, store_rounds, store_metrics,
                                                  store_refusals, store_delivery, store_optimizer, store_analytics,
-                                                 store_audit))
+                                                 store_audit, store_codecs))
 
     def get_file(self, file_id: str) -> FileRecord | None:
         """A model file, or an analytics one (:mod:`.store_analytics`): a download finds either kind."""

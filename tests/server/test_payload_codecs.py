@@ -18,6 +18,7 @@ def test_a_round_of_uploads_in_a_registered_codec_aggregates_to_the_weighted_mea
     codec = codecs.register_codec(Bz2Codec())
     try:
         branch, leaves = live.make_branch(2)
+        live.admin("PUT", f"/admin/v1/branches/{branch['id']}/codecs", {"codecs": [codec.name]}, expect=200)
         uploads = [([np.full((3, 4), value, np.float32), np.arange(5.0) * value], weighting)
                    for value, weighting in ((1.0, 1.0), (4.0, 3.0))]
         for leaf, (layers, weighting) in zip(leaves, uploads):
