@@ -49,6 +49,10 @@ WEIGHTINGS = (10.0, 11.0)
 PATHS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "float32": ({}, {}, []),  # today's default: members stored (``compression="auto"`` on a private network)
     "deflate": ({}, {"compression": "deflate"}, []),  # float32, deflate level 1 (what a public host gets)
+    "lossless": ({"compression": "shuffle-zstd"}, {}, ["shuffle-zstd"]),  # forced: "auto" stores on a private net
+    "fp16": ({"quantize": "fp16"}, {}, ["fp16"]),
+    "bf16": ({"quantize": "bf16"}, {}, ["bf16"]),
+    "int8": ({"quantize": "int8"}, {}, ["int8"]),  # blockwise, a scale per block; error feedback on (default)
 }
 
 
@@ -123,6 +127,7 @@ def our_round(topology: Topology, path: str, params: int, workdir: Path, timeout
     errors = {key: stamps[0][key] for key in ("max_abs_error", "relative_rms_error") if key in stamps[0]}
     return {"seconds": max(s["end"] for s in stamps) - min(s["start"] for s in stamps),
             "upload_s": [s["uploaded"] - s["start"] for s in stamps],
+            "codecs": [s.get("codec") for s in stamps], "upload_sizes": [s.get("upload_size") for s in stamps],
             "aggregate_dtype": stamps[0].get("aggregate_dtype"), "layers": stamps[0]["layers"], **errors,
             "leaf_bytes": [{"sent": a[0] - b[0], "received": a[1] - b[1]} for a, b in zip(after, before)]}
 
@@ -130,7 +135,7 @@ def our_round(topology: Topology, path: str, params: int, workdir: Path, timeout
 def _accept_codecs(data_dir: Path, codecs: list[str]) -> None:
     """Have the branch advertise ``codecs`` (``branchkey-local branch --codecs``)."""
     subprocess.run([sys.executable, "-m", "branchkey_integrations.cli", "branch", "--data-dir", str(data_dir),
-                    "--codecs", *codecs], check=True, capture_output=True, timeout=120)
+                    "--codecs", ",".join(codecs)], check=True, capture_output=True, timeout=120)
 
 
 def measure(params: int, rates: list[float], paths: list[str], flower_python: Path | None, delay_ms: float | None,
@@ -185,6 +190,8 @@ def summarize(results: dict[str, Any], model_bytes: int) -> dict[str, Any]:
             summary[f"{rate}/{path}"] = {
                 "seconds": round(row["seconds"], 3),
                 "bytes_per_leaf": moved, "share_of_float32_x2": round(moved / (2 * model_bytes), 4),
+                # the link alone: a leaf's bytes up then down at the shaped rate (what CPU and waits add is the rest)
+                "link_floor_s": round(moved * 8 / (float(rate) * 1e6), 2),
                 "vs_our_float32": round(base / row["seconds"], 2) if base else None,
                 "vs_flower": round(flower / row["seconds"], 2) if flower else None}
     return summary
@@ -195,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=100_000_000)
     parser.add_argument("--rates", type=float, nargs="+", default=[100.0, 20.0], metavar="MBIT")
-    parser.add_argument("--paths", nargs="+", default=["float32", *[p for p in PATHS if p not in ("float32", "deflate")],
-                                                       "flower"], choices=[*PATHS, "flower"])
+    parser.add_argument("--paths", nargs="+", default=["float32", "int8", "fp16", "lossless", "flower"],
+                        choices=[*PATHS, "flower"])
     parser.add_argument("--flower-python", type=Path, default=None,
                         help="Python of a venv with flwr 1.42 (python3 -m venv /tmp/flwr-venv && "
                              "/tmp/flwr-venv/bin/pip install 'flwr==1.42.*')")

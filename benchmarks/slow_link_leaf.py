@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     if sys.stdin.readline().strip() != "go":
         return
     stamps: dict[str, Any] = {"start": time.time()}
-    client.upload_weights(args.weighting, layers, **json.loads(args.upload_options))
+    receipt = client.upload_arrays(args.weighting, layers, **json.loads(args.upload_options))
     stamps["uploaded"] = time.time()
+    stamps["upload_size"] = receipt.size
+    stamps["codec"] = getattr(getattr(client, "encoding", None), "last_codec", None)
     aggregation_id = client.wait_for_aggregation(timeout=3600)
     stamps["notified"] = time.time()
     archive = client.download_aggregate(aggregation_id, buffer=buffer)
