@@ -108,12 +108,14 @@ def our_round(topology: Topology, path: str, params: int, workdir: Path, timeout
             if line != "ready":
                 raise RuntimeError(f"leaf {i} said {line!r} instead of 'ready'")
         before = [topology.leaf_bytes(i) for i in range(topology.leaves)]
+        server_cpu = _cpu_seconds(server.pid)
         for leaf in leaves:
             assert leaf.stdin is not None
             leaf.stdin.write("go\n")
             leaf.stdin.flush()
         stamps = [json.loads(_readline(leaf, deadline, f"leaf {i}'s round")) for i, leaf in enumerate(leaves)]
         after = [topology.leaf_bytes(i) for i in range(topology.leaves)]
+        server_cpu = _cpu_seconds(server.pid) - server_cpu
     finally:
         for process in [*leaves, server]:
             if process.poll() is None:
@@ -127,9 +129,16 @@ def our_round(topology: Topology, path: str, params: int, workdir: Path, timeout
     errors = {key: stamps[0][key] for key in ("max_abs_error", "relative_rms_error") if key in stamps[0]}
     return {"seconds": max(s["end"] for s in stamps) - min(s["start"] for s in stamps),
             "upload_s": [s["uploaded"] - s["start"] for s in stamps],
+            "leaf_cpu_s": [s.get("cpu_s") for s in stamps], "server_cpu_s": server_cpu,
             "codecs": [s.get("codec") for s in stamps], "upload_sizes": [s.get("upload_size") for s in stamps],
             "aggregate_dtype": stamps[0].get("aggregate_dtype"), "layers": stamps[0]["layers"], **errors,
             "leaf_bytes": [{"sent": a[0] - b[0], "received": a[1] - b[1]} for a, b in zip(after, before)]}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its waited-for children so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _accept_codecs(data_dir: Path, codecs: list[str]) -> None:
