@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .common import load_average, make_layers, save_report
 from .harness import REPO, init_branch, wait_until
@@ -148,9 +148,8 @@ def _accept_codecs(data_dir: Path, codecs: list[str]) -> None:
 
 
 def measure(params: int, rates: list[float], paths: list[str], flower_python: Path | None, delay_ms: float | None,
-            timeout: float) -> dict[str, Any]:
-    model_bytes = sum(a.nbytes for a in make_layers(min(params, 1000)))  # layout check only; sizes below
-    del model_bytes
+            timeout: float, on_row: Callable[[dict[str, Any]], None] = lambda results: None) -> dict[str, Any]:
+    """Every path at every rate; ``on_row(results so far)`` after each (a long run keeps what it measured)."""
     results: dict[str, Any] = {}
     for rate in rates:
         per_rate: dict[str, Any] = {}
@@ -174,7 +173,8 @@ def measure(params: int, rates: list[float], paths: list[str], flower_python: Pa
                     per_rate[path] = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
                 per_rate[path]["wall_s"] = time.monotonic() - started
                 _print_row(rate, path, per_rate[path])
-        results[f"{rate:g}"] = per_rate
+                results[f"{rate:g}"] = per_rate
+                on_row(results)
     return results
 
 
@@ -234,12 +234,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     model_bytes, params = sum(a.nbytes for a in layers), sum(a.size for a in layers)
     del layers
     before = load_average()
-    results = measure(args.params, args.rates, args.paths, args.flower_python, args.delay_ms, args.timeout)
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-              "kernel": os.uname().release, "load_before": before, "load_after": load_average(),
-              "params": params, "model_bytes": model_bytes, "leaves": 2, "rates_mbit": args.rates,
-              "results": results, "summary": summarize(results, model_bytes)}
-    target = save_report(report, args.json, "slow-link-")
+    target = args.json or Path(__file__).parent / "results" / f"slow-link-{datetime.date.today().isoformat()}.json"
+
+    def save(results: dict[str, Any]) -> dict[str, Any]:
+        report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+                  "kernel": os.uname().release, "load_before": before, "load_after": load_average(),
+                  "params": params, "model_bytes": model_bytes, "leaves": 2, "rates_mbit": args.rates,
+                  "results": results, "summary": summarize(results, model_bytes)}
+        save_report(report, target)
+        return report
+
+    report = save(measure(args.params, args.rates, args.paths, args.flower_python, args.delay_ms, args.timeout, save))
     for key, row in report["summary"].items():
         print(f"{key:18s} {row['seconds']:8.2f} s  {row['share_of_float32_x2'] * 100:5.1f} % of float32 bytes  "
               f"x{row['vs_our_float32']} vs our float32  x{row['vs_flower']} vs Flower")
