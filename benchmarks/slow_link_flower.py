@@ -96,7 +96,7 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 CLIENT_APP = '''\
-"""ClientApp: returns an update of the model it was sent (same shapes, float32), weighted by a count."""
+"""ClientApp: returns an update of the model it was sent (same shapes, float32, its own on each leaf)."""
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -107,7 +107,10 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     arrays = msg.content["arrays"].to_numpy_ndarrays()
-    updated = [a + np.float32(1e-3) for a in arrays]
+    # a different update on each leaf (as training gives): identical replies would share Flower's content-addressed
+    # objects, and the second leaf would upload less than a real one does
+    step = np.float32(1e-3 * (1 + int(context.node_config.get("seed", 0))))
+    updated = [a + step for a in arrays]
     content = RecordDict({"arrays": ArrayRecord(updated), "metrics": MetricRecord({"num-examples": 10})})
     return Message(content=content, reply_to=msg)
 '''
