@@ -21,7 +21,7 @@ and exits with status 2.
 [--flower-python /tmp/flwr-venv/bin/python] [--delay-ms 10] [--json out.json]``
 
 >>> sorted(PATHS)
-['bf16', 'deflate', 'float32', 'fp16', 'int8', 'lossless']
+['bf16', 'deflate', 'float32', 'fp16', 'fp16-both', 'int8', 'int8-both', 'lossless']
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ PATHS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
     "fp16": ({"quantize": "fp16"}, {}, ["fp16"]),
     "bf16": ({"quantize": "bf16"}, {}, ["bf16"]),
     "int8": ({"quantize": "int8"}, {}, ["int8"]),  # blockwise, a scale per block; error feedback on (default)
+    # the same, the aggregate downloaded in the codec too (``download_codec=``: encoded once by the server)
+    "fp16-both": ({"quantize": "fp16", "download_codec": "fp16"}, {}, ["fp16"]),
+    "int8-both": ({"quantize": "int8", "download_codec": "int8"}, {}, ["int8"]),
 }
 
 
