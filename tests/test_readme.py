@@ -192,8 +192,8 @@ def test_every_install_line_works_from_a_clone():
     assert len(lines) >= 10 and any(where.endswith(".ipynb") or ".ipynb:" in where for where, _ in lines)
     for where, arguments in lines:
         assert "branchkey-integrations" not in arguments, f"{where}: pip install {arguments} (not on any index)"
-        for target in re.findall(r'"[^"]*"|\S+', arguments):
-            target = target.strip('"')
+        for target in re.findall(r'"[^"]*"|\'[^\']*\'|\S+', arguments):
+            target = target.strip('"\'')
             if target.startswith("-"):
                 assert target in ("-e", "-U", "-q"), f"{where}: pip install {arguments}: option {target}"
             elif target.startswith("."):

@@ -120,7 +120,7 @@ def test_signature_spells_out_every_option_with_the_shared_defaults():
 
     keras_params = inspect.signature(BranchKeyKerasCallback.__init__).parameters
     shared = inspect.signature(FederatedCallbackMixin.__init__).parameters
-    assert set(keras_params) == set(shared) | {"validation_data"}
+    assert set(keras_params) == set(shared) | {"validation_data", "calibration_data"}
     assert keras_params["num_samples"].default is inspect.Parameter.empty  # required on Keras
     assert all(keras_params[name].default == shared[name].default for name in shared if name != "num_samples")
 

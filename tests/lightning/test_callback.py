@@ -69,9 +69,9 @@ def test_state_key_names_the_settings_so_two_callbacks_checkpoint_side_by_side()
 def test_state_round_trips_and_old_state_loads_with_defaults():
     callback = BranchKeyCallback(CREDS, HOST)
     callback.load_state_dict({"round": 4, "last_aggregation_id": "x1", "last_epoch": 7})
-    assert callback.state_dict() == {"round": 4, "last_aggregation_id": "x1", "last_epoch": 7}
-    callback.load_state_dict({})
-    assert callback.state_dict() == {"round": 0, "last_aggregation_id": None, "last_epoch": -1}
+    assert callback.state_dict() == {"round": 4, "last_aggregation_id": "x1", "last_epoch": 7, "error_feedback": []}
+    callback.load_state_dict({})  # no quantization residual yet: an empty list, as an old checkpoint loads
+    assert callback.state_dict() == {"round": 0, "last_aggregation_id": None, "last_epoch": -1, "error_feedback": []}
 
 
 def test_pickles_without_a_client():
