@@ -15,7 +15,7 @@ Example:
     ...               "count": 6, "mean": 40.0, "std": 33.5, "min": 10.0, "max": 90.0, "range": 80.0,
     ...               "completeness": 0.857142, "leaves": 3}}}
     >>> print("\\n".join(result_lines(result)))
-    latest analytics result: run 1 analytics round 0, 3 leaves, aggregate a1
+    latest analytics result: run 1 analytics round 1, 3 leaves, aggregate a1
     column  count  mean  std   min  max  range  completeness  leaves
     age     6      40    33.5  10   90   80     0.8571        3
     field operations: labels=sum
@@ -123,7 +123,7 @@ def result_lines(result: dict[str, Any] | None, *, head: bool = True) -> list[st
     lines already say which round it is), a table of the columns, the other fields, the branch's field operations."""
     if result is None:
         return []
-    lines = [f"latest analytics result: run {result['run_number']} analytics round {result['round_index']}, "
+    lines = [f"latest analytics result: run {result['run_number']} analytics round {result['round_index'] + 1}, "
              f"{result['contributors']} leaves, aggregate {result['aggregation_id']}"] if head else []
     if result["note"]:
         lines.append(f"  ({result['note']})")

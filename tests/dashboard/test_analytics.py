@@ -101,7 +101,7 @@ def test_status_prints_the_table_beside_the_learning_rounds_and_json_has_it(inpr
     assert lines[header + 1].split() == ["age", "6", "43.3333", "35.9011", "10", "90", "80", "0.8571", "3"]
     assert f"{POOLED.mean():.4f}" == "43.3333" and f"{POOLED.std():.4f}" == "35.9011"
     assert lines.index("run 1 round 1: open, 0 upload(s), aggregate -") < header  # the learning rounds, then this
-    assert "latest analytics result: run 1 analytics round 0, 3 leaves" in text
+    assert "latest analytics result: run 1 analytics round 1, 3 leaves" in text
     assert "field operations: image_size=must_match, labels=sum, site=must_match" in lines
     assert any(line.startswith("field labels (sum, <i8[40]): [3, 6, 9,") and line.endswith(", ...]") for line in lines)
     document = json.loads(cli("status", "--json", "--data-dir", data_dir).stdout)

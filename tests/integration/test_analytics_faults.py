@@ -51,4 +51,4 @@ def test_a_kill_9_between_uploads_loses_no_accepted_analytics_upload(server_fact
     assert {name: value.tolist() for name, value in fields.items()} == {
         "labels": [6, 7], "size": [8, 8], "x_n": [3], "x_sum": [4.5]}
     status = cli("status", "--data-dir", str(server.data_dir)).stdout
-    assert "latest analytics result: run 1 analytics round 0, 2 leaves" in status
+    assert "latest analytics result: run 1 analytics round 1, 2 leaves" in status
