@@ -36,7 +36,7 @@ def check_codecs(codecs: Any) -> list[str]:
     """``codecs`` as a list of distinct codec names this server can decode.
 
     Raises:
-        InvalidValueError: not a list of names, or a name this server does not know.
+        InvalidValueError: not a list of names, a name this server does not know, or one named twice.
     """
     known = advertisable()
     if not isinstance(codecs, (list, tuple)) or not all(isinstance(name, str) for name in codecs):
@@ -46,7 +46,10 @@ def check_codecs(codecs: Any) -> list[str]:
     if unknown:
         raise InvalidValueError(f"Expected codecs among {known}. Received: "
                                 f"{unknown[0]!r:.70} (install the [zstd] extra for shuffle-zstd).")
-    return list(dict.fromkeys(codecs))
+    repeated = sorted({name for name in codecs if list(codecs).count(name) > 1})
+    if repeated:  # the OpenAPI document says uniqueItems: a repeated name is a mistake to name, not to fold
+        raise InvalidValueError(f"Expected each codec once. Received: {repeated[0]!r} more than once in codecs={list(codecs)!r:.80}")
+    return list(codecs)
 
 
 def check_upload_codecs(path: Path, accepted: Sequence[str]) -> None:

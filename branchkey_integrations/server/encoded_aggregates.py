@@ -18,12 +18,16 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+import re
 from typing import Sequence
 
 from ..core import wire
 from ..core.errors import InvalidValueError
 from .records import FileRecord
 from .store import Store
+
+#: what a ``codec`` query may be (the schema in the OpenAPI document says the same)
+CODEC_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 logger = logging.getLogger(__name__)
 _SUFFIX = ".enc-"
@@ -33,11 +37,21 @@ def copy_name(file_id: str, codec: str) -> str:
     return f"{file_id}{_SUFFIX}{codec}.npz"
 
 
-def check_download_codec(codec: str, accepted: Sequence[str]) -> str:
-    """``codec`` when the branch advertises it; InvalidValueError (400) naming the accepted ones otherwise."""
+def check_download_codec(codec: str, accepted: Sequence[str]) -> str | None:
+    """The codec to serve an aggregate in: ``codec`` when the branch advertises it, None (the aggregate as
+    stored) for ``none`` or a codec the branch does not advertise (the client decodes what it gets: an archive
+    names its codecs); InvalidValueError (400) for a value that is no codec name at all.
+
+    Example:
+        >>> check_download_codec("int8", ["int8"]), check_download_codec("fp16", ["int8"]), check_download_codec("none", [])
+        ('int8', None, None)
+    """
+    if not CODEC_NAME.fullmatch(codec):
+        raise InvalidValueError(f"Expected codec to be a codec name such as {sorted(accepted) or ['int8']} or none "
+                                f"(the aggregate as stored). Received: codec={codec[:64]!r}")
     if codec not in accepted or codec in ("none", "stored", "deflate"):
-        raise InvalidValueError(f"Expected codec among this branch's {sorted(accepted) or 'none'} (or none: the "
-                                f"aggregate as stored). Received: codec={codec[:64]!r}")
+        logger.debug("codec %r asked for, not advertised by the branch (%s): the aggregate as stored", codec, accepted)
+        return None
     return codec
 
 

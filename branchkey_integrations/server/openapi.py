@@ -83,6 +83,8 @@ PARAMETERS: dict[str, Schema] = {
     "limit": {"type": "integer", "minimum": 1, "maximum": MAX_METRICS_PAGE, "description": "items per page"},
     "after": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "the previous page's next"},
     "latest": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "the latest N entries instead"},
+    "codec": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,31}$",
+              "description": "a codec the branch advertises (else, or none: the aggregate as stored)"},
     FILE_SIZE_HEADER: {"type": "integer", "minimum": 0, "maximum": 10**18 - 1,
                        "description": "the bytes of part 'file' (3.x clients)"},
     FILE_DIGEST_HEADER: {"type": "string", "pattern": "^sha256=[A-Za-z0-9+/]{43}=$",

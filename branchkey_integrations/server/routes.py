@@ -221,7 +221,7 @@ async def download_file(request: web.Request) -> web.Response:
     check_not_removed(record)
     codec = request.query.get("codec")  # a leaf that asks gets the aggregate in a codec its branch advertises
     if codec is not None:
-        check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
+        codec = check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
     if record.kind == "aggregate":  # the leaf has this result: no catch-up will send it again
         await server.blocking(server.store.acknowledge, leaf.id, file_id)
     url = signed_download_url(server, request, file_id)
@@ -264,8 +264,9 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     check_not_removed(record)
     path, codec = server.store.file_path(record), request.query.get("codec")
     if codec is not None and record.kind == "aggregate":  # one encoding, made once: every leaf gets the same bytes
-        check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
-        path = await server.blocking(encoded_copy, server.store, record, codec)
+        codec = check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
+        if codec is not None:
+            path = await server.blocking(encoded_copy, server.store, record, codec)
     return web.FileResponse(
         path,
         headers={"Content-Type": "application/octet-stream",
