@@ -26,6 +26,7 @@ from .local_server import EmbeddedServer
 from .progress import ProgressHook, RoundTracker, Stage
 from .report import LeafSummary, Report, RoundRow, strategy_label
 from .calibration import CalibrationRound
+from .supervisor import raise_if_stopped
 from .turns import LeafTask
 from ..core.errors import SimulationError
 from ..core.protocol import ADMIN_PREFIX
@@ -149,6 +150,7 @@ class _Run:
         deadline = time.monotonic() + config.timeout_s
         announced = False
         while not self._finished():
+            raise_if_stopped()  # a Ctrl-C or SIGTERM whose exception a finalizer swallowed still stops the run
             for answer in self.backend.poll():
                 self._take(answer)
             self.server.check_alive()

@@ -90,21 +90,43 @@ class Supervisor:
         self.stop_all()
 
 
+#: the stop signals received inside :func:`sigterm_raises` (main thread only)
+_RECEIVED: list[int] = []
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`SimulationTerminated` while inside, so ``finally`` blocks stop the children.
+    """Turn SIGTERM into :class:`SimulationTerminated` while inside, so ``finally`` blocks stop the children,
+    and note SIGINT and SIGTERM for :func:`raise_if_stopped`.
 
-    Only the main thread can set signal handlers; elsewhere this does nothing.
+    Why the note: a signal's exception raised while Python runs a finalizer (a connection pool's ``weakref``
+    callback) is printed as "Exception ignored" and lost, and the simulation ran on to the end; the
+    orchestrator's loop asks :func:`raise_if_stopped` every pass. Only the main thread can set signal
+    handlers; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise SimulationTerminated("received SIGTERM")
+        _RECEIVED.append(signum)
+        if signum == signal.SIGTERM:
+            raise SimulationTerminated("received SIGTERM")
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    _RECEIVED.clear()
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+        _RECEIVED.clear()
+
+
+def raise_if_stopped() -> None:
+    """Raise what a stop signal received inside :func:`sigterm_raises` raised, in case it was lost."""
+    if signal.SIGTERM in _RECEIVED:
+        raise SimulationTerminated("received SIGTERM")
+    if _RECEIVED:
+        raise KeyboardInterrupt
