@@ -170,7 +170,7 @@ class AnalyticsRounds:
                     round_index=round_index, fields=fields_to_json(combination.layout or {}), size=size, sha256=sha256,
                     contributors=len(uploads))
             except Exception as exc:  # a full disk, a damaged file: the round stays open and is tried again
-                self._retry(branch_id, deadline, f"run {run_number} analytics round {round_index}: {exc!r}")
+                self._retry(branch_id, deadline, f"analytics round {round_index + 1} of run {run_number}: {exc!r}")
                 return None
             self._combined.pop(branch_id, None)
             self._retries.pop(branch_id, None)

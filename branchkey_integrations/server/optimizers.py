@@ -86,7 +86,7 @@ class ServerOptimizer(Strategy):
             return Combined.of_mean(round_, f"first round of run {round_.run_number}: {self.name} starts from the "
                                             "FedAvg mean")
         if not previous[1].exists():
-            gone = (f"the aggregate of round {previous[0]} of run {round_.run_number}, which {self.name} steps from, is "
+            gone = (f"the aggregate of round {previous[0] + 1} of run {round_.run_number}, which {self.name} steps from, is "
                     f"missing from the store ({previous[1].name}): this round's aggregate is the FedAvg mean")
             logger.error("%s: %s", where, gone)
             return Combined.of_mean(round_, gone)
@@ -94,7 +94,7 @@ class ServerOptimizer(Strategy):
         lost = [path.name for path in state_in or () if path is not None and not path.exists()]
         note: str | None = None
         if lost:
-            note = (f"the {self.name} state after round {previous[0]} of run {round_.run_number} is missing from the "
+            note = (f"the {self.name} state after round {previous[0] + 1} of run {round_.run_number} is missing from the "
                     f"store ({', '.join(lost)}): its moments start again from zero")
             logger.error("%s: %s", where, note)
             state_in = None

@@ -185,8 +185,8 @@ class Rounds:
             problem = wire.spec_mismatch(layout[0], specs) if layout else None
             if layout and problem:
                 raise InvalidValueError(
-                    f"Upload rejected: its layers do not match this round's ({problem}); run {current.run_number} "
-                    f"round {current.round_index} takes the layers of {layout[1]}. Every leaf of a branch must "
+                    f"Upload rejected: its layers do not match this round's ({problem}); round {current.round_index + 1} "
+                    f"of run {current.run_number} takes the layers of {layout[1]}. Every leaf of a branch must "
                     f"send the same model (architecture, frozen layers, buffers option).")
             file_id, replaced = await blocking(
                 self.store.commit_upload, path, leaf=leaf, run_number=current.run_number,
@@ -257,7 +257,7 @@ class Rounds:
                 )
             except Exception as exc:  # a full disk, a damaged upload, a bug: the round stays open and says why
                 problem = exc if isinstance(exc, (AggregationError, LocalServerError, OSError, sqlite3.Error)) else repr(exc)
-                self._retry_aggregation(branch_id, deadline, f"run {run_number} round {round_index}: {problem}")
+                self._retry_aggregation(branch_id, deadline, f"round {round_index + 1} of run {run_number}: {problem}")
                 return None
             finally:
                 self._answer_waiting(branch_id)  # committed, and counted in this round's aggregation (or its retry)

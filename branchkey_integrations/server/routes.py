@@ -72,7 +72,7 @@ def check_not_removed(record: FileRecord) -> None:
     if record.removed_at:
         what = "aggregate" if record.kind == "aggregate" else "upload"
         raise HttpProblem(410, (
-            f"File {record.id} (the {what} of run {record.run_number} round {record.round_index}) was removed by the "
+            f"File {record.id} (the {what} of round {record.round_index + 1} of run {record.run_number}) was removed by the "
             f"server's retention at {record.removed_at}: it keeps uploads until their round is aggregated "
             "(serve --keep-uploads keeps them) and the aggregates of the latest rounds (serve --keep-rounds N). "
             f"The branch's latest aggregate is in GET {ROUND_PATH}."))

@@ -51,7 +51,7 @@ class Scaffold(Strategy):
         previous = store.previous_aggregate(round_.branch_id, round_.run_number, round_.round_index)
         notes: list[str] = []
         if previous is not None and not previous[1].exists():
-            notes.append(f"the aggregate of round {previous[0]}, which c and eta_g step from, is missing from the "
+            notes.append(f"the aggregate of round {previous[0] + 1}, which c and eta_g step from, is missing from the "
                          f"store ({previous[1].name}): c starts again from zero and x is the FedAvg mean")
             previous = None
         c_in = None
@@ -59,7 +59,7 @@ class Scaffold(Strategy):
             state = store.optimizer_state(round_.branch_id, round_.run_number, previous[0], self.name, self.params)
             c_in = state[0] if state is not None else None
             if c_in is not None and not c_in.exists():
-                notes.append(f"the SCAFFOLD control variate after round {previous[0]} is missing from the store "
+                notes.append(f"the SCAFFOLD control variate after round {previous[0] + 1} is missing from the store "
                              f"({c_in.name}): c starts again from zero")
                 c_in = None
         for note in notes:  # a file lost from the store: an error, as the server optimizers say theirs

@@ -153,7 +153,7 @@ class AnalyticsRecords(StoreDatabase):
                 status = conn.execute("SELECT status FROM analytics_rounds WHERE branch_id = ? AND run_number = ?"
                                       " AND round_index = ?", (leaf.branch_id, run_number, round_index)).fetchone()
                 if status is None or status[0] != "open":
-                    raise RoundClosedError(f"analytics round {round_index} of run {run_number} closed meanwhile; "
+                    raise RoundClosedError(f"analytics round {round_index + 1} of run {run_number} closed meanwhile; "
                                            "send the upload again")
                 replaced = [row[0] for row in conn.execute(
                     "SELECT path FROM analytics_files WHERE branch_id = ? AND run_number = ? AND round_index = ?"

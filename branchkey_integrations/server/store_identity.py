@@ -183,7 +183,7 @@ class IdentityRecords(StoreDatabase):
             return None
         size, run_number, round_index = rows[0]
         return ModelSizeLimit(LEARNED_MODEL_FACTOR * size + LEARNED_MODEL_SLACK,
-                              f"learned from its first aggregate, run {run_number} round {round_index}: {size} bytes, "
+                              f"learned from its first aggregate, round {round_index + 1} of run {run_number}: {size} bytes, "
                               f"x{LEARNED_MODEL_FACTOR} + {LEARNED_MODEL_SLACK >> 20} MiB")
 
     def create_leaves(self, branch_id: str, count: int, *, name_prefix: str = "leaf") -> list[Leaf]:

@@ -51,8 +51,8 @@ class MetricRecords(StoreDatabase):
                                 (leaf.id, run_number, round_index)).fetchone()[0]
             if sent >= max_per_round:
                 raise QuotaExceededError(
-                    f"Leaf {leaf.name} ({leaf.id}) has sent {sent} metrics reports for run {run_number} round "
-                    f"{round_index}, the most this server keeps per leaf and round ({max_per_round}); send the "
+                    f"Leaf {leaf.name} ({leaf.id}) has sent {sent} metrics reports for round {round_index + 1} "
+                    f"of run {run_number}, the most this server keeps per leaf and round ({max_per_round}); send the "
                     "round's metrics in one report per mode, or report on the next round's aggregate.")
             conn.execute(
                 "INSERT INTO metrics (id, mode, aggregation_id, leaf_id, branch_id, tree_id, data, created_at, run_number,"

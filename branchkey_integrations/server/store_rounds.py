@@ -164,7 +164,7 @@ class RoundRecords(StoreDatabase):
             (branch_id, run_number, round_index),
         )
         if rows:
-            return specs_from_json(rows[0][0]), f"the aggregate of round {rows[0][1]} of this run"
+            return specs_from_json(rows[0][0]), f"the aggregate of round {rows[0][1] + 1} of this run"
         rows = self._query(
             "SELECT f.specs, l.name FROM uploads u JOIN files f ON f.id = u.file_id JOIN leaves l ON l.id = u.leaf_id"
             " WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ? AND u.leaf_id IS NOT ?"
@@ -355,7 +355,7 @@ class RoundRecords(StoreDatabase):
             rows = conn.execute(sql, params).fetchall()
             if leaf_ref is not None and not rows:
                 raise RecordNotFoundError(
-                    f"Leaf {leaf_ref[:80]!r} has no upload in the open round (run {run_number} round {round_index}) "
+                    f"Leaf {leaf_ref[:80]!r} has no upload in the open round (round {round_index + 1} of run {run_number}) "
                     f"of branch {branch_id}; 'branchkey-local status' lists the round's uploads.")
             what = "reset the open round" if leaf_ref is None else "dropped this upload"
             reason = f"The server's operator {what}{': ' + note[:500] if note else ''}; upload again."

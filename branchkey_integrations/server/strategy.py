@@ -94,7 +94,7 @@ class RoundInputs:
     temps: list[Path] = field(default_factory=list)
 
     def where(self) -> str:
-        return f"branch {self.branch_id} run {self.run_number} round {self.round_index}"
+        return f"branch {self.branch_id} round {self.round_index + 1} of run {self.run_number}"
 
 
 @dataclass(frozen=True)

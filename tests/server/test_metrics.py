@@ -105,7 +105,7 @@ def test_a_store_made_before_the_limits_opens_with_its_metrics(tmp_path) -> None
     store = Store(tmp_path)
     try:
         store.add_metric(mode="train", aggregation_id=None, leaf=leaf, data='{"loss": 1}', max_per_round=1)
-        with pytest.raises(QuotaExceededError, match=r"run 1 round 0"):
+        with pytest.raises(QuotaExceededError, match=r"round 1 of run 1"):
             store.add_metric(mode="train", aggregation_id=None, leaf=leaf, data='{"loss": 1}', max_per_round=1)
         rows, cursor = store.list_metrics(branch.id)
         assert cursor is None

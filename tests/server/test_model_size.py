@@ -86,7 +86,7 @@ def test_a_branch_learns_its_model_size_from_its_first_aggregate_and_the_operato
     refused = live.upload(a, zeros_upload(limit + 4))
     assert refused.status_code == 413, refused.text
     error = refused.json()["error"]
-    assert f"up to {limit} bytes (learned from its first aggregate, run 1 round 0: {first_size} bytes" in error
+    assert f"up to {limit} bytes (learned from its first aggregate, round 1 of run 1: {first_size} bytes" in error
     assert live.upload(a, zeros_upload(limit - 1000)).status_code == 201
 
     changed = live.admin("PUT", f"/admin/v1/branches/{branch['id']}/max-model-bytes",
@@ -110,9 +110,9 @@ def test_the_file_written_ahead_goes_when_the_rounds_layout_changes(live) -> Non
         return sorted(p.stat().st_size for p in files.iterdir() if p.name.startswith(".tmp-"))
 
     assert live.upload(a, zeros_upload(8 << 20)).status_code == 201
-    live.wait_for(lambda: ahead() and ahead()[-1] >= 8 << 20)
+    live.wait_for(lambda: bool(sizes := ahead()) and sizes[-1] >= 8 << 20)  # one listing: a file may go between two
     assert live.upload(a, small_model(1)).status_code == 201
-    live.wait_for(lambda: ahead() and ahead()[-1] < 8 << 10)
+    live.wait_for(lambda: bool(sizes := ahead()) and sizes[-1] < 8 << 10)
     assert live.upload(b, small_model(3)).status_code == 201
     [layer, _] = live.fetch(a, live.wait_aggregate(branch["id"])).layers
     assert layer.tolist() == np.full((8, 8), 2.0).tolist()

@@ -194,7 +194,7 @@ def test_lost_optimizer_state_or_previous_aggregate_is_said_in_the_round_not_ret
         path.unlink()
     [got] = play_rounds(live, branch, leaves, rounds[2:3], start=2)
     row = live.rounds(branch["id"])[2]
-    assert row["strategy"] == "fedadam" and "state after round 1 of run 1 is missing" in row["strategy_note"]
+    assert row["strategy"] == "fedadam" and "state after round 2 of run 1 is missing" in row["strategy_note"]
     assert all(name in row["strategy_note"] for name in lost) and "start again from zero" in row["strategy_note"]
     previous = live.fetch(leaves[0], live.rounds(branch["id"])[1]["aggregate_id"]).layers
     x, _, _ = numpy_step("fedadam", check_strategy("fedadam"), previous[0],
@@ -205,6 +205,6 @@ def test_lost_optimizer_state_or_previous_aggregate_is_said_in_the_round_not_ret
     store.file_path(aggregate).unlink()  # the aggregate round 3 steps from
     [got] = play_rounds(live, branch, leaves, rounds[3:], start=3)
     row = live.rounds(branch["id"])[3]
-    assert row["strategy"] == "fedavg" and "aggregate of round 2 of run 1" in row["strategy_note"]
+    assert row["strategy"] == "fedavg" and "aggregate of round 3 of run 1" in row["strategy_note"]
     np.testing.assert_array_equal(got.layers[0], numpy_mean([u[0][0] for u in rounds[3]], [u[1] for u in rounds[3]])
                                   .astype(np.float32))
