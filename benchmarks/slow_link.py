@@ -18,7 +18,7 @@ sent + received during the round. Results go to ``benchmarks/results/slow-link-<
 and exits with status 2.
 
 ``python -m benchmarks.slow_link [--params 100000000] [--rates 100 20] [--paths float32 int8 flower]
-[--flower-python /tmp/flwr-venv/bin/python] [--delay-ms 10] [--json out.json]``
+[--flower-python .flwr-venv/bin/python] [--delay-ms 10] [--json out.json]``
 
 >>> sorted(PATHS)
 ['bf16', 'deflate', 'float32', 'fp16', 'fp16-both', 'int8', 'int8-both', 'lossless']
@@ -165,8 +165,8 @@ def measure(params: int, rates: list[float], paths: list[str], flower_python: Pa
                 try:
                     if path == "flower":
                         if flower_python is None:
-                            raise RuntimeError("no --flower-python (python3 -m venv /tmp/flwr-venv && "
-                                               "/tmp/flwr-venv/bin/pip install 'flwr==1.42.*')")
+                            raise RuntimeError("no --flower-python (python3 -m venv .flwr-venv && "
+                                               ".flwr-venv/bin/pip install 'flwr==1.42.*')")
                         from .slow_link_flower import flower_round
 
                         per_rate[path] = flower_round(topology, flower_python, params, workdir, timeout)
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--paths", nargs="+", default=["float32", "int8", "fp16", "lossless", "flower"],
                         choices=[*PATHS, "flower"])
     parser.add_argument("--flower-python", type=Path, default=None,
-                        help="Python of a venv with flwr 1.42 (python3 -m venv /tmp/flwr-venv && "
-                             "/tmp/flwr-venv/bin/pip install 'flwr==1.42.*')")
+                        help="Python of a venv with flwr 1.42 (python3 -m venv .flwr-venv && "
+                             ".flwr-venv/bin/pip install 'flwr==1.42.*')")
     parser.add_argument("--delay-ms", type=float, default=None, help="one-way netem delay per end, where netem exists")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one path may take")
     parser.add_argument("--json", type=Path)
@@ -228,10 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(f"slow_link: skipped, network namespaces cannot be made here: {reason}", file=sys.stderr)
         sys.exit(2)
     if "flower" in args.paths and args.flower_python is None:
-        default = Path("/tmp/flwr-venv/bin/python")
+        default = REPO / ".flwr-venv" / "bin" / "python"
         if not default.exists():
-            parser.error("flower needs --flower-python: python3 -m venv /tmp/flwr-venv && "
-                         "/tmp/flwr-venv/bin/pip install 'flwr==1.42.*'")
+            parser.error("flower needs --flower-python: python3 -m venv .flwr-venv && "
+                         ".flwr-venv/bin/pip install 'flwr==1.42.*'")
         args.flower_python = default
     layers = make_layers(args.params)
     model_bytes, params = sum(a.nbytes for a in layers), sum(a.size for a in layers)

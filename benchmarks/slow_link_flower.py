@@ -2,7 +2,7 @@
 
 Flower runs from a virtual environment of its own (``--flower-python``), never imported here:
 
-    python3 -m venv /tmp/flwr-venv && /tmp/flwr-venv/bin/pip install 'flwr==1.42.*'
+    python3 -m venv .flwr-venv && .flwr-venv/bin/pip install 'flwr==1.42.*'
 
 ``flower-superlink`` (Fleet and Control API over HTTP on one port) runs in the server's namespace, one
 ``flower-supernode`` in each leaf's namespace, reaching the superlink across its shaped link. A Flower App
