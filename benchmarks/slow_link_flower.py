@@ -170,9 +170,7 @@ def flower_round(topology: Topology, flower_python: Path, params: int, workdir: 
             raise RuntimeError(f"flwr run failed ({run.returncode}): {run.stdout[-2000:]} {run.stderr[-2000:]}")
         deadline = time.monotonic() + timeout
         while not result.exists():
-            for name, process, log in processes:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {process.returncode}: {log.read_text()[-3000:]}")
+            _check_running(processes)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Flower's round did not end within {timeout} s; logs in {workdir}")
             time.sleep(0.2)
@@ -195,14 +193,19 @@ def flower_round(topology: Topology, flower_python: Path, params: int, workdir: 
             "leaf_bytes": [{"sent": a[0] - b[0], "received": a[1] - b[1]} for a, b in zip(after, before)]}
 
 
+def _check_running(processes: list[tuple[str, subprocess.Popen[bytes], Path]]) -> None:
+    """Raise, with the end of its log, if a superlink or supernode has exited: a wait for it would never end."""
+    for name, process, log in processes:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}: {log.read_text()[-3000:]}")
+
+
 def _wait_port(ns: str, host: str, port: int, processes: list[tuple[str, subprocess.Popen[bytes], Path]],
                timeout: float) -> None:
     deadline = time.monotonic() + timeout
     probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=1).close()"
     while subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", probe], capture_output=True).returncode:
-        for name, process, log in processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}: {log.read_text()[-3000:]}")
+        _check_running(processes)
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listened on {host}:{port} in {ns} within {timeout} s")
         time.sleep(0.5)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 import re
+from pathlib import Path
 from typing import Sequence
 
 from ..core import wire
