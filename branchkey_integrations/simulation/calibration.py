@@ -87,11 +87,13 @@ class CalibrationRound:
 
     @staticmethod
     def summary(answers: list[dict[str, Any]]) -> dict[str, Any]:
-        """The evaluator's accuracy and digest, and whether every answer has that digest."""
+        """The evaluator's accuracy (and per class, before and after), its digest, and whether every answer has that
+        digest."""
         evaluator = next(answer for answer in answers if "accuracy" in answer)
         return {"accuracy": evaluator["accuracy"],
                 "identical": all(answer["digest"] == evaluator["digest"] for answer in answers),
-                "digest": evaluator["digest"], "refit": evaluator["refit"], "untouched": evaluator["untouched"]}
+                "digest": evaluator["digest"], "refit": evaluator["refit"], "untouched": evaluator["untouched"],
+                **{key: evaluator[key] for key in ("class_accuracy_before", "class_accuracy") if key in evaluator}}
 
     def report(self) -> dict[str, Any]:
         return self.summary(self.answers) | {
