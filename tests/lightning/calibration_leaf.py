@@ -1,4 +1,5 @@
-"""A classifying leaf that federates every epoch and calibrates its final layer when training ends:
+"""A classifying leaf that federates every epoch and calibrates its final layer when training ends (leaf 1 names
+the layer by passing the module as ``head=``, leaf 0 leaves it to the default):
 ``python -m tests.lightning.calibration_leaf CREDENTIALS HOST OUT SEED CALIBRATE``; writes ``OUT/head.npz``
 (the final layer after fit) and ``OUT/done.json``."""
 
@@ -35,7 +36,8 @@ def main(credentials: str, host: str, out: str, seed: str, calibrate: str) -> No
     torch.manual_seed(0)  # the same initial model on every leaf
     model = Classifier()
     callback = BranchKeyCallback(credentials, host=host, transport="websocket", timeout=60, log_every_s=5,
-                                 calibrate_head=calibrate if calibrate != "True" else True)
+                                 calibrate_head=calibrate if calibrate != "True" else True,
+                                 head=model.head if seed == "1" else None)  # the module itself, or the default
     trainer([callback], max_epochs=2).fit(model, labelled(int(seed)))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
