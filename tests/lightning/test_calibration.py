@@ -56,9 +56,12 @@ def test_two_leaves_end_with_the_identical_calibrated_layer(server_factory, tmp_
         assert process.wait(180) == 0, (tmp_path / f"leaf{index}.log").read_text()[-4000:]
     done = [json.loads((tmp_path / f"leaf{i}" / "done.json").read_text()) for i in range(2)]
     assert [(d["round"], d["analytics_rounds"]) for d in done] == [(2, 1), (2, 1)]
-    heads = [dict(np.load(tmp_path / f"leaf{i}" / "head.npz")) for i in range(2)]
-    assert heads[0]["weight"].tobytes() == heads[1]["weight"].tobytes()
-    assert heads[0]["bias"].tobytes() == heads[1]["bias"].tobytes()
+    before, after = ([dict(np.load(tmp_path / f"leaf{i}" / name)) for i in range(2)]
+                     for name in ("head_before.npz", "head.npz"))
+    for key in ("weight", "bias"):
+        assert before[0][key].tobytes() == before[1][key].tobytes()  # both start from the last aggregate
+        assert after[0][key].tobytes() == after[1][key].tobytes()  # and end with the same calibrated bytes
+        assert np.abs(after[0][key] - before[0][key]).max() > 1e-3  # which calibration changed
     log = (tmp_path / "leaf0.log").read_text()
     assert "calibration: final layer refit from 2 leaves' class statistics (classes [0, 1, 2])" in log
 
