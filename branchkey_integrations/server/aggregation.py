@@ -199,6 +199,11 @@ class RunningSum:
             self.reset()  # a held upload was replaced, dropped or reordered: start again from the files
         if self._reference is None and specs is not None:
             self.specs = list(specs)
+        self.extend(uploads)
+
+    def extend(self, uploads: Sequence[tuple[str, str, str | os.PathLike, float]]) -> None:
+        """Fold those of ``uploads`` not held yet; the caller knows the held ones are still the round's first
+        (:meth:`sync` checks that itself). Raises as :meth:`sync`."""
         try:
             for leaf, file_id, path, weighting in uploads:
                 if leaf not in self.members:

@@ -396,14 +396,17 @@ class Rounds:
         """
         blocking = self.workers.blocking
         async with self._fold_locks[branch_id]:
-            current, uploads = await blocking(self._fold_inputs, branch_id)
+            current, uploads, after_held = await blocking(self._fold_inputs, branch_id)
             if current is None:
                 self._sums.pop(branch_id, None)
                 return
             running = self._running_sum(branch_id, current.run_number, current.round_index)
             try:
-                await blocking(running.sync, [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads],
-                               uploads[0].specs if uploads else None)
+                tuples = [(u.leaf_id, u.file_id, u.path, u.weighting) for u in uploads]
+                if after_held:  # only the uploads committed after those the sum holds
+                    await blocking(running.extend, tuples)
+                else:
+                    await blocking(running.sync, tuples, uploads[0].specs if uploads else None)
             except (AggregationError, OSError) as exc:
                 logger.info("folding branch %s run %d round %d deferred to its aggregation: %s", branch_id,
                             current.run_number, current.round_index, exc)
@@ -411,14 +414,20 @@ class Rounds:
                 logger.error("folding branch %s run %d round %d failed (%r); its aggregation folds it again",
                              branch_id, current.run_number, current.round_index, exc)
 
-    def _fold_inputs(self, branch_id: str) -> tuple[Round | None, list[UploadInput]]:
-        """The open round and its committed uploads, or (None, []) with no open round or a strategy that folds
-        nothing. Runs in a worker thread."""
+    def _fold_inputs(self, branch_id: str) -> tuple[Round | None, list[UploadInput], bool]:
+        """The open round and its committed uploads, or (None, [], False) with no open round or a strategy that
+        folds nothing; True and only the uploads after those its running sum holds, when the sum's are still the
+        round's first. Runs in a worker thread, under the fold lock."""
         branch = self.store.get_branch(branch_id)
         current = self.store.open_round(branch_id) if branch is not None else None
         if branch is None or current is None or not folds(branch):
-            return None, []
-        return current, self.store.round_uploads(branch_id, current.run_number, current.round_index)
+            return None, [], False
+        key, running = self._sums.get(branch_id, ((-1, -1), None))
+        if running is not None and running.members and key == (current.run_number, current.round_index):
+            after = self.store.round_uploads_after(branch_id, *key, list(running.members.items()))
+            if after is not None:
+                return current, after, True
+        return current, self.store.round_uploads(branch_id, current.run_number, current.round_index), False
 
     async def _sync_aggregate(self, file_id: str) -> bool:
         """fsync an aggregate committed before its fsync; False (logged) when the disk refused."""
@@ -483,17 +492,16 @@ class Rounds:
         current = self.store.open_round(branch_id) if branch is not None else None
         if branch is None or current is None:
             return None
-        uploads = self.store.round_uploads(branch_id, current.run_number, current.round_index)
-        if not uploads:
-            return None
+        count = self.store.round_upload_count(branch_id, current.run_number, current.round_index)
+        if not count or (not deadline and count < self.store.required_uploads(branch)):
+            return None  # counted first: listing a 1,000-leaf round after each of its uploads cost more than the rest
         if deadline:
             due = branch.round_deadline_s is not None and current.first_upload_at is not None \
                 and current.first_upload_at + branch.round_deadline_s <= time.time()
             if not due or branch.run_status != START:
                 return None
-        elif len(uploads) < self.store.required_uploads(branch):
-            return None
-        return branch, current.run_number, current.round_index, uploads
+        uploads = self.store.round_uploads(branch_id, current.run_number, current.round_index)
+        return (branch, current.run_number, current.round_index, uploads) if uploads else None
 
     async def set_run_status(self, branch_id: str, status: str) -> Branch:
         """Start, pause or stop the branch's run and tell its leaves.

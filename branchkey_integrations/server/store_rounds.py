@@ -132,10 +132,45 @@ class RoundRecords(StoreDatabase):
             " WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ? ORDER BY u.uploaded_at, u.leaf_id",
             (branch_id, run_number, round_index),
         )
-        return [
-            UploadInput(r["leaf_id"], r["file_id"], self.data_dir / r["path"], r["weighting"], specs_from_json(r["specs"]))
-            for r in rows
-        ]
+        return self._upload_inputs(rows)
+
+    def round_uploads_after(self, branch_id: str, run_number: int, round_index: int,
+                            held: Sequence[tuple[str, str]]) -> list[UploadInput] | None:
+        """The round's uploads committed after ``held`` ((leaf id, file id), in commit order), or None when those
+        are no longer its first ones (one was replaced, dropped or reordered).
+
+        Why: a fold pass after each upload listed the whole round, a record and a parsed layout per upload: with
+        1,000 leaves, half a million records a round. The held ones are compared by id only.
+        """
+        where = " WHERE u.branch_id = ? AND u.run_number = ? AND u.round_index = ?"
+        ids = [(r[0], r[1]) for r in self._query(f"SELECT u.leaf_id, u.file_id FROM uploads u{where}"
+                                                 " ORDER BY u.uploaded_at, u.leaf_id", (branch_id, run_number, round_index))]
+        if ids[:len(held)] != list(held):
+            return None
+        found: dict[str, sqlite3.Row] = {}
+        new = [file_id for _, file_id in ids[len(held):]]
+        for start in range(0, len(new), 500):  # within SQLite's bound on query parameters
+            part = new[start:start + 500]
+            rows = self._query("SELECT u.leaf_id, u.file_id, u.weighting, f.path, f.specs FROM uploads u"
+                               f" JOIN files f ON f.id = u.file_id{where} AND u.file_id IN ({','.join('?' * len(part))})",
+                               (branch_id, run_number, round_index, *part))
+            found.update((row["file_id"], row) for row in rows)
+        return self._upload_inputs([found[file_id] for file_id in new if file_id in found])
+
+    def round_upload_count(self, branch_id: str, run_number: int, round_index: int) -> int:
+        """How many uploads count in the round (without reading them)."""
+        return int(self._query("SELECT COUNT(*) FROM uploads WHERE branch_id = ? AND run_number = ? AND round_index = ?",
+                               (branch_id, run_number, round_index))[0][0])
+
+    def _upload_inputs(self, rows: Sequence[sqlite3.Row]) -> list[UploadInput]:
+        layouts: dict[str, list[LayerSpec]] = {}  # a round's uploads share one layout: parsed once
+        inputs = []
+        for r in rows:
+            specs = layouts.get(r["specs"])
+            if specs is None:
+                specs = layouts[r["specs"]] = specs_from_json(r["specs"])
+            inputs.append(UploadInput(r["leaf_id"], r["file_id"], self.data_dir / r["path"], r["weighting"], specs))
+        return inputs
 
     def round_uploaders(self, branch_id: str, run_number: int, round_index: int) -> list[str]:
         """Ids of the leaves whose upload counts in the round, first upload first (no layouts parsed)."""

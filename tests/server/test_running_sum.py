@@ -62,6 +62,19 @@ def test_the_running_mean_equals_numpy_bit_for_bit(tmp_path: Path, compression: 
         np.testing.assert_array_equal(got, want)
 
 
+def test_extending_with_the_later_uploads_only_equals_numpy_bit_for_bit(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    uploads = [(model(rng), w) for w in (3.0, 250.0, 1.5, 7.0)]
+    refs = stored(tmp_path, uploads)
+    running = RunningSum()
+    running.sync(refs[:1])
+    for count in range(2, 5):  # a fold pass hands over only what came after the held uploads
+        running.extend(refs[count - 1:count])
+    assert list(running.members) == [leaf for leaf, *_ in refs]
+    for got, want in zip(written(running, tmp_path / "mean.npz"), numpy_mean(uploads)):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("compression", ["none", "deflate"])  # stored: copied in the kernel; deflated: decoded
 def test_one_upload_is_its_own_mean_exactly(tmp_path: Path, compression: str) -> None:
     layers = [np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32), np.arange(3),

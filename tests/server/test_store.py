@@ -84,6 +84,21 @@ def test_reupload_replaces_earlier_one_in_the_round(store: Store) -> None:
     assert [p.name for p in store.files_dir.iterdir()] == [f"{second}.npz"]
 
 
+def test_round_uploads_after_lists_only_the_later_ones_while_the_held_ones_lead(store: Store) -> None:
+    branch, leaves = make_branch(store, 4)
+    first, second, third = (put_upload(store, leaf) for leaf in leaves[:3])
+    held = [(leaves[0].id, first), (leaves[1].id, second)]
+    later = store.round_uploads_after(branch.id, 1, 0, held)
+    assert [(u.leaf_id, u.file_id) for u in later] == [(leaves[2].id, third)]
+    assert later[0].specs == store.round_uploads(branch.id, 1, 0)[2].specs
+    assert store.round_uploads_after(branch.id, 1, 0, []) is not None and \
+        len(store.round_uploads_after(branch.id, 1, 0, [])) == 3
+    assert store.round_upload_count(branch.id, 1, 0) == 3
+    replacement = put_upload(store, leaves[0], value=2.0)  # the first upload replaced: the held ones no longer lead
+    assert store.round_uploads_after(branch.id, 1, 0, held) is None
+    assert [u.file_id for u in store.round_uploads(branch.id, 1, 0)][-1] == replacement
+
+
 def test_commit_upload_refused_when_paused_removes_the_file(store: Store) -> None:
     branch, (leaf, _) = make_branch(store)
     store.set_run_status(branch.id, "pause")
