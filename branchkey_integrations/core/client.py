@@ -260,14 +260,14 @@ class Client(PayloadCalls):
                                           f"(notifications: {self.transport or 'none'}).")
         return aggregation_id
 
-    def get_round(self) -> RoundView | None:
-        """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate,
-        asked once (no retries: a look to repeat); None on a platform without it (404 once: not asked again)."""
+    def get_round(self, *, brief: bool = False) -> RoundView | None:
+        """``GET /api/v1/round/{branch_id}`` (branchkey-local): the open round's progress and the latest aggregate
+        (``brief``: leaves counted, not named), asked once (no retries); None on a platform without it (404 once)."""
         if not self._round_endpoint:
             return None
         try:
-            data = self._http.request_data("GET", ROUND_PATH.format(branch_id=self.branch_id), "round progress",
-                                           once=True)
+            data = self._http.request_data("GET", ROUND_PATH.format(branch_id=self.branch_id) + "?brief=1" * brief,
+                                           "round progress", once=True)
         except NotFoundError as exc:
             self._round_endpoint = False
             logger.info("%s offers no round progress (%s); relying on notifications alone", self._api_host, exc)

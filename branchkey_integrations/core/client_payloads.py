@@ -104,7 +104,7 @@ class PayloadCalls:
     def run_status(self) -> str | None:  # the client's
         raise NotImplementedError
 
-    def get_round(self) -> RoundView | None:  # the client's: its round view
+    def get_round(self, *, brief: bool = False) -> RoundView | None:  # the client's: its round view
         raise NotImplementedError
 
     def upload_encoded(self, archive: wire.EncodedArchive, filename: str, *, kind: str = KIND_FEDERATED_LEARNING,

@@ -52,7 +52,7 @@ class RoundSource(Protocol):
     @property
     def waiter(self) -> RoundWaiter: ...
 
-    def get_round(self) -> RoundView | None: ...
+    def get_round(self, *, brief: bool = False) -> RoundView | None: ...
 
 
 def hand_over_latest(client: RoundSource, view: RoundView | None, target: tuple[int, int],
@@ -73,7 +73,7 @@ def find_missed_aggregate(client: RoundSource, target: tuple[int, int], kind: st
     """Ask the platform for the aggregate of ``target`` (see :func:`hand_over_latest`), of a model's round or
     (``kind``) an analytics round's; errors are only logged."""
     try:
-        view = client.get_round()
+        view = client.get_round(brief=True)  # the latest aggregate is all it needs: no leaf names
     except BranchKeyError as exc:
         logger.debug("Round view unreadable: %s", exc)
         return

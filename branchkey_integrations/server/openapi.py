@@ -83,6 +83,7 @@ PARAMETERS: dict[str, Schema] = {
     "limit": {"type": "integer", "minimum": 1, "maximum": MAX_METRICS_PAGE, "description": "items per page"},
     "after": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1, "description": "the previous page's next"},
     "latest": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "the latest N entries instead"},
+    "brief": {"enum": ["0", "1"], "description": "1: the leaves counted (uploaded_count), not named"},
     "codec": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,31}$",
               "description": "a codec the branch advertises (else, or none: the aggregate as stored)"},
     FILE_SIZE_HEADER: {"type": "integer", "minimum": 0, "maximum": 10**18 - 1,
@@ -155,18 +156,19 @@ def schemas() -> dict[str, Schema]:
         "Refusal": _obj({"leaf": _STR, "reason": _STR, "at": _TIME}),
         "RoundProgress": _obj({
             "run_status": {"enum": list(RUN_STATUSES)}, "run_number": _INT, "round_index": _null(_INT),
-            "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
-            "refused": {"type": "array", "items": _ref("Refusal")}, "opened_at": _null(_TIME),
+            "required": _INT, "opened_at": _null(_TIME),
             "deadline_at": _null(_TIME), "latest_aggregate": _null(_ref("LatestAggregate")),
             "strategy": strategy, "strategy_params": _PARAMS, "kind": _KIND,
             "analytics": _null(_ref("AnalyticsProgress")),
-        }),
+        }, {"uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
+            "refused": {"type": "array", "items": _ref("Refusal")}, "uploaded_count": {**_INT, "description": "brief=1"}}),
         "AnalyticsProgress": _obj({
             "kind": _KIND, "run_number": _INT, "round_index": _null({**_INT, "description": "the open analytics round"}),
-            "required": _INT, "uploaded": {"type": "array", "items": _STR}, "missing": {"type": "array", "items": _STR},
+            "required": _INT,
             "opened_at": _null(_TIME), "deadline_at": _null(_TIME), "latest_aggregate": _null(_obj({
                 "aggregation_id": _STR, "run_number": _INT, "round_index": _INT, "contributors": _INT,
-                "aggregated_at": _TIME}))}),
+                "aggregated_at": _TIME}))}, {"uploaded": {"type": "array", "items": _STR},
+                                             "missing": {"type": "array", "items": _STR}, "uploaded_count": _INT}),
         "FieldOps": {"type": "object", "additionalProperties": {"enum": list(FIELD_OPS)},
                      "description": "how analytics rounds combine each field (bundle entries need none)"},
         "FieldOpsRequest": _obj({"field_ops": {"type": "object", "minProperties": 1, "propertyNames": _FIELD_NAME,
@@ -309,8 +311,10 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
             description="Upgrades to a WebSocket that carries aggregation_status and run_status messages.")},
         ROUND_PATH: {"get": leaf(
             "Round progress", ok=(200, _ref("RoundProgress")), errors=(400, 401, 403, 404), params=("branch_id",),
-            description="branchkey-local: the open round's uploaded, missing and refused leaves (by name) and the "
-                        "branch's latest aggregate; a leaf of the branch only.")},
+            optional_query=("brief",),
+            description="branchkey-local: the open round's uploaded, missing and refused leaves (by name; with "
+                        "brief=1 only how many uploaded) and the branch's latest aggregate; a leaf of the branch "
+                        "only.")},
         OPENAPI_PATH: {"get": _operation("OpenAPI document", tag="meta", security=None, ok=(200, {"type": "object"}),
                                          errors=(), wrapped=False, description="This document.")},
     }

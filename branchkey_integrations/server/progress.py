@@ -57,11 +57,19 @@ class RoundProgress:
     strategy_params: dict[str, float] = field(default_factory=dict)
     kind: str = KIND_FEDERATED_LEARNING
     analytics: dict[str, Any] | None = None
+    brief: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``data`` of the ROUND_PATH answer (without ``branch_id``, which the path names)."""
+        """The ``data`` of the ROUND_PATH answer (without ``branch_id``, which the path names); a brief one has
+        ``uploaded_count`` instead of the ``uploaded``, ``missing`` and ``refused`` lists."""
         data = asdict(self)
-        del data["branch_id"]
+        del data["branch_id"], data["brief"]
+        if self.brief:
+            data["uploaded_count"] = len(data.pop("uploaded"))
+            del data["missing"], data["refused"]
+            if data["analytics"] is not None:
+                data["analytics"]["uploaded_count"] = len(data["analytics"].pop("uploaded"))
+                del data["analytics"]["missing"]
         return data
 
     @property
@@ -117,8 +125,12 @@ class RoundProgress:
         return text
 
 
-def round_progress(store: Store, branch_id: str) -> RoundProgress:
+def round_progress(store: Store, branch_id: str, *, brief: bool = False) -> RoundProgress:
     """The progress of ``branch_id``'s open round; blocking (call from a worker thread).
+
+    ``brief``: without the leaves' names (:meth:`RoundProgress.to_dict` then leaves the name lists out), for
+    a leaf that only checks for a missed aggregate: with 1,000 leaves each asking every few seconds, listing
+    every leaf's name for each of them cost the server more than the uploads did.
 
     Raises:
         RecordNotFoundError: no such branch.
@@ -128,15 +140,19 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
         current = store.open_round(branch_id)
         required = store.required_uploads(branch)
         latest = store.latest_aggregate(branch_id)
-        names = {leaf.id: leaf.name for leaf in store.list_leaves(branch_id, include_revoked=True)}
-        active = {leaf.id for leaf in store.list_leaves(branch_id)}
+        names = {} if brief else {leaf.id: leaf.name for leaf in store.list_leaves(branch_id, include_revoked=True)}
+        active = set() if brief else {leaf.id for leaf in store.list_leaves(branch_id)}
         analytics = analytics_progress(store, branch, required, names, active)
         if current is None:
             return RoundProgress(branch.id, branch.run_status, branch.run_number, None, required,
                                  latest_aggregate=latest, strategy=branch.algorithm, strategy_params=branch.params,
-                                 analytics=analytics)
-        uploaded_ids = store.round_uploaders(branch_id, current.run_number, current.round_index)
-        refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
+                                 analytics=analytics, brief=brief)
+        if brief:  # counted, not named
+            uploaded_ids = [""] * store.round_upload_count(branch_id, current.run_number, current.round_index)
+            refusals: list[Any] = []
+        else:
+            uploaded_ids = store.round_uploaders(branch_id, current.run_number, current.round_index)
+            refusals = store.round_refusals(branch_id, current.run_number, current.round_index)
     uploaded = [names.get(leaf_id, leaf_id) for leaf_id in uploaded_ids]
     done = set(uploaded_ids)
     missing = [name for leaf_id, name in names.items() if leaf_id not in done and leaf_id in active]
@@ -146,7 +162,7 @@ def round_progress(store: Store, branch_id: str) -> RoundProgress:
     return RoundProgress(
         branch.id, branch.run_status, current.run_number, current.round_index, required, uploaded, missing,
         [Refusal(r["leaf_name"], r["reason"], r["refused_at"]) for r in refusals],
-        current.opened_at, deadline_at, latest, branch.algorithm, branch.params, analytics=analytics,
+        current.opened_at, deadline_at, latest, branch.algorithm, branch.params, analytics=analytics, brief=brief,
     )
 
 

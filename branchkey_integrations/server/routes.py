@@ -201,11 +201,18 @@ async def round_status(request: web.Request) -> web.Response:
       of the branch's latest aggregate, or null: a leaf that missed a notification finds its result here;
       ``strategy`` says what aggregated it and ``strategy_note``, when it was not the branch's strategy, why;
     - ``strategy``, ``strategy_params``: how the branch aggregates (docs/guides/strategies.md).
+
+    With ``?brief=1`` the leaves are counted, not named: ``uploaded_count`` instead of ``uploaded``,
+    ``missing`` and ``refused`` (the same in ``analytics``): what a waiting leaf's check for a missed aggregate
+    needs, at a cost that does not grow with the branch's leaves.
     """
     server = server_of(request)
     leaf = await server.auth.authenticate(request)
     require_own_branch(leaf, request.match_info["branch_id"])
-    progress = await server.blocking(round_progress, server.store, leaf.branch_id)
+    brief = request.query.get("brief", "0")
+    if brief not in ("0", "1"):
+        raise HttpProblem(400, f"brief={brief[:20]!r}; expected 1 (leaves counted, not named) or 0.")
+    progress = await server.blocking(round_progress, server.store, leaf.branch_id, brief=brief == "1")
     return ok(progress.to_dict())
 
 

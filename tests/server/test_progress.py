@@ -142,6 +142,37 @@ def test_status_names_the_open_rounds_uploaded_missing_and_refused_leaves(live, 
     assert [r["leaf"] for r in listed["progress"]["refused"]] == ["leaf_2"]
 
 
+def test_a_brief_round_view_counts_the_leaves_without_naming_them(live) -> None:
+    from branchkey_integrations.core import Client
+
+    branch, (a, b, c) = live.make_branch(3)
+    brief_path = ROUND_PATH.format(branch_id=a["branch_id"]) + "?brief=1"
+
+    def brief() -> dict:
+        answer = requests.get(live.url + brief_path, headers=live.auth(a), timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"]
+
+    assert brief()["uploaded_count"] == 0
+    assert live.upload(a, wire.encode(layers(1), 1.0)).status_code == 201
+    assert live.upload(b, wire.encode([np.zeros(4, np.float32)], 1.0)).status_code == 400  # a refusal: not listed
+    now, full = brief(), data(live, a)
+    assert now["uploaded_count"] == 1 and not {"uploaded", "missing", "refused"} & set(now)
+    assert {k: v for k, v in full.items() if k not in ("uploaded", "missing", "refused")} == \
+        {k: v for k, v in now.items() if k != "uploaded_count"}
+    for leaf in (b, c):
+        assert live.upload(leaf, wire.encode(layers(2), 1.0)).status_code == 201
+    aggregate_id = live.wait_aggregate(branch["id"])
+    after = live.wait_for(lambda: (d := brief())["round_index"] == 1 and d)
+    assert (after["uploaded_count"], after["latest_aggregate"]["aggregation_id"]) == (0, aggregate_id)
+    with Client(a, host=live.url, transport="none") as client:  # the client's brief look: a view without names
+        view = client.get_round(brief=True)
+    assert (view.uploaded, view.missing, view.latest_aggregate.aggregation_id) == ((), (), aggregate_id)
+    wrong = requests.get(live.url + ROUND_PATH.format(branch_id=a["branch_id"]) + "?brief=yes",
+                         headers=live.auth(a), timeout=10)
+    assert wrong.status_code == 400 and "brief" in wrong.json()["error"]
+
+
 def test_the_leaf_side_parses_the_servers_round_view(live) -> None:
     from branchkey_integrations.core.progress import parse_round_view
 
