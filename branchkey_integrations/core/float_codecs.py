@@ -53,13 +53,14 @@ _RAW, _VALUES = 0, 1
 _F32 = np.dtype("<f4")
 
 
-def _float32_header(header: bytes) -> bool:
-    """Whether the ``.npy`` ``header`` describes little-endian float32 values (what the lossy codecs compress)."""
+def _float32_header(header: bytes, also: tuple[np.dtype, ...] = ()) -> bool:
+    """Whether the ``.npy`` ``header`` describes little-endian float32 values (what the lossy codecs compress), or
+    values of a dtype in ``also``."""
     try:
         stream = io.BytesIO(header)
         version = np.lib.format.read_magic(stream)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return np.dtype(reader(stream)[2]) == _F32
+        return np.dtype(reader(stream)[2]) in (_F32, *also)
     except ValueError:
         return False
 
@@ -70,6 +71,8 @@ class FloatCodec(Codec):
     name: ClassVar[str] = ""
     #: True for a codec whose decoded values differ from the original (opt-in: ``quantize=``)
     lossy: ClassVar[bool] = False
+    #: dtypes besides float32 whose members it encodes as 4-byte values (a lossless codec: their bits)
+    also_encodes: ClassVar[tuple[np.dtype, ...]] = ()
 
     def encode_frame(self, values: np.ndarray) -> bytes:
         raise NotImplementedError
@@ -92,7 +95,7 @@ class FloatCodec(Codec):
 
     def _frames(self, header: bytes, data: memoryview) -> list[bytes]:
         frames = [_FRAME.pack(_RAW, len(header), len(header)) + header]
-        if not _float32_header(header):
+        if not _float32_header(header, self.also_encodes):
             return frames + ([_FRAME.pack(_RAW, data.nbytes, data.nbytes), bytes(data)] if data.nbytes else [])
         values = np.frombuffer(data, _F32)
         for start in range(0, values.size, FRAME_VALUES):
@@ -294,6 +297,8 @@ class ShuffleZstdCodec(FloatCodec):
 
     name = "shuffle-zstd"
     level: ClassVar[int] = 1
+    #: the XOR of float32 bit patterns that a delta upload sends (:mod:`.delta`): bits, as float32's are
+    also_encodes = (np.dtype("<u4"),)
 
     def encode_frame(self, values: np.ndarray) -> bytes:
         bits = values.view("<u4")
