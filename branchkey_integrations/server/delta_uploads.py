@@ -86,7 +86,9 @@ def rebuild_upload(upload: ReceivedUpload, base: Path, archive: wire.Archive,
                 writer.add(wire.WEIGHTING_KEY, np.array([archive.weighting], np.float64))
             specs = _write_layers(writer, delta, held, archive.specs, piece_bytes)
             for index in range(len(archive.controls)):  # SCAFFOLD's control update: one layer's size, as sent
-                writer.add(wire.control_key(index), wire.read_control(delta, index))
+                control = wire.read_control(delta, index)
+                if control is not None:  # the scan counted it
+                    writer.add(wire.control_key(index), control)
             writer.close()
         os.replace(rebuilt, upload.path)
     except ArchiveError as exc:
@@ -115,11 +117,11 @@ def _write_layers(writer: wire.ArchiveWriter, delta: zipfile.ZipFile, held: zipf
                                f"shape and dtype {' or '.join(str(d) for d in wanted)}.")
         _, fortran, pieces = wire.layer_pieces(delta, index, piece_bytes)
         if not is_delta_layer(base_spec.dtype):  # travels whole
-            base_pieces.close()
+            _close(base_pieces)
             writer.add_pieces(key, spec, pieces, fortran_order=fortran)
         elif fortran or base_fortran:  # rare (a transposed layer): whole layers, numpy minds the order
-            pieces.close()
-            base_pieces.close()
+            _close(pieces)
+            _close(base_pieces)
             writer.add(key, _finite(reconstruct(wire.read_layer(delta, index), wire.read_layer(held, index)), key))
         else:
             writer.add_pieces(key, base_spec, _rebuilt(pieces, base_pieces, key, piece_bytes))
@@ -138,6 +140,11 @@ def _rebuilt(pieces: Iterator[np.ndarray], base_pieces: Iterator[np.ndarray], ke
     for rest in (pieces, base_pieces):  # both ended: this runs their CRC checks
         if next(rest, None) is not None:
             raise ArchiveError(f"{key} holds more values than its base.")
+
+
+def _close(pieces: Iterator[np.ndarray]) -> None:
+    """Stop a layer's stream unread (a generator: its reader is released)."""
+    getattr(pieces, "close", lambda: None)()
 
 
 def _finite(values: np.ndarray, key: str) -> np.ndarray:
