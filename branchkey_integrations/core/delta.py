@@ -22,7 +22,7 @@ Example:
     >>> bits.dtype.name, bool(np.array_equal(reconstruct(bits, base), weights))
     ('uint32', True)
     >>> held = DeltaBase("auto")
-    >>> held.remember("agg-1", [base], download_codec=None)
+    >>> held.remember("agg-1", [base], download_codec=None, branch_takes=True)
     >>> layers, base_id = held.difference([weights], lossy=False)
     >>> base_id, layers[0].dtype.name
     ('agg-1', 'uint32')
@@ -86,7 +86,8 @@ class DeltaBase:
 
     ``mode``: the ``delta=`` client option. The base is kept only from an exact download (the aggregate as the
     server stores it, or through a lossless codec): a difference from a dequantized copy would not add back to
-    the leaf's weights.
+    the leaf's weights; and with ``"auto"`` only where the branch said it takes deltas, so a leaf of the hosted
+    platform never pays for the copy.
     """
 
     def __init__(self, mode: str | bool = "auto") -> None:
@@ -94,10 +95,13 @@ class DeltaBase:
         self.base_id: str | None = None
         self._layers: list[np.ndarray] = []
 
-    def remember(self, aggregation_id: str, layers: Sequence[np.ndarray], *, download_codec: str | None) -> None:
+    def remember(self, aggregation_id: str, layers: Sequence[np.ndarray], *, download_codec: str | None,
+                 branch_takes: bool | None) -> None:
         """Keep ``layers`` (copied: the download buffer is reused) as the base named ``aggregation_id``, where they
-        are exact: downloaded as stored (``download_codec`` None) or through a lossless codec."""
-        if self.mode is False or (download_codec is not None and getattr(codec_named(download_codec), "lossy", False)):
+        are exact: downloaded as stored (``download_codec`` None) or through a lossless codec. ``branch_takes``:
+        whether the branch's config said it takes deltas when it was last read (None: not read)."""
+        lossy = download_codec is not None and getattr(codec_named(download_codec), "lossy", False)
+        if self.mode is False or lossy or (self.mode == "auto" and not branch_takes):
             self.forget()
             return
         self.base_id = aggregation_id

@@ -87,6 +87,11 @@ class UploadEncoding:
         self.feedback.settle(sent, lossy)
         return encoded
 
+    @property
+    def takes_deltas(self) -> bool | None:
+        """Whether the branch's config said it takes delta uploads when it was last read for an upload (None: not read)."""
+        return self._takes_deltas
+
     def _difference(self, layers: Sequence[np.ndarray], codec: str, lossy: bool) -> Sequence[np.ndarray]:
         """``layers``, or their difference from the held base where the option and the branch allow it."""
         self.delta_base = None

@@ -138,3 +138,12 @@ def test_a_branch_that_advertises_no_codecs_gets_full_uploads_as_before(inproces
         aggregate = client.download_aggregate(client.wait_for_aggregation(30)).layers
     for got, want in zip(aggregate, layers):
         np.testing.assert_array_equal(got, want)
+
+
+def test_with_delta_auto_a_leaf_of_a_branch_without_deltas_keeps_no_copy_of_the_aggregate(inprocess_server,
+                                                                                         tmp_path) -> None:
+    server, credentials = inprocess_server(1)
+    with Client(credentials[0], host=server.url, transport="none", quantize="int8", output_dir=tmp_path) as client:
+        client.upload_weights(1.0, _start(11))  # the branch advertises nothing: plain NPZ, as to the hosted platform
+        client.download_aggregate(client.wait_for_aggregation(30))
+        assert client.encoding.takes_deltas is False and client.encoding.delta.base_id is None
