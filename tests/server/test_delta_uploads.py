@@ -5,11 +5,16 @@ body is decoded; a delta that does not fit its base is a 400; an official client
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
+import pytest
 
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.delta import xor_bits
+from branchkey_integrations.core.errors import ArchiveError
+from branchkey_integrations.core.float_codecs import FP16, SHUFFLE_ZSTD
+from branchkey_integrations.core.npy import npy_member
 
 from .conftest import auth
 
@@ -78,3 +83,20 @@ def test_an_official_clients_upload_is_unchanged_on_a_branch_that_takes_deltas(l
     answer = live.upload(leaf, wire.encode([weights], 5.0))  # part data without delta_base, deflated as numpy writes
     assert answer.status_code == 201, answer.text
     np.testing.assert_array_equal(live.fetch(leaf, live.wait_aggregate(branch["id"], index=1)).layers[0], weights)
+
+
+@pytest.mark.skipif(SHUFFLE_ZSTD is None, reason="shuffle-zstd needs the [zstd] extra (zstandard)")
+def test_xor_bits_travel_as_frames_of_four_compressed_planes_and_a_damaged_one_is_refused() -> None:
+    base = np.random.default_rng(3).standard_normal(5000).astype(np.float32)
+    bits = xor_bits(base + np.float32(1e-4), base)
+    header, data = npy_member("layer_0", bits, False)
+    encoded = SHUFFLE_ZSTD.encode(header + bytes(data))
+    at = 9 + len(header)  # after the header's raw frame
+    assert encoded[at] == 2 and len(encoded) < 0.5 * bits.nbytes  # a frame of bits; its high planes nearly vanish
+    assert SHUFFLE_ZSTD.decode(encoded) == header + bytes(data)
+    first_plane = struct.unpack_from("<I", encoded, at + 9)[0]
+    damaged = encoded[:at + 9] + struct.pack("<I", first_plane + 1) + encoded[at + 13:]
+    with pytest.raises(ArchiveError, match="do not fit its"):
+        SHUFFLE_ZSTD.decode(damaged)
+    with pytest.raises(ArchiveError, match="holds a frame of bits, which fp16 never writes"):
+        FP16.decode(encoded)
