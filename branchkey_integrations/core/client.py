@@ -412,7 +412,7 @@ class Client(ClientProperties, PayloadCalls):
         archive = self._downloads.archive(file_id, limits, buffer, codec)
         if archive.kind == KIND_FEDERATED_LEARNING:  # the base of the next delta upload, where it is exact
             self.encoding.delta.remember(file_id, archive.layers, download_codec=codec,
-                                         branch_takes=self.encoding.takes_deltas)
+                                         branch_takes=lambda: self.encoding.takes_deltas)
         return archive
 
     @contextlib.contextmanager

@@ -22,7 +22,7 @@ Example:
     >>> bits.dtype.name, bool(np.array_equal(reconstruct(bits, base), weights))
     ('uint32', True)
     >>> held = DeltaBase("auto")
-    >>> held.remember("agg-1", [base], download_codec=None, branch_takes=True)
+    >>> held.remember("agg-1", [base], download_codec=None, branch_takes=lambda: True)
     >>> layers, base_id = held.difference([weights], lossy=False)
     >>> base_id, layers[0].dtype.name
     ('agg-1', 'uint32')
@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -96,12 +96,12 @@ class DeltaBase:
         self._layers: list[np.ndarray] = []
 
     def remember(self, aggregation_id: str, layers: Sequence[np.ndarray], *, download_codec: str | None,
-                 branch_takes: bool | None) -> None:
+                 branch_takes: Callable[[], bool]) -> None:
         """Keep ``layers`` (copied: the download buffer is reused) as the base named ``aggregation_id``, where they
         are exact: downloaded as stored (``download_codec`` None) or through a lossless codec. ``branch_takes``:
-        whether the branch's config said it takes deltas when it was last read (None: not read)."""
+        whether the branch says it takes deltas (asked only with ``"auto"``)."""
         lossy = download_codec is not None and getattr(codec_named(download_codec), "lossy", False)
-        if self.mode is False or lossy or (self.mode == "auto" and not branch_takes):
+        if self.mode is False or lossy or (self.mode == "auto" and not branch_takes()):
             self.forget()
             return
         self.base_id = aggregation_id

@@ -42,7 +42,7 @@ class UploadEncoding:
         self.last_codec: str | None = None  # the codec of the last upload
         self.delta = DeltaBase(options.delta)  # the base of delta uploads: the aggregate downloaded last
         self.delta_base: str | None = None  # the base the last encoded upload is a difference from (None: full)
-        self._takes_deltas: bool | None = None  # what the branch config read for this upload said (None: unread)
+        self._takes_deltas: bool | None = None  # what the branch config said when last read (None: never read)
 
     def accepted(self) -> list[str] | None:
         """The codecs the branch advertises now; None when it advertises none or its config cannot be read."""
@@ -59,7 +59,6 @@ class UploadEncoding:
         """The codec of the next upload (``compression``: this upload's override of the client's option)."""
         wanted = self.options.compression if compression is None else check_compression("compression", compression)
         quantize = self.options.quantize
-        self._takes_deltas = None
         accepted = self.accepted() if needs_branch_codecs(wanted, quantize, self.hostname) else None
         return choose_codec(wanted, quantize, self.hostname, accepted)
 
@@ -88,18 +87,18 @@ class UploadEncoding:
         return encoded
 
     @property
-    def takes_deltas(self) -> bool | None:
-        """Whether the branch's config said it takes delta uploads when it was last read for an upload (None: not read)."""
-        return self._takes_deltas
+    def takes_deltas(self) -> bool:
+        """Whether the branch's config said it takes delta uploads when it was last read (read now if never)."""
+        if self._takes_deltas is None:
+            self.accepted()
+        return bool(self._takes_deltas)
 
     def _difference(self, layers: Sequence[np.ndarray], codec: str, lossy: bool) -> Sequence[np.ndarray]:
         """``layers``, or their difference from the held base where the option and the branch allow it."""
         self.delta_base = None
         if not self.delta.wanted(codec, codec in PLAIN):
             return layers
-        if self._takes_deltas is None:  # the codec's choice did not read the branch config: read it now
-            self.accepted()
-        if not self._takes_deltas:
+        if not self.takes_deltas:
             return layers
         layers, self.delta_base = self.delta.difference(layers, lossy=lossy)
         return layers

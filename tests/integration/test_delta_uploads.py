@@ -147,3 +147,16 @@ def test_with_delta_auto_a_leaf_of_a_branch_without_deltas_keeps_no_copy_of_the_
         client.upload_weights(1.0, _start(11))  # the branch advertises nothing: plain NPZ, as to the hosted platform
         client.download_aggregate(client.wait_for_aggregation(30))
         assert client.encoding.takes_deltas is False and client.encoding.delta.base_id is None
+
+
+def test_a_new_client_that_downloads_before_it_uploads_sends_a_delta(inprocess_server, tmp_path) -> None:
+    """As a simulation's turn does: a fresh client downloads the aggregate, trains, uploads."""
+    server, credentials = inprocess_server(1)
+    with Client(credentials[0], host=server.url, transport="none", quantize="int8", output_dir=tmp_path) as client:
+        _advertise(server, client.branch_id, ["int8"])
+        client.upload_weights(1.0, _start(12))
+        first = client.wait_for_aggregation(30)
+    with Client(credentials[0], host=server.url, transport="none", quantize="int8", output_dir=tmp_path) as client:
+        base = client.download_aggregate(first).layers
+        client.upload_weights(1.0, _trained(base, 13))
+        assert client.encoding.delta_base == first
