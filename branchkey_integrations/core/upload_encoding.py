@@ -95,12 +95,14 @@ class UploadEncoding:
 
     def _difference(self, layers: Sequence[np.ndarray], codec: str, lossy: bool) -> Sequence[np.ndarray]:
         """``layers``, or their difference from the held base where the option and the branch allow it."""
-        self.delta_base = None
+        was_delta, self.delta_base = self.delta_base is not None, None
         if not self.delta.wanted(codec, codec in PLAIN):
             return layers
         if not self.takes_deltas:
             return layers
         layers, self.delta_base = self.delta.difference(layers, lossy=lossy)
+        if self.delta_base is not None and not was_delta:
+            logger.info("Uploads travel as differences from the aggregate downloaded last (%s)", self.delta_base)
         return layers
 
     def download_codec(self) -> str | None:
