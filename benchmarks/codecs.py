@@ -25,7 +25,7 @@ import numpy as np
 from branchkey_integrations import Client
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.codec_choice import ErrorFeedback
-from branchkey_integrations.core.delta import xor_bits
+from branchkey_integrations.core.delta import DeltaBase, xor_bits
 from branchkey_integrations.core.float_codecs import INT8, SHUFFLE_ZSTD
 
 from .common import load_average, local_server, median, save_report
@@ -112,10 +112,23 @@ def codec_bytes(layers: list[np.ndarray]) -> dict:
     return out
 
 
-def encoding_memory(layers: list[np.ndarray]) -> dict:
-    """Peak bytes allocated (tracemalloc: NumPy reports its buffers) while encoding, over the model's bytes."""
+def encoding_memory(layers: list[np.ndarray], base: list[np.ndarray]) -> dict:
+    """Peak bytes allocated (tracemalloc: NumPy reports its buffers) while encoding, over the model's bytes; the delta
+    rows encode the difference from ``base`` (held before, as a client holds the aggregate it downloaded)."""
     model = sum(a.nbytes for a in layers)
     result = {}
+    for codec, lossy in (("shuffle-zstd", False), ("int8", True)):
+        if codec == "shuffle-zstd" and SHUFFLE_ZSTD is None:
+            continue
+        held = DeltaBase("auto")
+        held.remember("base", base, download_codec=None, branch_takes=lambda: True)
+        tracemalloc.start()
+        sent, _ = held.difference(layers, lossy=lossy)
+        archive = wire.prepare(sent, 1.0, compression=codec)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        del archive, sent
+        result[f"{codec} delta"] = {"peak_extra_bytes": peak, "of_model": round(peak / model, 3)}
     for codec in ("none", "shuffle-zstd", "fp16", "int8", "int8+error-feedback"):
         if codec == "shuffle-zstd" and SHUFFLE_ZSTD is None:
             continue
@@ -163,6 +176,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bytes-only", action="store_true", help="bytes per codec and delta only: no memory or rounds")
+    parser.add_argument("--no-rounds", action="store_true", help="bytes and encoding memory: no loopback rounds")
     args = parser.parse_args()
     report: dict = {"load_before": load_average()}
     pairs = {"simulation_mlp": trained_mlp(), "resnet18_3_steps": resnet18_after_steps()}
@@ -175,8 +189,12 @@ def main() -> None:
         report["load_after"] = load_average()
         print(save_report(report, args.out, prefix="codecs-delta-"))
         return
-    report["encoding_memory"] = encoding_memory(models["resnet18_3_steps"])
+    report["encoding_memory"] = encoding_memory(models["resnet18_3_steps"], pairs["resnet18_3_steps"][0])
     print(json.dumps(report["encoding_memory"], indent=1), flush=True)
+    if args.no_rounds:
+        report["load_after"] = load_average()
+        print(save_report(report, args.out, prefix="codecs-delta-"))
+        return
     report["loopback_round_resnet18"] = loopback_rounds(models["resnet18_3_steps"], args.rounds)
     report["load_after"] = load_average()
     print(json.dumps(report["loopback_round_resnet18"], indent=1))

@@ -61,9 +61,11 @@ def accepts_deltas(branch_config: Any) -> bool:
     return isinstance(service, dict) and service.get(DELTA_CONFIG_KEY) is True
 
 
-def xor_bits(values: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """The XOR of the float32 bit patterns of ``values`` and ``base`` (same shape), as uint32 in C order."""
-    return np.bitwise_xor(np.ascontiguousarray(values, _F32).view(_U32), np.ascontiguousarray(base, _F32).view(_U32))
+def xor_bits(values: np.ndarray, base: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The XOR of the float32 bit patterns of ``values`` and ``base`` (same shape), as uint32 in C order (into
+    ``out``'s memory when given: a C-ordered float32 or uint32 array of that shape)."""
+    return np.bitwise_xor(np.ascontiguousarray(values, _F32).view(_U32), np.ascontiguousarray(base, _F32).view(_U32),
+                          out=None if out is None else out.view(_U32))
 
 
 def reconstruct(delta: np.ndarray, base: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -119,7 +121,11 @@ class DeltaBase:
 
     def difference(self, layers: Sequence[np.ndarray], *, lossy: bool) -> tuple[list[np.ndarray], str | None]:
         """``layers`` as the difference from the base (XOR bits, or ``- base`` when ``lossy``) and the base's id;
-        ``layers`` as they are and None when they do not match the base's layout (the base is then dropped)."""
+        ``layers`` as they are and None when they do not match the base's layout (the base is then dropped).
+
+        The differences are written over the base's own memory, so encoding a delta costs no more memory than
+        encoding the weights: the base is used up (an aggregate is the base of one upload; the next upload's is
+        the next aggregate)."""
         if self.base_id is None:
             return list(layers), None
         if [(np.shape(a), np.asarray(a).dtype) for a in layers] != [(b.shape, b.dtype) for b in self._layers]:
@@ -131,10 +137,12 @@ class DeltaBase:
             if not is_delta_layer(base):
                 out.append(layer)
             elif lossy:
-                out.append(np.subtract(np.ascontiguousarray(layer, _F32), base, dtype=_F32))
+                out.append(np.subtract(layer, base, out=base, dtype=_F32))
             else:
-                out.append(xor_bits(layer, base))
-        return out, self.base_id
+                out.append(xor_bits(layer, base, out=base).view(_U32))
+        base_id = self.base_id
+        self.base_id, self._layers = None, []  # used up: its memory holds the differences now
+        return out, base_id
 
 
 __all__ = ["DeltaBase", "DELTA_BASE_KEY", "DELTA_CONFIG_KEY", "DELTA_CHOICES", "accepts_deltas", "check_delta",

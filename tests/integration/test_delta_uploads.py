@@ -103,19 +103,18 @@ def test_int8_deltas_with_error_feedback_stay_closer_to_float32_than_int8_of_the
 def test_a_stale_base_is_refused_and_the_client_sends_the_full_weights_saying_so(inprocess_server, tmp_path,
                                                                                  caplog) -> None:
     server, credentials = inprocess_server(1)
-    with Client(credentials[0], host=server.url, transport="none", compression="shuffle-zstd",
-                output_dir=tmp_path) as client:
+    options = {"host": server.url, "transport": "none", "compression": "shuffle-zstd", "output_dir": tmp_path}
+    with Client(credentials[0], **options) as client, Client(credentials[0], **options) as elsewhere:
         _advertise(server, client.branch_id, ["shuffle-zstd"])
         client.upload_weights(1.0, _start(6))
         first = client.wait_for_aggregation(30)
-        base = client.download_aggregate(first).layers
-        client.upload_weights(1.0, _trained(base, 7))  # a delta from the latest aggregate: accepted
-        second = client.wait_for_aggregation(30)  # ... and not downloaded: the leaf's base is now stale
+        base = client.download_aggregate(first).layers.copy()
+        elsewhere.upload_weights(1.0, _start(7))  # the branch moves on without this client (another of its processes)
+        second = elsewhere.wait_for_aggregation(30)
         final = _trained(base, 8)
         with caplog.at_level(logging.WARNING, logger="branchkey_integrations.core.client"):
-            receipt = client.upload_arrays(1.0, final)
-        third = client.wait_for_aggregation(30)
-        aggregate = client.download_aggregate(third).layers
+            receipt = client.upload_arrays(1.0, final)  # a delta from the first aggregate: stale
+        aggregate = client.download_aggregate(client.wait_for_aggregation(30)).layers
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "difference from aggregate" in r.message]
     assert len(warnings) == 1, caplog.text
     assert first in warnings[0].message and second in warnings[0].message and "full weights" in warnings[0].message
