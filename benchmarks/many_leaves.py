@@ -14,6 +14,8 @@ connect first; then, on one signal, each uploads the same ``--mb`` MB float32 mo
   time the server needs just to receive them; the goal: round time <= 3x the floor;
 - **refused connections** in the server's log (its connection cap: ``serve --max-connections``, set to 3 per
   leaf here, as a leaf holds a WebSocket and an HTTP keep-alive connection; the default 1,000 is too few);
+- **server CPU**: the server's user + system CPU seconds from the signal to the last leaf's download
+  (``server_cpu_s``): what a round costs the server, which a loaded machine changes less than wall time;
 - **server RSS growth**: the server's peak resident memory (``VmHWM``) during the run minus its RSS
   once every leaf was connected (goal <= 300 MB); its RSS at start, idle, beside it; and, from RSS sampled
   every 50 ms, the growth while the uploads arrive and while the aggregate is downloaded, apart.
@@ -205,6 +207,14 @@ def receive_floor(leaves: int, mb: float, processes: int, workdir: Path) -> dict
         sink.wait(30)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/PID/stat)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(leaves: int, mb: float, processes: int, timeout: float) -> dict[str, Any]:
     # each leaf holds two connections (its WebSocket and its HTTP keep-alive), past serve's default cap of 1,000
     serve_args = ("--max-connections", str(max(1000, 3 * leaves)))
@@ -234,8 +244,10 @@ def run(leaves: int, mb: float, processes: int, timeout: float) -> dict[str, Any
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        cpu_before = _cpu_seconds(pid)
         started = _go(workers)
         results = _collect(workers)
+        report["server_cpu_s"] = round(_cpu_seconds(pid) - cpu_before, 2)  # the round's CPU: load-independent
         sampling.set()
         sampler.join()
         report["server_rss_connected_mb"] = round(rss_connected, 1)

@@ -25,7 +25,7 @@ require_framework("keras", "Keras 3 and a backend (TensorFlow, PyTorch or JAX)",
 
 import keras  # noqa: E402 - after the check that gives an install hint
 from .core.callback_kit import calibrate  # noqa: E402
-from .keras_head import dense_head, dense_inputs, head_arrays, load_head  # noqa: E402
+from .keras_head import check_head, dense_head, dense_inputs, head_arrays, load_head  # noqa: E402
 
 if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the environment
     raise ImportError(f"branchkey_integrations.keras needs Keras 3; found keras {keras.__version__}: "
@@ -152,11 +152,13 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
 
     ``scaffold_correction``: ``"decoupled"`` only (the step below); Lightning's ``"gradient"`` is refused.
 
-    ``calibrate_head``, ``head``, ``min_class_count``: as the Lightning callback's (docs/calibration.md), with
-    ``head`` a layer's name and the default the last layer with trainable weights, which must be a ``Dense`` with a
-    linear or softmax activation (else ``ValueError`` when ``fit`` begins, naming the layer found and the
-    ``Dense`` layers to choose from); ``calibration_data=(x, y)``, this leaf's training inputs and integer
-    labels, is then required (at construction), since a Keras callback does not see the data ``fit`` trains on.
+    ``calibrate_head``, ``head``, ``min_class_count``: as the Lightning callback's (docs/calibration.md). The
+    final layer must be a ``Dense`` with a linear or softmax activation: ``head`` the layer itself (checked at
+    construction) or its name, and by default the last layer with trainable weights (both checked in
+    ``on_train_begin``, the first hook that sees the model, before any training step); else ``ValueError``,
+    naming the layer found and what to pass. ``calibration_data=(x, y)``, this leaf's training inputs and
+    integer labels, is then required (at construction), since a Keras callback does not see the data ``fit``
+    trains on.
 
     SCAFFOLD (Karimireddy et al. 2020) runs by itself in a branch whose strategy is ``scaffold`` (the callback
     reads the branch config when ``fit`` begins): before each training batch (and once more before the round)
@@ -169,8 +171,9 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
     :meth:`state_dict` with the model and give it back with :meth:`load_state_dict` before ``fit``.
 
     Raises:
-        ValueError: an argument is out of range (at construction); the model has no trainable weights
-            (at ``fit`` start).
+        ValueError: an argument is out of range, or ``head`` is a layer calibration cannot refit (at
+            construction); the model has no trainable weights, or calibration's final layer is not a linear
+            ``Dense`` (at ``fit`` start).
         ImportError: ``snapshot_dir`` is given and safetensors is not installed (at construction).
         RuntimeError: the model is trained with ``MultiWorkerMirroredStrategy`` (at ``fit`` start).
         BranchKeyError: the platform failed; ``RequestRejectedError`` names the local variable when this
@@ -194,6 +197,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
 
     _num_samples_required = True  # Keras cannot count samples honestly: see num_samples above
     _install_extra = "keras"
+    _check_head = staticmethod(check_head)  # a layer passed as head= is checked at construction
 
     def __init__(
         self,
@@ -217,7 +221,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         connect_timeout: float = CallbackSettings.connect_timeout,
         scaffold_correction: str = CallbackSettings.scaffold_correction,
         calibrate_head: bool | str = CallbackSettings.calibrate_head,
-        head: str | None = CallbackSettings.head,
+        head: str | keras.layers.Layer | None = CallbackSettings.head,
         min_class_count: int = CallbackSettings.min_class_count,
         calibration_data: Any = None,
     ) -> None:

@@ -35,40 +35,71 @@ def _layers(model: Any) -> list[Any]:
     return out
 
 
-def dense_head(model: keras.Model, name: str | None = None) -> keras.layers.Dense:
-    """The layer named ``name``, or else the last layer with trainable weights; it must be a ``Dense`` with a
-    linear or softmax activation.
+#: what to pass when the final layer is not one calibration can refit (the model's Dense layers are added to it
+#: when the model is known)
+_PASS_HEAD = "Pass head=<the Dense layer that makes the logits> (the layer, or its name)"
+
+
+def check_head(head: Any) -> None:
+    """At construction: a layer passed as ``head=`` must be a ``Dense`` with a linear or softmax activation (a name
+    is looked up, and the default found, when ``fit`` begins, the first moment the callback sees the model).
+
+    >>> check_head(keras.layers.Dense(2, activation="relu", name="out"))
+    Traceback (most recent call last):
+    ...
+    ValueError: calibrate_head: the Dense layer 'out' has activation 'relu'; ... or calibrate_head=False.
 
     Raises:
-        ValueError: no such layer, or not such a ``Dense``: the message names it and what to pass.
+        ValueError: ``head`` is neither None, a name nor such a ``Dense``; the message names it and what to pass.
     """
-    layers = _layers(model)
-    dense = [layer.name for layer in layers if isinstance(layer, keras.layers.Dense)]
-    hint = (f"Pass head='<name of the Dense layer that makes the logits>' (this model's Dense layers: {dense}), or "
-            "calibrate_head=False.")
-    if name is None:
-        trainable = [layer for layer in layers if layer.trainable_weights]
-        if not trainable:
-            raise ValueError(f"calibrate_head: model {model.name!r} has no trainable layer to refit. {hint}")
-        layer = trainable[-1]
-        if not isinstance(layer, keras.layers.Dense):
-            raise ValueError(f"calibrate_head: the last trainable layer of model {model.name!r} is {layer.name!r}, a "
-                             f"{type(layer).__name__}, not a keras.layers.Dense: calibration refits the final linear "
-                             f"layer. {hint}")
-    else:
-        found = [layer for layer in layers if layer.name == name]
-        if not found:
-            raise ValueError(f"calibrate_head: head={name!r} names no layer of model {model.name!r}. {hint}")
-        layer = found[0]
-        if not isinstance(layer, keras.layers.Dense):
-            raise ValueError(f"calibrate_head: head={name!r} is a {type(layer).__name__}, not a keras.layers.Dense. "
-                             f"{hint}")
+    if head is None or isinstance(head, str):
+        return
+    if not isinstance(head, keras.layers.Layer):
+        raise ValueError("Expected head to be the Dense layer that makes the logits, its name, or None (the last "
+                         f"layer with trainable weights). Received: head={head!r}")
+    _refittable(head, f"head=<{type(head).__name__} {head.name!r}>", f"{_PASS_HEAD}, or calibrate_head=False.")
+
+
+def _refittable(layer: Any, label: str, hint: str) -> keras.layers.Dense:
+    """``layer`` when it is a ``Dense`` whose outputs are logits (or their softmax), else ``ValueError``."""
+    if not isinstance(layer, keras.layers.Dense):
+        raise ValueError(f"calibrate_head: {label} is a {type(layer).__name__}, not a keras.layers.Dense: calibration "
+                         f"refits the final linear layer. {hint}")
     activation = keras.activations.serialize(layer.activation)
     activation = activation if isinstance(activation, str) else str(activation.get("config", {}).get("name", activation))
     if activation not in HEAD_ACTIVATIONS:
         raise ValueError(f"calibrate_head: the Dense layer {layer.name!r} has activation {activation!r}; calibration "
                          f"refits a layer whose outputs are logits (activation in {HEAD_ACTIVATIONS}). {hint}")
     return layer
+
+
+def dense_head(model: keras.Model, head: "str | keras.layers.Layer | None" = None) -> keras.layers.Dense:
+    """``head`` (a layer of ``model``, or its name), or else the last layer with trainable weights; it must be a
+    ``Dense`` with a linear or softmax activation.
+
+    Raises:
+        ValueError: no such layer, or not such a ``Dense``: the message names it and what to pass.
+    """
+    layers = _layers(model)
+    dense = [layer.name for layer in layers if isinstance(layer, keras.layers.Dense)]
+    hint = f"{_PASS_HEAD} (this model's Dense layers: {dense}), or calibrate_head=False."
+    if head is None:
+        trainable = [layer for layer in layers if layer.trainable_weights]
+        if not trainable:
+            raise ValueError(f"calibrate_head: model {model.name!r} has no trainable layer to refit. {hint}")
+        layer = trainable[-1]
+        label = f"the last trainable layer of model {model.name!r}, {layer.name!r},"
+    elif isinstance(head, str):
+        found = [layer for layer in layers if layer.name == head]
+        if not found:
+            raise ValueError(f"calibrate_head: head={head!r} names no layer of model {model.name!r}. {hint}")
+        layer, label = found[0], f"head={head!r}"
+    else:
+        if not any(layer is head for layer in layers):
+            raise ValueError(f"calibrate_head: head=<{type(head).__name__} {head.name!r}> is not a layer of model "
+                             f"{model.name!r} (the model fit trains). {hint}")
+        layer, label = head, f"head=<{type(head).__name__} {head.name!r}>"
+    return _refittable(layer, label, hint)
 
 
 def dense_inputs(model: keras.Model, head: keras.layers.Dense, x: Any, batch_size: int = 256) -> np.ndarray:
@@ -91,4 +122,4 @@ def load_head(head: keras.layers.Dense, weight: np.ndarray, bias: np.ndarray) ->
         head.bias.assign(bias.astype(head.bias.dtype))
 
 
-__all__ = ["HEAD_ACTIVATIONS", "dense_head", "dense_inputs", "head_arrays", "load_head"]
+__all__ = ["HEAD_ACTIVATIONS", "check_head", "dense_head", "dense_inputs", "head_arrays", "load_head"]

@@ -23,7 +23,8 @@ require_framework("lightning", "PyTorch and Lightning", ("torch", "lightning.pyt
 
 import torch  # noqa: E402 - after the check that gives an install hint
 from .torch_tensors import add_control_correction, add_proximal_gradient, apply_control_step  # noqa: E402
-from .torch_tensors import federated_tensors, head_inputs, linear_head, load_arrays, to_numpy  # noqa: E402
+from .torch_tensors import (check_head, federated_tensors, head_inputs, linear_head, load_arrays,  # noqa: E402
+                            to_numpy)
 from .core.callback_kit import calibrate  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
@@ -113,14 +114,18 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
             mode) in an analytics round, and every leaf refits the layer identically from the combined
             statistics. Every leaf of the branch must calibrate at the same rounds. The batches must be
             ``(inputs, ..., labels)``, ``inputs`` the module's forward argument. Under DDP, rank 0's data.
-        head: the name of the ``nn.Linear`` to refit (``dict(model.named_modules())``'s key); None: the last
-            module with trainable parameters, which must be an ``nn.Linear`` (else ``ValueError`` at setup,
-            before training, naming the layer found and the Linear modules to choose from).
+        head: the ``nn.Linear`` to refit: the module itself (checked at construction: anything but an
+            ``nn.Linear`` is a ``ValueError`` there, naming what to pass) or its name
+            (``dict(model.named_modules())``'s key); None: the last module with trainable parameters. A name and
+            the default are checked in ``setup``, the first hook that sees the model, before any training step:
+            a module that is not an ``nn.Linear`` is a ``ValueError`` there, naming the layer found and the
+            Linear modules to choose from.
         min_class_count: a class with fewer samples on this leaf is not sent (its statistics stay here).
 
     Raises:
-        ValueError: an argument is out of range (at construction); the training data has no length
-            and ``num_samples`` is None, or the model has no trainable parameters (at fit start).
+        ValueError: an argument is out of range, or ``head`` is a module but not an ``nn.Linear`` (at
+            construction); the training data has no length and ``num_samples`` is None, the model has no
+            trainable parameters, or calibration's final layer is not an ``nn.Linear`` (at fit start).
         ImportError: ``snapshot_dir`` is given and safetensors is not installed (at construction).
         RuntimeError: the strategy shards parameters (FSDP, DeepSpeed), at setup.
         BranchKeyError: the platform failed; :class:`~branchkey_integrations.core.federation.AggregateMismatchError`
@@ -137,6 +142,7 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
     """
 
     _install_extra = "lightning"
+    _check_head = staticmethod(check_head)  # a module passed as head= is checked at construction
     # round state of this instance; FederatedCallbackMixin.__init__ takes the options
     _last_epoch = -1  # the epoch whose round finished last: a resumed run never repeats it
     _round_id: str | None = None  # the aggregate loaded in this epoch, which its metrics describe

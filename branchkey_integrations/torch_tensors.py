@@ -99,9 +99,38 @@ def apply_control_step(params: list[torch.Tensor], corrections: list[torch.Tenso
                 param.sub_(correction, alpha=float(rate))
 
 
-def linear_head(module: "torch.nn.Module", name: str | None = None) -> tuple[str, "torch.nn.Linear"]:
-    """The final linear layer calibration refits: the module named ``name``, or else the last module (in
-    registration order) that holds trainable parameters of its own; it must be a ``torch.nn.Linear``.
+#: what to pass when the final layer is not one calibration can refit (the model's Linear modules are added to it
+#: when the model is known)
+_PASS_HEAD = "Pass head=<the nn.Linear that makes the logits> (the module, or its name in model.named_modules())"
+
+
+def check_head(head: Any) -> None:
+    """At construction: a module passed as ``head=`` must be a ``torch.nn.Linear`` (a name is looked up, and the
+    default found, when fit begins, the first moment the callback sees the model).
+
+    >>> check_head(torch.nn.ReLU())
+    Traceback (most recent call last):
+    ...
+    ValueError: calibrate_head: head=<ReLU> is a ReLU, not a torch.nn.Linear: ... or calibrate_head=False.
+
+    Raises:
+        ValueError: ``head`` is neither None, a name nor a ``Linear``; the message names it and what to pass.
+    """
+    if head is None or isinstance(head, str):
+        return
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError("Expected head to be the nn.Linear that makes the logits, its name in "
+                         f"model.named_modules(), or None (the last trainable module). Received: head={head!r}")
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"calibrate_head: head=<{type(head).__name__}> is a {type(head).__name__}, not a "
+                         f"torch.nn.Linear: calibration refits the final linear layer. {_PASS_HEAD}, or "
+                         "calibrate_head=False.")
+
+
+def linear_head(module: "torch.nn.Module",
+                head: "str | torch.nn.Module | None" = None) -> tuple[str, "torch.nn.Linear"]:
+    """The final linear layer calibration refits: ``head`` (a module of ``module``, or its name), or else the last
+    module (in registration order) that holds trainable parameters of its own; it must be a ``torch.nn.Linear``.
 
     >>> linear_head(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)))[0]
     '2'
@@ -111,9 +140,8 @@ def linear_head(module: "torch.nn.Module", name: str | None = None) -> tuple[str
     """
     modules = dict(module.named_modules())
     linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-    hint = (f"Pass head='<name of the nn.Linear that makes the logits>' (this model's Linear modules: {linears}), "
-            "or calibrate_head=False.")
-    if name is None:
+    hint = f"{_PASS_HEAD} (this model's Linear modules: {linears}), or calibrate_head=False."
+    if head is None:
         trainable = [n for n, m in modules.items() if any(p.requires_grad for p in m.parameters(recurse=False))]
         if not trainable:
             raise ValueError(f"calibrate_head: {type(module).__name__} has no trainable layer to refit. {hint}")
@@ -122,12 +150,20 @@ def linear_head(module: "torch.nn.Module", name: str | None = None) -> tuple[str
             raise ValueError(f"calibrate_head: the last trainable layer of {type(module).__name__} is {name!r}, a "
                              f"{type(modules[name]).__name__}, not a torch.nn.Linear: calibration refits the final "
                              f"linear layer. {hint}")
-    elif name not in modules:
-        raise ValueError(f"calibrate_head: head={name!r} names no module of {type(module).__name__}. {hint}")
-    elif not isinstance(modules[name], torch.nn.Linear):
-        raise ValueError(f"calibrate_head: head={name!r} is a {type(modules[name]).__name__}, not a torch.nn.Linear. "
+        return name, modules[name]
+    if not isinstance(head, str):
+        found = [n for n, m in modules.items() if m is head]
+        if not found:
+            raise ValueError(f"calibrate_head: head=<{type(head).__name__}> is not a module of "
+                             f"{type(module).__name__} (the model trained). {hint}")
+        check_head(head)
+        return found[0], modules[found[0]]
+    if head not in modules:
+        raise ValueError(f"calibrate_head: head={head!r} names no module of {type(module).__name__}. {hint}")
+    if not isinstance(modules[head], torch.nn.Linear):
+        raise ValueError(f"calibrate_head: head={head!r} is a {type(modules[head]).__name__}, not a torch.nn.Linear. "
                          f"{hint}")
-    return name, modules[name]
+    return head, modules[head]
 
 
 def head_inputs(module: "torch.nn.Module", head: "torch.nn.Linear", batches: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -161,4 +197,4 @@ def head_inputs(module: "torch.nn.Module", head: "torch.nn.Linear", batches: Any
 
 
 __all__ = ["federated_tensors", "to_numpy", "load_arrays", "add_proximal_gradient", "add_control_correction",
-           "apply_control_step", "linear_head", "head_inputs"]
+           "apply_control_step", "check_head", "linear_head", "head_inputs"]

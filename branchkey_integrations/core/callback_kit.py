@@ -31,6 +31,7 @@ import importlib
 import inspect
 import logging
 import math
+import numbers
 import os
 import signal
 from dataclasses import dataclass, field, fields
@@ -188,7 +189,7 @@ class CallbackSettings:
     proximal_mu: float = 0.0
     scaffold_correction: str = "decoupled"
     calibrate_head: bool | str = False
-    head: str | None = None
+    head: Any = None  # a name, or the framework's layer object (which the callback checks), or None
     min_class_count: int = 1
     install_extra: str | None = None
     check_every_s: float = LeafOptions.check_every_s
@@ -198,9 +199,10 @@ class CallbackSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calibration", CalibrationPlan.of(self.calibrate_head, self.min_class_count))
-        if self.head is not None and (not isinstance(self.head, str) or not self.head):
-            raise ValueError("Expected head to be the name of the final linear layer (a module's or layer's name) or "
-                             f"None (the last trainable one). Received: head={self.head!r}")
+        # a layer object is the framework callback's to check (_check_head), before these settings are made
+        if (self.head == "") if isinstance(self.head, str) else isinstance(self.head, numbers.Number):
+            raise ValueError("Expected head to be the final linear layer, its name, or None (the last trainable "
+                             f"one). Received: head={self.head!r}")
         check_every_n_epochs(self.every_n_epochs)
         check_num_samples(self.num_samples, required=self.num_samples_required)
         check_choice("buffers", self.buffers, BUFFER_POLICIES)
@@ -264,10 +266,11 @@ class FederatedCallbackMixin:
         connect_timeout: float = CallbackSettings.connect_timeout,
         scaffold_correction: str = CallbackSettings.scaffold_correction,
         calibrate_head: bool | str = CallbackSettings.calibrate_head,
-        head: str | None = CallbackSettings.head,
+        head: Any = CallbackSettings.head,
         min_class_count: int = CallbackSettings.min_class_count,
     ) -> None:
         super().__init__()  # the framework's Callback
+        self._check_head(head)
         self.settings = CallbackSettings(
             credentials, host, every_n_epochs=every_n_epochs, num_samples=num_samples, timeout=timeout,
             on_timeout=on_timeout, buffers=buffers, reset_optimizer=reset_optimizer, send_metrics=send_metrics,
@@ -291,6 +294,13 @@ class FederatedCallbackMixin:
     head = _setting("head")
     min_class_count = _setting("min_class_count")
     _calibrated_round = -1  # the round after which this leaf last calibrated (never twice after one round)
+
+    @staticmethod
+    def _check_head(head: Any) -> None:
+        """A framework callback checks a layer object passed as ``head=`` here, at construction (the model itself,
+        and so a name or the default, is known only when fit begins); here only names and None are known."""
+        if head is not None and not isinstance(head, str):
+            raise ValueError(f"Expected head to be a layer's name or None. Received: head={head!r}")
 
     @property
     def round(self) -> int:

@@ -100,4 +100,17 @@ def refit_head(stats: HeadStatistics, weight: Any, bias: Any, *, ridge: float = 
     return HeadRefit(old_weight, old_bias, present, absent)
 
 
-__all__ = ["DEFAULT_RIDGE", "HeadRefit", "check_ridge", "refit_head"]
+def class_accuracy(features: Any, labels: Any, weight: Any, bias: Any) -> list[float | None]:
+    """The accuracy, per class, of the layer ``weight`` [C, D] and ``bias`` on ``features`` [N, D] (its inputs)
+    with their ``labels``: what a refit changes, class by class; None for a class with no sample here.
+
+    >>> class_accuracy(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]]), [0, 1, 1], np.eye(3, 2), np.zeros(3))
+    [1.0, 0.5, None]
+    """
+    labels = np.asarray(labels).reshape(-1)
+    logits = np.asarray(features, dtype=np.float64) @ np.asarray(weight, dtype=np.float64).T + np.asarray(bias)
+    right = logits.argmax(axis=1) == labels
+    return [float(right[labels == c].mean()) if (labels == c).any() else None for c in range(logits.shape[1])]
+
+
+__all__ = ["DEFAULT_RIDGE", "HeadRefit", "check_ridge", "class_accuracy", "refit_head"]

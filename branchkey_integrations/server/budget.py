@@ -10,6 +10,7 @@ starts (:func:`limit_allocator_retention`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import logging
 import weakref
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 #: upload bytes one server holds in memory at most, all connections together (see :class:`ByteBudget`)
 MAX_BYTES_IN_FLIGHT = 16 << 20
+#: bytes of room that wake one waiting upload (about what it reads before it next checks the budget)
+WAKE_UNIT = 16 << 10
 
 
 class ByteBudget:
@@ -38,11 +41,12 @@ class ByteBudget:
 
     _instances: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ByteBudget]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, wake_unit: int = WAKE_UNIT) -> None:
         self.capacity = capacity
+        self.wake_unit = wake_unit
         self.used = 0
         self.uploads = 0  # bodies being received now
-        self._changed = asyncio.Event()
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @classmethod
     def of_running_loop(cls) -> "ByteBudget":
@@ -55,16 +59,39 @@ class ByteBudget:
         return self.used >= self.capacity
 
     async def room(self) -> None:
-        while self.spent():
-            self._changed.clear()
-            await self._changed.wait()
+        """Wait, first come first served, until released bytes make room for this upload's next read.
+
+        Why a queue: with one shared event, every release woke every waiting upload (a thousand at
+        once), each to find the budget spent again and wait anew: 1,000 leaves x 1 MB kept the event
+        loop busy with wakeups for most of the round.
+        """
+        if not self.spent() and not self._waiting:
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # woken, then cancelled: pass the turn on
+                self._wake()
+            raise
 
     def take(self, count: int) -> None:
         self.used += count
 
     def release(self, count: int) -> None:
         self.used -= count
-        self._changed.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake waiting uploads in order, one per ``wake_unit`` of room (at least one): each will read about
+        that much, so the bytes in flight overshoot the capacity by one read at most."""
+        room = self.capacity - self.used
+        while self._waiting and room > 0:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                room -= self.wake_unit
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)

@@ -51,6 +51,8 @@ from .records import ModelSizeLimit
 from .workers import Workers
 
 _CHUNK = 4 << 20
+#: a batch below this is hashed and written by one worker, one after the other (:func:`_hash_beside_write`)
+_SMALL_BATCH = 1 << 20
 #: bytes of an upload checked at a time: up to one such buffer per worker thread (8) when many uploads arrive at once
 _SCAN_PIECE = 1 << 20
 _READ_CHUNK = 1 << 20
@@ -312,7 +314,15 @@ async def _read_or_stall(request: web.Request, part: BodyPartReader, idle_timeou
 
 
 async def _hash_beside_write(workers: Workers, out: Any, digest: Any, chunks: list[bytes]) -> None:
-    """Hash a batch in one worker while another writes it (both release the GIL); done when both are."""
+    """Hash a batch in one worker while another writes it (both release the GIL); done when both are.
+
+    A small batch (what an upload holds when the budget is spent and many upload at once) goes to one
+    worker that hashes, then writes, without the writeback hint: two hops per 16 KiB kept 1,000 leaves
+    x 1 MB waiting on the event loop's handoffs, not on the bytes.
+    """
+    if sum(len(chunk) for chunk in chunks) < _SMALL_BATCH:
+        await workers.blocking(_hash_then_write, digest, out, chunks)
+        return
     hashed, written = await asyncio.gather(workers.blocking(_hash_chunks, digest, chunks),
                                            workers.blocking(_write_chunks, out, chunks), return_exceptions=True)
     for outcome in (written, hashed):
@@ -323,6 +333,12 @@ async def _hash_beside_write(workers: Workers, out: Any, digest: Any, chunks: li
 def _hash_chunks(digest: Any, chunks: list[bytes]) -> None:
     for chunk in chunks:
         digest.update(chunk)
+
+
+def _hash_then_write(digest: Any, out: Any, chunks: list[bytes]) -> None:
+    _hash_chunks(digest, chunks)
+    out.writelines(chunks)
+    out.flush()
 
 
 def _write_chunks(out: Any, chunks: list[bytes]) -> None:

@@ -43,8 +43,6 @@ class CalibrationRound:
 
     def start(self, aggregate_id: str, senders: int) -> None:
         self.aggregate_id, self.senders, self.started = aggregate_id, senders, time.monotonic()
-        self.run.sim.emit(Stage(f"calibration: {senders} leaves send the class statistics of the last aggregate's "
-                                "features"))
 
     @property
     def done(self) -> bool:
@@ -54,8 +52,10 @@ class CalibrationRound:
         """Hand out the refits once the server has combined the statistics."""
         if self.analytics_id is not None:
             return
-        if self.waited_from is None:
+        if self.waited_from is None:  # said now, after the last round's line (a round's line waits for its score)
             self.waited_from = time.monotonic()
+            self.run.sim.emit(Stage(f"calibration: {self.senders} leaves sent the class statistics of the last "
+                                    "aggregate's features; the server combines them"))
         server, branch = self.run.server, self.run.sim.branch_id
         rows = server.admin("GET", f"{ADMIN_PREFIX}/branches/{branch}/analytics")["analytics"]
         done = [row for row in rows if row["status"] == "aggregated" and row.get("aggregate_id")]
@@ -87,11 +87,13 @@ class CalibrationRound:
 
     @staticmethod
     def summary(answers: list[dict[str, Any]]) -> dict[str, Any]:
-        """The evaluator's accuracy and digest, and whether every answer has that digest."""
+        """The evaluator's accuracy (and per class, before and after), its digest, and whether every answer has that
+        digest."""
         evaluator = next(answer for answer in answers if "accuracy" in answer)
         return {"accuracy": evaluator["accuracy"],
                 "identical": all(answer["digest"] == evaluator["digest"] for answer in answers),
-                "digest": evaluator["digest"], "refit": evaluator["refit"], "untouched": evaluator["untouched"]}
+                "digest": evaluator["digest"], "refit": evaluator["refit"], "untouched": evaluator["untouched"],
+                **{key: evaluator[key] for key in ("class_accuracy_before", "class_accuracy") if key in evaluator}}
 
     def report(self) -> dict[str, Any]:
         return self.summary(self.answers) | {

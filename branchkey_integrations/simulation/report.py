@@ -55,7 +55,8 @@ class Report:
     files: dict[str, str] = field(default_factory=dict)
     #: with ``calibrate_head``: ``accuracy`` (the calibrated model, common test set), ``identical`` (every leaf's
     #: refit layer has the evaluator's digest), ``refit`` and ``untouched`` classes, ``upload_bytes`` (values a
-    #: leaf sent), ``seconds`` (last aggregate to the last refit); else None
+    #: leaf sent), ``seconds`` (last aggregate to the last refit), ``class_accuracy_before`` and ``class_accuracy``
+    #: (per class on the common test set, the last aggregate and the calibrated model); else None
     calibration: dict[str, Any] | None = None
 
     @property

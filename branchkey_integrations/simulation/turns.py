@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import RequestRejectedError
-from ..core.head_refit import HeadRefit, refit_head
+from ..core.head_refit import HeadRefit, class_accuracy, refit_head
 from ..core.head_statistics import HeadStatistics, head_statistics
 from ..core.scaffold import ScaffoldLeaf
 from .data import Split, holdout
@@ -120,10 +120,14 @@ def run_task(task: LeafTask, data: Split | None, test: Split | None, state: Any 
                 answer["statistics_seconds"] = round(time.monotonic() - sending, 3)
     elif task.role == "calibrate":
         with _client(task) as client:
-            layers, refit = _calibrated(client, framework, task)
+            start, layers, refit = _calibrated(client, framework, task)
         answer |= {"digest": refit.digest(), "refit": refit.refit, "untouched": refit.untouched}
         if data is None and test is not None:  # the evaluator (no shard): the calibrated model on the test set
             answer["accuracy"] = framework.score(layers, test, task.plan)
+            # per class, before and after: what calibration changed (the features are the same, only the head moved)
+            inputs = framework.features(start, test, task.plan)
+            answer["class_accuracy_before"] = class_accuracy(inputs, test.y, *framework.head(start))
+            answer["class_accuracy"] = class_accuracy(inputs, test.y, refit.weight, refit.bias)
     elif task.role == "evaluate":
         assert test is not None
         with _client(task) as client:
@@ -185,14 +189,14 @@ def _send_statistics(client: Any, framework: Any, task: LeafTask, layers: list[n
     return sum(value.nbytes for value in fields.values())
 
 
-def _calibrated(client: Any, framework: Any, task: LeafTask) -> tuple[list[np.ndarray], HeadRefit]:
-    """The last aggregate with its final layer refit from the calibration round's statistics (float64 NumPy,
-    closed-form: the same bytes on every leaf)."""
+def _calibrated(client: Any, framework: Any, task: LeafTask) -> tuple[list[np.ndarray], list[np.ndarray], HeadRefit]:
+    """The last aggregate, and it with its final layer refit from the calibration round's statistics (float64
+    NumPy, closed-form: the same bytes on every leaf)."""
     layers = _download(client, task.aggregate_id)
     stats = HeadStatistics.from_fields(client.download_analytics(str(task.analytics_id)).fields)
     weight, bias = framework.head(layers)
     refit = refit_head(stats, weight, bias)
-    return framework.with_head(layers, refit.weight, refit.bias), refit
+    return layers, framework.with_head(layers, refit.weight, refit.bias), refit
 
 
 def _upload(client: Any, weighting: float, layers: list[np.ndarray], controls: Any) -> None:

@@ -11,10 +11,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from branchkey_integrations import Client, cli
 from branchkey_integrations.simulate import LeafFailedError, SimulationConfig, run
+from branchkey_integrations.simulation.data import load_digits_split
 from branchkey_integrations.simulation.progress import RoundProgress
 
 from ..conftest import REPO, wait_until
@@ -192,4 +194,10 @@ def test_simulate_calibrates_the_final_layer_identically_on_every_leaf(tmp_path,
     # per class count and feature sum, and the packed upper triangle of one 256 x 256 sum of outer products
     assert calibration["upload_bytes"] == 10 * 8 + 10 * 256 * 8 + 256 * 257 // 2 * 8
     assert calibration["accuracy"] > report.final.global_accuracy  # one round of one epoch: the head lags
+    # per class on the common test set, weighted by its class counts: the overall accuracies before and after
+    counts = np.bincount(load_digits_split(seed=0)[1].y, minlength=10)
+    for key, overall in (("class_accuracy_before", report.final.global_accuracy),
+                         ("class_accuracy", calibration["accuracy"])):
+        assert len(calibration[key]) == 10
+        assert np.dot(calibration[key], counts) / counts.sum() == pytest.approx(overall, abs=1.5 / counts.sum())
     assert "calibrated final layer" in report.table() and children_of(os.getpid()) == []
