@@ -161,7 +161,8 @@ async def upload_file(request: web.Request) -> web.Response:
         model_limit = await server.blocking(server.store.model_size_limit, branch.id)  # refused before inflating
         archive = await decode_upload(upload.path, limits, server.workers, model_limit)
         if base is not None:  # rewritten as the full upload, piece by piece: every reader sees full weights
-            upload, archive = await server.workers.blocking(rebuild_upload, upload, base, archive)
+            with storage_errors():  # it writes the upload's size again
+                upload, archive = await server.workers.blocking(rebuild_upload, upload, base, archive)
         kind = archive.kind
         rounds = server.analytics if kind == KIND_FEDERATED_ANALYTICS else server.rounds
         try:
