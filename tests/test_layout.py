@@ -79,14 +79,17 @@ CORE_LAYERS = {
     "float_codecs": {"errors", "tensor_codecs", "npy"},
     "wire": {"errors", "protocol", "archive", "archive_read", "archive_write", "tensor_codecs", "payload_kinds", "zipformat",
              "float_codecs"},
-    "http": {"errors", "backoff"}, "transfer": {"errors", "wire", "tensor_codecs"}, "client_options": {"errors", "protocol", "tensor_codecs", "float_codecs"},
+    "http": {"errors", "backoff"}, "transfer": {"errors", "wire", "tensor_codecs"}, "client_options": {"errors", "protocol", "tensor_codecs", "float_codecs", "delta"},
+    "delta": {"tensor_codecs"},
     "codec_choice": {"client_options", "float_codecs", "tensor_codecs", "transfer"},
-    "upload_encoding": {"client_options", "codec_choice", "errors"},
+    "upload_encoding": {"client_options", "codec_choice", "errors", "delta"},
     "download": {"errors", "protocol", "wire", "http", "transfer"},
     "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
     "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "protocol", "waiter"},
     "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
-               "notifications", "progress", "watch", "download", "version", "client_payloads", "upload_encoding"},
+               "notifications", "progress", "watch", "download", "version", "client_payloads", "upload_encoding",
+               "delta", "client_properties"},
+    "client_properties": {"credentials", "http", "notifications", "waiter"},
 }
 
 

@@ -12,7 +12,8 @@ This module owns the calls of PROTOCOL.md and their bodies, and nothing under th
 (session, retries, error translation) is :mod:`.http`, moving bytes (the streamed upload body,
 download memory) is :mod:`.transfer`, what a download may cost is :mod:`.download`, the run status
 and aggregation ids it waits on are a :class:`~.waiter.RoundWaiter`, and its settings are a
-:class:`~.client_options.ClientOptions`, checked once when made.
+:class:`~.client_options.ClientOptions`, checked once when made; its read-only properties are
+:class:`~.client_properties.ClientProperties`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ from .client_options import TRANSPORTS, ClientOptions, check_client_options, che
 from .credentials import Credentials, CredentialsLike
 from .download import Downloads, checked_file_id
 from .client_payloads import PayloadCalls
-from .errors import AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RunBlockedError
+from .client_properties import ClientProperties
+from .delta import DELTA_BASE_KEY
+from .errors import (AggregationTimeoutError, BranchKeyError, NotFoundError, ProtocolError, RequestRejectedError,
+                     RunBlockedError)
 from .http import Away, HttpSession
 from .notifications import NotificationTransport, start_transport
 from .protocol import (
@@ -58,7 +62,7 @@ from .watch import find_missed_aggregate
 logger = logging.getLogger(__name__)
 
 
-class Client(PayloadCalls):
+class Client(ClientProperties, PayloadCalls):
     """A BranchKey leaf: REST calls plus a background notification consumer.
 
     Args:
@@ -84,6 +88,8 @@ class Client(PayloadCalls):
         download_timeout: seconds a whole download may take (``DownloadTimeoutError`` after).
         compression, quantize, error_feedback, download_codec: how uploads (and aggregates, download_codec) are
             encoded: lossless by link, lossy only when asked and the branch accepts it (:mod:`~.codec_choice`).
+        delta: ``"auto"``, True or False: uploads as the difference from the aggregate downloaded last, where the
+            branch takes them (``"auto"``: with a codec other than stored and deflate; :mod:`~.delta`).
         timeout: the old name of ``request_timeout`` (a ``DeprecationWarning``).
 
     The defaults are :class:`ClientOptions`'; after an upload, :attr:`last_upload` is its :class:`UploadReceipt`.
@@ -126,6 +132,7 @@ class Client(PayloadCalls):
         quantize: str | None = ClientOptions.quantize,
         error_feedback: bool = ClientOptions.error_feedback,
         download_codec: str | None = ClientOptions.download_codec,
+        delta: str | bool = ClientOptions.delta,
         timeout: float | None = None,
     ) -> None:
         options = {"host": host, "rbmq_host": rbmq_host, "rbmq_port": rbmq_port, "ssl": ssl, "wait_for_run": wait_for_run,
@@ -133,7 +140,8 @@ class Client(PayloadCalls):
                    "output_dir": output_dir, "request_timeout": request_timeout, "max_retries": max_retries,
                    "backoff_factor": backoff_factor, "max_download_bytes": max_download_bytes,
                    "download_timeout": download_timeout, "cert": cert, "compression": compression,
-                   "quantize": quantize, "error_feedback": error_feedback, "download_codec": download_codec}
+                   "quantize": quantize, "error_feedback": error_feedback, "download_codec": download_codec,
+                   "delta": delta}
         if timeout is not None:  # the old name: ClientOptions.checked warns (and refuses both names at once)
             options = {**{k: v for k, v in options.items() if k != "request_timeout" or v != ClientOptions.request_timeout},
                        "timeout": timeout}
@@ -320,6 +328,7 @@ class Client(PayloadCalls):
         # wire.prepare checks the weighting as it encodes that member unless the caller already did
         archive = self.encoding.encode(parameters, compression, lambda layers, codec: wire.prepare(
             layers, weighting, compresslevel=compresslevel, checked=values_checked, controls=controls, compression=codec))
+        base = self.encoding.delta_base
         if not values_checked:
             # The digest header must precede the body, so hashing is on the critical path; the finite check
             # runs beside it (both release the GIL), which hides it on a machine with two cores.
@@ -329,22 +338,33 @@ class Client(PayloadCalls):
                 sha = hashing.result()
         else:
             sha = archive.sha256()
-        return self.upload_encoded(archive, "weights.npz", sha256=sha)
+        try:
+            return self.upload_encoded(archive, "weights.npz", sha256=sha, delta_base=base)
+        except RequestRejectedError as exc:  # a delta from an aggregate that is no longer the branch's latest
+            if base is None or exc.status_code != HTTPStatus.CONFLICT:
+                raise
+            logger.warning("The server refused this upload as a difference from aggregate %s (%s); sending the full "
+                           "weights instead", base, exc.message)
+            self.encoding.delta.forget()
+        return self.upload_arrays(weighting, parameters, compression=compression, compresslevel=compresslevel,
+                                  values_checked=True, controls=controls)
 
     def upload_encoded(self, archive: wire.EncodedArchive, filename: str, *, kind: str = KIND_FEDERATED_LEARNING,
-                       sha256: bytes | None = None) -> UploadReceipt:
+                       sha256: bytes | None = None, delta_base: str | None = None) -> UploadReceipt:
         """Upload an archive laid out by ``wire.prepare`` or ``wire.prepare_fields`` as ``kind``; retried with one
-        ``Idempotency-Key`` as every upload is. ``sha256``: its digest, when the caller computed it already."""
+        ``Idempotency-Key`` as every upload is. ``sha256``: its digest, when the caller computed it already.
+        ``delta_base``: the aggregate its layers are a difference from (:mod:`~.delta`)."""
         self._ensure_run_started()
         digest = base64.b64encode(archive.sha256() if sha256 is None else sha256).decode()
-        return self._post_upload(archive.chunks, filename, archive.size, digest, kind)
+        return self._post_upload(archive.chunks, filename, archive.size, digest, kind, delta_base)
 
     def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int, digest: str,
-                     kind: str = KIND_FEDERATED_LEARNING) -> UploadReceipt:
+                     kind: str = KIND_FEDERATED_LEARNING, delta_base: str | None = None) -> UploadReceipt:
         metadata = {"client_version": f"branchkey-integrations/{__version__}",
                     "timestamp": datetime.now(timezone.utc).isoformat(), "file_size": size,
                     "file_digest": f"sha256={digest}", "kind": kind}
-        data = json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata)})
+        data = json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata),
+                           **({DELTA_BASE_KEY: delta_base} if delta_base is not None else {})})
         body = MultipartBody(data, filename, payload, size)
         # one key for every try: a retry of a counted upload (its 201 lost) gets that 201, not the next round
         headers = {FILE_SIZE_HEADER: str(size), FILE_DIGEST_HEADER: f"sha256={digest}",
@@ -388,7 +408,12 @@ class Client(PayloadCalls):
         """
         checked_file_id(file_id)
         limits = self._downloads.limits(expected_bytes=expected_bytes, timeout=timeout)
-        return self._downloads.archive(file_id, limits, buffer, self.encoding.download_codec())
+        codec = self.encoding.download_codec()
+        archive = self._downloads.archive(file_id, limits, buffer, codec)
+        if archive.kind == KIND_FEDERATED_LEARNING:  # the base of the next delta upload, where it is exact
+            self.encoding.delta.remember(file_id, archive.layers, download_codec=codec,
+                                         branch_takes=lambda: self.encoding.takes_deltas)
+        return archive
 
     @contextlib.contextmanager
     def retrying_until(self, deadline: float | None, on_away: Callable[[Away], None] | None = None) -> Iterator[None]:
@@ -426,78 +451,6 @@ class Client(PayloadCalls):
                       stacklevel=2)
         self._http.verify = enabled
         return enabled
-
-    # ------------------------------------------------------------- properties
-    @property
-    def credentials(self) -> Credentials:
-        return self._credentials
-
-    @property
-    def leaf_id(self) -> str:
-        return self._credentials.id
-
-    @property
-    def name(self) -> str:
-        return self._credentials.name
-
-    @property
-    def branch_id(self) -> str:
-        return self._credentials.branch_id
-
-    @property
-    def tree_id(self) -> str:
-        return self._credentials.tree_id
-
-    @property
-    def user_id(self) -> str:
-        return self._credentials.owner_id
-
-    @property
-    def host(self) -> str:
-        return self._api_host
-
-    @property
-    def ssl(self) -> bool | str:
-        return self._http.verify
-
-    @property
-    def proxies(self) -> dict[str, str] | None:
-        """The ``requests`` proxies dict; settable, as in the official client."""
-        return self._http.proxies
-
-    @proxies.setter
-    def proxies(self, value: dict[str, str] | None) -> None:
-        self._http.proxies = value
-
-    @property
-    def output_dir(self) -> str:
-        return str(self._output_dir)
-
-    @property
-    def is_authenticated(self) -> bool:
-        return self._authenticated
-
-    @property
-    def run_status(self) -> str | None:
-        return self._waiter.run_status
-
-    @property
-    def run_number(self) -> int | None:
-        return self._waiter.run_number
-
-    @property
-    def waiter(self) -> RoundWaiter:
-        """The run status and aggregation ids this client's calls and notifications keep current."""
-        return self._waiter
-
-    @property
-    def transport(self) -> str | None:
-        """``"amqp"``, ``"websocket"``, or None when notifications are off."""
-        return self._transport.name if self._transport else None
-
-    @property
-    def notifications(self) -> NotificationTransport | None:
-        return self._transport
 
     def __repr__(self) -> str:
         return (f"Client(leaf={self.name!r}, id={self.leaf_id!r}, branch={self.branch_id!r}, "

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from .delta import check_delta
 from .float_codecs import QUANTIZERS
 from .protocol import DEFAULT_HOST
 from .tensor_codecs import codec_names
@@ -200,6 +201,7 @@ _RULES: dict[str, Callable[[str, Any], Any]] = {
     "quantize": check_quantize,
     "error_feedback": _flag,
     "download_codec": _download_codec,
+    "delta": check_delta,
     "timeout": _seconds,  # the old name of request_timeout: see check_client_options
 }
 CLIENT_OPTIONS = tuple(_RULES)
@@ -266,6 +268,7 @@ class ClientOptions:
     quantize: str | None = None  # lossy, opt-in: "fp16", "bf16" or "int8", where the branch accepts it
     error_feedback: bool = True  # with a lossy codec: what it dropped is added to the next upload
     download_codec: str | None = None  # aggregates encoded with this codec, where the branch advertises it
+    delta: str | bool = "auto"  # uploads as the difference from the last aggregate, where the branch takes them
 
     def __post_init__(self) -> None:
         for f in fields(self):  # normalized: the host without its slash, seconds as floats

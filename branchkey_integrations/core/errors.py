@@ -189,6 +189,10 @@ class RoundInProgressError(LocalServerError):
     """A change that must wait for a round boundary (a branch's strategy) while the open round holds uploads."""
 
 
+class DeltaBaseError(LocalServerError):
+    """A delta upload names a base that is not its branch's latest aggregate (stale, unknown, or another branch's)."""
+
+
 class AggregationError(LocalServerError):
     """A round's uploads could not be aggregated (missing, unreadable or mismatched files)."""
 
@@ -274,6 +278,7 @@ __all__ = [
     "RunNotStartedError",
     "RoundClosedError",
     "RoundInProgressError",
+    "DeltaBaseError",
     "AggregationError",
     "StorageFullError",
     "UploadInterruptedError",

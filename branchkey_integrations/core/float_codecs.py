@@ -15,6 +15,8 @@ refuses a block scale that is NaN, infinite, negative, or zero under non-zero va
 ``shuffle-zstd`` rotates each value's sign bit below its exponent, splits the values into byte planes and
 compresses the two high planes with zstd (the ``[zstd]`` extra; registered only where it is installed): the
 two low planes are mantissa, which no compressor shrinks, so they travel as they are (and cost no time).
+A uint32 member (the XOR of float32 bit patterns that a delta upload sends, :mod:`.delta`) it writes as frames of
+bits (type 2): all four byte planes zstd-compressed, since there the low planes are partly zero too.
 
 Example:
     >>> values = np.linspace(-1, 1, 1000, dtype=np.float32)
@@ -49,19 +51,25 @@ FRAME_VALUES = 1 << 18
 #: values sharing one int8 scale
 INT8_BLOCK = 256
 _FRAME = struct.Struct("<BII")
-_RAW, _VALUES = 0, 1
-_F32 = np.dtype("<f4")
+#: frame types: bytes as they are; float32 values; 4-byte bit patterns (a delta upload's XOR, :mod:`.delta`)
+_RAW, _VALUES, _BITS = 0, 1, 2
+_F32, _U32 = np.dtype("<f4"), np.dtype("<u4")
 
 
-def _float32_header(header: bytes) -> bool:
-    """Whether the ``.npy`` ``header`` describes little-endian float32 values (what the lossy codecs compress)."""
+def _header_dtype(header: bytes) -> np.dtype | None:
+    """The dtype the ``.npy`` ``header`` describes; None for a header numpy cannot read."""
     try:
         stream = io.BytesIO(header)
         version = np.lib.format.read_magic(stream)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return np.dtype(reader(stream)[2]) == _F32
+        return np.dtype(reader(stream)[2])
     except ValueError:
-        return False
+        return None
+
+
+def _float32_header(header: bytes) -> bool:
+    """Whether the ``.npy`` ``header`` describes little-endian float32 values (what the lossy codecs compress)."""
+    return _header_dtype(header) == _F32
 
 
 class FloatCodec(Codec):
@@ -70,12 +78,20 @@ class FloatCodec(Codec):
     name: ClassVar[str] = ""
     #: True for a codec whose decoded values differ from the original (opt-in: ``quantize=``)
     lossy: ClassVar[bool] = False
+    #: True for a codec that also encodes uint32 members (bit patterns: a delta upload's XOR) in frames of bits
+    encodes_bits: ClassVar[bool] = False
 
     def encode_frame(self, values: np.ndarray) -> bytes:
         raise NotImplementedError
 
     def decode_frame(self, payload: memoryview, count: int) -> np.ndarray:
         raise NotImplementedError
+
+    def encode_bits_frame(self, bits: np.ndarray) -> bytes:
+        raise NotImplementedError(f"codec {self.name!r} encodes no bits frames")
+
+    def decode_bits_frame(self, payload: memoryview, count: int) -> np.ndarray:
+        raise ArchiveError(f"A {self.name} member holds a frame of bits, which {self.name} never writes; corrupt.")
 
     def payload_bound(self, count: int) -> int:
         """The most payload bytes a frame of ``count`` values may hold (larger is refused unread)."""
@@ -92,13 +108,15 @@ class FloatCodec(Codec):
 
     def _frames(self, header: bytes, data: memoryview) -> list[bytes]:
         frames = [_FRAME.pack(_RAW, len(header), len(header)) + header]
-        if not _float32_header(header):
+        dtype = _header_dtype(header)
+        bits = self.encodes_bits and dtype == _U32
+        if dtype != _F32 and not bits:
             return frames + ([_FRAME.pack(_RAW, data.nbytes, data.nbytes), bytes(data)] if data.nbytes else [])
-        values = np.frombuffer(data, _F32)
+        values = np.frombuffer(data, _U32 if bits else _F32)
         for start in range(0, values.size, FRAME_VALUES):
             piece = values[start:start + FRAME_VALUES]
-            payload = self.encode_frame(piece)
-            frames.append(_FRAME.pack(_VALUES, len(payload), piece.nbytes) + payload)
+            payload = self.encode_bits_frame(piece) if bits else self.encode_frame(piece)
+            frames.append(_FRAME.pack(_BITS if bits else _VALUES, len(payload), piece.nbytes) + payload)
         return frames
 
     def decode(self, data: bytes) -> bytes:
@@ -184,13 +202,13 @@ class FramedDecoder:
             return None
         kind, size, decoded = _FRAME.unpack_from(self._input)
         name = self._codec.name
-        if kind not in (_RAW, _VALUES) or (kind == _VALUES and decoded % 4):
+        if kind not in (_RAW, _VALUES, _BITS) or (kind != _RAW and decoded % 4):
             raise ArchiveError(f"A {name} member holds a malformed frame (type {kind}, {decoded} bytes); corrupt.")
         if self._left_out is not None and decoded > self._left_out:
             raise ArchiveError(f"A {name} frame decodes to {decoded} bytes, past the {self._left_out} its member "
                                "has left of its declared size; refused before decoding.")
         bound = decoded if kind == _RAW else self._codec.payload_bound(decoded // 4)
-        if (kind == _VALUES and decoded > 4 * FRAME_VALUES) or size > bound:
+        if (kind != _RAW and decoded > 4 * FRAME_VALUES) or size > bound:
             raise ArchiveError(f"A {name} frame declares {size} bytes decoding to {decoded}; the most a frame holds "
                                f"is {FRAME_VALUES} values. Refused before decoding.")
         if len(self._input) < _FRAME.size + size:
@@ -201,7 +219,8 @@ class FramedDecoder:
                 raise ArchiveError(f"A {name} raw frame holds {size} bytes but declares {decoded}; corrupt.")
             out = bytes(payload)
         else:
-            values = self._codec.decode_frame(payload, decoded // 4)
+            decode = self._codec.decode_frame if kind == _VALUES else self._codec.decode_bits_frame
+            values = decode(payload, decoded // 4)
             if values.nbytes != decoded:
                 raise ArchiveError(f"A {name} frame decoded to {values.nbytes} bytes; it declares {decoded}.")
             out = values.tobytes()
@@ -294,6 +313,9 @@ class ShuffleZstdCodec(FloatCodec):
 
     name = "shuffle-zstd"
     level: ClassVar[int] = 1
+    #: the XOR of float32 bit patterns that a delta upload sends (:mod:`.delta`): its four byte planes are compressed
+    #: (the low ones too: where weights moved little, their high bits are zero as well)
+    encodes_bits = True
 
     def encode_frame(self, values: np.ndarray) -> bytes:
         bits = values.view("<u4")
@@ -305,7 +327,36 @@ class ShuffleZstdCodec(FloatCodec):
         return struct.pack("<II", len(exponent), len(mantissa_top)) + exponent + mantissa_top + low.tobytes()
 
     def payload_bound(self, count: int) -> int:
-        return 8 + 2 * count + 2 * (count + (count >> 7) + 512)  # zstd's worst case per plane, generously
+        return 16 + 4 * (count + (count >> 7) + 512)  # zstd's worst case per plane, generously, for 2 or 4 planes
+
+    def encode_bits_frame(self, bits: np.ndarray) -> bytes:
+        engine = _zstd.ZstdCompressor(level=self.level)
+        planes = bits.view(np.uint8).reshape(-1, 4)
+        packed = [engine.compress(np.ascontiguousarray(planes[:, byte]).tobytes()) for byte in (3, 2, 1, 0)]
+        return struct.pack("<4I", *map(len, packed)) + b"".join(packed)
+
+    def decode_bits_frame(self, payload: memoryview, count: int) -> np.ndarray:
+        if payload.nbytes < 16:
+            raise ArchiveError("A shuffle-zstd frame of bits is shorter than its plane sizes; corrupt.")
+        sizes = struct.unpack_from("<4I", payload)
+        if 16 + sum(sizes) != payload.nbytes:
+            raise ArchiveError(f"A shuffle-zstd frame of bits: its planes ({sizes}) do not fit its {payload.nbytes} "
+                               "bytes; corrupt.")
+        out, start = np.empty((count, 4), np.uint8), 16
+        for byte, size in zip((3, 2, 1, 0), sizes):
+            out[:, byte] = np.frombuffer(self._plane(payload[start:start + size], count), np.uint8)
+            start += size
+        return out.reshape(-1).view(_U32)
+
+    def _plane(self, compressed: memoryview, count: int) -> bytes:
+        """One byte plane of ``count`` values, decompressed; refused when corrupt or of another length."""
+        try:
+            plane = _zstd.ZstdDecompressor().decompress(bytes(compressed), max_output_size=count)
+        except _zstd.ZstdError as exc:
+            raise ArchiveError(f"A shuffle-zstd plane is corrupt: {exc}.") from None
+        if len(plane) != count:
+            raise ArchiveError(f"A shuffle-zstd plane decoded to {len(plane)} bytes for {count} values; corrupt.")
+        return plane
 
     def decode_frame(self, payload: memoryview, count: int) -> np.ndarray:
         if payload.nbytes < 8:

@@ -10,7 +10,9 @@ the round it closes, so a leaf never takes a late aggregate of an earlier round 
 the upload's 201 answer carries the ``run_number`` and ``round_index`` the upload was accepted into; and
 ``GET`` :data:`ROUND_PATH` tells a leaf of the branch the open round's progress and the branch's latest
 aggregate, which is how a leaf that missed a notification still finds its result. ``round_index`` counts
-from 0 within a run, as the admin API does.
+from 0 within a run, as the admin API does. A branch that advertises codecs says so in its config
+(``service.codecs``, and ``service.delta_uploads: true``); only there does a leaf encode members with a codec
+(:mod:`.tensor_codecs`) or name a ``delta_base`` in the upload's part ``data`` (:mod:`.delta`).
 
 The :data:`ROUND_PATH` answer (a leaf of that branch only; 403 for any other) is ``{"data": {...}}`` with
 ``run_status`` and ``run_number`` of the branch; ``round_index`` of the open round (null while the run is

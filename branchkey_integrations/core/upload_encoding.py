@@ -24,7 +24,8 @@ import numpy as np
 
 from .client_options import ClientOptions
 from .codec_choice import ErrorFeedback, advertised_codecs, check_compression, choose_codec, lossy_codec
-from .codec_choice import needs_branch_codecs
+from .codec_choice import PLAIN, needs_branch_codecs
+from .delta import DeltaBase, accepts_deltas
 from .errors import BranchKeyError
 
 logger = logging.getLogger(__name__)
@@ -39,14 +40,20 @@ class UploadEncoding:
         self._branch_config = branch_config
         self.feedback = ErrorFeedback()
         self.last_codec: str | None = None  # the codec of the last upload
+        self.delta = DeltaBase(options.delta)  # the base of delta uploads: the aggregate downloaded last
+        self.delta_base: str | None = None  # the base the last encoded upload is a difference from (None: full)
+        self._takes_deltas: bool | None = None  # what the branch config said when last read (None: never read)
 
     def accepted(self) -> list[str] | None:
         """The codecs the branch advertises now; None when it advertises none or its config cannot be read."""
         try:
-            return advertised_codecs(self._branch_config())
+            config = self._branch_config()
         except BranchKeyError as exc:
             logger.debug("Could not read the branch config for its codecs (%s); sending plain NPZ", exc)
+            self._takes_deltas = False
             return None
+        self._takes_deltas = accepts_deltas(config)
+        return advertised_codecs(config)
 
     def choose(self, compression: str | None = None) -> str:
         """The codec of the next upload (``compression``: this upload's override of the client's option)."""
@@ -60,12 +67,14 @@ class UploadEncoding:
         """``prepare(layers_to_send, codec)``: the layers encoded with the chosen codec. With a lossy codec and
         error feedback, the layers sent are ``layers`` plus the residual, and once they are encoded the residual
         becomes what the codec dropped of them (an upload then lost keeps it, as error feedback does with a lost
-        message); an encoding that fails leaves the residual as it was."""
+        message); an encoding that fails leaves the residual as it was. Where the branch takes delta uploads and a
+        base is held (:mod:`.delta`), the layers are first made the difference from it (:attr:`delta_base`)."""
         codec = self.choose(compression)
         if codec != self.last_codec:
             logger.info("Uploads travel as %r", codec)
         self.last_codec = codec
         lossy = lossy_codec(codec)
+        layers = self._difference(layers, codec, lossy is not None)
         if lossy is None or not self.options.error_feedback:
             return prepare(layers, codec)
         sent = self.feedback.compensate(layers)
@@ -76,6 +85,25 @@ class UploadEncoding:
             raise
         self.feedback.settle(sent, lossy)
         return encoded
+
+    @property
+    def takes_deltas(self) -> bool:
+        """Whether the branch's config said it takes delta uploads when it was last read (read now if never)."""
+        if self._takes_deltas is None:
+            self.accepted()
+        return bool(self._takes_deltas)
+
+    def _difference(self, layers: Sequence[np.ndarray], codec: str, lossy: bool) -> Sequence[np.ndarray]:
+        """``layers``, or their difference from the held base where the option and the branch allow it."""
+        was_delta, self.delta_base = self.delta_base is not None, None
+        if not self.delta.wanted(codec, codec in PLAIN):
+            return layers
+        if not self.takes_deltas:
+            return layers
+        layers, self.delta_base = self.delta.difference(layers, lossy=lossy)
+        if self.delta_base is not None and not was_delta:
+            logger.info("Uploads travel as differences from the aggregate downloaded last (%s)", self.delta_base)
+        return layers
 
     def download_codec(self) -> str | None:
         """The codec to ask aggregates in: the ``download_codec`` option where the branch advertises it (the server

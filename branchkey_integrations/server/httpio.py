@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..core.errors import (
     ArchiveError,
     ArchiveTooLargeError,
+    DeltaBaseError,
     InvalidValueError,
     LeafRevokedError,
     QuotaExceededError,
@@ -51,6 +52,7 @@ DOMAIN_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (RunNotStartedError, 409),
     (RoundClosedError, 409),
     (RoundInProgressError, 409),
+    (DeltaBaseError, 409),
     (StorageFullError, 507),
     (UploadInterruptedError, 408),
     (QuotaExceededError, 429),

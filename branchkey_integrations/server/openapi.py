@@ -190,7 +190,9 @@ def schemas() -> dict[str, Schema]:
             "service": _obj({"algorithm": strategy, "config": {**_obj({
                 "min_leaves": _null(_INT), "round_deadline_s": _null({"type": "number"})}),
                 "description": "min_leaves, round_deadline_s and the strategy's parameters (eta, beta_1, ...)"},
-                "field_ops": _ref("FieldOps")}, {"codecs": _ref("Codecs")}),
+                "field_ops": _ref("FieldOps")}, {"codecs": _ref("Codecs"), "delta_uploads": {
+                    "type": "boolean", "description": "true (with codecs): uploads may be the difference from the "
+                                                      "branch's latest aggregate (part data's delta_base)"}}),
             "model_config": {"type": "object"}, "created_at": _TIME, "updated_at": _TIME,
         }),
         "Ticket": _obj({"ticket_id": _STR, "request_id": _STR, "expires_at": _TIME}),
@@ -279,7 +281,10 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
         {"file": {"type": "string", "format": "binary",
                   "description": "NPZ archive: layer_0..n-1 and weighting; in a scaffold branch also control_0..n-1 "
                                  "(SCAFFOLD's control update; optional there, refused elsewhere)"}},
-        {"data": {"type": "string", "description": 'JSON text {"leaf_name": ..., "metadata": ...}'}},
+        {"data": {"type": "string", "description": 'JSON text {"leaf_name": ..., "metadata": ...}; branchkey-local: '
+                                                   '"delta_base": an aggregation id, when the layers are the '
+                                                   "difference from it (float32 layers as uint32 XOR bits or float32 "
+                                                   "w - base; others whole)"}},
     )
     return {
         RUN_PATH: {"get": leaf("Run details", ok=(200, _ref("RunDetails")), errors=(400, 401, 403, 404),
@@ -288,7 +293,9 @@ def _leaf_paths() -> dict[str, dict[str, Schema]]:
             "Upload weights", ok=(201, _ref("UploadAccepted")), errors=(400, 401, 404, 409, 413),
             body=upload_body, multipart=True, headers=(FILE_SIZE_HEADER, FILE_DIGEST_HEADER, IDEMPOTENCY_KEY_HEADER),
             description="Counted in the branch's open round; run_number and round_index (branchkey-local) name it. "
-                        "A refused body (400, 413) is shown to the branch's leaves by the round route.")},
+                        "A refused body (400, 413) is shown to the branch's leaves by the round route. A delta upload "
+                        "whose delta_base is not the branch's latest aggregate is refused with 409 naming both ids "
+                        "(send the full weights instead).")},
         DOWNLOAD_PATH: {"get": leaf("Download URL", ok=(200, _ref("DownloadUrl")), errors=(400, 401, 403, 404, 410),
                                     params=("file_id",), optional_query=("codec",),
                                     description="codec (branchkey-local): an aggregate encoded with a codec the "

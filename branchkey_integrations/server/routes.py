@@ -24,6 +24,7 @@ import time
 
 from aiohttp import web
 
+from ..core.delta import DELTA_CONFIG_KEY
 from ..core.errors import ArchiveError, InvalidValueError
 from ..core.protocol import (
     BLOB_PATH,
@@ -46,6 +47,7 @@ from ..core.protocol import (
     is_file_id,
 )
 from .codec_policy import check_upload_codecs
+from .delta_uploads import base_file, rebuild_upload
 from .encoded_aggregates import check_download_codec, encoded_copy
 from .analytics_rounds import analytics_message
 from .connections import GUARD, claim_connection, trust_connection
@@ -101,6 +103,7 @@ async def branch_config(request: web.Request) -> web.Response:
                        **branch.params},  # the strategy's parameters, as the 3.x platform reports its service's
             "field_ops": field_ops,  # how an analytics round combines each field (bundle entries: by suffix)
             **({"codecs": codecs} if codecs else {}),  # what uploads may be encoded with; absent: plain NPZ only
+            **({DELTA_CONFIG_KEY: True} if codecs else {}),  # and that they may be differences (core/delta.py)
         },
         "model_config": {},
         "created_at": branch.created_at,
@@ -151,10 +154,15 @@ async def upload_file(request: web.Request) -> web.Response:
         upload = await receive_upload(request, temp, limits, server.workers,
                                       idle_timeout_s=request.app[GUARD].limits.upload_idle_timeout_s)
         kind = declared_kind(upload.metadata)
+        base = None if upload.delta_base is None else await server.blocking(  # 409 before the body is decoded
+            base_file, server.store, branch.id, upload.delta_base)
         accepted_codecs = await server.blocking(server.store.branch_codecs, branch.id)
         await server.blocking(check_upload_codecs, upload.path, accepted_codecs)  # from the directory: nothing inflated
         model_limit = await server.blocking(server.store.model_size_limit, branch.id)  # refused before inflating
         archive = await decode_upload(upload.path, limits, server.workers, model_limit)
+        if base is not None:  # rewritten as the full upload, piece by piece: every reader sees full weights
+            with storage_errors():  # it writes the upload's size again
+                upload, archive = await server.workers.blocking(rebuild_upload, upload, base, archive)
         kind = archive.kind
         rounds = server.analytics if kind == KIND_FEDERATED_ANALYTICS else server.rounds
         try:

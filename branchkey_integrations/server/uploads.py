@@ -42,6 +42,7 @@ from ..core.errors import (
     StorageFullError,
     UploadInterruptedError,
 )
+from ..core.delta import DELTA_BASE_KEY
 from ..core.protocol import FILE_DIGEST_HEADER, FILE_SIZE_HEADER
 from .budget import ByteBudget
 from .durable import start_writeback
@@ -89,12 +90,14 @@ class UploadLimits:
 
 @dataclass
 class ReceivedUpload:
-    """An upload body on disk: the file, its size and SHA-256, and the metadata of part ``data``."""
+    """An upload body on disk: the file, its size and SHA-256, and the metadata of part ``data`` (with, for a delta
+    upload, the aggregate it is a difference from: :mod:`~branchkey_integrations.core.delta`)."""
 
     path: Path
     size: int
     sha256: bytes
     metadata: str | None = None
+    delta_base: str | None = None
 
 
 async def receive_upload(request: web.Request, temp: Path, limits: UploadLimits, workers: Workers, *,
@@ -117,7 +120,7 @@ async def receive_upload(request: web.Request, temp: Path, limits: UploadLimits,
         await drain(request)  # the client reads our 507 instead of a reset
         raise _storage_full(exc) from exc
     check_integrity(upload, declared_size, declared_digest)
-    upload.metadata = parse_data_part(data_text)
+    upload.metadata, upload.delta_base = parse_data_part(data_text)
     return upload
 
 
@@ -375,10 +378,11 @@ def check_integrity(upload: ReceivedUpload, size: int | None, digest: bytes | No
         )
 
 
-def parse_data_part(text: str | None) -> str | None:
-    """The upload's metadata as text: a string as sent (2.7.1 sends non-JSON), anything else as JSON."""
+def parse_data_part(text: str | None) -> tuple[str | None, str | None]:
+    """The upload's metadata as text (a string as sent: 2.7.1 sends non-JSON; anything else as JSON), and the
+    base aggregate a delta upload names (``delta_base``; None for a full upload, as every official client's)."""
     if text is None:
-        return None
+        return None, None
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -388,10 +392,13 @@ def parse_data_part(text: str | None) -> str | None:
     if not isinstance(data, dict):
         raise InvalidValueError("Part 'data' must be a JSON object {\"leaf_name\": ..., \"metadata\": ...}.")
     check_unicode(data, "Part 'data'")
+    base = data.get(DELTA_BASE_KEY)
+    if base is not None and not isinstance(base, str):
+        raise InvalidValueError(f"Part 'data' names {DELTA_BASE_KEY}={base!r:.80}; expected an aggregation id (text).")
     metadata = data.get("metadata")
     if metadata is None or isinstance(metadata, str):
-        return metadata
-    return json.dumps(metadata)
+        return metadata, base
+    return json.dumps(metadata), base
 
 
 async def decode_upload(path: Path, limits: UploadLimits, workers: Workers,

@@ -25,7 +25,9 @@ def _layers(seed: int) -> list[np.ndarray]:
 
 def test_quantize_applies_only_where_the_branch_advertises_the_codec(inprocess_server, tmp_path) -> None:
     server, credentials = inprocess_server(1)
-    with Client(credentials[0], host=server.url, transport="none", quantize="int8", output_dir=tmp_path) as client:
+    # delta=False: these uploads quantize the weights themselves (tests/integration/test_delta_uploads.py: differences)
+    with Client(credentials[0], host=server.url, transport="none", quantize="int8", output_dir=tmp_path,
+                delta=False) as client:
         client.upload_weights(1.0, _layers(0))
         assert client.encoding.last_codec == "none"  # a branch that advertises nothing: plain NPZ, as always
         aggregate = client.download_aggregate(client.wait_for_aggregation(30))
@@ -41,7 +43,8 @@ def test_quantize_applies_only_where_the_branch_advertises_the_codec(inprocess_s
 
 def test_error_feedback_sends_the_layers_plus_the_last_residual(inprocess_server, tmp_path) -> None:
     server, credentials = inprocess_server(1)
-    with Client(credentials[0], host=server.url, transport="none", quantize="int8", output_dir=tmp_path) as client:
+    with Client(credentials[0], host=server.url, transport="none", quantize="int8", output_dir=tmp_path,
+                delta=False) as client:
         _advertise(server, client.branch_id, ["int8"])
         layers = _layers(2)
         client.upload_weights(1.0, layers)
