@@ -133,6 +133,8 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         log_every_s: while waiting, report progress at least this often.
         client_options: further keyword arguments for :class:`~branchkey_integrations.Client`
             (``request_timeout``: seconds for each HTTP request, ...).
+        compression, quantize: how uploads travel where the branch advertises codecs (``quantize="int8"``:
+            a quarter of the bytes, lossy, error feedback on; docs/guides/slow-links.md); None: the client's default.
         check_every_s: while waiting, ask the platform for the round's progress this often.
         connect_timeout: seconds to wait for the notification channel when training begins.
         proximal_mu: FedProx's ``mu`` (Li et al. 2020), a number >= 0; 0 (the default) turns it off. It pulls
@@ -224,6 +226,8 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
         head: str | keras.layers.Layer | None = CallbackSettings.head,
         min_class_count: int = CallbackSettings.min_class_count,
         calibration_data: Any = None,
+        compression: str | None = CallbackSettings.compression,
+        quantize: str | None = CallbackSettings.quantize,
     ) -> None:
         # every argument spelled out, for IDEs and inspect.signature; the shared ones are the mixin's to check
         if scaffold_correction == "gradient":
@@ -236,7 +240,7 @@ class BranchKeyKerasCallback(FederatedCallbackMixin, keras.callbacks.Callback):
                          transport=transport, log_every_s=log_every_s, client_options=client_options,
                          check_every_s=check_every_s, connect_timeout=connect_timeout,
                          scaffold_correction=scaffold_correction, calibrate_head=calibrate_head, head=head,
-                         min_class_count=min_class_count)
+                         min_class_count=min_class_count, compression=compression, quantize=quantize)
         if self.settings.calibration.enabled and not (isinstance(calibration_data, (tuple, list))
                                                       and len(calibration_data) == 2):
             raise ValueError("calibrate_head needs calibration_data=(x, y): this leaf's training inputs and integer "

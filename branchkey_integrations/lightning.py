@@ -89,6 +89,8 @@ class BranchKeyCallback(FederatedCallbackMixin, Callback):
         log_every_s: while waiting, report progress at least this often.
         client_options: further keyword arguments for :class:`~branchkey_integrations.Client`
             (``request_timeout``: seconds for each HTTP request, ...).
+        compression, quantize: how uploads travel where the branch advertises codecs (``quantize="int8"``:
+            a quarter of the bytes, lossy, error feedback on; docs/guides/slow-links.md); None: the client's default.
         check_every_s: while waiting, ask the platform for the round's progress this often.
         connect_timeout: seconds to wait for the notification channel when training begins.
         proximal_mu: FedProx's ``mu`` (Li et al. 2020), a number >= 0; 0 (the default) turns it off. Local

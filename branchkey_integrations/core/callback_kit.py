@@ -186,6 +186,8 @@ class CallbackSettings:
     transport: str = LeafOptions.transport
     log_every_s: float = LeafOptions.log_every_s
     client_options: dict[str, Any] | None = field(default=LeafOptions.client_options, repr=False)
+    compression: str | None = LeafOptions.compression
+    quantize: str | None = LeafOptions.quantize
     proximal_mu: float = 0.0
     scaffold_correction: str = "decoupled"
     calibrate_head: bool | str = False
@@ -268,6 +270,8 @@ class FederatedCallbackMixin:
         calibrate_head: bool | str = CallbackSettings.calibrate_head,
         head: Any = CallbackSettings.head,
         min_class_count: int = CallbackSettings.min_class_count,
+        compression: str | None = CallbackSettings.compression,
+        quantize: str | None = CallbackSettings.quantize,
     ) -> None:
         super().__init__()  # the framework's Callback
         self._check_head(head)
@@ -277,7 +281,8 @@ class FederatedCallbackMixin:
             snapshot_dir=snapshot_dir, transport=transport, log_every_s=log_every_s, client_options=client_options,
             proximal_mu=proximal_mu, check_every_s=check_every_s, connect_timeout=connect_timeout,
             scaffold_correction=scaffold_correction, calibrate_head=calibrate_head, head=head,
-            min_class_count=min_class_count, num_samples_required=self._num_samples_required, install_extra=self._install_extra)
+            min_class_count=min_class_count, num_samples_required=self._num_samples_required, install_extra=self._install_extra,
+            compression=compression, quantize=quantize)
         self.federation: Federation = self.settings.federation
         self.federation.add_progress_listener(self._on_progress)
         self.interrupted_by: int | None = None  # the signal (SIGTERM, SIGINT) that ended the last round, if any

@@ -1,22 +1,18 @@
 """One federated round, framework-free: submit arrays, wait for the aggregate, check it.
 
-The Lightning and Keras callbacks turn a model into a list of NumPy arrays and back;
-everything in between lives here, once: run status (pause waits, stop ends training),
-draining stale notifications, the bounded wait with progress reports, and the complete check
-of the aggregate before a single parameter may change. The waits themselves are the
-client's :class:`~.waiter.RoundWaiter`: they wake on the notification, not on a poll; what
-runs during a wait (progress listeners, the REST safety net under the notifications) is
-:class:`~.watch.WaitWatch`.
+The Lightning and Keras callbacks turn a model into a list of NumPy arrays and back; everything in between lives
+here, once: run status (pause waits, stop ends training), draining stale notifications, the bounded wait with
+progress reports, and the complete check of the aggregate before a single parameter may change. The waits are
+the client's :class:`~.waiter.RoundWaiter`: they wake on the notification, not on a poll; what runs during a
+wait (progress listeners, the REST safety net under the notifications) is :class:`~.watch.WaitWatch`.
 
-Faults a round rides out: a leaf more than one round behind its branch (resumed from an older
-checkpoint) loads the branch's latest aggregate instead of uploading into a round long closed
-(``RoundResult.caught_up``); with ``on_timeout="continue"`` an unreachable platform (or a 5xx)
-skips the round, said once at WARNING, and the next round tries again; :meth:`Federation.interrupt`
-(SIGTERM, Ctrl-C) ends a wait at once with :class:`RoundInterrupted`.
+Faults a round rides out: a leaf more than one round behind its branch (resumed from an older checkpoint)
+loads the branch's latest aggregate instead of uploading into a round long closed (``RoundResult.caught_up``);
+with ``on_timeout="continue"`` an unreachable platform (or a 5xx) skips the round, said once at WARNING, and
+the next round tries again; :meth:`Federation.interrupt` (SIGTERM, Ctrl-C) ends a wait with :class:`RoundInterrupted`.
 
-Why drain before uploading: the client keeps only the newest aggregation id (as the
-official client does). An id that arrived before this leaf's upload belongs to an earlier
-round; accepting it would load a model that does not contain this leaf's contribution.
+Why drain before uploading: the client keeps only the newest aggregation id (as the official client does). An
+id that arrived before this leaf's upload belongs to an earlier round: it lacks this leaf's contribution.
 """
 
 from __future__ import annotations
@@ -42,8 +38,8 @@ from .analytics_result import AnalyticsResult
 from .analytics_round import AnalyticsRound
 from .client_payloads import analytics_entries
 from .outcome import Layers, Outcome, RoundResult, Weighting, check_layers, checked_model, exchange as _exchange
-from .progress import AGGREGATE, RUN_START, SERVER, AggregateRef, ProgressListener, WaitProgress
-from .progress import rounds_after_catching_up, rounds_behind
+from .progress import (AGGREGATE, RUN_START, SERVER, AggregateRef, ProgressListener, WaitProgress,
+                       rounds_after_catching_up, rounds_behind)
 from .waiter import Every
 from .watch import RoundNotes, WaitWatch
 from .wire import LayerSpec
@@ -64,7 +60,8 @@ class Federation:
     Args:
         credentials: :class:`Credentials`, a dict, a JSON file path, or None for ``BRANCHKEY_*``
             environment variables. Checked here; the platform is contacted only by :meth:`connect`.
-        host, timeout, on_timeout, log_every_s, transport, connect_timeout, client_options, check_every_s:
+        host, timeout, on_timeout, log_every_s, transport, connect_timeout, compression, quantize, client_options,
+        check_every_s:
             the options of :class:`~.leaf_options.LeafOptions` (what each means, its default), checked here,
             once; all of them are ``options``. :meth:`from_options` takes a ``LeafOptions`` instead.
         on_progress: a progress listener (see :meth:`add_progress_listener`).
@@ -96,10 +93,12 @@ class Federation:
         client_options: dict[str, Any] | None = LeafOptions.client_options,
         on_progress: ProgressListener | None = None,
         check_every_s: float = LeafOptions.check_every_s,
+        compression: str | None = LeafOptions.compression,
+        quantize: str | None = LeafOptions.quantize,
     ) -> None:
         options = LeafOptions(host, timeout=timeout, on_timeout=on_timeout, log_every_s=log_every_s,
                               check_every_s=check_every_s, transport=transport, connect_timeout=connect_timeout,
-                              client_options=client_options)
+                              compression=compression, quantize=quantize, client_options=client_options)
         self._start(Credentials.load(credentials), options, on_progress)
 
     @classmethod
@@ -126,9 +125,10 @@ class Federation:
         self._download_buffer = DownloadBuffer()  # reused round after round: see DownloadBuffer
         self._encoding_state: dict[str, Any] = {}  # error feedback loaded before connect()
 
-    (host, timeout, on_timeout, log_every_s, check_every_s, transport, connect_timeout,
+    (host, timeout, on_timeout, log_every_s, check_every_s, transport, connect_timeout, compression, quantize,
      client_options) = (_option(name) for name in ("host", "timeout", "on_timeout", "log_every_s", "check_every_s",
-                                                   "transport", "connect_timeout", "client_options"))
+                                                   "transport", "connect_timeout", "compression", "quantize",
+                                                   "client_options"))
 
     # ------------------------------------------------------------ connection
     def connect(self, client_factory: Callable[[Credentials, ClientOptions], Client] = Client.from_options) -> Client:

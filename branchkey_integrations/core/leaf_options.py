@@ -48,6 +48,8 @@ class LeafOptions:
             this often (and at once after the notification channel reconnects).
         transport: the notification transport (``"auto"``, ``"websocket"``, ``"amqp"``, ``"none"``).
         connect_timeout: seconds :meth:`~.federation.Federation.connect` waits for the notification channel.
+        compression, quantize: how uploads are encoded (:class:`~.client.Client`'s options, here for their
+            prominence: docs/guides/slow-links.md); None: the client's default (``"auto"``, no quantization).
         client_options: further settings of :class:`~.client.Client` (``ssl``, ``rbmq_host``,
             ``request_timeout``, ...); all of them, checked, are ``client``.
 
@@ -62,6 +64,8 @@ class LeafOptions:
     check_every_s: float = 5.0
     transport: str = "auto"
     connect_timeout: float = 30.0
+    compression: str | None = None
+    quantize: str | None = None
     client_options: dict[str, Any] | None = field(default=None, repr=False)
     client: ClientOptions = field(init=False, repr=False, compare=False)
 
@@ -78,7 +82,11 @@ class LeafOptions:
             if reserved in extra:
                 raise ValueError(f"Expected client_options without {reserved!r} (set it on the federation itself). "
                                  f"Received: client_options={extra!r}")
-        client = ClientOptions.checked({"host": self.host, "transport": self.transport, **extra})
+        encoding = {name: getattr(self, name) for name in ("compression", "quantize") if getattr(self, name) is not None}
+        for name in set(encoding) & set(extra):
+            raise ValueError(f"Expected {name} once: as an argument or in client_options, not both. "
+                             f"Received: {name}={encoding[name]!r} and client_options={extra!r}")
+        client = ClientOptions.checked({"host": self.host, "transport": self.transport, **extra, **encoding})
         set_(self, "host", client.host)
         set_(self, "client_options", extra)
         set_(self, "client", client)

@@ -83,6 +83,19 @@ def test_the_shared_constructor_has_the_settings_defaults():
     assert set(fields) - set(shared) == {"num_samples_required", "install_extra"}
 
 
+def test_compression_and_quantize_are_options_of_their_own_and_reach_the_client():
+    settings = CallbackSettings(CREDS, HOST, quantize="int8", compression="none")
+    client = settings.federation.options.client
+    assert (client.quantize, client.compression) == ("int8", "none")
+    assert (settings.federation.quantize, settings.federation.compression) == ("int8", "none")
+    federation = Federation(CREDS, HOST, quantize="fp16", client_options={"request_timeout": 4})
+    assert (federation.options.client.quantize, federation.options.client.request_timeout) == ("fp16", 4.0)
+    with pytest.raises(ValueError, match=r"Expected quantize once: as an argument or in client_options"):
+        LeafOptions(HOST, quantize="int8", client_options={"quantize": "fp16"})
+    with pytest.raises(ValueError, match="quantize"):
+        CallbackSettings(CREDS, HOST, quantize="int4")  # the client's own check names the accepted ones
+
+
 def test_every_leaf_option_is_a_callback_option_with_the_same_default_and_reaches_the_federation():
     """LeafOptions writes the round's defaults once: the callbacks take every one of them (check_every_s and
     connect_timeout included) and hand them to their Federation."""

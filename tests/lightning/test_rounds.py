@@ -240,7 +240,7 @@ def test_an_int8_leaf_checkpoints_its_error_feedback_as_tensors_and_resumes_it(s
     branch_id = json.loads(credentials[0].read_text())["branch_id"]
     answer = server.admin("PUT", f"/admin/v1/branches/{branch_id}/codecs", json={"codecs": ["int8"]})
     assert answer.status_code == 200, answer.text
-    callback = callback_for(credentials[0], server, client_options={"quantize": "int8"})
+    callback = callback_for(credentials[0], server, quantize="int8")
     fit = trainer([callback], enable_checkpointing=True, default_root_dir=tmp_path)
     fit.fit(TinyModel(), loader(8, 0))
     path = tmp_path / "end.ckpt"
@@ -249,6 +249,6 @@ def test_an_int8_leaf_checkpoints_its_error_feedback_as_tensors_and_resumes_it(s
     residual = state["error_feedback"]
     assert [tuple(t.shape) for t in residual] == [tuple(p.shape) for p in TinyModel().parameters()]
     assert any(float(t.abs().max()) > 0 for t in residual)
-    resumed = callback_for(credentials[0], server, client_options={"quantize": "int8"})
+    resumed = callback_for(credentials[0], server, quantize="int8")
     resumed.load_state_dict(state)
     assert resumed.federation.state_dict()["error_feedback"][0].dtype == np.float32
