@@ -56,12 +56,13 @@ class UploadEncoding:
         return choose_codec(wanted, quantize, self.hostname, accepted)
 
     def encode(self, layers: Sequence[np.ndarray], compression: str | None,
-               prepare: Callable[[Sequence[np.ndarray], str], T]) -> T:
-        """``prepare(layers_to_send, codec)``: the layers encoded with the chosen codec. With a lossy codec and
+               prepare: Callable[[Sequence[np.ndarray], str], T], *, chosen: str | None = None) -> T:
+        """``prepare(layers_to_send, codec)``: the layers encoded with the chosen codec (``chosen``: the codec
+        :meth:`choose` already gave for this upload, so the branch config is not read twice). With a lossy codec and
         error feedback, the layers sent are ``layers`` plus the residual, and once they are encoded the residual
         becomes what the codec dropped of them (an upload then lost keeps it, as error feedback does with a lost
         message); an encoding that fails leaves the residual as it was."""
-        codec = self.choose(compression)
+        codec = self.choose(compression) if chosen is None else chosen
         if codec != self.last_codec:
             logger.info("Uploads travel as %r", codec)
         self.last_codec = codec
