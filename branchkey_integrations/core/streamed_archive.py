@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -80,6 +80,7 @@ class StreamedArchive:
         self._done = False
         self._error: BaseException | None = None
         self._ready = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._produce, name=f"bk-encode-{codec.name}", daemon=True)
         self._thread.start()
 
@@ -121,6 +122,9 @@ class StreamedArchive:
             with self._ready:
                 self._done = True
                 self._ready.notify_all()
+                listeners = list(self._listeners)
+            for listener in listeners:
+                listener()
 
     def _member(self, array: np.ndarray, header: bytes, data: memoryview) -> tuple[list[Piece], int]:
         """One member's frames and the CRC of its decoded bytes, the residual settled on the way."""
@@ -146,6 +150,24 @@ class StreamedArchive:
         with self._ready:
             self._pieces.extend(pieces)
             self._ready.notify_all()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (from the encoding thread: it must not block) whenever more bytes are ready or the
+        encoding ended, so a reader on an event loop can wait without a thread (:meth:`ready`)."""
+        with self._ready:
+            self._listeners.append(listener)
+        listener()
+
+    def ready(self, index: int) -> tuple[list[Piece], bool]:
+        """Without waiting: the pieces made from ``index`` on (indices count pieces, not bytes) and whether that
+        is all of them; re-raises the encoding's error."""
+        with self._ready:
+            if self._error is not None:
+                raise self._error
+            return self._pieces[index:], self._done
 
     def chunks(self, limit: int = CHUNK) -> Iterator[Piece]:
         """The archive's bytes in order, each piece as soon as its member is encoded (views of at most ``limit``)."""
