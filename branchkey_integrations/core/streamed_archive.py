@@ -56,18 +56,21 @@ class StreamedArchive:
     """A model archive of ``members`` (name, array) in ``codec``, encoded by a thread that starts at once.
 
     ``settle``: arrays (error feedback's residual buffers, which are also the arrays encoded) that each become
-    what the codec dropped of them once encoded (``values - decoded(values)``), frame by frame. ``size`` is the
+    what the codec dropped of them once encoded (``values - decoded(values)``), frame by frame; ``compensate``:
+    for each of them, the values added into it just before it is encoded (this round's layer: the first
+    member goes out without waiting for the whole model to be compensated), or None. ``size`` is the
     archive's length before anything is encoded; :meth:`chunks` yields its bytes as they are made (each call
     from the start), and re-raises the encoding's error, if any. The arrays must not change until :meth:`wait`
     returns. Memory: the encoded archive (a quarter of float32 for int8) and one frame's temporaries.
     """
 
     def __init__(self, members: Sequence[tuple[str, np.ndarray]], codec: FloatCodec,
-                 settle: Sequence[np.ndarray] = ()) -> None:
+                 settle: Sequence[np.ndarray] = (), compensate: Sequence[np.ndarray | None] = ()) -> None:
         if codec.name not in STREAMED_CODECS:
             raise ValueError(f"Expected a codec in {sorted(STREAMED_CODECS)}. Received: codec={codec.name!r}")
         self.codec = codec
         self._settle = {id(array) for array in settle}
+        self._compensate = {id(array): added for array, added in zip(settle, compensate) if added is not None}
         self._plan = [(key, np.asarray(array), *npy_member(key, np.asarray(array))) for key, array in members]
         sizes, layout, tag = [], ZipLayout(), marker(codec)
         for key, _, header, data in self._plan:
@@ -86,13 +89,14 @@ class StreamedArchive:
 
     @classmethod
     def of_layers(cls, layers: Sequence[np.ndarray], weighting: float | None, codec: str,
-                  settle: Sequence[np.ndarray] = (), controls: Sequence[np.ndarray] = ()) -> "StreamedArchive":
+                  settle: Sequence[np.ndarray] = (), controls: Sequence[np.ndarray] = (),
+                  compensate: Sequence[np.ndarray | None] = ()) -> "StreamedArchive":
         """A model upload (``weighting`` checked by the caller, as :func:`~.archive_write.prepare` with
         ``checked=True``) of ``layers`` and SCAFFOLD's ``controls`` in the codec named ``codec``."""
         found = codec_named(codec)
         if not isinstance(found, FloatCodec):
             raise ValueError(f"Expected a codec in {sorted(STREAMED_CODECS)}. Received: codec={codec!r}")
-        return cls(FEDERATED_LEARNING.members(layers, weighting, controls), found, settle)
+        return cls(FEDERATED_LEARNING.members(layers, weighting, controls), found, settle, compensate)
 
     def _encoded_size(self, header: bytes, data: memoryview) -> int:
         size = len(frame_prefix(0, 0, 0)) + len(header)
@@ -134,6 +138,9 @@ class StreamedArchive:
             if data.nbytes:
                 pieces += [frame_prefix(0, data.nbytes, data.nbytes), bytes(data)]
             return pieces, crc32(data, crc)
+        added = self._compensate.pop(id(array), None)
+        if added is not None:  # a view of ``array``'s memory is what ``data`` is: it sees the sum
+            np.add(array, added, out=array)
         values = np.frombuffer(data, np.float32)
         residual = array.reshape(-1) if id(array) in self._settle and array.flags.c_contiguous else None
         for start in range(0, values.size, FRAME_VALUES):

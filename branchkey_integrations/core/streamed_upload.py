@@ -48,14 +48,15 @@ def encode_upload(encoding: UploadEncoding, weighting: float, parameters: Sequen
     if codec != encoding.last_codec:
         logger.info("Uploads travel as %r, encoded while they are sent", codec)
     encoding.last_codec = codec
-    feedback = encoding.feedback if encoding.options.error_feedback else None
-    sent = feedback.compensate(parameters) if feedback is not None else list(parameters)
-    try:
-        archive = StreamedArchive.of_layers(sent, weighting, codec, feedback.residual if feedback else (), controls)
-    except BaseException:
-        if feedback is not None:
-            feedback.undo(parameters)
-        raise
+    sent, settle, added = list(parameters), [], []
+    if encoding.options.error_feedback:  # the encoder adds each layer into its residual buffer, then sends that
+        buffers = encoding.feedback.buffers(parameters)
+        floats = [i for i, layer in enumerate(parameters) if np.asarray(layer).dtype == np.float32]
+        sent = list(parameters)
+        for i in floats:
+            sent[i] = buffers[i]
+        settle, added = [buffers[i] for i in floats], [parameters[i] for i in floats]
+    archive = StreamedArchive.of_layers(sent, weighting, codec, settle, controls, compensate=added)
     if not values_checked:
         try:  # beside the encoding thread, before a byte is sent
             wire.check_finite(parameters)
