@@ -216,16 +216,21 @@ class RunningSum:
             self._reference = math.frexp(weighting)[1]
             if self.specs is None:
                 self.specs = _archive_specs(path)
-        elif self._layers is None:  # the second upload: the first is folded now, not before
-            self._layers = [np.zeros(spec.shape, _accumulator_dtype(spec)) for spec in self.specs or ()]
-            first_leaf = next(iter(self.members))
-            self._fold(self._paths[first_leaf], self._shares[0])
+        elif self._layers is None:  # the second upload: the first is folded now, unless fold_first did
+            self.fold_first()
         share = math.ldexp(weighting, -self._reference)
         if self._layers is not None:
             self._fold(path, share)
         self.members[leaf] = file_id
         self._paths[leaf] = path
         self._shares.append(share)
+
+    def fold_first(self) -> None:
+        """Fold the only upload held (a round that waits for more calls it early: its last upload then finds only
+        its own fold left); a failure leaves a partial sum, to :meth:`reset`. One upload is then written divided."""
+        if self._layers is None and self.members:
+            self._layers = [np.zeros(spec.shape, _accumulator_dtype(spec)) for spec in self.specs or ()]
+            self._fold(self._paths[next(iter(self.members))], self._shares[0])
 
     def _fold(self, path: Path, share: float) -> None:
         assert self._layers is not None and self.specs is not None
