@@ -82,11 +82,14 @@ CORE_LAYERS = {
     "http": {"errors", "backoff"}, "transfer": {"errors", "wire", "tensor_codecs"}, "client_options": {"errors", "protocol", "tensor_codecs", "float_codecs"},
     "codec_choice": {"client_options", "float_codecs", "tensor_codecs", "transfer"},
     "upload_encoding": {"client_options", "codec_choice", "errors"},
+    "streamed_archive": {"archive_write", "errors", "float_codecs", "npy", "payload_kinds", "tensor_codecs", "zipformat"},
+    "streamed_upload": {"wire", "streamed_archive", "upload_encoding"},
     "download": {"errors", "protocol", "wire", "http", "transfer"},
     "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
     "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "protocol", "waiter"},
     "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
-               "notifications", "progress", "watch", "download", "version", "client_payloads", "upload_encoding"},
+               "notifications", "progress", "watch", "download", "version", "client_payloads", "upload_encoding",
+               "streamed_archive", "streamed_upload"},
 }
 
 
