@@ -264,7 +264,8 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
         raise HttpProblem(404, f"No file {file_id}.")
     check_not_removed(record)
     path, codec = server.store.file_path(record), request.query.get("codec")
-    headers = {"Content-Type": "application/octet-stream", "Content-Disposition": f'attachment; filename="{file_id}.npz"'}
+    headers = {"Content-Type": "application/octet-stream",
+               "Content-Disposition": f'attachment; filename="{file_id}.npz"'}
     if codec is not None and record.kind == "aggregate":  # one encoding, made once: every leaf gets the same bytes
         codec = check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
         if codec is not None:
