@@ -132,6 +132,9 @@ def our_round(topology: Topology, path: str, params: int, workdir: Path, timeout
     errors = {key: stamps[0][key] for key in ("max_abs_error", "relative_rms_error") if key in stamps[0]}
     return {"seconds": max(s["end"] for s in stamps) - min(s["start"] for s in stamps),
             "upload_s": [s["uploaded"] - s["start"] for s in stamps],
+            # from the upload's answer to the notification, and the download (the aggregate's encoding included)
+            "wait_s": [s["notified"] - s["uploaded"] for s in stamps],
+            "download_s": [s["end"] - s["notified"] for s in stamps],
             "leaf_cpu_s": [s.get("cpu_s") for s in stamps], "server_cpu_s": server_cpu,
             "codecs": [s.get("codec") for s in stamps], "upload_sizes": [s.get("upload_size") for s in stamps],
             "aggregate_dtype": stamps[0].get("aggregate_dtype"), "layers": stamps[0]["layers"], **errors,

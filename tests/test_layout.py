@@ -83,12 +83,15 @@ CORE_LAYERS = {
     "delta": {"tensor_codecs"},
     "codec_choice": {"client_options", "float_codecs", "tensor_codecs", "transfer"},
     "upload_encoding": {"client_options", "codec_choice", "errors", "delta"},
+    "streamed_archive": {"archive_write", "errors", "float_codecs", "npy", "payload_kinds", "tensor_codecs",
+                         "zipformat"},
+    "streamed_upload": {"wire", "streamed_archive", "upload_encoding"},
     "download": {"errors", "protocol", "wire", "http", "transfer"},
     "waiter": {"errors", "protocol"}, "notifications": {"errors", "protocol", "backoff"},
     "progress": {"errors", "protocol"}, "watch": {"errors", "progress", "protocol", "waiter"},
     "client": {"errors", "protocol", "wire", "credentials", "http", "transfer", "client_options", "waiter",
                "notifications", "progress", "watch", "download", "version", "client_payloads", "upload_encoding",
-               "delta", "client_properties"},
+               "delta", "client_properties", "streamed_archive", "streamed_upload"},
     "client_properties": {"credentials", "http", "notifications", "waiter"},
 }
 

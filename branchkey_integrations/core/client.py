@@ -27,7 +27,6 @@ import os
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from http import HTTPStatus
 from pathlib import Path
@@ -54,6 +53,8 @@ from .protocol import (
 )
 from .progress import RoundView, UploadReceipt, parse_round_view
 from .transfer import Buffer, DownloadBuffer, MultipartBody, file_chunks, size_and_digest
+from .streamed_archive import StreamedArchive
+from .streamed_upload import UploadArchive, encode_upload
 from .upload_encoding import UploadEncoding
 from .version import __version__
 from .waiter import Every, RoundWaiter
@@ -325,19 +326,9 @@ class Client(ClientProperties, PayloadCalls):
         branches only).
         """
         self._ensure_run_started()
-        # wire.prepare checks the weighting as it encodes that member unless the caller already did
-        archive = self.encoding.encode(parameters, compression, lambda layers, codec: wire.prepare(
-            layers, weighting, compresslevel=compresslevel, checked=values_checked, controls=controls, compression=codec))
+        archive, sha = encode_upload(self.encoding, weighting, parameters, compression=compression,
+                                     compresslevel=compresslevel, values_checked=values_checked, controls=controls)
         base = self.encoding.delta_base
-        if not values_checked:
-            # The digest header must precede the body, so hashing is on the critical path; the finite check
-            # runs beside it (both release the GIL), which hides it on a machine with two cores.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                hashing = pool.submit(archive.sha256)
-                wire.check_finite(parameters)
-                sha = hashing.result()
-        else:
-            sha = archive.sha256()
         try:
             return self.upload_encoded(archive, "weights.npz", sha256=sha, delta_base=base)
         except RequestRejectedError as exc:  # a delta from an aggregate that is no longer the branch's latest
@@ -349,25 +340,29 @@ class Client(ClientProperties, PayloadCalls):
         return self.upload_arrays(weighting, parameters, compression=compression, compresslevel=compresslevel,
                                   values_checked=True, controls=controls)
 
-    def upload_encoded(self, archive: wire.EncodedArchive, filename: str, *, kind: str = KIND_FEDERATED_LEARNING,
+    def upload_encoded(self, archive: UploadArchive, filename: str, *, kind: str = KIND_FEDERATED_LEARNING,
                        sha256: bytes | None = None, delta_base: str | None = None) -> UploadReceipt:
-        """Upload an archive laid out by ``wire.prepare`` or ``wire.prepare_fields`` as ``kind``; retried with one
-        ``Idempotency-Key`` as every upload is. ``sha256``: its digest, when the caller computed it already.
-        ``delta_base``: the aggregate its layers are a difference from (:mod:`~.delta`)."""
+        """Upload an archive laid out by ``wire.prepare`` or ``wire.prepare_fields`` (or a ``StreamedArchive``,
+        sent while it is encoded, without a digest) as ``kind``; retried with one ``Idempotency-Key`` as every
+        upload is. ``sha256``: its digest, when the caller computed it already. ``delta_base``: the aggregate its
+        layers are a difference from (:mod:`~.delta`)."""
         self._ensure_run_started()
-        digest = base64.b64encode(archive.sha256() if sha256 is None else sha256).decode()
+        streamed = isinstance(archive, StreamedArchive)
+        digest = None if streamed else base64.b64encode(archive.sha256() if sha256 is None else sha256).decode()
         return self._post_upload(archive.chunks, filename, archive.size, digest, kind, delta_base)
 
-    def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int, digest: str,
+    def _post_upload(self, payload: Callable[[], Iterable[Buffer]], filename: str, size: int, digest: str | None,
                      kind: str = KIND_FEDERATED_LEARNING, delta_base: str | None = None) -> UploadReceipt:
         metadata = {"client_version": f"branchkey-integrations/{__version__}",
                     "timestamp": datetime.now(timezone.utc).isoformat(), "file_size": size,
                     "file_digest": f"sha256={digest}", "kind": kind}
+        if digest is None:  # streamed: no digest until every byte is made; the server checks each member's CRC
+            del metadata["file_digest"]
         data = json.dumps({"leaf_name": self.name, "metadata": json.dumps(metadata),
                            **({DELTA_BASE_KEY: delta_base} if delta_base is not None else {})})
         body = MultipartBody(data, filename, payload, size)
         # one key for every try: a retry of a counted upload (its 201 lost) gets that 201, not the next round
-        headers = {FILE_SIZE_HEADER: str(size), FILE_DIGEST_HEADER: f"sha256={digest}",
+        headers = {FILE_SIZE_HEADER: str(size), **({} if digest is None else {FILE_DIGEST_HEADER: f"sha256={digest}"}),
                    IDEMPOTENCY_KEY_HEADER: uuid.uuid4().hex, "Content-Type": body.content_type}
         mark = self._waiter.received_of(kind)  # its round's aggregate is one received after it
         answer = self._http.request_data("POST", UPLOAD_PATH, "upload", expected=HTTPStatus.CREATED, headers=headers,

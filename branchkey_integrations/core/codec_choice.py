@@ -96,10 +96,16 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residual: list[np.ndarray] = []
 
+    def buffers(self, layers: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The residual's buffers for ``layers``, nothing added yet (zeros in a first round, or for a new model):
+        for an encoder that adds each float32 layer into its buffer just before encoding it."""
+        if [np.shape(layer) for layer in layers] != [r.shape for r in self.residual]:
+            self.residual = [np.zeros(np.shape(layer), np.float32) for layer in layers]
+        return self.residual
+
     def compensate(self, layers: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``layers`` plus the residual (float32 layers only; others as they are)."""
-        if [np.shape(layer) for layer in layers] != [r.shape for r in self.residual]:
-            self.residual = [np.zeros(np.shape(layer), np.float32) for layer in layers]  # first round, or a new model
+        self.buffers(layers)
         out: list[np.ndarray] = []
         for layer, held in zip(layers, self.residual):
             if np.asarray(layer).dtype != np.float32:

@@ -72,6 +72,16 @@ def _float32_header(header: bytes) -> bool:
     return _header_dtype(header) == _F32
 
 
+def is_float32_header(header: bytes) -> bool:
+    """Whether a member with this ``.npy`` ``header`` is encoded as values (little-endian float32) or raw."""
+    return _float32_header(header)
+
+
+def frame_prefix(kind: int, payload: int, decoded: int) -> bytes:
+    """The header of one frame: its type (0: raw bytes, 1: values), payload bytes and decoded bytes."""
+    return _FRAME.pack(kind, payload, decoded)
+
+
 class FloatCodec(Codec):
     """A codec of frames (see the module): ``encode_frame``/``decode_frame`` of float32 values, the rest raw."""
 
@@ -391,4 +401,5 @@ for _codec in (FP16, BF16, INT8, SHUFFLE_ZSTD):
         register_codec(_codec)
 
 __all__ = ["FloatCodec", "FramedDecoder", "Float16Codec", "BFloat16Codec", "Int8BlockCodec", "ShuffleZstdCodec",
-           "FP16", "BF16", "INT8", "SHUFFLE_ZSTD", "QUANTIZERS", "FRAME_VALUES", "INT8_BLOCK"]
+           "FP16", "BF16", "INT8", "SHUFFLE_ZSTD", "QUANTIZERS", "FRAME_VALUES", "INT8_BLOCK",
+           "frame_prefix", "is_float32_header"]

@@ -63,18 +63,19 @@ class UploadEncoding:
         return choose_codec(wanted, quantize, self.hostname, accepted)
 
     def encode(self, layers: Sequence[np.ndarray], compression: str | None,
-               prepare: Callable[[Sequence[np.ndarray], str], T]) -> T:
-        """``prepare(layers_to_send, codec)``: the layers encoded with the chosen codec. With a lossy codec and
+               prepare: Callable[[Sequence[np.ndarray], str], T], *, chosen: str | None = None) -> T:
+        """``prepare(layers_to_send, codec)``: the layers encoded with the chosen codec (``chosen``: the codec
+        :meth:`choose` already gave for this upload, so the branch config is not read twice). With a lossy codec and
         error feedback, the layers sent are ``layers`` plus the residual, and once they are encoded the residual
         becomes what the codec dropped of them (an upload then lost keeps it, as error feedback does with a lost
         message); an encoding that fails leaves the residual as it was. Where the branch takes delta uploads and a
         base is held (:mod:`.delta`), the layers are first made the difference from it (:attr:`delta_base`)."""
-        codec = self.choose(compression)
+        codec = self.choose(compression) if chosen is None else chosen
         if codec != self.last_codec:
             logger.info("Uploads travel as %r", codec)
         self.last_codec = codec
         lossy = lossy_codec(codec)
-        layers = self._difference(layers, codec, lossy is not None)
+        layers = self.difference(layers, codec, lossy is not None)
         if lossy is None or not self.options.error_feedback:
             return prepare(layers, codec)
         sent = self.feedback.compensate(layers)
@@ -93,7 +94,7 @@ class UploadEncoding:
             self.accepted()
         return bool(self._takes_deltas)
 
-    def _difference(self, layers: Sequence[np.ndarray], codec: str, lossy: bool) -> Sequence[np.ndarray]:
+    def difference(self, layers: Sequence[np.ndarray], codec: str, lossy: bool) -> Sequence[np.ndarray]:
         """``layers``, or their difference from the held base where the option and the branch allow it."""
         was_delta, self.delta_base = self.delta_base is not None, None
         if not self.delta.wanted(codec, codec in PLAIN):

@@ -1,23 +1,22 @@
 """Aggregation: the running FedAvg of an open round, and combiners over stored uploads (one layer at a time).
 
-Why a running sum (:class:`RunningSum`): the server folds each accepted upload into the open
-round's float64 sum as it arrives, so what is left after the round's last upload is that upload's
-fold and one pass to write the mean: O(model), however many leaves the round has. A round of one
-upload is that upload (its layers are copied, exactly). The sum is derived state, kept in memory
-and never trusted across a crash: the committed upload rows are the truth, and :meth:`RunningSum.sync`
-makes the sum hold exactly the uploads it is given, folding the missing ones, or, when an upload
-it holds was replaced or dropped, starting again from the stored files (a re-upload is rare, and
-subtracting the old contribution in floating point would not be exact). After a restart the first
-sync refolds the round from its files. Writing the mean does not change the sum, so running the
-aggregation again after a failure writes the same bytes.
+Why a running sum (:class:`RunningSum`): the server folds each accepted upload into the open round's float64 sum as it
+arrives, so what is left after the round's last upload is that upload's fold and one pass to write the mean: O(model),
+however many leaves the round has. A round of one upload is that upload (its layers are copied, exactly). The sum is
+derived state, kept in memory and never trusted across a crash: the committed upload rows are the truth, and
+:meth:`RunningSum.sync` makes the sum hold exactly the uploads it is given, folding the missing ones, or, when an
+upload it holds was replaced or dropped, starting again from the stored files (a re-upload is rare, and subtracting
+the old contribution in floating point would not be exact). After a restart the first sync refolds the round from its
+files. Writing the mean does not change the sum, so running the aggregation again after a failure writes the same
+bytes.
 
-Why streaming: a round can hold many leaves of a model of hundreds of MB. A :class:`Combiner` (the
-robust strategies', or :class:`FedAvg` over stored files) reads one layer of every upload at a time (``LayerReader.read_layer``): memory is O(model), not O(leaves x model).
+Why streaming: a round can hold many leaves of a model of hundreds of MB. A :class:`Combiner` (the robust strategies',
+or :class:`FedAvg` over stored files) reads one layer of every upload at a time (``LayerReader.read_layer``): memory
+is O(model), not O(leaves x model).
 
-Why float64: summing float32 or float16 parameters of many leaves in their own precision
-loses digits; accumulating in float64 (complex128 for complex layers) and casting back to
-the uploads' dtype once keeps the mean exact to the dtype's precision. Integer layers are
-rounded half to even (``np.rint``) before the cast.
+Why float64: summing float32 or float16 parameters of many leaves in their own precision loses digits; accumulating in
+float64 (complex128 for complex layers) and casting back to the uploads' dtype once keeps the mean exact to the
+dtype's precision. Integer layers are rounded half to even (``np.rint``) before the cast.
 """
 
 from __future__ import annotations
@@ -186,24 +185,20 @@ class RunningSum:
              specs: Sequence[LayerSpec] | None = None) -> None:
         """Hold exactly ``uploads`` ``(leaf_id, file_id, path, weighting)`` (a round's, in commit order).
 
-        ``specs``: the uploads' layer specs as recorded when they were received and checked (the server's
-        store has them), so a round's first upload is not opened only to read its headers again (62
-        headers of ResNet-18: 5 ms of the tail); None reads them from the first upload's headers.
+        ``specs``: the uploads' layer specs as recorded when received and checked, so a round's first upload is not
+        opened only to read its headers again (62 of ResNet-18: 5 ms of the tail); None reads the first's headers.
 
         Raises:
-            AggregationError: an upload cannot be read or does not match the others' layers; the
-                sum is then empty, and the next call starts from the files again.
+            AggregationError: an upload cannot be read or does not match the others' layers; the sum is then empty,
+                and the next call starts from the files again.
         """
-        held = list(self.members.items())
-        if [(leaf, file_id) for leaf, file_id, _, _ in uploads[:len(held)]] != held:
+        if [(leaf, file_id) for leaf, file_id, _, _ in uploads[:len(self.members)]] != list(self.members.items()):
             self.reset()  # a held upload was replaced, dropped or reordered: start again from the files
-        if self._reference is None and specs is not None:
-            self.specs = list(specs)
+        self.specs = list(specs) if self._reference is None and specs is not None else self.specs
         self.extend(uploads)
 
     def extend(self, uploads: Sequence[tuple[str, str, str | os.PathLike, float]]) -> None:
-        """Fold those of ``uploads`` not held yet; the caller knows the held ones are still the round's first
-        (:meth:`sync` checks that itself). Raises as :meth:`sync`."""
+        """Fold those of ``uploads`` not held yet (the caller knows the held ones still lead); raises as :meth:`sync`."""
         try:
             for leaf, file_id, path, weighting in uploads:
                 if leaf not in self.members:
@@ -221,16 +216,21 @@ class RunningSum:
             self._reference = math.frexp(weighting)[1]
             if self.specs is None:
                 self.specs = _archive_specs(path)
-        elif self._layers is None:  # the second upload: the first is folded now, not before
-            self._layers = [np.zeros(spec.shape, _accumulator_dtype(spec)) for spec in self.specs or ()]
-            first_leaf = next(iter(self.members))
-            self._fold(self._paths[first_leaf], self._shares[0])
+        elif self._layers is None:  # the second upload: the first is folded now, unless fold_first did
+            self.fold_first()
         share = math.ldexp(weighting, -self._reference)
         if self._layers is not None:
             self._fold(path, share)
         self.members[leaf] = file_id
         self._paths[leaf] = path
         self._shares.append(share)
+
+    def fold_first(self) -> None:
+        """Fold the only upload held (a round that waits for more calls it early: its last upload then finds only
+        its own fold left); a failure leaves a partial sum, to :meth:`reset`. One upload is then written divided."""
+        if self._layers is None and self.members:
+            self._layers = [np.zeros(spec.shape, _accumulator_dtype(spec)) for spec in self.specs or ()]
+            self._fold(self._paths[next(iter(self.members))], self._shares[0])
 
     def _fold(self, path: Path, share: float) -> None:
         assert self._layers is not None and self.specs is not None

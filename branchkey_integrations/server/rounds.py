@@ -352,7 +352,15 @@ class Rounds:
             try:
                 now = await self.workers.blocking(round_progress, self.store, branch_id)
                 if now.round_index is not None:
-                    await self.workers.blocking(running.prepare, path, max(now.required - len(now.uploaded), 0))
+                    awaited = max(now.required - len(now.uploaded), 0)
+                    if awaited:  # its first upload is folded while the others arrive, not beside the last one
+                        async with self._fold_locks[branch_id]:
+                            try:
+                                await self.workers.blocking(running.fold_first)
+                            except BaseException:
+                                running.reset()  # no partial sum: the next fold pass starts from the files
+                                raise
+                    await self.workers.blocking(running.prepare, path, awaited)
             except Exception as exc:  # a full disk, say; only time is lost: the aggregate is written when due
                 logger.warning("writing the next aggregate of branch %s ahead failed (%r); it is written when its "
                                "round completes", branch_id, exc)

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -48,7 +49,7 @@ from ..core.protocol import (
 )
 from .codec_policy import check_upload_codecs
 from .delta_uploads import base_file, rebuild_upload
-from .encoded_aggregates import check_download_codec, encoded_copy
+from .encoded_aggregates import check_download_codec, encoded_source, send_streamed
 from .analytics_rounds import analytics_message
 from .connections import GUARD, claim_connection, trust_connection
 from .events import events_of
@@ -278,15 +279,16 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
         raise HttpProblem(404, f"No file {file_id}.")
     check_not_removed(record)
     path, codec = server.store.file_path(record), request.query.get("codec")
+    headers = {"Content-Type": "application/octet-stream",
+               "Content-Disposition": f'attachment; filename="{file_id}.npz"'}
     if codec is not None and record.kind == "aggregate":  # one encoding, made once: every leaf gets the same bytes
         codec = check_download_codec(codec, await server.blocking(server.store.branch_codecs, record.branch_id))
         if codec is not None:
-            path = await server.blocking(encoded_copy, server.store, record, codec)
-    return web.FileResponse(
-        path,
-        headers={"Content-Type": "application/octet-stream",
-                 "Content-Disposition": f'attachment; filename="{file_id}.npz"'},
-    )
+            source = await server.blocking(encoded_source, server.store, record, codec)
+            if not isinstance(source, Path):  # being made: sent as it is encoded
+                return await send_streamed(request, source, headers)
+            path = source
+    return web.FileResponse(path, headers=headers)
 
 
 async def performance_analysis(request: web.Request) -> web.Response:
