@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             parser.error("flower needs --flower-python: python3 -m venv .flwr-venv && "
                          ".flwr-venv/bin/pip install 'flwr==1.42.*'")
         args.flower_python = default
+    if args.flower_python is not None:  # absolute (not resolved: a venv's python is a symlink), as namespaces exec it
+        args.flower_python = Path(os.path.abspath(args.flower_python))
     layers = make_layers(args.params)
     model_bytes, params = sum(a.nbytes for a in layers), sum(a.size for a in layers)
     del layers
