@@ -34,7 +34,7 @@ def test_public_names():
     server = {"LocalServerError", "RecordNotFoundError", "InvalidValueError", "RunNotStartedError", "RoundClosedError",
               "RoundInProgressError", "AggregationError", "BrokerError", "BrokerArgumentError", "StorageFullError",
               "UploadInterruptedError", "QuotaExceededError", "TlsConfigError",
-              "LeafRevokedError"}
+              "LeafRevokedError", "DeltaBaseError"}
     simulation = {"SimulationError", "EmbeddedServerError", "PartitionError", "LeafFailedError", "SimulationTerminated"}
     assert set(branchkey_integrations.core.__all__) == leaf == {*errors.LEAF_ERRORS, *leaf - set(errors.__all__)}
     assert set(branchkey_integrations.server.__all__) == {"Store", "create_app", *server}

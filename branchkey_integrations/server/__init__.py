@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.errors import (
-    AggregationError, BrokerArgumentError, BrokerError, InvalidValueError, LeafRevokedError, LocalServerError,
+    AggregationError, BrokerArgumentError, BrokerError, DeltaBaseError, InvalidValueError, LeafRevokedError,
+    LocalServerError,
     QuotaExceededError,
     RecordNotFoundError, RoundClosedError, RoundInProgressError, RunNotStartedError, StorageFullError,
     TlsConfigError, UploadInterruptedError,

@@ -245,13 +245,13 @@ def test_an_upload_is_answered_once_folded_so_the_last_answer_leaves_only_the_me
     from branchkey_integrations.server.aggregation import RunningSum
 
     events: list[tuple[str, object]] = []
-    real_sync = RunningSum.sync
+    real_extend = RunningSum.extend
 
-    def sync(self, *args, **kwargs) -> None:  # in a worker thread, done before the answers it lets go
-        real_sync(self, *args, **kwargs)
+    def extend(self, *args, **kwargs) -> None:  # in a worker thread, done before the answers it lets go
+        real_extend(self, *args, **kwargs)  # every fold goes through it (sync too: it checks, then extends)
         events.append(("folded", set(self.members.values())))
 
-    monkeypatch.setattr(RunningSum, "sync", sync)
+    monkeypatch.setattr(RunningSum, "extend", extend)
     live = start_server()
     real_upload = live.upload
 
