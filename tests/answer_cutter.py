@@ -37,7 +37,7 @@ class AnswerCutter:
         self._cut.set()
         self._listener.close()
         for sock in list(self._sockets):
-            _close(sock)
+            close_socket(sock)
 
     def _accept(self) -> None:
         while True:
@@ -48,7 +48,7 @@ class AnswerCutter:
             try:
                 server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
             except OSError:
-                _close(client)  # the server is down: the client sees a refused-like reset and retries
+                close_socket(client)  # the server is down: the client sees a refused-like reset and retries
                 continue
             server.settimeout(None)
             self._sockets += [client, server]
@@ -66,8 +66,8 @@ class AnswerCutter:
         except OSError:
             pass
         finally:
-            _close(source)
-            _close(sink)
+            close_socket(source)
+            close_socket(sink)
 
     def _should_hold(self, chunk: bytes) -> bool:
         with self._lock:
@@ -77,7 +77,7 @@ class AnswerCutter:
             return False
 
 
-def _close(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

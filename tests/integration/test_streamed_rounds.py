@@ -17,6 +17,8 @@ from branchkey_integrations import Client
 from branchkey_integrations.core import wire
 from branchkey_integrations.core.float_codecs import FRAME_VALUES, INT8
 
+from ..answer_cutter import AnswerCutter, close_socket
+
 UPLOAD = b"POST /api/v1/file/upload"
 
 
@@ -94,40 +96,21 @@ def test_a_streamed_round_aggregates_to_the_numpy_mean_and_both_leaves_get_the_s
             client.close()
 
 
-class BodyCutter:
-    """Forwards 127.0.0.1:<port> to ``target_port``; closes the first upload's connection once ``after`` bytes of
-    it went through (the body is then being sent), so the server sees a body that ends midway."""
+class BodyCutter(AnswerCutter):
+    """Forwards 127.0.0.1:<port> to ``target_port`` (:class:`AnswerCutter`'s proxy); closes the first upload's
+    connection once ``after`` bytes of it went through (the body is then being sent), so the server sees a body
+    that ends midway. ``body_cut`` is set once it did."""
 
     def __init__(self, target_port: int, after: int) -> None:
-        self.target_port, self.after = target_port, after
-        self.cut = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.after = after
+        self.body_cut = threading.Event()
+        super().__init__(target_port)
 
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            _close(sock)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
-            server.settimeout(None)
-            self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         seen = -1  # bytes of an upload request forwarded on this connection (-1: none seen yet)
         try:
             while chunk := source.recv(1 << 16):
-                if upstream and not self.cut.is_set():
+                if not answers and not self.body_cut.is_set():
                     at = chunk.find(UPLOAD)
                     if seen < 0 and at >= 0:
                         seen, chunk_start = 0, at
@@ -136,21 +119,13 @@ class BodyCutter:
                     if seen >= 0:
                         seen += len(chunk) - chunk_start
                         if seen > self.after:
-                            self.cut.set()
+                            self.body_cut.set()
                             break
                 sink.sendall(chunk)
         except OSError:
             pass
-        _close(source)
-        _close(sink)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
+        close_socket(source)
+        close_socket(sink)
 
 
 def test_a_connection_cut_mid_body_counts_nothing_and_the_leafs_retry_completes_the_round(
@@ -159,7 +134,7 @@ def test_a_connection_cut_mid_body_counts_nothing_and_the_leafs_retry_completes_
     cutter = BodyCutter(int(server.url.rsplit(":", 1)[1]), after=200_000)  # of a ~1.2 MB body
     try:
         clients, _, _ = _round(server, credentials, tmp_path, [cutter.url, server.url], caplog)
-        assert cutter.cut.is_set()  # the first try was cut; the mean above holds each upload once
+        assert cutter.body_cut.is_set()  # the first try was cut; the mean above holds each upload once
         residual = clients[0].encoding.feedback.residual
         for layer, held in zip(_layers(1), residual):  # settled once, though the body was read twice
             np.testing.assert_array_equal(held, layer - INT8.dequantized(layer))
